@@ -1,0 +1,348 @@
+//! The HTTP decision API.
+//!
+//! - `POST /v1/check`: JSON check → 200 allowed, 429 denied, 403 unknown key (when refused);
+//! - `GET /v1/auth`: the same for nginx `auth_request` and Traefik `forwardAuth` (headers in);
+//! - `POST /v1/refund`: give back the cost of a request the upstream failed;
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics`.
+//!
+//! Every decision carries `RateLimit` and `RateLimit-Policy` headers (IETF httpapi draft) and
+//! every 429 a `Retry-After`. Bad input gets a JSON error and debits nothing.
+use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
+use crate::key::{ApiKey, RequestId};
+use crate::metrics::Metrics;
+use crate::store::RefundOutcome;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `Retry-After` sent when refill can never cover the cost (cost above capacity, or a prepaid
+/// tier without refill): "not soon"; the body says `retry_after_ms: null`.
+pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
+
+/// What the kernel gate is doing, for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    /// Whether the gate is attached.
+    pub attached: bool,
+    /// Interfaces, or why it is not attached.
+    pub detail: String,
+}
+
+/// Shared state of the handlers.
+#[derive(Debug)]
+pub struct App {
+    /// Makes the decisions.
+    pub decider: Decider,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// Header carrying the key on `/v1/auth`.
+    pub key_header: HeaderName,
+    /// Status of a denial on `/v1/auth`.
+    pub auth_deny_status: StatusCode,
+    /// Kernel gate state.
+    pub kernel: KernelReport,
+}
+
+/// The router, with the body limit applied.
+pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/check", post(check))
+        .route("/v1/auth", get(auth))
+        .route("/v1/refund", post(refund))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+fn bad_request(app: &App, reason: &str, message: &str) -> Response {
+    app.metrics.bad_requests.with_label_values(&[reason]).inc();
+    error(StatusCode::BAD_REQUEST, reason, message)
+}
+
+/// Reads a JSON body: 413 over the limit, 400 for anything that is not the expected object.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the finished response, built once per bad request"
+)]
+fn json_body<T: for<'de> Deserialize<'de>>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    let bytes = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            app.metrics.bad_requests.with_label_values(&["too_large"]).inc();
+            error(status, "too_large", "request body is too large")
+        } else {
+            bad_request(app, "bad_body", &rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(app, "bad_json", &e.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    key: String,
+    endpoint: String,
+    method: Option<String>,
+    client_ip: Option<IpAddr>,
+    units: Option<f64>,
+    request_id: Option<String>,
+}
+
+async fn check(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body: CheckBody = match json_body(&app, body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let key = match ApiKey::parse(&body.key) {
+        Ok(k) => k,
+        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
+    };
+    let request_id = match body.request_id.as_deref().map(RequestId::parse).transpose() {
+        Ok(r) => r,
+        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    };
+    let check = Check {
+        key,
+        endpoint: body.endpoint,
+        method: body.method,
+        client_ip: body.client_ip,
+        units: body.units.unwrap_or(1.0),
+        request_id,
+    };
+    match app.decider.check(check).await {
+        Ok(d) => decision_response(&d, status_of(&d, StatusCode::TOO_MANY_REQUESTS), true),
+        Err(e) => check_error(&app, &e),
+    }
+}
+
+fn check_error(app: &App, e: &CheckError) -> Response {
+    let reason = match e {
+        CheckError::Endpoint(_) => "bad_endpoint",
+        CheckError::Units { .. } => "bad_units",
+    };
+    bad_request(app, reason, &e.to_string())
+}
+
+fn status_of(d: &Decision, deny: StatusCode) -> StatusCode {
+    match (d.allowed, d.denial) {
+        (true, _) => StatusCode::OK,
+        (false, Some(Denial::UnknownKey)) => StatusCode::FORBIDDEN,
+        (false, _) => deny,
+    }
+}
+
+/// Seconds for a header: whole seconds, rounded up, at least 1.
+fn header_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Response {
+    let mut headers = HeaderMap::new();
+    let tier = d.tier.as_deref().unwrap_or("unknown");
+    if let (Some(bucket), Some(remaining)) = (d.bucket, d.remaining) {
+        let mut policy = format!("\"{tier}\";q={}", bucket.max_tokens.floor() as u64);
+        if let Some(w) = bucket.window_secs() {
+            policy.push_str(&format!(";w={w}"));
+        }
+        let reset = if d.allowed || d.retry_after_ms.is_none() {
+            if bucket.refill_per_sec > 0.0 {
+                ((bucket.max_tokens - remaining).max(0.0) / bucket.refill_per_sec).ceil() as u64
+            } else {
+                0
+            }
+        } else {
+            d.retry_after_ms.map(header_secs).unwrap_or(0)
+        };
+        let limit = format!(
+            "\"{tier}\";r={};t={reset}",
+            remaining.max(0.0).floor() as u64
+        );
+        for (name, value) in [("ratelimit-policy", policy), ("ratelimit", limit)] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || (!d.allowed && d.denial != Some(Denial::UnknownKey)) {
+        let secs = d.retry_after_ms.map(header_secs).unwrap_or(RETRY_AFTER_NEVER_SECS);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Ok(v) = HeaderValue::from_str(d.request_id.as_str()) {
+        headers.insert(HeaderName::from_static("x-enforcer-request-id"), v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-enforcer-mode"),
+        HeaderValue::from_static(d.mode.as_str()),
+    );
+    if !with_body {
+        return (status, headers).into_response();
+    }
+    let body = json!({
+        "allowed": d.allowed,
+        "cost": d.cost,
+        "remaining": d.remaining,
+        "retry_after_ms": if d.allowed { Some(0) } else { d.retry_after_ms },
+        "tier": d.tier,
+        "mode": d.mode.as_str(),
+        "request_id": d.request_id.as_str(),
+        "replayed": d.replayed,
+        "reason": d.denial.map(|r| match r {
+            Denial::Exhausted => "exhausted",
+            Denial::UnknownKey => "unknown_key",
+            Denial::StoreUnavailable => "store_unavailable",
+        }),
+    });
+    (status, headers, axum::Json(body)).into_response()
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+}
+
+async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let Some(raw_key) = headers.get(&app.key_header).and_then(|v| v.to_str().ok()) else {
+        app.metrics.bad_requests.with_label_values(&["missing_key"]).inc();
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing_key",
+            &format!("the {} header is missing", app.key_header),
+        );
+    };
+    let key = match ApiKey::parse(raw_key) {
+        Ok(k) => k,
+        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
+    };
+    let Some(uri) = header_str(&headers, &["x-original-uri", "x-forwarded-uri"]) else {
+        return bad_request(
+            &app,
+            "bad_endpoint",
+            "X-Original-URI or X-Forwarded-Uri is required",
+        );
+    };
+    let method = header_str(&headers, &["x-original-method", "x-forwarded-method"])
+        .unwrap_or("GET")
+        .to_ascii_uppercase();
+    let request_id = match header_str(&headers, &["x-request-id"]).map(RequestId::parse).transpose() {
+        Ok(r) => r,
+        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    };
+    let client_ip = header_str(&headers, &["x-real-ip", "x-forwarded-for"])
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok());
+    let check = Check {
+        key,
+        endpoint: uri.to_owned(),
+        method: Some(method),
+        client_ip,
+        units: 1.0,
+        request_id,
+    };
+    match app.decider.check(check).await {
+        Ok(d) => decision_response(&d, status_of(&d, app.auth_deny_status), false),
+        Err(e) => check_error(&app, &e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    key: String,
+    request_id: String,
+}
+
+async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body: RefundBody = match json_body(&app, body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let key = match ApiKey::parse(&body.key) {
+        Ok(k) => k,
+        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
+    };
+    let request_id = match RequestId::parse(&body.request_id) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    };
+    match app.decider.refund(&key.hash(), &request_id).await {
+        Ok(RefundOutcome::Refunded { credited, balance }) => (
+            StatusCode::OK,
+            axum::Json(json!({ "refunded": true, "credited": credited, "balance": balance })),
+        )
+            .into_response(),
+        Ok(RefundOutcome::UnknownRequest) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_request",
+            "no allowed request with this id is remembered for this key",
+        ),
+        Ok(RefundOutcome::AlreadyRefunded) => error(
+            StatusCode::CONFLICT,
+            "already_refunded",
+            "this request was already refunded",
+        ),
+        Ok(RefundOutcome::NotRefundable) => error(
+            StatusCode::CONFLICT,
+            "not_refundable",
+            "operational requests are not refundable",
+        ),
+        Err(RefundError::Unavailable(m)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &m)
+        }
+    }
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let store = app.decider.store();
+    let ping = tokio::time::timeout(Duration::from_millis(500), store.ping()).await;
+    let (ready, detail) = match ping {
+        Ok(Ok(())) => (true, "reachable".to_owned()),
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(_) => (false, "ping timed out".to_owned()),
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "store": { "backend": store.backend(), "detail": detail },
+        "kernel": app.kernel,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,91 @@
+//! Tiers and the budget policy: what a key may spend and how fast it earns it back.
+//!
+//! Built from the `[budget]` and `[tiers.*]` config sections (validated there); the token
+//! stores receive one [`BudgetPolicy`] and apply it to every debit.
+use std::time::Duration;
+
+/// The parameters of one token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketParams {
+    /// Capacity: refill never goes past it while the key is active.
+    pub max_tokens: f64,
+    /// Tokens earned back per second (0: credits that only a grant tops up).
+    pub refill_per_sec: f64,
+    /// Fraction of `max_tokens` that refill may reach after the key has been idle.
+    pub idle_cap: f64,
+    /// Balance of a key seen for the first time (or forgotten after a long idle period).
+    pub initial_tokens: f64,
+}
+
+impl BucketParams {
+    /// Seconds after which an idle bucket is forgotten (and then starts again at
+    /// `initial_tokens`), or `None` when it must be kept (no refill: prepaid credits).
+    ///
+    /// After `active_window + max_tokens / refill_per_sec` seconds refill alone would have
+    /// brought any balance to the idle ceiling, so forgetting grants nothing refill would not.
+    pub fn forget_after(&self, active_window: f64) -> Option<f64> {
+        (self.refill_per_sec > 0.0)
+            .then(|| active_window + self.max_tokens / self.refill_per_sec)
+    }
+
+    /// Seconds for an empty bucket to refill to capacity (the `w` of `RateLimit-Policy`).
+    pub fn window_secs(&self) -> Option<u64> {
+        (self.refill_per_sec > 0.0)
+            .then(|| (self.max_tokens / self.refill_per_sec).ceil().max(1.0) as u64)
+    }
+}
+
+/// A named tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    /// Tier name (`[a-z0-9_-]+`, validated by the config).
+    pub name: String,
+    /// Its main bucket.
+    pub bucket: BucketParams,
+    /// Shadow mode for this tier: decide and record, but always allow.
+    pub shadow: bool,
+}
+
+/// What happens to keys that have no tier assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnknownKeys {
+    /// They get this tier.
+    DefaultTier(String),
+    /// They are refused.
+    Reject,
+}
+
+/// Everything a token store needs to decide a debit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetPolicy {
+    /// The tiers, in config order.
+    pub tiers: Vec<Tier>,
+    /// Policy for keys without a tier assignment.
+    pub unknown_keys: UnknownKeys,
+    /// A key whose previous request is older than this is idle (idle cap applies).
+    pub active_window: Duration,
+    /// How long a request id is remembered (idempotent retries, refunds).
+    pub idempotency_ttl: Duration,
+    /// The strict per-key bucket of operational endpoints (seed pitfall 5).
+    pub operational: BucketParams,
+}
+
+impl BudgetPolicy {
+    /// The tier called `name`.
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+
+    /// The tier a key with this assignment (or none) is charged under, or `None` when the key
+    /// must be refused. An assignment naming a tier that the config no longer has falls back
+    /// like an unassigned key.
+    pub fn resolve(&self, assigned: Option<&str>) -> Option<&Tier> {
+        if let Some(tier) = assigned.and_then(|name| self.tier(name)) {
+            return Some(tier);
+        }
+        match &self.unknown_keys {
+            UnknownKeys::DefaultTier(name) => self.tier(name),
+            UnknownKeys::Reject => None,
+        }
+    }
+}

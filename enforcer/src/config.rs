@@ -1,0 +1,535 @@
+//! The configuration file (TOML): parsing, defaults and validation.
+//!
+//! Every section has defaults, so an empty file is a working embedded single-node config.
+//! [`Config::load`] reports every semantic error at once, each with its field path
+//! (`tiers.free.max_tokens: must be > 0`); `enforcer config check FILE` prints them.
+//! `docs/configuration.md` documents every field.
+use crate::budget::{BucketParams, BudgetPolicy, Tier, UnknownKeys};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// A problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{0}")]
+    Parse(String),
+    /// Values that parse but make no sense; one entry per field.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `tiers.free.max_tokens`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// What to do with a decision when the token store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreFailure {
+    /// Allow the request (availability over enforcement).
+    FailOpen,
+    /// Deny the request (enforcement over availability).
+    FailClosed,
+}
+
+/// What keys without a tier assignment get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownKeyPolicy {
+    /// The `default_tier`.
+    DefaultTier,
+    /// Refused with 403.
+    Reject,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[budget]`
+    pub budget: BudgetConfig,
+    /// `[tiers.<name>]`
+    pub tiers: BTreeMap<String, TierConfig>,
+    /// `[pricing]`
+    pub pricing: PricingConfig,
+    /// `[kernel]`
+    pub kernel: KernelConfig,
+}
+
+/// `[server]`: the HTTP decision API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// Header that carries the API key on `/v1/auth`.
+    pub key_header: String,
+    /// Status `/v1/auth` answers for a denied request (nginx `auth_request` only passes 401
+    /// and 403 through; Traefik passes anything).
+    pub auth_deny_status: u16,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+/// `[store]`: where buckets live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Redis URL; empty means the embedded in-process store.
+    pub redis_url: String,
+    /// Multiplexed Redis connections.
+    pub connections: usize,
+    /// Bound on each store call, milliseconds.
+    pub timeout_ms: u64,
+    /// Bound on establishing a connection, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Policy while the store is unreachable.
+    pub on_store_failure: OnStoreFailure,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before it lets one probe through, milliseconds.
+    pub breaker_open_ms: u64,
+    /// How long request ids are remembered (idempotent retries, refunds), seconds.
+    pub idempotency_ttl_secs: u64,
+}
+
+/// `[budget]`: rules shared by all tiers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Keys without an assignment: `default-tier` or `reject`.
+    pub unknown_keys: UnknownKeyPolicy,
+    /// Tier of keys without an assignment.
+    pub default_tier: String,
+    /// A key is idle once its previous request is older than this, seconds.
+    pub active_window_secs: f64,
+    /// Global shadow mode: decide and record, always allow.
+    pub shadow: bool,
+    /// Largest `units` a single check may ask for.
+    pub max_units: f64,
+    /// `[budget.operational]`: the strict bucket of operational endpoints.
+    pub operational: OperationalConfig,
+}
+
+/// `[budget.operational]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperationalConfig {
+    /// Burst of operational requests per key.
+    pub capacity: f64,
+    /// Operational requests per second per key.
+    pub refill_per_sec: f64,
+}
+
+/// `[tiers.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Capacity of the bucket.
+    pub max_tokens: f64,
+    /// Tokens per second earned back (0: prepaid credits).
+    pub refill_per_sec: f64,
+    /// Fraction of capacity that refill may reach for an idle key.
+    #[serde(default = "default_idle_cap")]
+    pub idle_cap: f64,
+    /// Balance of a new key; default `idle_cap × max_tokens`.
+    pub initial_tokens: Option<f64>,
+    /// Shadow mode for this tier.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+/// `[pricing]`: the cost matrix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Cost of an endpoint not listed.
+    pub default_cost: f64,
+    /// `[[pricing.endpoints]]`
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// `[[pricing.endpoints]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// HTTP method, or `*` (default) for any.
+    #[serde(default = "any_method")]
+    pub method: String,
+    /// Exact path, or a prefix ending in `/*`.
+    pub path: String,
+    /// Tokens per unit at the reference profile.
+    #[serde(default = "one")]
+    pub base_cost: f64,
+    /// Operational endpoint: its own strict bucket, never the main budget.
+    #[serde(default)]
+    pub operational: bool,
+}
+
+/// `[kernel]`: the TC eBPF gate.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// Interfaces to attach the gate to (ingress). Empty: userspace only.
+    pub interfaces: Vec<String>,
+}
+
+fn default_idle_cap() -> f64 {
+    0.8
+}
+fn any_method() -> String {
+    "*".to_owned()
+}
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            key_header: "x-api-key".to_owned(),
+            auth_deny_status: 429,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            connections: 2,
+            timeout_ms: 50,
+            connect_timeout_ms: 1000,
+            on_store_failure: OnStoreFailure::FailOpen,
+            breaker_failures: 5,
+            breaker_open_ms: 1000,
+            idempotency_ttl_secs: 600,
+        }
+    }
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            unknown_keys: UnknownKeyPolicy::DefaultTier,
+            default_tier: "free".to_owned(),
+            active_window_secs: 60.0,
+            shadow: false,
+            max_units: 1_000_000.0,
+            operational: OperationalConfig::default(),
+        }
+    }
+}
+
+impl Default for OperationalConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 10.0,
+            refill_per_sec: 10.0,
+        }
+    }
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        Self {
+            default_cost: 1.0,
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut tiers = BTreeMap::new();
+        tiers.insert(
+            "free".to_owned(),
+            TierConfig {
+                max_tokens: 1000.0,
+                refill_per_sec: 10.0,
+                idle_cap: default_idle_cap(),
+                initial_tokens: None,
+                shadow: false,
+            },
+        );
+        Self {
+            server: ServerConfig::default(),
+            store: StoreConfig::default(),
+            budget: BudgetConfig::default(),
+            tiers,
+            pricing: PricingConfig::default(),
+            kernel: KernelConfig::default(),
+        }
+    }
+}
+
+const METHODS: &[&str] = &[
+    "*", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_owned();
+            ConfigError::Parse(match inner.span() {
+                Some(span) => {
+                    let line = text[..span.start].lines().count().max(1);
+                    format!("{path}: {message} (line {line})")
+                }
+                None => format!("{path}: {message}"),
+            })
+        })?;
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// Every semantic error, with its field path.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut err = |path: String, message: &str| {
+            errors.push(FieldError {
+                path,
+                message: message.to_owned(),
+            });
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+
+        if self.server.key_header.is_empty()
+            || axum::http::HeaderName::try_from(self.server.key_header.as_str()).is_err()
+        {
+            err("server.key_header".into(), "must be a valid HTTP header name");
+        }
+        if !(400..=499).contains(&self.server.auth_deny_status) {
+            err("server.auth_deny_status".into(), "must be a 4xx status");
+        }
+        if self.server.max_body_bytes == 0 {
+            err("server.max_body_bytes".into(), "must be > 0");
+        }
+        if self.store.connections == 0 || self.store.connections > 64 {
+            err("store.connections".into(), "must be between 1 and 64");
+        }
+        if self.store.timeout_ms == 0 {
+            err("store.timeout_ms".into(), "must be > 0");
+        }
+        if self.store.connect_timeout_ms == 0 {
+            err("store.connect_timeout_ms".into(), "must be > 0");
+        }
+        if self.store.breaker_failures == 0 {
+            err("store.breaker_failures".into(), "must be > 0");
+        }
+        if self.store.breaker_open_ms == 0 {
+            err("store.breaker_open_ms".into(), "must be > 0");
+        }
+        if self.store.idempotency_ttl_secs == 0 {
+            err("store.idempotency_ttl_secs".into(), "must be > 0");
+        }
+        if !self.store.redis_url.is_empty() && redis::Client::open(self.store.redis_url.as_str()).is_err() {
+            err("store.redis_url".into(), "is not a valid redis:// URL");
+        }
+        if self.budget.unknown_keys == UnknownKeyPolicy::DefaultTier
+            && !self.tiers.contains_key(&self.budget.default_tier)
+        {
+            err("budget.default_tier".into(), "names no tier in [tiers]");
+        }
+        if !non_negative(self.budget.active_window_secs) {
+            err("budget.active_window_secs".into(), "must be a number >= 0");
+        }
+        if !positive(self.budget.max_units) {
+            err("budget.max_units".into(), "must be > 0");
+        }
+        if !positive(self.budget.operational.capacity) {
+            err("budget.operational.capacity".into(), "must be > 0");
+        }
+        if !positive(self.budget.operational.refill_per_sec) {
+            err("budget.operational.refill_per_sec".into(), "must be > 0");
+        }
+        if self.tiers.is_empty() {
+            err("tiers".into(), "at least one tier is required");
+        }
+        for (name, tier) in &self.tiers {
+            let p = |field: &str| format!("tiers.{name}.{field}");
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !name_ok {
+                err(format!("tiers.{name}"), "tier names are 1-64 of [a-z0-9_-]");
+            }
+            if !positive(tier.max_tokens) || tier.max_tokens > 1e15 {
+                err(p("max_tokens"), "must be > 0 and <= 1e15");
+            }
+            if !non_negative(tier.refill_per_sec) {
+                err(p("refill_per_sec"), "must be a number >= 0");
+            }
+            if !(tier.idle_cap.is_finite() && (0.0..=1.0).contains(&tier.idle_cap)) {
+                err(p("idle_cap"), "must be between 0 and 1");
+            }
+            if let Some(initial) = tier.initial_tokens
+                && !(non_negative(initial) && initial <= tier.max_tokens)
+            {
+                err(p("initial_tokens"), "must be between 0 and max_tokens");
+            }
+        }
+        if !positive(self.pricing.default_cost) {
+            err("pricing.default_cost".into(), "must be > 0");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in self.pricing.endpoints.iter().enumerate() {
+            let p = |field: &str| format!("pricing.endpoints[{i}].{field}");
+            if !METHODS.contains(&e.method.as_str()) {
+                err(p("method"), "must be an upper-case HTTP method or *");
+            }
+            let wildcard_ok = !e.path.contains('*') || (e.path.ends_with("/*") && e.path.matches('*').count() == 1);
+            if !e.path.starts_with('/') || !wildcard_ok {
+                err(p("path"), "must start with / and may only end in /* as a wildcard");
+            }
+            if !positive(e.base_cost) {
+                err(p("base_cost"), "must be > 0");
+            }
+            if !seen.insert((e.method.clone(), e.path.clone())) {
+                err(p("path"), "duplicate method and path");
+            }
+        }
+        for (i, iface) in self.kernel.interfaces.iter().enumerate() {
+            if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
+                err(format!("kernel.interfaces[{i}]"), "is not a valid interface name");
+            }
+        }
+        errors
+    }
+
+    /// The budget policy the token stores apply.
+    pub fn budget_policy(&self) -> BudgetPolicy {
+        let tiers = self
+            .tiers
+            .iter()
+            .map(|(name, t)| Tier {
+                name: name.clone(),
+                bucket: BucketParams {
+                    max_tokens: t.max_tokens,
+                    refill_per_sec: t.refill_per_sec,
+                    idle_cap: t.idle_cap,
+                    initial_tokens: t.initial_tokens.unwrap_or(t.idle_cap * t.max_tokens),
+                },
+                shadow: t.shadow,
+            })
+            .collect();
+        let ops = &self.budget.operational;
+        BudgetPolicy {
+            tiers,
+            unknown_keys: match self.budget.unknown_keys {
+                UnknownKeyPolicy::DefaultTier => {
+                    UnknownKeys::DefaultTier(self.budget.default_tier.clone())
+                }
+                UnknownKeyPolicy::Reject => UnknownKeys::Reject,
+            },
+            active_window: Duration::from_secs_f64(self.budget.active_window_secs),
+            idempotency_ttl: Duration::from_secs(self.store.idempotency_ttl_secs),
+            operational: BucketParams {
+                max_tokens: ops.capacity,
+                refill_per_sec: ops.refill_per_sec,
+                idle_cap: 1.0,
+                initial_tokens: ops.capacity,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_a_working_config() {
+        let c = Config::parse("").expect("empty config is valid");
+        assert_eq!(c.server.listen.port(), 8080);
+        assert_eq!(c.budget_policy().tier("free").map(|t| t.bucket.initial_tokens), Some(800.0));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let text = r#"
+            [budget]
+            default_tier = "gold"
+            [tiers.free]
+            max_tokens = -1
+            refill_per_sec = 10
+            idle_cap = 2
+            [[pricing.endpoints]]
+            method = "get"
+            path = "nope"
+            base_cost = 0
+        "#;
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "budget.default_tier",
+            "tiers.free.max_tokens",
+            "tiers.free.idle_cap",
+            "pricing.endpoints[0].method",
+            "pricing.endpoints[0].path",
+            "pricing.endpoints[0].base_cost",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_types_name_their_path() {
+        let err = Config::parse("[store]\ntimeout_ms = \"fast\"\n").expect_err("bad type");
+        assert!(err.to_string().contains("store.timeout_ms"), "{err}");
+        let err = Config::parse("[server]\nlisten_on = 1\n").expect_err("unknown field");
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+}

@@ -1,0 +1,165 @@
+//! The PTB-CWD debit: refill, idle cap, charge. This is the reference arithmetic; the in-process
+//! store calls it directly and `lua/debit.lua` mirrors it line by line (the store contract tests
+//! run the same cases against both).
+//!
+//! The rule, with `elapsed` = seconds since the bucket was last touched:
+//!
+//! 1. `ceiling = max_tokens` if `elapsed <= active_window`, else `idle_cap × max_tokens`;
+//! 2. if `balance < ceiling`: `balance = min(ceiling, balance + elapsed × refill_per_sec)`
+//!    (refill never pushes past the ceiling, and never takes away what is already there, so
+//!    granted or prepaid credits survive idleness);
+//! 3. if `balance >= cost` the request is allowed and `balance -= cost`; otherwise it is denied,
+//!    nothing is charged, and `retry_after = ceil((cost − balance) / refill_per_sec)` unless the
+//!    cost can never be met by refill (cost above capacity, or no refill);
+//! 4. the bucket is written back with `updated_at = now` either way.
+
+use crate::budget::BucketParams;
+
+/// A bucket as stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketState {
+    /// Tokens available as of `updated_at`.
+    pub balance: f64,
+    /// Seconds since the Unix epoch (Redis `TIME` in production).
+    pub updated_at: f64,
+}
+
+/// The result of one debit against one bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settlement {
+    /// Whether the cost was charged.
+    pub allowed: bool,
+    /// The bucket after the decision.
+    pub state: BucketState,
+    /// When denied: milliseconds until refill covers the cost; `None` if it never will.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// Applies one debit of `cost` at time `now` to `state` (`None`: a new key).
+pub fn settle(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+    cost: f64,
+) -> Settlement {
+    let balance = refilled(state, params, active_window, now);
+    if balance >= cost {
+        Settlement {
+            allowed: true,
+            state: BucketState {
+                balance: balance - cost,
+                updated_at: now,
+            },
+            retry_after_ms: Some(0),
+        }
+    } else {
+        Settlement {
+            allowed: false,
+            state: BucketState {
+                balance,
+                updated_at: now,
+            },
+            retry_after_ms: retry_after_ms(balance, params, cost),
+        }
+    }
+}
+
+/// The balance at `now` after refill and the idle cap (steps 1 and 2).
+pub fn refilled(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+) -> f64 {
+    let Some(state) = state else {
+        return params.initial_tokens;
+    };
+    let elapsed = (now - state.updated_at).max(0.0);
+    let ceiling = if elapsed <= active_window {
+        params.max_tokens
+    } else {
+        params.max_tokens * params.idle_cap
+    };
+    if state.balance < ceiling {
+        ceiling.min(state.balance + elapsed * params.refill_per_sec)
+    } else {
+        state.balance
+    }
+}
+
+fn retry_after_ms(balance: f64, params: &BucketParams, cost: f64) -> Option<u64> {
+    if params.refill_per_sec <= 0.0 || cost > params.max_tokens {
+        return None;
+    }
+    Some(((cost - balance) / params.refill_per_sec * 1000.0).ceil() as u64)
+}
+
+/// Adds a refund to a balance: capped at capacity, but never lowering a balance above it.
+pub fn credit(balance: f64, max_tokens: f64, amount: f64) -> f64 {
+    if balance >= max_tokens {
+        balance
+    } else {
+        max_tokens.min(balance + amount)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FREE: BucketParams = BucketParams {
+        max_tokens: 1000.0,
+        refill_per_sec: 10.0,
+        idle_cap: 0.8,
+        initial_tokens: 800.0,
+    };
+
+    #[test]
+    fn new_key_starts_at_initial_tokens() {
+        let s = settle(None, &FREE, 60.0, 100.0, 120.0);
+        assert!(s.allowed);
+        assert_eq!(s.state.balance, 680.0);
+    }
+
+    #[test]
+    fn denial_charges_nothing_and_says_when() {
+        let state = BucketState { balance: 20.0, updated_at: 100.0 };
+        let s = settle(Some(state), &FREE, 60.0, 100.0, 120.0);
+        assert!(!s.allowed);
+        assert_eq!(s.state.balance, 20.0);
+        assert_eq!(s.retry_after_ms, Some(10_000));
+    }
+
+    #[test]
+    fn active_key_refills_to_capacity_idle_key_to_idle_cap() {
+        let state = BucketState { balance: 900.0, updated_at: 0.0 };
+        // 30 s later: active, refill up to 1000.
+        assert_eq!(refilled(Some(state), &FREE, 60.0, 30.0), 1000.0);
+        // 600 s later: idle, refill stops at 800; the 900 already there is kept.
+        assert_eq!(refilled(Some(state), &FREE, 60.0, 600.0), 900.0);
+        let low = BucketState { balance: 100.0, updated_at: 0.0 };
+        assert_eq!(refilled(Some(low), &FREE, 60.0, 600.0), 800.0);
+    }
+
+    #[test]
+    fn cost_above_capacity_or_no_refill_never_retries() {
+        let state = BucketState { balance: 0.0, updated_at: 0.0 };
+        assert_eq!(settle(Some(state), &FREE, 60.0, 0.0, 5000.0).retry_after_ms, None);
+        let prepaid = BucketParams { refill_per_sec: 0.0, initial_tokens: 0.0, ..FREE };
+        assert_eq!(settle(None, &prepaid, 60.0, 0.0, 1.0).retry_after_ms, None);
+    }
+
+    #[test]
+    fn clock_going_backwards_refills_nothing() {
+        let state = BucketState { balance: 10.0, updated_at: 100.0 };
+        assert_eq!(refilled(Some(state), &FREE, 60.0, 50.0), 10.0);
+    }
+
+    #[test]
+    fn credit_caps_at_capacity() {
+        assert_eq!(credit(950.0, 1000.0, 120.0), 1000.0);
+        assert_eq!(credit(1200.0, 1000.0, 120.0), 1200.0);
+        assert_eq!(credit(100.0, 1000.0, 120.0), 220.0);
+    }
+}

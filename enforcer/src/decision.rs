@@ -1,0 +1,343 @@
+//! One decision: "may key K call endpoint E now?".
+//!
+//! [`Decider::check`] validates the input (bad input is refused before anything is debited),
+//! prices the request ([`crate::price`]), debits the key's bucket in the token store through
+//! the circuit breaker with a bounded wait, and applies shadow mode and the store-failure
+//! policy. It never panics on input and never waits on the store longer than the timeout.
+use crate::breaker::Breaker;
+use crate::budget::{BucketParams, BudgetPolicy};
+use crate::config::{Config, OnStoreFailure};
+use crate::key::{ApiKey, KeyHash, RequestId};
+use crate::metrics::Metrics;
+use crate::price::{PriceBook, PriceError};
+use crate::store::{
+    BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore,
+};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A check as the gateway asks it.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The caller's API key.
+    pub key: ApiKey,
+    /// Request path (a query string is ignored).
+    pub endpoint: String,
+    /// HTTP method, upper case; `None` matches any configured method.
+    pub method: Option<String>,
+    /// Client address, when the gateway knows it (kernel bindings use it later).
+    pub client_ip: Option<IpAddr>,
+    /// Units of work (cost = price × units); 1 by default.
+    pub units: f64,
+    /// Idempotency token; one is generated when absent.
+    pub request_id: Option<RequestId>,
+}
+
+/// How a decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// By the budget.
+    Enforce,
+    /// By the budget, but always allowed (global or tier shadow mode).
+    Shadow,
+    /// Without the store, allowed by `on_store_failure = "fail-open"`.
+    FailOpen,
+    /// Without the store, denied by `on_store_failure = "fail-closed"`.
+    FailClosed,
+}
+
+impl Mode {
+    /// Name used in responses and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::FailOpen => "fail-open",
+            Mode::FailClosed => "fail-closed",
+        }
+    }
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// The key's bucket cannot pay the cost.
+    Exhausted,
+    /// The key has no tier and unknown keys are refused.
+    UnknownKey,
+    /// The store is unreachable and the policy is fail-closed.
+    StoreUnavailable,
+}
+
+/// The answer.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// Why not, when not allowed (also set in shadow mode for what *would* have been denied).
+    pub denial: Option<Denial>,
+    /// Tokens this request cost (or would have cost).
+    pub cost: f64,
+    /// Balance after the decision; `None` when the store was not reached.
+    pub remaining: Option<f64>,
+    /// When denied: milliseconds until a retry can succeed; `None` when refill never covers it.
+    pub retry_after_ms: Option<u64>,
+    /// The tier charged; `None` when unknown.
+    pub tier: Option<String>,
+    /// The bucket the request was charged to, for the `RateLimit-Policy` header.
+    pub bucket: Option<BucketParams>,
+    /// How it was decided.
+    pub mode: Mode,
+    /// The request id (the caller's, or a generated one to use for refunds).
+    pub request_id: RequestId,
+    /// True when answered from an earlier decision with the same request id.
+    pub replayed: bool,
+}
+
+/// Bad input: refused before anything is debited.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The endpoint or method cannot be priced.
+    #[error(transparent)]
+    Endpoint(#[from] PriceError),
+    /// `units` is not a positive finite number within `budget.max_units`.
+    #[error("units must be a finite number > 0 and <= {max}")]
+    Units {
+        /// The configured maximum.
+        max: f64,
+    },
+}
+
+/// Refund failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RefundError {
+    /// The store could not be reached in time.
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Decides checks. Shared by every request handler.
+#[derive(Debug)]
+pub struct Decider {
+    store: Arc<dyn TokenStore>,
+    prices: PriceBook,
+    policy: BudgetPolicy,
+    breaker: Breaker,
+    timeout: Duration,
+    on_failure: OnStoreFailure,
+    shadow: bool,
+    max_units: f64,
+    metrics: Metrics,
+}
+
+/// Why a store call produced no answer.
+enum CallError {
+    BreakerOpen,
+    Timeout,
+    Store(StoreError),
+}
+
+impl Decider {
+    /// A decider over `store` with the policy, prices and failure rules of `config`.
+    pub fn new(config: &Config, store: Arc<dyn TokenStore>, metrics: Metrics) -> Self {
+        Self {
+            store,
+            prices: PriceBook::new(&config.pricing),
+            policy: config.budget_policy(),
+            breaker: Breaker::new(
+                config.store.breaker_failures,
+                Duration::from_millis(config.store.breaker_open_ms),
+            ),
+            timeout: Duration::from_millis(config.store.timeout_ms),
+            on_failure: config.store.on_store_failure,
+            shadow: config.budget.shadow,
+            max_units: config.budget.max_units,
+            metrics,
+        }
+    }
+
+    /// The token store (for readiness probes).
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
+    /// Decides one check.
+    pub async fn check(&self, check: Check) -> Result<Decision, CheckError> {
+        let price = self.prices.price(check.method.as_deref(), &check.endpoint)?;
+        if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {
+            return Err(CheckError::Units {
+                max: self.max_units,
+            });
+        }
+        let cost = price.per_unit * check.units;
+        let bucket = if price.operational {
+            BucketKind::Operational
+        } else {
+            BucketKind::Main
+        };
+        let request_id = check.request_id.unwrap_or_else(RequestId::generate);
+        let debit = Debit {
+            key: check.key.hash(),
+            bucket,
+            cost,
+            request_id,
+        };
+
+        let started = std::time::Instant::now();
+        let result = self.call(self.store.debit(&debit)).await;
+        self.metrics
+            .debit_duration
+            .with_label_values(&[self.store.backend()])
+            .observe(started.elapsed().as_secs_f64());
+
+        let decision = match result {
+            Ok(DebitOutcome::Settled(settled)) => self.settled(settled, bucket, debit.request_id),
+            Ok(DebitOutcome::UnknownKey) => Decision {
+                allowed: false,
+                denial: Some(Denial::UnknownKey),
+                cost,
+                remaining: None,
+                retry_after_ms: None,
+                tier: None,
+                bucket: None,
+                mode: Mode::Enforce,
+                request_id: debit.request_id,
+                replayed: false,
+            },
+            Err(_) => self.without_store(cost, debit.request_id),
+        };
+        let outcome = match (decision.allowed, decision.denial) {
+            (_, Some(Denial::UnknownKey)) => "rejected_unknown_key",
+            (true, _) => "allowed",
+            (false, _) => "denied",
+        };
+        self.metrics
+            .decisions
+            .with_label_values(&[
+                outcome,
+                decision.tier.as_deref().unwrap_or("unknown"),
+                decision.mode.as_str(),
+            ])
+            .inc();
+        if decision.replayed {
+            self.metrics.replays.inc();
+        }
+        Ok(decision)
+    }
+
+    fn settled(&self, s: Settled, bucket: BucketKind, request_id: RequestId) -> Decision {
+        let tier = self.policy.tier(&s.tier);
+        let shadow = self.shadow || tier.is_some_and(|t| t.shadow);
+        let params = match bucket {
+            BucketKind::Main => tier.map(|t| t.bucket),
+            BucketKind::Operational => Some(self.policy.operational),
+        };
+        Decision {
+            allowed: s.allowed || shadow,
+            denial: (!s.allowed).then_some(Denial::Exhausted),
+            cost: s.cost,
+            remaining: Some(s.remaining),
+            retry_after_ms: if s.allowed { Some(0) } else { s.retry_after_ms },
+            tier: Some(s.tier),
+            bucket: params,
+            mode: if shadow { Mode::Shadow } else { Mode::Enforce },
+            request_id,
+            replayed: s.replayed,
+        }
+    }
+
+    fn without_store(&self, cost: f64, request_id: RequestId) -> Decision {
+        let (allowed, mode, policy) = match self.on_failure {
+            OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),
+            OnStoreFailure::FailClosed => (false, Mode::FailClosed, "fail-closed"),
+        };
+        self.metrics
+            .store_failure_decisions
+            .with_label_values(&[policy])
+            .inc();
+        Decision {
+            allowed,
+            denial: (!allowed).then_some(Denial::StoreUnavailable),
+            cost,
+            remaining: None,
+            retry_after_ms: (!allowed)
+                .then(|| self.breaker.open_for().as_millis().try_into().unwrap_or(u64::MAX)),
+            tier: None,
+            bucket: None,
+            mode,
+            request_id,
+            replayed: false,
+        }
+    }
+
+    /// Gives back the cost of an allowed request.
+    pub async fn refund(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+    ) -> Result<RefundOutcome, RefundError> {
+        let outcome = self
+            .call(self.store.refund(key, request_id))
+            .await
+            .map_err(|e| {
+                RefundError::Unavailable(match e {
+                    CallError::BreakerOpen => "circuit breaker open".to_owned(),
+                    CallError::Timeout => "timed out".to_owned(),
+                    CallError::Store(e) => e.to_string(),
+                })
+            });
+        let label = match &outcome {
+            Ok(RefundOutcome::Refunded { .. }) => "refunded",
+            Ok(RefundOutcome::UnknownRequest) => "unknown_request",
+            Ok(RefundOutcome::AlreadyRefunded) => "already_refunded",
+            Ok(RefundOutcome::NotRefundable) => "not_refundable",
+            Err(_) => "unavailable",
+        };
+        self.metrics.refunds.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    /// Runs a store call through the breaker with the timeout, and keeps the metrics.
+    async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, CallError> {
+        if !self.breaker.admit() {
+            self.metrics
+                .store_errors
+                .with_label_values(&["breaker_open"])
+                .inc();
+            return Err(CallError::BreakerOpen);
+        }
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(CallError::Store(e)),
+            Err(_) => Err(CallError::Timeout),
+        };
+        // A refused argument is our bug or bad input, not an unhealthy store.
+        let healthy = !matches!(
+            result,
+            Err(CallError::Timeout) | Err(CallError::Store(StoreError::Unavailable(_)))
+        );
+        self.breaker.record(healthy);
+        self.metrics
+            .breaker_state
+            .set(self.breaker.state() as i64);
+        if let Err(e) = &result {
+            let kind = match e {
+                CallError::BreakerOpen => "breaker_open",
+                CallError::Timeout => "timeout",
+                CallError::Store(StoreError::Unavailable(_)) => "unavailable",
+                CallError::Store(StoreError::Rejected(_)) => "rejected",
+                CallError::Store(StoreError::Protocol(_)) => "protocol",
+            };
+            if let CallError::Store(err) = e {
+                tracing::warn!(error = %err, "token store call failed");
+            }
+            self.metrics.store_errors.with_label_values(&[kind]).inc();
+        }
+        result
+    }
+}

@@ -1,0 +1,29 @@
+//! enforcer: cost-weighted API token budgets.
+//!
+//! Where a request goes, module by module:
+//!
+//! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics).
+//! - [`decision`]: validates a check, **prices** it ([`price`]), **debits** it through the
+//!   [`store`] behind the circuit [`breaker`], applies shadow mode and the failure policy.
+//! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
+//! - [`budget`]: tiers and the budget policy taken from the config.
+//! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
+//! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel.
+//! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
+//!   [`cli`] (the `enforcer` command line).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod breaker;
+pub mod budget;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod debit;
+pub mod decision;
+pub mod kernel;
+pub mod key;
+pub mod metrics;
+pub mod price;
+pub mod server;
+pub mod store;

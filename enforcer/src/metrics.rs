@@ -1,0 +1,151 @@
+//! Prometheus metrics of the daemon.
+//!
+//! Labels are low-cardinality by construction (seed pitfall 4): tiers and endpoint classes come
+//! from the config, outcomes and modes are fixed sets. No key, key hash, path or client address
+//! is ever a label.
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// All metrics, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `enforcer_decisions_total{outcome, tier, mode}`.
+    pub decisions: IntCounterVec,
+    /// `enforcer_debit_duration_seconds{backend}`: store round trip of a debit.
+    pub debit_duration: HistogramVec,
+    /// `enforcer_store_errors_total{kind}`: timeout, unavailable, rejected, protocol.
+    pub store_errors: IntCounterVec,
+    /// `enforcer_store_failure_decisions_total{policy}`: decisions made without the store.
+    pub store_failure_decisions: IntCounterVec,
+    /// `enforcer_store_breaker_state`: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    /// `enforcer_bad_requests_total{reason}`: requests refused as bad input.
+    pub bad_requests: IntCounterVec,
+    /// `enforcer_refunds_total{outcome}`.
+    pub refunds: IntCounterVec,
+    /// `enforcer_idempotent_replays_total`.
+    pub replays: IntCounter,
+    /// `enforcer_kernel_attached`: 1 when the kernel gate is attached.
+    pub kernel_attached: IntGauge,
+    /// `enforcer_kernel_packets_total{verdict}`: per-CPU kernel counters, summed.
+    pub kernel_packets: IntCounterVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let decisions = counter_vec(
+            &registry,
+            "enforcer_decisions_total",
+            "Decisions by outcome (allowed, denied, rejected_unknown_key), tier and mode",
+            &["outcome", "tier", "mode"],
+        );
+        let debit_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "enforcer_debit_duration_seconds",
+                "Token store round trip of one debit",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+            &["backend"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(debit_duration.clone()))
+            .expect("unique metric name");
+        let store_errors = counter_vec(
+            &registry,
+            "enforcer_store_errors_total",
+            "Token store failures by kind (timeout, unavailable, rejected, protocol, breaker_open)",
+            &["kind"],
+        );
+        let store_failure_decisions = counter_vec(
+            &registry,
+            "enforcer_store_failure_decisions_total",
+            "Decisions made by on_store_failure because the store was unreachable",
+            &["policy"],
+        );
+        let breaker_state = IntGauge::new(
+            "enforcer_store_breaker_state",
+            "Token store circuit breaker: 0 closed, 1 open, 2 half-open",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(breaker_state.clone()))
+            .expect("unique metric name");
+        let bad_requests = counter_vec(
+            &registry,
+            "enforcer_bad_requests_total",
+            "Requests refused as bad input, by reason",
+            &["reason"],
+        );
+        let refunds = counter_vec(
+            &registry,
+            "enforcer_refunds_total",
+            "Refund requests by outcome",
+            &["outcome"],
+        );
+        let replays = IntCounter::new(
+            "enforcer_idempotent_replays_total",
+            "Checks answered from an earlier decision with the same request_id",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(replays.clone()))
+            .expect("unique metric name");
+        let kernel_attached = IntGauge::new(
+            "enforcer_kernel_attached",
+            "1 when the kernel gate is attached, 0 when running userspace-only",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(kernel_attached.clone()))
+            .expect("unique metric name");
+        let kernel_packets = counter_vec(
+            &registry,
+            "enforcer_kernel_packets_total",
+            "Packets seen by the kernel gate, by verdict",
+            &["verdict"],
+        );
+        Self {
+            registry,
+            decisions,
+            debit_duration,
+            store_errors,
+            store_failure_decisions,
+            breaker_state,
+            bad_requests,
+            refunds,
+            replays,
+            kernel_attached,
+            kernel_packets,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

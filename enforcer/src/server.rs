@@ -1,0 +1,199 @@
+//! Wiring: builds the store, the decider, the kernel gate and the HTTP API from a config, and
+//! serves until shutdown.
+use crate::api::{self, App, KernelReport};
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::decision::Decider;
+use crate::kernel::Gate;
+use crate::metrics::Metrics;
+use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, StoreError, TokenStore};
+use axum::http::{HeaderName, StatusCode};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Errors while starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The token store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving failed: {0}")]
+    Serve(std::io::Error),
+    /// A config value the HTTP layer cannot use (validation should have caught it).
+    #[error("invalid config: {0}")]
+    Config(String),
+}
+
+/// The token store a config asks for: Redis when `store.redis_url` is set, else in-process.
+pub fn build_store(config: &Config) -> Result<Arc<dyn TokenStore>, StoreError> {
+    let policy = config.budget_policy();
+    if config.store.redis_url.is_empty() {
+        Ok(Arc::new(MemoryStore::new(policy, Arc::new(SystemClock))))
+    } else {
+        let redis = RedisStoreConfig {
+            url: config.store.redis_url.clone(),
+            connections: config.store.connections,
+            connect_timeout: Duration::from_millis(config.store.connect_timeout_ms),
+        };
+        Ok(Arc::new(RedisStore::new(&redis, &policy)?))
+    }
+}
+
+/// A bound, ready-to-serve daemon.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<App>,
+    max_body_bytes: usize,
+    gate: Option<Gate>,
+}
+
+impl Server {
+    /// Builds everything from `config` and binds the listen address.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let metrics = Metrics::new();
+        let store = build_store(config)?;
+        // Warm the store connection so the first decision does not pay for it; failure is
+        // fine here (the breaker and the failure policy handle an unreachable store).
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), store.ping())
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("ping timed out".into())))
+        {
+            tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
+        }
+        let (gate, kernel) = attach_gate(&config.kernel.interfaces, &metrics);
+        let decider = Decider::new(config, store, metrics.clone());
+        let app = Arc::new(App {
+            decider,
+            metrics,
+            key_header: HeaderName::try_from(config.server.key_header.as_str())
+                .map_err(|e| ServerError::Config(format!("server.key_header: {e}")))?,
+            auth_deny_status: StatusCode::from_u16(config.server.auth_deny_status)
+                .map_err(|e| ServerError::Config(format!("server.auth_deny_status: {e}")))?,
+            kernel,
+        });
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            app,
+            max_body_bytes: config.server.max_body_bytes,
+            gate,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.listener.local_addr().map_err(ServerError::Serve)
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let Self {
+            listener,
+            app,
+            max_body_bytes,
+            gate,
+        } = self;
+        let gate = gate.map(Arc::new);
+        let counters_task = gate.clone().map(|g| tokio::spawn(export_counters(g, app.metrics.clone())));
+        let router = api::router(app, max_body_bytes);
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve);
+        if let Some(task) = counters_task {
+            task.abort();
+        }
+        drop(gate);
+        result
+    }
+}
+
+fn attach_gate(interfaces: &[String], metrics: &Metrics) -> (Option<Gate>, KernelReport) {
+    if interfaces.is_empty() {
+        metrics.kernel_attached.set(0);
+        return (
+            None,
+            KernelReport {
+                attached: false,
+                detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
+            },
+        );
+    }
+    match Gate::attach(interfaces) {
+        Ok(gate) => {
+            tracing::info!(interfaces = ?interfaces, "kernel gate attached");
+            metrics.kernel_attached.set(1);
+            let detail = format!("attached to {}", gate.interfaces().join(", "));
+            (Some(gate), KernelReport { attached: true, detail })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
+            metrics.kernel_attached.set(0);
+            (
+                None,
+                KernelReport {
+                    attached: false,
+                    detail: format!("userspace-only: {e}"),
+                },
+            )
+        }
+    }
+}
+
+/// Copies the kernel's per-CPU counters into Prometheus counters once a second.
+async fn export_counters(gate: Arc<Gate>, metrics: Metrics) {
+    let mut last = crate::kernel::Counters::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match gate.counters() {
+            Ok(now) => {
+                let passed = now.passed.saturating_sub(last.passed);
+                let failed = now.parse_failed.saturating_sub(last.parse_failed);
+                metrics.kernel_packets.with_label_values(&["passed"]).inc_by(passed);
+                metrics
+                    .kernel_packets
+                    .with_label_values(&["parse_failed"])
+                    .inc_by(failed);
+                last = now;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,205 @@
+//! The in-process token store: the embedded single-node default, with the semantics of
+//! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
+//! buckets and request records once they expire, like their Redis TTLs.
+use super::{BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore};
+use crate::budget::BudgetPolicy;
+use crate::clock::Clock;
+use crate::debit::{self, BucketState};
+use crate::key::{KeyHash, RequestId};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug)]
+struct Bucket {
+    state: BucketState,
+    /// `None`: kept forever (no refill).
+    expires_at: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    bucket: BucketKind,
+    remaining: f64,
+    tier: String,
+    cost: f64,
+    max_tokens: f64,
+    refunded: bool,
+    expires_at: f64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    buckets: HashMap<(KeyHash, u8), Bucket>,
+    tiers: HashMap<KeyHash, String>,
+    records: HashMap<(KeyHash, String), Record>,
+    ops_since_sweep: usize,
+}
+
+/// In-process [`TokenStore`].
+#[derive(Debug)]
+pub struct MemoryStore {
+    policy: BudgetPolicy,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+fn slot(kind: BucketKind) -> u8 {
+    match kind {
+        BucketKind::Main => 0,
+        BucketKind::Operational => 1,
+    }
+}
+
+impl MemoryStore {
+    /// A store applying `policy`, reading time from `clock`.
+    pub fn new(policy: BudgetPolicy, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            policy,
+            clock,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Number of buckets held (for tests of the memory bound).
+    pub fn bucket_count(&self) -> usize {
+        self.state.lock().buckets.len()
+    }
+}
+
+impl State {
+    /// Drops expired entries. Called every `len` operations, so its cost is O(1) amortised.
+    fn sweep(&mut self, now: f64) {
+        self.ops_since_sweep += 1;
+        if self.ops_since_sweep < 1024.max(self.buckets.len() + self.records.len()) {
+            return;
+        }
+        self.ops_since_sweep = 0;
+        self.buckets
+            .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
+        self.records.retain(|_, r| r.expires_at > now);
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+        super::check_cost(d.cost)?;
+        let now = self.clock.now();
+        let mut st = self.state.lock();
+        st.sweep(now);
+        let record_key = (d.key, d.request_id.as_str().to_owned());
+        if let Some(r) = st.records.get(&record_key).filter(|r| r.expires_at > now) {
+            return Ok(DebitOutcome::Settled(Settled {
+                allowed: true,
+                remaining: r.remaining,
+                retry_after_ms: Some(0),
+                tier: r.tier.clone(),
+                cost: r.cost,
+                replayed: true,
+            }));
+        }
+        let Some(tier) = self.policy.resolve(st.tiers.get(&d.key).map(String::as_str)) else {
+            return Ok(DebitOutcome::UnknownKey);
+        };
+        let params = match d.bucket {
+            BucketKind::Main => tier.bucket,
+            BucketKind::Operational => self.policy.operational,
+        };
+        let window = self.policy.active_window.as_secs_f64();
+        let bucket_key = (d.key, slot(d.bucket));
+        let previous = st
+            .buckets
+            .get(&bucket_key)
+            .filter(|b| b.expires_at.is_none_or(|at| at > now))
+            .map(|b| b.state);
+        let s = debit::settle(previous, &params, window, now, d.cost);
+        st.buckets.insert(
+            bucket_key,
+            Bucket {
+                state: s.state,
+                expires_at: params.forget_after(window).map(|secs| now + secs),
+            },
+        );
+        if s.allowed {
+            st.records.insert(
+                record_key,
+                Record {
+                    bucket: d.bucket,
+                    remaining: s.state.balance,
+                    tier: tier.name.clone(),
+                    cost: d.cost,
+                    max_tokens: params.max_tokens,
+                    refunded: false,
+                    expires_at: now + self.policy.idempotency_ttl.as_secs_f64(),
+                },
+            );
+        }
+        Ok(DebitOutcome::Settled(Settled {
+            allowed: s.allowed,
+            remaining: s.state.balance,
+            retry_after_ms: s.retry_after_ms,
+            tier: tier.name.clone(),
+            cost: d.cost,
+            replayed: false,
+        }))
+    }
+
+    async fn refund(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+    ) -> Result<RefundOutcome, StoreError> {
+        let now = self.clock.now();
+        let mut st = self.state.lock();
+        let record_key = (*key, request_id.as_str().to_owned());
+        let Some(record) = st
+            .records
+            .get(&record_key)
+            .filter(|r| r.expires_at > now)
+            .cloned()
+        else {
+            return Ok(RefundOutcome::UnknownRequest);
+        };
+        if record.bucket != BucketKind::Main {
+            return Ok(RefundOutcome::NotRefundable);
+        }
+        if record.refunded {
+            return Ok(RefundOutcome::AlreadyRefunded);
+        }
+        let (credited, balance) = match st
+            .buckets
+            .get_mut(&(*key, slot(BucketKind::Main)))
+            .filter(|b| b.expires_at.is_none_or(|at| at > now))
+        {
+            Some(bucket) => {
+                let before = bucket.state.balance;
+                bucket.state.balance = debit::credit(before, record.max_tokens, record.cost);
+                (bucket.state.balance - before, bucket.state.balance)
+            }
+            None => (0.0, 0.0),
+        };
+        if let Some(r) = st.records.get_mut(&record_key) {
+            r.refunded = true;
+        }
+        Ok(RefundOutcome::Refunded { credited, balance })
+    }
+
+    async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
+        let mut st = self.state.lock();
+        match tier {
+            Some(name) => st.tiers.insert(*key, name.to_owned()),
+            None => st.tiers.remove(key),
+        };
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}

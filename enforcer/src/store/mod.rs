@@ -1,0 +1,119 @@
+//! The token store boundary: where a key's buckets live and where a debit is made atomic.
+//!
+//! [`RedisStore`] (production: one `EVALSHA lua/debit.lua` per decision, Redis server time) and
+//! [`MemoryStore`] (the embedded single-node default, same semantics through `debit.rs`) both
+//! implement [`TokenStore`]; the integration tests run one contract against both.
+mod memory;
+mod redis;
+
+pub use memory::MemoryStore;
+pub use redis::{RedisStore, RedisStoreConfig};
+
+use crate::key::{KeyHash, RequestId};
+use async_trait::async_trait;
+
+/// Which of a key's buckets a debit draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketKind {
+    /// The key's token budget.
+    Main,
+    /// The strict bucket of operational endpoints (`/health`, …), outside the token economy.
+    Operational,
+}
+
+/// One debit to make.
+#[derive(Debug, Clone)]
+pub struct Debit {
+    /// Whose budget.
+    pub key: KeyHash,
+    /// Which bucket.
+    pub bucket: BucketKind,
+    /// Tokens to charge: positive and finite (checked before it gets here, and again by the
+    /// store: a bad cost is an error, never a debit).
+    pub cost: f64,
+    /// Idempotency token: a retry with the same id is not charged twice.
+    pub request_id: RequestId,
+}
+
+/// What the store decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DebitOutcome {
+    /// The key was charged (or would have been, but could not pay).
+    Settled(Settled),
+    /// The key has no tier assignment and unknown keys are refused.
+    UnknownKey,
+}
+
+/// A settled debit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settled {
+    /// Whether the cost was charged.
+    pub allowed: bool,
+    /// Balance after the decision.
+    pub remaining: f64,
+    /// When denied: milliseconds until the cost is affordable, `None` if refill never covers it.
+    pub retry_after_ms: Option<u64>,
+    /// The tier the key was charged under.
+    pub tier: String,
+    /// The cost charged (for a replay: the cost recorded the first time).
+    pub cost: f64,
+    /// True when this is an idempotent replay of an earlier allowed request.
+    pub replayed: bool,
+}
+
+/// What a refund did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefundOutcome {
+    /// Tokens given back (may be less than the cost when the bucket is near capacity).
+    Refunded {
+        /// Tokens credited.
+        credited: f64,
+        /// Balance afterwards.
+        balance: f64,
+    },
+    /// No allowed request with this id is remembered for this key (never seen, or expired).
+    UnknownRequest,
+    /// This request was refunded before.
+    AlreadyRefunded,
+    /// Operational requests are outside the token economy and are not refunded.
+    NotRefundable,
+}
+
+/// Errors of a token store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or failed.
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend refused the arguments (a bug or bad input that slipped through).
+    #[error("token store refused the request: {0}")]
+    Rejected(String),
+    /// The backend answered something this version does not understand.
+    #[error("unexpected answer from the token store: {0}")]
+    Protocol(String),
+}
+
+/// A place where buckets live and debits are atomic.
+#[async_trait]
+pub trait TokenStore: Send + Sync + std::fmt::Debug {
+    /// Debits one request, atomically: concurrent debits of one key never spend a token twice.
+    async fn debit(&self, debit: &Debit) -> Result<DebitOutcome, StoreError>;
+    /// Gives back the cost of an allowed request (by its id), at most once.
+    async fn refund(&self, key: &KeyHash, request_id: &RequestId)
+    -> Result<RefundOutcome, StoreError>;
+    /// Assigns a key to a tier (or removes the assignment with `None`).
+    async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
+    /// Checks that the backend answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// A short name for logs and `/readyz` ("redis", "memory").
+    fn backend(&self) -> &'static str;
+}
+
+/// Rejects costs no store may charge: NaN, infinite, zero or negative, absurdly large.
+pub(crate) fn check_cost(cost: f64) -> Result<(), StoreError> {
+    if cost.is_finite() && cost > 0.0 && cost <= 1e15 {
+        Ok(())
+    } else {
+        Err(StoreError::Rejected(format!("cost must be finite, > 0 and <= 1e15, got {cost}")))
+    }
+}

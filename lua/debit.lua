@@ -1,0 +1,118 @@
+-- debit.lua: the PTB-CWD debit, atomic in Redis. Mirrors enforcer/src/debit.rs (the rule is
+-- documented there and in docs/architecture.md). O(1): a fixed number of single-key commands.
+--
+-- KEYS[1]  bucket hash        ptb:{<sha256 of key>}:b  (or :ops)   fields b (balance), t (seconds)
+-- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier           (string, set by operators)
+-- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>
+-- ARGV[1]  cost               tokens, finite, > 0
+-- ARGV[2]  record ttl         milliseconds, integer > 0
+-- ARGV[3]  active window      seconds, >= 0
+-- ARGV[4]  default tier       name, or "" to refuse keys without an assignment
+-- ARGV[5]  bucket kind        "m" (main) or "o" (operational), kept in the request record
+-- ARGV[6]  n                  number of tiers that follow
+-- ARGV[7+5i .. 11+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
+--
+-- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed}
+--   status "ok" or "unknown_key"; remaining and cost as strings (Redis truncates Lua numbers
+--   to integers); retry_after_ms -1 when refill can never cover the cost.
+-- Bad arguments are an error reply starting with "ERR enforcer:"; nothing is written then.
+
+local function fail(msg)
+  error({err = 'ERR enforcer: ' .. msg})
+end
+
+local function number(i, what, min)
+  local v = tonumber(ARGV[i])
+  if v == nil or v ~= v or v == math.huge or v == -math.huge then
+    fail(what .. ' must be a finite number')
+  end
+  if v < min then
+    fail(what .. ' must be >= ' .. min)
+  end
+  return v
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+if #KEYS ~= 3 then fail('expected 3 keys') end
+local cost = number(1, 'cost', 0)
+if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
+local ttl = number(2, 'record ttl', 1)
+local active_window = number(3, 'active window', 0)
+local default_tier = ARGV[4]
+local kind = ARGV[5]
+if kind ~= 'm' and kind ~= 'o' then fail('bucket kind must be m or o') end
+local n = number(6, 'tier count', 1)
+
+-- An idempotent retry returns the recorded outcome and charges nothing.
+local record = redis.call('GET', KEYS[3])
+if record then
+  local f = {}
+  for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
+  return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
+end
+
+local assigned = redis.call('GET', KEYS[2])
+local tier, fallback
+for i = 0, n - 1 do
+  local base = 7 + 5 * i
+  local name = ARGV[base]
+  if name == nil then fail('missing tier parameters') end
+  if name == assigned then tier = base end
+  if name == default_tier then fallback = base end
+end
+tier = tier or fallback
+if tier == nil then
+  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0}
+end
+local tier_name = ARGV[tier]
+local max_tokens = number(tier + 1, 'max_tokens', 0)
+local rate = number(tier + 2, 'refill_per_sec', 0)
+local idle_cap = number(tier + 3, 'idle_cap', 0)
+local initial = number(tier + 4, 'initial_tokens', 0)
+
+-- Server time, never the caller's clock (skewed nodes would double-spend).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+local state = redis.call('HMGET', KEYS[1], 'b', 't')
+local balance = tonumber(state[1])
+local updated = tonumber(state[2])
+if balance == nil or updated == nil then
+  balance = initial
+else
+  local elapsed = math.max(0, now - updated)
+  local ceiling = max_tokens
+  if elapsed > active_window then ceiling = max_tokens * idle_cap end
+  if balance < ceiling then
+    balance = math.min(ceiling, balance + elapsed * rate)
+  end
+end
+
+local allowed = 0
+local retry = -1
+if balance >= cost then
+  balance = balance - cost
+  allowed = 1
+  retry = 0
+elseif rate > 0 and cost <= max_tokens then
+  retry = math.ceil((cost - balance) / rate * 1000)
+end
+
+redis.call('HSET', KEYS[1], 'b', fmt(balance), 't', fmt(now))
+if rate > 0 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil((active_window + max_tokens / rate) * 1000))
+else
+  redis.call('PERSIST', KEYS[1])
+end
+
+local remaining = fmt(balance)
+if allowed == 1 then
+  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded
+  redis.call('SET', KEYS[3],
+    table.concat({kind, '1', remaining, '0', tier_name, fmt(cost), fmt(max_tokens), '0'}, '|'),
+    'PX', ttl)
+end
+return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0}

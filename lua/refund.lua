@@ -1,0 +1,37 @@
+-- refund.lua: gives back the cost of a request the upstream failed. Mirrors the in-process
+-- store's refund. Each request id is refunded at most once.
+--
+-- KEYS[1]  main bucket hash   ptb:{<sha256 of key>}:b
+-- KEYS[2]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
+--
+-- Returns {status, credited, balance}: status "ok", "unknown_request", "already_refunded" or
+-- "not_refundable" (operational requests); credited and balance as strings.
+
+if #KEYS ~= 2 then error({err = 'ERR enforcer: expected 2 keys'}) end
+
+local record = redis.call('GET', KEYS[2])
+if not record then return {'unknown_request', '0', '0'} end
+local f = {}
+for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
+if f[1] ~= 'm' then return {'not_refundable', '0', '0'} end
+if f[8] == '1' then return {'already_refunded', '0', '0'} end
+
+local cost = tonumber(f[6])
+local max_tokens = tonumber(f[7])
+local credited = 0
+local balance = tonumber(redis.call('HGET', KEYS[1], 'b'))
+if balance ~= nil then
+  -- Capped at capacity; a balance already above it (a grant) is left alone.
+  if balance < max_tokens then
+    local after = math.min(max_tokens, balance + cost)
+    credited = after - balance
+    balance = after
+    redis.call('HSET', KEYS[1], 'b', string.format('%.17g', balance))
+  end
+else
+  -- The bucket was forgotten after a long idle period: it already refilled past the cost.
+  balance = 0
+end
+f[8] = '1'
+redis.call('SET', KEYS[2], table.concat(f, '|'), 'KEEPTTL')
+return {'ok', string.format('%.17g', credited), string.format('%.17g', balance)}
