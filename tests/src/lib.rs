@@ -1,1 +1,232 @@
+//! Helpers for the integration tests: the services `cargo xtask test` started, an in-process
+//! daemon on `127.0.0.1:0`, a tiny HTTP client, private Redis servers and network-namespace
+//! guards. Everything is RAII: dropping a guard stops or deletes what it made.
+#![deny(unsafe_code)]
 
+use bytes::Bytes;
+use enforcer::config::Config;
+use enforcer::server::Server;
+use http_body_util::{BodyExt, Full};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod netns;
+
+/// The Redis that `cargo xtask test` started.
+pub fn redis_url() -> String {
+    std::env::var("ENFORCER_TEST_REDIS_URL").expect(
+        "ENFORCER_TEST_REDIS_URL is not set: run the integration tests with `cargo xtask test`, \
+         which starts a private Redis and PostgreSQL",
+    )
+}
+
+/// A key name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A Redis connection for inspecting what the daemon wrote.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("valid redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to test redis")
+}
+
+/// The workspace's `target/<profile>` directory, where the `enforcer` binary is.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `enforcer` binary (built by `cargo xtask test` before the tests run).
+pub fn enforcer_bin() -> PathBuf {
+    let bin = target_dir().join("enforcer");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p enforcer` (cargo xtask test does)", bin.display());
+    bin
+}
+
+/// An in-process daemon serving on a free loopback port; stops on drop.
+#[derive(Debug)]
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon for `config` (its listen address is replaced by `127.0.0.1:0`).
+    pub async fn start(mut config: Config) -> Self {
+        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        let errors = config.validate();
+        assert!(errors.is_empty(), "test config invalid: {errors:?}");
+        let server = Server::bind(&config).await.expect("daemon binds");
+        let addr = server.local_addr().expect("local addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("daemon serves");
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the daemon and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to daemon");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "enforcer");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(body.into())).expect("request"))
+        .await
+        .expect("send request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("read body").to_bytes();
+    Resp { status, headers, body }
+}
+
+/// `POST /v1/check` with a JSON body.
+pub async fn check(addr: SocketAddr, body: serde_json::Value) -> Resp {
+    http(addr, "POST", "/v1/check", &[("content-type", "application/json")], body.to_string()).await
+}
+
+/// A private redis-server on a free port (for tests that stop and restart Redis).
+#[derive(Debug)]
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one and waits until it answers.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut r = Self {
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (cargo xtask setup)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "private redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A config for tests: the example's tiers and endpoints, this store URL.
+pub fn example_config(redis_url: &str) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/enforcer.toml");
+    let mut config = Config::load(&path).expect("examples/enforcer.toml is valid");
+    config.store.redis_url = redis_url.to_owned();
+    config
+}

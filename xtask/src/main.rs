@@ -1,1 +1,134 @@
-fn main() {}
+//! `cargo xtask`: everything around the code, in one place, so a fresh machine needs nothing
+//! but these commands (see the README).
+//!
+//! - `setup`: installs what is missing (Debian packages, nightly `rust-src`, `bpf-linker`),
+//!   idempotently and quickly when everything is there; mounts bpffs.
+//! - `run`: set-up, build, run the daemon on the embedded default with `examples/enforcer.toml`.
+//! - `test`: set-up, start a private Redis and PostgreSQL on free loopback ports, run every test
+//!   (privileged ones included, one at a time), stop the services.
+//! - `bench`: set-up, start a private Redis, measure the daemon beside `redis-benchmark`.
+mod bench;
+mod loadgen;
+mod services;
+mod setup;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Set-up, run, test and benchmark enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what is missing (apt packages, nightly rust-src, bpf-linker) and mount bpffs.
+    Setup,
+    /// Set up, build and run the daemon with examples/enforcer.toml (embedded store).
+    Run {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+        /// Extra arguments for `enforcer run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, start private Redis and PostgreSQL, run every test, stop them.
+    Test {
+        /// Extra arguments for cargo test (e.g. a test name filter after --).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; numbers go to docs/benchmarks.md.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum, default_value_t = bench::Which::Http)]
+        which: bench::Which,
+        /// Concurrent connections (the same for redis-benchmark and the daemon).
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace root")?;
+    match cli.command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Run { release, args } => {
+            setup::ensure()?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--package", "enforcer"]);
+            if release {
+                cmd.arg("--release");
+            }
+            cmd.args(["--", "run", "--config", "examples/enforcer.toml"]);
+            cmd.args(args);
+            status(&mut cmd)
+        }
+        Cmd::Test { args } => test(&args),
+        Cmd::Bench {
+            which,
+            clients,
+            seconds,
+        } => {
+            setup::ensure()?;
+            bench::run(which, clients, seconds)
+        }
+    }
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!("cargo xtask test runs privileged tests (eBPF, network namespaces): run it as root");
+    }
+    // Build first, so the services do not sit idle through a long compile.
+    status(Command::new("cargo").args(["test", "--workspace", "--no-run"]))?;
+    let services = services::Services::start()?;
+    let env = services.env();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        cmd.args(args).envs(env.iter().cloned());
+        if !extra.is_empty() {
+            cmd.arg("--").args(extra);
+        }
+        status(&mut cmd)
+    };
+    // Unit tests in parallel; the integration tests share Redis keys' namespaces and kernel
+    // state, so they run one at a time.
+    let unit = run(&["test", "--workspace", "--exclude", "enforcer-tests"]);
+    let mut integration_args = vec!["test", "--package", "enforcer-tests", "--no-fail-fast"];
+    if extra.is_empty() {
+        integration_args.extend(["--", "--test-threads=1"]);
+    }
+    let integration = run(&integration_args);
+    drop(services);
+    unit.and(integration)
+}
+
+/// Runs a command, failing on a non-zero exit.
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed: {s}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -35,6 +35,9 @@ struct State {
     tiers: HashMap<KeyHash, String>,
     records: HashMap<(KeyHash, String), Record>,
     ops_since_sweep: usize,
+    /// Entries left by the previous sweep: the next one comes after as many operations, so a
+    /// sweep's O(n) cost is spread over at least n operations.
+    size_after_sweep: usize,
 }
 
 /// In-process [`TokenStore`].
@@ -69,16 +72,17 @@ impl MemoryStore {
 }
 
 impl State {
-    /// Drops expired entries. Called every `len` operations, so its cost is O(1) amortised.
+    /// Drops expired entries, every so often (O(1) amortised per operation).
     fn sweep(&mut self, now: f64) {
         self.ops_since_sweep += 1;
-        if self.ops_since_sweep < 1024.max(self.buckets.len() + self.records.len()) {
+        if self.ops_since_sweep < 1024.max(self.size_after_sweep) {
             return;
         }
         self.ops_since_sweep = 0;
         self.buckets
             .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
         self.records.retain(|_, r| r.expires_at > now);
+        self.size_after_sweep = self.buckets.len() + self.records.len();
     }
 }
 

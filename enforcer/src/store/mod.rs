@@ -7,7 +7,7 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisStore, RedisStoreConfig};
+pub use redis::{DEBIT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig};
 
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;

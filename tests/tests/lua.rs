@@ -1,0 +1,258 @@
+//! `lua/debit.lua` and `lua/refund.lua` against a real Redis: atomicity under concurrency,
+//! idempotency, NOSCRIPT recovery, server time, the idle cap, argument validation, key names.
+use enforcer::budget::BudgetPolicy;
+use enforcer::config::Config;
+use enforcer::key::{ApiKey, RequestId};
+use enforcer::store::{
+    BucketKind, Debit, DebitOutcome, RedisStore, RedisStoreConfig, Settled, TokenStore,
+};
+use enforcer_tests::{redis_conn, redis_url, unique};
+use redis::AsyncCommands;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn policy() -> BudgetPolicy {
+    Config::default().budget_policy() // tier free: 1000 tokens, 10/s, idle cap 0.8 → starts at 800
+}
+
+fn store(url: &str) -> RedisStore {
+    RedisStore::new(
+        &RedisStoreConfig {
+            url: url.to_owned(),
+            connections: 2,
+            connect_timeout: Duration::from_secs(2),
+        },
+        &policy(),
+    )
+    .expect("redis store")
+}
+
+fn debit(key: &ApiKey, cost: f64) -> Debit {
+    Debit {
+        key: key.hash(),
+        bucket: BucketKind::Main,
+        cost,
+        request_id: RequestId::generate(),
+    }
+}
+
+async fn settle(store: &RedisStore, d: &Debit) -> Settled {
+    match store.debit(d).await.expect("debit") {
+        DebitOutcome::Settled(s) => s,
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+fn bucket_name(key: &ApiKey) -> String {
+    format!("ptb:{{{}}}:b", key.hash().to_hex())
+}
+
+async fn redis_now(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let (s, us): (f64, f64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    s + us / 1e6
+}
+
+#[tokio::test]
+async fn concurrent_debits_never_admit_more_than_capacity_plus_refill() {
+    let url = redis_url();
+    let store = Arc::new(store(&url));
+    let key = ApiKey::parse(&unique("concurrency")).expect("key");
+    let started = std::time::Instant::now();
+    // 64 tasks × 10 debits of 10 tokens = 6400 tokens asked of a bucket holding 800.
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let store = store.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u32;
+            for _ in 0..10 {
+                if settle(&store, &debit(&key, 10.0)).await.allowed {
+                    admitted += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.expect("task");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Capacity 800 plus what refilled (10 tokens/s) while the test ran, in 10-token requests.
+    let bound = ((800.0 + elapsed * 10.0) / 10.0).floor() as u32;
+    assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+    assert!(admitted >= 80, "the 80 affordable requests must all pass, got {admitted}");
+    let mut conn = redis_conn(&url).await;
+    let balance: f64 = conn.hget(bucket_name(&key), "b").await.expect("balance");
+    assert!(balance >= 0.0, "balance went negative: {balance}");
+}
+
+#[tokio::test]
+async fn a_retried_request_id_is_charged_once() {
+    let store = store(&redis_url());
+    let key = ApiKey::parse(&unique("idem")).expect("key");
+    let d = debit(&key, 100.0);
+    let first = settle(&store, &d).await;
+    let again = settle(&store, &d).await;
+    assert!(first.allowed && again.allowed);
+    assert!(!first.replayed && again.replayed);
+    assert_eq!(first.remaining, again.remaining, "the replay reports the first outcome");
+    // A new request id is charged.
+    let other = settle(&store, &debit(&key, 100.0)).await;
+    assert!(other.remaining < first.remaining - 99.0);
+}
+
+#[tokio::test]
+async fn noscript_after_script_flush_reloads_and_retries() {
+    let url = redis_url();
+    let store = store(&url);
+    let key = ApiKey::parse(&unique("noscript")).expect("key");
+    settle(&store, &debit(&key, 1.0)).await;
+    let mut conn = redis_conn(&url).await;
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
+    let s = settle(&store, &debit(&key, 1.0)).await;
+    assert!(s.allowed, "the debit after SCRIPT FLUSH succeeded");
+    assert!((s.remaining - 798.0).abs() < 1.0, "charged once, not twice: {}", s.remaining);
+    // Refunds have their own script: it is reloaded too.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
+    let d = debit(&key, 5.0);
+    settle(&store, &d).await;
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
+    store.refund(&key.hash(), &d.request_id).await.expect("refund after flush");
+}
+
+#[tokio::test]
+async fn refill_is_computed_from_redis_server_time() {
+    let url = redis_url();
+    let store = store(&url);
+    let key = ApiKey::parse(&unique("time")).expect("key");
+    settle(&store, &debit(&key, 800.0)).await; // empty the new bucket
+    let mut conn = redis_conn(&url).await;
+    let now = redis_now(&mut conn).await;
+    let stamp: f64 = conn.hget(bucket_name(&key), "t").await.expect("t");
+    assert!((stamp - now).abs() < 1.0, "the bucket is stamped with Redis TIME: {stamp} vs {now}");
+    // Move the stamp 10 s into the (server's) past: the next debit must see 10 s × 10/s of refill.
+    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 10.0)).await.expect("hset");
+    let s = settle(&store, &debit(&key, 50.0)).await;
+    assert!(s.allowed);
+    assert!((s.remaining - 50.0).abs() < 1.0, "refilled 100, spent 50: {}", s.remaining);
+}
+
+#[tokio::test]
+async fn an_idle_key_refills_only_to_the_idle_cap() {
+    let url = redis_url();
+    let store = store(&url);
+    let key = ApiKey::parse(&unique("idle")).expect("key");
+    settle(&store, &debit(&key, 700.0)).await; // 100 left
+    let mut conn = redis_conn(&url).await;
+    let now = redis_now(&mut conn).await;
+    // Idle for 10 minutes (active window 60 s): refill would give 6000, the idle cap stops at 800.
+    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 600.0)).await.expect("hset");
+    let s = settle(&store, &debit(&key, 1.0)).await;
+    assert!((s.remaining - 799.0).abs() < 0.5, "idle cap 0.8 × 1000, minus 1: {}", s.remaining);
+    // Active (the previous request was just now): refill may reach the full 1000.
+    let now = redis_now(&mut conn).await;
+    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 30.0)).await.expect("hset");
+    let s = settle(&store, &debit(&key, 1.0)).await;
+    assert!((s.remaining - 999.0).abs() < 0.5, "active key refills to capacity: {}", s.remaining);
+}
+
+#[tokio::test]
+async fn bad_arguments_are_errors_and_write_nothing() {
+    let url = redis_url();
+    let mut conn = redis_conn(&url).await;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(enforcer::store::DEBIT_LUA)
+        .query_async(&mut conn)
+        .await
+        .expect("load");
+    let tag = unique("badargs");
+    let keys = [
+        format!("ptb:{{{tag}}}:b"),
+        format!("ptb:{{{tag}}}:tier"),
+        format!("ptb:{{{tag}}}:r:1"),
+    ];
+    let tier = ["free", "1000", "10", "0.8", "800"];
+    for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys)
+            .arg(cost)
+            .arg("60000")
+            .arg("60")
+            .arg("free")
+            .arg("m")
+            .arg("1")
+            .arg(&tier)
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("cost {cost:?} must be refused"));
+        assert!(err.to_string().contains("enforcer:"), "clear error for {cost:?}: {err}");
+    }
+    // A bad tier parameter is refused too, and so is a wrong key count.
+    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(3)
+        .arg(&keys)
+        .arg(&["1", "60000", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800"][..])
+        .query_async(&mut conn)
+        .await;
+    assert!(result.is_err(), "NaN max_tokens refused");
+    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(1)
+        .arg(&keys[0])
+        .arg(&["1", "60000", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800"][..])
+        .query_async(&mut conn)
+        .await;
+    assert!(result.is_err(), "wrong key count refused");
+    let exists: u32 = conn.exists(&keys[..]).await.expect("exists");
+    assert_eq!(exists, 0, "nothing was written for bad arguments");
+}
+
+#[tokio::test]
+async fn the_store_rejects_bad_costs_before_redis() {
+    let store = store(&redis_url());
+    let key = ApiKey::parse(&unique("badcost")).expect("key");
+    for cost in [f64::NAN, f64::INFINITY, -1.0, 0.0] {
+        assert!(store.debit(&debit(&key, cost)).await.is_err(), "cost {cost} refused");
+    }
+}
+
+#[tokio::test]
+async fn raw_keys_never_reach_redis() {
+    let url = redis_url();
+    let store = store(&url);
+    let raw = unique("raw-secret-key");
+    let key = ApiKey::parse(&raw).expect("key");
+    let d = debit(&key, 1.0);
+    settle(&store, &d).await;
+    store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+    let mut conn = redis_conn(&url).await;
+    let pattern = format!("ptb:{{{}}}:*", key.hash().to_hex());
+    let names: Vec<String> = conn.keys(&pattern).await.expect("keys");
+    assert_eq!(names.len(), 3, "bucket, tier and request record: {names:?}");
+    let all: Vec<String> = conn.keys("*").await.expect("keys");
+    assert!(all.iter().all(|n| !n.contains(&raw)), "a key name contains the raw key");
+    for name in names {
+        let dump: Vec<u8> = redis::cmd("DUMP").arg(&name).query_async(&mut conn).await.expect("dump");
+        assert!(
+            !String::from_utf8_lossy(&dump).contains(&raw),
+            "the value of {name} contains the raw key"
+        );
+    }
+}
+
+#[tokio::test]
+async fn buckets_expire_once_refill_would_have_filled_them() {
+    let url = redis_url();
+    let store = store(&url);
+    let key = ApiKey::parse(&unique("ttl")).expect("key");
+    settle(&store, &debit(&key, 1.0)).await;
+    let mut conn = redis_conn(&url).await;
+    let ttl: i64 = conn.pttl(bucket_name(&key)).await.expect("pttl");
+    // active window 60 s + 1000 tokens / 10 per s = 160 s.
+    assert!((159_000..=160_000).contains(&ttl), "bucket ttl {ttl} ms");
+}

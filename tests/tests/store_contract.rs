@@ -1,0 +1,202 @@
+//! One contract, two token stores: every case runs against the Redis store (real Redis, the Lua
+//! scripts) and the in-process store, and both must answer the same.
+use enforcer::budget::BudgetPolicy;
+use enforcer::clock::ManualClock;
+use enforcer::config::Config;
+use enforcer::key::{ApiKey, RequestId};
+use enforcer::store::{
+    BucketKind, Debit, DebitOutcome, MemoryStore, RedisStore, RedisStoreConfig, RefundOutcome,
+    Settled, TokenStore,
+};
+use enforcer_tests::{redis_url, unique};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The example config's tiers, with unknown keys refused.
+fn policy() -> BudgetPolicy {
+    let mut config = enforcer_tests::example_config("");
+    config.budget.unknown_keys = enforcer::config::UnknownKeyPolicy::Reject;
+    assert!(config.validate().is_empty());
+    config.budget_policy()
+}
+
+fn stores() -> Vec<Box<dyn TokenStore>> {
+    let redis = RedisStore::new(
+        &RedisStoreConfig {
+            url: redis_url(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(2),
+        },
+        &policy(),
+    )
+    .expect("redis store");
+    let memory = MemoryStore::new(policy(), Arc::new(ManualClock::at(1_000_000.0)));
+    vec![Box::new(redis), Box::new(memory)]
+}
+
+fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
+    Debit {
+        key: key.hash(),
+        bucket,
+        cost,
+        request_id: RequestId::generate(),
+    }
+}
+
+async fn settle(store: &dyn TokenStore, d: &Debit) -> Settled {
+    match store.debit(d).await.expect("debit") {
+        DebitOutcome::Settled(s) => s,
+        other => panic!("{}: unexpected {other:?}", store.backend()),
+    }
+}
+
+/// Balances agree within the refill a real clock adds while a test runs (10 tokens/s).
+fn near(a: f64, b: f64) -> bool {
+    (a - b).abs() < 2.0
+}
+
+#[tokio::test]
+async fn unknown_keys_are_refused_when_configured() {
+    for store in stores() {
+        let key = ApiKey::parse(&unique("unknown")).expect("key");
+        let out = store.debit(&debit(&key, BucketKind::Main, 1.0)).await.expect("debit");
+        assert_eq!(out, DebitOutcome::UnknownKey, "{}", store.backend());
+    }
+}
+
+#[tokio::test]
+async fn assigned_tier_decides_capacity_and_denials_say_when() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("free")).expect("key");
+        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        let first = settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await;
+        assert!(first.allowed, "{b}");
+        assert_eq!(first.tier, "free", "{b}");
+        assert!(near(first.remaining, 680.0), "{b}: new free key starts at 800: {}", first.remaining);
+        // Drain: 5 more of 120 leave 80.
+        for _ in 0..5 {
+            assert!(settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await.allowed, "{b}");
+        }
+        let denied = settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await;
+        assert!(!denied.allowed, "{b}");
+        assert!(near(denied.remaining, 80.0), "{b}: nothing charged on denial: {}", denied.remaining);
+        let retry = denied.retry_after_ms.expect("refill covers it");
+        assert!((3_800..=4_000).contains(&retry), "{b}: (120-80)/10 s ≈ 4000 ms, got {retry}");
+        // A cost above capacity can never be paid by refill.
+        let never = settle(&*store, &debit(&key, BucketKind::Main, 5000.0)).await;
+        assert_eq!(never.retry_after_ms, None, "{b}");
+
+        let pro = ApiKey::parse(&unique("pro")).expect("key");
+        store.assign_tier(&pro.hash(), Some("pro")).await.expect("assign");
+        let s = settle(&*store, &debit(&pro, BucketKind::Main, 120.0)).await;
+        assert_eq!(s.tier, "pro", "{b}");
+        assert!(near(s.remaining, 7880.0), "{b}: {}", s.remaining);
+    }
+}
+
+#[tokio::test]
+async fn prepaid_keys_start_empty_and_never_refill() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("prepaid")).expect("key");
+        store.assign_tier(&key.hash(), Some("prepaid")).await.expect("assign");
+        let s = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(!s.allowed, "{b}");
+        assert_eq!(s.remaining, 0.0, "{b}");
+        assert_eq!(s.retry_after_ms, None, "{b}: no refill, no retry time");
+    }
+}
+
+#[tokio::test]
+async fn operational_requests_have_their_own_bucket() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("ops")).expect("key");
+        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        // The operational bucket holds 10: the 11th health check in a burst is refused…
+        let mut allowed = 0;
+        for _ in 0..11 {
+            if settle(&*store, &debit(&key, BucketKind::Operational, 1.0)).await.allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 10, "{b}");
+        // …and none of it touched the main budget.
+        let main = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(near(main.remaining, 799.0), "{b}: main budget untouched: {}", main.remaining);
+    }
+}
+
+#[tokio::test]
+async fn idempotent_replay_and_refund_once() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("refund")).expect("key");
+        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        let d = debit(&key, BucketKind::Main, 120.0);
+        let first = settle(&*store, &d).await;
+        let replay = settle(&*store, &d).await;
+        assert!(replay.replayed && !first.replayed, "{b}");
+        assert_eq!(replay.cost, 120.0, "{b}");
+
+        let out = store.refund(&key.hash(), &d.request_id).await.expect("refund");
+        let RefundOutcome::Refunded { credited, balance } = out else {
+            panic!("{b}: {out:?}");
+        };
+        assert!(near(credited, 120.0) && near(balance, 800.0), "{b}: {credited} {balance}");
+        let again = store.refund(&key.hash(), &d.request_id).await.expect("refund");
+        assert_eq!(again, RefundOutcome::AlreadyRefunded, "{b}");
+        let unknown = store
+            .refund(&key.hash(), &RequestId::generate())
+            .await
+            .expect("refund");
+        assert_eq!(unknown, RefundOutcome::UnknownRequest, "{b}");
+        // Another key cannot refund this key's request.
+        let other = ApiKey::parse(&unique("other")).expect("key");
+        let stolen = store.refund(&other.hash(), &d.request_id).await.expect("refund");
+        assert_eq!(stolen, RefundOutcome::UnknownRequest, "{b}");
+
+        let ops = debit(&key, BucketKind::Operational, 1.0);
+        settle(&*store, &ops).await;
+        let out = store.refund(&key.hash(), &ops.request_id).await.expect("refund");
+        assert_eq!(out, RefundOutcome::NotRefundable, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn denied_requests_are_not_remembered_so_a_later_retry_can_pass() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("retry")).expect("key");
+        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        settle(&*store, &debit(&key, BucketKind::Main, 790.0)).await;
+        let d = debit(&key, BucketKind::Main, 100.0);
+        assert!(!settle(&*store, &d).await.allowed, "{b}");
+        let out = store.refund(&key.hash(), &d.request_id).await.expect("refund");
+        assert_eq!(out, RefundOutcome::UnknownRequest, "{b}: a denial charged nothing to refund");
+    }
+}
+
+#[tokio::test]
+async fn memory_store_refills_by_its_clock_like_the_script() {
+    let clock = ManualClock::at(1_000.0);
+    let store = MemoryStore::new(Config::default().budget_policy(), Arc::new(clock.clone()));
+    let key = ApiKey::parse("clock-key").expect("key");
+    let s = settle(&store, &debit(&key, BucketKind::Main, 800.0)).await;
+    assert_eq!(s.remaining, 0.0);
+    clock.advance(10.0);
+    let s = settle(&store, &debit(&key, BucketKind::Main, 50.0)).await;
+    assert_eq!(s.remaining, 50.0, "10 s × 10/s refilled, 50 spent");
+    clock.advance(600.0);
+    let s = settle(&store, &debit(&key, BucketKind::Main, 1.0)).await;
+    assert_eq!(s.remaining, 799.0, "idle: capped at 800");
+    // After the forget time the bucket is gone: memory stays bounded.
+    clock.advance(10_000.0);
+    for i in 0..2048 {
+        let k = ApiKey::parse(&format!("filler-{i}")).expect("key");
+        settle(&store, &debit(&k, BucketKind::Main, 1.0)).await;
+        clock.advance(1.0);
+    }
+    assert!(store.bucket_count() < 2049, "expired buckets are swept: {}", store.bucket_count());
+}

@@ -1,0 +1,180 @@
+//! `cargo xtask bench`: the daemon's decision rate and latency through `POST /v1/check`, beside
+//! `redis-benchmark` calling the same script with `EVALSHA` at the same concurrency on the same
+//! private Redis (the ceiling), in one run so the numbers are comparable on a noisy machine.
+use crate::loadgen::{self, Pace};
+use crate::services::{Redis, free_port};
+use anyhow::{Context as _, Result, bail};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    /// Decisions through the HTTP API versus redis-benchmark EVALSHA.
+    Http,
+}
+
+/// Keys spread the load like real traffic; the bench tier never runs dry, so every call does
+/// the full allowed path (refill, debit, request record) on both sides.
+const KEYS: usize = 10_000;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
+    match which {
+        Which::Http => http(clients, seconds),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {kernel}")
+}
+
+fn http(clients: usize, seconds: u64) -> Result<()> {
+    crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
+    let dir = tempfile::Builder::new().prefix("enforcer-bench-").tempdir()?;
+    let redis = Redis::start(dir.path())?;
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "{addr}"
+[store]
+redis_url = "{url}"
+timeout_ms = 1000
+[budget]
+default_tier = "bench"
+[tiers.bench]
+max_tokens = 1e12
+refill_per_sec = 1e9
+"#,
+            url = redis.url()
+        ),
+    )?;
+    let daemon = Daemon(
+        Command::new("target/release/enforcer")
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the daemon")?,
+    );
+    wait_http(addr)?;
+
+    // The ceiling: redis-benchmark, unpipelined, same script, same clients, same Redis.
+    let script = std::fs::read_to_string("lua/debit.lua")?;
+    let sha = redis.cli(&["SCRIPT", "LOAD", &script])?.trim().to_owned();
+    if sha.len() != 40 {
+        bail!("SCRIPT LOAD answered {sha:?}");
+    }
+    let total = (90_000 * seconds).to_string();
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &redis.port.to_string(), "-c", &clients.to_string()])
+        .args(["-n", &total, "-r", &KEYS.to_string(), "--csv"])
+        .args(["EVALSHA", &sha, "3"])
+        .args([
+            "ptb:{bench__rand_int__}:b",
+            "ptb:{bench__rand_int__}:tier",
+            "ptb:{bench__rand_int__}:r:__rand_int__",
+        ])
+        .args(["1", "600000", "60", "bench", "m", "1"])
+        .args(["bench", "1e12", "1e9", "0.8", "8e11"])
+        .output()
+        .context("running redis-benchmark")?;
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let row = csv
+        .lines()
+        .last()
+        .context("redis-benchmark printed nothing")?
+        .split(',')
+        .map(|f| f.trim_matches('"').to_owned())
+        .collect::<Vec<_>>();
+    let rb_rps: f64 = row.get(1).and_then(|v| v.parse().ok()).context("redis-benchmark rps")?;
+    let rb_p50: f64 = row.get(4).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let rb_p99: f64 = row.get(6).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+
+    let body = |i: usize| {
+        format!(
+            r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
+            i % KEYS
+        )
+    };
+    let duration = Duration::from_secs(seconds);
+    // Warm-up (connections, allocator, Redis keys).
+    loadgen::run(addr, "/v1/check", clients, Duration::from_secs(1), Pace::Closed, body)?;
+    let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
+    let half_rate = rb_rps / 2.0;
+    let half = loadgen::run(addr, "/v1/check", clients, duration, Pace::Open(half_rate), body)?;
+    drop(daemon);
+
+    println!();
+    println!("machine: {}", machine());
+    println!("clients: {clients}, keys: {KEYS}, {seconds} s per run");
+    println!(
+        "{:<44} {:>12} {:>9} {:>9}",
+        "", "decisions/s", "p50 ms", "p99 ms"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.3} {:>9.3}",
+        "redis-benchmark EVALSHA debit.lua (ceiling)", rb_rps, rb_p50, rb_p99
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.3} {:>9.3}",
+        "daemon POST /v1/check, closed loop",
+        full.rate(),
+        full.percentile_ms(0.5),
+        full.percentile_ms(0.99)
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.3} {:>9.3}",
+        format!("daemon POST /v1/check, open loop {half_rate:.0}/s"),
+        half.rate(),
+        half.percentile_ms(0.5),
+        half.percentile_ms(0.99)
+    );
+    println!(
+        "ratio daemon/redis-benchmark: {:.2}; errors: {} + {}",
+        full.rate() / rb_rps,
+        full.errors,
+        half.errors
+    );
+    Ok(())
+}
+
+fn wait_http(addr: SocketAddr) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the daemon did not listen on {addr} within 30 s")
+}

@@ -1,0 +1,137 @@
+//! A small HTTP load generator for the benchmarks: keep-alive HTTP/1.1 connections, closed loop
+//! (as fast as answers come) or open loop (a fixed schedule; latency is measured from the
+//! scheduled send time, so a stall is not hidden by coordinated omission).
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Each connection sends its next request as soon as the previous answer arrived.
+    Closed,
+    /// All connections together send this many requests per second.
+    Open(f64),
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub requests: usize,
+    pub errors: usize,
+    pub seconds: f64,
+    /// Sorted latencies, microseconds.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Report {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+/// Drives `POST path` with bodies from `body(i)` over `clients` connections for `duration`.
+pub fn run(
+    addr: SocketAddr,
+    path: &str,
+    clients: usize,
+    duration: Duration,
+    pace: Pace,
+    body: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> Result<Report> {
+    // One thread: the generator must not take the cores the daemon and Redis are measured on.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let body = std::sync::Arc::new(body);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let body = body.clone();
+            let path = path.to_owned();
+            tasks.push(tokio::spawn(async move {
+                worker(addr, &path, c, clients, start, duration, pace, &*body).await
+            }));
+        }
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (lat, err) = t.await.context("load worker panicked")??;
+            latencies.extend(lat);
+            errors += err;
+        }
+        latencies.sort_unstable();
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(Report {
+            requests: latencies.len(),
+            errors,
+            seconds,
+            latencies_us: latencies,
+        })
+    })
+}
+
+#[expect(clippy::too_many_arguments, reason = "a private helper of run()")]
+async fn worker(
+    addr: SocketAddr,
+    path: &str,
+    client: usize,
+    clients: usize,
+    start: Instant,
+    duration: Duration,
+    pace: Pace,
+    body: &(dyn Fn(usize) -> String + Send + Sync),
+) -> Result<(Vec<u32>, usize)> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let interval = match pace {
+        Pace::Closed => None,
+        Pace::Open(rate) => Some(Duration::from_secs_f64(clients as f64 / rate)),
+    };
+    // Spread the open-loop schedules of the connections over one interval.
+    let mut next = start + interval.map(|i| i.mul_f64(client as f64 / clients as f64)).unwrap_or_default();
+    let mut latencies = Vec::with_capacity(1 << 16);
+    let mut errors = 0;
+    let mut i = client;
+    while start.elapsed() < duration {
+        let scheduled = if let Some(interval) = interval {
+            tokio::time::sleep_until(next.into()).await;
+            let s = next;
+            next += interval;
+            s
+        } else {
+            Instant::now()
+        };
+        let req = Request::post(path)
+            .header("host", "bench")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body(i))))?;
+        i += clients;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        resp.into_body().collect().await?;
+        if status.is_success() {
+            latencies.push(scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        } else {
+            errors += 1;
+            if errors > 1000 {
+                bail!("too many errors (last status {status})");
+            }
+        }
+    }
+    Ok((latencies, errors))
+}
