@@ -91,7 +91,9 @@ fn test(extra: &[String]) -> Result<()> {
     if !setup::is_root() {
         bail!("cargo xtask test runs privileged tests (eBPF, network namespaces): run it as root");
     }
-    // Build first, so the services do not sit idle through a long compile.
+    // Build first, so the services do not sit idle through a long compile. The CLI and kernel
+    // tests run the `enforcer` binary itself.
+    status(Command::new("cargo").args(["build", "--package", "enforcer"]))?;
     status(Command::new("cargo").args(["test", "--workspace", "--no-run"]))?;
     let services = services::Services::start()?;
     let env = services.env();
