@@ -94,7 +94,7 @@ fn test(extra: &[String]) -> Result<()> {
     // Build first, so the services do not sit idle through a long compile. The CLI and kernel
     // tests run the `enforcer` binary itself.
     status(Command::new("cargo").args(["build", "--package", "enforcer"]))?;
-    status(Command::new("cargo").args(["test", "--workspace", "--no-run"]))?;
+    status(Command::new("cargo").args(["test", "--workspace", "--exclude", "enforcer-ebpf", "--no-run"]))?;
     let services = services::Services::start()?;
     let env = services.env();
     let run = |args: &[&str]| {
@@ -107,7 +107,15 @@ fn test(extra: &[String]) -> Result<()> {
     };
     // Unit tests in parallel; the integration tests share Redis keys' namespaces and kernel
     // state, so they run one at a time.
-    let unit = run(&["test", "--workspace", "--exclude", "enforcer-tests"]);
+    // (--workspace would include the eBPF crate, which only builds for the BPF target.)
+    let unit = run(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "enforcer-ebpf",
+        "--exclude",
+        "enforcer-tests",
+    ]);
     let mut integration_args = vec!["test", "--package", "enforcer-tests", "--no-fail-fast"];
     if extra.is_empty() {
         integration_args.extend(["--", "--test-threads=1"]);
