@@ -200,22 +200,36 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
     if !with_body {
         return (status, headers).into_response();
     }
-    let body = json!({
-        "allowed": d.allowed,
-        "cost": d.cost,
-        "remaining": d.remaining,
-        "retry_after_ms": if d.allowed { Some(0) } else { d.retry_after_ms },
-        "tier": d.tier,
-        "mode": d.mode.as_str(),
-        "request_id": d.request_id.as_str(),
-        "replayed": d.replayed,
-        "reason": d.denial.map(|r| match r {
+    let body = DecisionBody {
+        allowed: d.allowed,
+        cost: d.cost,
+        remaining: d.remaining,
+        retry_after_ms: if d.allowed { Some(0) } else { d.retry_after_ms },
+        tier: d.tier.as_deref(),
+        mode: d.mode.as_str(),
+        request_id: d.request_id.as_str(),
+        replayed: d.replayed,
+        reason: d.denial.map(|r| match r {
             Denial::Exhausted => "exhausted",
             Denial::UnknownKey => "unknown_key",
             Denial::StoreUnavailable => "store_unavailable",
         }),
-    });
+    };
     (status, headers, axum::Json(body)).into_response()
+}
+
+/// The JSON body of a decision.
+#[derive(Debug, Serialize)]
+struct DecisionBody<'a> {
+    allowed: bool,
+    cost: f64,
+    remaining: Option<f64>,
+    retry_after_ms: Option<u64>,
+    tier: Option<&'a str>,
+    mode: &'static str,
+    request_id: &'a str,
+    replayed: bool,
+    reason: Option<&'static str>,
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {

@@ -198,12 +198,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
         );
     }
+    // The daemon runs as a spawned task: a future driven by `block_on` itself would run on the
+    // main thread, beside the worker threads, instead of on them.
     runtime()?.block_on(async {
-        let server = Server::bind(&config).await?;
-        let addr = server.local_addr()?;
-        let backend = if config.store.redis_url.is_empty() { "embedded in-process store" } else { "redis" };
-        tracing::info!(%addr, store = backend, "enforcer listening");
-        server.run(shutdown_signal()).await?;
-        Ok(())
+        tokio::spawn(async move {
+            let server = Server::bind(&config).await?;
+            let addr = server.local_addr()?;
+            let backend = if config.store.redis_url.is_empty() {
+                "embedded in-process store"
+            } else {
+                "redis"
+            };
+            tracing::info!(%addr, store = backend, "enforcer listening");
+            server.run(shutdown_signal()).await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+        .context("the daemon task panicked")?
     })
 }
