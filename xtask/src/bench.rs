@@ -14,9 +14,11 @@ pub enum Which {
     Http,
 }
 
-/// Keys spread the load like real traffic; the bench tier never runs dry, so every call does
-/// the full allowed path (refill, debit, request record) on both sides.
-const KEYS: usize = 10_000;
+/// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
+/// key names from this space, the daemon numbers them) and a fresh request id, so every call
+/// runs the full allowed path (new bucket, debit, request record) and none is an idempotent
+/// replay, which would be cheaper. The bench tier never runs dry.
+const KEY_SPACE: usize = 100_000_000;
 
 struct Daemon(Child);
 
@@ -96,9 +98,10 @@ refill_per_sec = 1e9
     }
     // Sized for about `seconds` at the rates seen here (~20k/s for this script).
     let total = (20_000 * seconds).to_string();
+    let cpu0 = redis_cpu(&redis)?;
     let out = Command::new("redis-benchmark")
         .args(["-p", &redis.port.to_string(), "-c", &clients.to_string()])
-        .args(["-n", &total, "-r", &KEYS.to_string(), "--csv"])
+        .args(["-n", &total, "-r", &KEY_SPACE.to_string(), "--csv"])
         .args(["EVALSHA", &sha, "3"])
         .args([
             "ptb:{bench__rand_int__}:b",
@@ -109,6 +112,7 @@ refill_per_sec = 1e9
         .args(["bench", "1e12", "1e9", "0.8", "8e11"])
         .output()
         .context("running redis-benchmark")?;
+    let rb_cpu = redis_cpu(&redis)? - cpu0;
     let csv = String::from_utf8_lossy(&out.stdout);
     let row = csv
         .lines()
@@ -124,20 +128,22 @@ refill_per_sec = 1e9
     let body = |i: usize| {
         format!(
             r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
-            i % KEYS
+            i % KEY_SPACE
         )
     };
     let duration = Duration::from_secs(seconds);
     // Warm-up (connections, allocator, Redis keys).
     loadgen::run(addr, "/v1/check", clients, Duration::from_secs(1), Pace::Closed, body)?;
+    let cpu0 = redis_cpu(&redis)?;
     let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
+    let full_cpu = redis_cpu(&redis)? - cpu0;
     let half_rate = rb_rps / 2.0;
     let half = loadgen::run(addr, "/v1/check", clients, duration, Pace::Open(half_rate), body)?;
     drop(daemon);
 
     println!();
     println!("machine: {}", machine());
-    println!("clients: {clients}, keys: {KEYS}, {seconds} s per run");
+    println!("clients: {clients}, every call a new key and request id, {seconds} s per run");
     println!(
         "{:<44} {:>12} {:>9} {:>9}",
         "", "decisions/s", "p50 ms", "p99 ms"
@@ -160,6 +166,12 @@ refill_per_sec = 1e9
         half.percentile_ms(0.5),
         half.percentile_ms(0.99)
     );
+    let rb_calls: f64 = total.parse().unwrap_or(f64::NAN);
+    println!(
+        "Redis CPU per decision: {:.1} us under redis-benchmark, {:.1} us under the daemon (pipelined)",
+        rb_cpu / rb_calls * 1e6,
+        full_cpu / full.requests as f64 * 1e6
+    );
     println!(
         "ratio daemon/redis-benchmark: {:.2}; errors: {} + {}",
         full.rate() / rb_rps,
@@ -167,6 +179,16 @@ refill_per_sec = 1e9
         half.errors
     );
     Ok(())
+}
+
+/// Seconds of CPU (user + system) the Redis server has used.
+fn redis_cpu(redis: &Redis) -> Result<f64> {
+    let info = redis.cli(&["INFO", "cpu"])?;
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+    };
+    Ok(field("used_cpu_sys").context("used_cpu_sys")? + field("used_cpu_user").context("used_cpu_user")?)
 }
 
 fn wait_http(addr: SocketAddr) -> Result<()> {
