@@ -48,6 +48,9 @@ pub struct RunArgs {
     /// Attach the kernel gate to this interface's ingress (repeatable; adds to kernel.interfaces).
     #[arg(long = "iface")]
     pub interfaces: Vec<String>,
+    /// Worker threads of the async runtime (default: one per CPU).
+    #[arg(long, env = "ENFORCER_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 /// `enforcer config …`
@@ -110,10 +113,15 @@ fn init_tracing() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")
+    runtime_with(None)
+}
+
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build().context("starting the tokio runtime")
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -200,7 +208,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The daemon runs as a spawned task: a future driven by `block_on` itself would run on the
     // main thread, beside the worker threads, instead of on them.
-    runtime()?.block_on(async {
+    runtime_with(args.workers)?.block_on(async {
         tokio::spawn(async move {
             let server = Server::bind(&config).await?;
             let addr = server.local_addr()?;
