@@ -1,7 +1,7 @@
 -- debit.lua: the PTB-CWD debit, atomic in Redis. Mirrors enforcer/src/debit.rs (the rule is
 -- documented there and in docs/architecture.md). O(1): a fixed number of single-key commands.
 --
--- KEYS[1]  bucket hash        ptb:{<sha256 of key>}:b  (or :ops)   fields b (balance), t (seconds)
+-- KEYS[1]  bucket             ptb:{<sha256 of key>}:b  (or :ops)   "<balance> <updated_at seconds>"
 -- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier           (string, set by operators)
 -- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>
 -- ARGV[1]  cost               tokens, finite, > 0
@@ -46,15 +46,17 @@ local kind = ARGV[5]
 if kind ~= 'm' and kind ~= 'o' then fail('bucket kind must be m or o') end
 local n = number(6, 'tier count', 1)
 
+-- One read for all three keys (same hash tag, so the same cluster slot).
+local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1])
+local record, assigned, bucket = got[1], got[2], got[3]
+
 -- An idempotent retry returns the recorded outcome and charges nothing.
-local record = redis.call('GET', KEYS[3])
 if record then
   local f = {}
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
   return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
 end
 
-local assigned = redis.call('GET', KEYS[2])
 local tier, fallback
 for i = 0, n - 1 do
   local base = 7 + 5 * i
@@ -77,9 +79,11 @@ local initial = number(tier + 4, 'initial_tokens', 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
-local state = redis.call('HMGET', KEYS[1], 'b', 't')
-local balance = tonumber(state[1])
-local updated = tonumber(state[2])
+local balance, updated
+if bucket then
+  local b, u = string.match(bucket, '^(%S+) (%S+)$')
+  balance, updated = tonumber(b), tonumber(u)
+end
 if balance == nil or updated == nil then
   balance = initial
 else
@@ -101,14 +105,14 @@ elseif rate > 0 and cost <= max_tokens then
   retry = math.ceil((cost - balance) / rate * 1000)
 end
 
-redis.call('HSET', KEYS[1], 'b', fmt(balance), 't', fmt(now))
-if rate > 0 then
-  redis.call('PEXPIRE', KEYS[1], math.ceil((active_window + max_tokens / rate) * 1000))
-else
-  redis.call('PERSIST', KEYS[1])
-end
-
 local remaining = fmt(balance)
+if rate > 0 then
+  -- Forgotten once refill alone would have brought it to the idle ceiling.
+  redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now),
+    'PX', math.ceil((active_window + max_tokens / rate) * 1000))
+else
+  redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
+end
 if allowed == 1 then
   -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded
   redis.call('SET', KEYS[3],

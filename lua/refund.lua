@@ -1,7 +1,7 @@
 -- refund.lua: gives back the cost of a request the upstream failed. Mirrors the in-process
 -- store's refund. Each request id is refunded at most once.
 --
--- KEYS[1]  main bucket hash   ptb:{<sha256 of key>}:b
+-- KEYS[1]  main bucket        ptb:{<sha256 of key>}:b   "<balance> <updated_at>"
 -- KEYS[2]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
 --
 -- Returns {status, credited, balance}: status "ok", "unknown_request", "already_refunded" or
@@ -19,14 +19,20 @@ if f[8] == '1' then return {'already_refunded', '0', '0'} end
 local cost = tonumber(f[6])
 local max_tokens = tonumber(f[7])
 local credited = 0
-local balance = tonumber(redis.call('HGET', KEYS[1], 'b'))
-if balance ~= nil then
-  -- Capped at capacity; a balance already above it (a grant) is left alone.
+local bucket = redis.call('GET', KEYS[1])
+local balance, updated
+if bucket then
+  local b, u = string.match(bucket, '^(%S+) (%S+)$')
+  balance, updated = tonumber(b), u
+end
+if balance ~= nil and updated ~= nil then
+  -- Capped at capacity; a balance already above it (a grant) is left alone. The refill clock
+  -- (updated) and the expiry are kept.
   if balance < max_tokens then
     local after = math.min(max_tokens, balance + cost)
     credited = after - balance
     balance = after
-    redis.call('HSET', KEYS[1], 'b', string.format('%.17g', balance))
+    redis.call('SET', KEYS[1], string.format('%.17g', balance) .. ' ' .. updated, 'KEEPTTL')
   end
 else
   -- The bucket was forgotten after a long idle period: it already refilled past the cost.

@@ -47,6 +47,25 @@ fn bucket_name(key: &ApiKey) -> String {
     format!("ptb:{{{}}}:b", key.hash().to_hex())
 }
 
+/// The bucket as stored: `"<balance> <updated_at>"`.
+async fn read_bucket(conn: &mut redis::aio::MultiplexedConnection, key: &ApiKey) -> (f64, f64) {
+    let raw: String = conn.get(bucket_name(key)).await.expect("bucket exists");
+    let (b, t) = raw.split_once(' ').expect("balance and time");
+    (b.parse().expect("balance"), t.parse().expect("time"))
+}
+
+/// Rewrites the bucket's time stamp, keeping its balance and expiry.
+async fn set_stamp(conn: &mut redis::aio::MultiplexedConnection, key: &ApiKey, t: f64) {
+    let (b, _) = read_bucket(conn, key).await;
+    let _: () = redis::cmd("SET")
+        .arg(bucket_name(key))
+        .arg(format!("{b} {t}"))
+        .arg("KEEPTTL")
+        .query_async(conn)
+        .await
+        .expect("set");
+}
+
 async fn redis_now(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
     let (s, us): (f64, f64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
     s + us / 1e6
@@ -83,7 +102,7 @@ async fn concurrent_debits_never_admit_more_than_capacity_plus_refill() {
     assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
     assert!(admitted >= 80, "the 80 affordable requests must all pass, got {admitted}");
     let mut conn = redis_conn(&url).await;
-    let balance: f64 = conn.hget(bucket_name(&key), "b").await.expect("balance");
+    let (balance, _) = read_bucket(&mut conn, &key).await;
     assert!(balance >= 0.0, "balance went negative: {balance}");
 }
 
@@ -129,10 +148,10 @@ async fn refill_is_computed_from_redis_server_time() {
     settle(&store, &debit(&key, 800.0)).await; // empty the new bucket
     let mut conn = redis_conn(&url).await;
     let now = redis_now(&mut conn).await;
-    let stamp: f64 = conn.hget(bucket_name(&key), "t").await.expect("t");
+    let (_, stamp) = read_bucket(&mut conn, &key).await;
     assert!((stamp - now).abs() < 1.0, "the bucket is stamped with Redis TIME: {stamp} vs {now}");
     // Move the stamp 10 s into the (server's) past: the next debit must see 10 s × 10/s of refill.
-    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 10.0)).await.expect("hset");
+    set_stamp(&mut conn, &key, now - 10.0).await;
     let s = settle(&store, &debit(&key, 50.0)).await;
     assert!(s.allowed);
     assert!((s.remaining - 50.0).abs() < 1.0, "refilled 100, spent 50: {}", s.remaining);
@@ -147,12 +166,12 @@ async fn an_idle_key_refills_only_to_the_idle_cap() {
     let mut conn = redis_conn(&url).await;
     let now = redis_now(&mut conn).await;
     // Idle for 10 minutes (active window 60 s): refill would give 6000, the idle cap stops at 800.
-    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 600.0)).await.expect("hset");
+    set_stamp(&mut conn, &key, now - 600.0).await;
     let s = settle(&store, &debit(&key, 1.0)).await;
     assert!((s.remaining - 799.0).abs() < 0.5, "idle cap 0.8 × 1000, minus 1: {}", s.remaining);
     // Active (the previous request was just now): refill may reach the full 1000.
     let now = redis_now(&mut conn).await;
-    let _: () = conn.hset(bucket_name(&key), "t", format!("{}", now - 30.0)).await.expect("hset");
+    set_stamp(&mut conn, &key, now - 30.0).await;
     let s = settle(&store, &debit(&key, 1.0)).await;
     assert!((s.remaining - 999.0).abs() < 0.5, "active key refills to capacity: {}", s.remaining);
 }
