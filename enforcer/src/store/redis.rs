@@ -2,51 +2,77 @@
 //!
 //! Scripts are loaded with `SCRIPT LOAD` and called by SHA with every argument in
 //! `KEYS`/`ARGV` (never spliced into script text); a `NOSCRIPT` answer (Redis restarted,
-//! flushed, failed over) reloads the script and retries once. Connections are multiplexed, so
-//! concurrent decisions are pipelined on one socket, and reconnect by themselves. They are made
-//! lazily: the daemon starts (and applies its failure policy) while Redis is still down.
+//! flushed, failed over) reloads the script and retries once.
+//!
+//! Script calls are **pipelined**: a batching task takes every call queued since its last turn
+//! and writes them to Redis as one pipeline (one `write` for many decisions, and one `read` on
+//! the Redis side), on multiplexed connections that reconnect by themselves. Nothing waits to
+//! fill a batch: under light load a batch is one call. Connections are made lazily, so the
+//! daemon starts (and applies its failure policy) while Redis is still down.
 use super::{
     BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, Script};
+use redis::aio::{ConnectionLike as _, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, Script, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, mpsc, oneshot};
 
 /// The debit script, embedded at build time.
 pub const DEBIT_LUA: &str = include_str!("../../../lua/debit.lua");
 /// The refund script, embedded at build time.
 pub const REFUND_LUA: &str = include_str!("../../../lua/refund.lua");
 
+/// Most script calls written as one pipeline.
+const MAX_BATCH: usize = 256;
+/// Calls queued for the batching task before callers wait (bounds memory under overload).
+const QUEUE: usize = 8192;
+
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisStoreConfig {
     /// `redis://host:port/db` (or `rediss://`, `redis+unix://`).
     pub url: String,
-    /// Multiplexed connections to spread load over (each one pipelines).
+    /// Multiplexed connections; pipelines are spread over them in turn.
     pub connections: usize,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
 }
 
-/// [`TokenStore`] backed by Redis.
-pub struct RedisStore {
+/// Lazily made, self-healing connections with the scripts loaded.
+struct Pool {
     client: redis::Client,
     connect_timeout: Duration,
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
-    debit: Script,
-    refund: Script,
+    scripts: [Script; 2],
+}
+
+/// One script call waiting for the batching task.
+struct Call {
+    cmd: Cmd,
+    script: usize,
+    reply: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// [`TokenStore`] backed by Redis.
+pub struct RedisStore {
+    pool: Arc<Pool>,
+    /// The batching task's queue, started on first use (it needs the runtime).
+    queue: OnceLock<mpsc::Sender<Call>>,
     /// `ARGV[3..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
     ops_args: Vec<String>,
     record_ttl_ms: String,
 }
+
+const DEBIT: usize = 0;
+const REFUND: usize = 1;
 
 impl RedisStore {
     /// A store for `policy` on the Redis at `config.url`. Does not connect yet.
@@ -55,12 +81,14 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
         let connections = (0..config.connections.max(1)).map(|_| OnceCell::new()).collect();
         Ok(Self {
-            client,
-            connect_timeout: config.connect_timeout,
-            connections,
-            next: AtomicUsize::new(0),
-            debit: Script::new(DEBIT_LUA),
-            refund: Script::new(REFUND_LUA),
+            pool: Arc::new(Pool {
+                client,
+                connect_timeout: config.connect_timeout,
+                connections,
+                next: AtomicUsize::new(0),
+                scripts: [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)],
+            }),
+            queue: OnceLock::new(),
             main_args: script_args(policy, BucketKind::Main),
             ops_args: script_args(policy, BucketKind::Operational),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
@@ -81,6 +109,36 @@ impl RedisStore {
         ]
     }
 
+    /// `EVALSHA` through the batching task.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: usize,
+        keys: &[String],
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.pool.scripts[script].get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(batches(self.pool.clone(), rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(Call { cmd, script, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the batching task stopped".into()))?;
+        let value = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the batching task dropped a call".into()))??;
+        redis::from_owned_redis_value(value).map_err(|e| StoreError::Protocol(e.to_string()))
+    }
+}
+
+impl Pool {
     async fn connection(&self) -> Result<ConnectionManager, StoreError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
         let conn = self.connections[i]
@@ -92,8 +150,8 @@ impl RedisStore {
                 let mut conn = ConnectionManager::new_with_config(self.client.clone(), config)
                     .await
                     .map_err(unavailable)?;
-                // Load both scripts up front; EVALSHA then never sends a script body.
-                for script in [&self.debit, &self.refund] {
+                // Load the scripts up front; EVALSHA then never sends a script body.
+                for script in &self.scripts {
                     script.prepare_invoke().load_async(&mut conn).await.map_err(unavailable)?;
                 }
                 Ok::<_, StoreError>(conn)
@@ -101,33 +159,106 @@ impl RedisStore {
             .await?;
         Ok(conn.clone())
     }
+}
 
-    /// `EVALSHA`, reloading the script and retrying once on `NOSCRIPT`.
-    async fn eval<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[&str],
-    ) -> Result<T, StoreError> {
-        let mut conn = self.connection().await?;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
-        match cmd.query_async::<T>(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::NoScriptError => {
-                tracing::warn!("redis lost the script (NOSCRIPT): reloading it");
-                script.prepare_invoke().load_async(&mut conn).await.map_err(unavailable)?;
-                cmd.query_async::<T>(&mut conn).await.map_err(classify)
+/// The batching task: drains the queue into pipelines until every sender is gone.
+async fn batches(pool: Arc<Pool>, mut rx: mpsc::Receiver<Call>) {
+    let mut calls = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut calls, MAX_BATCH).await > 0 {
+        // The first call woke this task, which then runs before the other ready request
+        // handlers (tokio runs a just-woken task next). Yielding once lets them queue their
+        // calls too: one scheduler turn of latency for batches many calls wide.
+        tokio::task::yield_now().await;
+        while calls.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(call) => calls.push(call),
+                Err(_) => break,
             }
-            other => other.map_err(classify),
         }
+        let batch = std::mem::replace(&mut calls, Vec::with_capacity(MAX_BATCH));
+        // Each pipeline runs on its own, so the next batch is written while this one's answers
+        // are on their way; the multiplexed connection keeps them in order.
+        tokio::spawn(send(pool.clone(), batch));
     }
+}
+
+/// Writes one pipeline and hands each caller its answer; reloads scripts on `NOSCRIPT`.
+async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
+    let mut conn = match pool.connection().await {
+        Ok(c) => c,
+        Err(e) => {
+            for call in batch {
+                let _ = call.reply.send(Err(StoreError::Unavailable(e.to_string())));
+            }
+            return;
+        }
+    };
+    let mut pipe = Pipeline::with_capacity(batch.len());
+    for call in &batch {
+        pipe.add_command(call.cmd.clone());
+    }
+    let answers = match conn.req_packed_commands(&pipe, 0, batch.len()).await {
+        Ok(a) if a.len() == batch.len() => a,
+        Ok(a) => {
+            let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
+            for call in batch {
+                let _ = call.reply.send(Err(StoreError::Protocol(e.clone())));
+            }
+            return;
+        }
+        Err(e) => {
+            let e = classify(e);
+            for call in batch {
+                let _ = call.reply.send(Err(match &e {
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    StoreError::Rejected(m) => StoreError::Rejected(m.clone()),
+                    StoreError::Protocol(m) => StoreError::Protocol(m.clone()),
+                }));
+            }
+            return;
+        }
+    };
+    let mut reloaded = [false; 2];
+    for (call, answer) in batch.into_iter().zip(answers) {
+        let result = match answer {
+            Value::ServerError(e) => {
+                let e = RedisError::from(e);
+                if e.kind() == ErrorKind::NoScriptError {
+                    retry_after_reload(&pool, &mut conn, &call, &mut reloaded).await
+                } else {
+                    Err(classify(e))
+                }
+            }
+            v => Ok(v),
+        };
+        let _ = call.reply.send(result);
+    }
+}
+
+/// Redis lost the script (restart, flush, failover): load it again and retry the call once.
+async fn retry_after_reload(
+    pool: &Pool,
+    conn: &mut ConnectionManager,
+    call: &Call,
+    reloaded: &mut [bool; 2],
+) -> Result<Value, StoreError> {
+    if !reloaded[call.script] {
+        tracing::warn!("redis lost a script (NOSCRIPT): reloading it");
+        pool.scripts[call.script]
+            .prepare_invoke()
+            .load_async(conn)
+            .await
+            .map_err(unavailable)?;
+        reloaded[call.script] = true;
+    }
+    call.cmd.query_async::<Value>(conn).await.map_err(classify)
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connections", &self.connections.len())
-            .field("debit_sha", &self.debit.get_hash())
+            .field("connections", &self.pool.connections.len())
+            .field("debit_sha", &self.pool.scripts[DEBIT].get_hash())
             .finish_non_exhaustive()
     }
 }
@@ -200,7 +331,7 @@ impl TokenStore for RedisStore {
             String,
             String,
             i64,
-        ) = self.eval(&self.debit, &keys, &args).await?;
+        ) = self.eval(DEBIT, &keys, &args).await?;
         match status.as_str() {
             "ok" => Ok(DebitOutcome::Settled(Settled {
                 allowed: allowed == 1,
@@ -222,7 +353,7 @@ impl TokenStore for RedisStore {
     ) -> Result<RefundOutcome, StoreError> {
         let [bucket, _, record] = Self::key_names(key, BucketKind::Main, request_id);
         let (status, credited, balance): (String, String, String) =
-            self.eval(&self.refund, &[bucket, record], &[]).await?;
+            self.eval(REFUND, &[bucket, record], &[]).await?;
         match status.as_str() {
             "ok" => Ok(RefundOutcome::Refunded {
                 credited: number(&credited)?,
@@ -236,7 +367,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.pool.connection().await?;
         let name = format!("ptb:{{{}}}:tier", key.to_hex());
         let cmd = match tier {
             Some(tier) => {
@@ -254,7 +385,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.pool.connection().await?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
