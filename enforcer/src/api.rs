@@ -91,7 +91,10 @@ fn json_body<T: for<'de> Deserialize<'de>>(
     let bytes = body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            app.metrics.bad_requests.with_label_values(&["too_large"]).inc();
+            app.metrics
+                .bad_requests
+                .with_label_values(&["too_large"])
+                .inc();
             error(status, "too_large", "request body is too large")
         } else {
             bad_request(app, "bad_body", &rejection.body_text())
@@ -186,8 +189,13 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
             }
         }
     }
-    if status == StatusCode::TOO_MANY_REQUESTS || (!d.allowed && d.denial != Some(Denial::UnknownKey)) {
-        let secs = d.retry_after_ms.map(header_secs).unwrap_or(RETRY_AFTER_NEVER_SECS);
+    if status == StatusCode::TOO_MANY_REQUESTS
+        || (!d.allowed && d.denial != Some(Denial::UnknownKey))
+    {
+        let secs = d
+            .retry_after_ms
+            .map(header_secs)
+            .unwrap_or(RETRY_AFTER_NEVER_SECS);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     if let Ok(v) = HeaderValue::from_str(d.request_id.as_str()) {
@@ -240,7 +248,10 @@ fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {
 
 async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let Some(raw_key) = headers.get(&app.key_header).and_then(|v| v.to_str().ok()) else {
-        app.metrics.bad_requests.with_label_values(&["missing_key"]).inc();
+        app.metrics
+            .bad_requests
+            .with_label_values(&["missing_key"])
+            .inc();
         return error(
             StatusCode::UNAUTHORIZED,
             "missing_key",
@@ -261,7 +272,10 @@ async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let method = header_str(&headers, &["x-original-method", "x-forwarded-method"])
         .unwrap_or("GET")
         .to_ascii_uppercase();
-    let request_id = match header_str(&headers, &["x-request-id"]).map(RequestId::parse).transpose() {
+    let request_id = match header_str(&headers, &["x-request-id"])
+        .map(RequestId::parse)
+        .transpose()
+    {
         Ok(r) => r,
         Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
     };

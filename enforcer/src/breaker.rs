@@ -126,7 +126,11 @@ mod tests {
         b.record(false);
         b.record(true);
         b.record(false);
-        assert_eq!(b.state(), BreakerState::Closed, "the success reset the count");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "the success reset the count"
+        );
         b.record(false);
         assert_eq!(b.state(), BreakerState::Open);
         tokio::time::advance(Duration::from_secs(2)).await;

@@ -24,8 +24,7 @@ impl BucketParams {
     /// After `active_window + max_tokens / refill_per_sec` seconds refill alone would have
     /// brought any balance to the idle ceiling, so forgetting grants nothing refill would not.
     pub fn forget_after(&self, active_window: f64) -> Option<f64> {
-        (self.refill_per_sec > 0.0)
-            .then(|| active_window + self.max_tokens / self.refill_per_sec)
+        (self.refill_per_sec > 0.0).then(|| active_window + self.max_tokens / self.refill_per_sec)
     }
 
     /// Seconds for an empty bucket to refill to capacity (the `w` of `RateLimit-Policy`).

@@ -121,7 +121,10 @@ fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
     if let Some(n) = workers {
         builder.worker_threads(n.max(1));
     }
-    builder.enable_all().build().context("starting the tokio runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -188,8 +191,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path)
-            .with_context(|| format!("config {} is not valid", path.display()))?,
+        Some(path) => {
+            Config::load(path).with_context(|| format!("config {} is not valid", path.display()))?
+        }
         None => Config::default(),
     };
     if let Some(listen) = args.listen {
@@ -203,7 +207,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if !errors.is_empty() {
         bail!(
             "invalid settings:\n{}",
-            errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+            errors
+                .iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     // The daemon runs as a spawned task: a future driven by `block_on` itself would run on the

@@ -345,7 +345,10 @@ impl Config {
         if self.server.key_header.is_empty()
             || axum::http::HeaderName::try_from(self.server.key_header.as_str()).is_err()
         {
-            err("server.key_header".into(), "must be a valid HTTP header name");
+            err(
+                "server.key_header".into(),
+                "must be a valid HTTP header name",
+            );
         }
         if !(400..=499).contains(&self.server.auth_deny_status) {
             err("server.auth_deny_status".into(), "must be a 4xx status");
@@ -371,7 +374,9 @@ impl Config {
         if self.store.idempotency_ttl_secs == 0 {
             err("store.idempotency_ttl_secs".into(), "must be > 0");
         }
-        if !self.store.redis_url.is_empty() && redis::Client::open(self.store.redis_url.as_str()).is_err() {
+        if !self.store.redis_url.is_empty()
+            && redis::Client::open(self.store.redis_url.as_str()).is_err()
+        {
             err("store.redis_url".into(), "is not a valid redis:// URL");
         }
         if self.budget.unknown_keys == UnknownKeyPolicy::DefaultTier
@@ -398,9 +403,9 @@ impl Config {
             let p = |field: &str| format!("tiers.{name}.{field}");
             let name_ok = !name.is_empty()
                 && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !name_ok {
                 err(format!("tiers.{name}"), "tier names are 1-64 of [a-z0-9_-]");
             }
@@ -428,9 +433,13 @@ impl Config {
             if !METHODS.contains(&e.method.as_str()) {
                 err(p("method"), "must be an upper-case HTTP method or *");
             }
-            let wildcard_ok = !e.path.contains('*') || (e.path.ends_with("/*") && e.path.matches('*').count() == 1);
+            let wildcard_ok = !e.path.contains('*')
+                || (e.path.ends_with("/*") && e.path.matches('*').count() == 1);
             if !e.path.starts_with('/') || !wildcard_ok {
-                err(p("path"), "must start with / and may only end in /* as a wildcard");
+                err(
+                    p("path"),
+                    "must start with / and may only end in /* as a wildcard",
+                );
             }
             if !positive(e.base_cost) {
                 err(p("base_cost"), "must be > 0");
@@ -441,7 +450,10 @@ impl Config {
         }
         for (i, iface) in self.kernel.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
-                err(format!("kernel.interfaces[{i}]"), "is not a valid interface name");
+                err(
+                    format!("kernel.interfaces[{i}]"),
+                    "is not a valid interface name",
+                );
             }
         }
         errors
@@ -492,7 +504,12 @@ mod tests {
     fn empty_file_is_a_working_config() {
         let c = Config::parse("").expect("empty config is valid");
         assert_eq!(c.server.listen.port(), 8080);
-        assert_eq!(c.budget_policy().tier("free").map(|t| t.bucket.initial_tokens), Some(800.0));
+        assert_eq!(
+            c.budget_policy()
+                .tier("free")
+                .map(|t| t.bucket.initial_tokens),
+            Some(800.0)
+        );
     }
 
     #[test]

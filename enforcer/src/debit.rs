@@ -124,7 +124,10 @@ mod tests {
 
     #[test]
     fn denial_charges_nothing_and_says_when() {
-        let state = BucketState { balance: 20.0, updated_at: 100.0 };
+        let state = BucketState {
+            balance: 20.0,
+            updated_at: 100.0,
+        };
         let s = settle(Some(state), &FREE, 60.0, 100.0, 120.0);
         assert!(!s.allowed);
         assert_eq!(s.state.balance, 20.0);
@@ -133,26 +136,45 @@ mod tests {
 
     #[test]
     fn active_key_refills_to_capacity_idle_key_to_idle_cap() {
-        let state = BucketState { balance: 900.0, updated_at: 0.0 };
+        let state = BucketState {
+            balance: 900.0,
+            updated_at: 0.0,
+        };
         // 30 s later: active, refill up to 1000.
         assert_eq!(refilled(Some(state), &FREE, 60.0, 30.0), 1000.0);
         // 600 s later: idle, refill stops at 800; the 900 already there is kept.
         assert_eq!(refilled(Some(state), &FREE, 60.0, 600.0), 900.0);
-        let low = BucketState { balance: 100.0, updated_at: 0.0 };
+        let low = BucketState {
+            balance: 100.0,
+            updated_at: 0.0,
+        };
         assert_eq!(refilled(Some(low), &FREE, 60.0, 600.0), 800.0);
     }
 
     #[test]
     fn cost_above_capacity_or_no_refill_never_retries() {
-        let state = BucketState { balance: 0.0, updated_at: 0.0 };
-        assert_eq!(settle(Some(state), &FREE, 60.0, 0.0, 5000.0).retry_after_ms, None);
-        let prepaid = BucketParams { refill_per_sec: 0.0, initial_tokens: 0.0, ..FREE };
+        let state = BucketState {
+            balance: 0.0,
+            updated_at: 0.0,
+        };
+        assert_eq!(
+            settle(Some(state), &FREE, 60.0, 0.0, 5000.0).retry_after_ms,
+            None
+        );
+        let prepaid = BucketParams {
+            refill_per_sec: 0.0,
+            initial_tokens: 0.0,
+            ..FREE
+        };
         assert_eq!(settle(None, &prepaid, 60.0, 0.0, 1.0).retry_after_ms, None);
     }
 
     #[test]
     fn clock_going_backwards_refills_nothing() {
-        let state = BucketState { balance: 10.0, updated_at: 100.0 };
+        let state = BucketState {
+            balance: 10.0,
+            updated_at: 100.0,
+        };
         assert_eq!(refilled(Some(state), &FREE, 60.0, 50.0), 10.0);
     }
 

@@ -165,7 +165,9 @@ impl Decider {
 
     /// Decides one check.
     pub async fn check(&self, check: Check) -> Result<Decision, CheckError> {
-        let price = self.prices.price(check.method.as_deref(), &check.endpoint)?;
+        let price = self
+            .prices
+            .price(check.method.as_deref(), &check.endpoint)?;
         if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {
             return Err(CheckError::Units {
                 max: self.max_units,
@@ -262,8 +264,13 @@ impl Decider {
             denial: (!allowed).then_some(Denial::StoreUnavailable),
             cost,
             remaining: None,
-            retry_after_ms: (!allowed)
-                .then(|| self.breaker.open_for().as_millis().try_into().unwrap_or(u64::MAX)),
+            retry_after_ms: (!allowed).then(|| {
+                self.breaker
+                    .open_for()
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX)
+            }),
             tier: None,
             bucket: None,
             mode,
@@ -322,9 +329,7 @@ impl Decider {
             Err(CallError::Timeout) | Err(CallError::Store(StoreError::Unavailable(_)))
         );
         self.breaker.record(healthy);
-        self.metrics
-            .breaker_state
-            .set(self.breaker.state() as i64);
+        self.metrics.breaker_state.set(self.breaker.state() as i64);
         if let Err(e) = &result {
             let kind = match e {
                 CallError::BreakerOpen => "breaker_open",

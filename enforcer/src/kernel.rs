@@ -105,9 +105,8 @@ impl Gate {
             .map(names::COUNTERS_MAP)
             .ok_or(KernelError::Missing("COUNTERS map"))?;
         let array = PerCpuArray::<_, u64>::try_from(map)?;
-        let sum = |index: u32| -> Result<u64, KernelError> {
-            Ok(array.get(&index, 0)?.iter().sum())
-        };
+        let sum =
+            |index: u32| -> Result<u64, KernelError> { Ok(array.get(&index, 0)?.iter().sum()) };
         Ok(Counters {
             passed: sum(counter::PASSED)?,
             parse_failed: sum(counter::PARSE_FAILED)?,

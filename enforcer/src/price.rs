@@ -133,19 +133,39 @@ mod tests {
     #[test]
     fn exact_prefix_and_default() {
         let b = book();
-        assert_eq!(b.price(Some("POST"), "/generate-report?x=1").map(|p| p.per_unit), Ok(120.0));
-        assert_eq!(b.price(Some("GET"), "/generate-report").map(|p| p.per_unit), Ok(1.0));
-        assert!(b.price(Some("GET"), "/health").map(|p| p.operational).unwrap_or(false));
-        assert_eq!(b.price(Some("GET"), "/v2/bulk/x").map(|p| p.per_unit), Ok(50.0));
+        assert_eq!(
+            b.price(Some("POST"), "/generate-report?x=1")
+                .map(|p| p.per_unit),
+            Ok(120.0)
+        );
+        assert_eq!(
+            b.price(Some("GET"), "/generate-report").map(|p| p.per_unit),
+            Ok(1.0)
+        );
+        assert!(
+            b.price(Some("GET"), "/health")
+                .map(|p| p.operational)
+                .unwrap_or(false)
+        );
+        assert_eq!(
+            b.price(Some("GET"), "/v2/bulk/x").map(|p| p.per_unit),
+            Ok(50.0)
+        );
         assert_eq!(b.price(Some("GET"), "/v2/x").map(|p| p.per_unit), Ok(5.0));
-        assert_eq!(b.price(None, "/generate-report").map(|p| p.per_unit), Ok(120.0));
+        assert_eq!(
+            b.price(None, "/generate-report").map(|p| p.per_unit),
+            Ok(120.0)
+        );
     }
 
     #[test]
     fn bad_paths_and_methods() {
         let b = book();
         assert_eq!(b.price(Some("GET"), "health"), Err(PriceError::BadPath));
-        assert_eq!(b.price(Some("GET"), &format!("/{}", "a".repeat(3000))), Err(PriceError::BadPath));
+        assert_eq!(
+            b.price(Some("GET"), &format!("/{}", "a".repeat(3000))),
+            Err(PriceError::BadPath)
+        );
         assert_eq!(b.price(Some("get"), "/x"), Err(PriceError::BadMethod));
     }
 }

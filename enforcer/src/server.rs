@@ -102,7 +102,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let Self {
             listener,
             app,
@@ -110,7 +113,9 @@ impl Server {
             gate,
         } = self;
         let gate = gate.map(Arc::new);
-        let counters_task = gate.clone().map(|g| tokio::spawn(export_counters(g, app.metrics.clone())));
+        let counters_task = gate
+            .clone()
+            .map(|g| tokio::spawn(export_counters(g, app.metrics.clone())));
         let router = api::router(app, max_body_bytes);
         let result = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
@@ -140,7 +145,13 @@ fn attach_gate(interfaces: &[String], metrics: &Metrics) -> (Option<Gate>, Kerne
             tracing::info!(interfaces = ?interfaces, "kernel gate attached");
             metrics.kernel_attached.set(1);
             let detail = format!("attached to {}", gate.interfaces().join(", "));
-            (Some(gate), KernelReport { attached: true, detail })
+            (
+                Some(gate),
+                KernelReport {
+                    attached: true,
+                    detail,
+                },
+            )
         }
         Err(e) => {
             tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
@@ -166,7 +177,10 @@ async fn export_counters(gate: Arc<Gate>, metrics: Metrics) {
             Ok(now) => {
                 let passed = now.passed.saturating_sub(last.passed);
                 let failed = now.parse_failed.saturating_sub(last.parse_failed);
-                metrics.kernel_packets.with_label_values(&["passed"]).inc_by(passed);
+                metrics
+                    .kernel_packets
+                    .with_label_values(&["passed"])
+                    .inc_by(passed);
                 metrics
                     .kernel_packets
                     .with_label_values(&["parse_failed"])

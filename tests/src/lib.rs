@@ -49,7 +49,11 @@ pub fn target_dir() -> PathBuf {
 /// The `enforcer` binary (built by `cargo xtask test` before the tests run).
 pub fn enforcer_bin() -> PathBuf {
     let bin = target_dir().join("enforcer");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p enforcer` (cargo xtask test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p enforcer` (cargo xtask test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -116,7 +120,10 @@ impl Resp {
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -134,10 +141,13 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Resp {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to daemon");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("http handshake");
+        .expect("connect to daemon");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("http handshake");
     tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -152,13 +162,29 @@ pub async fn http(
         .expect("send request");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("read body").to_bytes();
-    Resp { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("read body")
+        .to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// `POST /v1/check` with a JSON body.
 pub async fn check(addr: SocketAddr, body: serde_json::Value) -> Resp {
-    http(addr, "POST", "/v1/check", &[("content-type", "application/json")], body.to_string()).await
+    http(
+        addr,
+        "POST",
+        "/v1/check",
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
 }
 
 /// A private redis-server on a free port (for tests that stop and restart Redis).
@@ -211,7 +237,10 @@ impl PrivateRedis {
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "private redis did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "private redis did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("iproute2 is installed");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 is installed");
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -22,7 +25,9 @@ impl NetNs {
     pub fn new(name: &str) -> Self {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name]);
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -69,7 +74,10 @@ impl NetNs {
     }
 }
 
-#[expect(unsafe_code, reason = "setns(2) has no safe wrapper in the dependencies")]
+#[expect(
+    unsafe_code,
+    reason = "setns(2) has no safe wrapper in the dependencies"
+)]
 fn enter(file: &std::fs::File) {
     use std::os::fd::AsRawFd;
     // SAFETY: `file` is an open namespace file; setns only changes this thread's namespace.
@@ -80,7 +88,9 @@ fn enter(file: &std::fs::File) {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth ends inside it (and so their peers).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

@@ -36,7 +36,10 @@ async fn allowed_then_exhausted_with_retry_after_and_ratelimit_headers() {
     assert_eq!(j["mode"], "enforce");
     assert!((j["remaining"].as_f64().expect("remaining") - 680.0).abs() < 1.0);
     assert_eq!(r.header("ratelimit-policy"), Some("\"free\";q=1000;w=100"));
-    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"free\";r=680;t=")));
+    assert!(
+        r.header("ratelimit")
+            .is_some_and(|v| v.starts_with("\"free\";r=680;t="))
+    );
     assert!(r.header("x-enforcer-request-id").is_some());
 
     for _ in 0..5 {
@@ -48,12 +51,24 @@ async fn allowed_then_exhausted_with_retry_after_and_ratelimit_headers() {
     assert_eq!(j["allowed"], false);
     assert_eq!(j["reason"], "exhausted");
     let retry_ms = j["retry_after_ms"].as_u64().expect("retry_after_ms");
-    assert!((3_800..=4_000).contains(&retry_ms), "(120 - 80) / 10 per s: {retry_ms}");
+    assert!(
+        (3_800..=4_000).contains(&retry_ms),
+        "(120 - 80) / 10 per s: {retry_ms}"
+    );
     assert_eq!(r.header("retry-after"), Some("4"));
-    assert!(r.header("ratelimit").is_some_and(|v| v.contains(";r=80;t=4")), "{:?}", r.header("ratelimit"));
+    assert!(
+        r.header("ratelimit")
+            .is_some_and(|v| v.contains(";r=80;t=4")),
+        "{:?}",
+        r.header("ratelimit")
+    );
 
     // A cheap endpoint still fits in the remaining 80 tokens.
-    let r = check(d.addr, json!({"key": key, "endpoint": "/items", "method": "GET"})).await;
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/items", "method": "GET"}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     d.stop().await;
 }
@@ -62,7 +77,9 @@ async fn allowed_then_exhausted_with_retry_after_and_ratelimit_headers() {
 async fn bad_input_gets_a_clear_error_and_debits_nothing() {
     let d = daemon().await;
     let key = unique("bad");
-    let before = check(d.addr, json!({"key": key, "endpoint": "/x"})).await.json()["remaining"]
+    let before = check(d.addr, json!({"key": key, "endpoint": "/x"}))
+        .await
+        .json()["remaining"]
         .as_f64()
         .expect("remaining");
     let cases = [
@@ -70,36 +87,83 @@ async fn bad_input_gets_a_clear_error_and_debits_nothing() {
         (json!({"endpoint": "/x"}).to_string(), "bad_json"),
         (json!({"key": key}).to_string(), "bad_json"),
         (json!({"key": "", "endpoint": "/x"}).to_string(), "bad_key"),
-        (json!({"key": "has space", "endpoint": "/x"}).to_string(), "bad_key"),
-        (json!({"key": key, "endpoint": "x"}).to_string(), "bad_endpoint"),
-        (json!({"key": key, "endpoint": "/x", "method": "get"}).to_string(), "bad_endpoint"),
-        (json!({"key": key, "endpoint": "/x", "units": 0}).to_string(), "bad_units"),
-        (json!({"key": key, "endpoint": "/x", "units": -3}).to_string(), "bad_units"),
-        (json!({"key": key, "endpoint": "/x", "units": 1e12}).to_string(), "bad_units"),
-        (r#"{"key":"k","endpoint":"/x","units":1e999}"#.to_owned(), "bad_json"),
-        (json!({"key": key, "endpoint": "/x", "units": "lots"}).to_string(), "bad_json"),
-        (json!({"key": key, "endpoint": "/x", "request_id": "a b"}).to_string(), "bad_request_id"),
-        (json!({"key": key, "endpoint": "/x", "client_ip": "nope"}).to_string(), "bad_json"),
-        (json!({"key": key, "endpoint": "/x", "surprise": 1}).to_string(), "bad_json"),
+        (
+            json!({"key": "has space", "endpoint": "/x"}).to_string(),
+            "bad_key",
+        ),
+        (
+            json!({"key": key, "endpoint": "x"}).to_string(),
+            "bad_endpoint",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "method": "get"}).to_string(),
+            "bad_endpoint",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "units": 0}).to_string(),
+            "bad_units",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "units": -3}).to_string(),
+            "bad_units",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "units": 1e12}).to_string(),
+            "bad_units",
+        ),
+        (
+            r#"{"key":"k","endpoint":"/x","units":1e999}"#.to_owned(),
+            "bad_json",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "units": "lots"}).to_string(),
+            "bad_json",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "request_id": "a b"}).to_string(),
+            "bad_request_id",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "client_ip": "nope"}).to_string(),
+            "bad_json",
+        ),
+        (
+            json!({"key": key, "endpoint": "/x", "surprise": 1}).to_string(),
+            "bad_json",
+        ),
     ];
     for (body, code) in cases {
         let r = http(d.addr, "POST", "/v1/check", &[], body.clone()).await;
         assert_eq!(r.status, 400, "{body}");
         let j = r.json();
         assert_eq!(j["error"]["code"], code, "{body}: {j}");
-        assert!(!j["error"]["message"].as_str().unwrap_or("").is_empty(), "{body}: message");
+        assert!(
+            !j["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{body}: message"
+        );
     }
-    let big = format!(r#"{{"key":"{key}","endpoint":"/x","pad":"{}"}}"#, "x".repeat(70_000));
+    let big = format!(
+        r#"{{"key":"{key}","endpoint":"/x","pad":"{}"}}"#,
+        "x".repeat(70_000)
+    );
     let r = http(d.addr, "POST", "/v1/check", &[], big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "too_large");
 
-    let after = check(d.addr, json!({"key": key, "endpoint": "/x"})).await.json()["remaining"]
+    let after = check(d.addr, json!({"key": key, "endpoint": "/x"}))
+        .await
+        .json()["remaining"]
         .as_f64()
         .expect("remaining");
-    assert!((before - 1.0 - after).abs() < 0.5, "only the two good checks were charged: {before} → {after}");
+    assert!(
+        (before - 1.0 - after).abs() < 0.5,
+        "only the two good checks were charged: {before} → {after}"
+    );
     let m = metrics(d.addr).await;
-    assert!(metric(&m, "enforcer_bad_requests_total") >= 16.0, "bad requests counted");
+    assert!(
+        metric(&m, "enforcer_bad_requests_total") >= 16.0,
+        "bad requests counted"
+    );
     d.stop().await;
 }
 
@@ -114,7 +178,10 @@ async fn units_multiply_the_price_and_request_ids_make_retries_free() {
     let again = check(d.addr, json!({"key": key, "endpoint": "/generate-report", "method": "POST", "units": 2, "request_id": "req-1"})).await;
     let j2 = again.json();
     assert_eq!(j2["replayed"], true);
-    assert_eq!(j2["remaining"], j["remaining"], "a retry is not charged again");
+    assert_eq!(
+        j2["remaining"], j["remaining"],
+        "a retry is not charged again"
+    );
     d.stop().await;
 }
 
@@ -124,11 +191,29 @@ async fn operational_endpoints_never_touch_the_main_budget() {
     let key = unique("health");
     let mut statuses = Vec::new();
     for _ in 0..12 {
-        statuses.push(check(d.addr, json!({"key": key, "endpoint": "/health", "method": "GET"})).await.status);
+        statuses.push(
+            check(
+                d.addr,
+                json!({"key": key, "endpoint": "/health", "method": "GET"}),
+            )
+            .await
+            .status,
+        );
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
-    assert!(statuses.contains(&429), "the strict bucket denies a burst: {statuses:?}");
-    let main = check(d.addr, json!({"key": key, "endpoint": "/generate-report", "method": "POST"})).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "the strict bucket denies a burst: {statuses:?}"
+    );
+    let main = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST"}),
+    )
+    .await;
     assert!((main.json()["remaining"].as_f64().expect("remaining") - 680.0).abs() < 1.0);
     d.stop().await;
 }
@@ -137,15 +222,53 @@ async fn operational_endpoints_never_touch_the_main_budget() {
 async fn auth_endpoint_for_nginx_and_traefik() {
     let d = daemon().await;
     let key = unique("auth");
-    let ok = http(d.addr, "GET", "/v1/auth", &[("x-api-key", &key), ("x-original-uri", "/generate-report?x=1"), ("x-original-method", "POST")], "").await;
+    let ok = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[
+            ("x-api-key", &key),
+            ("x-original-uri", "/generate-report?x=1"),
+            ("x-original-method", "POST"),
+        ],
+        "",
+    )
+    .await;
     assert_eq!(ok.status, 200);
-    assert!(ok.header("ratelimit").is_some_and(|v| v.starts_with("\"free\";r=680")), "{:?}", ok.header("ratelimit"));
+    assert!(
+        ok.header("ratelimit")
+            .is_some_and(|v| v.starts_with("\"free\";r=680")),
+        "{:?}",
+        ok.header("ratelimit")
+    );
     // Traefik's header names work too.
     for _ in 0..5 {
-        let r = http(d.addr, "GET", "/v1/auth", &[("x-api-key", &key), ("x-forwarded-uri", "/generate-report"), ("x-forwarded-method", "POST")], "").await;
+        let r = http(
+            d.addr,
+            "GET",
+            "/v1/auth",
+            &[
+                ("x-api-key", &key),
+                ("x-forwarded-uri", "/generate-report"),
+                ("x-forwarded-method", "POST"),
+            ],
+            "",
+        )
+        .await;
         assert_eq!(r.status, 200);
     }
-    let denied = http(d.addr, "GET", "/v1/auth", &[("x-api-key", &key), ("x-forwarded-uri", "/generate-report"), ("x-forwarded-method", "POST")], "").await;
+    let denied = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[
+            ("x-api-key", &key),
+            ("x-forwarded-uri", "/generate-report"),
+            ("x-forwarded-method", "POST"),
+        ],
+        "",
+    )
+    .await;
     assert_eq!(denied.status, 429);
     assert_eq!(denied.header("retry-after"), Some("4"));
     let missing = http(d.addr, "GET", "/v1/auth", &[("x-original-uri", "/x")], "").await;
@@ -159,12 +282,26 @@ async fn auth_endpoint_for_nginx_and_traefik() {
 async fn refund_gives_back_the_cost_once() {
     let d = daemon().await;
     let key = unique("refund");
-    let r = check(d.addr, json!({"key": key, "endpoint": "/generate-report", "method": "POST"})).await;
-    let id = r.json()["request_id"].as_str().expect("request id").to_owned();
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST"}),
+    )
+    .await;
+    let id = r.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_owned();
     let refund = |id: String| {
         let key = key.clone();
         async move {
-            http(d.addr, "POST", "/v1/refund", &[], json!({"key": key, "request_id": id}).to_string()).await
+            http(
+                d.addr,
+                "POST",
+                "/v1/refund",
+                &[],
+                json!({"key": key, "request_id": id}).to_string(),
+            )
+            .await
         }
     };
     let first = refund(id.clone()).await;
@@ -172,7 +309,14 @@ async fn refund_gives_back_the_cost_once() {
     assert!((first.json()["credited"].as_f64().expect("credited") - 120.0).abs() < 0.5);
     assert_eq!(refund(id.clone()).await.status, 409);
     assert_eq!(refund("never-seen".into()).await.status, 404);
-    let bad = http(d.addr, "POST", "/v1/refund", &[], json!({"key": key}).to_string()).await;
+    let bad = http(
+        d.addr,
+        "POST",
+        "/v1/refund",
+        &[],
+        json!({"key": key}).to_string(),
+    )
+    .await;
     assert_eq!(bad.status, 400);
     d.stop().await;
 }
@@ -205,7 +349,13 @@ async fn shadow_mode_decides_but_always_allows() {
     assert_eq!(j["mode"], "shadow");
     assert_eq!(j["reason"], "exhausted", "it would have been denied");
     let m = metrics(d.addr).await;
-    assert!(metric(&m, "enforcer_decisions_total{mode=\"shadow\",outcome=\"allowed\"") >= 8.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"allowed\""
+        ) >= 8.0,
+        "{m}"
+    );
     d.stop().await;
 }
 
@@ -213,7 +363,11 @@ async fn shadow_mode_decides_but_always_allows() {
 async fn probes_and_metrics_carry_no_keys() {
     let d = daemon().await;
     let key = unique("secret-in-metrics");
-    check(d.addr, json!({"key": key, "endpoint": "/generate-report", "method": "POST"})).await;
+    check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST"}),
+    )
+    .await;
     assert_eq!(http(d.addr, "GET", "/healthz", &[], "").await.status, 200);
     let ready = http(d.addr, "GET", "/readyz", &[], "").await;
     assert_eq!(ready.status, 200);
@@ -222,10 +376,24 @@ async fn probes_and_metrics_carry_no_keys() {
     assert_eq!(j["kernel"]["attached"], false);
     let m = metrics(d.addr).await;
     assert!(!m.contains(&key), "metrics contain the raw key");
-    let hash = enforcer::key::ApiKey::parse(&key).expect("key").hash().to_hex();
+    let hash = enforcer::key::ApiKey::parse(&key)
+        .expect("key")
+        .hash()
+        .to_hex();
     assert!(!m.contains(&hash[..16]), "metrics contain the key hash");
-    assert!(metric(&m, "enforcer_decisions_total{mode=\"enforce\",outcome=\"allowed\",tier=\"free\"}") >= 1.0, "{m}");
-    assert!(metric(&m, "enforcer_debit_duration_seconds_count{backend=\"redis\"}") >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"enforce\",outcome=\"allowed\",tier=\"free\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "enforcer_debit_duration_seconds_count{backend=\"redis\"}"
+        ) >= 1.0
+    );
     assert_eq!(http(d.addr, "GET", "/nope", &[], "").await.status, 404);
     d.stop().await;
 }
@@ -251,13 +419,25 @@ async fn redis_down_fails_open_breaker_opens_and_closes_by_itself() {
     for _ in 0..10 {
         let started = Instant::now();
         let r = check(d.addr, body.clone()).await;
-        assert!(started.elapsed() < Duration::from_secs(1), "a decision never waits on a dead store");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a decision never waits on a dead store"
+        );
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["mode"], "fail-open");
     }
     let m = metrics(d.addr).await;
-    assert_eq!(metric(&m, "enforcer_store_breaker_state"), 1.0, "breaker open");
-    assert!(metric(&m, "enforcer_store_failure_decisions_total{policy=\"fail-open\"}") >= 10.0);
+    assert_eq!(
+        metric(&m, "enforcer_store_breaker_state"),
+        1.0,
+        "breaker open"
+    );
+    assert!(
+        metric(
+            &m,
+            "enforcer_store_failure_decisions_total{policy=\"fail-open\"}"
+        ) >= 10.0
+    );
     assert!(metric(&m, "enforcer_store_errors_total{kind=\"breaker_open\"}") >= 1.0);
     assert_eq!(http(d.addr, "GET", "/readyz", &[], "").await.status, 503);
 
@@ -269,10 +449,16 @@ async fn redis_down_fails_open_breaker_opens_and_closes_by_itself() {
         if r.json()["mode"] == "enforce" {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "breaker never closed");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "breaker never closed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(metric(&metrics(d.addr).await, "enforcer_store_breaker_state"), 0.0);
+    assert_eq!(
+        metric(&metrics(d.addr).await, "enforcer_store_breaker_state"),
+        0.0
+    );
     d.stop().await;
 }
 
@@ -287,12 +473,19 @@ async fn a_hanging_store_is_cut_off_by_the_timeout_and_fails_closed() {
             held.push(s);
         }
     });
-    let d = TestDaemon::start(failing_config(&format!("redis://127.0.0.1:{port}/"), OnStoreFailure::FailClosed)).await;
+    let d = TestDaemon::start(failing_config(
+        &format!("redis://127.0.0.1:{port}/"),
+        OnStoreFailure::FailClosed,
+    ))
+    .await;
     let body = json!({"key": unique("hang"), "endpoint": "/x"});
     for _ in 0..5 {
         let started = Instant::now();
         let r = check(d.addr, body.clone()).await;
-        assert!(started.elapsed() < Duration::from_secs(1), "bounded by store.timeout_ms");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "bounded by store.timeout_ms"
+        );
         assert_eq!(r.status, 429);
         let j = r.json();
         assert_eq!(j["mode"], "fail-closed");
@@ -300,8 +493,16 @@ async fn a_hanging_store_is_cut_off_by_the_timeout_and_fails_closed() {
         assert_eq!(r.header("retry-after"), Some("1"));
     }
     let m = metrics(d.addr).await;
-    assert!(metric(&m, "enforcer_store_errors_total{kind=\"timeout\"}") >= 1.0, "{m}");
-    assert!(metric(&m, "enforcer_store_failure_decisions_total{policy=\"fail-closed\"}") >= 5.0);
+    assert!(
+        metric(&m, "enforcer_store_errors_total{kind=\"timeout\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "enforcer_store_failure_decisions_total{policy=\"fail-closed\"}"
+        ) >= 5.0
+    );
     d.stop().await;
 }
 
@@ -309,7 +510,11 @@ async fn a_hanging_store_is_cut_off_by_the_timeout_and_fails_closed() {
 async fn embedded_store_serves_without_redis() {
     let d = TestDaemon::start(example_config("")).await;
     let key = unique("embedded");
-    let r = check(d.addr, json!({"key": key, "endpoint": "/generate-report", "method": "POST"})).await;
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST"}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["remaining"], 680.0);
     let ready = http(d.addr, "GET", "/readyz", &[], "").await.json();

@@ -3,7 +3,10 @@ use enforcer_tests::enforcer_bin;
 use std::process::Command;
 
 fn enforcer(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(enforcer_bin()).args(args).output().expect("run enforcer");
+    let out = Command::new(enforcer_bin())
+        .args(args)
+        .output()
+        .expect("run enforcer");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -20,7 +23,13 @@ fn help_explains_every_command() {
     }
     let (code, out, _) = enforcer(&["run", "--help"]);
     assert_eq!(code, 0);
-    for flag in ["--config", "--listen", "--redis-url", "ENFORCER_REDIS_URL", "--iface"] {
+    for flag in [
+        "--config",
+        "--listen",
+        "--redis-url",
+        "ENFORCER_REDIS_URL",
+        "--iface",
+    ] {
         assert!(out.contains(flag), "run --help mentions {flag}");
     }
 }
@@ -40,7 +49,11 @@ fn config_check_accepts_the_example_and_names_every_bad_field() {
     .expect("write");
     let (code, _, err) = enforcer(&["config", "check", bad.to_str().expect("path")]);
     assert_eq!(code, 2);
-    for path in ["store.timeout_ms", "tiers.free.max_tokens", "tiers.free.refill_per_sec"] {
+    for path in [
+        "store.timeout_ms",
+        "tiers.free.max_tokens",
+        "tiers.free.refill_per_sec",
+    ] {
         assert!(err.contains(path), "{path} reported: {err}");
     }
 
@@ -59,7 +72,13 @@ fn run_refuses_a_bad_config_without_starting() {
     let (code, _, err) = enforcer(&["run", "--config", "/nonexistent.toml"]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent.toml"), "{err}");
-    let (code, _, err) = enforcer(&["run", "--redis-url", "http://nope", "--listen", "127.0.0.1:0"]);
+    let (code, _, err) = enforcer(&[
+        "run",
+        "--redis-url",
+        "http://nope",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("store.redis_url"), "{err}");
 }
@@ -68,5 +87,8 @@ fn run_refuses_a_bad_config_without_starting() {
 fn keys_hash_prints_the_redis_name_of_a_key() {
     let (code, out, _) = enforcer(&["keys", "hash", "abc"]);
     assert_eq!(code, 0);
-    assert_eq!(out.trim(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        out.trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
 }

@@ -4,8 +4,8 @@
 use aya::programs::TestRun as _;
 use aya::programs::TestRunOptions;
 use enforcer::kernel::Gate;
-use enforcer_tests::netns::{A_ADDR, B_ADDR, Link};
-use enforcer_tests::{enforcer_bin, target_dir};
+use enforcer_tests::enforcer_bin;
+use enforcer_tests::netns::{A_ADDR, Link};
 use std::io::{Read as _, Write as _};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ fn the_gate_loads_verifies_and_passes_packets() {
     let mut gate = Gate::load().expect("the kernel verifies and loads the gate");
     let before = gate.counters().expect("counters").passed;
     let packet = tcp_syn();
-    let mut arp = vec![0u8; 42];
+    let mut arp = [0u8; 42];
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let prog = gate.program().expect("program");
     // (The kernel itself refuses to test-run an IPv4 frame truncated inside the IP header.)
@@ -59,11 +59,11 @@ fn the_gate_loads_verifies_and_passes_packets() {
 fn the_gate_attaches_in_a_namespace_and_sees_real_traffic() {
     let link = Link::new("att");
     let iface = link.a_if.clone();
+    let ns_b = link.b.path();
     let (passed, pinged) = link.a.run(move || {
         let gate = Gate::attach(std::slice::from_ref(&iface)).expect("attach to veth ingress");
-        assert_eq!(gate.interfaces(), [iface.clone()]);
+        assert_eq!(gate.interfaces(), std::slice::from_ref(&iface));
         let before = gate.counters().expect("counters").passed;
-        let ns_b = format!("/var/run/netns/enf-att-b");
         let ping = std::process::Command::new("nsenter")
             .arg(format!("--net={ns_b}"))
             .args(["ping", "-c", "3", "-i", "0.2", "-W", "1", A_ADDR])
@@ -74,7 +74,6 @@ fn the_gate_attaches_in_a_namespace_and_sees_real_traffic() {
     });
     assert!(pinged, "traffic passes through the attached gate");
     assert!(passed >= 3, "the gate saw the echo requests: {passed}");
-    let _ = B_ADDR;
 }
 
 struct Daemon(Child);
@@ -89,7 +88,11 @@ impl Drop for Daemon {
 fn get(addr: &str, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -98,7 +101,6 @@ fn get(addr: &str, path: &str) -> Option<String> {
 #[test]
 fn the_daemon_attaches_the_gate_and_reports_it() {
     let link = Link::new("dmn");
-    let _ = target_dir();
     let daemon = Daemon(
         link.a
             .command(enforcer_bin().to_str().expect("path"))
@@ -115,7 +117,10 @@ fn the_daemon_attaches_the_gate_and_reports_it() {
             if let Some(r) = get("127.0.0.1:18080", "/readyz") {
                 break r;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not come up");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         let ping = std::process::Command::new("nsenter")
@@ -126,7 +131,10 @@ fn the_daemon_attaches_the_gate_and_reports_it() {
         assert!(ping.status.success(), "traffic passes");
         // The daemon exports the kernel counters once a second.
         std::thread::sleep(Duration::from_millis(1500));
-        (ready, get("127.0.0.1:18080", "/metrics").unwrap_or_default())
+        (
+            ready,
+            get("127.0.0.1:18080", "/metrics").unwrap_or_default(),
+        )
     });
     assert!(ready.contains("\"attached\":true"), "{ready}");
     assert!(metrics.contains("enforcer_kernel_attached 1"), "{metrics}");
@@ -146,7 +154,13 @@ fn without_kernel_support_the_daemon_runs_userspace_only() {
     let daemon = Daemon(
         link.a
             .command(enforcer_bin().to_str().expect("path"))
-            .args(["run", "--listen", "127.0.0.1:18081", "--iface", "enf-missing0"])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:18081",
+                "--iface",
+                "enf-missing0",
+            ])
             .env("ENFORCER_REDIS_URL", "")
             .stderr(Stdio::null())
             .spawn()
@@ -158,13 +172,25 @@ fn without_kernel_support_the_daemon_runs_userspace_only() {
             if let Some(r) = get("127.0.0.1:18081", "/readyz") {
                 break r;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not come up");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
-        (ready, get("127.0.0.1:18081", "/metrics").unwrap_or_default())
+        (
+            ready,
+            get("127.0.0.1:18081", "/metrics").unwrap_or_default(),
+        )
     });
-    assert!(ready.contains("\"attached\":false") && ready.contains("userspace-only"), "{ready}");
-    assert!(ready.starts_with("HTTP/1.1 200"), "still ready: decisions work without the kernel");
+    assert!(
+        ready.contains("\"attached\":false") && ready.contains("userspace-only"),
+        "{ready}"
+    );
+    assert!(
+        ready.starts_with("HTTP/1.1 200"),
+        "still ready: decisions work without the kernel"
+    );
     assert!(metrics.contains("enforcer_kernel_attached 0"), "{metrics}");
     drop(daemon);
 }

@@ -100,7 +100,10 @@ async fn concurrent_debits_never_admit_more_than_capacity_plus_refill() {
     // Capacity 800 plus what refilled (10 tokens/s) while the test ran, in 10-token requests.
     let bound = ((800.0 + elapsed * 10.0) / 10.0).floor() as u32;
     assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
-    assert!(admitted >= 80, "the 80 affordable requests must all pass, got {admitted}");
+    assert!(
+        admitted >= 80,
+        "the 80 affordable requests must all pass, got {admitted}"
+    );
     let mut conn = redis_conn(&url).await;
     let (balance, _) = read_bucket(&mut conn, &key).await;
     assert!(balance >= 0.0, "balance went negative: {balance}");
@@ -115,7 +118,10 @@ async fn a_retried_request_id_is_charged_once() {
     let again = settle(&store, &d).await;
     assert!(first.allowed && again.allowed);
     assert!(!first.replayed && again.replayed);
-    assert_eq!(first.remaining, again.remaining, "the replay reports the first outcome");
+    assert_eq!(
+        first.remaining, again.remaining,
+        "the replay reports the first outcome"
+    );
     // A new request id is charged.
     let other = settle(&store, &debit(&key, 100.0)).await;
     assert!(other.remaining < first.remaining - 99.0);
@@ -128,16 +134,35 @@ async fn noscript_after_script_flush_reloads_and_retries() {
     let key = ApiKey::parse(&unique("noscript")).expect("key");
     settle(&store, &debit(&key, 1.0)).await;
     let mut conn = redis_conn(&url).await;
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
     let s = settle(&store, &debit(&key, 1.0)).await;
     assert!(s.allowed, "the debit after SCRIPT FLUSH succeeded");
-    assert!((s.remaining - 798.0).abs() < 1.0, "charged once, not twice: {}", s.remaining);
+    assert!(
+        (s.remaining - 798.0).abs() < 1.0,
+        "charged once, not twice: {}",
+        s.remaining
+    );
     // Refunds have their own script: it is reloaded too.
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
     let d = debit(&key, 5.0);
     settle(&store, &d).await;
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flush");
-    store.refund(&key.hash(), &d.request_id).await.expect("refund after flush");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
+    store
+        .refund(&key.hash(), &d.request_id)
+        .await
+        .expect("refund after flush");
 }
 
 #[tokio::test]
@@ -149,12 +174,19 @@ async fn refill_is_computed_from_redis_server_time() {
     let mut conn = redis_conn(&url).await;
     let now = redis_now(&mut conn).await;
     let (_, stamp) = read_bucket(&mut conn, &key).await;
-    assert!((stamp - now).abs() < 1.0, "the bucket is stamped with Redis TIME: {stamp} vs {now}");
+    assert!(
+        (stamp - now).abs() < 1.0,
+        "the bucket is stamped with Redis TIME: {stamp} vs {now}"
+    );
     // Move the stamp 10 s into the (server's) past: the next debit must see 10 s × 10/s of refill.
     set_stamp(&mut conn, &key, now - 10.0).await;
     let s = settle(&store, &debit(&key, 50.0)).await;
     assert!(s.allowed);
-    assert!((s.remaining - 50.0).abs() < 1.0, "refilled 100, spent 50: {}", s.remaining);
+    assert!(
+        (s.remaining - 50.0).abs() < 1.0,
+        "refilled 100, spent 50: {}",
+        s.remaining
+    );
 }
 
 #[tokio::test]
@@ -168,12 +200,20 @@ async fn an_idle_key_refills_only_to_the_idle_cap() {
     // Idle for 10 minutes (active window 60 s): refill would give 6000, the idle cap stops at 800.
     set_stamp(&mut conn, &key, now - 600.0).await;
     let s = settle(&store, &debit(&key, 1.0)).await;
-    assert!((s.remaining - 799.0).abs() < 0.5, "idle cap 0.8 × 1000, minus 1: {}", s.remaining);
+    assert!(
+        (s.remaining - 799.0).abs() < 0.5,
+        "idle cap 0.8 × 1000, minus 1: {}",
+        s.remaining
+    );
     // Active (the previous request was just now): refill may reach the full 1000.
     let now = redis_now(&mut conn).await;
     set_stamp(&mut conn, &key, now - 30.0).await;
     let s = settle(&store, &debit(&key, 1.0)).await;
-    assert!((s.remaining - 999.0).abs() < 0.5, "active key refills to capacity: {}", s.remaining);
+    assert!(
+        (s.remaining - 999.0).abs() < 0.5,
+        "active key refills to capacity: {}",
+        s.remaining
+    );
 }
 
 #[tokio::test]
@@ -208,14 +248,21 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .query_async(&mut conn)
             .await;
         let err = result.expect_err(&format!("cost {cost:?} must be refused"));
-        assert!(err.to_string().contains("enforcer:"), "clear error for {cost:?}: {err}");
+        assert!(
+            err.to_string().contains("enforcer:"),
+            "clear error for {cost:?}: {err}"
+        );
     }
     // A bad tier parameter is refused too, and so is a wrong key count.
     let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
         .arg(&sha)
         .arg(3)
         .arg(&keys)
-        .arg(&["1", "60000", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800"][..])
+        .arg(
+            &[
+                "1", "60000", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
+            ][..],
+        )
         .query_async(&mut conn)
         .await;
     assert!(result.is_err(), "NaN max_tokens refused");
@@ -223,7 +270,11 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .arg(&sha)
         .arg(1)
         .arg(&keys[0])
-        .arg(&["1", "60000", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800"][..])
+        .arg(
+            &[
+                "1", "60000", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800",
+            ][..],
+        )
         .query_async(&mut conn)
         .await;
     assert!(result.is_err(), "wrong key count refused");
@@ -236,7 +287,10 @@ async fn the_store_rejects_bad_costs_before_redis() {
     let store = store(&redis_url());
     let key = ApiKey::parse(&unique("badcost")).expect("key");
     for cost in [f64::NAN, f64::INFINITY, -1.0, 0.0] {
-        assert!(store.debit(&debit(&key, cost)).await.is_err(), "cost {cost} refused");
+        assert!(
+            store.debit(&debit(&key, cost)).await.is_err(),
+            "cost {cost} refused"
+        );
     }
 }
 
@@ -248,15 +302,25 @@ async fn raw_keys_never_reach_redis() {
     let key = ApiKey::parse(&raw).expect("key");
     let d = debit(&key, 1.0);
     settle(&store, &d).await;
-    store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+    store
+        .assign_tier(&key.hash(), Some("free"))
+        .await
+        .expect("assign");
     let mut conn = redis_conn(&url).await;
     let pattern = format!("ptb:{{{}}}:*", key.hash().to_hex());
     let names: Vec<String> = conn.keys(&pattern).await.expect("keys");
     assert_eq!(names.len(), 3, "bucket, tier and request record: {names:?}");
     let all: Vec<String> = conn.keys("*").await.expect("keys");
-    assert!(all.iter().all(|n| !n.contains(&raw)), "a key name contains the raw key");
+    assert!(
+        all.iter().all(|n| !n.contains(&raw)),
+        "a key name contains the raw key"
+    );
     for name in names {
-        let dump: Vec<u8> = redis::cmd("DUMP").arg(&name).query_async(&mut conn).await.expect("dump");
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .expect("dump");
         assert!(
             !String::from_utf8_lossy(&dump).contains(&raw),
             "the value of {name} contains the raw key"

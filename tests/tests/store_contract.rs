@@ -59,7 +59,10 @@ fn near(a: f64, b: f64) -> bool {
 async fn unknown_keys_are_refused_when_configured() {
     for store in stores() {
         let key = ApiKey::parse(&unique("unknown")).expect("key");
-        let out = store.debit(&debit(&key, BucketKind::Main, 1.0)).await.expect("debit");
+        let out = store
+            .debit(&debit(&key, BucketKind::Main, 1.0))
+            .await
+            .expect("debit");
         assert_eq!(out, DebitOutcome::UnknownKey, "{}", store.backend());
     }
 }
@@ -69,26 +72,48 @@ async fn assigned_tier_decides_capacity_and_denials_say_when() {
     for store in stores() {
         let b = store.backend();
         let key = ApiKey::parse(&unique("free")).expect("key");
-        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
         let first = settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await;
         assert!(first.allowed, "{b}");
         assert_eq!(first.tier, "free", "{b}");
-        assert!(near(first.remaining, 680.0), "{b}: new free key starts at 800: {}", first.remaining);
+        assert!(
+            near(first.remaining, 680.0),
+            "{b}: new free key starts at 800: {}",
+            first.remaining
+        );
         // Drain: 5 more of 120 leave 80.
         for _ in 0..5 {
-            assert!(settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await.allowed, "{b}");
+            assert!(
+                settle(&*store, &debit(&key, BucketKind::Main, 120.0))
+                    .await
+                    .allowed,
+                "{b}"
+            );
         }
         let denied = settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await;
         assert!(!denied.allowed, "{b}");
-        assert!(near(denied.remaining, 80.0), "{b}: nothing charged on denial: {}", denied.remaining);
+        assert!(
+            near(denied.remaining, 80.0),
+            "{b}: nothing charged on denial: {}",
+            denied.remaining
+        );
         let retry = denied.retry_after_ms.expect("refill covers it");
-        assert!((3_800..=4_000).contains(&retry), "{b}: (120-80)/10 s ≈ 4000 ms, got {retry}");
+        assert!(
+            (3_800..=4_000).contains(&retry),
+            "{b}: (120-80)/10 s ≈ 4000 ms, got {retry}"
+        );
         // A cost above capacity can never be paid by refill.
         let never = settle(&*store, &debit(&key, BucketKind::Main, 5000.0)).await;
         assert_eq!(never.retry_after_ms, None, "{b}");
 
         let pro = ApiKey::parse(&unique("pro")).expect("key");
-        store.assign_tier(&pro.hash(), Some("pro")).await.expect("assign");
+        store
+            .assign_tier(&pro.hash(), Some("pro"))
+            .await
+            .expect("assign");
         let s = settle(&*store, &debit(&pro, BucketKind::Main, 120.0)).await;
         assert_eq!(s.tier, "pro", "{b}");
         assert!(near(s.remaining, 7880.0), "{b}: {}", s.remaining);
@@ -100,7 +125,10 @@ async fn prepaid_keys_start_empty_and_never_refill() {
     for store in stores() {
         let b = store.backend();
         let key = ApiKey::parse(&unique("prepaid")).expect("key");
-        store.assign_tier(&key.hash(), Some("prepaid")).await.expect("assign");
+        store
+            .assign_tier(&key.hash(), Some("prepaid"))
+            .await
+            .expect("assign");
         let s = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
         assert!(!s.allowed, "{b}");
         assert_eq!(s.remaining, 0.0, "{b}");
@@ -113,18 +141,28 @@ async fn operational_requests_have_their_own_bucket() {
     for store in stores() {
         let b = store.backend();
         let key = ApiKey::parse(&unique("ops")).expect("key");
-        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
         // The operational bucket holds 10: the 11th health check in a burst is refused…
         let mut allowed = 0;
         for _ in 0..11 {
-            if settle(&*store, &debit(&key, BucketKind::Operational, 1.0)).await.allowed {
+            if settle(&*store, &debit(&key, BucketKind::Operational, 1.0))
+                .await
+                .allowed
+            {
                 allowed += 1;
             }
         }
         assert_eq!(allowed, 10, "{b}");
         // …and none of it touched the main budget.
         let main = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
-        assert!(near(main.remaining, 799.0), "{b}: main budget untouched: {}", main.remaining);
+        assert!(
+            near(main.remaining, 799.0),
+            "{b}: main budget untouched: {}",
+            main.remaining
+        );
     }
 }
 
@@ -133,19 +171,31 @@ async fn idempotent_replay_and_refund_once() {
     for store in stores() {
         let b = store.backend();
         let key = ApiKey::parse(&unique("refund")).expect("key");
-        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
         let d = debit(&key, BucketKind::Main, 120.0);
         let first = settle(&*store, &d).await;
         let replay = settle(&*store, &d).await;
         assert!(replay.replayed && !first.replayed, "{b}");
         assert_eq!(replay.cost, 120.0, "{b}");
 
-        let out = store.refund(&key.hash(), &d.request_id).await.expect("refund");
+        let out = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
         let RefundOutcome::Refunded { credited, balance } = out else {
             panic!("{b}: {out:?}");
         };
-        assert!(near(credited, 120.0) && near(balance, 800.0), "{b}: {credited} {balance}");
-        let again = store.refund(&key.hash(), &d.request_id).await.expect("refund");
+        assert!(
+            near(credited, 120.0) && near(balance, 800.0),
+            "{b}: {credited} {balance}"
+        );
+        let again = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
         assert_eq!(again, RefundOutcome::AlreadyRefunded, "{b}");
         let unknown = store
             .refund(&key.hash(), &RequestId::generate())
@@ -154,12 +204,18 @@ async fn idempotent_replay_and_refund_once() {
         assert_eq!(unknown, RefundOutcome::UnknownRequest, "{b}");
         // Another key cannot refund this key's request.
         let other = ApiKey::parse(&unique("other")).expect("key");
-        let stolen = store.refund(&other.hash(), &d.request_id).await.expect("refund");
+        let stolen = store
+            .refund(&other.hash(), &d.request_id)
+            .await
+            .expect("refund");
         assert_eq!(stolen, RefundOutcome::UnknownRequest, "{b}");
 
         let ops = debit(&key, BucketKind::Operational, 1.0);
         settle(&*store, &ops).await;
-        let out = store.refund(&key.hash(), &ops.request_id).await.expect("refund");
+        let out = store
+            .refund(&key.hash(), &ops.request_id)
+            .await
+            .expect("refund");
         assert_eq!(out, RefundOutcome::NotRefundable, "{b}");
     }
 }
@@ -169,12 +225,22 @@ async fn denied_requests_are_not_remembered_so_a_later_retry_can_pass() {
     for store in stores() {
         let b = store.backend();
         let key = ApiKey::parse(&unique("retry")).expect("key");
-        store.assign_tier(&key.hash(), Some("free")).await.expect("assign");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
         settle(&*store, &debit(&key, BucketKind::Main, 790.0)).await;
         let d = debit(&key, BucketKind::Main, 100.0);
         assert!(!settle(&*store, &d).await.allowed, "{b}");
-        let out = store.refund(&key.hash(), &d.request_id).await.expect("refund");
-        assert_eq!(out, RefundOutcome::UnknownRequest, "{b}: a denial charged nothing to refund");
+        let out = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
+        assert_eq!(
+            out,
+            RefundOutcome::UnknownRequest,
+            "{b}: a denial charged nothing to refund"
+        );
     }
 }
 
@@ -198,5 +264,9 @@ async fn memory_store_refills_by_its_clock_like_the_script() {
         settle(&store, &debit(&k, BucketKind::Main, 1.0)).await;
         clock.advance(1.0);
     }
-    assert!(store.bucket_count() < 2049, "expired buckets are swept: {}", store.bucket_count());
+    assert!(
+        store.bucket_count() < 2049,
+        "expired buckets are swept: {}",
+        store.bucket_count()
+    );
 }

@@ -45,7 +45,9 @@ fn machine() -> String {
                 .map(|s| s.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = Command::new("uname")
         .arg("-r")
         .output()
@@ -56,7 +58,9 @@ fn machine() -> String {
 
 fn http(clients: usize, seconds: u64) -> Result<()> {
     crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
-    let dir = tempfile::Builder::new().prefix("enforcer-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-")
+        .tempdir()?;
     let redis = Redis::start(dir.path())?;
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -94,7 +98,9 @@ refill_per_sec = 1e9
     };
     let duration = Duration::from_secs(seconds);
     let half_rate = ceiling_before.rps / 2.0;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut rows = Vec::new();
     // One worker thread, then tokio's default (one per core): on a machine where Redis and the
     // load generator share the cores, cross-thread wake-ups cost more than the second worker
@@ -112,11 +118,25 @@ refill_per_sec = 1e9
         );
         wait_http(addr)?;
         // Warm-up (connections, allocator, script cache).
-        loadgen::run(addr, "/v1/check", clients, Duration::from_secs(1), Pace::Closed, body)?;
+        loadgen::run(
+            addr,
+            "/v1/check",
+            clients,
+            Duration::from_secs(1),
+            Pace::Closed,
+            body,
+        )?;
         let cpu0 = redis_cpu(&redis)?;
         let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
         let full_cpu = redis_cpu(&redis)? - cpu0;
-        let half = loadgen::run(addr, "/v1/check", clients, duration, Pace::Open(half_rate), body)?;
+        let half = loadgen::run(
+            addr,
+            "/v1/check",
+            clients,
+            duration,
+            Pace::Open(half_rate),
+            body,
+        )?;
         drop(daemon);
         rows.push((workers, full, full_cpu, half));
     }
@@ -184,7 +204,13 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Re
     let cpu0 = redis_cpu(redis)?;
     let out = Command::new("redis-benchmark")
         .args(["-p", &redis.port.to_string(), "-c", &clients.to_string()])
-        .args(["-n", &total.to_string(), "-r", &KEY_SPACE.to_string(), "--csv"])
+        .args([
+            "-n",
+            &total.to_string(),
+            "-r",
+            &KEY_SPACE.to_string(),
+            "--csv",
+        ])
         .args(["EVALSHA", sha, "3"])
         .args([
             "ptb:{bench__rand_int__}:b",
@@ -220,7 +246,8 @@ fn redis_cpu(redis: &Redis) -> Result<f64> {
         info.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
     };
-    Ok(field("used_cpu_sys").context("used_cpu_sys")? + field("used_cpu_user").context("used_cpu_user")?)
+    Ok(field("used_cpu_sys").context("used_cpu_sys")?
+        + field("used_cpu_user").context("used_cpu_user")?)
 }
 
 fn wait_http(addr: SocketAddr) -> Result<()> {

@@ -4,8 +4,8 @@
 use anyhow::{Context as _, Result, bail};
 use std::io::Write as _;
 use std::net::SocketAddr;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Copy)]

@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Set-up, run, test and benchmark enforcer")]
+#[command(
+    name = "cargo xtask",
+    about = "Set-up, run, test and benchmark enforcer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -94,7 +97,13 @@ fn test(extra: &[String]) -> Result<()> {
     // Build first, so the services do not sit idle through a long compile. The CLI and kernel
     // tests run the `enforcer` binary itself.
     status(Command::new("cargo").args(["build", "--package", "enforcer"]))?;
-    status(Command::new("cargo").args(["test", "--workspace", "--exclude", "enforcer-ebpf", "--no-run"]))?;
+    status(Command::new("cargo").args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "enforcer-ebpf",
+        "--no-run",
+    ]))?;
     let services = services::Services::start()?;
     let env = services.env();
     let run = |args: &[&str]| {
@@ -127,9 +136,7 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// Runs a command, failing on a non-zero exit.
 pub fn status(cmd: &mut Command) -> Result<()> {
-    let s = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !s.success() {
         bail!("{cmd:?} failed: {s}");
     }

@@ -49,7 +49,9 @@ impl Redis {
         )
         .context("starting redis-server")?;
         let redis = Self { port, dir };
-        wait_for("redis", || redis.cli(&["PING"]).is_ok_and(|o| o.trim() == "PONG"))?;
+        wait_for("redis", || {
+            redis.cli(&["PING"]).is_ok_and(|o| o.trim() == "PONG")
+        })?;
         Ok(redis)
     }
 
@@ -85,10 +87,15 @@ impl Postgres {
         let port = free_port()?;
         let dir = dir.join("pg");
         std::fs::create_dir_all(&dir)?;
-        crate::status(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
+        crate::status(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir),
+        )?;
         let as_pg = |bin: &str| {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(Path::new(PG_BIN).join(bin));
+            c.args(["-u", "postgres", "--"])
+                .arg(Path::new(PG_BIN).join(bin));
             c
         };
         let data = dir.join("data");
@@ -147,7 +154,9 @@ pub struct Services {
 
 impl Services {
     pub fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("enforcer-test-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("enforcer-test-")
+            .tempdir()?;
         // PostgreSQL runs as `postgres` and must be able to traverse into the directory.
         Command::new("chmod").arg("755").arg(dir.path()).status()?;
         let redis = Redis::start(dir.path())?;
@@ -169,7 +178,10 @@ impl Services {
         vec![
             ("ENFORCER_TEST_REDIS_URL".into(), self.redis.url()),
             ("ENFORCER_TEST_DATABASE_URL".into(), self.postgres.url()),
-            ("ENFORCER_TEST_REDIS_PORT".into(), self.redis.port.to_string()),
+            (
+                "ENFORCER_TEST_REDIS_PORT".into(),
+                self.redis.port.to_string(),
+            ),
         ]
     }
 }

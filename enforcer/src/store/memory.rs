@@ -104,7 +104,10 @@ impl TokenStore for MemoryStore {
                 replayed: true,
             }));
         }
-        let Some(tier) = self.policy.resolve(st.tiers.get(&d.key).map(String::as_str)) else {
+        let Some(tier) = self
+            .policy
+            .resolve(st.tiers.get(&d.key).map(String::as_str))
+        else {
             return Ok(DebitOutcome::UnknownKey);
         };
         let params = match d.bucket {

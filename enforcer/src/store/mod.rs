@@ -99,8 +99,11 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     /// Debits one request, atomically: concurrent debits of one key never spend a token twice.
     async fn debit(&self, debit: &Debit) -> Result<DebitOutcome, StoreError>;
     /// Gives back the cost of an allowed request (by its id), at most once.
-    async fn refund(&self, key: &KeyHash, request_id: &RequestId)
-    -> Result<RefundOutcome, StoreError>;
+    async fn refund(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+    ) -> Result<RefundOutcome, StoreError>;
     /// Assigns a key to a tier (or removes the assignment with `None`).
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
     /// Checks that the backend answers.
@@ -114,6 +117,8 @@ pub(crate) fn check_cost(cost: f64) -> Result<(), StoreError> {
     if cost.is_finite() && cost > 0.0 && cost <= 1e15 {
         Ok(())
     } else {
-        Err(StoreError::Rejected(format!("cost must be finite, > 0 and <= 1e15, got {cost}")))
+        Err(StoreError::Rejected(format!(
+            "cost must be finite, > 0 and <= 1e15, got {cost}"
+        )))
     }
 }

@@ -79,7 +79,9 @@ impl RedisStore {
     pub fn new(config: &RedisStoreConfig, policy: &BudgetPolicy) -> Result<Self, StoreError> {
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
-        let connections = (0..config.connections.max(1)).map(|_| OnceCell::new()).collect();
+        let connections = (0..config.connections.max(1))
+            .map(|_| OnceCell::new())
+            .collect();
         Ok(Self {
             pool: Arc::new(Pool {
                 client,
@@ -152,7 +154,11 @@ impl Pool {
                     .map_err(unavailable)?;
                 // Load the scripts up front; EVALSHA then never sends a script body.
                 for script in &self.scripts {
-                    script.prepare_invoke().load_async(&mut conn).await.map_err(unavailable)?;
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
                 }
                 Ok::<_, StoreError>(conn)
             })
