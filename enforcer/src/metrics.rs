@@ -34,12 +34,27 @@ pub struct Metrics {
     pub kernel_packets: IntCounterVec,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+/// Registers a metric and hands it back. The definitions are static, so a failure here is a
+/// programming error that every test building the daemon would catch.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry
-        .register(Box::new(c.clone()))
-        .expect("unique metric name");
-    c
+        .register(Box::new(metric.clone()))
+        .expect("valid and unique metric definition");
+    metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(
+        registry,
+        IntGauge::new(name, help).expect("valid metric definition"),
+    )
 }
 
 impl Metrics {
@@ -52,20 +67,20 @@ impl Metrics {
             "Decisions by outcome (allowed, denied, rejected_unknown_key), tier and mode",
             &["outcome", "tier", "mode"],
         );
-        let debit_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "enforcer_debit_duration_seconds",
-                "Token store round trip of one debit",
+        let debit_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "enforcer_debit_duration_seconds",
+                    "Token store round trip of one debit",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                ]),
+                &["backend"],
             )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
-            ]),
-            &["backend"],
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(debit_duration.clone()))
-            .expect("unique metric name");
+            .expect("valid metric definition"),
+        );
         let store_errors = counter_vec(
             &registry,
             "enforcer_store_errors_total",
@@ -78,14 +93,11 @@ impl Metrics {
             "Decisions made by on_store_failure because the store was unreachable",
             &["policy"],
         );
-        let breaker_state = IntGauge::new(
+        let breaker_state = gauge(
+            &registry,
             "enforcer_store_breaker_state",
             "Token store circuit breaker: 0 closed, 1 open, 2 half-open",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(breaker_state.clone()))
-            .expect("unique metric name");
+        );
         let bad_requests = counter_vec(
             &registry,
             "enforcer_bad_requests_total",
@@ -98,22 +110,19 @@ impl Metrics {
             "Refund requests by outcome",
             &["outcome"],
         );
-        let replays = IntCounter::new(
-            "enforcer_idempotent_replays_total",
-            "Checks answered from an earlier decision with the same request_id",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(replays.clone()))
-            .expect("unique metric name");
-        let kernel_attached = IntGauge::new(
+        let replays = register(
+            &registry,
+            IntCounter::new(
+                "enforcer_idempotent_replays_total",
+                "Checks answered from an earlier decision with the same request_id",
+            )
+            .expect("valid metric definition"),
+        );
+        let kernel_attached = gauge(
+            &registry,
             "enforcer_kernel_attached",
             "1 when the kernel gate is attached, 0 when running userspace-only",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(kernel_attached.clone()))
-            .expect("unique metric name");
+        );
         let kernel_packets = counter_vec(
             &registry,
             "enforcer_kernel_packets_total",

@@ -64,16 +64,38 @@ fn the_gate_attaches_in_a_namespace_and_sees_real_traffic() {
         let gate = Gate::attach(std::slice::from_ref(&iface)).expect("attach to veth ingress");
         assert_eq!(gate.interfaces(), std::slice::from_ref(&iface));
         let before = gate.counters().expect("counters").passed;
-        let ping = std::process::Command::new("nsenter")
-            .arg(format!("--net={ns_b}"))
-            .args(["ping", "-c", "3", "-i", "0.2", "-W", "1", A_ADDR])
-            .output()
-            .expect("ping");
+        let pinged = ping_from(&ns_b);
         let after = gate.counters().expect("counters").passed;
-        (after - before, ping.status.success())
+        (after - before, pinged)
     });
     assert!(pinged, "traffic passes through the attached gate");
     assert!(passed >= 3, "the gate saw the echo requests: {passed}");
+}
+
+/// Three pings from the namespace at `ns_path` to the gate's side; true when answered.
+fn ping_from(ns_path: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={ns_path}"))
+        .args(["ping", "-c", "3", "-i", "0.2", "-W", "1", A_ADDR])
+        .output()
+        .expect("ping")
+        .status
+        .success()
+}
+
+/// Polls `/readyz` until the daemon answers; returns the raw response.
+fn wait_ready(addr: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(r) = get(addr, "/readyz") {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 struct Daemon(Child);
@@ -112,23 +134,8 @@ fn the_daemon_attaches_the_gate_and_reports_it() {
     );
     let b_path = link.b.path();
     let (ready, metrics) = link.a.run(move || {
-        let start = Instant::now();
-        let ready = loop {
-            if let Some(r) = get("127.0.0.1:18080", "/readyz") {
-                break r;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let ping = std::process::Command::new("nsenter")
-            .arg(format!("--net={b_path}"))
-            .args(["ping", "-c", "3", "-i", "0.2", "-W", "1", A_ADDR])
-            .output()
-            .expect("ping");
-        assert!(ping.status.success(), "traffic passes");
+        let ready = wait_ready("127.0.0.1:18080");
+        assert!(ping_from(&b_path), "traffic passes");
         // The daemon exports the kernel counters once a second.
         std::thread::sleep(Duration::from_millis(1500));
         (
@@ -167,17 +174,7 @@ fn without_kernel_support_the_daemon_runs_userspace_only() {
             .expect("start the daemon"),
     );
     let (ready, metrics) = link.a.run(|| {
-        let start = Instant::now();
-        let ready = loop {
-            if let Some(r) = get("127.0.0.1:18081", "/readyz") {
-                break r;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let ready = wait_ready("127.0.0.1:18081");
         (
             ready,
             get("127.0.0.1:18081", "/metrics").unwrap_or_default(),
