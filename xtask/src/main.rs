@@ -106,30 +106,31 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     let services = services::Services::start()?;
     let env = services.env();
-    let run = |args: &[&str]| {
+    // `harness` goes to the test binaries, before the caller's extra arguments (a filter).
+    let run = |args: &[&str], harness: &[&str]| {
         let mut cmd = Command::new("cargo");
         cmd.args(args).envs(env.iter().cloned());
-        if !extra.is_empty() {
-            cmd.arg("--").args(extra);
-        }
+        cmd.arg("--").args(harness).args(extra);
         status(&mut cmd)
     };
-    // Unit tests in parallel; the integration tests share Redis keys' namespaces and kernel
-    // state, so they run one at a time.
+    // Unit tests in parallel. The integration tests share kernel state (namespaces, the bpffs)
+    // and some restart Redis servers, so they run one at a time.
     // (--workspace would include the eBPF crate, which only builds for the BPF target.)
-    let unit = run(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "enforcer-ebpf",
-        "--exclude",
-        "enforcer-tests",
-    ]);
-    let mut integration_args = vec!["test", "--package", "enforcer-tests", "--no-fail-fast"];
-    if extra.is_empty() {
-        integration_args.extend(["--", "--test-threads=1"]);
-    }
-    let integration = run(&integration_args);
+    let unit = run(
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "enforcer-ebpf",
+            "--exclude",
+            "enforcer-tests",
+        ],
+        &[],
+    );
+    let integration = run(
+        &["test", "--package", "enforcer-tests", "--no-fail-fast"],
+        &["--test-threads=1"],
+    );
     drop(services);
     unit.and(integration)
 }
