@@ -1,31 +1,473 @@
 //! Kernel side of enforcer: the TC ingress classifier `gate`.
 //!
-//! Today the gate sees every packet on the interfaces it is attached to, counts it and lets it
-//! through; the per-key rejection logic (issue "Kernel gate") builds on this skeleton. Whatever
-//! the gate cannot decide for sure passes, so a gate that decides nothing is always safe.
+//! For TCP packets to a protected port (IPv4 or IPv6) the gate finds who is calling:
+//!
+//! - **L7**: a plaintext HTTP/1.x request line followed by the configured key header
+//!   (case-insensitive name, optional value prefix such as `Bearer `) within the first
+//!   [`SCAN_WINDOW`] bytes of the segment → key id ([`enforcer_common::key_id`]), and the price of
+//!   that (method, path) from `PRICES`, else the default price;
+//! - **L4**: otherwise, the source address, if the daemon bound it to exactly one key; compared
+//!   with the cheapest price.
+//!
+//! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
+//! whose balance plus the refill since the snapshot is below the price, or an operator block.
+//! Everything else passes (`TC_ACT_PIPE`): unknown keys, stale or missing data, packets it cannot
+//! parse, fragments, other protocols. With empty maps everything passes.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
-    macros::{classifier, map},
-    maps::PerCpuArray,
-    programs::TcContext,
+use aya_ebpf::bindings::{TC_ACT_PIPE, TC_ACT_SHOT};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
+use aya_ebpf::programs::TcContext;
+use enforcer_common::{
+    Binding, Budget, GateConfig, MAX_KEY_LEN, MAX_PATTERN, MAX_PREFIX, PriceKey, SCAN_WINDOW,
+    capacity, counter, fnv_start, fnv_step,
 };
-use enforcer_common::counter;
 
 /// Per-CPU packet counters, indexed by `enforcer_common::counter`; userspace sums the CPUs.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
 
-/// TC ingress entry point. `TC_ACT_PIPE` hands the packet on to the next program or the
-/// stack, so the gate composes with other TC programs on the same interface.
+/// The gate's configuration; generation 0 (all zero, before the daemon writes it) disables it.
+#[map]
+static CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
+
+/// Protected destination ports (host byte order).
+#[map]
+static PORTS: HashMap<u16, u32> = HashMap::with_max_entries(capacity::PORTS, 0);
+
+/// Budget snapshots by key id; LRU so a full map evicts instead of refusing new keys.
+#[map]
+static BUDGETS: LruHashMap<u64, Budget> = LruHashMap::with_max_entries(capacity::BUDGETS, 0);
+
+/// Prices (milli-tokens) by method and path hash; method 0 matches any method.
+#[map]
+static PRICES: HashMap<PriceKey, u64> = HashMap::with_max_entries(capacity::PRICES, 0);
+
+/// Client address (IPv6, or IPv4-mapped) → the one key it is bound to.
+#[map]
+static BINDINGS: LruHashMap<[u8; 16], Binding> =
+    LruHashMap::with_max_entries(capacity::BINDINGS, 0);
+
+/// Rejections per key id, per CPU (read into the audit ledger's rollups).
+#[map]
+static KEY_REJECTS: LruPerCpuHashMap<u64, u64> =
+    LruPerCpuHashMap::with_max_entries(capacity::KEY_REJECTS, 0);
+
+/// Per-CPU scan state: the payload copy (too big for the 512-byte BPF stack) and the parser's
+/// variables, shared by the `bpf_loop` callback's iterations.
+#[map]
+static SCRATCH: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scan {
+    buf: [u8; SCAN_WINDOW],
+    phase: u64,
+    method_len: u64,
+    method: u64,
+    path: u64,
+    path_len: u64,
+    version: u64,
+    line_len: u64,
+    matched: u64,
+    key: u64,
+    key_trimmed: u64,
+    key_len: u64,
+    /// The parser's answer once a byte decided it (an `http::*` code), else `u64::MAX`.
+    outcome: u64,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+
+/// TC ingress entry point. `TC_ACT_PIPE` hands the packet on to the next program or the stack,
+/// so the gate composes with other TC programs on the same interface.
 #[classifier]
 pub fn gate(ctx: TcContext) -> i32 {
-    let _ = ctx;
-    bump(counter::PASSED);
-    TC_ACT_PIPE
+    match inspect(&ctx) {
+        Verdict::Pass => {
+            bump(counter::PASSED);
+            TC_ACT_PIPE
+        }
+        Verdict::ParseFailed => {
+            bump(counter::PARSE_FAILED);
+            bump(counter::PASSED);
+            TC_ACT_PIPE
+        }
+        Verdict::Stale => {
+            bump(counter::STALE);
+            bump(counter::PASSED);
+            TC_ACT_PIPE
+        }
+        Verdict::Reject { reason, key_id } => {
+            bump(reason);
+            count_rejection(key_id);
+            TC_ACT_SHOT
+        }
+    }
 }
+
+enum Verdict {
+    Pass,
+    ParseFailed,
+    Stale,
+    Reject { reason: u32, key_id: u64 },
+}
+
+/// What the L7 parser found (the key id and price key are left in the scratch slot).
+mod http {
+    /// A complete key header: `key_trimmed`, `method` and `path` of the scratch slot are set.
+    pub const IDENTIFIED: u32 = 0;
+    /// Not an HTTP request start (another protocol, a continuation segment).
+    pub const NOT_HTTP: u32 = 1;
+    /// An HTTP request whose headers ended without the key header.
+    pub const NO_KEY: u32 = 2;
+    /// HTTP, but cut off before the key could be read (split segment, beyond the window,
+    /// too long), or no scratch space: identity unknown.
+    pub const UNSURE: u32 = 3;
+}
+
+#[inline(always)]
+fn inspect(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::Pass;
+    };
+    if cfg.generation == 0 {
+        return Verdict::Pass;
+    }
+    let Ok(eth_type) = ctx.load::<u16>(12) else {
+        return Verdict::Pass;
+    };
+    let mut src = [0u8; 16];
+    let l4: usize;
+    match u16::from_be(eth_type) {
+        ETH_P_IP => {
+            let Ok(vihl) = ctx.load::<u8>(ETH_HLEN) else {
+                return Verdict::ParseFailed;
+            };
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Verdict::ParseFailed;
+            }
+            let (Ok(frag), Ok(proto), Ok(saddr)) = (
+                ctx.load::<u16>(ETH_HLEN + 6),
+                ctx.load::<u8>(ETH_HLEN + 9),
+                ctx.load::<[u8; 4]>(ETH_HLEN + 12),
+            ) else {
+                return Verdict::ParseFailed;
+            };
+            // Fragments (more-fragments flag or an offset) carry no reliable TCP header: pass.
+            if proto != IPPROTO_TCP || u16::from_be(frag) & 0x3fff != 0 {
+                return Verdict::Pass;
+            }
+            src[10] = 0xff;
+            src[11] = 0xff;
+            src[12] = saddr[0];
+            src[13] = saddr[1];
+            src[14] = saddr[2];
+            src[15] = saddr[3];
+            l4 = ETH_HLEN + ihl;
+        }
+        ETH_P_IPV6 => {
+            let (Ok(next), Ok(saddr)) = (
+                ctx.load::<u8>(ETH_HLEN + 6),
+                ctx.load::<[u8; 16]>(ETH_HLEN + 8),
+            ) else {
+                return Verdict::ParseFailed;
+            };
+            // Extension headers are not followed: such packets pass.
+            if next != IPPROTO_TCP {
+                return Verdict::Pass;
+            }
+            src = saddr;
+            l4 = ETH_HLEN + 40;
+        }
+        _ => return Verdict::Pass,
+    }
+    let (Ok(dport), Ok(doff)) = (ctx.load::<u16>(l4 + 2), ctx.load::<u8>(l4 + 12)) else {
+        return Verdict::ParseFailed;
+    };
+    if PORTS.get_ptr(u16::from_be(dport)).is_none() {
+        return Verdict::Pass;
+    }
+    let tcp_len = ((doff >> 4) as usize) * 4;
+    if tcp_len < 20 {
+        return Verdict::ParseFailed;
+    }
+    let payload = l4 + tcp_len;
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if parse_http(ctx, payload) == http::IDENTIFIED
+        && let Some(scan) = SCRATCH.get_ptr(0)
+    {
+        // SAFETY: this CPU's scratch slot, just written by the parser.
+        let (key_id, price) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*scan).key_trimmed),
+                PriceKey {
+                    method: core::ptr::read_volatile(&raw const (*scan).method),
+                    path: core::ptr::read_volatile(&raw const (*scan).path),
+                },
+            )
+        };
+        return decide(key_id, price_of(&price, cfg), now, cfg, counter::REJECTED_L7);
+    }
+    // No L7 identity: the source address, if it is bound to one key.
+    // SAFETY: read-only use of a map value the kernel keeps alive for this program run.
+    let Some(binding) = (unsafe { BINDINGS.get(src) }) else {
+        return Verdict::Pass;
+    };
+    if binding.generation != cfg.generation
+        || now.saturating_sub(binding.synced_ns) > cfg.max_staleness_ns
+    {
+        return Verdict::Stale;
+    }
+    decide(binding.key_id, cfg.min_price_milli, now, cfg, counter::REJECTED_L4)
+}
+
+#[inline(always)]
+fn price_of(key: &PriceKey, cfg: &GateConfig) -> u64 {
+    // SAFETY: read-only use of map values for the duration of this program run.
+    if let Some(p) = unsafe { PRICES.get(key) } {
+        return *p;
+    }
+    let any = PriceKey {
+        method: 0,
+        path: key.path,
+    };
+    match unsafe { PRICES.get(any) } {
+        Some(p) => *p,
+        None => cfg.default_price_milli,
+    }
+}
+
+/// Rejects only when the snapshot is fresh, of this generation, and the most the key can have
+/// now (balance + refill since the snapshot, ignoring any cap) is below the price.
+#[inline(always)]
+fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> Verdict {
+    // SAFETY: read-only use of a map value for the duration of this program run.
+    let Some(b) = (unsafe { BUDGETS.get(key_id) }) else {
+        return Verdict::Pass;
+    };
+    if b.generation != cfg.generation {
+        return Verdict::Stale;
+    }
+    let elapsed = now.saturating_sub(b.synced_ns);
+    if elapsed > cfg.max_staleness_ns {
+        return Verdict::Stale;
+    }
+    if b.blocked_until_ns > now {
+        return Verdict::Reject {
+            reason: counter::REJECTED_BLOCKED,
+            key_id,
+        };
+    }
+    // Microseconds (≤ 2^26: staleness is at most a minute) times a rate clamped to 2^37
+    // milli-tokens/s cannot overflow; BPF has no 128-bit multiply for an overflow check.
+    let micros = (elapsed / 1000).min(1 << 26);
+    let refill = micros * b.refill_milli_per_sec.min(1 << 37) / 1_000_000;
+    let most = b.balance_milli.saturating_add(refill.min(i64::MAX as u64) as i64);
+    if most < 0 || (most as u64) < price {
+        Verdict::Reject { reason, key_id }
+    } else {
+        Verdict::Pass
+    }
+}
+
+/// Scans the start of the payload: request line, then headers for the key header.
+///
+/// The per-byte state machine runs under `bpf_loop`, so the verifier checks its body once
+/// instead of once per byte (a plain 512-iteration loop exceeds the verifier's budget).
+#[inline(always)]
+fn parse_http(ctx: &TcContext, payload: usize) -> u32 {
+    let len = ctx.len() as usize;
+    if payload >= len {
+        return http::NOT_HTTP;
+    }
+    let avail = len - payload;
+    // 1..=SCAN_WINDOW, in a form the verifier can bound.
+    let n = ((avail.min(SCAN_WINDOW) - 1) & (SCAN_WINDOW - 1)) + 1;
+    let Some(scan) = SCRATCH.get_ptr_mut(0) else {
+        return http::UNSURE;
+    };
+    // SAFETY: `scan` is this CPU's scratch slot, which nothing else touches while the program
+    // runs; `n` ≤ SCAN_WINDOW = the buffer's size.
+    unsafe {
+        if aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            payload as u32,
+            (*scan).buf.as_mut_ptr().cast(),
+            n as u32,
+        ) != 0
+        {
+            return http::UNSURE;
+        }
+        (*scan).phase = PHASE_METHOD;
+        (*scan).method_len = 0;
+        (*scan).method = fnv_start();
+        (*scan).path = fnv_start();
+        (*scan).path_len = 0;
+        (*scan).version = 0;
+        (*scan).line_len = 0;
+        (*scan).matched = 0;
+        (*scan).key = fnv_start();
+        (*scan).key_trimmed = fnv_start();
+        (*scan).key_len = 0;
+        (*scan).outcome = u64::MAX;
+        aya_ebpf::helpers::bpf_loop(
+            n as u32,
+            scan_byte as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        match (*scan).outcome {
+            o if o <= http::UNSURE as u64 => o as u32,
+            // The segment (or the window) ended first: a split request line, header or value.
+            _ if (*scan).phase == PHASE_METHOD && (*scan).method_len == 0 => http::NOT_HTTP,
+            _ => http::UNSURE,
+        }
+    }
+}
+
+/// One byte of the scan (a `bpf_loop` callback): 0 to go on, 1 when the outcome is decided.
+#[inline(never)]
+extern "C" fn scan_byte(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(cfg), Some(scan)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot; the index is masked into the buffer.
+    let s = unsafe { &mut *scan };
+    let b = s.buf[(index as usize) & (SCAN_WINDOW - 1)];
+    let decided = |s: &mut Scan, outcome: u32| {
+        s.outcome = outcome as u64;
+        1
+    };
+    match s.phase {
+        PHASE_METHOD => {
+            if b == b' ' && s.method_len >= 3 {
+                s.phase = PHASE_PATH;
+            } else if b.is_ascii_uppercase() && s.method_len < 10 {
+                s.method = fnv_step(s.method, b);
+                s.method_len += 1;
+            } else {
+                return decided(s, http::NOT_HTTP);
+            }
+        }
+        PHASE_PATH => {
+            if s.path_len == 0 && b != b'/' {
+                return decided(s, http::NOT_HTTP);
+            }
+            if b == b' ' {
+                s.phase = PHASE_VERSION;
+            } else if b == b'?' || b == b'#' {
+                s.phase = PHASE_QUERY;
+            } else if b < 0x21 || b == 0x7f {
+                return decided(s, http::NOT_HTTP);
+            } else {
+                s.path = fnv_step(s.path, b);
+                s.path_len += 1;
+            }
+        }
+        PHASE_QUERY => {
+            if b == b' ' {
+                s.phase = PHASE_VERSION;
+            } else if b < 0x21 {
+                return decided(s, http::NOT_HTTP);
+            }
+        }
+        PHASE_VERSION => {
+            if b != HTTP1[(s.version & 7) as usize] {
+                return decided(s, http::NOT_HTTP);
+            }
+            s.version += 1;
+            if s.version >= HTTP1_LEN {
+                s.phase = PHASE_REQUEST_LINE;
+            }
+        }
+        PHASE_REQUEST_LINE => {
+            if b == b'\n' {
+                // The '\n' just read is the first byte of the pattern "\n<name>:".
+                s.phase = PHASE_HEADERS;
+                s.matched = 1;
+                s.line_len = 0;
+            }
+        }
+        PHASE_HEADERS => {
+            if b == b'\n' {
+                if s.line_len == 0 {
+                    // An empty line: the headers ended without the key.
+                    return decided(s, http::NO_KEY);
+                }
+                s.matched = 1;
+                s.line_len = 0;
+                return 0;
+            }
+            if b != b'\r' {
+                s.line_len += 1;
+            }
+            let m = s.matched;
+            let pattern_len = (cfg.pattern_len as u64).min(MAX_PATTERN as u64);
+            if m > 0 && b.to_ascii_lowercase() == cfg.pattern[(m as usize) & (MAX_PATTERN - 1)] {
+                if m + 1 >= pattern_len {
+                    s.phase = PHASE_VALUE;
+                    s.matched = 0;
+                } else {
+                    s.matched = m + 1;
+                }
+            } else {
+                s.matched = 0;
+            }
+        }
+        _ => {
+            // PHASE_VALUE: leading whitespace, then the prefix (if any), then the key.
+            if b == b'\r' || b == b'\n' {
+                let outcome = if s.key_len == 0 {
+                    http::NO_KEY
+                } else {
+                    http::IDENTIFIED
+                };
+                return decided(s, outcome);
+            }
+            if s.key_len == 0 && s.matched == 0 && (b == b' ' || b == b'\t') {
+                return 0;
+            }
+            let prefix_len = (cfg.prefix_len as u64).min(MAX_PREFIX as u64);
+            if s.matched < prefix_len {
+                if b.to_ascii_lowercase() != cfg.prefix[(s.matched as usize) & (MAX_PREFIX - 1)] {
+                    return decided(s, http::NO_KEY);
+                }
+                s.matched += 1;
+                return 0;
+            }
+            if s.key_len >= MAX_KEY_LEN as u64 {
+                return decided(s, http::UNSURE);
+            }
+            s.key = fnv_step(s.key, b);
+            s.key_len += 1;
+            if b != b' ' && b != b'\t' {
+                s.key_trimmed = s.key;
+            }
+        }
+    }
+    0
+}
+
+const HTTP1: [u8; 8] = *b"HTTP/1.\0";
+/// Length of `HTTP/1.` (the array is padded to 8 for a masked index).
+const HTTP1_LEN: u64 = 7;
+
+const PHASE_METHOD: u64 = 0;
+const PHASE_PATH: u64 = 1;
+const PHASE_QUERY: u64 = 2;
+const PHASE_VERSION: u64 = 3;
+const PHASE_REQUEST_LINE: u64 = 4;
+const PHASE_HEADERS: u64 = 5;
+const PHASE_VALUE: u64 = 6;
 
 #[inline(always)]
 fn bump(index: u32) {
@@ -33,6 +475,17 @@ fn bump(index: u32) {
         // SAFETY: the pointer comes from a per-CPU array slot owned by this CPU for the
         // duration of the program; no other writer can race with it.
         unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_rejection(key_id: u64) {
+    match KEY_REJECTS.get_ptr_mut(key_id) {
+        // SAFETY: a per-CPU value of this CPU.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = KEY_REJECTS.insert(key_id, 1, 0);
+        }
     }
 }
 
