@@ -215,7 +215,13 @@ fn inspect(ctx: &TcContext) -> Verdict {
                 },
             )
         };
-        return decide(key_id, price_of(&price, cfg), now, cfg, counter::REJECTED_L7);
+        return decide(
+            key_id,
+            price_of(&price, cfg),
+            now,
+            cfg,
+            counter::REJECTED_L7,
+        );
     }
     // No L7 identity: the source address, if it is bound to one key.
     // SAFETY: read-only use of a map value the kernel keeps alive for this program run.
@@ -227,7 +233,13 @@ fn inspect(ctx: &TcContext) -> Verdict {
     {
         return Verdict::Stale;
     }
-    decide(binding.key_id, cfg.min_price_milli, now, cfg, counter::REJECTED_L4)
+    decide(
+        binding.key_id,
+        cfg.min_price_milli,
+        now,
+        cfg,
+        counter::REJECTED_L4,
+    )
 }
 
 #[inline(always)]
@@ -271,7 +283,9 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
     // milli-tokens/s cannot overflow; BPF has no 128-bit multiply for an overflow check.
     let micros = (elapsed / 1000).min(1 << 26);
     let refill = micros * b.refill_milli_per_sec.min(1 << 37) / 1_000_000;
-    let most = b.balance_milli.saturating_add(refill.min(i64::MAX as u64) as i64);
+    let most = b
+        .balance_milli
+        .saturating_add(refill.min(i64::MAX as u64) as i64);
     if most < 0 || (most as u64) < price {
         Verdict::Reject { reason, key_id }
     } else {

@@ -1,17 +1,35 @@
 //! The kernel side, seen from userspace: loads the TC eBPF program `gate` (built from
 //! `enforcer-ebpf` by `build.rs` and embedded in this binary), attaches it to the ingress of the
-//! configured interfaces (TCX where the kernel has it, clsact otherwise) and reads its counters.
+//! configured interfaces (TCX where the kernel has it, clsact otherwise), writes its maps
+//! (config, protected ports, prices, budget snapshots, address bindings) and reads its counters.
+//!
+//! With a pin directory the maps are pinned there (`/sys/fs/bpf/enforcer` in production), and a
+//! restarted daemon adopts them: enforcement continues from the first second.
 //!
 //! Loading needs root (CAP_BPF + CAP_NET_ADMIN). Without it the daemon runs userspace-only and
 //! says so (`/readyz`, `enforcer_kernel_attached 0`, a warning in the log).
-use aya::Ebpf;
-use aya::maps::PerCpuArray;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
-use enforcer_common::{counter, names};
+use aya::{Ebpf, EbpfLoader};
+use enforcer_common::{Binding, Budget, GateConfig, PriceKey, counter, names};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
 
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// The maps that are pinned (everything the daemon writes or reads back).
+const PINNED: [&str; 7] = [
+    names::COUNTERS_MAP,
+    names::CONFIG_MAP,
+    names::PORTS_MAP,
+    names::BUDGETS_MAP,
+    names::PRICES_MAP,
+    names::BINDINGS_MAP,
+    names::KEY_REJECTS_MAP,
+];
 
 /// Errors of the kernel gate.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +54,12 @@ pub enum KernelError {
         /// Why.
         reason: String,
     },
+    /// A setting the kernel side cannot hold.
+    #[error("invalid gate setting: {0}")]
+    Setting(String),
+    /// The pin directory could not be created.
+    #[error("cannot create the pin directory {0}: {1}")]
+    PinDir(String, std::io::Error),
 }
 
 /// Summed per-CPU counters of the gate.
@@ -43,49 +67,120 @@ pub enum KernelError {
 pub struct Counters {
     /// Packets passed to the normal path.
     pub passed: u64,
-    /// Packets the gate could not parse (passed as well).
+    /// Packets to a protected port the gate could not parse (passed as well).
     pub parse_failed: u64,
+    /// HTTP requests rejected because their key cannot pay their price.
+    pub rejected_l7: u64,
+    /// Packets rejected because their bound address's key cannot pay the cheapest price.
+    pub rejected_l4: u64,
+    /// Packets rejected because their key is blocked.
+    pub rejected_blocked: u64,
+    /// Packets passed because the data about their key was stale.
+    pub stale: u64,
 }
 
-/// The loaded gate; dropping it detaches the program.
+/// What the gate enforces (written to its `CONFIG` and `PORTS` maps).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateSettings {
+    /// Protected TCP destination ports.
+    pub ports: Vec<u16>,
+    /// Header carrying the key (case-insensitive).
+    pub key_header: String,
+    /// Value prefix to skip, e.g. `"Bearer "` for `Authorization` (empty: none).
+    pub value_prefix: String,
+    /// Snapshots and bindings older than this are ignored.
+    pub max_staleness: Duration,
+    /// Price of a request whose endpoint is not in the price map, tokens.
+    pub default_price: f64,
+    /// Cheapest price of any request, tokens (L4 identities are compared with it).
+    pub min_price: f64,
+    /// Config generation: entries written under another generation are ignored.
+    pub generation: u32,
+}
+
+/// Tokens to the kernel's milli-tokens, rounded down (a lower balance never lets more through).
+pub fn milli(tokens: f64) -> i64 {
+    if tokens.is_nan() {
+        0
+    } else {
+        (tokens * 1000.0)
+            .floor()
+            .clamp(i64::MIN as f64, i64::MAX as f64) as i64
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
+/// An address as the gate keys it: IPv6, or IPv4-mapped IPv6.
+pub fn address_key(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The loaded gate; dropping it detaches the program (pinned maps stay).
 #[derive(Debug)]
 pub struct Gate {
     ebpf: Ebpf,
     interfaces: Vec<String>,
+    generation: u32,
 }
 
 impl Gate {
-    /// Loads the object and verifies the `gate` program, without attaching it anywhere.
-    pub fn load() -> Result<Self, KernelError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+    /// Loads the object and verifies the `gate` program, without attaching it anywhere. With
+    /// `pin_dir` its maps are pinned there, or adopted if a previous daemon pinned them.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, KernelError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KernelError::PinDir(dir.display().to_string(), e))?;
+            for name in PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         program(&mut ebpf)?.load()?;
-        Ok(Self {
+        let mut gate = Self {
             ebpf,
             interfaces: Vec::new(),
-        })
+            generation: 0,
+        };
+        gate.generation = gate.config()?.map(|c| c.generation).unwrap_or(0);
+        Ok(gate)
     }
 
     /// Loads the gate and attaches it to the ingress of every interface in `interfaces`.
-    pub fn attach(interfaces: &[String]) -> Result<Self, KernelError> {
-        let mut gate = Self::load()?;
+    pub fn attach(interfaces: &[String], pin_dir: Option<&Path>) -> Result<Self, KernelError> {
+        let mut gate = Self::load(pin_dir)?;
         for iface in interfaces {
-            let prog = program(&mut gate.ebpf)?;
-            // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first.
-            if let Err(tcx) = prog.attach(iface, TcAttachType::Ingress) {
-                let _ = tc::qdisc_add_clsact(iface);
-                prog.attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(|clsact| KernelError::Attach {
-                    iface: iface.clone(),
-                    reason: format!("tcx: {tcx}; clsact: {clsact}"),
-                })?;
-            }
-            gate.interfaces.push(iface.clone());
+            gate.attach_to(iface)?;
         }
         Ok(gate)
+    }
+
+    /// Attaches to one more interface's ingress.
+    pub fn attach_to(&mut self, iface: &str) -> Result<(), KernelError> {
+        let prog = program(&mut self.ebpf)?;
+        // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first.
+        if let Err(tcx) = prog.attach(iface, TcAttachType::Ingress) {
+            let _ = tc::qdisc_add_clsact(iface);
+            prog.attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .map_err(|clsact| KernelError::Attach {
+                iface: iface.to_owned(),
+                reason: format!("tcx: {tcx}; clsact: {clsact}"),
+            })?;
+        }
+        self.interfaces.push(iface.to_owned());
+        Ok(())
     }
 
     /// Interfaces the gate is attached to.
@@ -93,24 +188,162 @@ impl Gate {
         &self.interfaces
     }
 
+    /// The config generation in force (0: not configured; everything passes).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
     /// The `gate` program (for `test_run` in tests and benchmarks).
     pub fn program(&mut self) -> Result<&mut SchedClassifier, KernelError> {
         program(&mut self.ebpf)
     }
 
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, KernelError> {
+        self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, KernelError> {
+        self.ebpf.map(name).ok_or(KernelError::Missing(name))
+    }
+
+    /// The config in the kernel (`None` before the first `configure`).
+    pub fn config(&self) -> Result<Option<GateConfig>, KernelError> {
+        let array = Array::<&MapData, GateConfig>::try_from(self.map(names::CONFIG_MAP)?)?;
+        let c = array.get(&0, 0)?;
+        Ok((c.generation != 0).then_some(c))
+    }
+
+    /// Writes the settings. Protected ports are replaced; entries of older generations stop
+    /// counting once `settings.generation` differs from theirs.
+    pub fn configure(&mut self, settings: &GateSettings) -> Result<(), KernelError> {
+        if settings.generation == 0 {
+            return Err(KernelError::Setting(
+                "generation 0 means unconfigured".into(),
+            ));
+        }
+        let mut config = GateConfig::new(&settings.key_header, &settings.value_prefix)
+            .ok_or_else(|| KernelError::Setting("key header or value prefix too long".into()))?;
+        config.generation = settings.generation;
+        config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
+            .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;
+        config.default_price_milli = milli(settings.default_price).max(1) as u64;
+        config.min_price_milli = milli(settings.min_price).max(1) as u64;
+        {
+            let mut ports =
+                HashMap::<&mut MapData, u16, u32>::try_from(self.map_mut(names::PORTS_MAP)?)?;
+            let old: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+            for port in old {
+                if !settings.ports.contains(&port) {
+                    ports.remove(&port)?;
+                }
+            }
+            for port in &settings.ports {
+                ports.insert(port, 1, 0)?;
+            }
+        }
+        let mut array =
+            Array::<&mut MapData, GateConfig>::try_from(self.map_mut(names::CONFIG_MAP)?)?;
+        array.set(0, config, 0)?;
+        self.generation = settings.generation;
+        Ok(())
+    }
+
+    /// Sets the price of `method path` (method `None`: any method), in tokens.
+    pub fn set_price(
+        &mut self,
+        method: Option<&str>,
+        path: &str,
+        tokens: f64,
+    ) -> Result<(), KernelError> {
+        let key = PriceKey {
+            method: method.map_or(0, |m| enforcer_common::method_hash(m.as_bytes())),
+            path: enforcer_common::path_hash(path.as_bytes()),
+        };
+        let mut prices =
+            HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
+        prices.insert(key, milli(tokens).max(1) as u64, 0)?;
+        Ok(())
+    }
+
+    /// Writes a key's budget snapshot (stamped with the current generation).
+    pub fn put_budget(&mut self, key_id: u64, mut budget: Budget) -> Result<(), KernelError> {
+        budget.generation = self.generation;
+        let mut map =
+            HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
+        map.insert(key_id, budget, 0)?;
+        Ok(())
+    }
+
+    /// A key's snapshot, if the map holds one.
+    pub fn budget(&self, key_id: u64) -> Result<Option<Budget>, KernelError> {
+        let map = HashMap::<&MapData, u64, Budget>::try_from(self.map(names::BUDGETS_MAP)?)?;
+        match map.get(&key_id, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a key's snapshot (the key then passes).
+    pub fn remove_budget(&mut self, key_id: u64) -> Result<(), KernelError> {
+        let mut map =
+            HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
+        match map.remove(&key_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Binds a client address to one key, as of now.
+    pub fn bind(&mut self, addr: IpAddr, key_id: u64) -> Result<(), KernelError> {
+        let binding = Binding {
+            key_id,
+            synced_ns: monotonic_ns(),
+            generation: self.generation,
+            _pad: 0,
+        };
+        let mut map = HashMap::<&mut MapData, [u8; 16], Binding>::try_from(
+            self.map_mut(names::BINDINGS_MAP)?,
+        )?;
+        map.insert(address_key(addr), binding, 0)?;
+        Ok(())
+    }
+
+    /// Removes an address binding.
+    pub fn unbind(&mut self, addr: IpAddr) -> Result<(), KernelError> {
+        let mut map = HashMap::<&mut MapData, [u8; 16], Binding>::try_from(
+            self.map_mut(names::BINDINGS_MAP)?,
+        )?;
+        match map.remove(&address_key(addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads and sums the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, KernelError> {
-        let map = self
-            .ebpf
-            .map(names::COUNTERS_MAP)
-            .ok_or(KernelError::Missing("COUNTERS map"))?;
-        let array = PerCpuArray::<_, u64>::try_from(map)?;
+        let array = PerCpuArray::<_, u64>::try_from(self.map(names::COUNTERS_MAP)?)?;
         let sum =
             |index: u32| -> Result<u64, KernelError> { Ok(array.get(&index, 0)?.iter().sum()) };
         Ok(Counters {
             passed: sum(counter::PASSED)?,
             parse_failed: sum(counter::PARSE_FAILED)?,
+            rejected_l7: sum(counter::REJECTED_L7)?,
+            rejected_l4: sum(counter::REJECTED_L4)?,
+            rejected_blocked: sum(counter::REJECTED_BLOCKED)?,
+            stale: sum(counter::STALE)?,
         })
+    }
+
+    /// Rejections so far per key id (summed over CPUs).
+    pub fn key_rejections(&self) -> Result<Vec<(u64, u64)>, KernelError> {
+        let map = PerCpuHashMap::<_, u64, u64>::try_from(self.map(names::KEY_REJECTS_MAP)?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, values) = entry?;
+            out.push((key, values.iter().sum()));
+        }
+        Ok(out)
     }
 }
 
@@ -119,4 +352,24 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {
         .ok_or(KernelError::Missing("gate program"))?
         .try_into()
         .map_err(KernelError::Program)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milli_rounds_down_and_saturates() {
+        assert_eq!(milli(1.0), 1000);
+        assert_eq!(milli(0.0015), 1);
+        assert_eq!(milli(-0.0005), -1);
+        assert_eq!(milli(f64::NAN), 0);
+        assert_eq!(milli(1e300), i64::MAX);
+    }
+
+    #[test]
+    fn addresses_are_ipv6_or_mapped() {
+        let v4: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(address_key(v4)[10..], [0xff, 0xff, 10, 0, 0, 2]);
+    }
 }

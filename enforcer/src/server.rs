@@ -140,7 +140,7 @@ fn attach_gate(interfaces: &[String], metrics: &Metrics) -> (Option<Gate>, Kerne
             },
         );
     }
-    match Gate::attach(interfaces) {
+    match Gate::attach(interfaces, None) {
         Ok(gate) => {
             tracing::info!(interfaces = ?interfaces, "kernel gate attached");
             metrics.kernel_attached.set(1);

@@ -32,7 +32,7 @@ fn tcp_syn() -> Vec<u8> {
 
 #[test]
 fn the_gate_loads_verifies_and_passes_packets() {
-    let mut gate = Gate::load().expect("the kernel verifies and loads the gate");
+    let mut gate = Gate::load(None).expect("the kernel verifies and loads the gate");
     let before = gate.counters().expect("counters").passed;
     let packet = tcp_syn();
     let mut arp = [0u8; 42];
@@ -61,7 +61,8 @@ fn the_gate_attaches_in_a_namespace_and_sees_real_traffic() {
     let iface = link.a_if.clone();
     let ns_b = link.b.path();
     let (passed, pinged) = link.a.run(move || {
-        let gate = Gate::attach(std::slice::from_ref(&iface)).expect("attach to veth ingress");
+        let gate =
+            Gate::attach(std::slice::from_ref(&iface), None).expect("attach to veth ingress");
         assert_eq!(gate.interfaces(), std::slice::from_ref(&iface));
         let before = gate.counters().expect("counters").passed;
         let pinged = ping_from(&ns_b);

@@ -1,0 +1,368 @@
+//! The kernel gate's parser and decision on synthetic packets, run by the kernel itself with
+//! BPF_PROG_TEST_RUN: the real verified program, no interface needed. Needs root; run through
+//! `cargo xtask test`.
+use aya::programs::{TestRun as _, TestRunOptions};
+use enforcer::kernel::{Gate, GateSettings, monotonic_ns};
+use enforcer_common::{Budget, key_id};
+use std::net::IpAddr;
+use std::time::Duration;
+
+const PASS: u32 = 3; // TC_ACT_PIPE
+const DROP: u32 = 2; // TC_ACT_SHOT
+const PORT: u16 = 8080;
+const CLIENT4: [u8; 4] = [10, 0, 0, 2];
+
+fn settings() -> GateSettings {
+    GateSettings {
+        ports: vec![PORT],
+        key_header: "x-api-key".into(),
+        value_prefix: String::new(),
+        max_staleness: Duration::from_secs(2),
+        default_price: 1.0,
+        min_price: 1.0,
+        generation: 1,
+    }
+}
+
+fn gate() -> Gate {
+    let mut gate = Gate::load(None).expect("the kernel verifies and loads the gate");
+    gate.configure(&settings()).expect("configure");
+    gate.set_price(Some("POST"), "/generate-report", 120.0)
+        .expect("price");
+    gate
+}
+
+fn budget(tokens: f64, refill_per_sec: f64, age: Duration) -> Budget {
+    Budget {
+        balance_milli: enforcer::kernel::milli(tokens),
+        refill_milli_per_sec: (refill_per_sec * 1000.0) as u64,
+        synced_ns: monotonic_ns() - age.as_nanos() as u64,
+        ..Budget::default()
+    }
+}
+
+/// How a synthetic packet is built.
+#[derive(Clone)]
+struct Pkt {
+    v6: bool,
+    port: u16,
+    tcp_options: usize,
+    more_fragments: bool,
+    payload: Vec<u8>,
+}
+
+fn pkt(payload: &str) -> Pkt {
+    Pkt {
+        v6: false,
+        port: PORT,
+        tcp_options: 0,
+        more_fragments: false,
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+fn bytes(p: &Pkt) -> Vec<u8> {
+    let tcp_len = 20 + p.tcp_options;
+    let mut out = vec![0u8; 12];
+    if p.v6 {
+        out.extend_from_slice(&0x86ddu16.to_be_bytes());
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&((tcp_len + p.payload.len()) as u16).to_be_bytes());
+        ip[6] = 6;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(
+            &"fd00::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets(),
+        );
+        ip[24..40].copy_from_slice(
+            &"fd00::1"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("ip")
+                .octets(),
+        );
+        out.extend_from_slice(&ip);
+    } else {
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + tcp_len + p.payload.len()) as u16).to_be_bytes());
+        if p.more_fragments {
+            ip[6] = 0x20;
+        }
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&CLIENT4);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        out.extend_from_slice(&ip);
+    }
+    let mut tcp = vec![0u8; tcp_len];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&p.port.to_be_bytes());
+    tcp[12] = ((tcp_len / 4) as u8) << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    for b in &mut tcp[20..] {
+        *b = 1; // NOP options
+    }
+    out.extend_from_slice(&tcp);
+    out.extend_from_slice(&p.payload);
+    out
+}
+
+fn run(gate: &mut Gate, p: &Pkt) -> u32 {
+    let data = bytes(p);
+    let mut out = vec![0u8; data.len() + 256];
+    gate.program()
+        .expect("program")
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("test_run")
+        .return_value
+}
+
+fn request(method: &str, path: &str, headers: &str) -> String {
+    format!("{method} {path} HTTP/1.1\r\nHost: api.example\r\n{headers}\r\n")
+}
+
+#[test]
+fn an_unconfigured_or_empty_gate_passes_everything() {
+    let mut g = Gate::load(None).expect("load");
+    let req = pkt(&request("GET", "/x", "x-api-key: k1\r\n"));
+    assert_eq!(run(&mut g, &req), PASS, "generation 0: not configured");
+    let mut g = gate();
+    assert_eq!(run(&mut g, &req), PASS, "no budgets: everything passes");
+}
+
+#[test]
+fn an_exhausted_key_is_rejected_in_any_header_case_and_others_pass() {
+    let mut g = gate();
+    // The kernel hashes the header value it finds; userspace computes key_id("k-exhausted"):
+    // a rejection proves both sides agree on the id.
+    g.put_budget(key_id(b"k-exhausted"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    for header in [
+        "x-api-key: k-exhausted\r\n",
+        "X-API-KEY: k-exhausted\r\n",
+        "X-Api-Key:k-exhausted\r\n",
+        "x-api-key: \t k-exhausted  \r\n",
+        "Accept: */*\r\nx-api-key: k-exhausted\r\nUser-Agent: t\r\n",
+    ] {
+        let req = pkt(&request("GET", "/items", header));
+        assert_eq!(run(&mut g, &req), DROP, "{header:?}");
+    }
+    let other = pkt(&request("GET", "/items", "x-api-key: k-other\r\n"));
+    assert_eq!(run(&mut g, &other), PASS);
+    let counters = g.counters().expect("counters");
+    assert_eq!(counters.rejected_l7, 5);
+    let rejects = g.key_rejections().expect("per-key");
+    assert_eq!(rejects, vec![(key_id(b"k-exhausted"), 5)]);
+}
+
+#[test]
+fn ipv6_and_tcp_options_are_parsed() {
+    let mut g = gate();
+    g.put_budget(key_id(b"k6"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let mut req = pkt(&request("GET", "/items", "x-api-key: k6\r\n"));
+    req.v6 = true;
+    assert_eq!(run(&mut g, &req), DROP, "IPv6");
+    req.v6 = false;
+    req.tcp_options = 12;
+    assert_eq!(run(&mut g, &req), DROP, "TCP options");
+    req.v6 = true;
+    assert_eq!(run(&mut g, &req), DROP, "IPv6 with TCP options");
+}
+
+#[test]
+fn the_price_of_the_request_decides_and_refill_counts() {
+    let mut g = gate();
+    let k = key_id(b"k-80");
+    g.put_budget(k, budget(80.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let report = pkt(&request("POST", "/generate-report", "x-api-key: k-80\r\n"));
+    let cheap = pkt(&request("GET", "/items", "x-api-key: k-80\r\n"));
+    let report_query = pkt(&request(
+        "POST",
+        "/generate-report?format=pdf",
+        "x-api-key: k-80\r\n",
+    ));
+    let report_get = pkt(&request("GET", "/generate-report", "x-api-key: k-80\r\n"));
+    assert_eq!(run(&mut g, &report), DROP, "80 tokens cannot pay 120");
+    assert_eq!(
+        run(&mut g, &report_query),
+        DROP,
+        "the query string does not change the price"
+    );
+    assert_eq!(
+        run(&mut g, &cheap),
+        PASS,
+        "80 tokens pay the default price 1"
+    );
+    assert_eq!(
+        run(&mut g, &report_get),
+        PASS,
+        "the price is per method: GET costs 1"
+    );
+    // 80 tokens a second ago, refilling 50/s: 130 now, enough for 120.
+    g.put_budget(k, budget(80.0, 50.0, Duration::from_secs(1)))
+        .expect("put");
+    assert_eq!(
+        run(&mut g, &report),
+        PASS,
+        "refill since the snapshot counts"
+    );
+    // Any-method price entry.
+    g.set_price(None, "/bulk", 500.0).expect("price");
+    let bulk = pkt(&request("PUT", "/bulk", "x-api-key: k-80\r\n"));
+    assert_eq!(run(&mut g, &bulk), DROP);
+}
+
+#[test]
+fn stale_or_other_generation_snapshots_are_ignored() {
+    let mut g = gate();
+    let req = pkt(&request("GET", "/items", "x-api-key: k-stale\r\n"));
+    g.put_budget(key_id(b"k-stale"), budget(0.0, 0.0, Duration::from_secs(3)))
+        .expect("put");
+    assert_eq!(run(&mut g, &req), PASS, "older than max_staleness (2 s)");
+    g.put_budget(key_id(b"k-stale"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    assert_eq!(run(&mut g, &req), DROP);
+    let mut next = settings();
+    next.generation = 2;
+    g.configure(&next).expect("configure");
+    assert_eq!(
+        run(&mut g, &req),
+        PASS,
+        "a config change invalidates old entries"
+    );
+    assert!(g.counters().expect("counters").stale >= 2);
+}
+
+#[test]
+fn blocked_keys_are_rejected_until_the_block_ends() {
+    let mut g = gate();
+    let req = pkt(&request("GET", "/items", "x-api-key: k-blocked\r\n"));
+    let mut b = budget(1000.0, 0.0, Duration::ZERO);
+    b.blocked_until_ns = monotonic_ns() + 10_000_000_000;
+    g.put_budget(key_id(b"k-blocked"), b).expect("put");
+    assert_eq!(run(&mut g, &req), DROP, "blocked despite its balance");
+    b.blocked_until_ns = monotonic_ns() - 1;
+    g.put_budget(key_id(b"k-blocked"), b).expect("put");
+    assert_eq!(run(&mut g, &req), PASS);
+    assert_eq!(g.counters().expect("counters").rejected_blocked, 1);
+}
+
+#[test]
+fn what_cannot_be_read_for_sure_passes() {
+    let mut g = gate();
+    g.put_budget(key_id(b"k-cut"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    g.put_budget(key_id(b"k"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let full = request("GET", "/items", "x-api-key: k-cut\r\n");
+    assert_eq!(
+        run(&mut g, &pkt(&full)),
+        DROP,
+        "the whole request is rejected"
+    );
+    let cut_in_name = &full[..full.find("api-key").expect("header") + 3];
+    assert_eq!(
+        run(&mut g, &pkt(cut_in_name)),
+        PASS,
+        "header name split across segments"
+    );
+    let cut_in_value = &full[..full.find("k-cut").expect("value") + 1];
+    assert_eq!(
+        run(&mut g, &pkt(cut_in_value)),
+        PASS,
+        "a value cut after 'k' must not be taken for the key 'k'"
+    );
+    let far = request(
+        "GET",
+        "/items",
+        &format!("X-Pad: {}\r\nx-api-key: k-cut\r\n", "p".repeat(600)),
+    );
+    assert_eq!(
+        run(&mut g, &pkt(&far)),
+        PASS,
+        "key header beyond the scan window"
+    );
+    let long_key = request(
+        "GET",
+        "/items",
+        &format!("x-api-key: {}\r\n", "k".repeat(200)),
+    );
+    assert_eq!(
+        run(&mut g, &pkt(&long_key)),
+        PASS,
+        "a key longer than MAX_KEY_LEN"
+    );
+    for bad in [
+        "GET /items HTTX/1.1\r\nx-api-key: k-cut\r\n\r\n",
+        "get /items HTTP/1.1\r\nx-api-key: k-cut\r\n\r\n",
+        "GET items HTTP/1.1\r\nx-api-key: k-cut\r\n\r\n",
+        "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03",
+        "SSH-2.0-OpenSSH_9.2\r\n",
+        "",
+    ] {
+        assert_eq!(run(&mut g, &pkt(bad)), PASS, "{bad:?}");
+    }
+    let no_key = request("GET", "/items", "Accept: */*\r\n");
+    assert_eq!(run(&mut g, &pkt(&no_key)), PASS, "no key header");
+    let mut frag = pkt(&full);
+    frag.more_fragments = true;
+    assert_eq!(run(&mut g, &frag), PASS, "IPv4 fragment");
+    let mut other_port = pkt(&full);
+    other_port.port = 9090;
+    assert_eq!(run(&mut g, &other_port), PASS, "unprotected port");
+}
+
+#[test]
+fn a_bound_address_is_rejected_without_l7_identity() {
+    let mut g = gate();
+    let k = key_id(b"k-bound");
+    g.put_budget(k, budget(0.5, 0.0, Duration::ZERO))
+        .expect("put");
+    let client = IpAddr::from(CLIENT4);
+    let ack = pkt("");
+    assert_eq!(run(&mut g, &ack), PASS, "not bound yet");
+    g.bind(client, k).expect("bind");
+    assert_eq!(
+        run(&mut g, &ack),
+        DROP,
+        "0.5 tokens cannot pay the cheapest price 1"
+    );
+    let continuation = pkt("more body bytes of an earlier request");
+    assert_eq!(run(&mut g, &continuation), DROP);
+    // An L7 identity wins over the binding.
+    g.put_budget(key_id(b"k-rich"), budget(500.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let rich = pkt(&request("GET", "/items", "x-api-key: k-rich\r\n"));
+    assert_eq!(run(&mut g, &rich), PASS);
+    g.unbind(client).expect("unbind");
+    assert_eq!(run(&mut g, &ack), PASS);
+    assert_eq!(g.counters().expect("counters").rejected_l4, 2);
+}
+
+#[test]
+fn bearer_tokens_in_authorization() {
+    let mut g = Gate::load(None).expect("load");
+    let mut s = settings();
+    s.key_header = "Authorization".into();
+    s.value_prefix = "Bearer ".into();
+    g.configure(&s).expect("configure");
+    g.put_budget(key_id(b"tok-1"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let bearer = pkt(&request("GET", "/x", "Authorization: Bearer tok-1\r\n"));
+    assert_eq!(run(&mut g, &bearer), DROP);
+    let lower = pkt(&request("GET", "/x", "authorization: bearer tok-1\r\n"));
+    assert_eq!(run(&mut g, &lower), DROP);
+    let basic = pkt(&request("GET", "/x", "Authorization: Basic dG9rLTE=\r\n"));
+    assert_eq!(run(&mut g, &basic), PASS);
+}
