@@ -48,6 +48,12 @@ pub struct RunArgs {
     /// Attach the kernel gate to this interface's ingress (repeatable; adds to kernel.interfaces).
     #[arg(long = "iface")]
     pub interfaces: Vec<String>,
+    /// TCP port the kernel gate protects (repeatable; adds to kernel.protect_ports).
+    #[arg(long = "protect-port")]
+    pub protect_ports: Vec<u16>,
+    /// Where the kernel gate's maps are pinned (overrides kernel.pin_dir).
+    #[arg(long)]
+    pub pin_dir: Option<String>,
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, env = "ENFORCER_WORKERS")]
     pub workers: Option<usize>,
@@ -203,6 +209,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config.store.redis_url = url;
     }
     config.kernel.interfaces.extend(args.interfaces);
+    config.kernel.protect_ports.extend(args.protect_ports);
+    if let Some(dir) = args.pin_dir {
+        config.kernel.pin_dir = dir;
+    }
     let errors = config.validate();
     if !errors.is_empty() {
         bail!(

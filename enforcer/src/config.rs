@@ -195,11 +195,37 @@ pub struct EndpointConfig {
 }
 
 /// `[kernel]`: the TC eBPF gate.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelConfig {
     /// Interfaces to attach the gate to (ingress). Empty: userspace only.
     pub interfaces: Vec<String>,
+    /// TCP destination ports the gate protects.
+    pub protect_ports: Vec<u16>,
+    /// What happens to a rejected packet: `drop`.
+    pub action: String,
+    /// Snapshots older than this are ignored by the kernel, milliseconds (1-60000).
+    pub max_staleness_ms: u64,
+    /// Header the kernel reads the key from; empty: `server.key_header`.
+    pub key_header: String,
+    /// Value prefix before the key, e.g. `"Bearer "` with `key_header = "authorization"`.
+    pub value_prefix: String,
+    /// Where the maps are pinned (a restarted daemon adopts them).
+    pub pin_dir: String,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            protect_ports: Vec::new(),
+            action: "drop".to_owned(),
+            max_staleness_ms: 2000,
+            key_header: String::new(),
+            value_prefix: String::new(),
+            pin_dir: enforcer_common::names::PIN_DIR.to_owned(),
+        }
+    }
 }
 
 fn default_idle_cap() -> f64 {
@@ -457,6 +483,15 @@ impl Config {
             }
         }
         errors
+    }
+
+    /// The header the kernel gate reads keys from.
+    pub fn kernel_key_header(&self) -> &str {
+        if self.kernel.key_header.is_empty() {
+            &self.server.key_header
+        } else {
+            &self.kernel.key_header
+        }
     }
 
     /// The budget policy the token stores apply.

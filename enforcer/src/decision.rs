@@ -7,6 +7,7 @@
 use crate::breaker::Breaker;
 use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
+use crate::gate::GateLink;
 use crate::key::{ApiKey, KeyHash, RequestId};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
@@ -130,6 +131,7 @@ pub struct Decider {
     shadow: bool,
     max_units: f64,
     metrics: Metrics,
+    gate: Option<GateLink>,
 }
 
 /// Why a store call produced no answer.
@@ -140,8 +142,14 @@ enum CallError {
 }
 
 impl Decider {
-    /// A decider over `store` with the policy, prices and failure rules of `config`.
-    pub fn new(config: &Config, store: Arc<dyn TokenStore>, metrics: Metrics) -> Self {
+    /// A decider over `store` with the policy, prices and failure rules of `config`; with
+    /// `gate`, settled decisions are reported to the kernel gate's sync task.
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn TokenStore>,
+        metrics: Metrics,
+        gate: Option<GateLink>,
+    ) -> Self {
         Self {
             store,
             prices: PriceBook::new(&config.pricing),
@@ -155,6 +163,7 @@ impl Decider {
             shadow: config.budget.shadow,
             max_units: config.budget.max_units,
             metrics,
+            gate,
         }
     }
 
@@ -179,6 +188,7 @@ impl Decider {
         } else {
             BucketKind::Main
         };
+        let kernel_id = self.gate.as_ref().map(|_| check.key.kernel_id());
         let request_id = check.request_id.unwrap_or_else(RequestId::generate);
         let debit = Debit {
             key: check.key.hash(),
@@ -194,6 +204,22 @@ impl Decider {
             .with_label_values(&[self.store.backend()])
             .observe(started.elapsed().as_secs_f64());
 
+        if let (Some(gate), Some(kernel_id)) = (&self.gate, kernel_id) {
+            if let Ok(DebitOutcome::Settled(s)) = &result
+                && bucket == BucketKind::Main
+                && let Some(tier) = self.policy.tier(&s.tier)
+            {
+                gate.settled(
+                    kernel_id,
+                    s.remaining,
+                    tier.bucket.refill_per_sec,
+                    tier.bucket.max_tokens,
+                );
+            }
+            if let Some(ip) = check.client_ip {
+                gate.client(kernel_id, ip);
+            }
+        }
         let decision = match result {
             Ok(DebitOutcome::Settled(settled)) => self.settled(settled, bucket, debit.request_id),
             Ok(DebitOutcome::UnknownKey) => Decision {

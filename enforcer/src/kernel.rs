@@ -248,7 +248,8 @@ impl Gate {
         Ok(())
     }
 
-    /// Sets the price of `method path` (method `None`: any method), in tokens.
+    /// Sets the price of `method path` (method `None`: any method), in tokens (0: never rejected
+    /// by budget).
     pub fn set_price(
         &mut self,
         method: Option<&str>,
@@ -261,7 +262,8 @@ impl Gate {
         };
         let mut prices =
             HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
-        prices.insert(key, milli(tokens).max(1) as u64, 0)?;
+        // 0 is allowed: operational endpoints never touch the main budget.
+        prices.insert(key, milli(tokens).max(0) as u64, 0)?;
         Ok(())
     }
 

@@ -47,6 +47,12 @@ impl ApiKey {
         Ok(Self(raw.to_owned()))
     }
 
+    /// The 64-bit id the kernel gate computes from the key header (FNV-1a, shared with the
+    /// kernel through `enforcer-common`). It never leaves the node.
+    pub fn kernel_id(&self) -> u64 {
+        enforcer_common::key_id(self.0.as_bytes())
+    }
+
     /// The key's SHA-256, the only form of it that leaves the request.
     pub fn hash(&self) -> KeyHash {
         KeyHash(Sha256::digest(self.0.as_bytes()).into())

@@ -8,7 +8,8 @@
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
-//! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel.
+//! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel;
+//!   [`gate`] keeps its maps in step with the decisions.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`cli`] (the `enforcer` command line).
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod debit;
 pub mod decision;
+pub mod gate;
 pub mod kernel;
 pub mod key;
 pub mod metrics;

@@ -30,8 +30,18 @@ pub struct Metrics {
     pub replays: IntCounter,
     /// `enforcer_kernel_attached`: 1 when the kernel gate is attached.
     pub kernel_attached: IntGauge,
-    /// `enforcer_kernel_packets_total{verdict}`: per-CPU kernel counters, summed.
-    pub kernel_packets: IntCounterVec,
+    /// `enforcer_kernel_passed_total`: packets the kernel gate passed.
+    pub kernel_passed: IntCounter,
+    /// `enforcer_kernel_rejected_total{reason}`: l7, l4, blocked.
+    pub kernel_rejected: IntCounterVec,
+    /// `enforcer_kernel_ignored_total{reason}`: passed for parse failures or stale data.
+    pub kernel_ignored: IntCounterVec,
+    /// `enforcer_kernel_sync_lag_seconds`: from a decision to its snapshot in the kernel map.
+    pub kernel_sync_lag: prometheus::Histogram,
+    /// `enforcer_kernel_sync_dropped_total`: snapshots not sent because the sync queue was full.
+    pub kernel_sync_dropped: IntCounter,
+    /// `enforcer_kernel_tracked_keys`: keys with a snapshot in the kernel.
+    pub kernel_tracked_keys: IntGauge,
 }
 
 /// Registers a metric and hands it back. The definitions are static, so a failure here is a
@@ -123,11 +133,51 @@ impl Metrics {
             "enforcer_kernel_attached",
             "1 when the kernel gate is attached, 0 when running userspace-only",
         );
-        let kernel_packets = counter_vec(
+        let kernel_passed = register(
             &registry,
-            "enforcer_kernel_packets_total",
-            "Packets seen by the kernel gate, by verdict",
-            &["verdict"],
+            IntCounter::new(
+                "enforcer_kernel_passed_total",
+                "Packets to protected ports the kernel gate passed",
+            )
+            .expect("valid metric definition"),
+        );
+        let kernel_rejected = counter_vec(
+            &registry,
+            "enforcer_kernel_rejected_total",
+            "Packets the kernel gate rejected, by reason (l7, l4, blocked)",
+            &["reason"],
+        );
+        let kernel_ignored = counter_vec(
+            &registry,
+            "enforcer_kernel_ignored_total",
+            "Packets passed without a decision, by reason (parse_failed, stale)",
+            &["reason"],
+        );
+        let kernel_sync_lag = register(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "enforcer_kernel_sync_lag_seconds",
+                    "Time from a decision to its budget snapshot in the kernel map",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.1,
+                ]),
+            )
+            .expect("valid metric definition"),
+        );
+        let kernel_sync_dropped = register(
+            &registry,
+            IntCounter::new(
+                "enforcer_kernel_sync_dropped_total",
+                "Snapshots not sent to the kernel because the sync queue was full",
+            )
+            .expect("valid metric definition"),
+        );
+        let kernel_tracked_keys = gauge(
+            &registry,
+            "enforcer_kernel_tracked_keys",
+            "Keys with a budget snapshot in the kernel gate",
         );
         Self {
             registry,
@@ -140,7 +190,12 @@ impl Metrics {
             refunds,
             replays,
             kernel_attached,
-            kernel_packets,
+            kernel_passed,
+            kernel_rejected,
+            kernel_ignored,
+            kernel_sync_lag,
+            kernel_sync_dropped,
+            kernel_tracked_keys,
         }
     }
 

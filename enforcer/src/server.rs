@@ -1,10 +1,9 @@
 //! Wiring: builds the store, the decider, the kernel gate and the HTTP API from a config, and
 //! serves until shutdown.
-use crate::api::{self, App, KernelReport};
+use crate::api::{self, App};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::decision::Decider;
-use crate::kernel::Gate;
 use crate::metrics::Metrics;
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, StoreError, TokenStore};
 use axum::http::{HeaderName, StatusCode};
@@ -57,7 +56,6 @@ pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
     max_body_bytes: usize,
-    gate: Option<Gate>,
 }
 
 impl Server {
@@ -73,8 +71,8 @@ impl Server {
         {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
-        let (gate, kernel) = attach_gate(&config.kernel.interfaces, &metrics);
-        let decider = Decider::new(config, store, metrics.clone());
+        let (gate, kernel) = crate::gate::start(config, &metrics);
+        let decider = Decider::new(config, store, metrics.clone(), gate);
         let app = Arc::new(App {
             decider,
             metrics,
@@ -92,7 +90,6 @@ impl Server {
             listener,
             app,
             max_body_bytes: config.server.max_body_bytes,
-            gate,
         })
     }
 
@@ -110,85 +107,12 @@ impl Server {
             listener,
             app,
             max_body_bytes,
-            gate,
         } = self;
-        let gate = gate.map(Arc::new);
-        let counters_task = gate
-            .clone()
-            .map(|g| tokio::spawn(export_counters(g, app.metrics.clone())));
         let router = api::router(app, max_body_bytes);
-        let result = axum::serve(listener, router)
+        axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(ServerError::Serve);
-        if let Some(task) = counters_task {
-            task.abort();
-        }
-        drop(gate);
-        result
-    }
-}
-
-fn attach_gate(interfaces: &[String], metrics: &Metrics) -> (Option<Gate>, KernelReport) {
-    if interfaces.is_empty() {
-        metrics.kernel_attached.set(0);
-        return (
-            None,
-            KernelReport {
-                attached: false,
-                detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
-            },
-        );
-    }
-    match Gate::attach(interfaces, None) {
-        Ok(gate) => {
-            tracing::info!(interfaces = ?interfaces, "kernel gate attached");
-            metrics.kernel_attached.set(1);
-            let detail = format!("attached to {}", gate.interfaces().join(", "));
-            (
-                Some(gate),
-                KernelReport {
-                    attached: true,
-                    detail,
-                },
-            )
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
-            metrics.kernel_attached.set(0);
-            (
-                None,
-                KernelReport {
-                    attached: false,
-                    detail: format!("userspace-only: {e}"),
-                },
-            )
-        }
-    }
-}
-
-/// Copies the kernel's per-CPU counters into Prometheus counters once a second.
-async fn export_counters(gate: Arc<Gate>, metrics: Metrics) {
-    let mut last = crate::kernel::Counters::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        match gate.counters() {
-            Ok(now) => {
-                let passed = now.passed.saturating_sub(last.passed);
-                let failed = now.parse_failed.saturating_sub(last.parse_failed);
-                metrics
-                    .kernel_packets
-                    .with_label_values(&["passed"])
-                    .inc_by(passed);
-                metrics
-                    .kernel_packets
-                    .with_label_values(&["parse_failed"])
-                    .inc_by(failed);
-                last = now;
-            }
-            Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
-        }
+            .map_err(ServerError::Serve)
     }
 }
 

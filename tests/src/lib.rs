@@ -252,6 +252,43 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A private bpffs directory for a daemon's pinned maps, removed on drop.
+#[derive(Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// A fresh `/sys/fs/bpf/enforcer-test-<id>`.
+    pub fn new() -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique("enforcer-test")
+        )))
+    }
+
+    /// The directory, as a string for command lines.
+    pub fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // bpffs allows unlinking pins one by one, then the directory.
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// A config for tests: the example's tiers and endpoints, this store URL.
 pub fn example_config(redis_url: &str) -> Config {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/enforcer.toml");

@@ -4,8 +4,8 @@
 use aya::programs::TestRun as _;
 use aya::programs::TestRunOptions;
 use enforcer::kernel::Gate;
-use enforcer_tests::enforcer_bin;
 use enforcer_tests::netns::{A_ADDR, Link};
+use enforcer_tests::{PinDir, enforcer_bin};
 use std::io::{Read as _, Write as _};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -124,10 +124,13 @@ fn get(addr: &str, path: &str) -> Option<String> {
 #[test]
 fn the_daemon_attaches_the_gate_and_reports_it() {
     let link = Link::new("dmn");
+    let pin = PinDir::new();
+    let pin_dir = pin.path();
     let daemon = Daemon(
         link.a
             .command(enforcer_bin().to_str().expect("path"))
             .args(["run", "--listen", "127.0.0.1:18080", "--iface", &link.a_if])
+            .args(["--protect-port", "8080", "--pin-dir", &pin_dir])
             .env("ENFORCER_REDIS_URL", "")
             .stderr(Stdio::null())
             .spawn()
@@ -148,7 +151,7 @@ fn the_daemon_attaches_the_gate_and_reports_it() {
     assert!(metrics.contains("enforcer_kernel_attached 1"), "{metrics}");
     let passed: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("enforcer_kernel_packets_total{verdict=\"passed\"}"))
+        .find(|l| l.starts_with("enforcer_kernel_passed_total"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
     assert!(passed >= 3.0, "kernel counters reach /metrics: {passed}");
@@ -159,6 +162,8 @@ fn the_daemon_attaches_the_gate_and_reports_it() {
 fn without_kernel_support_the_daemon_runs_userspace_only() {
     // An interface that does not exist: the gate cannot attach, the daemon still serves.
     let link = Link::new("nok");
+    let pin = PinDir::new();
+    let pin_dir = pin.path();
     let daemon = Daemon(
         link.a
             .command(enforcer_bin().to_str().expect("path"))

@@ -1,0 +1,376 @@
+//! The daemon's side of the kernel gate: what it writes into the gate's maps and when.
+//!
+//! - At start: attach (`kernel.rs`), then the settings and the price table. The config
+//!   generation is a fingerprint of both, so a restart with the same config keeps the pinned
+//!   snapshots valid, and any change invalidates them at once.
+//! - On every decision (event-driven, through a bounded queue the decision path never waits on):
+//!   a key left below the most expensive price gets its snapshot pushed; a key above it again is
+//!   removed; a client address seen with one key is bound to it, an address seen with several
+//!   keys is unbound for good.
+//! - Every `max_staleness / 3`: snapshots of tracked keys are re-stamped with their balance
+//!   projected by refill (never more than a fresh read would give: other nodes only lower it),
+//!   and dropped once refill makes them able to pay everything. The work is proportional to the
+//!   keys that are low, not to all keys; kernel counters go to the metrics.
+use crate::api::KernelReport;
+use crate::config::Config;
+use crate::kernel::{Counters, Gate, GateSettings, monotonic_ns};
+use crate::metrics::Metrics;
+use enforcer_common::Budget;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Events the decision path sends to the sync task.
+#[derive(Debug)]
+enum Event {
+    /// A main-bucket decision settled in the store.
+    Settled {
+        key_id: u64,
+        remaining: f64,
+        refill_per_sec: f64,
+        max_tokens: f64,
+        at: Instant,
+    },
+    /// A decision carried the client's address.
+    Client { key_id: u64, ip: IpAddr },
+}
+
+/// Most events queued before new ones are dropped (and counted).
+const QUEUE: usize = 65_536;
+/// Most client addresses remembered for binding decisions.
+const MAX_ADDRESSES: usize = 65_536;
+
+/// The decision path's handle on the sync task.
+#[derive(Debug, Clone)]
+pub struct GateLink {
+    tx: mpsc::Sender<Event>,
+    metrics: Metrics,
+}
+
+impl GateLink {
+    /// Reports a settled main-bucket decision (never blocks).
+    pub fn settled(&self, key_id: u64, remaining: f64, refill_per_sec: f64, max_tokens: f64) {
+        self.send(Event::Settled {
+            key_id,
+            remaining,
+            refill_per_sec,
+            max_tokens,
+            at: Instant::now(),
+        });
+    }
+
+    /// Reports the client address a key called from (never blocks).
+    pub fn client(&self, key_id: u64, ip: IpAddr) {
+        self.send(Event::Client { key_id, ip });
+    }
+
+    fn send(&self, event: Event) {
+        if self.tx.try_send(event).is_err() {
+            self.metrics.kernel_sync_dropped.inc();
+        }
+    }
+}
+
+/// The price table as the kernel sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelPlan {
+    /// Settings for `CONFIG` and `PORTS`.
+    pub settings: GateSettings,
+    /// `(method, exact path, price)` entries for `PRICES`.
+    pub prices: Vec<(Option<String>, String, f64)>,
+    /// The most expensive price: a key below it might be unable to pay for something.
+    pub max_price: f64,
+}
+
+/// Derives what the kernel needs from the config.
+///
+/// Wildcard prefixes cannot be matched in the kernel; requests to them get the kernel's default
+/// price, so that default is the cheapest of the config's default cost and every wildcard price:
+/// the kernel may under-price (and pass), never over-price (and wrongly reject). Operational
+/// endpoints are priced 0 in the kernel: they never touch the main budget. The cheapest price
+/// (for L4 identities) is over main-budget endpoints and the default cost.
+pub fn plan(config: &Config) -> KernelPlan {
+    let mut prices = Vec::new();
+    let mut kernel_default = config.pricing.default_cost;
+    let mut min_price = config.pricing.default_cost;
+    let mut max_price = config.pricing.default_cost;
+    for e in &config.pricing.endpoints {
+        let method = (e.method != "*").then(|| e.method.clone());
+        if e.operational {
+            if !e.path.ends_with('*') {
+                prices.push((method, e.path.clone(), 0.0));
+            }
+            continue;
+        }
+        min_price = min_price.min(e.base_cost);
+        max_price = max_price.max(e.base_cost);
+        if e.path.ends_with('*') {
+            kernel_default = kernel_default.min(e.base_cost);
+        } else {
+            prices.push((method, e.path.clone(), e.base_cost));
+        }
+    }
+    let mut settings = GateSettings {
+        ports: config.kernel.protect_ports.clone(),
+        key_header: config.kernel_key_header().to_owned(),
+        value_prefix: config.kernel.value_prefix.clone(),
+        max_staleness: Duration::from_millis(config.kernel.max_staleness_ms),
+        default_price: kernel_default,
+        min_price,
+        generation: 0,
+    };
+    let fingerprint = format!("{settings:?}{prices:?}");
+    settings.generation = (enforcer_common::fnv(fingerprint.as_bytes()) as u32) | 1;
+    KernelPlan {
+        settings,
+        prices,
+        max_price,
+    }
+}
+
+/// Attaches and configures the gate when `[kernel] interfaces` asks for it, and starts the sync
+/// task. Without interfaces, or when the kernel refuses, the daemon runs userspace-only.
+pub fn start(config: &Config, metrics: &Metrics) -> (Option<GateLink>, KernelReport) {
+    let interfaces = &config.kernel.interfaces;
+    if interfaces.is_empty() {
+        metrics.kernel_attached.set(0);
+        return (
+            None,
+            KernelReport {
+                attached: false,
+                detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
+            },
+        );
+    }
+    let plan = plan(config);
+    let setup = || -> Result<Gate, crate::kernel::KernelError> {
+        let mut gate = Gate::attach(interfaces, Some(Path::new(&config.kernel.pin_dir)))?;
+        let adopted = gate.generation() == plan.settings.generation;
+        gate.configure(&plan.settings)?;
+        for (method, path, price) in &plan.prices {
+            gate.set_price(method.as_deref(), path, *price)?;
+        }
+        tracing::info!(
+            interfaces = ?interfaces,
+            ports = ?plan.settings.ports,
+            generation = plan.settings.generation,
+            adopted,
+            "kernel gate attached"
+        );
+        Ok(gate)
+    };
+    match setup() {
+        Ok(gate) => {
+            metrics.kernel_attached.set(1);
+            let detail = format!(
+                "attached to {} protecting ports {:?}",
+                gate.interfaces().join(", "),
+                plan.settings.ports
+            );
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(sync(gate, rx, plan, metrics.clone()));
+            (
+                Some(GateLink {
+                    tx,
+                    metrics: metrics.clone(),
+                }),
+                KernelReport {
+                    attached: true,
+                    detail,
+                },
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
+            metrics.kernel_attached.set(0);
+            (
+                None,
+                KernelReport {
+                    attached: false,
+                    detail: format!("userspace-only: {e}"),
+                },
+            )
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    balance: f64,
+    refill_per_sec: f64,
+    max_tokens: f64,
+    at: Instant,
+}
+
+impl Tracked {
+    fn projected(&self, now: Instant) -> f64 {
+        let refill = now.duration_since(self.at).as_secs_f64() * self.refill_per_sec;
+        self.max_tokens.min(self.balance + refill).max(self.balance)
+    }
+}
+
+fn snapshot(balance: f64, refill_per_sec: f64) -> Budget {
+    Budget {
+        balance_milli: crate::kernel::milli(balance),
+        refill_milli_per_sec: (refill_per_sec * 1000.0).floor().max(0.0) as u64,
+        synced_ns: monotonic_ns(),
+        ..Budget::default()
+    }
+}
+
+/// The sync task: owns the gate (dropping it detaches the program; pinned maps stay).
+async fn sync(mut gate: Gate, mut rx: mpsc::Receiver<Event>, plan: KernelPlan, metrics: Metrics) {
+    let mut tracked: HashMap<u64, Tracked> = HashMap::new();
+    let mut addresses: HashMap<IpAddr, Option<u64>> = HashMap::new();
+    let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
+    let mut last = Counters::default();
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                let result = match event {
+                    Event::Settled { key_id, remaining, refill_per_sec, max_tokens, at } => {
+                        let r = if remaining < plan.max_price {
+                            tracked.insert(key_id, Tracked { balance: remaining, refill_per_sec, max_tokens, at });
+                            gate.put_budget(key_id, snapshot(remaining, refill_per_sec))
+                        } else if tracked.remove(&key_id).is_some() {
+                            gate.remove_budget(key_id)
+                        } else {
+                            Ok(())
+                        };
+                        metrics.kernel_sync_lag.observe(at.elapsed().as_secs_f64());
+                        r
+                    }
+                    Event::Client { key_id, ip } => match addresses.get(&ip).copied() {
+                        None => {
+                            if addresses.len() >= MAX_ADDRESSES {
+                                addresses.clear();
+                            }
+                            addresses.insert(ip, Some(key_id));
+                            gate.bind(ip, key_id)
+                        }
+                        Some(Some(bound)) if bound != key_id => {
+                            // Several keys behind one address (NAT, a proxy): never bind it.
+                            addresses.insert(ip, None);
+                            gate.unbind(ip)
+                        }
+                        Some(_) => Ok(()),
+                    },
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "kernel map update failed");
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                tracked.retain(|key_id, t| {
+                    let balance = t.projected(now);
+                    if balance >= plan.max_price {
+                        let _ = gate.remove_budget(*key_id);
+                        return false;
+                    }
+                    if let Err(e) = gate.put_budget(*key_id, snapshot(balance, t.refill_per_sec)) {
+                        tracing::warn!(error = %e, "kernel snapshot refresh failed");
+                    }
+                    t.balance = balance;
+                    t.at = now;
+                    true
+                });
+                for (ip, key_id) in &addresses {
+                    if let Some(k) = key_id
+                        && tracked.contains_key(k)
+                    {
+                        let _ = gate.bind(*ip, *k);
+                    }
+                }
+                metrics.kernel_tracked_keys.set(tracked.len() as i64);
+                match gate.counters() {
+                    Ok(now) => {
+                        export(&metrics, &last, &now);
+                        last = now;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
+                }
+            }
+        }
+    }
+}
+
+fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
+    let delta = |a: u64, b: u64| b.saturating_sub(a);
+    metrics.kernel_passed.inc_by(delta(last.passed, now.passed));
+    for (reason, a, b) in [
+        ("l7", last.rejected_l7, now.rejected_l7),
+        ("l4", last.rejected_l4, now.rejected_l4),
+        ("blocked", last.rejected_blocked, now.rejected_blocked),
+    ] {
+        metrics
+            .kernel_rejected
+            .with_label_values(&[reason])
+            .inc_by(delta(a, b));
+    }
+    for (reason, a, b) in [
+        ("parse_failed", last.parse_failed, now.parse_failed),
+        ("stale", last.stale, now.stale),
+    ] {
+        metrics
+            .kernel_ignored
+            .with_label_values(&[reason])
+            .inc_by(delta(a, b));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_never_over_prices() {
+        let config = Config::parse(
+            r#"
+            [pricing]
+            default_cost = 2
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/generate-report"
+            base_cost = 120
+            [[pricing.endpoints]]
+            path = "/cheap/*"
+            base_cost = 0.5
+            [[pricing.endpoints]]
+            method = "GET"
+            path = "/health"
+            operational = true
+            "#,
+        )
+        .expect("valid");
+        let p = plan(&config);
+        assert_eq!(
+            p.settings.default_price, 0.5,
+            "wildcards fall back to the cheapest default"
+        );
+        assert_eq!(p.settings.min_price, 0.5);
+        assert_eq!(p.max_price, 120.0);
+        assert!(
+            p.prices
+                .contains(&(Some("GET".into()), "/health".into(), 0.0))
+        );
+        assert!(
+            p.prices
+                .contains(&(Some("POST".into()), "/generate-report".into(), 120.0))
+        );
+        assert_ne!(p.settings.generation, 0);
+    }
+
+    #[test]
+    fn the_generation_changes_with_the_config_only() {
+        let a = plan(&Config::default());
+        let b = plan(&Config::default());
+        assert_eq!(a.settings.generation, b.settings.generation);
+        let mut changed = Config::default();
+        changed.pricing.default_cost = 3.0;
+        assert_ne!(plan(&changed).settings.generation, a.settings.generation);
+    }
+}
