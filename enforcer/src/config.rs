@@ -482,6 +482,47 @@ impl Config {
                 );
             }
         }
+        if !self.kernel.interfaces.is_empty() && self.kernel.protect_ports.is_empty() {
+            err(
+                "kernel.protect_ports".into(),
+                "at least one port is required with interfaces",
+            );
+        }
+        for (i, port) in self.kernel.protect_ports.iter().enumerate() {
+            if *port == 0 {
+                err(format!("kernel.protect_ports[{i}]"), "must be 1-65535");
+            }
+        }
+        if self.kernel.action != "drop" {
+            err(
+                "kernel.action".into(),
+                "must be \"drop\" (\"reset\" is not implemented yet)",
+            );
+        }
+        if !(1..=60_000).contains(&self.kernel.max_staleness_ms) {
+            err(
+                "kernel.max_staleness_ms".into(),
+                "must be between 1 and 60000",
+            );
+        }
+        let header = self.kernel_key_header();
+        if header.len() + 2 > enforcer_common::MAX_PATTERN
+            || axum::http::HeaderName::try_from(header).is_err()
+        {
+            err(
+                "kernel.key_header".into(),
+                "must be a header name of at most 46 bytes",
+            );
+        }
+        if self.kernel.value_prefix.len() > enforcer_common::MAX_PREFIX {
+            err("kernel.value_prefix".into(), "must be at most 16 bytes");
+        }
+        if self.kernel.pin_dir.is_empty() {
+            err(
+                "kernel.pin_dir".into(),
+                "must be a directory on a bpf filesystem",
+            );
+        }
         errors
     }
 
@@ -552,6 +593,9 @@ mod tests {
         let text = r#"
             [budget]
             default_tier = "gold"
+            [kernel]
+            interfaces = ["eth0"]
+            action = "reset"
             [tiers.free]
             max_tokens = -1
             refill_per_sec = 10
@@ -569,6 +613,8 @@ mod tests {
             "budget.default_tier",
             "tiers.free.max_tokens",
             "tiers.free.idle_cap",
+            "kernel.protect_ports",
+            "kernel.action",
             "pricing.endpoints[0].method",
             "pricing.endpoints[0].path",
             "pricing.endpoints[0].base_cost",

@@ -65,13 +65,18 @@ impl NetNs {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = self.path();
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            enter(&file);
+            enter_path(&path);
             f()
         })
         .join()
         .expect("netns thread panicked")
     }
+}
+
+/// Moves the calling thread into the network namespace at `path` (`/var/run/netns/<name>`).
+pub fn enter_path(path: &str) {
+    let file = std::fs::File::open(path).expect("open netns");
+    enter(&file);
 }
 
 #[expect(

@@ -174,6 +174,7 @@ fn without_kernel_support_the_daemon_runs_userspace_only() {
                 "--iface",
                 "enf-missing0",
             ])
+            .args(["--protect-port", "8080", "--pin-dir", &pin_dir])
             .env("ENFORCER_REDIS_URL", "")
             .stderr(Stdio::null())
             .spawn()

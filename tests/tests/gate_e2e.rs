@@ -1,0 +1,195 @@
+//! The kernel gate end to end, in network namespaces this test creates: an HTTP upstream and the
+//! daemon (attached to the upstream's veth, protecting its port) in one namespace, a client in
+//! the other. A key drained through `POST /v1/check` is rejected in the kernel: its requests
+//! never reach the upstream, while another key's do, until refill makes it able to pay again.
+use enforcer_tests::netns::{A_ADDR, Link, NetNs};
+use enforcer_tests::{PinDir, enforcer_bin};
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const UPSTREAM_PORT: u16 = 8080;
+const API: &str = "127.0.0.1:18083";
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A minimal HTTP upstream in `ns`: counts the requests it receives per `x-api-key`.
+fn upstream(ns: &NetNs) -> Arc<Mutex<HashMap<String, usize>>> {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let counts = seen.clone();
+    let path = ns.path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enforcer_tests::netns::enter_path(&path);
+        let listener =
+            std::net::TcpListener::bind(("0.0.0.0", UPSTREAM_PORT)).expect("bind upstream");
+        ready_tx.send(()).expect("ready");
+        for stream in listener.incoming().flatten() {
+            let counts = counts.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut key = String::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("x-api-key:") {
+                        key = v.trim().to_owned();
+                    }
+                    line.clear();
+                }
+                *counts.lock().expect("lock").entry(key).or_insert(0) += 1;
+                let mut s = stream;
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("upstream listening");
+    seen
+}
+
+/// A request from the client namespace; true when an answer came back in time.
+fn call(client: &NetNs, key: &str) -> bool {
+    let key = key.to_owned();
+    client.run(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(
+            &format!("{A_ADDR}:{UPSTREAM_PORT}").parse().expect("addr"),
+            Duration::from_secs(1),
+        ) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(1200))).expect("timeout");
+        let req = format!(
+            "POST /generate-report HTTP/1.1\r\nhost: api\r\nx-api-key: {key}\r\ncontent-length: 0\r\n\r\n"
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(n) if n > 0)
+    })
+}
+
+/// `POST /v1/check` to the daemon (inside the server namespace); returns the status.
+fn check(server: &NetNs, key: &str) -> u16 {
+    let key = key.to_owned();
+    server.run(move || {
+        let body = format!(r#"{{"key":"{key}","endpoint":"/generate-report","method":"POST"}}"#);
+        let mut s = TcpStream::connect(API).expect("daemon API");
+        write!(
+            s,
+            "POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status")
+    })
+}
+
+fn metrics(server: &NetNs) -> String {
+    server.run(|| {
+        let mut s = TcpStream::connect(API).expect("daemon API");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+}
+
+#[test]
+fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
+    let link = Link::new("e2e");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enforcer.toml");
+    let _daemon = Daemon(
+        link.a
+            .command(enforcer_bin().to_str().expect("path"))
+            .args(["run", "--config", config, "--listen", API])
+            .args([
+                "--iface",
+                &link.a_if,
+                "--protect-port",
+                &UPSTREAM_PORT.to_string(),
+            ])
+            .args(["--pin-dir", &pin.path()])
+            .env("ENFORCER_REDIS_URL", "")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the daemon"),
+    );
+    let start = Instant::now();
+    while link.a.run(|| TcpStream::connect(API).is_err()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    assert!(
+        call(&link.b, "e2e-drained"),
+        "before draining, the key reaches the upstream"
+    );
+    // free tier: 800 tokens, 120 per report: six pass, the seventh is denied with 80 left.
+    let statuses: Vec<u16> = (0..7).map(|_| check(&link.a, "e2e-drained")).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
+    let drained = Instant::now();
+
+    assert!(
+        !call(&link.b, "e2e-drained"),
+        "the drained key is rejected in the kernel"
+    );
+    assert!(call(&link.b, "e2e-other"), "another key passes");
+    // Past max_staleness (2 s) the snapshot still holds: the daemon re-stamps it.
+    std::thread::sleep(Duration::from_millis(2300).saturating_sub(drained.elapsed()));
+    assert!(
+        !call(&link.b, "e2e-drained"),
+        "still rejected after max_staleness"
+    );
+    let counts = seen.lock().expect("lock").clone();
+    assert_eq!(
+        counts.get("e2e-drained"),
+        Some(&1),
+        "only the call before draining arrived"
+    );
+    assert_eq!(counts.get("e2e-other"), Some(&1));
+
+    // 80 tokens + 10/s reach 120 after 4 s: the key gets through again.
+    std::thread::sleep(Duration::from_millis(4600).saturating_sub(drained.elapsed()));
+    assert!(
+        call(&link.b, "e2e-drained"),
+        "after refill the key passes again"
+    );
+
+    let m = metrics(&link.a);
+    let rejected: f64 = m
+        .lines()
+        .find(|l| l.starts_with("enforcer_kernel_rejected_total{reason=\"l7\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        rejected >= 2.0,
+        "kernel rejections reach /metrics: {rejected}\n{m}"
+    );
+}
