@@ -198,6 +198,20 @@ impl Gate {
         program(&mut self.ebpf)
     }
 
+    /// The `floor` program (passes everything, nothing else), loaded on first use: the
+    /// baseline of the per-packet benchmark.
+    pub fn floor_program(&mut self) -> Result<&mut SchedClassifier, KernelError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut("floor")
+            .ok_or(KernelError::Missing("floor program"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, KernelError> {
         self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))
     }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub enum Which {
     /// Decisions through the HTTP API versus redis-benchmark EVALSHA.
     Http,
+    /// Per-packet cost of the kernel gate (BPF_PROG_TEST_RUN) versus a 429 over HTTP.
+    Kernel,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -32,6 +34,16 @@ impl Drop for Daemon {
 pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
     match which {
         Which::Http => http(clients, seconds),
+        Which::Kernel => {
+            println!("machine: {}", machine());
+            crate::status(Command::new("cargo").args([
+                "bench",
+                "--package",
+                "enforcer-tests",
+                "--bench",
+                "kernel",
+            ]))
+        }
     }
 }
 
