@@ -222,7 +222,7 @@ fn snapshot(balance: f64, refill_per_sec: f64) -> Budget {
 
 /// The sync task: owns the gate (dropping it detaches the program; pinned maps stay).
 async fn sync(mut gate: Gate, mut rx: mpsc::Receiver<Event>, plan: KernelPlan, metrics: Metrics) {
-    let mut tracked: HashMap<u64, Tracked> = HashMap::new();
+    let mut tracked = adopt(&gate, &plan);
     let mut addresses: HashMap<IpAddr, Option<u64>> = HashMap::new();
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
     let mut last = Counters::default();
@@ -296,6 +296,36 @@ async fn sync(mut gate: Gate, mut rx: mpsc::Receiver<Event>, plan: KernelPlan, m
             }
         }
     }
+}
+
+/// Snapshots a previous daemon left in the pinned map (same generation): keep refreshing them,
+/// so a restart does not lift what the budget arithmetic still justifies.
+fn adopt(gate: &Gate, plan: &KernelPlan) -> HashMap<u64, Tracked> {
+    let now_ns = monotonic_ns();
+    let now = Instant::now();
+    let mut tracked = HashMap::new();
+    for (key_id, b) in gate.budgets().unwrap_or_default() {
+        let age = Duration::from_nanos(now_ns.saturating_sub(b.synced_ns));
+        if b.generation != plan.settings.generation || age > plan.settings.max_staleness {
+            continue;
+        }
+        tracked.insert(
+            key_id,
+            Tracked {
+                balance: b.balance_milli as f64 / 1000.0,
+                refill_per_sec: b.refill_milli_per_sec as f64 / 1000.0,
+                max_tokens: f64::INFINITY,
+                at: now.checked_sub(age).unwrap_or(now),
+            },
+        );
+    }
+    if !tracked.is_empty() {
+        tracing::info!(
+            keys = tracked.len(),
+            "adopted kernel snapshots of the previous daemon"
+        );
+    }
+    tracked
 }
 
 fn export(metrics: &Metrics, last: &Counters, now: &Counters) {

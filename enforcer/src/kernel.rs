@@ -9,7 +9,8 @@
 //! Loading needs root (CAP_BPF + CAP_NET_ADMIN). Without it the daemon runs userspace-only and
 //! says so (`/readyz`, `enforcer_kernel_attached 0`, a warning in the log).
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
-use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{Binding, Budget, GateConfig, PriceKey, counter, names};
@@ -154,33 +155,73 @@ impl Gate {
         Ok(gate)
     }
 
-    /// Loads the gate and attaches it to the ingress of every interface in `interfaces`.
+    /// Loads the gate and attaches it to the ingress of every interface in `interfaces`. With
+    /// `pin_dir`, maps and TCX links are pinned there: the program stays attached after this
+    /// process exits, and the next daemon swaps its own program into the pinned link.
     pub fn attach(interfaces: &[String], pin_dir: Option<&Path>) -> Result<Self, KernelError> {
         let mut gate = Self::load(pin_dir)?;
         for iface in interfaces {
-            gate.attach_to(iface)?;
+            gate.attach_to(iface, pin_dir)?;
         }
         Ok(gate)
     }
 
-    /// Attaches to one more interface's ingress.
-    pub fn attach_to(&mut self, iface: &str) -> Result<(), KernelError> {
+    /// Attaches to one more interface's ingress (see [`Gate::attach`] for `pin_dir`).
+    pub fn attach_to(&mut self, iface: &str, pin_dir: Option<&Path>) -> Result<(), KernelError> {
+        let link_pin = pin_dir.map(|dir| dir.join(format!("link-{iface}")));
         let prog = program(&mut self.ebpf)?;
-        // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first.
-        if let Err(tcx) = prog.attach(iface, TcAttachType::Ingress) {
-            let _ = tc::qdisc_add_clsact(iface);
-            prog.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .map_err(|clsact| KernelError::Attach {
-                iface: iface.to_owned(),
-                reason: format!("tcx: {tcx}; clsact: {clsact}"),
-            })?;
+        let attach_err = |reason: String| KernelError::Attach {
+            iface: iface.to_owned(),
+            reason,
+        };
+        // A link pinned by an earlier daemon: replace its program atomically (no gap).
+        if let Some(path) = &link_pin
+            && let Ok(pinned) = PinnedLink::from_pin(path)
+        {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| attach_err(format!("pinned link {}: {e}", path.display())))?;
+            prog.attach_to_link(link)?;
+            self.interfaces.push(iface.to_owned());
+            return Ok(());
+        }
+        // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first (and its
+        // attachment cannot be pinned: it ends with this process).
+        match prog.attach(iface, TcAttachType::Ingress) {
+            Ok(id) => {
+                if let Some(path) = &link_pin {
+                    let link = prog.take_link(id)?;
+                    let fd = FdLink::try_from(link)
+                        .map_err(|e| attach_err(format!("not a TCX link: {e}")))?;
+                    fd.pin(path)
+                        .map_err(|e| attach_err(format!("pinning the link: {e}")))?;
+                }
+            }
+            Err(tcx) => {
+                let _ = tc::qdisc_add_clsact(iface);
+                prog.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .map_err(|clsact| attach_err(format!("tcx: {tcx}; clsact: {clsact}")))?;
+            }
         }
         self.interfaces.push(iface.to_owned());
         Ok(())
+    }
+
+    /// Detaches the gate pinned under `pin_dir` from `iface` (removes the pinned link).
+    pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<bool, KernelError> {
+        let path = pin_dir.join(format!("link-{iface}"));
+        match PinnedLink::from_pin(&path) {
+            Ok(link) => {
+                link.unpin().map_err(|e| {
+                    KernelError::Setting(format!("unpinning {}: {e}", path.display()))
+                })?;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     /// Interfaces the gate is attached to.
@@ -298,6 +339,12 @@ impl Gate {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Every snapshot in the map (a restarted daemon adopts them).
+    pub fn budgets(&self) -> Result<Vec<(u64, Budget)>, KernelError> {
+        let map = HashMap::<&MapData, u64, Budget>::try_from(self.map(names::BUDGETS_MAP)?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
     }
 
     /// Removes a key's snapshot (the key then passes).
