@@ -22,6 +22,8 @@ pub mod names {
     pub const PRICES_MAP: &str = "PRICES";
     /// `LruHashMap<[u8; 16], Binding>`: client address (IPv6 or IPv4-mapped) → key id.
     pub const BINDINGS_MAP: &str = "BINDINGS";
+    /// `LruHashMap<u64, u64>`: operator blocks, key id → end (`CLOCK_MONOTONIC` ns).
+    pub const BLOCKS_MAP: &str = "BLOCKS";
     /// `LruPerCpuHashMap<u64, u64>`: rejections per key id (for the audit rollups).
     pub const KEY_REJECTS_MAP: &str = "KEY_REJECTS";
     /// Where the daemon pins its maps so a restarted daemon adopts them.
@@ -67,6 +69,8 @@ pub mod capacity {
     pub const KEY_REJECTS: u32 = 65_536;
     /// Protected ports.
     pub const PORTS: u32 = 64;
+    /// Operator blocks.
+    pub const BLOCKS: u32 = 4096;
 }
 
 /// What the gate does with a packet it rejects.
@@ -129,8 +133,6 @@ pub struct Budget {
     pub refill_milli_per_sec: u64,
     /// `CLOCK_MONOTONIC` nanoseconds (the kernel's `bpf_ktime_get_ns`) of the snapshot.
     pub synced_ns: u64,
-    /// Blocked by an operator until this `CLOCK_MONOTONIC` time (0: not blocked).
-    pub blocked_until_ns: u64,
     /// Config generation the snapshot belongs to.
     pub generation: u32,
     /// Explicit padding.
@@ -171,6 +173,9 @@ pub struct GateConfig {
     pub action: u32,
     /// Snapshots and bindings older than this are ignored, nanoseconds.
     pub max_staleness_ns: u64,
+    /// When the daemon last wrote this config (`CLOCK_MONOTONIC` ns). Operator blocks hold only
+    /// while it is fresh: with the daemon gone, everything passes once it is stale.
+    pub heartbeat_ns: u64,
     /// Price of a request whose (method, path) is not in `PRICES`, milli-tokens.
     pub default_price_milli: u64,
     /// Cheapest price of any request, milli-tokens (what an L4-identified packet is compared to).
@@ -211,6 +216,7 @@ impl GateConfig {
             generation: 1,
             action: action::DROP,
             max_staleness_ns: 2_000_000_000,
+            heartbeat_ns: 0,
             default_price_milli: 1000,
             min_price_milli: 1000,
             pattern_len: (name.len() + 2) as u32,
@@ -245,12 +251,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<Budget>(), 40);
+        assert_eq!(core::mem::size_of::<Budget>(), 32);
         assert_eq!(core::mem::size_of::<PriceKey>(), 16);
         assert_eq!(core::mem::size_of::<Binding>(), 24);
         assert_eq!(
             core::mem::size_of::<GateConfig>(),
-            4 + 4 + 8 + 8 + 8 + 4 + 4 + MAX_PATTERN + MAX_PREFIX
+            4 + 4 + 8 + 8 + 8 + 8 + 4 + 4 + MAX_PATTERN + MAX_PREFIX
         );
     }
 

@@ -10,7 +10,8 @@
 //!   with the cheapest price.
 //!
 //! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
-//! whose balance plus the refill since the snapshot is below the price, or an operator block.
+//! whose balance plus the refill since the snapshot is below the price, or an operator block
+//! while the daemon's heartbeat is fresh.
 //! Everything else passes (`TC_ACT_PIPE`): unknown keys, stale or missing data, packets it cannot
 //! parse, fragments, other protocols. With empty maps everything passes.
 #![no_std]
@@ -50,6 +51,10 @@ static PRICES: HashMap<PriceKey, u64> = HashMap::with_max_entries(capacity::PRIC
 #[map]
 static BINDINGS: LruHashMap<[u8; 16], Binding> =
     LruHashMap::with_max_entries(capacity::BINDINGS, 0);
+
+/// Operator blocks: key id → end of the block (`CLOCK_MONOTONIC` ns).
+#[map]
+static BLOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(capacity::BLOCKS, 0);
 
 /// Rejections per key id, per CPU (read into the audit ledger's rollups).
 #[map]
@@ -263,6 +268,16 @@ fn price_of(key: &PriceKey, cfg: &GateConfig) -> u64 {
 #[inline(always)]
 fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> Verdict {
     // SAFETY: read-only use of a map value for the duration of this program run.
+    if let Some(until) = unsafe { BLOCKS.get(key_id) }
+        && *until > now
+        && now.saturating_sub(cfg.heartbeat_ns) <= cfg.max_staleness_ns
+    {
+        return Verdict::Reject {
+            reason: counter::REJECTED_BLOCKED,
+            key_id,
+        };
+    }
+    // SAFETY: read-only use of a map value for the duration of this program run.
     let Some(b) = (unsafe { BUDGETS.get(key_id) }) else {
         return Verdict::Pass;
     };
@@ -272,12 +287,6 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
     let elapsed = now.saturating_sub(b.synced_ns);
     if elapsed > cfg.max_staleness_ns {
         return Verdict::Stale;
-    }
-    if b.blocked_until_ns > now {
-        return Verdict::Reject {
-            reason: counter::REJECTED_BLOCKED,
-            key_id,
-        };
     }
     // Microseconds (≤ 2^26: staleness is at most a minute) times a rate clamped to 2^37
     // milli-tokens/s cannot overflow; BPF has no 128-bit multiply for an overflow check.

@@ -1,5 +1,6 @@
 //! The `enforcer` command line.
 use crate::config::Config;
+use crate::kernel::Gate;
 use crate::key::ApiKey;
 use crate::server::{Server, shutdown_signal};
 use crate::store::{RedisStore, RedisStoreConfig, TokenStore};
@@ -31,6 +32,30 @@ pub enum Command {
     /// Work with API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Inspect or detach the kernel gate of this node (root; works on the pinned maps).
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+}
+
+/// `enforcer kernel …`
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Attached interfaces, config generation, daemon heartbeat, map fill and counters.
+    Status {
+        /// Where the daemon pinned the gate's maps.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach the gate from one interface, or from all (the pinned links are removed; the
+    /// maps stay for the next daemon).
+    Detach {
+        /// Only this interface.
+        #[arg(long = "iface")]
+        iface: Option<String>,
+        /// Where the daemon pinned the gate.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 /// `enforcer run`
@@ -76,6 +101,25 @@ pub enum KeysCommand {
     Hash {
         /// The API key.
         key: String,
+    },
+    /// Block a key in this node's kernel gate for a while (e.g. `--for 10m`; s, m, h, d).
+    Block {
+        /// The API key.
+        key: String,
+        /// How long: `90s`, `10m`, `2h`, `1d`.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Duration,
+        /// Where the daemon pinned the gate's maps.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Lift a key's block in this node's kernel gate.
+    Unblock {
+        /// The API key.
+        key: String,
+        /// Where the daemon pinned the gate's maps.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Assign a key to a tier (in Redis), or remove its assignment with --clear.
     SetTier {
@@ -152,6 +196,59 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Kernel(KernelCommand::Status { pin_dir }) => {
+            kernel_status(&pin_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kernel(KernelCommand::Detach { iface, pin_dir }) => {
+            let ifaces: Vec<String> = match iface {
+                Some(i) => vec![i],
+                None => std::fs::read_dir(&pin_dir)
+                    .with_context(|| format!("reading {}", pin_dir.display()))?
+                    .filter_map(|e| {
+                        e.ok()?
+                            .file_name()
+                            .to_str()?
+                            .strip_prefix("link-")
+                            .map(str::to_owned)
+                    })
+                    .collect(),
+            };
+            if ifaces.is_empty() {
+                println!("the gate is not attached anywhere");
+            }
+            for i in ifaces {
+                if Gate::detach_pinned(&pin_dir, &i)? {
+                    println!("detached from {i}");
+                } else {
+                    println!("not attached to {i}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Block {
+            key,
+            duration,
+            pin_dir,
+        }) => {
+            let key = ApiKey::parse(&key)?;
+            pinned_gate(&pin_dir)?.block(key.kernel_id(), duration)?;
+            println!(
+                "key {} blocked in this node's kernel gate for {}s",
+                key.hash(),
+                duration.as_secs()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Unblock { key, pin_dir }) => {
+            let key = ApiKey::parse(&key)?;
+            if pinned_gate(&pin_dir)?.unblock(key.kernel_id())? {
+                println!("key {} unblocked", key.hash());
+            } else {
+                println!("key {} was not blocked", key.hash());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCommand::Hash { key }) => {
             println!("{}", ApiKey::parse(&key)?.hash());
             Ok(ExitCode::SUCCESS)
@@ -193,6 +290,82 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `90s`, `10m`, `2h`, `1d`, `500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?}: give a unit (ms, s, m, h, d)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: not a number followed by a unit"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// The gate pinned by a running (or earlier) daemon.
+fn pinned_gate(pin_dir: &std::path::Path) -> anyhow::Result<Gate> {
+    if !pin_dir.join(enforcer_common::names::CONFIG_MAP).exists() {
+        bail!(
+            "no kernel gate is pinned at {} (is a daemon running with [kernel] interfaces?)",
+            pin_dir.display()
+        );
+    }
+    Gate::load(Some(pin_dir)).context("opening the pinned gate (needs root)")
+}
+
+fn kernel_status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let gate = pinned_gate(pin_dir)?;
+    let mut links: Vec<String> = std::fs::read_dir(pin_dir)?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("link-")
+                .map(str::to_owned)
+        })
+        .collect();
+    links.sort();
+    println!("pin dir:     {}", pin_dir.display());
+    println!(
+        "attached:    {}",
+        if links.is_empty() {
+            "nowhere (detached)".to_owned()
+        } else {
+            links.join(", ")
+        }
+    );
+    match gate.config()? {
+        Some(c) => {
+            let age = crate::kernel::monotonic_ns().saturating_sub(c.heartbeat_ns);
+            let alive = if age <= c.max_staleness_ns {
+                "daemon alive"
+            } else {
+                "stale: everything passes"
+            };
+            println!("generation:  {}", c.generation);
+            println!("heartbeat:   {:.1} s ago ({alive})", age as f64 / 1e9);
+        }
+        None => println!("generation:  none (not configured: everything passes)"),
+    }
+    for (name, entries, capacity) in gate.fill()? {
+        println!("map {name:<9} {entries}/{capacity}");
+    }
+    let c = gate.counters()?;
+    println!(
+        "packets:     passed {}, rejected l7 {}, l4 {}, blocked {}; parse failures {}, stale {}",
+        c.passed, c.rejected_l7, c.rejected_l4, c.rejected_blocked, c.parse_failed, c.stale
+    );
+    Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -242,4 +415,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("the daemon task panicked")?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
 }

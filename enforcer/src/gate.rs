@@ -286,6 +286,9 @@ async fn sync(mut gate: Gate, mut rx: mpsc::Receiver<Event>, plan: KernelPlan, m
                     }
                 }
                 metrics.kernel_tracked_keys.set(tracked.len() as i64);
+                if let Err(e) = gate.heartbeat() {
+                    tracing::warn!(error = %e, "kernel heartbeat failed");
+                }
                 match gate.counters() {
                     Ok(now) => {
                         export(&metrics, &last, &now);

@@ -22,7 +22,8 @@ use std::time::Duration;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
 /// The maps that are pinned (everything the daemon writes or reads back).
-const PINNED: [&str; 7] = [
+const PINNED: [&str; 8] = [
+    names::BLOCKS_MAP,
     names::COUNTERS_MAP,
     names::CONFIG_MAP,
     names::PORTS_MAP,
@@ -279,6 +280,7 @@ impl Gate {
         let mut config = GateConfig::new(&settings.key_header, &settings.value_prefix)
             .ok_or_else(|| KernelError::Setting("key header or value prefix too long".into()))?;
         config.generation = settings.generation;
+        config.heartbeat_ns = monotonic_ns();
         config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
             .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;
         config.default_price_milli = milli(settings.default_price).max(1) as u64;
@@ -301,6 +303,70 @@ impl Gate {
         array.set(0, config, 0)?;
         self.generation = settings.generation;
         Ok(())
+    }
+
+    /// Tells the kernel the daemon is alive (operator blocks hold only while this is fresh).
+    pub fn heartbeat(&mut self) -> Result<(), KernelError> {
+        let mut array =
+            Array::<&mut MapData, GateConfig>::try_from(self.map_mut(names::CONFIG_MAP)?)?;
+        let mut config = array.get(&0, 0)?;
+        if config.generation == 0 {
+            return Ok(());
+        }
+        config.heartbeat_ns = monotonic_ns();
+        array.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// Blocks a key (by kernel id) for `duration` from now.
+    pub fn block(&mut self, key_id: u64, duration: Duration) -> Result<(), KernelError> {
+        let until = monotonic_ns().saturating_add(duration.as_nanos().min(u64::MAX as u128) as u64);
+        let mut map =
+            HashMap::<&mut MapData, u64, u64>::try_from(self.map_mut(names::BLOCKS_MAP)?)?;
+        map.insert(key_id, until, 0)?;
+        Ok(())
+    }
+
+    /// Lifts a key's block; true if there was one.
+    pub fn unblock(&mut self, key_id: u64) -> Result<bool, KernelError> {
+        let mut map =
+            HashMap::<&mut MapData, u64, u64>::try_from(self.map_mut(names::BLOCKS_MAP)?)?;
+        match map.remove(&key_id) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Entries in each bounded map: `(name, entries, capacity)`.
+    pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>, KernelError> {
+        use enforcer_common::capacity;
+        Ok(vec![
+            (names::BUDGETS_MAP, self.budgets()?.len(), capacity::BUDGETS),
+            (
+                names::BINDINGS_MAP,
+                self.key_count::<[u8; 16], Binding>(names::BINDINGS_MAP)?,
+                capacity::BINDINGS,
+            ),
+            (
+                names::BLOCKS_MAP,
+                self.key_count::<u64, u64>(names::BLOCKS_MAP)?,
+                capacity::BLOCKS,
+            ),
+            (
+                names::PRICES_MAP,
+                self.key_count::<PriceKey, u64>(names::PRICES_MAP)?,
+                capacity::PRICES,
+            ),
+        ])
+    }
+
+    fn key_count<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<usize, KernelError> {
+        let map = HashMap::<&MapData, K, V>::try_from(self.map(name)?)?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     /// Sets the price of `method path` (method `None`: any method), in tokens (0: never rejected

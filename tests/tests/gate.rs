@@ -248,14 +248,43 @@ fn stale_or_other_generation_snapshots_are_ignored() {
 fn blocked_keys_are_rejected_until_the_block_ends() {
     let mut g = gate();
     let req = pkt(&request("GET", "/items", "x-api-key: k-blocked\r\n"));
-    let mut b = budget(1000.0, 0.0, Duration::ZERO);
-    b.blocked_until_ns = monotonic_ns() + 10_000_000_000;
-    g.put_budget(key_id(b"k-blocked"), b).expect("put");
-    assert_eq!(run(&mut g, &req), DROP, "blocked despite its balance");
-    b.blocked_until_ns = monotonic_ns() - 1;
-    g.put_budget(key_id(b"k-blocked"), b).expect("put");
     assert_eq!(run(&mut g, &req), PASS);
-    assert_eq!(g.counters().expect("counters").rejected_blocked, 1);
+    g.block(key_id(b"k-blocked"), Duration::from_secs(10))
+        .expect("block");
+    assert_eq!(
+        run(&mut g, &req),
+        DROP,
+        "blocked without any budget snapshot"
+    );
+    g.put_budget(key_id(b"k-blocked"), budget(1000.0, 0.0, Duration::ZERO))
+        .expect("put");
+    assert_eq!(run(&mut g, &req), DROP, "blocked despite its balance");
+    assert!(g.unblock(key_id(b"k-blocked")).expect("unblock"));
+    assert_eq!(run(&mut g, &req), PASS);
+    g.block(key_id(b"k-blocked"), Duration::ZERO)
+        .expect("block");
+    assert_eq!(run(&mut g, &req), PASS, "a block that already ended");
+    assert_eq!(g.counters().expect("counters").rejected_blocked, 2);
+}
+
+#[test]
+fn blocks_lapse_when_the_daemon_heartbeat_is_stale() {
+    let mut g = Gate::load(None).expect("load");
+    let mut s = settings();
+    s.max_staleness = Duration::from_millis(300);
+    g.configure(&s).expect("configure");
+    let req = pkt(&request("GET", "/items", "x-api-key: k-hb\r\n"));
+    g.block(key_id(b"k-hb"), Duration::from_secs(60))
+        .expect("block");
+    assert_eq!(run(&mut g, &req), DROP);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        run(&mut g, &req),
+        PASS,
+        "no heartbeat for longer than max_staleness"
+    );
+    g.heartbeat().expect("heartbeat");
+    assert_eq!(run(&mut g, &req), DROP, "the daemon is back");
 }
 
 #[test]

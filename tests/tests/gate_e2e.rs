@@ -248,3 +248,79 @@ fn the_gate_outlives_a_daemon_restart_and_passes_everything_once_stale() {
     std::thread::sleep(Duration::from_millis(2300));
     assert!(call(&link.b, key), "stale data: the gate passes everything");
 }
+
+/// `enforcer …` run as an operator would on the node; (exit code, stdout).
+fn enforcer(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(enforcer_bin())
+        .args(args)
+        .output()
+        .expect("run enforcer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn operators_block_inspect_and_detach_from_the_cli() {
+    let link = Link::new("cli");
+    let pin = PinDir::new();
+    let _upstream = upstream(&link.a);
+    let _daemon = daemon(&link, &pin);
+    let dir = pin.path();
+    assert!(call(&link.b, "cli-key"), "not blocked yet");
+
+    let (code, out) = enforcer(&[
+        "keys",
+        "block",
+        "cli-key",
+        "--for",
+        "10m",
+        "--pin-dir",
+        &dir,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!call(&link.b, "cli-key"), "blocked in the kernel");
+    assert!(call(&link.b, "cli-other"), "other keys pass");
+
+    let (code, status) = enforcer(&["kernel", "status", "--pin-dir", &dir]);
+    assert_eq!(code, 0);
+    assert!(
+        status.contains(&link.a_if),
+        "attached interface listed: {status}"
+    );
+    assert!(status.contains("daemon alive"), "{status}");
+    assert!(status.contains("map BLOCKS    1/"), "{status}");
+    assert!(
+        !status.contains("blocked 0;"),
+        "the blocked packets are counted: {status}"
+    );
+
+    let (code, out) = enforcer(&["keys", "unblock", "cli-key", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "{out}");
+    assert!(call(&link.b, "cli-key"), "unblocked");
+
+    enforcer(&[
+        "keys",
+        "block",
+        "cli-key",
+        "--for",
+        "10m",
+        "--pin-dir",
+        &dir,
+    ]);
+    assert!(!call(&link.b, "cli-key"));
+    let (code, out) = enforcer(&["kernel", "detach", "--pin-dir", &dir]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("detached from {}", link.a_if)),
+        "{out}"
+    );
+    assert!(
+        call(&link.b, "cli-key"),
+        "nothing is rejected once detached"
+    );
+
+    let (code, _) = enforcer(&["kernel", "status", "--pin-dir", "/sys/fs/bpf/enforcer-none"]);
+    assert_ne!(code, 0, "a clear error without a pinned gate");
+}
