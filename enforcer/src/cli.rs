@@ -201,18 +201,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Kernel(KernelCommand::Detach { iface, pin_dir }) => {
-            let ifaces: Vec<String> = match iface {
+            let ifaces = match iface {
                 Some(i) => vec![i],
-                None => std::fs::read_dir(&pin_dir)
-                    .with_context(|| format!("reading {}", pin_dir.display()))?
-                    .filter_map(|e| {
-                        e.ok()?
-                            .file_name()
-                            .to_str()?
-                            .strip_prefix("link-")
-                            .map(str::to_owned)
-                    })
-                    .collect(),
+                None => crate::kernel::pinned_interfaces(&pin_dir)
+                    .with_context(|| format!("reading {}", pin_dir.display()))?,
             };
             if ifaces.is_empty() {
                 println!("the gate is not attached anywhere");
@@ -325,16 +317,7 @@ fn pinned_gate(pin_dir: &std::path::Path) -> anyhow::Result<Gate> {
 
 fn kernel_status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let gate = pinned_gate(pin_dir)?;
-    let mut links: Vec<String> = std::fs::read_dir(pin_dir)?
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix("link-")
-                .map(str::to_owned)
-        })
-        .collect();
-    links.sort();
+    let links = crate::kernel::pinned_interfaces(pin_dir)?;
     println!("pin dir:     {}", pin_dir.display());
     println!(
         "attached:    {}",

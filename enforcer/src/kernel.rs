@@ -169,7 +169,7 @@ impl Gate {
 
     /// Attaches to one more interface's ingress (see [`Gate::attach`] for `pin_dir`).
     pub fn attach_to(&mut self, iface: &str, pin_dir: Option<&Path>) -> Result<(), KernelError> {
-        let link_pin = pin_dir.map(|dir| dir.join(format!("link-{iface}")));
+        let link_pin = pin_dir.map(|dir| link_pin(dir, iface));
         let prog = program(&mut self.ebpf)?;
         let attach_err = |reason: String| KernelError::Attach {
             iface: iface.to_owned(),
@@ -213,7 +213,7 @@ impl Gate {
 
     /// Detaches the gate pinned under `pin_dir` from `iface` (removes the pinned link).
     pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<bool, KernelError> {
-        let path = pin_dir.join(format!("link-{iface}"));
+        let path = link_pin(pin_dir, iface);
         match PinnedLink::from_pin(&path) {
             Ok(link) => {
                 link.unpin().map_err(|e| {
@@ -474,6 +474,23 @@ impl Gate {
         }
         Ok(out)
     }
+}
+
+/// Where the TCX link of `iface` is pinned.
+fn link_pin(pin_dir: &Path, iface: &str) -> std::path::PathBuf {
+    pin_dir.join(format!("link-{iface}"))
+}
+
+/// Interfaces with a pinned gate link under `pin_dir`, sorted.
+pub fn pinned_interfaces(pin_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut ifaces: Vec<String> = std::fs::read_dir(pin_dir)?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?.strip_prefix("link-").map(str::to_owned)
+        })
+        .collect();
+    ifaces.sort();
+    Ok(ifaces)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {

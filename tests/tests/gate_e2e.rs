@@ -270,7 +270,7 @@ fn operators_block_inspect_and_detach_from_the_cli() {
     let dir = pin.path();
     assert!(call(&link.b, "cli-key"), "not blocked yet");
 
-    let (code, out) = enforcer(&[
+    let block = [
         "keys",
         "block",
         "cli-key",
@@ -278,7 +278,8 @@ fn operators_block_inspect_and_detach_from_the_cli() {
         "10m",
         "--pin-dir",
         &dir,
-    ]);
+    ];
+    let (code, out) = enforcer(&block);
     assert_eq!(code, 0, "{out}");
     assert!(!call(&link.b, "cli-key"), "blocked in the kernel");
     assert!(call(&link.b, "cli-other"), "other keys pass");
@@ -300,15 +301,7 @@ fn operators_block_inspect_and_detach_from_the_cli() {
     assert_eq!(code, 0, "{out}");
     assert!(call(&link.b, "cli-key"), "unblocked");
 
-    enforcer(&[
-        "keys",
-        "block",
-        "cli-key",
-        "--for",
-        "10m",
-        "--pin-dir",
-        &dir,
-    ]);
+    assert_eq!(enforcer(&block).0, 0);
     assert!(!call(&link.b, "cli-key"));
     let (code, out) = enforcer(&["kernel", "detach", "--pin-dir", &dir]);
     assert_eq!(code, 0);
