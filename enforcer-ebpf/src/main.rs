@@ -207,7 +207,7 @@ fn inspect(ctx: &TcContext) -> Verdict {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if parse_http(ctx, payload) == http::IDENTIFIED
+    if parse_http(ctx, cfg, payload) == http::IDENTIFIED
         && let Some(scan) = SCRATCH.get_ptr(0)
     {
         // SAFETY: this CPU's scratch slot, just written by the parser.
@@ -307,7 +307,7 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
 /// The per-byte state machine runs under `bpf_loop`, so the verifier checks its body once
 /// instead of once per byte (a plain 512-iteration loop exceeds the verifier's budget).
 #[inline(always)]
-fn parse_http(ctx: &TcContext, payload: usize) -> u32 {
+fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
     let len = ctx.len() as usize;
     if payload >= len {
         return http::NOT_HTTP;
@@ -342,10 +342,14 @@ fn parse_http(ctx: &TcContext, payload: usize) -> u32 {
         (*scan).key_trimmed = fnv_start();
         (*scan).key_len = 0;
         (*scan).outcome = u64::MAX;
+        let mut state = LoopState {
+            scan,
+            cfg: core::ptr::from_ref(cfg),
+        };
         aya_ebpf::helpers::bpf_loop(
             n as u32,
             scan_byte as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
+            (&raw mut state).cast(),
             0,
         );
         match (*scan).outcome {
@@ -357,14 +361,23 @@ fn parse_http(ctx: &TcContext, payload: usize) -> u32 {
     }
 }
 
+/// What the `bpf_loop` callback works on, passed through its context pointer (so it does not
+/// look the maps up again at every byte).
+#[repr(C)]
+struct LoopState {
+    scan: *mut Scan,
+    cfg: *const GateConfig,
+}
+
 /// One byte of the scan (a `bpf_loop` callback): 0 to go on, 1 when the outcome is decided.
 #[inline(never)]
-extern "C" fn scan_byte(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let (Some(cfg), Some(scan)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
-        return 1;
+extern "C" fn scan_byte(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `LoopState` on `parse_http`'s stack, alive for the whole loop; its
+    // pointers are this CPU's scratch slot and the config map value.
+    let (s, cfg) = unsafe {
+        let state = &*ctx.cast::<LoopState>();
+        (&mut *state.scan, &*state.cfg)
     };
-    // SAFETY: this CPU's scratch slot; the index is masked into the buffer.
-    let s = unsafe { &mut *scan };
     let b = s.buf[(index as usize) & (SCAN_WINDOW - 1)];
     let decided = |s: &mut Scan, outcome: u32| {
         s.outcome = outcome as u64;
