@@ -144,59 +144,66 @@ fn inspect(ctx: &TcContext) -> Verdict {
     if cfg.generation == 0 {
         return Verdict::Pass;
     }
-    let Ok(eth_type) = ctx.load::<u16>(12) else {
+    // Direct packet access: one bounds check per header, then plain loads (no helper calls).
+    let Some(eth) = window(ctx, 0, ETH_HLEN) else {
         return Verdict::Pass;
     };
     let mut src = [0u8; 16];
     let l4: usize;
-    match u16::from_be(eth_type) {
+    // SAFETY (all reads below): each pointer comes from `window`, which checked that the bytes
+    // read through it are inside the packet.
+    match unsafe { u16::from_be_bytes([*eth.add(12), *eth.add(13)]) } {
         ETH_P_IP => {
-            let Ok(vihl) = ctx.load::<u8>(ETH_HLEN) else {
+            let Some(ip) = window(ctx, ETH_HLEN, 20) else {
                 return Verdict::ParseFailed;
+            };
+            let (vihl, frag, proto) = unsafe {
+                (
+                    *ip,
+                    u16::from_be_bytes([*ip.add(6), *ip.add(7)]),
+                    *ip.add(9),
+                )
             };
             let ihl = ((vihl & 0x0f) as usize) * 4;
             if vihl >> 4 != 4 || ihl < 20 {
                 return Verdict::ParseFailed;
             }
-            let (Ok(frag), Ok(proto), Ok(saddr)) = (
-                ctx.load::<u16>(ETH_HLEN + 6),
-                ctx.load::<u8>(ETH_HLEN + 9),
-                ctx.load::<[u8; 4]>(ETH_HLEN + 12),
-            ) else {
-                return Verdict::ParseFailed;
-            };
             // Fragments (more-fragments flag or an offset) carry no reliable TCP header: pass.
-            if proto != IPPROTO_TCP || u16::from_be(frag) & 0x3fff != 0 {
+            if proto != IPPROTO_TCP || frag & 0x3fff != 0 {
                 return Verdict::Pass;
             }
             src[10] = 0xff;
             src[11] = 0xff;
-            src[12] = saddr[0];
-            src[13] = saddr[1];
-            src[14] = saddr[2];
-            src[15] = saddr[3];
+            unsafe {
+                src[12] = *ip.add(12);
+                src[13] = *ip.add(13);
+                src[14] = *ip.add(14);
+                src[15] = *ip.add(15);
+            }
             l4 = ETH_HLEN + ihl;
         }
         ETH_P_IPV6 => {
-            let (Ok(next), Ok(saddr)) = (
-                ctx.load::<u8>(ETH_HLEN + 6),
-                ctx.load::<[u8; 16]>(ETH_HLEN + 8),
-            ) else {
+            let Some(ip) = window(ctx, ETH_HLEN, 40) else {
                 return Verdict::ParseFailed;
             };
             // Extension headers are not followed: such packets pass.
-            if next != IPPROTO_TCP {
+            if unsafe { *ip.add(6) } != IPPROTO_TCP {
                 return Verdict::Pass;
             }
-            src = saddr;
+            let mut k = 0;
+            while k < 16 {
+                src[k] = unsafe { *ip.add(8 + k) };
+                k += 1;
+            }
             l4 = ETH_HLEN + 40;
         }
         _ => return Verdict::Pass,
     }
-    let (Ok(dport), Ok(doff)) = (ctx.load::<u16>(l4 + 2), ctx.load::<u8>(l4 + 12)) else {
+    let Some(tcp) = window(ctx, l4, 20) else {
         return Verdict::ParseFailed;
     };
-    if PORTS.get_ptr(u16::from_be(dport)).is_none() {
+    let (dport, doff) = unsafe { (u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]), *tcp.add(12)) };
+    if PORTS.get_ptr(dport).is_none() {
         return Verdict::Pass;
     }
     let tcp_len = ((doff >> 4) as usize) * 4;
@@ -245,6 +252,17 @@ fn inspect(ctx: &TcContext) -> Verdict {
         cfg,
         counter::REJECTED_L4,
     )
+}
+
+/// A pointer to `len` bytes at `offset` of the packet (direct packet access), or `None` when
+/// the packet's linear part is shorter (the gate then passes the packet).
+#[inline(always)]
+fn window(ctx: &TcContext, offset: usize, len: usize) -> Option<*const u8> {
+    let start = ctx.data();
+    if start + offset + len > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *const u8)
 }
 
 #[inline(always)]
