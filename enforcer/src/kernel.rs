@@ -342,7 +342,11 @@ impl Gate {
     pub fn fill(&self) -> Result<Vec<(&'static str, usize, u32)>, KernelError> {
         use enforcer_common::capacity;
         Ok(vec![
-            (names::BUDGETS_MAP, self.budgets()?.len(), capacity::BUDGETS),
+            (
+                names::BUDGETS_MAP,
+                self.key_count::<u64, Budget>(names::BUDGETS_MAP)?,
+                capacity::BUDGETS,
+            ),
             (
                 names::BINDINGS_MAP,
                 self.key_count::<[u8; 16], Binding>(names::BINDINGS_MAP)?,
