@@ -205,9 +205,11 @@ impl Decider {
             .observe(started.elapsed().as_secs_f64());
 
         if let (Some(gate), Some(kernel_id)) = (&self.gate, kernel_id) {
+            // Shadow mode must not reject either: shadowed keys never reach the kernel's map.
             if let Ok(DebitOutcome::Settled(s)) = &result
                 && bucket == BucketKind::Main
                 && let Some(tier) = self.policy.tier(&s.tier)
+                && !(self.shadow || tier.shadow)
             {
                 gate.settled(
                     kernel_id,
@@ -370,5 +372,52 @@ impl Decider {
             self.metrics.store_errors.with_label_values(&[kind]).inc();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::key::ApiKey;
+    use crate::store::MemoryStore;
+
+    async fn settled_events(shadow: bool) -> usize {
+        let mut config = Config::default();
+        config.budget.shadow = shadow;
+        let metrics = Metrics::new();
+        let store = Arc::new(MemoryStore::new(
+            config.budget_policy(),
+            Arc::new(ManualClock::at(1000.0)),
+        ));
+        let (link, mut rx) = crate::gate::test_link(&metrics);
+        let decider = Decider::new(&config, store, metrics, Some(link));
+        let check = Check {
+            key: ApiKey::parse("kernel-bound").expect("key"),
+            endpoint: "/x".into(),
+            method: None,
+            client_ip: None,
+            units: 900.0,
+            request_id: None,
+        };
+        let d = decider.check(check).await.expect("valid check");
+        assert_eq!(d.denial, Some(Denial::Exhausted));
+        let mut n = 0;
+        while let Ok(event) = rx.try_recv() {
+            if matches!(event, crate::gate::Event::Settled { .. }) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn exhausted_keys_reach_the_kernel_gate_unless_shadowed() {
+        assert_eq!(settled_events(false).await, 1);
+        assert_eq!(
+            settled_events(true).await,
+            0,
+            "shadow mode never rejects, not even in the kernel"
+        );
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 /// Events the decision path sends to the sync task.
 #[derive(Debug)]
-enum Event {
+pub(crate) enum Event {
     /// A main-bucket decision settled in the store.
     Settled {
         key_id: u64,
@@ -71,6 +71,19 @@ impl GateLink {
             self.metrics.kernel_sync_dropped.inc();
         }
     }
+}
+
+/// A link whose events a test reads itself.
+#[cfg(test)]
+pub(crate) fn test_link(metrics: &Metrics) -> (GateLink, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel(16);
+    (
+        GateLink {
+            tx,
+            metrics: metrics.clone(),
+        },
+        rx,
+    )
 }
 
 /// The price table as the kernel sees it.
