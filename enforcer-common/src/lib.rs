@@ -77,6 +77,8 @@ pub mod capacity {
 pub mod action {
     /// Drop it (`TC_ACT_SHOT`).
     pub const DROP: u32 = 0;
+    /// Turn it into a TCP RST back to the client (falls back to a drop when it cannot).
+    pub const RESET: u32 = 1;
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -202,7 +202,7 @@ pub struct KernelConfig {
     pub interfaces: Vec<String>,
     /// TCP destination ports the gate protects.
     pub protect_ports: Vec<u16>,
-    /// What happens to a rejected packet: `drop`.
+    /// What happens to a rejected packet: `drop`, or `reset` (a TCP RST to the client).
     pub action: String,
     /// Snapshots older than this are ignored by the kernel, milliseconds (1-60000).
     pub max_staleness_ms: u64,
@@ -493,11 +493,8 @@ impl Config {
                 err(format!("kernel.protect_ports[{i}]"), "must be 1-65535");
             }
         }
-        if self.kernel.action != "drop" {
-            err(
-                "kernel.action".into(),
-                "must be \"drop\" (\"reset\" is not implemented yet)",
-            );
+        if self.kernel.action != "drop" && self.kernel.action != "reset" {
+            err("kernel.action".into(), "must be \"drop\" or \"reset\"");
         }
         if !(1..=60_000).contains(&self.kernel.max_staleness_ms) {
             err(
@@ -595,7 +592,7 @@ mod tests {
             default_tier = "gold"
             [kernel]
             interfaces = ["eth0"]
-            action = "reset"
+            action = "refuse"
             [tiers.free]
             max_tokens = -1
             refill_per_sec = 10

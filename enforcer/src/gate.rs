@@ -133,6 +133,7 @@ pub fn plan(config: &Config) -> KernelPlan {
         default_price: kernel_default,
         min_price,
         generation: 0,
+        reset: config.kernel.action == "reset",
     };
     let fingerprint = format!("{settings:?}{prices:?}");
     settings.generation = (enforcer_common::fnv(fingerprint.as_bytes()) as u32) | 1;

@@ -98,6 +98,8 @@ pub struct GateSettings {
     pub min_price: f64,
     /// Config generation: entries written under another generation are ignored.
     pub generation: u32,
+    /// Answer rejected packets with a TCP RST instead of dropping them.
+    pub reset: bool,
 }
 
 /// Tokens to the kernel's milli-tokens, rounded down (a lower balance never lets more through).
@@ -280,6 +282,11 @@ impl Gate {
         let mut config = GateConfig::new(&settings.key_header, &settings.value_prefix)
             .ok_or_else(|| KernelError::Setting("key header or value prefix too long".into()))?;
         config.generation = settings.generation;
+        config.action = if settings.reset {
+            enforcer_common::action::RESET
+        } else {
+            enforcer_common::action::DROP
+        };
         config.heartbeat_ns = monotonic_ns();
         config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
             .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;

@@ -55,6 +55,7 @@ fn main() {
         default_price: 1.0,
         min_price: 1.0,
         generation: 1,
+        reset: false,
     })
     .expect("configure");
     gate.set_price(Some("POST"), "/generate-report", 120.0)

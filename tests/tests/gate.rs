@@ -21,6 +21,7 @@ fn settings() -> GateSettings {
         default_price: 1.0,
         min_price: 1.0,
         generation: 1,
+        reset: false,
     }
 }
 
@@ -101,6 +102,8 @@ fn bytes(p: &Pkt) -> Vec<u8> {
     let mut tcp = vec![0u8; tcp_len];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&p.port.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1_000_000u32.to_be_bytes()); // seq
+    tcp[8..12].copy_from_slice(&5_000_000u32.to_be_bytes()); // ack
     tcp[12] = ((tcp_len / 4) as u8) << 4;
     tcp[13] = 0x18; // PSH, ACK
     for b in &mut tcp[20..] {
@@ -394,4 +397,67 @@ fn bearer_tokens_in_authorization() {
     assert_eq!(run(&mut g, &lower), DROP);
     let basic = pkt(&request("GET", "/x", "Authorization: Basic dG9rLTE=\r\n"));
     assert_eq!(run(&mut g, &basic), PASS);
+}
+
+#[test]
+fn reset_answers_the_client_with_a_tcp_rst() {
+    let mut g = Gate::load(None).expect("load");
+    let mut s = settings();
+    s.reset = true;
+    g.configure(&s).expect("configure");
+    g.put_budget(key_id(b"k-rst"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    for v6 in [false, true] {
+        let mut p = pkt(&request("GET", "/items", "x-api-key: k-rst\r\n"));
+        p.v6 = v6;
+        let input = bytes(&p);
+        let mut out = vec![0u8; input.len() + 256];
+        let r = g
+            .program()
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test_run");
+        assert_eq!(r.return_value, 7, "TC_ACT_REDIRECT (v6: {v6})");
+        let ip_len = if v6 { 40 } else { 20 };
+        let len = 14 + ip_len + 20;
+        assert_eq!(r.data_size_out as usize, len, "headers only, no payload");
+        let o = &out[..len];
+        let t = &o[14 + ip_len..];
+        let it = &input[14 + ip_len..];
+        assert_eq!(&t[0..2], &it[2..4], "ports swapped");
+        assert_eq!(&t[2..4], &it[0..2]);
+        assert_eq!(t[13], 0x14, "RST|ACK");
+        let payload = (input.len() - 14 - ip_len - 20) as u32;
+        let seq = u32::from_be_bytes([it[4], it[5], it[6], it[7]]);
+        assert_eq!(
+            u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+            seq + payload,
+            "acknowledges the rejected payload"
+        );
+        assert_eq!(&t[4..8], &it[8..12], "seq = the client's ack");
+        // Checksums verify: a one's-complement sum including the checksum folds to 0xffff.
+        let sum = |b: &[u8], mut acc: u32| {
+            for w in b.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+            }
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            acc
+        };
+        let pseudo = if v6 {
+            assert_eq!(&o[22..38], &input[38..54], "addresses swapped");
+            sum(&o[22..54], 6 + 20)
+        } else {
+            assert_eq!(&o[26..30], &input[30..34], "addresses swapped");
+            assert_eq!(sum(&o[14..34], 0), 0xffff, "IPv4 header checksum");
+            sum(&o[26..34], 6 + 20)
+        };
+        assert_eq!(sum(t, pseudo), 0xffff, "TCP checksum (v6: {v6})");
+    }
 }

@@ -110,7 +110,15 @@ fn check_body(server: &NetNs, body: String) -> u16 {
 
 /// Starts the daemon in the server namespace, attached to its veth, and waits for its API.
 fn daemon(link: &Link, pin: &PinDir) -> Daemon {
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enforcer.toml");
+    daemon_with(
+        link,
+        pin,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enforcer.toml"),
+    )
+}
+
+/// The same with another config file.
+fn daemon_with(link: &Link, pin: &PinDir, config: &str) -> Daemon {
     let port = UPSTREAM_PORT.to_string();
     let daemon = Daemon(
         link.a
@@ -316,4 +324,39 @@ fn operators_block_inspect_and_detach_from_the_cli() {
 
     let (code, _) = enforcer(&["kernel", "status", "--pin-dir", "/sys/fs/bpf/enforcer-none"]);
     assert_ne!(code, 0, "a clear error without a pinned gate");
+}
+
+#[test]
+fn reset_answers_a_rejected_request_with_a_tcp_rst() {
+    let link = Link::new("rset");
+    let pin = PinDir::new();
+    let _upstream = upstream(&link.a);
+    // The example config, with `action = "reset"` appended to its last table, [kernel].
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("reset.toml");
+    let example = include_str!("../../examples/enforcer.toml");
+    std::fs::write(&config, format!("{example}\naction = \"reset\"\n")).expect("write");
+    let _daemon = daemon_with(&link, &pin, config.to_str().expect("path"));
+    for _ in 0..7 {
+        check(&link.a, "rset-drained");
+    }
+    let started = Instant::now();
+    let error = link.b.run(|| {
+        let mut s = TcpStream::connect((A_ADDR, UPSTREAM_PORT)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s.write_all(b"POST /generate-report HTTP/1.1\r\nhost: api\r\nx-api-key: rset-drained\r\ncontent-length: 0\r\n\r\n")
+            .expect("write");
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).map(|_| ()).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        error,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client is reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "at once, not after a timeout"
+    );
+    assert!(call(&link.b, "rset-other"), "other keys pass");
 }
