@@ -131,6 +131,8 @@ pub struct Decider {
     shadow: bool,
     max_units: f64,
     metrics: Metrics,
+    /// `enforcer_debit_duration_seconds{backend=…}`, looked up once instead of per decision.
+    debit_duration: prometheus::Histogram,
     gate: Option<GateLink>,
 }
 
@@ -150,6 +152,7 @@ impl Decider {
         metrics: Metrics,
         gate: Option<GateLink>,
     ) -> Self {
+        let debit_duration = metrics.debit_duration.with_label_values(&[store.backend()]);
         Self {
             store,
             prices: PriceBook::new(&config.pricing),
@@ -162,6 +165,7 @@ impl Decider {
             on_failure: config.store.on_store_failure,
             shadow: config.budget.shadow,
             max_units: config.budget.max_units,
+            debit_duration,
             metrics,
             gate,
         }
@@ -199,10 +203,7 @@ impl Decider {
 
         let started = std::time::Instant::now();
         let result = self.call(self.store.debit(&debit)).await;
-        self.metrics
-            .debit_duration
-            .with_label_values(&[self.store.backend()])
-            .observe(started.elapsed().as_secs_f64());
+        self.debit_duration.observe(started.elapsed().as_secs_f64());
 
         if let (Some(gate), Some(kernel_id)) = (&self.gate, kernel_id) {
             // Shadow mode must not reject either: shadowed keys never reach the kernel's map.

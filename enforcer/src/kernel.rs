@@ -338,11 +338,7 @@ impl Gate {
     pub fn unblock(&mut self, key_id: u64) -> Result<bool, KernelError> {
         let mut map =
             HashMap::<&mut MapData, u64, u64>::try_from(self.map_mut(names::BLOCKS_MAP)?)?;
-        match map.remove(&key_id) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        removed(map.remove(&key_id))
     }
 
     /// Entries in each bounded map: `(name, entries, capacity)`.
@@ -428,10 +424,7 @@ impl Gate {
     pub fn remove_budget(&mut self, key_id: u64) -> Result<(), KernelError> {
         let mut map =
             HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
-        match map.remove(&key_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        removed(map.remove(&key_id)).map(drop)
     }
 
     /// Binds a client address to one key, as of now.
@@ -454,10 +447,7 @@ impl Gate {
         let mut map = HashMap::<&mut MapData, [u8; 16], Binding>::try_from(
             self.map_mut(names::BINDINGS_MAP)?,
         )?;
-        match map.remove(&address_key(addr)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        removed(map.remove(&address_key(addr))).map(drop)
     }
 
     /// Reads and sums the per-CPU counters.
@@ -484,6 +474,15 @@ impl Gate {
             out.push((key, values.iter().sum()));
         }
         Ok(out)
+    }
+}
+
+/// A map removal where a missing key is not an error: whether there was one.
+fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, KernelError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

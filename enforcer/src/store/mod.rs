@@ -80,7 +80,7 @@ pub enum RefundOutcome {
 }
 
 /// Errors of a token store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend could not be reached or failed.
     #[error("token store unavailable: {0}")]

@@ -190,14 +190,14 @@ async fn batches(pool: Arc<Pool>, mut rx: mpsc::Receiver<Call>) {
 
 /// Writes one pipeline and hands each caller its answer; reloads scripts on `NOSCRIPT`.
 async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
+    let fail_all = |batch: Vec<Call>, e: StoreError| {
+        for call in batch {
+            let _ = call.reply.send(Err(e.clone()));
+        }
+    };
     let mut conn = match pool.connection().await {
         Ok(c) => c,
-        Err(e) => {
-            for call in batch {
-                let _ = call.reply.send(Err(StoreError::Unavailable(e.to_string())));
-            }
-            return;
-        }
+        Err(e) => return fail_all(batch, e),
     };
     let mut pipe = Pipeline::with_capacity(batch.len());
     for call in &batch {
@@ -207,22 +207,9 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         Ok(a) if a.len() == batch.len() => a,
         Ok(a) => {
             let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
-            for call in batch {
-                let _ = call.reply.send(Err(StoreError::Protocol(e.clone())));
-            }
-            return;
+            return fail_all(batch, StoreError::Protocol(e));
         }
-        Err(e) => {
-            let e = classify(e);
-            for call in batch {
-                let _ = call.reply.send(Err(match &e {
-                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                    StoreError::Rejected(m) => StoreError::Rejected(m.clone()),
-                    StoreError::Protocol(m) => StoreError::Protocol(m.clone()),
-                }));
-            }
-            return;
-        }
+        Err(e) => return fail_all(batch, classify(e)),
     };
     let mut reloaded = [false; 2];
     for (call, answer) in batch.into_iter().zip(answers) {
