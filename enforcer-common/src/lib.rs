@@ -52,7 +52,7 @@ pub mod counter {
 pub const SCAN_WINDOW: usize = 512;
 /// Longest key value hashed; a longer value is not identified (the packet passes).
 pub const MAX_KEY_LEN: usize = 128;
-/// Longest header-name pattern (`"\n" + name + ":"`) the config can hold.
+/// Longest header-name pattern (lower-case name + `":"`) the config can hold.
 pub const MAX_PATTERN: usize = 48;
 /// Longest value prefix (e.g. `"bearer "`) the config can hold.
 pub const MAX_PREFIX: usize = 16;
@@ -84,44 +84,71 @@ pub mod action {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-/// FNV-1a 64 initial state.
-#[inline(always)]
-pub const fn fnv_start() -> u64 {
-    FNV_OFFSET
-}
-
-/// One FNV-1a 64 step. The kernel calls it byte by byte as it scans; [`key_id`] and
-/// [`path_hash`] fold it over a slice. Sharing the step is what makes both sides agree.
-#[inline(always)]
-pub const fn fnv_step(hash: u64, byte: u8) -> u64 {
-    (hash ^ byte as u64).wrapping_mul(FNV_PRIME)
-}
-
-/// Folds [`fnv_step`] over `bytes`.
+/// FNV-1a 64 of `bytes` (used for config fingerprints, not in the packet path).
 pub const fn fnv(bytes: &[u8]) -> u64 {
-    let mut h = fnv_start();
+    let mut h = FNV_OFFSET;
     let mut i = 0;
     while i < bytes.len() {
-        h = fnv_step(h, bytes[i]);
+        h = (h ^ bytes[i] as u64).wrapping_mul(FNV_PRIME);
         i += 1;
     }
     h
 }
 
-/// 64-bit id of an API key: FNV-1a of its bytes. Not a secret (the kernel sees raw keys in the
-/// packets anyway); the SHA-256 used in Redis and the ledger is what leaves the node.
-pub const fn key_id(key: &[u8]) -> u64 {
-    fnv(key)
+const HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Initial state of the word hash of a `len`-byte string (the length is mixed in first, so
+/// strings that differ only by trailing zero bytes differ).
+#[inline(always)]
+pub const fn hash_start(len: u64) -> u64 {
+    HASH_SEED ^ len
 }
 
-/// Hash of a request path (up to `?`) for the price map.
+/// One step of the word hash: the next 8 bytes of the string as a little-endian `u64` (the last
+/// word zero-padded). The kernel hashes a token eight bytes per step, with a 64-bit multiply and
+/// a shift, instead of one step per byte; sharing this step is what makes both sides agree.
+#[inline(always)]
+pub const fn hash_step(hash: u64, word: u64) -> u64 {
+    let x = (hash ^ word).wrapping_mul(HASH_MUL);
+    x ^ (x >> 29)
+}
+
+/// The word hash of `bytes`: [`hash_start`], then [`hash_step`] over 8-byte little-endian words.
+pub const fn word_hash(bytes: &[u8]) -> u64 {
+    let mut h = hash_start(bytes.len() as u64);
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut w = 0u64;
+        let mut j = 0;
+        while j < 8 && i + j < bytes.len() {
+            w |= (bytes[i + j] as u64) << (8 * j);
+            j += 1;
+        }
+        h = hash_step(h, w);
+        i += 8;
+    }
+    h
+}
+
+/// 64-bit id of an API key. Not a secret (the kernel sees raw keys in the packets anyway); the
+/// SHA-256 used in Redis and the ledger is what leaves the node.
+pub const fn key_id(key: &[u8]) -> u64 {
+    word_hash(key)
+}
+
+/// Longest request path the kernel hashes for the price map; a longer path gets the kernel's
+/// default price (and the daemon prices longer configured paths as it prices wildcards).
+pub const MAX_PATH_LEN: usize = 256;
+
+/// Hash of a request path (up to `?` or `#`) for the price map.
 pub const fn path_hash(path: &[u8]) -> u64 {
-    fnv(path)
+    word_hash(path)
 }
 
 /// Hash of a request method for the price map (0: any method).
 pub const fn method_hash(method: &[u8]) -> u64 {
-    fnv(method)
+    word_hash(method)
 }
 
 /// A key's budget as the kernel sees it.
@@ -186,10 +213,15 @@ pub struct GateConfig {
     pub pattern_len: u32,
     /// Length of `prefix`.
     pub prefix_len: u32,
-    /// `"\n" + lower-case header name + ":"`, e.g. `"\nx-api-key:"`.
+    /// Lower-case header name + `":"`, e.g. `"x-api-key:"`, zero-padded.
     pub pattern: [u8; MAX_PATTERN],
+    /// `0x20` where `pattern` has a letter, else 0: OR-ing it into the packet's bytes folds
+    /// their case before the comparison (exactly: only `A-Z` become `a-z`).
+    pub pattern_fold: [u8; MAX_PATTERN],
     /// Lower-case value prefix to skip, e.g. `"bearer "` for `Authorization: Bearer …`.
     pub prefix: [u8; MAX_PREFIX],
+    /// Case fold of `prefix`, as `pattern_fold`.
+    pub prefix_fold: [u8; MAX_PREFIX],
 }
 
 impl GateConfig {
@@ -197,21 +229,24 @@ impl GateConfig {
     pub fn new(header: &str, prefix: &str) -> Option<Self> {
         let name = header.as_bytes();
         let value_prefix = prefix.as_bytes();
-        if name.is_empty() || name.len() + 2 > MAX_PATTERN || value_prefix.len() > MAX_PREFIX {
+        if name.is_empty() || name.len() + 1 > MAX_PATTERN || value_prefix.len() > MAX_PREFIX {
             return None;
         }
         let mut pattern = [0u8; MAX_PATTERN];
-        pattern[0] = b'\n';
+        let mut pattern_fold = [0u8; MAX_PATTERN];
         let mut i = 0;
         while i < name.len() {
-            pattern[1 + i] = name[i].to_ascii_lowercase();
+            pattern[i] = name[i].to_ascii_lowercase();
+            pattern_fold[i] = fold(name[i]);
             i += 1;
         }
-        pattern[1 + name.len()] = b':';
+        pattern[name.len()] = b':';
         let mut p = [0u8; MAX_PREFIX];
+        let mut p_fold = [0u8; MAX_PREFIX];
         let mut j = 0;
         while j < value_prefix.len() {
             p[j] = value_prefix[j].to_ascii_lowercase();
+            p_fold[j] = fold(value_prefix[j]);
             j += 1;
         }
         Some(Self {
@@ -221,12 +256,28 @@ impl GateConfig {
             heartbeat_ns: 0,
             default_price_milli: 1000,
             min_price_milli: 1000,
-            pattern_len: (name.len() + 2) as u32,
+            pattern_len: (name.len() + 1) as u32,
             prefix_len: value_prefix.len() as u32,
             pattern,
+            pattern_fold,
             prefix: p,
+            prefix_fold: p_fold,
         })
     }
+}
+
+// The kernel reads these arrays a word at a time with aligned loads.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(GateConfig, pattern) % 8 == 0);
+    assert!(offset_of!(GateConfig, pattern_fold) % 8 == 0);
+    assert!(offset_of!(GateConfig, prefix) % 8 == 0);
+    assert!(offset_of!(GateConfig, prefix_fold) % 8 == 0);
+    assert!(MAX_PATTERN.is_multiple_of(8) && MAX_PREFIX.is_multiple_of(8));
+};
+
+const fn fold(b: u8) -> u8 {
+    if b.is_ascii_alphabetic() { 0x20 } else { 0 }
 }
 
 #[cfg(feature = "user")]
@@ -251,6 +302,25 @@ mod tests {
         assert_eq!(fnv(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
+    /// Pinned vectors of the word hash: changing them changes every key id, and the kernel
+    /// tests (which reject keys whose ids userspace computed) prove the kernel agrees.
+    #[test]
+    fn word_hash_vectors() {
+        assert_eq!(word_hash(b""), HASH_SEED);
+        assert_eq!(word_hash(b"a"), hash_step(HASH_SEED ^ 1, 0x61));
+        assert_eq!(
+            word_hash(b"abcdefghi"),
+            hash_step(
+                hash_step(HASH_SEED ^ 9, u64::from_le_bytes(*b"abcdefgh")),
+                0x69
+            )
+        );
+        // The length is mixed in: a trailing zero byte makes another hash.
+        assert_ne!(word_hash(b"ab"), word_hash(b"ab\0"));
+        assert_ne!(word_hash(b"key-1"), word_hash(b"key-2"));
+        assert_ne!(word_hash(b"01234567a"), word_hash(b"01234567b"));
+    }
+
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<Budget>(), 32);
@@ -258,14 +328,18 @@ mod tests {
         assert_eq!(core::mem::size_of::<Binding>(), 24);
         assert_eq!(
             core::mem::size_of::<GateConfig>(),
-            4 + 4 + 8 + 8 + 8 + 8 + 4 + 4 + MAX_PATTERN + MAX_PREFIX
+            4 + 4 + 8 + 8 + 8 + 8 + 4 + 4 + 2 * (MAX_PATTERN + MAX_PREFIX)
         );
     }
 
     #[test]
-    fn pattern_is_lower_case_with_newline_and_colon() {
+    fn pattern_is_lower_case_with_colon_and_fold_marks_letters() {
         let c = GateConfig::new("X-Api-Key", "").expect("fits");
-        assert_eq!(&c.pattern[..c.pattern_len as usize], b"\nx-api-key:");
+        assert_eq!(&c.pattern[..c.pattern_len as usize], b"x-api-key:");
+        assert_eq!(
+            &c.pattern_fold[..c.pattern_len as usize],
+            &[0x20, 0, 0x20, 0x20, 0x20, 0, 0x20, 0x20, 0x20, 0]
+        );
         let b = GateConfig::new("Authorization", "Bearer ").expect("fits");
         assert_eq!(&b.prefix[..b.prefix_len as usize], b"bearer ");
     }

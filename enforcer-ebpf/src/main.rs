@@ -23,8 +23,8 @@ use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    Binding, Budget, GateConfig, MAX_KEY_LEN, MAX_PATTERN, MAX_PREFIX, PriceKey, SCAN_WINDOW,
-    action, capacity, counter, fnv_start, fnv_step,
+    Binding, Budget, GateConfig, MAX_KEY_LEN, MAX_PATH_LEN, MAX_PATTERN, MAX_PREFIX, PriceKey,
+    SCAN_WINDOW, action, capacity, counter, hash_start, hash_step,
 };
 
 /// Per-CPU packet counters, indexed by `enforcer_common::counter`; userspace sums the CPUs.
@@ -62,25 +62,28 @@ static KEY_REJECTS: LruPerCpuHashMap<u64, u64> =
     LruPerCpuHashMap::with_max_entries(capacity::KEY_REJECTS, 0);
 
 /// Per-CPU scan state: the payload copy (too big for the 512-byte BPF stack) and the parser's
-/// variables, shared by the `bpf_loop` callback's iterations.
+/// variables, shared by the `bpf_loop` callback's steps.
 #[map]
 static SCRATCH: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
 
+/// Slack after the window so an 8-byte load at any offset inside it stays in the buffer.
+const SLACK: usize = 8;
+
 #[repr(C)]
 struct Scan {
-    buf: [u8; SCAN_WINDOW],
-    phase: u64,
-    method_len: u64,
+    buf: [u8; SCAN_WINDOW + SLACK],
+    /// Valid bytes in `buf` (what follows is left over from an earlier packet).
+    n: u64,
+    /// What the next step does (`STEP_*`).
+    step: u64,
+    /// Where the next step starts reading.
+    pos: u64,
+    /// Start of the token being read (the path, the key).
+    mark: u64,
     method: u64,
     path: u64,
-    path_len: u64,
-    version: u64,
-    line_len: u64,
-    matched: u64,
     key: u64,
-    key_trimmed: u64,
-    key_len: u64,
-    /// The parser's answer once a byte decided it (an `http::*` code), else `u64::MAX`.
+    /// The parser's answer once a step decided it (an `http::*` code), else `u64::MAX`.
     outcome: u64,
 }
 
@@ -130,7 +133,7 @@ enum Verdict {
 
 /// What the L7 parser found (the key id and price key are left in the scratch slot).
 mod http {
-    /// A complete key header: `key_trimmed`, `method` and `path` of the scratch slot are set.
+    /// A complete key header: `key`, `method` and `path` of the scratch slot are set.
     pub const IDENTIFIED: u32 = 0;
     /// Not an HTTP request start (another protocol, a continuation segment).
     pub const NOT_HTTP: u32 = 1;
@@ -153,7 +156,9 @@ fn inspect(ctx: &TcContext) -> Verdict {
     let Some(eth) = window(ctx, 0, ETH_HLEN) else {
         return Verdict::Pass;
     };
-    let mut src = [0u8; 16];
+    // Source address as two words (IPv4-mapped for IPv4): no zero-fill of a byte array, which
+    // BPF code generation turns into a call to a byte-wise memset.
+    let (src_hi, src_lo): (u64, u64);
     let l4: usize;
     // SAFETY (all reads below): each pointer comes from `window`, which checked that the bytes
     // read through it are inside the packet.
@@ -177,14 +182,19 @@ fn inspect(ctx: &TcContext) -> Verdict {
             if proto != IPPROTO_TCP || frag & 0x3fff != 0 {
                 return Verdict::Pass;
             }
-            src[10] = 0xff;
-            src[11] = 0xff;
-            unsafe {
-                src[12] = *ip.add(12);
-                src[13] = *ip.add(13);
-                src[14] = *ip.add(14);
-                src[15] = *ip.add(15);
-            }
+            src_hi = 0;
+            src_lo = unsafe {
+                u64::from_le_bytes([
+                    0,
+                    0,
+                    0xff,
+                    0xff,
+                    *ip.add(12),
+                    *ip.add(13),
+                    *ip.add(14),
+                    *ip.add(15),
+                ])
+            };
             l4 = ETH_HLEN + ihl;
         }
         ETH_P_IPV6 => {
@@ -195,11 +205,13 @@ fn inspect(ctx: &TcContext) -> Verdict {
             if unsafe { *ip.add(6) } != IPPROTO_TCP {
                 return Verdict::Pass;
             }
-            let mut k = 0;
-            while k < 16 {
-                src[k] = unsafe { *ip.add(8 + k) };
-                k += 1;
-            }
+            // Memory order, as the IPv4 case builds it (the loads are bounded by `window`).
+            (src_hi, src_lo) = unsafe {
+                (
+                    core::ptr::read_unaligned(ip.add(8).cast::<u64>()),
+                    core::ptr::read_unaligned(ip.add(16).cast::<u64>()),
+                )
+            };
             l4 = ETH_HLEN + 40;
         }
         _ => return Verdict::Pass,
@@ -219,29 +231,38 @@ fn inspect(ctx: &TcContext) -> Verdict {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if parse_http(ctx, cfg, payload) == http::IDENTIFIED
-        && let Some(scan) = SCRATCH.get_ptr(0)
-    {
+    let outcome = parse_http(ctx, cfg, payload);
+    // The price of the request when its request line was read, else the cheapest price.
+    let mut price = cfg.min_price_milli;
+    if let Some(scan) = SCRATCH.get_ptr(0) {
         // SAFETY: this CPU's scratch slot, just written by the parser.
-        let (key_id, price) = unsafe {
+        let (key_id, step, request) = unsafe {
             (
-                core::ptr::read_volatile(&raw const (*scan).key_trimmed),
+                core::ptr::read_volatile(&raw const (*scan).key),
+                core::ptr::read_volatile(&raw const (*scan).step),
                 PriceKey {
                     method: core::ptr::read_volatile(&raw const (*scan).method),
                     path: core::ptr::read_volatile(&raw const (*scan).path),
                 },
             )
         };
-        return decide(
-            key_id,
-            price_of(&price, cfg),
-            now,
-            cfg,
-            counter::REJECTED_L7,
-        );
+        if outcome == http::IDENTIFIED {
+            return decide(
+                key_id,
+                price_of(&request, cfg),
+                now,
+                cfg,
+                counter::REJECTED_L7,
+            );
+        }
+        if outcome != http::NOT_HTTP && step >= STEP_HEADER {
+            price = price_of(&request, cfg);
+        }
     }
     // No L7 identity: the source address, if it is bound to one key.
     // SAFETY: read-only use of a map value the kernel keeps alive for this program run.
+    // SAFETY: two `u64`s are 16 plain bytes, in memory order (little-endian words).
+    let src: [u8; 16] = unsafe { core::mem::transmute([src_hi, src_lo]) };
     let Some(binding) = (unsafe { BINDINGS.get(src) }) else {
         return Verdict::Pass;
     };
@@ -250,13 +271,7 @@ fn inspect(ctx: &TcContext) -> Verdict {
     {
         return Verdict::Stale;
     }
-    decide(
-        binding.key_id,
-        cfg.min_price_milli,
-        now,
-        cfg,
-        counter::REJECTED_L4,
-    )
+    decide(binding.key_id, price, now, cfg, counter::REJECTED_L4)
 }
 
 /// A pointer to `len` bytes at `offset` of the packet (direct packet access), or `None` when
@@ -300,6 +315,10 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
             key_id,
         };
     }
+    // Price 0 (operational endpoints): never rejected, whatever the balance.
+    if price == 0 {
+        return Verdict::Pass;
+    }
     // SAFETY: read-only use of a map value for the duration of this program run.
     let Some(b) = (unsafe { BUDGETS.get(key_id) }) else {
         return Verdict::Pass;
@@ -327,8 +346,10 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
 
 /// Scans the start of the payload: request line, then headers for the key header.
 ///
-/// The per-byte state machine runs under `bpf_loop`, so the verifier checks its body once
-/// instead of once per byte (a plain 512-iteration loop exceeds the verifier's budget).
+/// The scan runs as steps under `bpf_loop`: each step reads one token or one header line, eight
+/// bytes at a time (SWAR: word-wide byte comparisons), and leaves its state in the scratch slot.
+/// The verifier checks the step function once instead of every path through the packet, and
+/// reloading the state from the map value at each step keeps its view of offsets simple.
 #[inline(always)]
 fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
     let len = ctx.len() as usize;
@@ -342,8 +363,10 @@ fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
         return http::UNSURE;
     };
     // SAFETY: `scan` is this CPU's scratch slot, which nothing else touches while the program
-    // runs; `n` ≤ SCAN_WINDOW = the buffer's size.
+    // runs; `n` ≤ SCAN_WINDOW < the buffer's size.
     unsafe {
+        // Reset first: the caller reads `step` to know whether the request line was read.
+        (*scan).step = STEP_METHOD;
         if aya_ebpf::helpers::bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             payload as u32,
@@ -353,180 +376,419 @@ fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
         {
             return http::UNSURE;
         }
-        (*scan).phase = PHASE_METHOD;
-        (*scan).method_len = 0;
-        (*scan).method = fnv_start();
-        (*scan).path = fnv_start();
-        (*scan).path_len = 0;
-        (*scan).version = 0;
-        (*scan).line_len = 0;
-        (*scan).matched = 0;
-        (*scan).key = fnv_start();
-        (*scan).key_trimmed = fnv_start();
-        (*scan).key_len = 0;
-        (*scan).outcome = u64::MAX;
+        // Volatile: separate stores, not a call to a byte-wise memset.
+        core::ptr::write_volatile(&raw mut (*scan).n, n as u64);
+        core::ptr::write_volatile(&raw mut (*scan).pos, 0);
+        core::ptr::write_volatile(&raw mut (*scan).mark, 0);
+        core::ptr::write_volatile(&raw mut (*scan).method, 0);
+        core::ptr::write_volatile(&raw mut (*scan).path, 0);
+        core::ptr::write_volatile(&raw mut (*scan).key, 0);
+        core::ptr::write_volatile(&raw mut (*scan).outcome, u64::MAX);
         let mut state = LoopState {
             scan,
             cfg: core::ptr::from_ref(cfg),
         };
         aya_ebpf::helpers::bpf_loop(
-            n as u32,
-            scan_byte as *mut core::ffi::c_void,
+            MAX_STEPS,
+            scan_step as *mut core::ffi::c_void,
             (&raw mut state).cast(),
             0,
         );
         match (*scan).outcome {
             o if o <= http::UNSURE as u64 => o as u32,
-            // The segment (or the window) ended first: a split request line, header or value.
-            _ if (*scan).phase == PHASE_METHOD && (*scan).method_len == 0 => http::NOT_HTTP,
+            // Out of steps: more header lines than the window can hold is not a real request.
             _ => http::UNSURE,
         }
     }
 }
 
+/// Upper bound on scan steps: the request line takes at most five, each header line one, and a
+/// line is at least two bytes.
+const MAX_STEPS: u32 = 8 + (SCAN_WINDOW / 2) as u32;
+
 /// What the `bpf_loop` callback works on, passed through its context pointer (so it does not
-/// look the maps up again at every byte).
+/// look the maps up again at every step).
 #[repr(C)]
 struct LoopState {
     scan: *mut Scan,
     cfg: *const GateConfig,
 }
 
-/// One byte of the scan (a `bpf_loop` callback): 0 to go on, 1 when the outcome is decided.
+const STEP_METHOD: u64 = 0;
+const STEP_PATH_END: u64 = 1;
+const STEP_PATH_HASH: u64 = 2;
+const STEP_QUERY: u64 = 3;
+const STEP_VERSION: u64 = 4;
+const STEP_LINE_END: u64 = 5;
+const STEP_HEADER: u64 = 6;
+const STEP_VALUE: u64 = 7;
+const STEP_KEY_END: u64 = 8;
+const STEP_KEY_HASH: u64 = 9;
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+/// `HTTP/1.` as a little-endian word (7 bytes).
+const HTTP1: u64 = 0x002e_312f_5054_5448;
+
+/// The high bit of every byte of `w` that is zero (exact: no false positives).
+#[inline(always)]
+fn zero_bytes(w: u64) -> u64 {
+    !(((w & LOW7).wrapping_add(LOW7)) | w | LOW7)
+}
+
+/// The high bit of every byte of `w` equal to `c`.
+#[inline(always)]
+fn eq_bytes(w: u64, c: u8) -> u64 {
+    zero_bytes(w ^ (ONES * c as u64))
+}
+
+/// The high bit of every byte of `w` below `c` (`c` ≤ 0x80; exact).
+#[inline(always)]
+fn lt_bytes(w: u64, c: u8) -> u64 {
+    !(((w & LOW7).wrapping_add(ONES * (0x80 - c as u64))) | w) & HIGH
+}
+
+/// Index (0..8) of the lowest byte whose high bit is set in `m`, which is not zero.
+#[inline(always)]
+fn first_byte(mut m: u64) -> u64 {
+    let mut i = 0;
+    if m & 0xffff_ffff == 0 {
+        i += 4;
+        m >>= 32;
+    }
+    if m & 0xffff == 0 {
+        i += 2;
+        m >>= 16;
+    }
+    if m & 0xff == 0 {
+        i += 1;
+    }
+    i
+}
+
+/// Bytes 0..`len` of a word (all of it from 8 up).
+#[inline(always)]
+fn low_bytes(len: u64) -> u64 {
+    if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << ((len & 7) * 8)) - 1
+    }
+}
+
+/// The 8 bytes at `off` of the buffer (little-endian).
+///
+/// Made of the two aligned words around it: BPF code generation turns an unaligned `u64` read
+/// into eight byte loads, two aligned loads and shifts are a third of that.
+#[inline(always)]
+fn word(s: &Scan, off: u64) -> u64 {
+    let base = (off as usize) & (SCAN_WINDOW - 8);
+    let shift = ((off & 7) * 8) as u32;
+    // SAFETY: `base` is a multiple of 8 below SCAN_WINDOW, the buffer starts the (8-aligned)
+    // map value and has SLACK = 8 bytes more, so both loads are aligned and inside it.
+    let (lo, hi) = unsafe {
+        let p = s.buf.as_ptr().add(base).cast::<u64>();
+        (p.read(), p.add(1).read())
+    };
+    // `hi << (64 - shift)`, as two shifts so that `shift` = 0 gives 0 (BPF masks shift counts).
+    lo.wrapping_shr(shift) | (hi << 1).wrapping_shl(63 - shift)
+}
+
+/// Word `i` of a config byte array (which starts 8-aligned in the map value).
+#[inline(always)]
+fn config_word<const N: usize>(bytes: &[u8; N], i: usize) -> u64 {
+    // SAFETY: callers pass `i * 8 + 8` ≤ N; the arrays sit at multiples of 8 in `GateConfig`,
+    // whose map value is 8-aligned, so the load is aligned.
+    unsafe { bytes.as_ptr().add(i * 8).cast::<u64>().read() }
+}
+
+/// What a search stops at.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// `\n`.
+    LineEnd,
+    /// The end of a path: a control byte, space, `?`, `#` or DEL.
+    PathEnd,
+    /// A control byte or space (the end of a query).
+    Blank,
+    /// `\r` or `\n` (the end of a header value).
+    ValueEnd,
+}
+
+/// The first byte at or after `from` (within the valid bytes) that `stop` stops at, one aligned
+/// word per iteration; `None` if the valid bytes end first (a cut segment or window).
+#[inline(always)]
+fn find(s: &Scan, from: u64, stop: Stop) -> Option<u64> {
+    let mut base = from & !7;
+    // Bytes of the first word before `from` do not count.
+    let mut skip = !low_bytes(from & 7);
+    let mut i = 0;
+    while i < SCAN_WINDOW / 8 {
+        if base >= s.n {
+            return None;
+        }
+        let w = aligned_word(s, base);
+        let m = match stop {
+            Stop::LineEnd => eq_bytes(w, b'\n'),
+            Stop::PathEnd => {
+                lt_bytes(w, 0x21) | eq_bytes(w, b'?') | eq_bytes(w, b'#') | eq_bytes(w, 0x7f)
+            }
+            Stop::Blank => lt_bytes(w, 0x21),
+            Stop::ValueEnd => eq_bytes(w, b'\r') | eq_bytes(w, b'\n'),
+        } & skip;
+        if m != 0 {
+            let at = base + first_byte(m);
+            return (at < s.n).then_some(at);
+        }
+        skip = u64::MAX;
+        base += 8;
+        i += 1;
+    }
+    None
+}
+
+/// The aligned word of the buffer at `base` (a multiple of 8).
+#[inline(always)]
+fn aligned_word(s: &Scan, base: u64) -> u64 {
+    // SAFETY: masked to a multiple of 8 below SCAN_WINDOW: an aligned load inside the buffer.
+    unsafe {
+        s.buf
+            .as_ptr()
+            .add((base as usize) & (SCAN_WINDOW - 8))
+            .cast::<u64>()
+            .read()
+    }
+}
+
+/// The word hash (`enforcer_common::word_hash`) of `len` bytes at `from`, `len` ≤ `max`.
+#[inline(always)]
+fn hash(s: &Scan, from: u64, len: u64, max: usize) -> u64 {
+    let mut h = hash_start(len);
+    let mut done = 0;
+    let mut i = 0;
+    while i < max / 8 {
+        if done >= len {
+            break;
+        }
+        let w = word(s, from + done) & low_bytes(len - done);
+        h = hash_step(h, w);
+        done += 8;
+        i += 1;
+    }
+    h
+}
+
+/// Whether the `len` bytes at `at` equal `pattern` once `fold` is OR-ed into them (case folding
+/// of letters), `len` ≤ `N`.
+#[inline(always)]
+fn matches<const N: usize>(s: &Scan, at: u64, pattern: &[u8; N], fold: &[u8; N], len: u64) -> bool {
+    let mut i = 0;
+    while i < N / 8 {
+        let done = (i * 8) as u64;
+        if done >= len {
+            break;
+        }
+        let (p, f) = (config_word(pattern, i), config_word(fold, i));
+        let mask = low_bytes(len - done);
+        if ((word(s, at + done) | f) ^ p) & mask != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// One step of the scan (a `bpf_loop` callback): 0 to go on, 1 when the outcome is decided.
 #[inline(never)]
-extern "C" fn scan_byte(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `LoopState` on `parse_http`'s stack, alive for the whole loop; its
     // pointers are this CPU's scratch slot and the config map value.
     let (s, cfg) = unsafe {
         let state = &*ctx.cast::<LoopState>();
         (&mut *state.scan, &*state.cfg)
     };
-    let b = s.buf[(index as usize) & (SCAN_WINDOW - 1)];
     let decided = |s: &mut Scan, outcome: u32| {
         s.outcome = outcome as u64;
         1
     };
-    match s.phase {
-        PHASE_METHOD => {
-            if b == b' ' && s.method_len >= 3 {
-                s.phase = PHASE_PATH;
-            } else if b.is_ascii_uppercase() && s.method_len < 10 {
-                s.method = fnv_step(s.method, b);
-                s.method_len += 1;
+    // Offsets are re-read from the map value and bounded here, so every step starts from the
+    // same verifier state whatever the previous step found.
+    let n = s.n;
+    if s.pos >= n {
+        // The segment (or the window) ends where the next step would read: cut off.
+        return decided(s, http::UNSURE);
+    }
+    let pos = s.pos & (SCAN_WINDOW as u64 - 1);
+    match s.step {
+        STEP_METHOD => {
+            // 3 to 10 upper-case letters, then a space and a '/'.
+            let (w0, w1) = (word(s, 0), word(s, 8));
+            let spaces = eq_bytes(w0, b' ');
+            let len = if spaces != 0 {
+                first_byte(spaces)
             } else {
-                return decided(s, http::NOT_HTTP);
-            }
-        }
-        PHASE_PATH => {
-            if s.path_len == 0 && b != b'/' {
-                return decided(s, http::NOT_HTTP);
-            }
-            if b == b' ' {
-                s.phase = PHASE_VERSION;
-            } else if b == b'?' || b == b'#' {
-                s.phase = PHASE_QUERY;
-            } else if b < 0x21 || b == 0x7f {
-                return decided(s, http::NOT_HTTP);
-            } else {
-                s.path = fnv_step(s.path, b);
-                s.path_len += 1;
-            }
-        }
-        PHASE_QUERY => {
-            if b == b' ' {
-                s.phase = PHASE_VERSION;
-            } else if b < 0x21 {
-                return decided(s, http::NOT_HTTP);
-            }
-        }
-        PHASE_VERSION => {
-            if b != HTTP1[(s.version & 7) as usize] {
-                return decided(s, http::NOT_HTTP);
-            }
-            s.version += 1;
-            if s.version >= HTTP1_LEN {
-                s.phase = PHASE_REQUEST_LINE;
-            }
-        }
-        PHASE_REQUEST_LINE => {
-            if b == b'\n' {
-                // The '\n' just read is the first byte of the pattern "\n<name>:".
-                s.phase = PHASE_HEADERS;
-                s.matched = 1;
-                s.line_len = 0;
-            }
-        }
-        PHASE_HEADERS => {
-            if b == b'\n' {
-                if s.line_len == 0 {
-                    // An empty line: the headers ended without the key.
-                    return decided(s, http::NO_KEY);
+                let more = eq_bytes(w1, b' ') & 0x00ff_ffff;
+                if more == 0 {
+                    return decided(s, http::NOT_HTTP);
                 }
-                s.matched = 1;
-                s.line_len = 0;
-                return 0;
+                8 + first_byte(more)
+            };
+            // Upper-case: not below 'A' and below 'Z' + 1, in every byte before the space.
+            let upper0 = !lt_bytes(w0, b'A') & lt_bytes(w0, b'Z' + 1) & HIGH;
+            let upper1 = !lt_bytes(w1, b'A') & lt_bytes(w1, b'Z' + 1) & HIGH;
+            let need0 = HIGH & low_bytes(len);
+            let need1 = HIGH & low_bytes(len.saturating_sub(8));
+            if len < 3 || len + 2 > n || upper0 & need0 != need0 || upper1 & need1 != need1 {
+                return decided(
+                    s,
+                    if len + 2 > n {
+                        http::UNSURE
+                    } else {
+                        http::NOT_HTTP
+                    },
+                );
             }
-            if b != b'\r' {
-                s.line_len += 1;
+            if word(s, len + 1) & 0xff != b'/' as u64 {
+                return decided(s, http::NOT_HTTP);
             }
-            let m = s.matched;
-            let pattern_len = (cfg.pattern_len as u64).min(MAX_PATTERN as u64);
-            if m > 0 && b.to_ascii_lowercase() == cfg.pattern[(m as usize) & (MAX_PATTERN - 1)] {
-                if m + 1 >= pattern_len {
-                    s.phase = PHASE_VALUE;
-                    s.matched = 0;
-                } else {
-                    s.matched = m + 1;
+            s.method = hash_step(hash_start(len), w0 & low_bytes(len));
+            if len > 8 {
+                s.method = hash_step(s.method, w1 & low_bytes(len - 8));
+            }
+            s.mark = len + 1;
+            s.pos = len + 1;
+            s.step = STEP_PATH_END;
+        }
+        STEP_PATH_END => {
+            let Some(end) = find(s, pos, Stop::PathEnd) else {
+                return decided(s, http::UNSURE);
+            };
+            s.pos = end;
+            s.step = STEP_PATH_HASH;
+        }
+        STEP_PATH_HASH => {
+            let mark = s.mark & (SCAN_WINDOW as u64 - 1);
+            let len = pos.saturating_sub(mark);
+            // A path too long to hash keeps 0: no price entry, so the default price.
+            if len <= MAX_PATH_LEN as u64 {
+                s.path = hash(s, mark, len, MAX_PATH_LEN);
+            }
+            match word(s, pos) as u8 {
+                b' ' => {
+                    s.pos = pos + 1;
+                    s.step = STEP_VERSION;
                 }
-            } else {
-                s.matched = 0;
+                b'?' | b'#' => {
+                    s.pos = pos + 1;
+                    s.step = STEP_QUERY;
+                }
+                _ => return decided(s, http::NOT_HTTP),
             }
         }
-        _ => {
-            // PHASE_VALUE: leading whitespace, then the prefix (if any), then the key.
-            if b == b'\r' || b == b'\n' {
-                let outcome = if s.key_len == 0 {
-                    http::NO_KEY
-                } else {
-                    http::IDENTIFIED
-                };
-                return decided(s, outcome);
+        STEP_QUERY => {
+            let Some(end) = find(s, pos, Stop::Blank) else {
+                return decided(s, http::UNSURE);
+            };
+            if word(s, end) as u8 != b' ' {
+                return decided(s, http::NOT_HTTP);
             }
-            if s.key_len == 0 && s.matched == 0 && (b == b' ' || b == b'\t') {
-                return 0;
-            }
-            let prefix_len = (cfg.prefix_len as u64).min(MAX_PREFIX as u64);
-            if s.matched < prefix_len {
-                if b.to_ascii_lowercase() != cfg.prefix[(s.matched as usize) & (MAX_PREFIX - 1)] {
-                    return decided(s, http::NO_KEY);
-                }
-                s.matched += 1;
-                return 0;
-            }
-            if s.key_len >= MAX_KEY_LEN as u64 {
+            s.pos = end + 1;
+            s.step = STEP_VERSION;
+        }
+        STEP_VERSION => {
+            if pos + 8 > n {
                 return decided(s, http::UNSURE);
             }
-            s.key = fnv_step(s.key, b);
-            s.key_len += 1;
-            if b != b' ' && b != b'\t' {
-                s.key_trimmed = s.key;
+            if word(s, pos) & low_bytes(7) != HTTP1 {
+                return decided(s, http::NOT_HTTP);
             }
+            s.pos = pos + 7;
+            s.step = STEP_LINE_END;
+        }
+        STEP_LINE_END => {
+            let Some(end) = find(s, pos, Stop::LineEnd) else {
+                return decided(s, http::UNSURE);
+            };
+            s.pos = end + 1;
+            s.step = STEP_HEADER;
+        }
+        STEP_HEADER => {
+            // At the start of a header line.
+            if pos >= n {
+                return decided(s, http::UNSURE);
+            }
+            let first = word(s, pos) as u8;
+            if first == b'\r' || first == b'\n' {
+                // The empty line: the headers ended without the key.
+                return decided(s, http::NO_KEY);
+            }
+            let plen = (cfg.pattern_len as u64).min(MAX_PATTERN as u64);
+            if pos + plen > n {
+                return decided(s, http::UNSURE);
+            }
+            if matches(s, pos, &cfg.pattern, &cfg.pattern_fold, plen) {
+                s.pos = pos + plen;
+                s.step = STEP_VALUE;
+                return 0;
+            }
+            let Some(end) = find(s, pos, Stop::LineEnd) else {
+                return decided(s, http::UNSURE);
+            };
+            s.pos = end + 1;
+        }
+        STEP_VALUE => {
+            // Leading blanks, then the prefix (if any).
+            let w = word(s, pos);
+            let blanks = !(eq_bytes(w, b' ') | eq_bytes(w, b'\t')) & HIGH;
+            if blanks == 0 {
+                return decided(s, http::UNSURE);
+            }
+            let start = pos + first_byte(blanks);
+            let plen = (cfg.prefix_len as u64).min(MAX_PREFIX as u64);
+            if start + plen > n {
+                return decided(s, http::UNSURE);
+            }
+            if !matches(s, start, &cfg.prefix, &cfg.prefix_fold, plen) {
+                return decided(s, http::NO_KEY);
+            }
+            s.mark = start + plen;
+            s.pos = start + plen;
+            s.step = STEP_KEY_END;
+        }
+        STEP_KEY_END => {
+            let Some(end) = find(s, pos, Stop::ValueEnd) else {
+                return decided(s, http::UNSURE);
+            };
+            s.pos = end;
+            s.step = STEP_KEY_HASH;
+        }
+        _ => {
+            // STEP_KEY_HASH: trailing blanks trimmed, then the key id.
+            let mark = s.mark & (SCAN_WINDOW as u64 - 1);
+            let mut end = pos;
+            let mut i = 0;
+            while i < 8 && end > mark {
+                let last = word(s, end - 1) as u8;
+                if last != b' ' && last != b'\t' {
+                    break;
+                }
+                end -= 1;
+                i += 1;
+            }
+            let len = end.saturating_sub(mark);
+            if len == 0 {
+                return decided(s, http::NO_KEY);
+            }
+            if len > MAX_KEY_LEN as u64 || (i == 8 && end > mark) {
+                return decided(s, http::UNSURE);
+            }
+            s.key = hash(s, mark, len, MAX_KEY_LEN);
+            return decided(s, http::IDENTIFIED);
         }
     }
     0
 }
-
-const HTTP1: [u8; 8] = *b"HTTP/1.\0";
-/// Length of `HTTP/1.` (the array is padded to 8 for a masked index).
-const HTTP1_LEN: u64 = 7;
-
-const PHASE_METHOD: u64 = 0;
-const PHASE_PATH: u64 = 1;
-const PHASE_QUERY: u64 = 2;
-const PHASE_VERSION: u64 = 3;
-const PHASE_REQUEST_LINE: u64 = 4;
-const PHASE_HEADERS: u64 = 5;
-const PHASE_VALUE: u64 = 6;
 
 /// The floor for benchmarks: a classifier that only passes (`cargo xtask bench kernel`).
 #[classifier]

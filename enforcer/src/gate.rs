@@ -99,11 +99,13 @@ pub struct KernelPlan {
 
 /// Derives what the kernel needs from the config.
 ///
-/// Wildcard prefixes cannot be matched in the kernel; requests to them get the kernel's default
-/// price, so that default is the cheapest of the config's default cost and every wildcard price:
-/// the kernel may under-price (and pass), never over-price (and wrongly reject). Operational
-/// endpoints are priced 0 in the kernel: they never touch the main budget. The cheapest price
-/// (for L4 identities) is over main-budget endpoints and the default cost.
+/// Wildcard prefixes, and paths longer than the kernel hashes (`MAX_PATH_LEN`), cannot be
+/// matched in the kernel; requests to them get the kernel's default price, so that default is
+/// the cheapest of the config's default cost and every such price: the kernel may under-price
+/// (and pass), never over-price (and wrongly reject). Operational endpoints are priced 0 in the
+/// kernel (they never touch the main budget, and a price of 0 always passes), so an operational
+/// wildcard makes the kernel's default 0. The cheapest price (for L4 identities whose request
+/// line was not read) is over main-budget endpoints and the default cost.
 pub fn plan(config: &Config) -> KernelPlan {
     let mut prices = Vec::new();
     let mut kernel_default = config.pricing.default_cost;
@@ -111,18 +113,15 @@ pub fn plan(config: &Config) -> KernelPlan {
     let mut max_price = config.pricing.default_cost;
     for e in &config.pricing.endpoints {
         let method = (e.method != "*").then(|| e.method.clone());
-        if e.operational {
-            if !e.path.ends_with('*') {
-                prices.push((method, e.path.clone(), 0.0));
-            }
-            continue;
+        let price = if e.operational { 0.0 } else { e.base_cost };
+        if !e.operational {
+            min_price = min_price.min(price);
+            max_price = max_price.max(price);
         }
-        min_price = min_price.min(e.base_cost);
-        max_price = max_price.max(e.base_cost);
-        if e.path.ends_with('*') {
-            kernel_default = kernel_default.min(e.base_cost);
+        if e.path.ends_with('*') || e.path.len() > enforcer_common::MAX_PATH_LEN {
+            kernel_default = kernel_default.min(price);
         } else {
-            prices.push((method, e.path.clone(), e.base_cost));
+            prices.push((method, e.path.clone(), price));
         }
     }
     let mut settings = GateSettings {
@@ -409,6 +408,40 @@ mod tests {
                 .contains(&(Some("POST".into()), "/generate-report".into(), 120.0))
         );
         assert_ne!(p.settings.generation, 0);
+    }
+
+    #[test]
+    fn unmatchable_paths_lower_the_kernel_default() {
+        let long = format!("/{}", "a".repeat(enforcer_common::MAX_PATH_LEN));
+        let config = Config::parse(&format!(
+            r#"
+            [pricing]
+            default_cost = 2
+            [[pricing.endpoints]]
+            path = "{long}"
+            base_cost = 1.5
+            "#
+        ))
+        .expect("valid");
+        let p = plan(&config);
+        assert_eq!(
+            p.settings.default_price, 1.5,
+            "a path the kernel cannot hash"
+        );
+        assert!(p.prices.is_empty());
+        let config = Config::parse(
+            r#"
+            [[pricing.endpoints]]
+            path = "/health/*"
+            operational = true
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(
+            plan(&config).settings.default_price,
+            0.0,
+            "an operational wildcard: unknown paths may be operational, so they pass"
+        );
     }
 
     #[test]

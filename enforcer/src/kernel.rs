@@ -33,6 +33,53 @@ const PINNED: [&str; 8] = [
     names::KEY_REJECTS_MAP,
 ];
 
+/// Key size, value size and capacity of each pinned map, as this build's object declares them.
+fn pinned_layout(name: &str) -> Option<(usize, usize, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        names::BLOCKS_MAP => (8, 8, enforcer_common::capacity::BLOCKS),
+        names::COUNTERS_MAP => (4, 8, enforcer_common::counter::SLOTS),
+        names::CONFIG_MAP => (4, size_of::<GateConfig>(), 1),
+        names::PORTS_MAP => (2, 4, enforcer_common::capacity::PORTS),
+        names::BUDGETS_MAP => (8, size_of::<Budget>(), enforcer_common::capacity::BUDGETS),
+        names::PRICES_MAP => (size_of::<PriceKey>(), 8, enforcer_common::capacity::PRICES),
+        names::BINDINGS_MAP => (
+            16,
+            size_of::<Binding>(),
+            enforcer_common::capacity::BINDINGS,
+        ),
+        names::KEY_REJECTS_MAP => (8, 8, enforcer_common::capacity::KEY_REJECTS),
+        _ => return None,
+    })
+}
+
+/// Removes pinned maps left by a build with another layout (an upgrade that changed a shared
+/// type): adopting them would make the verifier refuse the program, or worse, misread them.
+/// Their entries are lost; the daemon re-syncs what it needs.
+fn drop_incompatible_pins(dir: &Path) {
+    for name in PINNED {
+        let path = dir.join(name);
+        let Ok(map) = aya::maps::MapData::from_pin(&path) else {
+            continue;
+        };
+        let (Ok(info), Some((key, value, entries))) = (map.info(), pinned_layout(name)) else {
+            continue;
+        };
+        if (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        ) != (key, value, entries)
+        {
+            tracing::warn!(
+                map = name,
+                "a pinned map has another layout (an older build?); replacing it"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Errors of the kernel gate.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -143,6 +190,7 @@ impl Gate {
         if let Some(dir) = pin_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| KernelError::PinDir(dir.display().to_string(), e))?;
+            drop_incompatible_pins(dir);
             for name in PINNED {
                 loader.map_pin_path(name, dir.join(name));
             }

@@ -226,6 +226,75 @@ fn the_price_of_the_request_decides_and_refill_counts() {
     assert_eq!(run(&mut g, &bulk), DROP);
 }
 
+/// The scan reads eight bytes at a time: tokens of every length around a word boundary, and
+/// a key header that ends exactly at the end of the window, must come out the same as the
+/// userspace hash of the same bytes.
+#[test]
+fn tokens_of_every_length_hash_as_in_userspace() {
+    let mut g = gate();
+    for len in (1..=20).chain([63, 64, 65, 127, 128]) {
+        let key: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        g.put_budget(key_id(key.as_bytes()), budget(0.0, 0.0, Duration::ZERO))
+            .expect("put");
+        let req = pkt(&request("GET", "/items", &format!("x-api-key: {key}\r\n")));
+        assert_eq!(run(&mut g, &req), DROP, "key of {len} bytes");
+    }
+    let k = key_id(b"k-80");
+    g.put_budget(k, budget(80.0, 0.0, Duration::ZERO))
+        .expect("put");
+    for len in [1, 7, 8, 9, 15, 16, 17, 255, 256] {
+        let path = format!("/{}", "p".repeat(len - 1));
+        g.set_price(None, &path, 120.0).expect("price");
+        let req = pkt(&request("GET", &path, "x-api-key: k-80\r\n"));
+        assert_eq!(run(&mut g, &req), DROP, "path of {len} bytes is priced");
+    }
+    // Longer than MAX_PATH_LEN: not hashed, so the default price (1), which 80 tokens pay.
+    let long = format!("/{}", "p".repeat(300));
+    g.set_price(None, &long, 120.0).expect("price");
+    let req = pkt(&request("GET", &long, "x-api-key: k-80\r\n"));
+    assert_eq!(run(&mut g, &req), PASS, "a path beyond MAX_PATH_LEN");
+    for method in ["PUT", "DELETE", "OPTIONS", "PROPFIND", "MKCALENDAR"] {
+        g.set_price(Some(method), "/m", 120.0).expect("price");
+        let req = pkt(&request(method, "/m", "x-api-key: k-80\r\n"));
+        assert_eq!(run(&mut g, &req), DROP, "method {method} is priced");
+    }
+    let req = pkt(&request("MKCALENDARX", "/m", "x-api-key: k-80\r\n"));
+    assert_eq!(run(&mut g, &req), PASS, "an 11-letter method is not HTTP");
+
+    // The key header's line ends exactly at byte 512 of the payload: read. One byte more of
+    // padding pushes its '\n' out of the window: the value could be cut, so it passes.
+    g.put_budget(key_id(b"k-edge"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let at_edge = |pad: usize| {
+        format!(
+            "GET /items HTTP/1.1\r\nX-Pad: {}\r\nx-api-key: k-edge\r\n\r\n",
+            "p".repeat(pad)
+        )
+    };
+    let fixed = at_edge(0).find("x-api-key").expect("header") + "x-api-key: k-edge\r\n".len();
+    let pad = enforcer_common::SCAN_WINDOW - fixed;
+    let exact = at_edge(pad);
+    assert_eq!(
+        exact.find("\r\n\r\n").expect("end") + 2,
+        enforcer_common::SCAN_WINDOW
+    );
+    assert_eq!(
+        run(&mut g, &pkt(&exact)),
+        DROP,
+        "line ends at the window's end"
+    );
+    assert_eq!(
+        run(&mut g, &pkt(&at_edge(pad + 2))),
+        PASS,
+        "'\\r\\n' beyond the window"
+    );
+    // Many trailing blanks are trimmed up to a bound; past it the key is not taken.
+    let blanks = pkt(&request("GET", "/items", "x-api-key: k-edge       \r\n"));
+    assert_eq!(run(&mut g, &blanks), DROP, "seven trailing blanks");
+    let many = format!("x-api-key: k-edge{}\r\n", " ".repeat(20));
+    assert_eq!(run(&mut g, &pkt(&request("GET", "/items", &many))), PASS);
+}
+
 #[test]
 fn stale_or_other_generation_snapshots_are_ignored() {
     let mut g = gate();
@@ -377,9 +446,19 @@ fn a_bound_address_is_rejected_without_l7_identity() {
         .expect("put");
     let rich = pkt(&request("GET", "/items", "x-api-key: k-rich\r\n"));
     assert_eq!(run(&mut g, &rich), PASS);
+    // A request line without the key header is priced as that request: an operational
+    // endpoint (price 0) passes, an expensive one is compared with its own price.
+    g.set_price(Some("GET"), "/health", 0.0).expect("price");
+    let health = pkt("GET /health HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(run(&mut g, &health), PASS, "operational: price 0");
+    g.put_budget(k, budget(80.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let report = pkt("POST /generate-report HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(run(&mut g, &report), DROP, "80 tokens cannot pay 120");
+    assert_eq!(run(&mut g, &ack), PASS, "80 tokens pay the cheapest price");
     g.unbind(client).expect("unbind");
     assert_eq!(run(&mut g, &ack), PASS);
-    assert_eq!(g.counters().expect("counters").rejected_l4, 2);
+    assert_eq!(g.counters().expect("counters").rejected_l4, 3);
 }
 
 #[test]

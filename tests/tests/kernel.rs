@@ -55,6 +55,32 @@ fn the_gate_loads_verifies_and_passes_packets() {
     assert_eq!(after - before, 3, "each run was counted");
 }
 
+/// A map pinned by a build with another layout (here: a `CONFIG` whose value is 8 bytes) is
+/// replaced, not adopted: adopting it would make the verifier refuse the program.
+#[test]
+fn pins_of_another_layout_are_replaced() {
+    let dir = PinDir::new();
+    std::fs::create_dir_all(dir.path()).expect("pin dir");
+    let config = format!("{}/{}", dir.path(), enforcer_common::names::CONFIG_MAP);
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create", &config, "type", "array"])
+        .args(["key", "4", "value", "8", "entries", "1", "name", "CONFIG"])
+        .status()
+        .expect("bpftool");
+    assert!(made.success(), "bpftool map create");
+    let gate =
+        Gate::load(Some(std::path::Path::new(&dir.path()))).expect("loads despite the old pin");
+    drop(gate);
+    let info = aya::maps::MapData::from_pin(&config)
+        .expect("pinned again")
+        .info()
+        .expect("info");
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<enforcer_common::GateConfig>()
+    );
+}
+
 #[test]
 fn the_gate_attaches_in_a_namespace_and_sees_real_traffic() {
     let link = Link::new("att");
