@@ -217,11 +217,8 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         mode: d.mode.as_str(),
         request_id: d.request_id.as_str(),
         replayed: d.replayed,
-        reason: d.denial.map(|r| match r {
-            Denial::Exhausted => "exhausted",
-            Denial::UnknownKey => "unknown_key",
-            Denial::StoreUnavailable => "store_unavailable",
-        }),
+        reason: d.denial.map(Denial::as_str),
+        decision_id: d.decision_id,
     };
     (status, headers, axum::Json(body)).into_response()
 }
@@ -238,6 +235,8 @@ struct DecisionBody<'a> {
     request_id: &'a str,
     replayed: bool,
     reason: Option<&'static str>,
+    /// The id of this decision's audit row.
+    decision_id: uuid::Uuid,
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {

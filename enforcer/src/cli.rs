@@ -35,6 +35,102 @@ pub enum Command {
     /// Inspect or detach the kernel gate of this node (root; works on the pinned maps).
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Apply the audit ledger's migrations (migrations/, embedded) to PostgreSQL.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "ENFORCER_DATABASE_URL")]
+        database_url: String,
+    },
+    /// The audit ledger: partitions, imports, usage and exports for billing and disputes.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `enforcer audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Monthly partitions of `token_transactions`.
+    #[command(subcommand)]
+    Partitions(PartitionsCommand),
+    /// Load a ledger file (the embedded default's, or a spill file) into PostgreSQL. Rows
+    /// already there are skipped, so importing twice adds nothing.
+    Import {
+        /// The JSON-lines ledger file.
+        file: PathBuf,
+        /// PostgreSQL URL.
+        #[arg(long, env = "ENFORCER_DATABASE_URL")]
+        database_url: String,
+    },
+    /// A key's usage: decisions, allowed decisions and tokens charged.
+    Usage {
+        /// The API key (hashed here, the same way as in the ledger; never sent anywhere).
+        #[arg(
+            long,
+            conflicts_with = "key_hash",
+            required_unless_present = "key_hash"
+        )]
+        key: Option<String>,
+        /// Or the key's SHA-256 (`enforcer keys hash`).
+        #[arg(long)]
+        key_hash: Option<String>,
+        /// How far back: `90s`, `10m`, `24h`, `30d`.
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        since: Duration,
+        /// Group by endpoint or by hour (UTC); without it, one total.
+        #[arg(long, value_enum)]
+        by: Option<UsageGroup>,
+        /// PostgreSQL URL.
+        #[arg(long, env = "ENFORCER_DATABASE_URL")]
+        database_url: String,
+    },
+    /// Every decision since a time, oldest first, to stdout (times in UTC).
+    Export {
+        /// How far back: `90s`, `10m`, `24h`, `30d`.
+        #[arg(long, value_parser = parse_duration)]
+        since: Duration,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+        /// PostgreSQL URL.
+        #[arg(long, env = "ENFORCER_DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+/// `enforcer audit partitions …`
+#[derive(Debug, Subcommand)]
+pub enum PartitionsCommand {
+    /// Create last month's, this month's and the next months' partitions, and those of any
+    /// month with rows in the default partition (moving the rows in).
+    Ensure {
+        /// Months ahead of the current one.
+        #[arg(long, default_value_t = 2)]
+        ahead: u32,
+        /// Also drop partitions older than this many months (0: keep all).
+        #[arg(long, default_value_t = 0)]
+        retention_months: u32,
+        /// PostgreSQL URL.
+        #[arg(long, env = "ENFORCER_DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+/// `--by` of `enforcer audit usage`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum UsageGroup {
+    /// One line per endpoint.
+    Endpoint,
+    /// One line per hour (UTC).
+    Hour,
+}
+
+/// `--format` of `enforcer audit export`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Comma-separated, with a header line.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
 }
 
 /// `enforcer kernel …`
@@ -82,6 +178,16 @@ pub struct RunArgs {
     /// Worker threads of the async runtime (default: one per CPU).
     #[arg(long, env = "ENFORCER_WORKERS")]
     pub workers: Option<usize>,
+    /// PostgreSQL URL of the audit ledger (overrides ledger.database_url); absent: rows go
+    /// to the local ledger file.
+    #[arg(long, env = "ENFORCER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Apply the ledger's migrations at start (sets ledger.migrate).
+    #[arg(long)]
+    pub migrate: bool,
+    /// The local ledger / spill file (overrides ledger.file).
+    #[arg(long, env = "ENFORCER_LEDGER_FILE")]
+    pub ledger_file: Option<String>,
 }
 
 /// `enforcer config …`
@@ -241,6 +347,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Migrate { database_url } => {
+            runtime()?.block_on(async {
+                let pool = ledger_pool(&database_url)?;
+                crate::ledger::postgres::migrate(&pool).await?;
+                let applied = crate::ledger::postgres::MIGRATOR.iter().count();
+                println!("migrations applied ({applied} in total)");
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(command) => {
+            runtime()?.block_on(audit(command))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCommand::Hash { key }) => {
             println!("{}", ApiKey::parse(&key)?.hash());
             Ok(ExitCode::SUCCESS)
@@ -281,6 +401,144 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn ledger_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    crate::ledger::postgres::pool(url).context("PostgreSQL URL")
+}
+
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    use crate::ledger::postgres;
+    match command {
+        AuditCommand::Partitions(PartitionsCommand::Ensure {
+            ahead,
+            retention_months,
+            database_url,
+        }) => {
+            let pool = ledger_pool(&database_url)?;
+            let created = postgres::ensure_partitions(&pool, ahead).await?;
+            let dropped = postgres::apply_retention(&pool, retention_months).await?;
+            if created.is_empty() {
+                println!("partitions: all present");
+            }
+            for p in created {
+                println!("created {p}");
+            }
+            for p in dropped {
+                println!("dropped {p}");
+            }
+        }
+        AuditCommand::Import { file, database_url } => {
+            let pool = ledger_pool(&database_url)?;
+            let (read, corrupt) = postgres::import(&pool, &file).await?;
+            println!(
+                "{}: {read} entries imported (rows already present skipped)",
+                file.display()
+            );
+            if corrupt > 0 {
+                bail!("{corrupt} unreadable lines were skipped");
+            }
+        }
+        AuditCommand::Usage {
+            key,
+            key_hash,
+            since,
+            by,
+            database_url,
+        } => {
+            let hash = match (key, key_hash) {
+                (Some(k), _) => ApiKey::parse(&k)?.hash().to_hex(),
+                (None, Some(h)) => {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        bail!("--key-hash must be 64 hex digits (enforcer keys hash KEY)");
+                    }
+                    h.to_ascii_lowercase()
+                }
+                (None, None) => bail!("give --key or --key-hash"),
+            };
+            let by = match by {
+                None => postgres::UsageBy::Total,
+                Some(UsageGroup::Endpoint) => postgres::UsageBy::Endpoint,
+                Some(UsageGroup::Hour) => postgres::UsageBy::Hour,
+            };
+            let pool = ledger_pool(&database_url)?;
+            let lines = postgres::usage(&pool, &hash, since, by).await?;
+            let label = match by {
+                postgres::UsageBy::Total => "",
+                postgres::UsageBy::Endpoint => "endpoint",
+                postgres::UsageBy::Hour => "hour (UTC)",
+            };
+            println!(
+                "{label:<32} {:>10} {:>10} {:>14}",
+                "decisions", "allowed", "tokens"
+            );
+            for u in lines {
+                println!(
+                    "{:<32} {:>10} {:>10} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.cost
+                );
+            }
+        }
+        AuditCommand::Export {
+            since,
+            format,
+            database_url,
+        } => {
+            use std::io::Write as _;
+            let pool = ledger_pool(&database_url)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if matches!(format, ExportFormat::Csv) {
+                writeln!(out, "{}", postgres::EXPORT_COLUMNS.join(","))?;
+            }
+            let n = postgres::export(&pool, since, |values| match format {
+                ExportFormat::Csv => {
+                    let fields: Vec<String> = values
+                        .iter()
+                        .map(|v| csv_field(v.as_deref().unwrap_or("")))
+                        .collect();
+                    writeln!(out, "{}", fields.join(","))
+                }
+                ExportFormat::Jsonl => {
+                    let object: serde_json::Map<String, serde_json::Value> =
+                        postgres::EXPORT_COLUMNS
+                            .iter()
+                            .zip(values)
+                            .map(|(k, v)| ((*k).to_owned(), json_value(k, v.as_deref())))
+                            .collect();
+                    writeln!(out, "{}", serde_json::Value::Object(object))
+                }
+            })
+            .await?;
+            out.flush()?;
+            eprintln!("{n} rows");
+        }
+    }
+    Ok(())
+}
+
+/// An exported value as JSON: numbers and booleans typed, the rest strings.
+fn json_value(column: &str, v: Option<&str>) -> serde_json::Value {
+    use serde_json::Value;
+    let Some(v) = v else { return Value::Null };
+    match column {
+        "units" | "cost" | "multiplier" | "remaining" => v
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| Value::String(v.to_owned()), Value::Number),
+        "allowed" => Value::Bool(v == "true"),
+        _ => Value::String(v.to_owned()),
+    }
+}
+
+/// A CSV field, quoted when it has to be (RFC 4180).
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
     }
 }
 
@@ -368,6 +626,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     config.kernel.protect_ports.extend(args.protect_ports);
     if let Some(dir) = args.pin_dir {
         config.kernel.pin_dir = dir;
+    }
+    if let Some(url) = args.database_url {
+        config.ledger.database_url = url;
+    }
+    if args.migrate {
+        config.ledger.migrate = true;
+    }
+    if let Some(file) = args.ledger_file {
+        config.ledger.file = file;
     }
     let errors = config.validate();
     if !errors.is_empty() {

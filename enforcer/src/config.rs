@@ -82,6 +82,8 @@ pub struct Config {
     pub pricing: PricingConfig,
     /// `[kernel]`
     pub kernel: KernelConfig,
+    /// `[ledger]`
+    pub ledger: LedgerConfig,
 }
 
 /// `[server]`: the HTTP decision API.
@@ -228,6 +230,56 @@ impl Default for KernelConfig {
     }
 }
 
+/// `[ledger]`: the audit ledger (one row per decision).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// PostgreSQL URL; empty: no database, rows go to `file` (the embedded default).
+    pub database_url: String,
+    /// Apply the migrations in `migrations/` at start.
+    pub migrate: bool,
+    /// Local append-only file (JSON lines): the ledger itself without a database, the spill
+    /// file with one (rows written while PostgreSQL is down or slow, replayed when it is back).
+    pub file: String,
+    /// fsync the file after every appended batch (a crash loses at most the batch in flight).
+    pub fsync: bool,
+    /// Rows held in memory for the writer; beyond it rows are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Most rows per batch.
+    pub batch_rows: usize,
+    /// A batch is written at the latest this long after its first row, milliseconds.
+    pub flush_ms: u64,
+    /// A batch write slower than this goes to the spill file instead, milliseconds.
+    pub write_timeout_ms: u64,
+    /// Wait before retrying PostgreSQL after a failure, milliseconds.
+    pub retry_ms: u64,
+    /// Monthly partitions created ahead of the current month.
+    pub partitions_ahead: u32,
+    /// Keep this many months before the current one; older partitions are dropped. 0: keep all.
+    pub retention_months: u32,
+    /// This node's name in audit rows; empty: `$NODE_NAME`, else the host name.
+    pub node: String,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            database_url: String::new(),
+            migrate: false,
+            file: "enforcer-ledger.jsonl".to_owned(),
+            fsync: true,
+            queue_capacity: 200_000,
+            batch_rows: 10_000,
+            flush_ms: 100,
+            write_timeout_ms: 5_000,
+            retry_ms: 1_000,
+            partitions_ahead: 2,
+            retention_months: 0,
+            node: String::new(),
+        }
+    }
+}
+
 fn default_idle_cap() -> f64 {
     0.8
 }
@@ -315,6 +367,7 @@ impl Default for Config {
             tiers,
             pricing: PricingConfig::default(),
             kernel: KernelConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -519,6 +572,33 @@ impl Config {
                 "kernel.pin_dir".into(),
                 "must be a directory on a bpf filesystem",
             );
+        }
+        let l = &self.ledger;
+        let postgres_url = l.database_url.starts_with("postgres://")
+            || l.database_url.starts_with("postgresql://");
+        if !l.database_url.is_empty() && !postgres_url {
+            err(
+                "ledger.database_url".into(),
+                "must be a postgres:// or postgresql:// URL",
+            );
+        }
+        if l.file.is_empty() {
+            err("ledger.file".into(), "must be a file path");
+        }
+        if l.queue_capacity < l.batch_rows || l.batch_rows == 0 {
+            err(
+                "ledger.queue_capacity".into(),
+                "must be at least ledger.batch_rows, which must be > 0",
+            );
+        }
+        if l.flush_ms == 0 || l.write_timeout_ms == 0 || l.retry_ms == 0 {
+            err(
+                "ledger.flush_ms".into(),
+                "flush_ms, write_timeout_ms and retry_ms must be > 0",
+            );
+        }
+        if l.partitions_ahead > 24 {
+            err("ledger.partitions_ahead".into(), "must be at most 24");
         }
         errors
     }

@@ -9,6 +9,7 @@ use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
 use crate::gate::GateLink;
 use crate::key::{ApiKey, KeyHash, RequestId};
+use crate::ledger::{AuditRow, Entry, Ledger};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
 use crate::store::{
@@ -72,6 +73,17 @@ pub enum Denial {
     StoreUnavailable,
 }
 
+impl Denial {
+    /// Name used in responses and audit rows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::Exhausted => "exhausted",
+            Denial::UnknownKey => "unknown_key",
+            Denial::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
 /// The answer.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -95,6 +107,8 @@ pub struct Decision {
     pub request_id: RequestId,
     /// True when answered from an earlier decision with the same request id.
     pub replayed: bool,
+    /// This decision's id: the primary key of its audit row (UUIDv7), for disputes.
+    pub decision_id: uuid::Uuid,
 }
 
 /// Bad input: refused before anything is debited.
@@ -134,6 +148,7 @@ pub struct Decider {
     /// `enforcer_debit_duration_seconds{backend=…}`, looked up once instead of per decision.
     debit_duration: prometheus::Histogram,
     gate: Option<GateLink>,
+    ledger: Option<Ledger>,
 }
 
 /// Why a store call produced no answer.
@@ -145,12 +160,14 @@ enum CallError {
 
 impl Decider {
     /// A decider over `store` with the policy, prices and failure rules of `config`; with
-    /// `gate`, settled decisions are reported to the kernel gate's sync task.
+    /// `gate`, settled decisions are reported to the kernel gate's sync task; with `ledger`,
+    /// every decision is recorded.
     pub fn new(
         config: &Config,
         store: Arc<dyn TokenStore>,
         metrics: Metrics,
         gate: Option<GateLink>,
+        ledger: Option<Ledger>,
     ) -> Self {
         let debit_duration = metrics.debit_duration.with_label_values(&[store.backend()]);
         Self {
@@ -168,6 +185,7 @@ impl Decider {
             debit_duration,
             metrics,
             gate,
+            ledger,
         }
     }
 
@@ -177,7 +195,7 @@ impl Decider {
     }
 
     /// Decides one check.
-    pub async fn check(&self, check: Check) -> Result<Decision, CheckError> {
+    pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
         let price = self
             .prices
             .price(check.method.as_deref(), &check.endpoint)?;
@@ -193,7 +211,7 @@ impl Decider {
             BucketKind::Main
         };
         let kernel_id = self.gate.as_ref().map(|_| check.key.kernel_id());
-        let request_id = check.request_id.unwrap_or_else(RequestId::generate);
+        let request_id = check.request_id.take().unwrap_or_else(RequestId::generate);
         let debit = Debit {
             key: check.key.hash(),
             bucket,
@@ -236,9 +254,15 @@ impl Decider {
                 mode: Mode::Enforce,
                 request_id: debit.request_id,
                 replayed: false,
+                decision_id: uuid::Uuid::now_v7(),
             },
             Err(_) => self.without_store(cost, debit.request_id),
         };
+        if let Some(ledger) = &self.ledger {
+            ledger.record(Entry::Decision(
+                self.audit_row(&check, &debit.key, &decision, ledger),
+            ));
+        }
         let outcome = match (decision.allowed, decision.denial) {
             (_, Some(Denial::UnknownKey)) => "rejected_unknown_key",
             (true, _) => "allowed",
@@ -276,6 +300,37 @@ impl Decider {
             mode: if shadow { Mode::Shadow } else { Mode::Enforce },
             request_id,
             replayed: s.replayed,
+            decision_id: uuid::Uuid::now_v7(),
+        }
+    }
+
+    /// The audit row of a decision.
+    fn audit_row(&self, check: &Check, key: &KeyHash, d: &Decision, ledger: &Ledger) -> AuditRow {
+        let decided_by = if d.replayed {
+            "replay"
+        } else {
+            match d.mode {
+                Mode::Enforce => self.store.backend(),
+                other => other.as_str(),
+            }
+        };
+        AuditRow {
+            id: d.decision_id,
+            at_us: crate::ledger::now_us(),
+            key_hash: key.to_hex(),
+            tier: d.tier.clone(),
+            endpoint: check.endpoint.clone(),
+            method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
+            units: check.units,
+            cost: d.cost,
+            // Static prices: the pricing engine (issue 4) will supply its multiplier here.
+            multiplier: 1.0,
+            allowed: d.allowed,
+            remaining: d.remaining,
+            decided_by: decided_by.to_owned(),
+            denial: d.denial.map(|x| x.as_str().to_owned()),
+            request_id: Some(d.request_id.as_str().to_owned()),
+            node: ledger.node().to_owned(),
         }
     }
 
@@ -305,6 +360,7 @@ impl Decider {
             mode,
             request_id,
             replayed: false,
+            decision_id: uuid::Uuid::now_v7(),
         }
     }
 
@@ -392,7 +448,7 @@ mod tests {
             Arc::new(ManualClock::at(1000.0)),
         ));
         let (link, mut rx) = crate::gate::test_link(&metrics);
-        let decider = Decider::new(&config, store, metrics, Some(link));
+        let decider = Decider::new(&config, store, metrics, Some(link), None);
         let check = Check {
             key: ApiKey::parse("kernel-bound").expect("key"),
             endpoint: "/x".into(),

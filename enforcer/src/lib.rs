@@ -25,6 +25,7 @@ pub mod decision;
 pub mod gate;
 pub mod kernel;
 pub mod key;
+pub mod ledger;
 pub mod metrics;
 pub mod price;
 pub mod server;

@@ -42,6 +42,87 @@ pub struct Metrics {
     pub kernel_sync_dropped: IntCounter,
     /// `enforcer_kernel_tracked_keys`: keys with a snapshot in the kernel.
     pub kernel_tracked_keys: IntGauge,
+    /// The audit ledger's metrics.
+    pub ledger: LedgerMetrics,
+}
+
+/// Metrics of the audit ledger's writer (`enforcer_ledger_*`).
+#[derive(Clone, Debug)]
+pub struct LedgerMetrics {
+    /// `enforcer_ledger_rows_written_total`: rows committed to PostgreSQL (or, without a
+    /// database, appended to the ledger file).
+    pub written: IntCounter,
+    /// `enforcer_ledger_batch_seconds`: time to write one batch.
+    pub batch_seconds: prometheus::Histogram,
+    /// `enforcer_ledger_queue_depth`: rows waiting in memory for the writer.
+    pub queue_depth: IntGauge,
+    /// `enforcer_ledger_spilled_total`: rows appended to the spill file (PostgreSQL down or slow).
+    pub spilled: IntCounter,
+    /// `enforcer_ledger_replayed_total`: spilled rows replayed into PostgreSQL.
+    pub replayed: IntCounter,
+    /// `enforcer_ledger_dropped_total`: rows lost because the in-memory queue was full (the
+    /// writer could neither write nor spill fast enough). Must stay 0.
+    pub dropped: IntCounter,
+    /// `enforcer_ledger_backlog_bytes`: bytes of the spill file not yet replayed.
+    pub backlog_bytes: IntGauge,
+    /// `enforcer_ledger_errors_total{op}`: failed writes, spills, replays, maintenance.
+    pub errors: IntCounterVec,
+}
+
+impl LedgerMetrics {
+    fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str| {
+            register(
+                registry,
+                IntCounter::new(name, help).expect("valid metric definition"),
+            )
+        };
+        Self {
+            written: counter(
+                "enforcer_ledger_rows_written_total",
+                "Audit rows committed to PostgreSQL (or to the ledger file without a database)",
+            ),
+            batch_seconds: register(
+                registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "enforcer_ledger_batch_seconds",
+                        "Time to write one batch of audit rows",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+                )
+                .expect("valid metric definition"),
+            ),
+            queue_depth: gauge(
+                registry,
+                "enforcer_ledger_queue_depth",
+                "Audit rows waiting in memory for the writer",
+            ),
+            spilled: counter(
+                "enforcer_ledger_spilled_total",
+                "Audit rows appended to the spill file while PostgreSQL was down or slow",
+            ),
+            replayed: counter(
+                "enforcer_ledger_replayed_total",
+                "Spilled audit rows replayed into PostgreSQL",
+            ),
+            dropped: counter(
+                "enforcer_ledger_dropped_total",
+                "Audit rows lost because the in-memory queue was full (must stay 0)",
+            ),
+            backlog_bytes: gauge(
+                registry,
+                "enforcer_ledger_backlog_bytes",
+                "Bytes of the spill file not yet replayed into PostgreSQL",
+            ),
+            errors: counter_vec(
+                registry,
+                "enforcer_ledger_errors_total",
+                "Ledger failures by operation (write, spill, replay, maintain)",
+                &["op"],
+            ),
+        }
+    }
 }
 
 /// Registers a metric and hands it back. The definitions are static, so a failure here is a
@@ -179,6 +260,7 @@ impl Metrics {
             "enforcer_kernel_tracked_keys",
             "Keys with a budget snapshot in the kernel gate",
         );
+        let ledger = LedgerMetrics::new(&registry);
         Self {
             registry,
             decisions,
@@ -196,6 +278,7 @@ impl Metrics {
             kernel_sync_lag,
             kernel_sync_dropped,
             kernel_tracked_keys,
+            ledger,
         }
     }
 

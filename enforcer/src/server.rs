@@ -30,6 +30,9 @@ pub enum ServerError {
     /// Serving failed.
     #[error("serving failed: {0}")]
     Serve(std::io::Error),
+    /// The audit ledger could not be opened.
+    #[error("audit ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// A config value the HTTP layer cannot use (validation should have caught it).
     #[error("invalid config: {0}")]
     Config(String),
@@ -56,6 +59,7 @@ pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
     max_body_bytes: usize,
+    writer: crate::ledger::Writer,
 }
 
 impl Server {
@@ -72,7 +76,13 @@ impl Server {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
         let (gate, kernel) = crate::gate::start(config, &metrics);
-        let decider = Decider::new(config, store, metrics.clone(), gate);
+        let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
+        if config.ledger.database_url.is_empty() {
+            tracing::info!(file = %config.ledger.file, "audit ledger: local file (no database configured)");
+        } else {
+            tracing::info!(spill = %config.ledger.file, "audit ledger: PostgreSQL");
+        }
+        let decider = Decider::new(config, store, metrics.clone(), gate, Some(ledger));
         let app = Arc::new(App {
             decider,
             metrics,
@@ -90,6 +100,7 @@ impl Server {
             listener,
             app,
             max_body_bytes: config.server.max_body_bytes,
+            writer,
         })
     }
 
@@ -98,7 +109,8 @@ impl Server {
         self.listener.local_addr().map_err(ServerError::Serve)
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    /// Serves until `shutdown` resolves, then drains in-flight requests and the audit queue
+    /// (written to PostgreSQL, or spilled).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -107,12 +119,15 @@ impl Server {
             listener,
             app,
             max_body_bytes,
+            writer,
         } = self;
         let router = api::router(app, max_body_bytes);
-        axum::serve(listener, router)
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(ServerError::Serve)
+            .map_err(ServerError::Serve);
+        let _ = tokio::task::spawn_blocking(move || writer.shutdown()).await;
+        served
     }
 }
 

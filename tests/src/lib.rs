@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod pg;
 
 /// The Redis that `cargo xtask test` started.
 pub fn redis_url() -> String {
@@ -63,12 +64,19 @@ pub struct TestDaemon {
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Holds the audit ledger file unless the config names one.
+    _ledger_dir: Option<tempfile::TempDir>,
 }
 
 impl TestDaemon {
     /// Starts a daemon for `config` (its listen address is replaced by `127.0.0.1:0`).
     pub async fn start(mut config: Config) -> Self {
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        let ledger_dir = (config.ledger.file == enforcer::config::LedgerConfig::default().file)
+            .then(|| tempfile::tempdir().expect("tempdir"));
+        if let Some(dir) = &ledger_dir {
+            config.ledger.file = dir.path().join("ledger.jsonl").display().to_string();
+        }
         let errors = config.validate();
         assert!(errors.is_empty(), "test config invalid: {errors:?}");
         let server = Server::bind(&config).await.expect("daemon binds");
@@ -86,6 +94,7 @@ impl TestDaemon {
             addr,
             stop: Some(stop),
             task: Some(task),
+            _ledger_dir: ledger_dir,
         }
     }
 
@@ -173,6 +182,20 @@ pub async fn http(
         headers,
         body,
     }
+}
+
+/// The value of an unlabelled metric in the daemon's `/metrics` (0 when absent).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = http(addr, "GET", "/metrics", &[], String::new()).await;
+    parse_metric(&String::from_utf8_lossy(&text.body), name)
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition (0 when absent).
+pub fn parse_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `POST /v1/check` with a JSON body.

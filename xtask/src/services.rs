@@ -112,10 +112,7 @@ impl Postgres {
                 .arg("-D")
                 .arg(&data)
                 .arg("-o")
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    dir.display()
-                ))
+                .arg(Self::options(port, &dir))
                 .arg("-l")
                 .arg(dir.join("pg.log"))
                 .args(["-w", "start"])
@@ -127,6 +124,14 @@ impl Postgres {
 
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Server options (`pg_ctl -o`); the ledger tests stop and start the server with them.
+    fn options(port: u16, dir: &Path) -> String {
+        format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.display()
+        )
     }
 }
 
@@ -149,7 +154,7 @@ impl Drop for Postgres {
 pub struct Services {
     pub redis: Redis,
     pub postgres: Postgres,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Services {
@@ -169,7 +174,7 @@ impl Services {
         Ok(Self {
             redis,
             postgres,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -181,6 +186,20 @@ impl Services {
             (
                 "ENFORCER_TEST_REDIS_PORT".into(),
                 self.redis.port.to_string(),
+            ),
+            // Daemons the tests spawn keep their audit rows here, not in the checkout.
+            (
+                "ENFORCER_LEDGER_FILE".into(),
+                self.dir.path().join("ledger.jsonl").display().to_string(),
+            ),
+            // For the ledger tests that stop PostgreSQL in the middle of a run.
+            (
+                "ENFORCER_TEST_PGDATA".into(),
+                self.postgres.dir.join("data").display().to_string(),
+            ),
+            (
+                "ENFORCER_TEST_PG_OPTIONS".into(),
+                Postgres::options(self.postgres.port, &self.postgres.dir),
             ),
         ]
     }

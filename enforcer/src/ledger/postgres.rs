@@ -1,0 +1,473 @@
+//! The PostgreSQL side of the ledger: migrations, binary `COPY` batches, idempotent replay,
+//! monthly partitions and retention, and the queries behind `enforcer audit usage|export`.
+//!
+//! Times are `timestamptz`, written as UTC instants; partition bounds are UTC month starts
+//! (`'2026-12-01 00:00:00+00'`), so neither the server's nor the client's time zone matters.
+use super::{AuditRow, Entry, KernelRejections, LedgerError};
+use bytes::{BufMut as _, BytesMut};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Connection as _, Row as _};
+use std::time::Duration;
+
+/// The embedded migrations (`migrations/` at the workspace root).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+const COLUMNS: &str = "id, recorded_at, key_hash, tier, endpoint, method, units, cost, \
+                       multiplier, allowed, remaining, decided_by, denial, request_id, node";
+
+/// A small lazily connecting pool (the writer uses one connection; the CLI one more).
+pub fn pool(url: &str) -> Result<PgPool, LedgerError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url)?)
+}
+
+/// Applies the migrations that are not applied yet.
+pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Writes batches to PostgreSQL.
+#[derive(Debug)]
+pub struct PgSink {
+    pool: PgPool,
+}
+
+impl PgSink {
+    /// A sink over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool (maintenance, queries).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Writes new rows: one binary `COPY` into `token_transactions` (and the rollups), in one
+    /// transaction.
+    pub async fn write(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
+        self.copy(batch, false).await
+    }
+
+    /// Writes rows that may be there already (a replay after a crash, an import): `COPY` into
+    /// a temporary staging table, then `INSERT … ON CONFLICT DO NOTHING`.
+    pub async fn write_idempotent(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
+        self.copy(batch, true).await
+    }
+
+    async fn copy(&mut self, batch: &[Entry], idempotent: bool) -> Result<(), LedgerError> {
+        let (rows, kernel) = split(batch);
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        if !rows.is_empty() {
+            let data = encode_rows(&rows);
+            if idempotent {
+                sqlx::query(
+                    "CREATE TEMP TABLE IF NOT EXISTS ledger_stage \
+                     (LIKE token_transactions) ON COMMIT DELETE ROWS",
+                )
+                .execute(&mut *tx)
+                .await?;
+                copy_in(&mut tx, "ledger_stage", data).await?;
+                sqlx::query(
+                    "INSERT INTO token_transactions SELECT * FROM ledger_stage \
+                     ON CONFLICT DO NOTHING",
+                )
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                copy_in(&mut tx, "token_transactions", data).await?;
+            }
+        }
+        if !kernel.is_empty() {
+            insert_kernel(&mut tx, &kernel).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    data: BytesMut,
+) -> Result<(), LedgerError> {
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+fn split(batch: &[Entry]) -> (Vec<&AuditRow>, Vec<&KernelRejections>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut kernel = Vec::new();
+    for e in batch {
+        match e {
+            Entry::Decision(r) => rows.push(r),
+            Entry::Kernel(k) => kernel.push(k),
+        }
+    }
+    (rows, kernel)
+}
+
+/// Rollups are few (one per rejected key and reason per minute): a plain idempotent insert.
+async fn insert_kernel(
+    conn: &mut sqlx::PgConnection,
+    kernel: &[&KernelRejections],
+) -> Result<(), LedgerError> {
+    let ids: Vec<uuid::Uuid> = kernel.iter().map(|k| k.id).collect();
+    let minutes: Vec<i64> = kernel.iter().map(|k| k.minute_us).collect();
+    let nodes: Vec<&str> = kernel.iter().map(|k| k.node.as_str()).collect();
+    let key_ids: Vec<i64> = kernel.iter().map(|k| k.key_id).collect();
+    let reasons: Vec<&str> = kernel.iter().map(|k| k.reason.as_str()).collect();
+    let counts: Vec<i64> = kernel.iter().map(|k| k.count).collect();
+    sqlx::query(
+        "INSERT INTO kernel_rejections (id, minute, node, key_id, reason, count) \
+         SELECT id, to_timestamp(m / 1e6), n, k, r, c \
+         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::int8[]) \
+              AS u(id, m, n, k, r, c) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&minutes)
+    .bind(&nodes)
+    .bind(&key_ids)
+    .bind(&reasons)
+    .bind(&counts)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// The binary `COPY` stream of `rows` (header, tuples, trailer).
+pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(19 + rows.len() * 260 + 2);
+    b.put_slice(b"PGCOPY\n\xff\r\n\0");
+    b.put_i32(0); // flags
+    b.put_i32(0); // header extension length
+    for r in rows {
+        b.put_i16(15);
+        b.put_i32(16);
+        b.put_slice(r.id.as_bytes());
+        b.put_i32(8);
+        b.put_i64(r.at_us - PG_EPOCH_US);
+        text(&mut b, Some(&r.key_hash));
+        text(&mut b, r.tier.as_deref());
+        text(&mut b, Some(&r.endpoint));
+        text(&mut b, Some(&r.method));
+        float(&mut b, Some(r.units));
+        float(&mut b, Some(r.cost));
+        float(&mut b, Some(r.multiplier));
+        b.put_i32(1);
+        b.put_u8(u8::from(r.allowed));
+        float(&mut b, r.remaining);
+        text(&mut b, Some(&r.decided_by));
+        text(&mut b, r.denial.as_deref());
+        text(&mut b, r.request_id.as_deref());
+        text(&mut b, Some(&r.node));
+    }
+    b.put_i16(-1);
+    b
+}
+
+fn text(b: &mut BytesMut, v: Option<&str>) {
+    match v {
+        // Text fields are bounded by validation (paths, ids) far below 2 GiB.
+        Some(s) => {
+            b.put_i32(i32::try_from(s.len()).unwrap_or(i32::MAX));
+            b.put_slice(s.as_bytes());
+        }
+        None => b.put_i32(-1),
+    }
+}
+
+fn float(b: &mut BytesMut, v: Option<f64>) {
+    match v {
+        Some(f) => {
+            b.put_i32(8);
+            b.put_f64(f);
+        }
+        None => b.put_i32(-1),
+    }
+}
+
+/// `(year, month)` of a month index (months since year 0).
+fn ym(index: i32) -> (i32, i32) {
+    (index.div_euclid(12), index.rem_euclid(12) + 1)
+}
+
+/// `'YYYY-MM-01 00:00:00+00'`.
+fn month_start(index: i32) -> String {
+    let (y, m) = ym(index);
+    format!("{y:04}-{m:02}-01 00:00:00+00")
+}
+
+/// `token_transactions_pYYYYMM`.
+fn partition_name(index: i32) -> String {
+    let (y, m) = ym(index);
+    format!("token_transactions_p{y:04}{m:02}")
+}
+
+/// The month index of now (UTC), as PostgreSQL sees it.
+async fn current_month(pool: &PgPool) -> Result<i32, LedgerError> {
+    let row = sqlx::query(
+        "SELECT (extract(year FROM now() AT TIME ZONE 'UTC') * 12 \
+                + extract(month FROM now() AT TIME ZONE 'UTC') - 1)::int4",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Creates the partitions of last month, this month and `ahead` months, and of every month
+/// that has rows in the default partition (moving those rows in). Returns the ones created.
+pub async fn ensure_partitions(pool: &PgPool, ahead: u32) -> Result<Vec<String>, LedgerError> {
+    let now = current_month(pool).await?;
+    let mut months: Vec<i32> = ((now - 1)..=(now + ahead as i32)).collect();
+    let stray = sqlx::query(
+        "SELECT DISTINCT (extract(year FROM recorded_at AT TIME ZONE 'UTC') * 12 \
+                + extract(month FROM recorded_at AT TIME ZONE 'UTC') - 1)::int4 \
+         FROM token_transactions_default",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in stray {
+        months.push(r.try_get(0)?);
+    }
+    months.sort_unstable();
+    months.dedup();
+    let mut created = Vec::new();
+    for m in months {
+        let name = partition_name(m);
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&name)
+            .fetch_one(pool)
+            .await?;
+        if exists.is_some() {
+            continue;
+        }
+        let (lo, hi) = (month_start(m), month_start(m + 1));
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        // Names and bounds are made here from integers, never from input.
+        sqlx::query("SET LOCAL lock_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE {name} (LIKE token_transactions INCLUDING DEFAULTS INCLUDING CONSTRAINTS) \
+             WITH (autovacuum_vacuum_insert_scale_factor = 0.02, \
+                   autovacuum_vacuum_scale_factor = 0.02, \
+                   autovacuum_analyze_scale_factor = 0.01)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        // Rows of this month that landed in the default partition move into the new one;
+        // attaching then finds none left behind.
+        let moved = sqlx::query(&format!(
+            "WITH moved AS (DELETE FROM token_transactions_default \
+                            WHERE recorded_at >= '{lo}' AND recorded_at < '{hi}' RETURNING *) \
+             INSERT INTO {name} SELECT * FROM moved"
+        ))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(&format!(
+            "ALTER TABLE token_transactions ATTACH PARTITION {name} \
+             FOR VALUES FROM ('{lo}') TO ('{hi}')"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if moved > 0 {
+            tracing::info!(partition = %name, rows = moved, "moved rows out of the default partition");
+        }
+        created.push(name);
+    }
+    Ok(created)
+}
+
+/// Detaches and drops monthly partitions older than `months` before the current month
+/// (0: keep everything). Returns the ones dropped.
+pub async fn apply_retention(pool: &PgPool, months: u32) -> Result<Vec<String>, LedgerError> {
+    if months == 0 {
+        return Ok(Vec::new());
+    }
+    let oldest_kept = current_month(pool).await? - months as i32;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'token_transactions'::regclass",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut dropped = Vec::new();
+    for name in names {
+        let Some(digits) = name.strip_prefix("token_transactions_p") else {
+            continue;
+        };
+        let (Ok(y), Ok(m)) = (
+            digits.get(..4).unwrap_or("").parse::<i32>(),
+            digits.get(4..).unwrap_or("").parse::<i32>(),
+        ) else {
+            continue;
+        };
+        if y * 12 + m > oldest_kept {
+            continue;
+        }
+        sqlx::query(&format!(
+            "ALTER TABLE token_transactions DETACH PARTITION {name}"
+        ))
+        .execute(pool)
+        .await?;
+        sqlx::query(&format!("DROP TABLE {name}"))
+            .execute(pool)
+            .await?;
+        dropped.push(name);
+    }
+    Ok(dropped)
+}
+
+/// One line of `enforcer audit usage`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    /// The endpoint or the hour (UTC), depending on the grouping; `total` without one.
+    pub group: String,
+    /// Decisions.
+    pub decisions: i64,
+    /// Allowed decisions.
+    pub allowed: i64,
+    /// Tokens charged for allowed decisions.
+    pub cost: f64,
+}
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageBy {
+    /// One line in total.
+    Total,
+    /// Per endpoint.
+    Endpoint,
+    /// Per hour (UTC).
+    Hour,
+}
+
+/// A key's usage since `since` ago.
+pub async fn usage(
+    pool: &PgPool,
+    key_hash: &str,
+    since: Duration,
+    by: UsageBy,
+) -> Result<Vec<Usage>, LedgerError> {
+    let group = match by {
+        UsageBy::Total => "'total'",
+        UsageBy::Endpoint => "endpoint",
+        UsageBy::Hour => {
+            "to_char(date_trunc('hour', recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:00\"Z\"')"
+        }
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {group} AS g, count(*)::int8, count(*) FILTER (WHERE allowed)::int8, \
+                coalesce(sum(cost) FILTER (WHERE allowed), 0)::float8 \
+         FROM token_transactions \
+         WHERE key_hash = $1 AND recorded_at >= now() - make_interval(secs => $2) \
+         GROUP BY 1 ORDER BY 1"
+    ))
+    .bind(key_hash)
+    .bind(since.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Usage {
+                group: r.try_get(0)?,
+                decisions: r.try_get(1)?,
+                allowed: r.try_get(2)?,
+                cost: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Every row since `since` ago, oldest first, as (column names, text values) with UTC times.
+pub async fn export(
+    pool: &PgPool,
+    since: Duration,
+    mut each: impl FnMut(&[Option<String>]) -> std::io::Result<()>,
+) -> Result<u64, LedgerError> {
+    use futures_util::TryStreamExt as _;
+    let mut stream = sqlx::query(
+        "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
+                allowed::text, remaining::text, decided_by, denial, request_id, node \
+         FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
+         ORDER BY recorded_at, id",
+    )
+    .bind(since.as_secs_f64())
+    .fetch(pool);
+    let mut n = 0;
+    while let Some(row) = stream.try_next().await? {
+        let values: Vec<Option<String>> = (0..EXPORT_COLUMNS.len())
+            .map(|i| row.try_get::<Option<String>, _>(i))
+            .collect::<Result<_, _>>()?;
+        each(&values).map_err(|source| LedgerError::File {
+            path: "<stdout>".into(),
+            source,
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Column names of [`export`]'s values.
+pub const EXPORT_COLUMNS: [&str; 15] = [
+    "id",
+    "recorded_at",
+    "key_hash",
+    "tier",
+    "endpoint",
+    "method",
+    "units",
+    "cost",
+    "multiplier",
+    "allowed",
+    "remaining",
+    "decided_by",
+    "denial",
+    "request_id",
+    "node",
+];
+
+/// Loads a ledger file into PostgreSQL, idempotently (importing twice adds nothing). Returns
+/// (entries read, unreadable lines).
+pub async fn import(pool: &PgPool, path: &std::path::Path) -> Result<(u64, u64), LedgerError> {
+    let end = std::fs::metadata(path)
+        .map_err(|source| LedgerError::File {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let mut sink = PgSink::new(pool.clone());
+    let (mut offset, mut read, mut corrupt) = (0, 0, 0);
+    loop {
+        let chunk = super::file::read_from(path, offset, end, super::REPLAY_CHUNK)?;
+        corrupt += chunk.corrupt as u64;
+        if chunk.entries.is_empty() && chunk.next_offset == offset {
+            break;
+        }
+        if !chunk.entries.is_empty() {
+            sink.write_idempotent(&chunk.entries).await?;
+        }
+        read += chunk.entries.len() as u64;
+        offset = chunk.next_offset;
+    }
+    Ok((read, corrupt))
+}
