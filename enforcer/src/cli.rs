@@ -471,7 +471,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             };
             println!(
                 "{label:<32} {:>10} {:>10} {:>14}",
-                "decisions", "allowed", "tokens"
+                "decisions", "allowed", "tokens charged"
             );
             for u in lines {
                 println!(

@@ -247,6 +247,9 @@ pub struct LedgerConfig {
     pub queue_capacity: usize,
     /// Most rows per batch.
     pub batch_rows: usize,
+    /// Concurrent `COPY`s a large batch is split into (1-8; one PostgreSQL backend uses one
+    /// core per `COPY`).
+    pub connections: usize,
     /// A batch is written at the latest this long after its first row, milliseconds.
     pub flush_ms: u64,
     /// A batch write slower than this goes to the spill file instead, milliseconds.
@@ -270,6 +273,7 @@ impl Default for LedgerConfig {
             fsync: true,
             queue_capacity: 200_000,
             batch_rows: 10_000,
+            connections: 2,
             flush_ms: 100,
             write_timeout_ms: 5_000,
             retry_ms: 1_000,
@@ -596,6 +600,9 @@ impl Config {
                 "ledger.flush_ms".into(),
                 "flush_ms, write_timeout_ms and retry_ms must be > 0",
             );
+        }
+        if !(1..=crate::ledger::postgres::MAX_PARALLEL).contains(&l.connections) {
+            err("ledger.connections".into(), "must be between 1 and 8");
         }
         if l.partitions_ahead > 24 {
             err("ledger.partitions_ahead".into(), "must be at most 24");

@@ -319,7 +319,13 @@ impl Decider {
             at_us: crate::ledger::now_us(),
             key_hash: key.to_hex(),
             tier: d.tier.clone(),
-            endpoint: check.endpoint.clone(),
+            // The path as priced: a query string may carry secrets and would split usage.
+            endpoint: check
+                .endpoint
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
             units: check.units,
             cost: d.cost,

@@ -61,7 +61,8 @@ pub struct LedgerMetrics {
     /// `enforcer_ledger_replayed_total`: spilled rows replayed into PostgreSQL.
     pub replayed: IntCounter,
     /// `enforcer_ledger_dropped_total`: rows lost because the in-memory queue was full (the
-    /// writer could neither write nor spill fast enough). Must stay 0.
+    /// writer could neither write nor spill fast enough) or the local file could not be
+    /// written. Must stay 0.
     pub dropped: IntCounter,
     /// `enforcer_ledger_backlog_bytes`: bytes of the spill file not yet replayed.
     pub backlog_bytes: IntGauge,
@@ -108,7 +109,7 @@ impl LedgerMetrics {
             ),
             dropped: counter(
                 "enforcer_ledger_dropped_total",
-                "Audit rows lost because the in-memory queue was full (must stay 0)",
+                "Audit rows lost: the in-memory queue was full or the local file failed (must stay 0)",
             ),
             backlog_bytes: gauge(
                 registry,

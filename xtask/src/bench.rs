@@ -14,6 +14,9 @@ pub enum Which {
     Http,
     /// Per-packet cost of the kernel gate (BPF_PROG_TEST_RUN) versus a 429 over HTTP.
     Kernel,
+    /// Audit rows per second through the ledger writer into PostgreSQL, versus psql `\copy`
+    /// of the same rows (the ceiling) and single-row INSERTs.
+    Ledger,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -34,6 +37,20 @@ impl Drop for Daemon {
 pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
     match which {
         Which::Http => http(clients, seconds),
+        Which::Ledger => {
+            println!("machine: {}", machine());
+            let dir = tempfile::Builder::new()
+                .prefix("enforcer-bench-")
+                .tempdir()?;
+            crate::status(Command::new("chmod").arg("755").arg(dir.path()))?;
+            // fsync on, as in production: the writer commits once per batch.
+            let pg = crate::services::Postgres::start_with(dir.path(), true)?;
+            crate::status(
+                Command::new("cargo")
+                    .args(["bench", "--package", "enforcer-tests", "--bench", "ledger"])
+                    .env("ENFORCER_TEST_DATABASE_URL", pg.url()),
+            )
+        }
         Which::Kernel => {
             println!("machine: {}", machine());
             crate::status(Command::new("cargo").args([

@@ -83,7 +83,13 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// A cluster for tests: `fsync=off` (nothing to keep across a crash, and faster).
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, false)
+    }
+
+    /// A cluster with `fsync` on or off.
+    pub fn start_with(dir: &Path, fsync: bool) -> Result<Self> {
         let port = free_port()?;
         let dir = dir.join("pg");
         std::fs::create_dir_all(&dir)?;
@@ -112,7 +118,7 @@ impl Postgres {
                 .arg("-D")
                 .arg(&data)
                 .arg("-o")
-                .arg(Self::options(port, &dir))
+                .arg(Self::options(port, &dir, fsync))
                 .arg("-l")
                 .arg(dir.join("pg.log"))
                 .args(["-w", "start"])
@@ -127,9 +133,10 @@ impl Postgres {
     }
 
     /// Server options (`pg_ctl -o`); the ledger tests stop and start the server with them.
-    fn options(port: u16, dir: &Path) -> String {
+    fn options(port: u16, dir: &Path, fsync: bool) -> String {
+        let fsync = if fsync { "on" } else { "off" };
         format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync}",
             dir.display()
         )
     }
@@ -199,7 +206,7 @@ impl Services {
             ),
             (
                 "ENFORCER_TEST_PG_OPTIONS".into(),
-                Postgres::options(self.postgres.port, &self.postgres.dir),
+                Postgres::options(self.postgres.port, &self.postgres.dir, false),
             ),
         ]
     }

@@ -211,7 +211,7 @@ pub async fn start(
         if config.migrate {
             postgres::migrate(&pool).await?;
         }
-        Some(postgres::PgSink::new(pool))
+        Some(postgres::PgSink::new(pool).with_parallel(config.connections))
     };
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

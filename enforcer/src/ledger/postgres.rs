@@ -12,13 +12,23 @@ use std::time::Duration;
 /// The embedded migrations (`migrations/` at the workspace root).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-const COLUMNS: &str = "id, recorded_at, key_hash, tier, endpoint, method, units, cost, \
-                       multiplier, allowed, remaining, decided_by, denial, request_id, node";
+const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
+                       cost, multiplier, allowed, remaining, decided_by, denial, request_id, node";
 
-/// A small lazily connecting pool (the writer uses one connection; the CLI one more).
+/// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
+/// (0 for a hash that is not hex, which validation never lets through).
+pub fn key_prefix(key_hash: &str) -> i64 {
+    key_hash
+        .get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .map_or(0, |v| v as i64)
+}
+
+/// A small lazily connecting pool: the writer's parallel `COPY`s and one more connection for
+/// maintenance.
 pub fn pool(url: &str) -> Result<PgPool, LedgerError> {
     Ok(PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(MAX_PARALLEL as u32 + 1)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(url)?)
 }
@@ -29,16 +39,30 @@ pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Most `COPY`s a batch is split into.
+pub const MAX_PARALLEL: usize = 8;
+/// Smallest part worth its own connection.
+const MIN_PART: usize = 1000;
+
 /// Writes batches to PostgreSQL.
 #[derive(Debug)]
 pub struct PgSink {
     pool: PgPool,
+    parallel: usize,
 }
 
 impl PgSink {
-    /// A sink over `pool`.
+    /// A sink over `pool` writing a batch as one `COPY`.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, parallel: 1 }
+    }
+
+    /// Splits large batches into up to `parallel` concurrent `COPY`s, each on its own
+    /// connection and in its own transaction: one PostgreSQL backend runs one `COPY` on one
+    /// core, so this is how the writer uses more than one.
+    pub fn with_parallel(mut self, parallel: usize) -> Self {
+        self.parallel = parallel.clamp(1, MAX_PARALLEL);
+        self
     }
 
     /// The pool (maintenance, queries).
@@ -46,48 +70,59 @@ impl PgSink {
         &self.pool
     }
 
-    /// Writes new rows: one binary `COPY` into `token_transactions` (and the rollups), in one
-    /// transaction.
+    /// Writes new rows: binary `COPY` into `token_transactions` (and the rollups). A failure
+    /// may leave some parts written: the caller spills the whole batch, and the idempotent
+    /// replay skips what is there.
     pub async fn write(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
-        self.copy(batch, false).await
+        let parts = self.parallel.min(batch.len() / MIN_PART).max(1);
+        if parts == 1 {
+            return copy(&self.pool, batch, false).await;
+        }
+        let size = batch.len().div_ceil(parts);
+        let results = futures_util::future::join_all(
+            batch.chunks(size).map(|part| copy(&self.pool, part, false)),
+        )
+        .await;
+        results.into_iter().collect()
     }
 
     /// Writes rows that may be there already (a replay after a crash, an import): `COPY` into
     /// a temporary staging table, then `INSERT … ON CONFLICT DO NOTHING`.
     pub async fn write_idempotent(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
-        self.copy(batch, true).await
+        copy(&self.pool, batch, true).await
     }
+}
 
-    async fn copy(&mut self, batch: &[Entry], idempotent: bool) -> Result<(), LedgerError> {
-        let (rows, kernel) = split(batch);
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        if !rows.is_empty() {
-            let data = encode_rows(&rows);
-            if idempotent {
-                sqlx::query(
-                    "CREATE TEMP TABLE IF NOT EXISTS ledger_stage \
+/// One `COPY` of `batch` in one transaction.
+async fn copy(pool: &PgPool, batch: &[Entry], idempotent: bool) -> Result<(), LedgerError> {
+    let (rows, kernel) = split(batch);
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    if !rows.is_empty() {
+        let data = encode_rows(&rows);
+        if idempotent {
+            sqlx::query(
+                "CREATE TEMP TABLE IF NOT EXISTS ledger_stage \
                      (LIKE token_transactions) ON COMMIT DELETE ROWS",
-                )
-                .execute(&mut *tx)
-                .await?;
-                copy_in(&mut tx, "ledger_stage", data).await?;
-                sqlx::query(
-                    "INSERT INTO token_transactions SELECT * FROM ledger_stage \
+            )
+            .execute(&mut *tx)
+            .await?;
+            copy_in(&mut tx, "ledger_stage", data).await?;
+            sqlx::query(
+                "INSERT INTO token_transactions SELECT * FROM ledger_stage \
                      ON CONFLICT DO NOTHING",
-                )
-                .execute(&mut *tx)
-                .await?;
-            } else {
-                copy_in(&mut tx, "token_transactions", data).await?;
-            }
+            )
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            copy_in(&mut tx, "token_transactions", data).await?;
         }
-        if !kernel.is_empty() {
-            insert_kernel(&mut tx, &kernel).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
+    if !kernel.is_empty() {
+        insert_kernel(&mut tx, &kernel).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn copy_in(
@@ -156,12 +191,14 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(15);
+        b.put_i16(16);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
         b.put_i64(r.at_us - PG_EPOCH_US);
         text(&mut b, Some(&r.key_hash));
+        b.put_i32(8);
+        b.put_i64(key_prefix(&r.key_hash));
         text(&mut b, r.tier.as_deref());
         text(&mut b, Some(&r.endpoint));
         text(&mut b, Some(&r.method));
@@ -336,6 +373,12 @@ pub async fn apply_retention(pool: &PgPool, months: u32) -> Result<Vec<String>, 
     Ok(dropped)
 }
 
+/// Rows whose cost was really debited: allowed by the budget (not a denial let through in
+/// shadow mode), not an idempotent replay (charged once, by the original), not fail-open
+/// (the store was not reached).
+pub const CHARGED: &str =
+    "allowed AND denial IS NULL AND decided_by NOT IN ('replay', 'fail-open', 'fail-closed')";
+
 /// One line of `enforcer audit usage`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Usage {
@@ -345,7 +388,7 @@ pub struct Usage {
     pub decisions: i64,
     /// Allowed decisions.
     pub allowed: i64,
-    /// Tokens charged for allowed decisions.
+    /// Tokens charged (see [`CHARGED`]).
     pub cost: f64,
 }
 
@@ -376,13 +419,15 @@ pub async fn usage(
     };
     let rows = sqlx::query(&format!(
         "SELECT {group} AS g, count(*)::int8, count(*) FILTER (WHERE allowed)::int8, \
-                coalesce(sum(cost) FILTER (WHERE allowed), 0)::float8 \
+                coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0)::float8 \
          FROM token_transactions \
-         WHERE key_hash = $1 AND recorded_at >= now() - make_interval(secs => $2) \
+         WHERE key_prefix = $3 AND key_hash = $1 \
+               AND recorded_at >= now() - make_interval(secs => $2) \
          GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
     .bind(since.as_secs_f64())
+    .bind(key_prefix(key_hash))
     .fetch_all(pool)
     .await?;
     rows.iter()

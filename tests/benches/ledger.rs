@@ -1,0 +1,200 @@
+//! `cargo xtask bench ledger`: sustained audit rows per second through the ledger writer into
+//! PostgreSQL (queue → writer thread → binary COPY batches), beside `psql \copy` of the same
+//! rows in the same binary format (the ceiling) and single-row INSERTs, on one server (started
+//! by xtask with fsync on). Each measurement gets a fresh database.
+use enforcer::config::LedgerConfig;
+use enforcer::ledger::postgres::{self, encode_rows};
+use enforcer::ledger::{AuditRow, Entry, now_us};
+use enforcer::metrics::Metrics;
+use std::time::{Duration, Instant};
+
+const ROWS: usize = 1_000_000;
+const INSERT_ROWS: usize = 20_000;
+
+fn rows(n: usize) -> Vec<Entry> {
+    let start = now_us();
+    (0..n)
+        .map(|i| {
+            Entry::Decision(AuditRow {
+                id: uuid::Uuid::now_v7(),
+                at_us: start + i as i64,
+                key_hash: format!("{:064x}", (i % 10_000) as u128 * 0x9e37_79b9_7f4a_7c15),
+                tier: Some("pro".into()),
+                endpoint: if i % 3 == 0 {
+                    "/generate-report"
+                } else {
+                    "/items"
+                }
+                .into(),
+                method: "GET".into(),
+                units: 1.0,
+                cost: 1.5,
+                multiplier: 1.0,
+                allowed: i % 10 != 0,
+                remaining: Some(812.25),
+                decided_by: "redis".into(),
+                denial: (i % 10 == 0).then(|| "exhausted".to_owned()),
+                request_id: Some(format!("req-{i}")),
+                node: "bench-node".into(),
+            })
+        })
+        .collect()
+}
+
+async fn fresh(admin: &sqlx::PgPool, base: &str, name: &str) -> String {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(admin)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(admin)
+        .await
+        .expect("create");
+    let url = format!("{}/{name}", base.rsplit_once('/').expect("url").0);
+    let pool = postgres::pool(&url).expect("pool");
+    postgres::migrate(&pool).await.expect("migrate");
+    postgres::ensure_partitions(&pool, 2)
+        .await
+        .expect("partitions");
+    pool.close().await;
+    url
+}
+
+async fn count(url: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(url).await.expect("connect");
+    let n = sqlx::query_scalar("SELECT count(*) FROM token_transactions")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    pool.close().await;
+    n
+}
+
+fn main() {
+    let base = std::env::var("ENFORCER_TEST_DATABASE_URL")
+        .expect("run through `cargo xtask bench ledger`, which starts PostgreSQL");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let admin = sqlx::PgPool::connect(&base).await.expect("admin");
+        let data = rows(ROWS);
+        println!("ledger, {ROWS} rows (15 columns, ~200 bytes of data each), fsync on");
+
+        // 1. The writer: rows pushed as fast as the queue takes them.
+        let url = fresh(&admin, &base, "bench_writer").await;
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = LedgerConfig {
+            database_url: url.clone(),
+            file: dir.path().join("spill.jsonl").display().to_string(),
+            ..LedgerConfig::default()
+        };
+        let metrics = Metrics::new().ledger;
+        let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+            .await
+            .expect("writer");
+        let cap = (config.queue_capacity as i64) * 3 / 4;
+        let started = Instant::now();
+        for e in data.iter().cloned() {
+            while metrics.queue_depth.get() > cap {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            ledger.record(e);
+        }
+        let queued = started.elapsed();
+        while metrics.written.get() < ROWS as u64 {
+            assert_eq!(metrics.dropped.get(), 0, "rows dropped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        writer.shutdown();
+        assert_eq!(count(&url).await, ROWS as i64);
+        let writer_rate = ROWS as f64 / took.as_secs_f64();
+        println!(
+            "writer (queue -> COPY binary, batches of {}): {:>9.0} rows/s ({:.2} s; queued in {:.2} s; spilled {}, dropped {})",
+            config.batch_rows,
+            writer_rate,
+            took.as_secs_f64(),
+            queued.as_secs_f64(),
+            metrics.spilled.get(),
+            metrics.dropped.get()
+        );
+
+        // 2. The ceiling: psql \copy of the same rows, same binary format, one transaction.
+        let url = fresh(&admin, &base, "bench_psql").await;
+        let refs: Vec<&AuditRow> = data
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Decision(r) => Some(r),
+                Entry::Kernel(_) => None,
+            })
+            .collect();
+        let file = dir.path().join("rows.bin");
+        std::fs::write(&file, encode_rows(&refs)).expect("write rows");
+        let started = Instant::now();
+        let status = std::process::Command::new("psql")
+            .args([&url, "-q", "-c"])
+            .arg(format!(
+                "\\copy token_transactions (id, recorded_at, key_hash, key_prefix, tier, endpoint, \
+                 method, units, cost, multiplier, allowed, remaining, decided_by, denial, \
+                 request_id, node) FROM '{}' WITH (FORMAT binary)",
+                file.display()
+            ))
+            .status()
+            .expect("psql");
+        let took = started.elapsed();
+        assert!(status.success(), "psql \\copy");
+        assert_eq!(count(&url).await, ROWS as i64);
+        let psql_rate = ROWS as f64 / took.as_secs_f64();
+        println!(
+            "psql \\copy (binary, one COPY):                {psql_rate:>9.0} rows/s ({:.2} s)",
+            took.as_secs_f64()
+        );
+
+        // 3. Single-row INSERTs, one connection, autocommit (the seed's way).
+        let url = fresh(&admin, &base, "bench_insert").await;
+        let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+        let started = Instant::now();
+        for r in refs.iter().take(INSERT_ROWS) {
+            sqlx::query(
+                "INSERT INTO token_transactions (id, recorded_at, key_hash, key_prefix, tier, \
+                 endpoint, method, units, cost, multiplier, allowed, remaining, decided_by, \
+                 denial, request_id, node) VALUES ($1, to_timestamp($2 / 1e6), $3, $4, $5, $6, \
+                 $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )
+            .bind(r.id)
+            .bind(r.at_us as f64)
+            .bind(&r.key_hash)
+            .bind(postgres::key_prefix(&r.key_hash))
+            .bind(&r.tier)
+            .bind(&r.endpoint)
+            .bind(&r.method)
+            .bind(r.units)
+            .bind(r.cost)
+            .bind(r.multiplier)
+            .bind(r.allowed)
+            .bind(r.remaining)
+            .bind(&r.decided_by)
+            .bind(&r.denial)
+            .bind(&r.request_id)
+            .bind(&r.node)
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+        let took = started.elapsed();
+        let insert_rate = INSERT_ROWS as f64 / took.as_secs_f64();
+        println!(
+            "single-row INSERTs ({INSERT_ROWS} rows, autocommit):  {insert_rate:>9.0} rows/s ({:.2} s)",
+            took.as_secs_f64()
+        );
+        println!(
+            "writer / psql \\copy: {:.2}; writer / INSERTs: {:.0}x",
+            writer_rate / psql_rate,
+            writer_rate / insert_rate
+        );
+        for db in ["bench_writer", "bench_psql", "bench_insert"] {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+                .execute(&admin)
+                .await;
+        }
+    });
+}
