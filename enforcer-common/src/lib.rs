@@ -24,7 +24,7 @@ pub mod names {
     pub const BINDINGS_MAP: &str = "BINDINGS";
     /// `LruHashMap<u64, u64>`: operator blocks, key id → end (`CLOCK_MONOTONIC` ns).
     pub const BLOCKS_MAP: &str = "BLOCKS";
-    /// `LruPerCpuHashMap<u64, u64>`: rejections per key id (for the audit rollups).
+    /// `LruPerCpuHashMap<u64, KeyRejects>`: rejections per key id and reason (audit rollups).
     pub const KEY_REJECTS_MAP: &str = "KEY_REJECTS";
     /// Where the daemon pins its maps so a restarted daemon adopts them.
     pub const PIN_DIR: &str = "/sys/fs/bpf/enforcer";
@@ -192,6 +192,18 @@ pub struct Binding {
     pub _pad: u32,
 }
 
+/// Rejections of one key by reason (a per-CPU value of `KEY_REJECTS`), running totals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyRejects {
+    /// [`counter::REJECTED_L7`].
+    pub l7: u64,
+    /// [`counter::REJECTED_L4`].
+    pub l4: u64,
+    /// [`counter::REJECTED_BLOCKED`].
+    pub blocked: u64,
+}
+
 /// The gate's configuration (one entry of `CONFIG`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,12 +294,13 @@ const fn fold(b: u8) -> u8 {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all four): `#[repr(C)]` plain-old-data structs of integers and byte arrays with
+    // SAFETY (all five): `#[repr(C)]` plain-old-data structs of integers and byte arrays with
     // explicit padding fields, so every bit pattern is valid and there are no hidden bytes.
     unsafe impl aya::Pod for super::Budget {}
     unsafe impl aya::Pod for super::PriceKey {}
     unsafe impl aya::Pod for super::Binding {}
     unsafe impl aya::Pod for super::GateConfig {}
+    unsafe impl aya::Pod for super::KeyRejects {}
 }
 
 #[cfg(test)]

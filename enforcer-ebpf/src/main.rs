@@ -23,8 +23,8 @@ use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    Binding, Budget, GateConfig, MAX_KEY_LEN, MAX_PATH_LEN, MAX_PATTERN, MAX_PREFIX, PriceKey,
-    SCAN_WINDOW, action, capacity, counter, hash_start, hash_step,
+    Binding, Budget, GateConfig, KeyRejects, MAX_KEY_LEN, MAX_PATH_LEN, MAX_PATTERN, MAX_PREFIX,
+    PriceKey, SCAN_WINDOW, action, capacity, counter, hash_start, hash_step,
 };
 
 /// Per-CPU packet counters, indexed by `enforcer_common::counter`; userspace sums the CPUs.
@@ -56,9 +56,9 @@ static BINDINGS: LruHashMap<[u8; 16], Binding> =
 #[map]
 static BLOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(capacity::BLOCKS, 0);
 
-/// Rejections per key id, per CPU (read into the audit ledger's rollups).
+/// Rejections per key id and reason, per CPU (read into the audit ledger's rollups).
 #[map]
-static KEY_REJECTS: LruPerCpuHashMap<u64, u64> =
+static KEY_REJECTS: LruPerCpuHashMap<u64, KeyRejects> =
     LruPerCpuHashMap::with_max_entries(capacity::KEY_REJECTS, 0);
 
 /// Per-CPU scan state: the payload copy (too big for the 512-byte BPF stack) and the parser's
@@ -113,7 +113,7 @@ pub fn gate(ctx: TcContext) -> i32 {
         }
         Verdict::Reject { reason, key_id } => {
             bump(reason);
-            count_rejection(key_id);
+            count_rejection(key_id, reason);
             let reset = CONFIG.get(0).is_some_and(|c| c.action == action::RESET);
             if reset && rst::answer(&ctx) {
                 TC_ACT_REDIRECT
@@ -806,12 +806,23 @@ fn bump(index: u32) {
 }
 
 #[inline(always)]
-fn count_rejection(key_id: u64) {
-    match KEY_REJECTS.get_ptr_mut(key_id) {
-        // SAFETY: a per-CPU value of this CPU.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = KEY_REJECTS.insert(key_id, 1, 0);
+fn count_rejection(key_id: u64, reason: u32) {
+    let Some(counts) = KEY_REJECTS.get_ptr_mut(key_id) else {
+        let mut first = KeyRejects::default();
+        match reason {
+            counter::REJECTED_L7 => first.l7 = 1,
+            counter::REJECTED_L4 => first.l4 = 1,
+            _ => first.blocked = 1,
+        }
+        let _ = KEY_REJECTS.insert(key_id, first, 0);
+        return;
+    };
+    // SAFETY: a per-CPU value of this CPU.
+    unsafe {
+        match reason {
+            counter::REJECTED_L7 => (*counts).l7 += 1,
+            counter::REJECTED_L4 => (*counts).l4 += 1,
+            _ => (*counts).blocked += 1,
         }
     }
 }

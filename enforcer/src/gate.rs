@@ -14,8 +14,9 @@
 use crate::api::KernelReport;
 use crate::config::Config;
 use crate::kernel::{Counters, Gate, GateSettings, monotonic_ns};
+use crate::ledger::{Entry, KernelRejections, Ledger};
 use crate::metrics::Metrics;
-use enforcer_common::Budget;
+use enforcer_common::{Budget, KeyRejects};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -145,7 +146,14 @@ pub fn plan(config: &Config) -> KernelPlan {
 
 /// Attaches and configures the gate when `[kernel] interfaces` asks for it, and starts the sync
 /// task. Without interfaces, or when the kernel refuses, the daemon runs userspace-only.
-pub fn start(config: &Config, metrics: &Metrics) -> (Option<GateLink>, KernelReport) {
+///
+/// With `ledger`, the kernel's per-key rejection counts are read every [`ROLLUP_EVERY`] and
+/// recorded as `kernel_rejections` rollup rows.
+pub fn start(
+    config: &Config,
+    metrics: &Metrics,
+    ledger: Option<Ledger>,
+) -> (Option<GateLink>, KernelReport) {
     let interfaces = &config.kernel.interfaces;
     if interfaces.is_empty() {
         metrics.kernel_attached.set(0);
@@ -183,7 +191,7 @@ pub fn start(config: &Config, metrics: &Metrics) -> (Option<GateLink>, KernelRep
                 plan.settings.ports
             );
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(sync(gate, rx, plan, metrics.clone()));
+            tokio::spawn(sync(gate, rx, plan, metrics.clone(), ledger));
             (
                 Some(GateLink {
                     tx,
@@ -233,14 +241,93 @@ fn snapshot(balance: f64, refill_per_sec: f64) -> Budget {
     }
 }
 
+/// How often the kernel's per-key rejection counts are read into the ledger's rollups.
+pub const ROLLUP_EVERY: Duration = Duration::from_secs(10);
+
+/// Turns the kernel's running per-key totals into rollup rows of what changed since the last
+/// read. The first read (a daemon start, adopting pinned maps) is only a baseline: counts from
+/// before it were (mostly) recorded by the previous daemon. What is lost: the rejections of at
+/// most one interval before a crash, and those while no daemon ran (bounded by
+/// `max_staleness`: with the daemon gone, the gate stops rejecting).
+#[derive(Debug, Default)]
+pub struct Rollup {
+    last: HashMap<u64, KeyRejects>,
+    started: bool,
+}
+
+impl Rollup {
+    /// The rows for the totals read now (`minute_us`: the minute they are attributed to).
+    pub fn rows(
+        &mut self,
+        totals: Vec<(u64, KeyRejects)>,
+        node: &str,
+        minute_us: i64,
+    ) -> Vec<KernelRejections> {
+        let mut rows = Vec::new();
+        let mut now = HashMap::with_capacity(totals.len());
+        for (key_id, t) in totals {
+            if self.started {
+                let before = self.last.get(&key_id).copied().unwrap_or_default();
+                for (reason, after, before) in [
+                    ("l7", t.l7, before.l7),
+                    ("l4", t.l4, before.l4),
+                    ("blocked", t.blocked, before.blocked),
+                ] {
+                    // Lower than before: the LRU map evicted and re-created the entry.
+                    let delta = if after >= before {
+                        after - before
+                    } else {
+                        after
+                    };
+                    if delta > 0 {
+                        rows.push(KernelRejections {
+                            id: uuid::Uuid::now_v7(),
+                            minute_us,
+                            node: node.to_owned(),
+                            key_id: key_id as i64,
+                            reason: reason.to_owned(),
+                            count: i64::try_from(delta).unwrap_or(i64::MAX),
+                        });
+                    }
+                }
+            }
+            now.insert(key_id, t);
+        }
+        self.last = now;
+        self.started = true;
+        rows
+    }
+}
+
 /// The sync task: owns the gate (dropping it detaches the program; pinned maps stay).
-async fn sync(mut gate: Gate, mut rx: mpsc::Receiver<Event>, plan: KernelPlan, metrics: Metrics) {
+async fn sync(
+    mut gate: Gate,
+    mut rx: mpsc::Receiver<Event>,
+    plan: KernelPlan,
+    metrics: Metrics,
+    ledger: Option<Ledger>,
+) {
     let mut tracked = adopt(&gate, &plan);
     let mut addresses: HashMap<IpAddr, Option<u64>> = HashMap::new();
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
+    let mut rollup_tick = tokio::time::interval(ROLLUP_EVERY);
+    let mut rollup = Rollup::default();
     let mut last = Counters::default();
     loop {
         tokio::select! {
+            _ = rollup_tick.tick(), if ledger.is_some() => {
+                if let Some(ledger) = &ledger {
+                    match gate.key_rejections() {
+                        Ok(totals) => {
+                            let minute = crate::ledger::now_us() / 60_000_000 * 60_000_000;
+                            for row in rollup.rows(totals, ledger.node(), minute) {
+                                ledger.record(Entry::Kernel(row));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading kernel rejection counts failed"),
+                    }
+                }
+            }
             event = rx.recv() => {
                 let Some(event) = event else { break };
                 let result = match event {
@@ -442,6 +529,27 @@ mod tests {
             0.0,
             "an operational wildcard: unknown paths may be operational, so they pass"
         );
+    }
+
+    #[test]
+    fn rollups_are_deltas_after_a_baseline() {
+        let t = |l7, l4, blocked| KeyRejects { l7, l4, blocked };
+        let mut r = Rollup::default();
+        assert!(r.rows(vec![(1, t(5, 0, 0))], "n", 0).is_empty(), "baseline");
+        let rows = r.rows(vec![(1, t(7, 1, 0)), (2, t(3, 0, 0))], "n", 60);
+        let got: Vec<(i64, &str, i64)> = rows
+            .iter()
+            .map(|k| (k.key_id, k.reason.as_str(), k.count))
+            .collect();
+        assert_eq!(got, vec![(1, "l7", 2), (1, "l4", 1), (2, "l7", 3)]);
+        assert!(
+            r.rows(vec![(1, t(7, 1, 0))], "n", 120).is_empty(),
+            "no change"
+        );
+        // Evicted and re-created: the new total is the delta.
+        let rows = r.rows(vec![(1, t(2, 1, 0))], "n", 180);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].count, 2);
     }
 
     #[test]

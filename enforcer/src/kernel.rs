@@ -13,7 +13,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
-use enforcer_common::{Binding, Budget, GateConfig, PriceKey, counter, names};
+use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, PriceKey, counter, names};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -48,7 +48,11 @@ fn pinned_layout(name: &str) -> Option<(usize, usize, u32)> {
             size_of::<Binding>(),
             enforcer_common::capacity::BINDINGS,
         ),
-        names::KEY_REJECTS_MAP => (8, 8, enforcer_common::capacity::KEY_REJECTS),
+        names::KEY_REJECTS_MAP => (
+            8,
+            size_of::<KeyRejects>(),
+            enforcer_common::capacity::KEY_REJECTS,
+        ),
         _ => return None,
     })
 }
@@ -513,13 +517,19 @@ impl Gate {
         })
     }
 
-    /// Rejections so far per key id (summed over CPUs).
-    pub fn key_rejections(&self) -> Result<Vec<(u64, u64)>, KernelError> {
-        let map = PerCpuHashMap::<_, u64, u64>::try_from(self.map(names::KEY_REJECTS_MAP)?)?;
+    /// Rejections so far per key id and reason (running totals, summed over CPUs).
+    pub fn key_rejections(&self) -> Result<Vec<(u64, KeyRejects)>, KernelError> {
+        let map = PerCpuHashMap::<_, u64, KeyRejects>::try_from(self.map(names::KEY_REJECTS_MAP)?)?;
         let mut out = Vec::new();
         for entry in map.iter() {
             let (key, values) = entry?;
-            out.push((key, values.iter().sum()));
+            let mut total = KeyRejects::default();
+            for v in values.iter() {
+                total.l7 += v.l7;
+                total.l4 += v.l4;
+                total.blocked += v.blocked;
+            }
+            out.push((key, total));
         }
         Ok(out)
     }

@@ -75,8 +75,8 @@ impl Server {
         {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
-        let (gate, kernel) = crate::gate::start(config, &metrics);
         let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
+        let (gate, kernel) = crate::gate::start(config, &metrics, Some(ledger.clone()));
         if config.ledger.database_url.is_empty() {
             tracing::info!(file = %config.ledger.file, "audit ledger: local file (no database configured)");
         } else {

@@ -164,7 +164,17 @@ fn an_exhausted_key_is_rejected_in_any_header_case_and_others_pass() {
     let counters = g.counters().expect("counters");
     assert_eq!(counters.rejected_l7, 5);
     let rejects = g.key_rejections().expect("per-key");
-    assert_eq!(rejects, vec![(key_id(b"k-exhausted"), 5)]);
+    assert_eq!(
+        rejects,
+        vec![(
+            key_id(b"k-exhausted"),
+            enforcer_common::KeyRejects {
+                l7: 5,
+                l4: 0,
+                blocked: 0
+            }
+        )]
+    );
 }
 
 #[test]

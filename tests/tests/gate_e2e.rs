@@ -119,18 +119,28 @@ fn daemon(link: &Link, pin: &PinDir) -> Daemon {
 
 /// The same with another config file.
 fn daemon_with(link: &Link, pin: &PinDir, config: &str) -> Daemon {
+    daemon_logging_to(link, pin, config, None)
+}
+
+/// The same, with the audit ledger in `ledger` (no database: the embedded file).
+fn daemon_logging_to(
+    link: &Link,
+    pin: &PinDir,
+    config: &str,
+    ledger: Option<&std::path::Path>,
+) -> Daemon {
     let port = UPSTREAM_PORT.to_string();
-    let daemon = Daemon(
-        link.a
-            .command(enforcer_bin().to_str().expect("path"))
-            .args(["run", "--config", config, "--listen", API])
-            .args(["--iface", &link.a_if, "--protect-port", &port])
-            .args(["--pin-dir", &pin.path()])
-            .env("ENFORCER_REDIS_URL", "")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the daemon"),
-    );
+    let mut command = link.a.command(enforcer_bin().to_str().expect("path"));
+    command
+        .args(["run", "--config", config, "--listen", API])
+        .args(["--iface", &link.a_if, "--protect-port", &port])
+        .args(["--pin-dir", &pin.path()])
+        .env("ENFORCER_REDIS_URL", "")
+        .stderr(Stdio::null());
+    if let Some(file) = ledger {
+        command.arg("--ledger-file").arg(file);
+    }
+    let daemon = Daemon(command.spawn().expect("start the daemon"));
     let start = Instant::now();
     while link.a.run(|| TcpStream::connect(API).is_err()) {
         assert!(
@@ -161,7 +171,15 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
     let link = Link::new("e2e");
     let pin = PinDir::new();
     let seen = upstream(&link.a);
-    let _daemon = daemon(&link, &pin);
+    let dir = tempfile::tempdir().expect("tmp");
+    let ledger = dir.path().join("ledger.jsonl");
+    let started = Instant::now();
+    let _daemon = daemon_logging_to(
+        &link,
+        &pin,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/enforcer.toml"),
+        Some(&ledger),
+    );
 
     assert!(
         call(&link.b, "e2e-drained"),
@@ -207,6 +225,28 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
     assert!(
         rejected >= 2.0,
         "kernel rejections reach /metrics: {rejected}\n{m}"
+    );
+
+    // The per-key counts reach the audit ledger as rollup rows at the next read (every 10 s;
+    // the first read, at start, is the baseline).
+    let id = enforcer_common::key_id(b"e2e-drained") as i64;
+    let deadline = enforcer::gate::ROLLUP_EVERY + Duration::from_secs(5);
+    let rolled_up = loop {
+        let rows: i64 = std::fs::read_to_string(&ledger)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["t"] == "kernel" && v["key_id"] == id && v["reason"] == "l7")
+            .filter_map(|v| v["count"].as_i64())
+            .sum();
+        if rows >= 2 || started.elapsed() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        rolled_up >= 2 && rolled_up as f64 <= rejected,
+        "kernel rejections of the drained key in the ledger: {rolled_up} (metric: {rejected})"
     );
 }
 
@@ -331,11 +371,13 @@ fn reset_answers_a_rejected_request_with_a_tcp_rst() {
     let link = Link::new("rset");
     let pin = PinDir::new();
     let _upstream = upstream(&link.a);
-    // The example config, with `action = "reset"` appended to its last table, [kernel].
+    // The example config, with `action = "reset"` in its [kernel] table.
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("reset.toml");
     let example = include_str!("../../examples/enforcer.toml");
-    std::fs::write(&config, format!("{example}\naction = \"reset\"\n")).expect("write");
+    assert!(example.contains("\n[kernel]\n"));
+    let with_reset = example.replacen("\n[kernel]\n", "\n[kernel]\naction = \"reset\"\n", 1);
+    std::fs::write(&config, with_reset).expect("write");
     let _daemon = daemon_with(&link, &pin, config.to_str().expect("path"));
     for _ in 0..7 {
         check(&link.a, "rset-drained");

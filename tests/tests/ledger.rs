@@ -347,6 +347,29 @@ async fn months_partitions_the_default_partition_and_retention() {
     // A replay of rows that are there already adds nothing.
     sink.write_idempotent(&rows).await.expect("replay");
     assert_eq!(ids_in_db(&url).await.len(), 4);
+    // Kernel rejection rollups, written and replayed: counted once.
+    let kernel = Entry::Kernel(enforcer::ledger::KernelRejections {
+        id: uuid::Uuid::now_v7(),
+        minute_us: FIRST_US_OF_DECEMBER,
+        node: "test-node".into(),
+        key_id: -42,
+        reason: "l7".into(),
+        count: 7,
+    });
+    sink.write(std::slice::from_ref(&kernel))
+        .await
+        .expect("rollup");
+    sink.write_idempotent(std::slice::from_ref(&kernel))
+        .await
+        .expect("rollup replay");
+    let (n, total): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(count)::int8 FROM kernel_rejections \
+         WHERE key_id = -42 AND reason = 'l7' AND minute = '2026-12-01 00:00:00+00'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("rollups");
+    assert_eq!((n, total), (1, 7));
     // Retention of 12 months drops January 2025 (and its row), keeps the rest.
     let dropped = postgres::apply_retention(&pool, 12)
         .await
