@@ -50,6 +50,8 @@ pub struct App {
     pub auth_deny_status: StatusCode,
     /// Kernel gate state.
     pub kernel: KernelReport,
+    /// The current prices (`GET /v1/costs`).
+    pub costs: crate::pricing::CostTable,
 }
 
 /// The router, with the body limit applied.
@@ -60,6 +62,7 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/refund", post(refund))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/v1/costs", get(costs))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -340,6 +343,11 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
             error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &m)
         }
     }
+}
+
+/// `GET /v1/costs`: every configured endpoint's base cost, multiplier and price now.
+async fn costs(State(app): State<Arc<App>>) -> Response {
+    axum::Json(app.costs.get()).into_response()
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {

@@ -44,6 +44,15 @@ pub enum Command {
     /// The audit ledger: partitions, imports, usage and exports for billing and disputes.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Every endpoint's price now, from a running daemon (`GET /v1/costs`), as a table.
+    Costs {
+        /// The daemon's HTTP API address.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "ENFORCER_ADDR")]
+        addr: SocketAddr,
+        /// Print the JSON as the daemon sends it.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `enforcer audit …`
@@ -357,6 +366,32 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Costs { addr, json } => {
+            let body = http_get(addr, "/v1/costs")?;
+            if json {
+                println!("{body}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let costs: Vec<crate::pricing::Cost> =
+                serde_json::from_str(&body).context("the daemon's /v1/costs answer")?;
+            println!(
+                "{:<32} {:<7} {:>10} {:>10} {:>12}  {:<11} updated",
+                "endpoint", "method", "base", "multiplier", "price", "source"
+            );
+            for c in costs {
+                println!(
+                    "{:<32} {:<7} {:>10.3} {:>10.4} {:>12.4}  {:<11} {}",
+                    c.endpoint,
+                    c.method,
+                    c.base_cost,
+                    c.multiplier,
+                    c.price,
+                    c.source,
+                    c.updated_at
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(command) => {
             runtime()?.block_on(audit(command))?;
             Ok(ExitCode::SUCCESS)
@@ -402,6 +437,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A plain HTTP/1.1 GET to the daemon; the body, or an error with the status.
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the daemon at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no HTTP answer from the daemon")?;
+    let status = head.split(' ').nth(1).unwrap_or("?");
+    if status != "200" {
+        bail!("{path}: HTTP {status}: {body}");
+    }
+    Ok(body.to_owned())
 }
 
 fn ledger_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {

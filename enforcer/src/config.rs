@@ -169,7 +169,7 @@ pub struct TierConfig {
     pub shadow: bool,
 }
 
-/// `[pricing]`: the cost matrix.
+/// `[pricing]`: the cost matrix, and the engine that moves it with telemetry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricingConfig {
@@ -177,6 +177,113 @@ pub struct PricingConfig {
     pub default_cost: f64,
     /// `[[pricing.endpoints]]`
     pub endpoints: Vec<EndpointConfig>,
+    /// Move prices with telemetry (the pricing engine); off: the static cost matrix.
+    pub dynamic: bool,
+    /// Recompute interval, milliseconds.
+    pub interval_ms: u64,
+    /// EMA smoothing factor of the score (0 < alpha ≤ 1).
+    pub alpha: f64,
+    /// The multiplier never goes below this.
+    pub floor: f64,
+    /// Each normalised input is capped at this.
+    pub cap: f64,
+    /// `[pricing.weights]`
+    pub weights: WeightsConfig,
+    /// `[pricing.surge]`
+    pub surge: SurgeConfig,
+    /// `[pricing.node]`: references of the node telemetry (from `/proc`).
+    pub node: NodeReferences,
+    /// `[pricing.prometheus]`
+    pub prometheus: PrometheusConfig,
+}
+
+/// `[pricing.weights]`: how the score weighs its inputs (normalised to sum 1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WeightsConfig {
+    /// The endpoint's CPU.
+    pub cpu: f64,
+    /// The endpoint's memory.
+    pub memory: f64,
+    /// The node's load.
+    pub load: f64,
+}
+
+impl Default for WeightsConfig {
+    fn default() -> Self {
+        Self {
+            cpu: 0.65,
+            memory: 0.25,
+            load: 0.10,
+        }
+    }
+}
+
+/// `[pricing.surge]`: `base^((load − threshold) / span)` above `threshold`, at most `max`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SurgeConfig {
+    /// Normalised node load above which the surge applies.
+    pub threshold: f64,
+    /// Growth per `span` of load.
+    pub base: f64,
+    /// Load span of one `base` step.
+    pub span: f64,
+    /// Largest surge multiplier.
+    pub max: f64,
+}
+
+impl Default for SurgeConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 0.7,
+            base: 1.5,
+            span: 0.3,
+            max: 4.0,
+        }
+    }
+}
+
+/// `[pricing.node]`: what counts as a reference (normalised 1.0) node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeReferences {
+    /// Node CPU utilisation (0-1) that is the reference, for endpoints without a CPU query.
+    pub cpu: f64,
+    /// Node memory utilisation (0-1) that is the reference, for endpoints without a memory
+    /// query.
+    pub memory: f64,
+    /// 1-minute load average per CPU that is the reference.
+    pub load: f64,
+}
+
+impl Default for NodeReferences {
+    fn default() -> Self {
+        Self {
+            cpu: 0.5,
+            memory: 0.5,
+            load: 1.0,
+        }
+    }
+}
+
+/// `[pricing.prometheus]`: where per-endpoint CPU and memory come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Base URL of the Prometheus HTTP API (e.g. `http://prometheus:9090`); empty: none.
+    pub url: String,
+    /// Per-query timeout, milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout_ms: 500,
+        }
+    }
 }
 
 /// `[[pricing.endpoints]]`
@@ -194,6 +301,22 @@ pub struct EndpointConfig {
     /// Operational endpoint: its own strict bucket, never the main budget.
     #[serde(default)]
     pub operational: bool,
+    /// PromQL of the CPU (cores) the endpoint's backends use; one series expected.
+    #[serde(default)]
+    pub cpu_query: String,
+    /// CPU (cores) that is the reference (normalised 1.0) for `cpu_query`.
+    #[serde(default = "one")]
+    pub cpu_reference: f64,
+    /// PromQL of the memory (bytes) the endpoint's backends use; one series expected.
+    #[serde(default)]
+    pub memory_query: String,
+    /// Memory (bytes) that is the reference for `memory_query`.
+    #[serde(default = "one_gib")]
+    pub memory_reference: f64,
+}
+
+fn one_gib() -> f64 {
+    1024.0 * 1024.0 * 1024.0
 }
 
 /// `[kernel]`: the TC eBPF gate.
@@ -347,6 +470,15 @@ impl Default for PricingConfig {
         Self {
             default_cost: 1.0,
             endpoints: Vec::new(),
+            dynamic: false,
+            interval_ms: 1000,
+            alpha: 0.1,
+            floor: 0.5,
+            cap: 3.0,
+            weights: WeightsConfig::default(),
+            surge: SurgeConfig::default(),
+            node: NodeReferences::default(),
+            prometheus: PrometheusConfig::default(),
         }
     }
 }
@@ -530,6 +662,72 @@ impl Config {
             if !seen.insert((e.method.clone(), e.path.clone())) {
                 err(p("path"), "duplicate method and path");
             }
+            if !positive(e.cpu_reference) {
+                err(p("cpu_reference"), "must be > 0");
+            }
+            if !positive(e.memory_reference) {
+                err(p("memory_reference"), "must be > 0");
+            }
+            let queries = !e.cpu_query.is_empty() || !e.memory_query.is_empty();
+            if queries && self.pricing.prometheus.url.is_empty() {
+                err(p("cpu_query"), "queries need pricing.prometheus.url");
+            }
+            if queries && e.operational {
+                err(
+                    p("operational"),
+                    "operational endpoints are not priced by telemetry",
+                );
+            }
+        }
+        let pr = &self.pricing;
+        if !(pr.alpha > 0.0 && pr.alpha <= 1.0) {
+            err("pricing.alpha".into(), "must be > 0 and <= 1");
+        }
+        if !(10..=3_600_000).contains(&pr.interval_ms) {
+            err(
+                "pricing.interval_ms".into(),
+                "must be between 10 and 3600000",
+            );
+        }
+        if !(positive(pr.floor) && pr.floor <= 1.0) {
+            err("pricing.floor".into(), "must be > 0 and <= 1");
+        }
+        if !(pr.cap >= 1.0 && pr.cap.is_finite()) {
+            err("pricing.cap".into(), "must be >= 1");
+        }
+        let w = &pr.weights;
+        if ![w.cpu, w.memory, w.load].into_iter().all(non_negative)
+            || w.cpu + w.memory + w.load <= 0.0
+        {
+            err("pricing.weights".into(), "must be >= 0 with a positive sum");
+        }
+        let sg = &pr.surge;
+        let surge_ok = positive(sg.threshold)
+            && positive(sg.span)
+            && sg.base >= 1.0
+            && sg.max >= 1.0
+            && sg.base.is_finite()
+            && sg.max.is_finite();
+        if !surge_ok {
+            err(
+                "pricing.surge".into(),
+                "threshold and span must be > 0, base and max >= 1",
+            );
+        }
+        if ![pr.node.cpu, pr.node.memory, pr.node.load]
+            .into_iter()
+            .all(positive)
+        {
+            err("pricing.node".into(), "references must be > 0");
+        }
+        if !pr.prometheus.url.is_empty() && !(pr.prometheus.url.starts_with("http://")) {
+            err("pricing.prometheus.url".into(), "must be an http:// URL");
+        }
+        if pr.prometheus.timeout_ms == 0 || pr.prometheus.timeout_ms > 60_000 {
+            err(
+                "pricing.prometheus.timeout_ms".into(),
+                "must be between 1 and 60000",
+            );
         }
         for (i, iface) in self.kernel.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains('/') {

@@ -189,6 +189,11 @@ impl Decider {
         }
     }
 
+    /// The price book (the pricing engine moves its multipliers).
+    pub fn prices(&self) -> &PriceBook {
+        &self.prices
+    }
+
     /// The token store (for readiness probes).
     pub fn store(&self) -> &Arc<dyn TokenStore> {
         &self.store
@@ -204,7 +209,9 @@ impl Decider {
                 max: self.max_units,
             });
         }
-        let cost = price.per_unit * check.units;
+        // One read of the engine's multiplier, so the cost and the audit row agree.
+        let multiplier = price.multiplier();
+        let cost = price.base_cost * multiplier * check.units;
         let bucket = if price.operational {
             BucketKind::Operational
         } else {
@@ -260,7 +267,7 @@ impl Decider {
         };
         if let Some(ledger) = &self.ledger {
             ledger.record(Entry::Decision(
-                self.audit_row(&check, &debit.key, &decision, ledger),
+                self.audit_row(&check, &debit.key, &decision, multiplier, ledger),
             ));
         }
         let outcome = match (decision.allowed, decision.denial) {
@@ -305,7 +312,14 @@ impl Decider {
     }
 
     /// The audit row of a decision.
-    fn audit_row(&self, check: &Check, key: &KeyHash, d: &Decision, ledger: &Ledger) -> AuditRow {
+    fn audit_row(
+        &self,
+        check: &Check,
+        key: &KeyHash,
+        d: &Decision,
+        multiplier: f64,
+        ledger: &Ledger,
+    ) -> AuditRow {
         let decided_by = if d.replayed {
             "replay"
         } else {
@@ -329,8 +343,7 @@ impl Decider {
             method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
             units: check.units,
             cost: d.cost,
-            // Static prices: the pricing engine (issue 4) will supply its multiplier here.
-            multiplier: 1.0,
+            multiplier,
             allowed: d.allowed,
             remaining: d.remaining,
             decided_by: decided_by.to_owned(),

@@ -36,6 +36,8 @@ pub(crate) enum Event {
     },
     /// A decision carried the client's address.
     Client { key_id: u64, ip: IpAddr },
+    /// New exact-path prices from the pricing engine: `(method, path, price)`.
+    Prices(Vec<(Option<String>, String, f64)>),
 }
 
 /// Most events queued before new ones are dropped (and counted).
@@ -65,6 +67,11 @@ impl GateLink {
     /// Reports the client address a key called from (never blocks).
     pub fn client(&self, key_id: u64, ip: IpAddr) {
         self.send(Event::Client { key_id, ip });
+    }
+
+    /// The pricing engine's prices for the kernel's price map.
+    pub fn prices(&self, prices: Vec<(Option<String>, String, f64)>) {
+        self.send(Event::Prices(prices));
     }
 
     fn send(&self, event: Event) {
@@ -123,6 +130,17 @@ pub fn plan(config: &Config) -> KernelPlan {
             kernel_default = kernel_default.min(price);
         } else {
             prices.push((method, e.path.clone(), price));
+        }
+    }
+    // With the pricing engine, a price can fall to `floor × base`: the kernel starts from
+    // there (the engine then pushes exact-path prices, never above what userspace charges),
+    // and its default and cheapest prices stay there.
+    if config.pricing.dynamic {
+        let floor = config.pricing.floor;
+        kernel_default *= floor;
+        min_price *= floor;
+        for p in &mut prices {
+            p.2 *= floor;
         }
     }
     let mut settings = GateSettings {
@@ -358,6 +376,9 @@ async fn sync(
                         }
                         Some(_) => Ok(()),
                     },
+                    Event::Prices(prices) => prices
+                        .iter()
+                        .try_for_each(|(method, path, price)| gate.set_price(method.as_deref(), path, *price)),
                 };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "kernel map update failed");
@@ -528,6 +549,30 @@ mod tests {
             plan(&config).settings.default_price,
             0.0,
             "an operational wildcard: unknown paths may be operational, so they pass"
+        );
+    }
+
+    #[test]
+    fn with_the_pricing_engine_the_kernel_starts_at_the_floor() {
+        let config = Config::parse(
+            r#"
+            [pricing]
+            default_cost = 2
+            dynamic = true
+            floor = 0.5
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/generate-report"
+            base_cost = 120
+            "#,
+        )
+        .expect("valid");
+        let p = plan(&config);
+        assert_eq!(p.settings.default_price, 1.0);
+        assert_eq!(p.settings.min_price, 1.0);
+        assert!(
+            p.prices
+                .contains(&(Some("POST".into()), "/generate-report".into(), 60.0))
         );
     }
 

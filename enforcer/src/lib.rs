@@ -28,5 +28,6 @@ pub mod key;
 pub mod ledger;
 pub mod metrics;
 pub mod price;
+pub mod pricing;
 pub mod server;
 pub mod store;

@@ -44,6 +44,13 @@ pub struct Metrics {
     pub kernel_tracked_keys: IntGauge,
     /// The audit ledger's metrics.
     pub ledger: LedgerMetrics,
+    /// `enforcer_price{endpoint, method}`: tokens per unit now, per configured endpoint (the
+    /// configured path pattern or `default`: bounded by the config, not by traffic).
+    pub price: prometheus::GaugeVec,
+    /// `enforcer_telemetry_errors_total{source, kind}`: failed or nonsensical readings.
+    pub telemetry_errors: IntCounterVec,
+    /// `enforcer_pricing_seconds`: one engine round (telemetry reads and recompute).
+    pub pricing_seconds: prometheus::Histogram,
 }
 
 /// Metrics of the audit ledger's writer (`enforcer_ledger_*`).
@@ -262,6 +269,34 @@ impl Metrics {
             "Keys with a budget snapshot in the kernel gate",
         );
         let ledger = LedgerMetrics::new(&registry);
+        let price = register(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "enforcer_price",
+                    "Tokens per unit now, per configured endpoint (path pattern) and method",
+                ),
+                &["endpoint", "method"],
+            )
+            .expect("valid metric definition"),
+        );
+        let telemetry_errors = counter_vec(
+            &registry,
+            "enforcer_telemetry_errors_total",
+            "Telemetry readings that failed or made no sense (the last good value was kept)",
+            &["source", "kind"],
+        );
+        let pricing_seconds = register(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "enforcer_pricing_seconds",
+                    "One round of the pricing engine: telemetry reads and recompute",
+                )
+                .buckets(vec![0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+            )
+            .expect("valid metric definition"),
+        );
         Self {
             registry,
             decisions,
@@ -280,6 +315,9 @@ impl Metrics {
             kernel_sync_dropped,
             kernel_tracked_keys,
             ledger,
+            price,
+            telemetry_errors,
+            pricing_seconds,
         }
     }
 

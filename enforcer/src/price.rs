@@ -1,23 +1,57 @@
 //! Prices: what one unit of a request to an endpoint costs, in tokens.
 //!
-//! Today the price is the static cost matrix of `[pricing]` (an endpoint's `base_cost`, or the
-//! default cost); the telemetry-driven pricing engine moves these prices later. Lookups happen
-//! on every decision, so they are hash lookups plus a short scan of wildcard prefixes.
+//! The cost matrix of `[pricing]` gives every endpoint (and the default) a `base_cost`; the
+//! pricing engine ([`crate::pricing`]) moves each one by a multiplier it recomputes from
+//! telemetry. Lookups happen on every decision, so they are hash lookups plus a short scan of
+//! wildcard prefixes, and the multiplier is one atomic load: pricing never waits on the engine.
 use crate::config::PricingConfig;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Longest endpoint path accepted.
 pub const MAX_PATH_LEN: usize = 2048;
 
 /// The price of a request, before units.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Price {
-    /// Tokens per unit.
-    pub per_unit: f64,
+    /// Tokens per unit at the reference profile (the cost matrix).
+    pub base_cost: f64,
+    /// The engine's multiplier, as `f64` bits (1.0 until it runs; shared by clones).
+    multiplier: Arc<AtomicU64>,
     /// Operational endpoint: charged to the key's operational bucket.
     pub operational: bool,
     /// Low-cardinality name for metric labels: the configured path pattern, or `default`.
     pub class: String,
+    /// The configured method, `*` for any.
+    pub method: String,
+}
+
+impl Price {
+    fn new(base_cost: f64, operational: bool, class: &str, method: &str) -> Self {
+        Self {
+            base_cost,
+            multiplier: Arc::new(AtomicU64::new(1f64.to_bits())),
+            operational,
+            class: class.to_owned(),
+            method: method.to_owned(),
+        }
+    }
+
+    /// The current multiplier.
+    pub fn multiplier(&self) -> f64 {
+        f64::from_bits(self.multiplier.load(Ordering::Relaxed))
+    }
+
+    /// Sets the multiplier (the pricing engine).
+    pub fn set_multiplier(&self, m: f64) {
+        self.multiplier.store(m.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Tokens per unit now: `base_cost × multiplier`.
+    pub fn per_unit(&self) -> f64 {
+        self.base_cost * self.multiplier()
+    }
 }
 
 /// Why an endpoint could not be priced.
@@ -47,11 +81,7 @@ impl PriceBook {
         let mut exact = HashMap::new();
         let mut prefixes = Vec::new();
         for e in &config.endpoints {
-            let price = Price {
-                per_unit: e.base_cost,
-                operational: e.operational,
-                class: e.path.clone(),
-            };
+            let price = Price::new(e.base_cost, e.operational, &e.path, &e.method);
             match e.path.strip_suffix('*') {
                 Some(prefix) => prefixes.push((e.method.clone(), prefix.to_owned(), price)),
                 None => exact
@@ -64,12 +94,22 @@ impl PriceBook {
         Self {
             exact,
             prefixes,
-            default: Price {
-                per_unit: config.default_cost,
-                operational: false,
-                class: "default".to_owned(),
-            },
+            default: Price::new(config.default_cost, false, "default", "*"),
         }
+    }
+
+    /// Every price of the book: the configured endpoints (exact, then wildcards), then the
+    /// default. The pricing engine sets their multipliers.
+    pub fn entries(&self) -> Vec<&Price> {
+        let mut all: Vec<&Price> = self
+            .exact
+            .values()
+            .flat_map(|v| v.iter().map(|(_, p)| p))
+            .collect();
+        all.sort_by(|a, b| (&a.class, &a.method).cmp(&(&b.class, &b.method)));
+        all.extend(self.prefixes.iter().map(|(_, _, p)| p));
+        all.push(&self.default);
+        all
     }
 
     /// The price of `method path`; without a method, the first configured entry for the path
@@ -135,11 +175,12 @@ mod tests {
         let b = book();
         assert_eq!(
             b.price(Some("POST"), "/generate-report?x=1")
-                .map(|p| p.per_unit),
+                .map(|p| p.per_unit()),
             Ok(120.0)
         );
         assert_eq!(
-            b.price(Some("GET"), "/generate-report").map(|p| p.per_unit),
+            b.price(Some("GET"), "/generate-report")
+                .map(|p| p.per_unit()),
             Ok(1.0)
         );
         assert!(
@@ -148,24 +189,49 @@ mod tests {
                 .unwrap_or(false)
         );
         assert_eq!(
-            b.price(Some("GET"), "/v2/bulk/x").map(|p| p.per_unit),
+            b.price(Some("GET"), "/v2/bulk/x").map(|p| p.per_unit()),
             Ok(50.0)
         );
-        assert_eq!(b.price(Some("GET"), "/v2/x").map(|p| p.per_unit), Ok(5.0));
+        assert_eq!(b.price(Some("GET"), "/v2/x").map(|p| p.per_unit()), Ok(5.0));
         assert_eq!(
-            b.price(None, "/generate-report").map(|p| p.per_unit),
+            b.price(None, "/generate-report").map(|p| p.per_unit()),
             Ok(120.0)
+        );
+    }
+
+    #[test]
+    fn multipliers_move_prices_and_are_shared_by_clones() {
+        let b = book();
+        let report = b.price(Some("POST"), "/generate-report").expect("priced");
+        assert_eq!(
+            report.multiplier(),
+            1.0,
+            "the base price until the engine runs"
+        );
+        let engine_side = b.clone();
+        let handle = engine_side
+            .entries()
+            .into_iter()
+            .find(|p| p.class == "/generate-report")
+            .expect("entry")
+            .clone();
+        handle.set_multiplier(1.25);
+        assert_eq!(report.per_unit(), 150.0);
+        assert_eq!(
+            b.entries().last().map(|p| p.class.as_str()),
+            Some("default")
         );
     }
 
     #[test]
     fn bad_paths_and_methods() {
         let b = book();
-        assert_eq!(b.price(Some("GET"), "health"), Err(PriceError::BadPath));
+        let err = |m: Option<&str>, p: &str| b.price(m, p).err();
+        assert_eq!(err(Some("GET"), "health"), Some(PriceError::BadPath));
         assert_eq!(
-            b.price(Some("GET"), &format!("/{}", "a".repeat(3000))),
-            Err(PriceError::BadPath)
+            err(Some("GET"), &format!("/{}", "a".repeat(3000))),
+            Some(PriceError::BadPath)
         );
-        assert_eq!(b.price(Some("get"), "/x"), Err(PriceError::BadMethod));
+        assert_eq!(err(Some("get"), "/x"), Some(PriceError::BadMethod));
     }
 }

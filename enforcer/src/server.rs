@@ -82,7 +82,35 @@ impl Server {
         } else {
             tracing::info!(spill = %config.ledger.file, "audit ledger: PostgreSQL");
         }
+        let pricing_gate = gate.clone();
         let decider = Decider::new(config, store, metrics.clone(), gate, Some(ledger));
+        let costs = if config.pricing.dynamic {
+            let prometheus = (!config.pricing.prometheus.url.is_empty()).then(|| {
+                Arc::new(crate::pricing::telemetry::Prometheus::new(
+                    &config.pricing.prometheus.url,
+                    Duration::from_millis(config.pricing.prometheus.timeout_ms),
+                )) as Arc<dyn crate::pricing::telemetry::TelemetrySource>
+            });
+            let mut engine = crate::pricing::Engine::new(
+                &config.pricing,
+                decider.prices(),
+                Arc::new(crate::pricing::telemetry::ProcNode::new()),
+                prometheus,
+                metrics.clone(),
+                pricing_gate,
+            );
+            // A first round before serving, so /v1/costs and the metrics are never empty.
+            engine.tick().await;
+            let costs = engine.costs();
+            tokio::spawn(engine.run(Duration::from_millis(config.pricing.interval_ms)));
+            tracing::info!(
+                interval_ms = config.pricing.interval_ms,
+                "pricing engine running"
+            );
+            costs
+        } else {
+            crate::pricing::static_costs(decider.prices())
+        };
         let app = Arc::new(App {
             decider,
             metrics,
@@ -91,6 +119,7 @@ impl Server {
             auth_deny_status: StatusCode::from_u16(config.server.auth_deny_status)
                 .map_err(|e| ServerError::Config(format!("server.auth_deny_status: {e}")))?,
             kernel,
+            costs,
         });
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)

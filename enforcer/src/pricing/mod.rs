@@ -1,0 +1,499 @@
+//! The pricing engine: every `interval_ms` it reads telemetry and moves each endpoint's price
+//! (its multiplier on `base_cost`), off the decision path.
+//!
+//! The formula (docs/pricing.md has a worked example), per endpoint and tick:
+//!
+//! ```text
+//! cpu_n  = min(cpu / cpu_reference, cap)        endpoint CPU (Prometheus), else node CPU utilisation
+//! mem_n  = min(memory / memory_reference, cap)  endpoint memory (Prometheus), else node memory utilisation
+//! load_n = min(load1 per CPU / node.load, cap)  the node
+//! score  = (w_cpu·cpu_n + w_mem·mem_n + w_load·load_n) / (w_cpu + w_mem + w_load)
+//! ema    = α·score + (1 − α)·ema_prev           (ema starts at 1: the base price)
+//! surge  = min(base^((load_n − threshold)/span), max) if load_n > threshold, else 1
+//! multiplier = max(floor, ema · surge);   price = base_cost · multiplier
+//! ```
+//!
+//! Operational endpoints keep multiplier 1: they stay out of the token economy. Decisions read
+//! a price's multiplier with one atomic load ([`crate::price::Price::per_unit`]); the engine
+//! never holds anything a decision waits for. A source that fails or answers nonsense keeps
+//! its last good value and is counted in `enforcer_telemetry_errors_total`.
+pub mod telemetry;
+
+use crate::config::{NodeReferences, PricingConfig, SurgeConfig};
+use crate::gate::GateLink;
+use crate::metrics::Metrics;
+use crate::price::{Price, PriceBook};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use telemetry::{Signal, TelemetrySource};
+
+/// The pure formula.
+#[derive(Debug, Clone)]
+pub struct Formula {
+    w_cpu: f64,
+    w_mem: f64,
+    w_load: f64,
+    alpha: f64,
+    floor: f64,
+    cap: f64,
+    surge: SurgeConfig,
+}
+
+impl Formula {
+    /// From validated config (weights normalised to sum 1).
+    pub fn new(c: &PricingConfig) -> Self {
+        let sum = c.weights.cpu + c.weights.memory + c.weights.load;
+        Self {
+            w_cpu: c.weights.cpu / sum,
+            w_mem: c.weights.memory / sum,
+            w_load: c.weights.load / sum,
+            alpha: c.alpha,
+            floor: c.floor,
+            cap: c.cap,
+            surge: c.surge.clone(),
+        }
+    }
+
+    /// `min(value / reference, cap)`, and 0 for anything below 0.
+    pub fn normalise(&self, value: f64, reference: f64) -> f64 {
+        (value / reference).clamp(0.0, self.cap)
+    }
+
+    /// The weighted score of normalised inputs.
+    pub fn score(&self, cpu_n: f64, mem_n: f64, load_n: f64) -> f64 {
+        self.w_cpu * cpu_n + self.w_mem * mem_n + self.w_load * load_n
+    }
+
+    /// One EMA step.
+    pub fn ema(&self, prev: f64, score: f64) -> f64 {
+        self.alpha * score + (1.0 - self.alpha) * prev
+    }
+
+    /// The surge multiplier at normalised load `load_n`.
+    pub fn surge(&self, load_n: f64) -> f64 {
+        if load_n > self.surge.threshold {
+            self.surge
+                .base
+                .powf((load_n - self.surge.threshold) / self.surge.span)
+                .min(self.surge.max)
+        } else {
+            1.0
+        }
+    }
+
+    /// The multiplier from the smoothed score and the load.
+    pub fn multiplier(&self, ema: f64, load_n: f64) -> f64 {
+        (ema * self.surge(load_n)).max(self.floor)
+    }
+
+    /// The lowest multiplier the formula can give.
+    pub fn floor(&self) -> f64 {
+        self.floor
+    }
+}
+
+/// One line of `GET /v1/costs`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Cost {
+    /// The configured path (pattern), or `default`.
+    pub endpoint: String,
+    /// The configured method, `*` for any.
+    pub method: String,
+    /// From the cost matrix.
+    pub base_cost: f64,
+    /// The engine's multiplier.
+    pub multiplier: f64,
+    /// `base_cost × multiplier`: tokens per unit now.
+    pub price: f64,
+    /// When the multiplier was last computed (RFC 3339, UTC).
+    pub updated_at: String,
+    /// What moved it: `prometheus`, `node`, `static` (engine off) or `operational`.
+    pub source: String,
+}
+
+/// The current cost table, shared with the API.
+#[derive(Debug, Clone, Default)]
+pub struct CostTable(Arc<parking_lot::RwLock<Vec<Cost>>>);
+
+impl CostTable {
+    /// A snapshot.
+    pub fn get(&self) -> Vec<Cost> {
+        self.0.read().clone()
+    }
+
+    fn set(&self, costs: Vec<Cost>) {
+        *self.0.write() = costs;
+    }
+}
+
+/// What one endpoint's telemetry looked like at the last tick.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EndpointReading {
+    /// CPU in cores from Prometheus (the last good value), if the endpoint has a query.
+    pub cpu: Option<f64>,
+    /// Memory in bytes from Prometheus (the last good value), if the endpoint has a query.
+    pub memory: Option<f64>,
+}
+
+/// The node's readings (last good values).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeReading {
+    /// CPU utilisation, 0–1.
+    pub cpu: f64,
+    /// Memory utilisation, 0–1.
+    pub memory: f64,
+    /// Load average per CPU.
+    pub load: f64,
+}
+
+struct Slot {
+    price: Price,
+    cpu_query: Option<Signal>,
+    cpu_reference: f64,
+    memory_query: Option<Signal>,
+    memory_reference: f64,
+    reading: EndpointReading,
+    ema: f64,
+    source: &'static str,
+    /// Multipliers of the last ticks: the kernel gets their minimum (see [`Engine::kernel`]).
+    recent: VecDeque<f64>,
+    kernel_sent: f64,
+    gauge: prometheus::Gauge,
+}
+
+/// The engine: owns the telemetry sources and the per-endpoint state.
+pub struct Engine {
+    formula: Formula,
+    node_refs: NodeReferences,
+    slots: Vec<Slot>,
+    node: Arc<dyn TelemetrySource>,
+    prometheus: Option<Arc<dyn TelemetrySource>>,
+    node_reading: NodeReading,
+    metrics: Metrics,
+    costs: CostTable,
+    gate: Option<GateLink>,
+    /// Ticks whose minimum multiplier the kernel gets.
+    kernel_window: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("endpoints", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The kernel's prices lag the engine's by up to this long (its sync task applies them
+/// asynchronously); it gets the lowest multiplier of this window so it never over-prices.
+const KERNEL_WINDOW: Duration = Duration::from_secs(10);
+
+impl Engine {
+    /// An engine over `book`'s prices (their multipliers are shared with the decisions).
+    pub fn new(
+        config: &PricingConfig,
+        book: &PriceBook,
+        node: Arc<dyn TelemetrySource>,
+        prometheus: Option<Arc<dyn TelemetrySource>>,
+        metrics: Metrics,
+        gate: Option<GateLink>,
+    ) -> Self {
+        let by_key = |p: &Price| {
+            config
+                .endpoints
+                .iter()
+                .find(|e| e.path == p.class && e.method == p.method)
+        };
+        let slots = book
+            .entries()
+            .into_iter()
+            .map(|p| {
+                let e = by_key(p);
+                let query = |q: Option<&String>| {
+                    q.filter(|q| !q.is_empty())
+                        .map(|q| Signal::Query(q.clone()))
+                };
+                Slot {
+                    gauge: metrics.price.with_label_values(&[&p.class, &p.method]),
+                    price: p.clone(),
+                    cpu_query: query(e.map(|e| &e.cpu_query)),
+                    cpu_reference: e.map_or(1.0, |e| e.cpu_reference),
+                    memory_query: query(e.map(|e| &e.memory_query)),
+                    memory_reference: e.map_or(1.0, |e| e.memory_reference),
+                    reading: EndpointReading::default(),
+                    ema: 1.0,
+                    source: if p.operational { "operational" } else { "node" },
+                    recent: VecDeque::new(),
+                    kernel_sent: f64::NAN,
+                }
+            })
+            .collect();
+        let interval = Duration::from_millis(config.interval_ms.max(1));
+        Self {
+            formula: Formula::new(config),
+            node_refs: config.node.clone(),
+            slots,
+            node,
+            prometheus,
+            node_reading: NodeReading {
+                cpu: 0.0,
+                memory: 0.0,
+                load: 0.0,
+            },
+            metrics,
+            costs: CostTable::default(),
+            gate,
+            kernel_window: (KERNEL_WINDOW.as_millis() / interval.as_millis()).max(1) as usize,
+        }
+    }
+
+    /// The table `GET /v1/costs` serves.
+    pub fn costs(&self) -> CostTable {
+        self.costs.clone()
+    }
+
+    /// Runs every `interval` until the process ends.
+    pub async fn run(mut self, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.tick().await;
+        }
+    }
+
+    /// One round: read telemetry, recompute, publish.
+    pub async fn tick(&mut self) {
+        let started = Instant::now();
+        self.read_node().await;
+        self.read_endpoints().await;
+        self.recompute();
+        self.publish();
+        self.metrics
+            .pricing_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn read_node(&mut self) {
+        let node = Arc::clone(&self.node);
+        let (cpu, memory, load) = tokio::join!(
+            node.read(&Signal::NodeCpu),
+            node.read(&Signal::NodeMemory),
+            node.read(&Signal::NodeLoad),
+        );
+        let keep = |r: Result<f64, telemetry::TelemetryError>, slot: &mut f64| match r
+            .and_then(telemetry::sane)
+        {
+            Ok(v) => *slot = v,
+            Err(e) => self
+                .metrics
+                .telemetry_errors
+                .with_label_values(&["node", e.kind()])
+                .inc(),
+        };
+        let mut n = self.node_reading;
+        keep(cpu, &mut n.cpu);
+        keep(memory, &mut n.memory);
+        keep(load, &mut n.load);
+        self.node_reading = n;
+    }
+
+    async fn read_endpoints(&mut self) {
+        let Some(prom) = self.prometheus.clone() else {
+            return;
+        };
+        let reads = self.slots.iter().map(|s| {
+            let prom = Arc::clone(&prom);
+            async move {
+                let read = |q: &Option<Signal>| {
+                    let prom = Arc::clone(&prom);
+                    let q = q.clone();
+                    async move {
+                        match q {
+                            Some(q) => Some(prom.read(&q).await),
+                            None => None,
+                        }
+                    }
+                };
+                tokio::join!(read(&s.cpu_query), read(&s.memory_query))
+            }
+        });
+        let results = futures_util::future::join_all(reads).await;
+        for (slot, (cpu, memory)) in self.slots.iter_mut().zip(results) {
+            for (result, value) in [
+                (cpu, &mut slot.reading.cpu),
+                (memory, &mut slot.reading.memory),
+            ] {
+                match result {
+                    Some(Ok(v)) => *value = Some(v),
+                    Some(Err(e)) => self
+                        .metrics
+                        .telemetry_errors
+                        .with_label_values(&["prometheus", e.kind()])
+                        .inc(),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Recomputes every multiplier from the current readings (no I/O).
+    pub fn recompute(&mut self) {
+        let f = &self.formula;
+        let refs = &self.node_refs;
+        let node = self.node_reading;
+        let load_n = f.normalise(node.load, refs.load);
+        for s in &mut self.slots {
+            if s.price.operational {
+                continue;
+            }
+            let cpu_n = match s.reading.cpu {
+                Some(c) => f.normalise(c, s.cpu_reference),
+                None => f.normalise(node.cpu, refs.cpu),
+            };
+            let mem_n = match s.reading.memory {
+                Some(m) => f.normalise(m, s.memory_reference),
+                None => f.normalise(node.memory, refs.memory),
+            };
+            s.source = if s.reading.cpu.is_some() || s.reading.memory.is_some() {
+                "prometheus"
+            } else {
+                "node"
+            };
+            s.ema = f.ema(s.ema, f.score(cpu_n, mem_n, load_n));
+            let m = f.multiplier(s.ema, load_n);
+            s.price.set_multiplier(m);
+            if s.recent.len() >= self.kernel_window {
+                s.recent.pop_front();
+            }
+            s.recent.push_back(m);
+        }
+    }
+
+    /// Sets the readings directly (tests, benchmarks).
+    pub fn set_readings(&mut self, node: NodeReading, endpoints: &[EndpointReading]) {
+        self.node_reading = node;
+        for (s, r) in self.slots.iter_mut().zip(endpoints) {
+            s.reading = *r;
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut costs = Vec::with_capacity(self.slots.len());
+        let mut kernel = Vec::new();
+        for s in &mut self.slots {
+            let m = s.price.multiplier();
+            s.gauge.set(s.price.base_cost * m);
+            costs.push(Cost {
+                endpoint: s.price.class.clone(),
+                method: s.price.method.clone(),
+                base_cost: s.price.base_cost,
+                multiplier: m,
+                price: s.price.base_cost * m,
+                updated_at: now.clone(),
+                source: s.source.to_owned(),
+            });
+            // The kernel's exact-path prices: the lowest multiplier of the window, so a price
+            // that fell in userspace is never higher in the kernel while the update is on its way.
+            let lowest = s.recent.iter().copied().fold(f64::INFINITY, f64::min);
+            if !s.price.operational
+                && !s.price.class.ends_with('*')
+                && s.price.class != "default"
+                && lowest.is_finite()
+                && lowest != s.kernel_sent
+            {
+                s.kernel_sent = lowest;
+                let method = (s.price.method != "*").then(|| s.price.method.clone());
+                kernel.push((method, s.price.class.clone(), s.price.base_cost * lowest));
+            }
+        }
+        self.costs.set(costs);
+        if let Some(gate) = &self.gate
+            && !kernel.is_empty()
+        {
+            gate.prices(kernel);
+        }
+    }
+}
+
+/// The cost table of a book with the engine off (static prices).
+pub fn static_costs(book: &PriceBook) -> CostTable {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let table = CostTable::default();
+    table.set(
+        book.entries()
+            .into_iter()
+            .map(|p| Cost {
+                endpoint: p.class.clone(),
+                method: p.method.clone(),
+                base_cost: p.base_cost,
+                multiplier: p.multiplier(),
+                price: p.per_unit(),
+                updated_at: now.clone(),
+                source: if p.operational {
+                    "operational"
+                } else {
+                    "static"
+                }
+                .to_owned(),
+            })
+            .collect(),
+    );
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn formula() -> Formula {
+        Formula::new(&Config::default().pricing)
+    }
+
+    #[test]
+    fn the_formula_on_fixed_inputs() {
+        let f = formula();
+        // The worked example of docs/pricing.md.
+        let cpu_n = f.normalise(0.9, 0.5); // 1.8
+        let mem_n = f.normalise(0.4, 0.5); // 0.8
+        let load_n = f.normalise(0.85, 1.0); // 0.85
+        assert!((cpu_n - 1.8).abs() < 1e-12 && (mem_n - 0.8).abs() < 1e-12);
+        let score = f.score(cpu_n, mem_n, load_n);
+        assert!((score - (0.65 * 1.8 + 0.25 * 0.8 + 0.10 * 0.85)).abs() < 1e-12);
+        assert!((score - 1.455).abs() < 1e-12);
+        let ema = f.ema(1.0, score);
+        assert!((ema - 1.0455).abs() < 1e-12);
+        let surge = f.surge(load_n);
+        assert!((surge - 1.5f64.powf(0.5)).abs() < 1e-12, "{surge}");
+        let m = f.multiplier(ema, load_n);
+        assert!((m - 1.0455 * 1.5f64.sqrt()).abs() < 1e-12);
+        assert!((120.0 * m - 153.6565).abs() < 1e-3, "{}", 120.0 * m);
+    }
+
+    #[test]
+    fn caps_floor_surge_and_ema_convergence() {
+        let f = formula();
+        assert_eq!(f.normalise(100.0, 1.0), 3.0, "capped");
+        assert_eq!(f.normalise(-1.0, 1.0), 0.0);
+        assert_eq!(f.surge(0.7), 1.0, "no surge at the threshold");
+        assert!((f.surge(1.0) - 1.5).abs() < 1e-12, "one span above: ×1.5");
+        assert_eq!(f.surge(3.0), 4.0, "surge capped at max");
+        assert_eq!(f.multiplier(0.1, 0.0), 0.5, "never below the floor");
+        // An idle node pulls a multiplier of 1 down towards the floor, geometrically (α = 0.1).
+        let mut ema = 1.0;
+        for _ in 0..10 {
+            ema = f.ema(ema, 0.0);
+        }
+        assert!((ema - 0.9f64.powi(10)).abs() < 1e-12);
+        // A steady score is reached: after 60 ticks within 0.2 % of it.
+        let mut ema = 1.0;
+        for _ in 0..60 {
+            ema = f.ema(ema, 2.0);
+        }
+        assert!((ema - 2.0).abs() < 2.0 * 0.002, "{ema}");
+    }
+}
