@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod netns;
 pub mod pg;
+pub mod prom;
 
 /// The Redis that `cargo xtask test` started.
 pub fn redis_url() -> String {

@@ -3,7 +3,7 @@ use anyhow::{Context as _, Result, bail};
 use std::process::{Command, Stdio};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the kernel side,
-/// Redis and PostgreSQL for the tests and benchmarks.
+/// Redis, PostgreSQL and Prometheus for the tests and benchmarks.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
@@ -13,6 +13,7 @@ const PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "postgresql",
+    "prometheus",
 ];
 
 /// bpf-linker built against LLVM 22 (0.13 defaults to LLVM 23, which Debian 12 lacks).
