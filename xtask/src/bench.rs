@@ -14,6 +14,9 @@ pub enum Which {
     Http,
     /// Per-packet cost of the kernel gate (BPF_PROG_TEST_RUN) versus a 429 over HTTP.
     Kernel,
+    /// One round of the pricing engine for 10 000 endpoints, and `/v1/check` latency with the
+    /// engine on versus off.
+    Pricing,
     /// Audit rows per second through the ledger writer into PostgreSQL, versus psql `\copy`
     /// of the same rows (the ceiling) and single-row INSERTs.
     Ledger,
@@ -37,6 +40,16 @@ impl Drop for Daemon {
 pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
     match which {
         Which::Http => http(clients, seconds),
+        Which::Pricing => {
+            println!("machine: {}", machine());
+            crate::status(Command::new("cargo").args([
+                "bench",
+                "--package",
+                "enforcer-tests",
+                "--bench",
+                "pricing",
+            ]))
+        }
         Which::Ledger => {
             println!("machine: {}", machine());
             let dir = tempfile::Builder::new()
