@@ -882,10 +882,19 @@ mod tests {
             max_tokens = -1
             refill_per_sec = 10
             idle_cap = 2
+            [pricing]
+            alpha = 0
+            floor = 2
+            [pricing.surge]
+            span = 0
             [[pricing.endpoints]]
             method = "get"
             path = "nope"
             base_cost = 0
+            cpu_query = "up"
+            [ledger]
+            database_url = "mysql://x"
+            connections = 0
         "#;
         let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
             panic!("config should be invalid");
@@ -900,6 +909,12 @@ mod tests {
             "pricing.endpoints[0].method",
             "pricing.endpoints[0].path",
             "pricing.endpoints[0].base_cost",
+            "pricing.endpoints[0].cpu_query",
+            "pricing.alpha",
+            "pricing.floor",
+            "pricing.surge",
+            "ledger.database_url",
+            "ledger.connections",
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }
