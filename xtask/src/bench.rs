@@ -38,43 +38,31 @@ impl Drop for Daemon {
 }
 
 pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
-    match which {
-        Which::Http => http(clients, seconds),
-        Which::Pricing => {
-            println!("machine: {}", machine());
-            crate::status(Command::new("cargo").args([
-                "bench",
-                "--package",
-                "enforcer-tests",
-                "--bench",
-                "pricing",
-            ]))
-        }
-        Which::Ledger => {
-            println!("machine: {}", machine());
-            let dir = tempfile::Builder::new()
-                .prefix("enforcer-bench-")
-                .tempdir()?;
-            crate::status(Command::new("chmod").arg("755").arg(dir.path()))?;
-            // fsync on, as in production: the writer commits once per batch.
-            let pg = crate::services::Postgres::start_with(dir.path(), true)?;
-            crate::status(
-                Command::new("cargo")
-                    .args(["bench", "--package", "enforcer-tests", "--bench", "ledger"])
-                    .env("ENFORCER_TEST_DATABASE_URL", pg.url()),
-            )
-        }
-        Which::Kernel => {
-            println!("machine: {}", machine());
-            crate::status(Command::new("cargo").args([
-                "bench",
-                "--package",
-                "enforcer-tests",
-                "--bench",
-                "kernel",
-            ]))
-        }
+    if matches!(which, Which::Http) {
+        return http(clients, seconds);
     }
+    println!("machine: {}", machine());
+    let name = match which {
+        Which::Http | Which::Kernel => "kernel",
+        Which::Pricing => "pricing",
+        Which::Ledger => "ledger",
+    };
+    let mut bench = Command::new("cargo");
+    bench.args(["bench", "--package", "enforcer-tests", "--bench", name]);
+    // The ledger bench needs PostgreSQL: a private one with fsync on, as in production (the
+    // writer commits once per batch).
+    let _postgres = if matches!(which, Which::Ledger) {
+        let dir = tempfile::Builder::new()
+            .prefix("enforcer-bench-")
+            .tempdir()?;
+        crate::status(Command::new("chmod").arg("755").arg(dir.path()))?;
+        let pg = crate::services::Postgres::start_with(dir.path(), true)?;
+        bench.env("ENFORCER_TEST_DATABASE_URL", pg.url());
+        Some((pg, dir))
+    } else {
+        None
+    };
+    crate::status(&mut bench)
 }
 
 fn machine() -> String {
