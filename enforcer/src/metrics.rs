@@ -51,6 +51,9 @@ pub struct Metrics {
     pub telemetry_errors: IntCounterVec,
     /// `enforcer_pricing_seconds`: one engine round (telemetry reads and recompute).
     pub pricing_seconds: prometheus::Histogram,
+    /// `enforcer_node_telemetry{signal}`: the node readings the engine uses (cpu and memory
+    /// utilisation 0-1, load per CPU).
+    pub node_telemetry: prometheus::GaugeVec,
 }
 
 /// Metrics of the audit ledger's writer (`enforcer_ledger_*`).
@@ -297,6 +300,17 @@ impl Metrics {
             )
             .expect("valid metric definition"),
         );
+        let node_telemetry = register(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "enforcer_node_telemetry",
+                    "Node readings of the pricing engine: cpu and memory utilisation (0-1), load per CPU",
+                ),
+                &["signal"],
+            )
+            .expect("valid metric definition"),
+        );
         Self {
             registry,
             decisions,
@@ -318,6 +332,7 @@ impl Metrics {
             price,
             telemetry_errors,
             pricing_seconds,
+            node_telemetry,
         }
     }
 

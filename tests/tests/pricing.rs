@@ -215,12 +215,26 @@ async fn prices_rise_under_cpu_load_and_fall_back_after() {
             })
         })
         .collect();
+    let node_cpu = || async {
+        let text = http(addr, "GET", "/metrics", &[], String::new()).await;
+        enforcer_tests::parse_metric(
+            &String::from_utf8_lossy(&text.body),
+            "enforcer_node_telemetry{signal=\"cpu\"}",
+        )
+    };
+    let cpu_before = node_cpu().await;
     let mut peak = before;
+    let mut cpu_peak = cpu_before;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(report(&costs(addr).await));
+        cpu_peak = cpu_peak.max(node_cpu().await);
     }
+    assert!(
+        cpu_peak > 0.8 && cpu_peak > cpu_before,
+        "the node's CPU reading rises under load: {cpu_before} -> {cpu_peak}"
+    );
     busy.store(false, Ordering::Relaxed);
     for s in spinners {
         s.join().expect("spinner");

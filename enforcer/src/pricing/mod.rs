@@ -298,6 +298,12 @@ impl Engine {
         keep(memory, &mut n.memory);
         keep(load, &mut n.load);
         self.node_reading = n;
+        for (signal, v) in [("cpu", n.cpu), ("memory", n.memory), ("load", n.load)] {
+            self.metrics
+                .node_telemetry
+                .with_label_values(&[signal])
+                .set(v);
+        }
     }
 
     async fn read_endpoints(&mut self) {
