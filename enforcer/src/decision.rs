@@ -211,7 +211,8 @@ impl Decider {
         }
         // One read of the engine's multiplier, so the cost and the audit row agree.
         let multiplier = price.multiplier();
-        let cost = price.base_cost * multiplier * check.units;
+        let base = price.base_cost * check.units;
+        let cost = base * multiplier;
         let bucket = if price.operational {
             BucketKind::Operational
         } else {
@@ -266,9 +267,18 @@ impl Decider {
             Err(_) => self.without_store(cost, debit.request_id),
         };
         if let Some(ledger) = &self.ledger {
-            ledger.record(Entry::Decision(
-                self.audit_row(&check, &debit.key, &decision, multiplier, ledger),
-            ));
+            ledger.record(Entry::Decision(self.audit_row(
+                &check,
+                &debit.key,
+                &decision,
+                // A replay answers with the first decision's cost: its own multiplier.
+                if decision.replayed && base > 0.0 {
+                    decision.cost / base
+                } else {
+                    multiplier
+                },
+                ledger,
+            )));
         }
         let outcome = match (decision.allowed, decision.denial) {
             (_, Some(Denial::UnknownKey)) => "rejected_unknown_key",

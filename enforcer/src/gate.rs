@@ -69,9 +69,14 @@ impl GateLink {
         self.send(Event::Client { key_id, ip });
     }
 
-    /// The pricing engine's prices for the kernel's price map.
-    pub fn prices(&self, prices: Vec<(Option<String>, String, f64)>) {
-        self.send(Event::Prices(prices));
+    /// The pricing engine's prices for the kernel's price map; false when the queue was full
+    /// (the engine sends them again).
+    pub fn prices(&self, prices: Vec<(Option<String>, String, f64)>) -> bool {
+        let queued = self.tx.try_send(Event::Prices(prices)).is_ok();
+        if !queued {
+            self.metrics.kernel_sync_dropped.inc();
+        }
+        queued
     }
 
     fn send(&self, event: Event) {

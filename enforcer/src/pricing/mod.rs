@@ -128,6 +128,10 @@ impl CostTable {
     }
 }
 
+/// A Prometheus value not refreshed for this long is dropped: the endpoint falls back to the
+/// node's readings (`source = "node"`) until a query answers again.
+pub const READING_TTL: Duration = Duration::from_secs(60);
+
 /// What one endpoint's telemetry looked like at the last tick.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EndpointReading {
@@ -155,6 +159,8 @@ struct Slot {
     memory_query: Option<Signal>,
     memory_reference: f64,
     reading: EndpointReading,
+    /// When `reading.cpu` / `reading.memory` were last good.
+    fresh: (Option<Instant>, Option<Instant>),
     ema: f64,
     source: &'static str,
     /// Multipliers of the last ticks: the kernel gets their minimum (see [`Engine::kernel`]).
@@ -223,6 +229,7 @@ impl Engine {
                     memory_query: query(e.map(|e| &e.memory_query)),
                     memory_reference: e.map_or(1.0, |e| e.memory_reference),
                     reading: EndpointReading::default(),
+                    fresh: (None, None),
                     ema: 1.0,
                     source: if p.operational { "operational" } else { "node" },
                     recent: VecDeque::new(),
@@ -256,7 +263,9 @@ impl Engine {
 
     /// Runs every `interval` until the process ends.
     pub async fn run(mut self, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
+        // `Server::bind` ran the first round: the next one is an interval later (an immediate
+        // one would read /proc/stat again before any CPU time elapsed).
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -327,18 +336,27 @@ impl Engine {
             }
         });
         let results = futures_util::future::join_all(reads).await;
+        let now = Instant::now();
         for (slot, (cpu, memory)) in self.slots.iter_mut().zip(results) {
-            for (result, value) in [
-                (cpu, &mut slot.reading.cpu),
-                (memory, &mut slot.reading.memory),
+            for (result, value, fresh) in [
+                (cpu, &mut slot.reading.cpu, &mut slot.fresh.0),
+                (memory, &mut slot.reading.memory, &mut slot.fresh.1),
             ] {
                 match result {
-                    Some(Ok(v)) => *value = Some(v),
-                    Some(Err(e)) => self
-                        .metrics
-                        .telemetry_errors
-                        .with_label_values(&["prometheus", e.kind()])
-                        .inc(),
+                    Some(Ok(v)) => {
+                        *value = Some(v);
+                        *fresh = Some(now);
+                    }
+                    Some(Err(e)) => {
+                        self.metrics
+                            .telemetry_errors
+                            .with_label_values(&["prometheus", e.kind()])
+                            .inc();
+                        if fresh.is_some_and(|t| now.duration_since(t) > READING_TTL) {
+                            *value = None;
+                            *fresh = None;
+                        }
+                    }
                     None => {}
                 }
             }
@@ -390,7 +408,7 @@ impl Engine {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut costs = Vec::with_capacity(self.slots.len());
         let mut kernel = Vec::new();
-        for s in &mut self.slots {
+        for (idx, s) in self.slots.iter_mut().enumerate() {
             let m = s.price.multiplier();
             s.gauge.set(s.price.base_cost * m);
             costs.push(Cost {
@@ -408,19 +426,29 @@ impl Engine {
             if !s.price.operational
                 && !s.price.class.ends_with('*')
                 && s.price.class != "default"
+                && s.price.class.len() <= enforcer_common::MAX_PATH_LEN
                 && lowest.is_finite()
                 && lowest != s.kernel_sent
             {
-                s.kernel_sent = lowest;
                 let method = (s.price.method != "*").then(|| s.price.method.clone());
-                kernel.push((method, s.price.class.clone(), s.price.base_cost * lowest));
+                kernel.push((
+                    idx,
+                    lowest,
+                    (method, s.price.class.clone(), s.price.base_cost * lowest),
+                ));
             }
         }
         self.costs.set(costs);
         if let Some(gate) = &self.gate
             && !kernel.is_empty()
         {
-            gate.prices(kernel);
+            let sent: Vec<(usize, f64)> = kernel.iter().map(|(i, m, _)| (*i, *m)).collect();
+            // Marked as sent only once queued: a dropped update is sent again next round.
+            if gate.prices(kernel.into_iter().map(|(_, _, p)| p).collect()) {
+                for (i, m) in sent {
+                    self.slots[i].kernel_sent = m;
+                }
+            }
         }
     }
 }
