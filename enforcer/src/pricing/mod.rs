@@ -508,6 +508,91 @@ mod tests {
         assert!((120.0 * m - 153.6565).abs() < 1e-3, "{}", 120.0 * m);
     }
 
+    /// A node whose readings the test sets.
+    #[derive(Debug)]
+    struct Node(parking_lot::Mutex<(f64, f64, f64)>);
+
+    #[async_trait::async_trait]
+    impl TelemetrySource for Node {
+        fn name(&self) -> &'static str {
+            "node"
+        }
+        async fn read(&self, s: &Signal) -> Result<f64, telemetry::TelemetryError> {
+            let (cpu, mem, load) = *self.0.lock();
+            match s {
+                Signal::NodeCpu => Ok(cpu),
+                Signal::NodeMemory => Ok(mem),
+                Signal::NodeLoad => Ok(load),
+                Signal::Query(_) => Err(telemetry::TelemetryError::Unsupported),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_kernel_gets_the_lowest_recent_price_and_operational_prices_stay() {
+        let config = Config::parse(
+            r#"
+            [pricing]
+            dynamic = true
+            alpha = 1.0
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/generate-report"
+            base_cost = 100
+            [[pricing.endpoints]]
+            path = "/v2/*"
+            base_cost = 5
+            [[pricing.endpoints]]
+            method = "GET"
+            path = "/health"
+            operational = true
+            "#,
+        )
+        .expect("valid");
+        let book = PriceBook::new(&config.pricing);
+        let metrics = Metrics::new();
+        let (link, mut events) = crate::gate::test_link(&metrics);
+        let node = Arc::new(Node(parking_lot::Mutex::new((0.5, 0.5, 0.5))));
+        let mut engine = Engine::new(
+            &config.pricing,
+            &book,
+            Arc::clone(&node) as Arc<dyn TelemetrySource>,
+            None,
+            metrics,
+            Some(link),
+        );
+        let mut kernel_price = || match events.try_recv() {
+            Ok(crate::gate::Event::Prices(p)) => Some(p),
+            _ => None,
+        };
+        // score = 0.65·1 + 0.25·1 + 0.10·0.5 = 0.95.
+        engine.tick().await;
+        let report = book
+            .price(Some("POST"), "/generate-report")
+            .expect("priced");
+        assert!((report.per_unit() - 95.0).abs() < 1e-9);
+        let pushed = kernel_price().expect("pushed");
+        assert_eq!(
+            pushed.len(),
+            1,
+            "only exact, non-operational paths: {pushed:?}"
+        );
+        assert_eq!(pushed[0].0.as_deref(), Some("POST"));
+        assert!((pushed[0].2 - 95.0).abs() < 1e-9);
+        // The price rises: the kernel keeps the lower one (the window's minimum): nothing sent.
+        *node.0.lock() = (1.0, 1.0, 0.5);
+        engine.tick().await;
+        assert!(report.per_unit() > 150.0);
+        assert!(kernel_price().is_none());
+        // It falls below: sent at once.
+        *node.0.lock() = (0.1, 0.1, 0.1);
+        engine.tick().await;
+        let pushed = kernel_price().expect("pushed");
+        assert!(pushed[0].2 < 95.0 && (pushed[0].2 - report.per_unit()).abs() < 1e-9);
+        let health = book.price(Some("GET"), "/health").expect("priced");
+        assert_eq!(health.multiplier(), 1.0, "operational endpoints never move");
+    }
+
     #[test]
     fn caps_floor_surge_and_ema_convergence() {
         let f = formula();
