@@ -135,12 +135,19 @@ refill_per_sec = 1e9
     // One worker thread, then tokio's default (one per core): on a machine where Redis and the
     // load generator share the cores, cross-thread wake-ups cost more than the second worker
     // brings; docs/benchmarks.md discusses it.
+    // Every decision is recorded (the embedded ledger file, one fsync per batch): in a temp
+    // directory, not the checkout.
+    let ledger_dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-ledger-")
+        .tempdir()?;
     for workers in [1, cores] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .args(["run", "--config"])
                 .arg(&config)
                 .args(["--workers", &workers.to_string()])
+                .arg("--ledger-file")
+                .arg(ledger_dir.path().join(format!("ledger-{workers}.jsonl")))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
