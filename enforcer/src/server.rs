@@ -31,7 +31,7 @@ pub enum ServerError {
     #[error("serving failed: {0}")]
     Serve(std::io::Error),
     /// The audit ledger could not be opened.
-    #[error("audit ledger: {0}")]
+    #[error("audit ledger")]
     Ledger(#[from] crate::ledger::LedgerError),
     /// A config value the HTTP layer cannot use (validation should have caught it).
     #[error("invalid config: {0}")]

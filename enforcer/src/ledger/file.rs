@@ -37,7 +37,7 @@ impl LedgerFile {
     pub fn open(path: PathBuf, fsync: bool) -> Result<Self, LedgerError> {
         let err = |source| LedgerError::File {
             path: path.clone(),
-            source,
+            error: source,
         };
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -76,7 +76,7 @@ impl LedgerFile {
         }
         let err = |source| LedgerError::File {
             path: self.path.clone(),
-            source,
+            error: source,
         };
         self.file.write_all(&buf).map_err(err)?;
         if self.fsync {
@@ -107,7 +107,7 @@ impl LedgerFile {
     pub fn advance(&mut self, offset: u64) -> Result<(), LedgerError> {
         let err = |source| LedgerError::File {
             path: self.path.clone(),
-            source,
+            error: source,
         };
         self.offset = offset.min(self.len);
         if self.offset == self.len {
@@ -165,7 +165,7 @@ fn repair_tail(file: &mut File) -> std::io::Result<u64> {
 pub fn read_from(path: &Path, offset: u64, end: u64, max: usize) -> Result<Chunk, LedgerError> {
     let err = |source| LedgerError::File {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let mut f = File::open(path).map_err(err)?;
     f.seek(SeekFrom::Start(offset)).map_err(err)?;

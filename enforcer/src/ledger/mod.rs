@@ -29,18 +29,18 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     /// PostgreSQL refused or could not be reached.
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(sqlx::Error),
     /// Applying the migrations failed.
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("applying the migrations: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
     /// The ledger or spill file could not be read or written.
-    #[error("ledger file {path}: {source}")]
+    #[error("ledger file {path}: {error}")]
     File {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A write took longer than `write_timeout_ms`.
     #[error("timed out")]
@@ -48,6 +48,20 @@ pub enum LedgerError {
     /// Bad input to a query (a duration, a format).
     #[error("{0}")]
     Input(String),
+}
+
+// The causes are part of the messages (logged with `%e`), not `source`s, so an error chain
+// prints each of them once.
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Postgres(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for LedgerError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
 }
 
 /// One decision, as recorded. Field names are the JSON-lines file format (stable).
@@ -244,7 +258,7 @@ pub async fn start(
         })
         .map_err(|source| LedgerError::File {
             path: PathBuf::from(&config.file),
-            source,
+            error: source,
         })?;
     Ok((
         Ledger { tx, metrics, node },

@@ -465,7 +465,7 @@ pub async fn export(
             .collect::<Result<_, _>>()?;
         each(&values).map_err(|source| LedgerError::File {
             path: "<stdout>".into(),
-            source,
+            error: source,
         })?;
         n += 1;
     }
@@ -497,7 +497,7 @@ pub async fn import(pool: &PgPool, path: &std::path::Path) -> Result<(u64, u64),
     let end = std::fs::metadata(path)
         .map_err(|source| LedgerError::File {
             path: path.to_owned(),
-            source,
+            error: source,
         })?
         .len();
     let mut sink = PgSink::new(pool.clone());
