@@ -113,6 +113,20 @@ pub struct Cost {
     pub source: String,
 }
 
+impl Cost {
+    fn of(price: &Price, multiplier: f64, updated_at: &str, source: &str) -> Self {
+        Self {
+            endpoint: price.class.clone(),
+            method: price.method.clone(),
+            base_cost: price.base_cost,
+            multiplier,
+            price: price.base_cost * multiplier,
+            updated_at: updated_at.to_owned(),
+            source: source.to_owned(),
+        }
+    }
+}
+
 /// The current cost table, shared with the API.
 #[derive(Debug, Clone, Default)]
 pub struct CostTable(Arc<parking_lot::RwLock<Vec<Cost>>>);
@@ -206,11 +220,17 @@ impl Engine {
         metrics: Metrics,
         gate: Option<GateLink>,
     ) -> Self {
-        let by_key = |p: &Price| {
+        // Indexed once: a scan per entry would be quadratic in the endpoints at start-up.
+        let configured: std::collections::HashMap<(&str, &str), &crate::config::EndpointConfig> =
             config
                 .endpoints
                 .iter()
-                .find(|e| e.path == p.class && e.method == p.method)
+                .map(|e| ((e.path.as_str(), e.method.as_str()), e))
+                .collect();
+        let by_key = |p: &Price| {
+            configured
+                .get(&(p.class.as_str(), p.method.as_str()))
+                .copied()
         };
         let slots = book
             .entries()
@@ -405,21 +425,13 @@ impl Engine {
     }
 
     fn publish(&mut self) {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let now = now_rfc3339();
         let mut costs = Vec::with_capacity(self.slots.len());
         let mut kernel = Vec::new();
         for (idx, s) in self.slots.iter_mut().enumerate() {
             let m = s.price.multiplier();
             s.gauge.set(s.price.base_cost * m);
-            costs.push(Cost {
-                endpoint: s.price.class.clone(),
-                method: s.price.method.clone(),
-                base_cost: s.price.base_cost,
-                multiplier: m,
-                price: s.price.base_cost * m,
-                updated_at: now.clone(),
-                source: s.source.to_owned(),
-            });
+            costs.push(Cost::of(&s.price, m, &now, s.source));
             // The kernel's exact-path prices: the lowest multiplier of the window, so a price
             // that fell in userspace is never higher in the kernel while the update is on its way.
             let lowest = s.recent.iter().copied().fold(f64::INFINITY, f64::min);
@@ -455,28 +467,26 @@ impl Engine {
 
 /// The cost table of a book with the engine off (static prices).
 pub fn static_costs(book: &PriceBook) -> CostTable {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = now_rfc3339();
     let table = CostTable::default();
     table.set(
         book.entries()
             .into_iter()
-            .map(|p| Cost {
-                endpoint: p.class.clone(),
-                method: p.method.clone(),
-                base_cost: p.base_cost,
-                multiplier: p.multiplier(),
-                price: p.per_unit(),
-                updated_at: now.clone(),
-                source: if p.operational {
+            .map(|p| {
+                let source = if p.operational {
                     "operational"
                 } else {
                     "static"
-                }
-                .to_owned(),
+                };
+                Cost::of(p, p.multiplier(), &now, source)
             })
             .collect(),
     );
     table
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
