@@ -24,6 +24,25 @@ pub fn redis_url() -> String {
     )
 }
 
+/// A child process, killed (SIGKILL: as abrupt as a crash) and reaped when dropped.
+#[derive(Debug)]
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port on loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// A key name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -215,21 +234,18 @@ pub async fn check(addr: SocketAddr, body: serde_json::Value) -> Resp {
 #[derive(Debug)]
 pub struct PrivateRedis {
     pub port: u16,
+    // Before `dir`: the server stops before its directory goes.
+    child: Option<Process>,
     dir: tempfile::TempDir,
-    child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts one and waits until it answers.
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
         let mut r = Self {
-            port,
-            dir: tempfile::tempdir().expect("tempdir"),
+            port: free_port(),
             child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
         };
         r.restart();
         r
@@ -241,10 +257,7 @@ impl PrivateRedis {
 
     /// Stops the server (SIGKILL: as abrupt as a crash).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 
     /// Starts the server again on the same port.
@@ -258,7 +271,7 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (cargo xtask setup)");
-        self.child = Some(child);
+        self.child = Some(Process(child));
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
@@ -267,12 +280,6 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -1,8 +1,9 @@
 //! A real Prometheus server (Debian's `prometheus`) on a free loopback port, scraping a tiny
 //! exporter the test controls, for the pricing engine's Prometheus source.
+use crate::{Process, free_port};
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,17 +48,15 @@ impl Exporter {
 #[derive(Debug)]
 pub struct PrivatePrometheus {
     pub port: u16,
-    child: Option<Child>,
+    // Before `dir`: the server stops before its directory goes.
+    child: Option<Process>,
     dir: tempfile::TempDir,
 }
 
 impl PrivatePrometheus {
     /// Starts it and waits until it is ready.
     pub fn start(exporter: &Exporter) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().expect("tmp");
         std::fs::write(
             dir.path().join("prometheus.yml"),
@@ -85,10 +84,7 @@ impl PrivatePrometheus {
 
     /// Stops the server (SIGKILL).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 
     /// Starts it (again) and waits until `/-/ready` answers.
@@ -108,7 +104,7 @@ impl PrivatePrometheus {
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus is installed (cargo xtask setup)");
-        self.child = Some(child);
+        self.child = Some(Process(child));
         let start = Instant::now();
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
@@ -128,11 +124,5 @@ impl PrivatePrometheus {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-impl Drop for PrivatePrometheus {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -7,20 +7,15 @@ use enforcer_tests::{PinDir, enforcer_bin};
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const UPSTREAM_PORT: u16 = 8080;
 const API: &str = "127.0.0.1:18083";
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// The daemon's process, killed on drop.
+use enforcer_tests::Process as Daemon;
 
 /// A minimal HTTP upstream in `ns`: counts the requests it receives per `x-api-key`.
 fn upstream(ns: &NetNs) -> Arc<Mutex<HashMap<String, usize>>> {

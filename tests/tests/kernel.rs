@@ -7,7 +7,7 @@ use enforcer::kernel::Gate;
 use enforcer_tests::netns::{A_ADDR, Link};
 use enforcer_tests::{PinDir, enforcer_bin};
 use std::io::{Read as _, Write as _};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// TC_ACT_PIPE: hand the packet on (the gate's "pass").
@@ -125,13 +125,8 @@ fn wait_ready(addr: &str) -> String {
     }
 }
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// The daemon's process, killed on drop.
+use enforcer_tests::Process as Daemon;
 
 /// A blocking HTTP GET, from the current thread's namespace.
 fn get(addr: &str, path: &str) -> Option<String> {

@@ -5,12 +5,12 @@
 use enforcer::config::Config;
 use enforcer::ledger::postgres::{self, PgSink};
 use enforcer::ledger::{AuditRow, Entry};
-use enforcer_tests::{TestDaemon, check, enforcer_bin, metric, pg};
+use enforcer_tests::{Process, TestDaemon, check, enforcer_bin, free_port, metric, pg};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Embedded token store, a small budget (so some decisions are denials), the ledger on `url`
@@ -169,15 +169,7 @@ async fn postgres_stopped_mid_run_loses_and_doubles_nothing() {
     assert_exactly_once(&url, &ids).await;
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_daemon(port: u16, url: &str, file: &Path) -> Proc {
+fn spawn_daemon(port: u16, url: &str, file: &Path) -> Process {
     let child = Command::new(enforcer_bin())
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--database-url", url, "--migrate"])
@@ -188,7 +180,7 @@ fn spawn_daemon(port: u16, url: &str, file: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn enforcer");
-    Proc(child)
+    Process(child)
 }
 
 async fn wait_up(addr: SocketAddr) {
@@ -207,10 +199,7 @@ async fn a_daemon_killed_with_rows_in_its_spill_file_replays_them_after_restart(
     let url = pg::fresh_database().await;
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("spill.jsonl");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let daemon = spawn_daemon(port, &url, &file);
     wait_up(addr).await;
