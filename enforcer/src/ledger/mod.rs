@@ -344,7 +344,8 @@ impl WriterTask {
 
     async fn write(&mut self, batch: &[Entry]) {
         let started = Instant::now();
-        let direct = self.sink.is_some() && self.file.is_empty() && Instant::now() >= self.next_try;
+        // Straight to PostgreSQL unless a backlog must be replayed first or it failed recently.
+        let direct = self.file.is_empty() && Instant::now() >= self.next_try;
         if direct && let Some(sink) = self.sink.as_mut() {
             match tokio::time::timeout(self.write_timeout, sink.write(batch)).await {
                 Ok(Ok(())) => {
