@@ -1,5 +1,6 @@
 //! Builds the kernel programs (`enforcer-ebpf`) for bpfel-unknown-none with aya-build, so that
-//! `cargo build` of the daemon embeds a fresh eBPF object (see `kernel.rs`).
+//! `cargo build` of the daemon embeds a fresh eBPF object (see `kernel.rs`), with the pinned
+//! toolchain [`enforcer_common::EBPF_TOOLCHAIN`] (never a drifting `nightly`).
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
@@ -25,5 +26,8 @@ fn main() -> anyhow::Result<()> {
             .as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf_package], Toolchain::default())
+    aya_build::build_ebpf(
+        [ebpf_package],
+        Toolchain::Custom(enforcer_common::EBPF_TOOLCHAIN),
+    )
 }

@@ -6,6 +6,16 @@
 //! layout byte for byte. The key-id hash is defined here once and used by both sides.
 #![no_std]
 
+/// The toolchain that builds the kernel programs (`enforcer/build.rs` through aya-build, and
+/// `cargo xtask setup`, which installs exactly this one with `rust-src`).
+///
+/// Pinned to a dated nightly because bpf-linker reads the LLVM bitcode rustc writes: its LLVM
+/// major must equal rustc's ([`EBPF_LLVM_MAJOR`]). A plain `nightly` drifts to newer LLVMs
+/// (2026-10-29 brought LLVM 23 and the link failed with `Invalid record`).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+/// The LLVM major of [`EBPF_TOOLCHAIN`], which bpf-linker must be built against.
+pub const EBPF_LLVM_MAJOR: u32 = 22;
+
 /// Names of the kernel objects, so the loader and the program cannot drift apart.
 pub mod names {
     /// The TC ingress classifier.

@@ -31,11 +31,11 @@ struct Cli {
 enum Cmd {
     /// Install what is missing (apt packages, nightly rust-src, bpf-linker) and mount bpffs.
     Setup,
-    /// Set up, build and run the daemon with examples/enforcer.toml (embedded store).
+    /// Set up, build (release) and run the daemon with examples/enforcer.toml (embedded store).
     Run {
-        /// Build with optimisations.
+        /// Serve a debug build instead of the release build (faster to compile, slow to serve).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Extra arguments for `enforcer run`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -66,11 +66,11 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root).context("entering the workspace root")?;
     match cli.command {
         Cmd::Setup => setup::ensure(),
-        Cmd::Run { release, args } => {
+        Cmd::Run { debug, args } => {
             setup::ensure()?;
             let mut cmd = Command::new("cargo");
             cmd.args(["run", "--package", "enforcer"]);
-            if release {
+            if !debug {
                 cmd.arg("--release");
             }
             cmd.args(["--", "run", "--config", "examples/enforcer.toml"]);

@@ -18,6 +18,9 @@ const PACKAGES: &[&str] = &[
 
 /// bpf-linker built against LLVM 22 (0.13 defaults to LLVM 23, which Debian 12 lacks).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The pinned eBPF toolchain (named once, in `enforcer-common`; `enforcer/build.rs` builds with
+/// it) and the LLVM major that it and bpf-linker must share.
+use enforcer_common::{EBPF_LLVM_MAJOR, EBPF_TOOLCHAIN};
 
 pub fn is_root() -> bool {
     Command::new("id")
@@ -59,50 +62,144 @@ pub fn ensure() -> Result<()> {
         )?;
     }
 
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()?;
+    check_llvm_majors()?;
+
+    if is_root() && !quiet(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+        crate::status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Installs exactly the pinned toolchain with `rust-src` (`-Z build-std=core` needs it). Whatever
+/// a plain `nightly` is (newer, without rust-src, absent) does not matter: it is never used.
+fn ensure_ebpf_toolchain() -> Result<()> {
     let has_rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
         .unwrap_or(false);
     if !has_rust_src {
-        eprintln!("xtask: installing the nightly toolchain's rust-src (eBPF builds core with it)");
+        eprintln!("xtask: installing {EBPF_TOOLCHAIN} with rust-src (it builds the eBPF programs)");
         crate::status(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            EBPF_TOOLCHAIN,
             "--profile",
             "minimal",
             "--component",
             "rust-src",
         ]))?;
     }
+    Ok(())
+}
 
-    let linker_ok = Command::new("bpf-linker")
+/// The LLVM major a `rustc -vV` output names (`LLVM version: 22.1.4`).
+fn rustc_llvm_major(verbose_version: &str) -> Option<u32> {
+    verbose_version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .and_then(|v| v.trim().split('.').next())
+        .and_then(|m| m.parse().ok())
+}
+
+/// The LLVM major the installed bpf-linker was built against: the `libLLVM` it links
+/// (`ldd`), else the `llvm-NN` feature cargo recorded when it installed it. `None` when
+/// bpf-linker is missing or neither tells.
+fn bpf_linker_llvm_major() -> Option<u32> {
+    let path = Command::new("sh")
+        .args(["-c", "command -v bpf-linker"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())?;
+    let ldd = Command::new("ldd").arg(&path).output().ok();
+    let from_ldd = ldd.and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        // e.g. "libLLVM.so.22.1 => /usr/lib/llvm-22/lib/libLLVM.so.22.1" or "libLLVM-22.so".
+        text.lines().find_map(|l| {
+            let name = l.trim().split_whitespace().next()?;
+            let rest = name
+                .strip_prefix("libLLVM.so.")
+                .or_else(|| name.strip_prefix("libLLVM-"))?;
+            rest.split(['.', '-']).next()?.parse().ok()
+        })
+    });
+    from_ldd.or_else(|| {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")))?;
+        let crates = std::fs::read_to_string(home.join(".crates2.json")).ok()?;
+        let at = crates.find("\"bpf-linker ")?;
+        let tail = &crates[at..];
+        let feature = tail.find("\"llvm-")?;
+        tail[feature + 6..]
+            .split('"')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// bpf-linker at the pinned version, built against the pinned LLVM major.
+fn ensure_bpf_linker() -> Result<()> {
+    let version_ok = Command::new("bpf-linker")
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
-    if !linker_ok {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~1 min)");
-        crate::status(
-            Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--no-default-features",
-                    "--features",
-                    "llvm-22",
-                    "--force",
-                ])
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
-        )
-        .context("installing bpf-linker")?;
+    if version_ok && bpf_linker_llvm_major() == Some(EBPF_LLVM_MAJOR) {
+        return Ok(());
     }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM {EBPF_LLVM_MAJOR} (~1 min)"
+    );
+    crate::status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{EBPF_LLVM_MAJOR}"),
+                "--force",
+            ])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{EBPF_LLVM_MAJOR}")),
+    )
+    .context("installing bpf-linker")
+}
 
-    if is_root() && !quiet(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
-        crate::status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+/// rustc writes LLVM bitcode that bpf-linker reads: their LLVM majors must be equal, or the
+/// link fails much later with an obscure `ERROR llvm: Invalid record`. Says so in one line.
+fn check_llvm_majors() -> Result<()> {
+    let out = Command::new("rustc")
+        .args([&format!("+{EBPF_TOOLCHAIN}"), "-vV"])
+        .output()
+        .with_context(|| format!("running rustc +{EBPF_TOOLCHAIN} -vV"))?;
+    let rustc = rustc_llvm_major(&String::from_utf8_lossy(&out.stdout));
+    let linker = bpf_linker_llvm_major();
+    match (rustc, linker) {
+        (Some(r), Some(l)) if r == l => Ok(()),
+        (r, l) => bail!(
+            "LLVM mismatch: {EBPF_TOOLCHAIN} has LLVM {} but bpf-linker is built against LLVM {}; \
+             they must be equal (pin another toolchain in enforcer-common, or reinstall bpf-linker)",
+            r.map_or("?".to_owned(), |v| v.to_string()),
+            l.map_or("?".to_owned(), |v| v.to_string()),
+        ),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rustc_llvm_major;
+
+    #[test]
+    fn reads_the_llvm_major_of_rustc() {
+        let out = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nLLVM version: 22.1.4\n";
+        assert_eq!(rustc_llvm_major(out), Some(22));
+        assert_eq!(rustc_llvm_major("rustc 1.95.0\n"), None);
+    }
 }
