@@ -76,7 +76,13 @@ pub fn ensure() -> Result<()> {
 /// a plain `nightly` is (newer, without rust-src, absent) does not matter: it is never used.
 fn ensure_ebpf_toolchain() -> Result<()> {
     let has_rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
         .output()
         .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
         .unwrap_or(false);
@@ -129,16 +135,14 @@ fn bpf_linker_llvm_major() -> Option<u32> {
     from_ldd.or_else(|| {
         let home = std::env::var_os("CARGO_HOME")
             .map(std::path::PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")))?;
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo"))
+            })?;
         let crates = std::fs::read_to_string(home.join(".crates2.json")).ok()?;
         let at = crates.find("\"bpf-linker ")?;
         let tail = &crates[at..];
         let feature = tail.find("\"llvm-")?;
-        tail[feature + 6..]
-            .split('"')
-            .next()?
-            .parse()
-            .ok()
+        tail[feature + 6..].split('"').next()?.parse().ok()
     })
 }
 
@@ -198,7 +202,8 @@ mod tests {
 
     #[test]
     fn reads_the_llvm_major_of_rustc() {
-        let out = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nLLVM version: 22.1.4\n";
+        let out =
+            "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nLLVM version: 22.1.4\n";
         assert_eq!(rustc_llvm_major(out), Some(22));
         assert_eq!(rustc_llvm_major("rustc 1.95.0\n"), None);
     }
