@@ -151,9 +151,41 @@ pub const fn key_id(key: &[u8]) -> u64 {
 /// default price (and the daemon prices longer configured paths as it prices wildcards).
 pub const MAX_PATH_LEN: usize = 256;
 
-/// Hash of a request path (up to `?` or `#`) for the price map.
+/// Hash of a request path (up to `?` or `#`, in normal form) for the price map.
 pub const fn path_hash(path: &[u8]) -> u64 {
     word_hash(path)
+}
+
+/// Whether the gate takes a request path (up to `?` or `#`, as in the request line) as possibly
+/// not in the daemon's normal form, and prices it at `ambiguous_price_milli` instead of looking
+/// it up. (A single trailing slash is not ambiguous: the gate strips it before hashing when
+/// `strip_trailing_slash` is set, as the daemon does; `/a//` is ambiguous either way.)
+///
+/// Normalising in the kernel would cost a scan per byte; instead the gate spots every path the
+/// daemon could spell differently: one with a `%` (an escape that may decode), a `\` (a
+/// separator to the daemon), `//`, or a segment starting with `.` (`/./`, `/../`, `/.`, `/..`,
+/// and, conservatively, names such as `/.well-known`), or one longer than [`MAX_PATH_LEN`] (not
+/// scanned). Anything else is the daemon's normal form, except raw characters the daemon
+/// percent-encodes (space, `"<>^`{|}`, non-ASCII): such a path matches no configured path in
+/// either spelling, so the gate's default price, which the daemon keeps at or below the price of
+/// every configured path containing a `%`, applies. This is the reference the kernel's
+/// word-at-a-time check is tested against.
+pub const fn path_is_ambiguous(path: &[u8]) -> bool {
+    if path.len() > MAX_PATH_LEN {
+        return true;
+    }
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        if b == b'%' || b == b'\\' {
+            return true;
+        }
+        if b == b'/' && i + 1 < path.len() && (path[i + 1] == b'/' || path[i + 1] == b'.') {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Hash of a request method for the price map (0: any method).
@@ -231,6 +263,14 @@ pub struct GateConfig {
     pub default_price_milli: u64,
     /// Cheapest price of any request, milli-tokens (what an L4-identified packet is compared to).
     pub min_price_milli: u64,
+    /// Price of a request whose path is not in normal form (see [`path_is_ambiguous`]):
+    /// the least userspace charges for anything, 0 when an operational endpoint exists.
+    pub ambiguous_price_milli: u64,
+    /// 1: a trailing slash is priced like the path without it (`pricing.trailing_slash =
+    /// "strip"`), so the gate hashes `/a/` as `/a`; 0: as it is.
+    pub strip_trailing_slash: u32,
+    /// Explicit padding.
+    pub _pad: u32,
     /// Length of `pattern`.
     pub pattern_len: u32,
     /// Length of `prefix`.
@@ -278,6 +318,9 @@ impl GateConfig {
             heartbeat_ns: 0,
             default_price_milli: 1000,
             min_price_milli: 1000,
+            ambiguous_price_milli: 0,
+            strip_trailing_slash: 1,
+            _pad: 0,
             pattern_len: (name.len() + 1) as u32,
             prefix_len: value_prefix.len() as u32,
             pattern,
@@ -351,8 +394,33 @@ mod tests {
         assert_eq!(core::mem::size_of::<Binding>(), 24);
         assert_eq!(
             core::mem::size_of::<GateConfig>(),
-            4 + 4 + 8 + 8 + 8 + 8 + 4 + 4 + 2 * (MAX_PATTERN + MAX_PREFIX)
+            4 + 4 + 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4 + 4 + 2 * (MAX_PATTERN + MAX_PREFIX)
         );
+    }
+
+    #[test]
+    fn paths_the_daemon_could_spell_otherwise_are_ambiguous() {
+        for p in [
+            "/%67enerate-report",
+            "/a%2Fb",
+            "//generate-report",
+            "/generate-report//",
+            "/./generate-report",
+            "/x/../generate-report",
+            "/generate-report/.",
+            "/generate-report/..",
+            "/x\\..\\generate-report",
+            "/.well-known",
+        ] {
+            assert!(path_is_ambiguous(p.as_bytes()), "{p}");
+        }
+        assert!(path_is_ambiguous(b"/health//"), "stripped once, still //");
+        for p in ["/", "/generate-report", "/a/b.c/d", "/a./b", "/a/b/", "/~x_y-z"] {
+            assert!(!path_is_ambiguous(p.as_bytes()), "{p}");
+        }
+        let long = [b'a'; MAX_PATH_LEN + 1];
+        assert!(path_is_ambiguous(&long));
+        assert!(!path_is_ambiguous(&long[..MAX_PATH_LEN]));
     }
 
     #[test]

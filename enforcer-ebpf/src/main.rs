@@ -5,7 +5,9 @@
 //! - **L7**: a plaintext HTTP/1.x request line followed by the configured key header
 //!   (case-insensitive name, optional value prefix such as `Bearer `) within the first
 //!   [`SCAN_WINDOW`] bytes of the segment → key id ([`enforcer_common::key_id`]), and the price of
-//!   that (method, path) from `PRICES`, else the default price;
+//!   that (method, path) from `PRICES`, else the default price; a path the daemon could spell
+//!   differently in normal form (`%`, `\`, `//`, dot segments, too long) gets the ambiguous
+//!   price instead, and a trailing slash is hashed away when the daemon strips it;
 //! - **L4**: otherwise, the source address, if the daemon bound it to exactly one key; compared
 //!   with the cheapest price.
 //!
@@ -82,6 +84,9 @@ struct Scan {
     mark: u64,
     method: u64,
     path: u64,
+    /// 1 when the path may not be in the daemon's normal form
+    /// (`enforcer_common::path_is_ambiguous`): priced at `ambiguous_price_milli`.
+    ambiguous: u64,
     key: u64,
     /// The parser's answer once a step decided it (an `http::*` code), else `u64::MAX`.
     outcome: u64,
@@ -236,10 +241,11 @@ fn inspect(ctx: &TcContext) -> Verdict {
     let mut price = cfg.min_price_milli;
     if let Some(scan) = SCRATCH.get_ptr(0) {
         // SAFETY: this CPU's scratch slot, just written by the parser.
-        let (key_id, step, request) = unsafe {
+        let (key_id, step, ambiguous, request) = unsafe {
             (
                 core::ptr::read_volatile(&raw const (*scan).key),
                 core::ptr::read_volatile(&raw const (*scan).step),
+                core::ptr::read_volatile(&raw const (*scan).ambiguous),
                 PriceKey {
                     method: core::ptr::read_volatile(&raw const (*scan).method),
                     path: core::ptr::read_volatile(&raw const (*scan).path),
@@ -249,14 +255,14 @@ fn inspect(ctx: &TcContext) -> Verdict {
         if outcome == http::IDENTIFIED {
             return decide(
                 key_id,
-                price_of(&request, cfg),
+                price_of(&request, ambiguous, cfg),
                 now,
                 cfg,
                 counter::REJECTED_L7,
             );
         }
         if outcome != http::NOT_HTTP && step >= STEP_HEADER {
-            price = price_of(&request, cfg);
+            price = price_of(&request, ambiguous, cfg);
         }
     }
     // No L7 identity: the source address, if it is bound to one key.
@@ -285,8 +291,14 @@ fn window(ctx: &TcContext, offset: usize, len: usize) -> Option<*const u8> {
     Some((start + offset) as *const u8)
 }
 
+/// The price of the request line's (method, path): a path that may not be in the daemon's
+/// normal form gets the ambiguous price (the least the daemon charges for anything), since its
+/// normal form could be any endpoint; others `PRICES`, else the default price.
 #[inline(always)]
-fn price_of(key: &PriceKey, cfg: &GateConfig) -> u64 {
+fn price_of(key: &PriceKey, ambiguous: u64, cfg: &GateConfig) -> u64 {
+    if ambiguous != 0 {
+        return cfg.ambiguous_price_milli;
+    }
     // SAFETY: read-only use of map values for the duration of this program run.
     if let Some(p) = unsafe { PRICES.get(key) } {
         return *p;
@@ -382,6 +394,7 @@ fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
         core::ptr::write_volatile(&raw mut (*scan).mark, 0);
         core::ptr::write_volatile(&raw mut (*scan).method, 0);
         core::ptr::write_volatile(&raw mut (*scan).path, 0);
+        core::ptr::write_volatile(&raw mut (*scan).ambiguous, 0);
         core::ptr::write_volatile(&raw mut (*scan).key, 0);
         core::ptr::write_volatile(&raw mut (*scan).outcome, u64::MAX);
         let mut state = LoopState {
@@ -579,6 +592,36 @@ fn hash(s: &Scan, from: u64, len: u64, max: usize) -> u64 {
     h
 }
 
+/// The word hash of the first `hashed` of the `len` path bytes at `from` (`hashed` ≤ `len` ≤
+/// `MAX_PATH_LEN`), and whether the `len` bytes are ambiguous
+/// ([`enforcer_common::path_is_ambiguous`]: a `%`, a `\`, or a `/` followed by `/` or `.`),
+/// checked on the words the hash reads anyway.
+#[inline(always)]
+fn path_hash(s: &Scan, from: u64, len: u64, hashed: u64) -> (u64, bool) {
+    let mut h = hash_start(hashed);
+    let mut odd = 0;
+    let mut done = 0;
+    let mut i = 0;
+    while i < MAX_PATH_LEN / 8 {
+        if done >= len {
+            break;
+        }
+        let w = word(s, from + done);
+        if done < hashed {
+            h = hash_step(h, w & low_bytes(hashed - done));
+        }
+        // Each byte's successor, one word further by a byte. After the last path byte comes
+        // its terminator (' ', '?' or '#'), never '/' or '.'. '.' is 0x2e and '/' 0x2f: OR-ing
+        // in 1 finds both with one comparison.
+        let next = word(s, from + done + 1) | ONES;
+        let seg = eq_bytes(w, b'/') & eq_bytes(next, b'/');
+        odd |= (eq_bytes(w, b'%') | eq_bytes(w, b'\\') | seg) & low_bytes(len - done);
+        done += 8;
+        i += 1;
+    }
+    (h, odd != 0)
+}
+
 /// Whether the `len` bytes at `at` equal `pattern` once `fold` is OR-ed into them (case folding
 /// of letters), `len` ≤ `N`.
 #[inline(always)]
@@ -670,9 +713,17 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         STEP_PATH_HASH => {
             let mark = s.mark & (SCAN_WINDOW as u64 - 1);
             let len = pos.saturating_sub(mark);
-            // A path too long to hash keeps 0: no price entry, so the default price.
             if len <= MAX_PATH_LEN as u64 {
-                s.path = hash(s, mark, len, MAX_PATH_LEN);
+                // A trailing slash (not the root's) is hashed away when the daemon strips it.
+                let strip = cfg.strip_trailing_slash != 0
+                    && len > 1
+                    && word(s, pos.saturating_sub(1)) as u8 == b'/';
+                let (path, ambiguous) = path_hash(s, mark, len, len - strip as u64);
+                s.path = path;
+                s.ambiguous = ambiguous as u64;
+            } else {
+                // Too long to check: its normal form could be anything.
+                s.ambiguous = 1;
             }
             match word(s, pos) as u8 {
                 b' ' => {

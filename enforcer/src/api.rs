@@ -10,6 +10,7 @@
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
+use crate::price::PriceError;
 use crate::store::RefundOutcome;
 use axum::Router;
 use axum::body::Bytes;
@@ -146,7 +147,8 @@ async fn check(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>)
 
 fn check_error(app: &App, e: &CheckError) -> Response {
     let reason = match e {
-        CheckError::Endpoint(_) => "bad_endpoint",
+        CheckError::Endpoint(PriceError::BadMethod) => "bad_method",
+        CheckError::Endpoint(PriceError::BadEndpoint(_)) => "bad_endpoint",
         CheckError::Units { .. } => "bad_units",
     };
     bad_request(app, reason, &e.to_string())
@@ -222,6 +224,7 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         replayed: d.replayed,
         reason: d.denial.map(Denial::as_str),
         decision_id: d.decision_id,
+        endpoint: &d.endpoint,
     };
     (status, headers, axum::Json(body)).into_response()
 }
@@ -240,12 +243,25 @@ struct DecisionBody<'a> {
     reason: Option<&'static str>,
     /// The id of this decision's audit row.
     decision_id: uuid::Uuid,
+    /// The endpoint as priced (normal form).
+    endpoint: &'a str,
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {
     names
         .iter()
         .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+}
+
+/// The first of `names` that is present, as text; `Err` when its value is not (non-ASCII
+/// bytes): refused, never skipped for the next name or ignored. Control characters other than
+/// a tab never get here (the HTTP parser refuses them); a tab is refused by the parsers of the
+/// endpoint, the method and the request id.
+fn header_text<'h>(headers: &'h HeaderMap, names: &[&str]) -> Result<Option<&'h str>, ()> {
+    match names.iter().find_map(|n| headers.get(*n)) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| ()),
+    }
 }
 
 async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -264,22 +280,39 @@ async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         Ok(k) => k,
         Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
     };
-    let Some(uri) = header_str(&headers, &["x-original-uri", "x-forwarded-uri"]) else {
-        return bad_request(
-            &app,
-            "bad_endpoint",
-            "X-Original-URI or X-Forwarded-Uri is required",
-        );
+    let uri = match header_text(&headers, &["x-original-uri", "x-forwarded-uri"]) {
+        Ok(Some(uri)) => uri,
+        Ok(None) => {
+            return bad_request(
+                &app,
+                "bad_endpoint",
+                "X-Original-URI or X-Forwarded-Uri is required",
+            );
+        }
+        Err(()) => {
+            return bad_request(
+                &app,
+                "bad_endpoint",
+                "the endpoint header must be ASCII: percent-encode other bytes",
+            );
+        }
     };
-    let method = header_str(&headers, &["x-original-method", "x-forwarded-method"])
-        .unwrap_or("GET")
-        .to_ascii_uppercase();
-    let request_id = match header_str(&headers, &["x-request-id"])
-        .map(RequestId::parse)
-        .transpose()
-    {
-        Ok(r) => r,
-        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    let method = match header_text(&headers, &["x-original-method", "x-forwarded-method"]) {
+        Ok(m) => m.unwrap_or("GET").to_ascii_uppercase(),
+        Err(()) => return bad_request(&app, "bad_method", "the method header must be ASCII"),
+    };
+    let request_id = match header_text(&headers, &["x-request-id"]) {
+        Ok(raw) => match raw.map(RequestId::parse).transpose() {
+            Ok(r) => r,
+            Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+        },
+        Err(()) => {
+            return bad_request(
+                &app,
+                "bad_request_id",
+                "X-Request-Id must be printable ASCII",
+            );
+        }
     };
     let client_ip = header_str(&headers, &["x-real-ip", "x-forwarded-for"])
         .and_then(|v| v.split(',').next())

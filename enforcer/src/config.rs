@@ -5,6 +5,7 @@
 //! (`tiers.free.max_tokens: must be > 0`); `enforcer config check FILE` prints them.
 //! `docs/configuration.md` documents every field.
 use crate::budget::{BucketParams, BudgetPolicy, Tier, UnknownKeys};
+use crate::endpoint::{TrailingSlash, is_normal};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -175,6 +176,9 @@ pub struct TierConfig {
 pub struct PricingConfig {
     /// Cost of an endpoint not listed.
     pub default_cost: f64,
+    /// Whether a trailing slash is priced like the path without it (`strip`, the default) or
+    /// as another endpoint (`keep`); see [`crate::endpoint`].
+    pub trailing_slash: TrailingSlash,
     /// `[[pricing.endpoints]]`
     pub endpoints: Vec<EndpointConfig>,
     /// Move prices with telemetry (the pricing engine); off: the static cost matrix.
@@ -469,6 +473,7 @@ impl Default for PricingConfig {
     fn default() -> Self {
         Self {
             default_cost: 1.0,
+            trailing_slash: TrailingSlash::Strip,
             endpoints: Vec::new(),
             dynamic: false,
             interval_ms: 1000,
@@ -506,6 +511,25 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
         }
     }
+}
+
+/// Why a configured path is not in normal form (`None` when it is). A `/p/*` wildcard's prefix
+/// keeps its trailing slash whatever `pricing.trailing_slash` says.
+fn not_normal(path: &str, trailing: TrailingSlash) -> Option<String> {
+    let (checked, trailing, suffix) = match path.strip_suffix('*') {
+        Some(prefix) => (prefix, TrailingSlash::Keep, "*"),
+        None => (path, trailing, ""),
+    };
+    if is_normal(checked, trailing) {
+        return None;
+    }
+    Some(match crate::endpoint::Endpoint::parse(checked, trailing) {
+        Ok(normal) => format!(
+            "must be in normal form (requests are priced in it; see pricing.trailing_slash): \
+             write {normal}{suffix}"
+        ),
+        Err(e) => e.to_string(),
+    })
 }
 
 const METHODS: &[&str] = &[
@@ -655,6 +679,9 @@ impl Config {
                     p("path"),
                     "must start with / and may only end in /* as a wildcard",
                 );
+            } else if let Some(problem) = not_normal(&e.path, self.pricing.trailing_slash) {
+                // Requests are priced in normal form: another spelling would never match.
+                err(p("path"), &problem);
             }
             if !positive(e.base_cost) {
                 err(p("base_cost"), "must be > 0");
@@ -918,6 +945,36 @@ mod tests {
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn configured_paths_must_be_in_normal_form() {
+        let paths = |trailing: &str, paths: &[&str]| -> Vec<String> {
+            let mut text = format!("[pricing]\ntrailing_slash = \"{trailing}\"\n");
+            for p in paths {
+                text.push_str(&format!("[[pricing.endpoints]]\npath = '{p}'\n"));
+            }
+            match Config::parse(&text) {
+                Ok(_) => Vec::new(),
+                Err(ConfigError::Invalid(errors)) => {
+                    errors.into_iter().map(|e| e.to_string()).collect()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let good = ["/a", "/a/b", "/a%2Fb", "/.well-known/x", "/v2/*", "/*", "/"];
+        assert_eq!(paths("strip", &good), Vec::<String>::new());
+        let errors = paths("strip", &["/a/", "//a", "/a/./b", "/%61", "/a%2fb", "/x//*"]);
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert!(errors[0].contains("write /a"), "{}", errors[0]);
+        assert!(errors[4].contains("write /a%2Fb"), "{}", errors[4]);
+        assert!(errors[5].contains("write /x/*"), "{}", errors[5]);
+        assert_eq!(paths("keep", &["/a/", "/v2/*"]), Vec::<String>::new());
+        let bad = paths("keep", &["/a%00", "/a%zz"]);
+        assert!(bad[0].contains("control character"), "{bad:?}");
+        assert!(bad[1].contains("two hex digits"), "{bad:?}");
+        let err = Config::parse("[pricing]\ntrailing_slash = \"drop\"\n").expect_err("bad value");
+        assert!(err.to_string().contains("pricing.trailing_slash"), "{err}");
     }
 
     #[test]

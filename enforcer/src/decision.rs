@@ -25,7 +25,8 @@ use std::time::Duration;
 pub struct Check {
     /// The caller's API key.
     pub key: ApiKey,
-    /// Request path (a query string is ignored).
+    /// Request target as the gateway saw it; priced in normal form ([`crate::endpoint`]), a
+    /// query string ignored.
     pub endpoint: String,
     /// HTTP method, upper case; `None` matches any configured method.
     pub method: Option<String>,
@@ -109,12 +110,14 @@ pub struct Decision {
     pub replayed: bool,
     /// This decision's id: the primary key of its audit row (UUIDv7), for disputes.
     pub decision_id: uuid::Uuid,
+    /// The endpoint as priced: the request path in normal form.
+    pub endpoint: String,
 }
 
 /// Bad input: refused before anything is debited.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    /// The endpoint or method cannot be priced.
+    /// The endpoint or method cannot be priced (no normal form, not a method).
     #[error(transparent)]
     Endpoint(#[from] PriceError),
     /// `units` is not a positive finite number within `budget.max_units`.
@@ -201,9 +204,11 @@ impl Decider {
 
     /// Decides one check.
     pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
-        let price = self
-            .prices
-            .price(check.method.as_deref(), &check.endpoint)?;
+        // Priced, answered and recorded in normal form (`//a/./b/` is `/a/b`), as the upstream
+        // router sees it: another spelling of a path must not change its price.
+        let endpoint = self.prices.endpoint(&check.endpoint).map_err(PriceError::from)?;
+        let price = self.prices.price(check.method.as_deref(), &endpoint)?;
+        check.endpoint = endpoint.into();
         if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {
             return Err(CheckError::Units {
                 max: self.max_units,
@@ -250,7 +255,9 @@ impl Decider {
             }
         }
         let decision = match result {
-            Ok(DebitOutcome::Settled(settled)) => self.settled(settled, bucket, debit.request_id),
+            Ok(DebitOutcome::Settled(settled)) => {
+                self.settled(settled, bucket, debit.request_id, &check.endpoint)
+            }
             Ok(DebitOutcome::UnknownKey) => Decision {
                 allowed: false,
                 denial: Some(Denial::UnknownKey),
@@ -263,8 +270,9 @@ impl Decider {
                 request_id: debit.request_id,
                 replayed: false,
                 decision_id: uuid::Uuid::now_v7(),
+                endpoint: check.endpoint.clone(),
             },
-            Err(_) => self.without_store(cost, debit.request_id),
+            Err(_) => self.without_store(cost, debit.request_id, &check.endpoint),
         };
         if let Some(ledger) = &self.ledger {
             ledger.record(Entry::Decision(self.audit_row(
@@ -299,7 +307,13 @@ impl Decider {
         Ok(decision)
     }
 
-    fn settled(&self, s: Settled, bucket: BucketKind, request_id: RequestId) -> Decision {
+    fn settled(
+        &self,
+        s: Settled,
+        bucket: BucketKind,
+        request_id: RequestId,
+        endpoint: &str,
+    ) -> Decision {
         let tier = self.policy.tier(&s.tier);
         let shadow = self.shadow || tier.is_some_and(|t| t.shadow);
         let params = match bucket {
@@ -318,6 +332,7 @@ impl Decider {
             request_id,
             replayed: s.replayed,
             decision_id: uuid::Uuid::now_v7(),
+            endpoint: endpoint.to_owned(),
         }
     }
 
@@ -343,13 +358,9 @@ impl Decider {
             at_us: crate::ledger::now_us(),
             key_hash: key.to_hex(),
             tier: d.tier.clone(),
-            // The path as priced: a query string may carry secrets and would split usage.
-            endpoint: check
-                .endpoint
-                .split(['?', '#'])
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
+            // The path as priced (normal form): a query string may carry secrets and would
+            // split usage.
+            endpoint: check.endpoint.clone(),
             method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
             units: check.units,
             cost: d.cost,
@@ -363,7 +374,7 @@ impl Decider {
         }
     }
 
-    fn without_store(&self, cost: f64, request_id: RequestId) -> Decision {
+    fn without_store(&self, cost: f64, request_id: RequestId, endpoint: &str) -> Decision {
         let (allowed, mode, policy) = match self.on_failure {
             OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),
             OnStoreFailure::FailClosed => (false, Mode::FailClosed, "fail-closed"),
@@ -390,6 +401,7 @@ impl Decider {
             request_id,
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
+            endpoint: endpoint.to_owned(),
         }
     }
 

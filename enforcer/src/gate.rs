@@ -13,6 +13,7 @@
 //!   keys that are low, not to all keys; kernel counters go to the metrics.
 use crate::api::KernelReport;
 use crate::config::Config;
+use crate::endpoint::TrailingSlash;
 use crate::kernel::{Counters, Gate, GateSettings, monotonic_ns};
 use crate::ledger::{Entry, KernelRejections, Ledger};
 use crate::metrics::Metrics;
@@ -112,26 +113,37 @@ pub struct KernelPlan {
 
 /// Derives what the kernel needs from the config.
 ///
-/// Wildcard prefixes, and paths longer than the kernel hashes (`MAX_PATH_LEN`), cannot be
-/// matched in the kernel; requests to them get the kernel's default price, so that default is
-/// the cheapest of the config's default cost and every such price: the kernel may under-price
-/// (and pass), never over-price (and wrongly reject). Operational endpoints are priced 0 in the
-/// kernel (they never touch the main budget, and a price of 0 always passes), so an operational
-/// wildcard makes the kernel's default 0. The cheapest price (for L4 identities whose request
-/// line was not read) is over main-budget endpoints and the default cost.
+/// The kernel may under-price (and pass), never over-price (and wrongly reject):
+///
+/// - Operational endpoints are priced 0 (they never touch the main budget, and a price of 0
+///   always passes).
+/// - Wildcard prefixes cannot be matched in the kernel, nor configured paths the gate never
+///   looks up (`enforcer_common::path_is_ambiguous`: longer than it hashes, or with a `%`,
+///   whose raw spellings are either ambiguous or match no entry). Requests to them get the
+///   kernel's default price, so that default is the cheapest of the config's default cost and
+///   every such price (an operational wildcard makes it 0).
+/// - A request path that may not be in normal form (`//`, dot segments, `%`, `\`) could be any
+///   endpoint once normalised: the ambiguous price is the cheapest price of all, 0 when there
+///   is an operational endpoint.
+/// - The trailing-slash rule reaches the gate, which hashes `/a/` as `/a` when it is `strip`.
+///
+/// The cheapest price (for L4 identities whose request line was not read) is over main-budget
+/// endpoints and the default cost.
 pub fn plan(config: &Config) -> KernelPlan {
     let mut prices = Vec::new();
     let mut kernel_default = config.pricing.default_cost;
     let mut min_price = config.pricing.default_cost;
     let mut max_price = config.pricing.default_cost;
+    let mut ambiguous_price = config.pricing.default_cost;
     for e in &config.pricing.endpoints {
         let method = (e.method != "*").then(|| e.method.clone());
         let price = if e.operational { 0.0 } else { e.base_cost };
+        ambiguous_price = ambiguous_price.min(price);
         if !e.operational {
             min_price = min_price.min(price);
             max_price = max_price.max(price);
         }
-        if e.path.ends_with('*') || e.path.len() > enforcer_common::MAX_PATH_LEN {
+        if e.path.ends_with('*') || enforcer_common::path_is_ambiguous(e.path.as_bytes()) {
             kernel_default = kernel_default.min(price);
         } else {
             prices.push((method, e.path.clone(), price));
@@ -144,6 +156,7 @@ pub fn plan(config: &Config) -> KernelPlan {
         let floor = config.pricing.floor;
         kernel_default *= floor;
         min_price *= floor;
+        ambiguous_price *= floor;
         for p in &mut prices {
             p.2 *= floor;
         }
@@ -155,6 +168,8 @@ pub fn plan(config: &Config) -> KernelPlan {
         max_staleness: Duration::from_millis(config.kernel.max_staleness_ms),
         default_price: kernel_default,
         min_price,
+        ambiguous_price,
+        strip_trailing_slash: config.pricing.trailing_slash == TrailingSlash::Strip,
         generation: 0,
         reset: config.kernel.action == "reset",
     };
@@ -521,6 +536,54 @@ mod tests {
                 .contains(&(Some("POST".into()), "/generate-report".into(), 120.0))
         );
         assert_ne!(p.settings.generation, 0);
+    }
+
+    #[test]
+    fn ambiguous_paths_are_priced_at_the_cheapest_price_of_all() {
+        let text = |trailing: &str, health: bool| {
+            let mut t = format!(
+                r#"
+                [pricing]
+                default_cost = 2
+                trailing_slash = "{trailing}"
+                [[pricing.endpoints]]
+                method = "POST"
+                path = "/generate-report"
+                base_cost = 120
+                [[pricing.endpoints]]
+                path = "/cheap"
+                base_cost = 0.5
+                [[pricing.endpoints]]
+                path = "/a%7Bb"
+                base_cost = 0.25
+                [[pricing.endpoints]]
+                path = "/.well-known/x"
+                base_cost = 3
+                "#
+            );
+            if health {
+                t.push_str("[[pricing.endpoints]]\npath = \"/health\"\noperational = true\n");
+            }
+            Config::parse(&t).expect("valid")
+        };
+        let p = plan(&text("strip", false));
+        assert_eq!(p.settings.ambiguous_price, 0.25, "the cheapest of all");
+        assert_eq!(
+            p.settings.default_price, 0.25,
+            "a path with % is never looked up: its raw spellings get the default"
+        );
+        assert_eq!(p.settings.min_price, 0.25);
+        assert!(p.settings.strip_trailing_slash);
+        let paths: Vec<&str> = p.prices.iter().map(|(_, path, _)| path.as_str()).collect();
+        assert_eq!(paths, ["/generate-report", "/cheap"], "only paths the gate looks up");
+        assert_eq!(
+            plan(&text("strip", true)).settings.ambiguous_price,
+            0.0,
+            "an ambiguous path may be an operational endpoint"
+        );
+        let keep = plan(&text("keep", false));
+        assert!(!keep.settings.strip_trailing_slash);
+        assert_ne!(keep.settings.generation, p.settings.generation);
     }
 
     #[test]

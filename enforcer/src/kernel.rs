@@ -147,6 +147,11 @@ pub struct GateSettings {
     pub default_price: f64,
     /// Cheapest price of any request, tokens (L4 identities are compared with it).
     pub min_price: f64,
+    /// Price of a request whose path may not be in normal form, tokens: the least the daemon
+    /// charges for anything (0 with operational endpoints).
+    pub ambiguous_price: f64,
+    /// Hash `/a/` as `/a`, as the daemon prices it (`pricing.trailing_slash = "strip"`).
+    pub strip_trailing_slash: bool,
     /// Config generation: entries written under another generation are ignored.
     pub generation: u32,
     /// Answer rejected packets with a TCP RST instead of dropping them.
@@ -342,8 +347,11 @@ impl Gate {
         config.heartbeat_ns = monotonic_ns();
         config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
             .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;
-        config.default_price_milli = milli(settings.default_price).max(1) as u64;
-        config.min_price_milli = milli(settings.min_price).max(1) as u64;
+        // Rounded down, never up: 0 is a price that never rejects (operational endpoints).
+        config.default_price_milli = milli(settings.default_price).max(0) as u64;
+        config.min_price_milli = milli(settings.min_price).max(0) as u64;
+        config.ambiguous_price_milli = milli(settings.ambiguous_price).max(0) as u64;
+        config.strip_trailing_slash = u32::from(settings.strip_trailing_slash);
         {
             let mut ports =
                 HashMap::<&mut MapData, u16, u32>::try_from(self.map_mut(names::PORTS_MAP)?)?;

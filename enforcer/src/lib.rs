@@ -3,8 +3,9 @@
 //! Where a request goes, module by module:
 //!
 //! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics).
-//! - [`decision`]: validates a check, **prices** it ([`price`]), **debits** it through the
-//!   [`store`] behind the circuit [`breaker`], applies shadow mode and the failure policy.
+//! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
+//!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
+//!   applies shadow mode and the failure policy.
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod debit;
 pub mod decision;
+pub mod endpoint;
 pub mod gate;
 pub mod kernel;
 pub mod key;

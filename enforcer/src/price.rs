@@ -4,13 +4,18 @@
 //! pricing engine ([`crate::pricing`]) moves each one by a multiplier it recomputes from
 //! telemetry. Lookups happen on every decision, so they are hash lookups plus a short scan of
 //! wildcard prefixes, and the multiplier is one atomic load: pricing never waits on the engine.
+//!
+//! Only an [`Endpoint`] (a path in normal form, [`crate::endpoint`]) can be priced, so no
+//! spelling of a path (`//x`, `/x/`, `/%78`) reaches the matrix as another path. Configured paths
+//! are in normal form too (the config refuses others).
 use crate::config::PricingConfig;
+use crate::endpoint::{Endpoint, EndpointError, TrailingSlash};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Longest endpoint path accepted.
-pub const MAX_PATH_LEN: usize = 2048;
+/// Longest method accepted (bytes).
+pub const MAX_METHOD_LEN: usize = 16;
 
 /// The price of a request, before units.
 #[derive(Debug, Clone)]
@@ -54,14 +59,14 @@ impl Price {
     }
 }
 
-/// Why an endpoint could not be priced.
+/// Why a request could not be priced.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PriceError {
-    /// The path is empty, relative or too long.
-    #[error("endpoint must be a path starting with / and at most {MAX_PATH_LEN} bytes")]
-    BadPath,
-    /// The method is not an HTTP method token.
-    #[error("method must be an HTTP method such as GET or POST")]
+    /// The endpoint has no normal form (not a path, control characters, bad escapes, too long).
+    #[error(transparent)]
+    BadEndpoint(#[from] EndpointError),
+    /// The method is not an upper-case HTTP method token.
+    #[error("method must be 1-{MAX_METHOD_LEN} upper-case letters, such as GET or POST")]
     BadMethod,
 }
 
@@ -73,6 +78,7 @@ pub struct PriceBook {
     /// `(method, prefix without the *, price)`, longest prefix first.
     prefixes: Vec<(String, String, Price)>,
     default: Price,
+    trailing_slash: TrailingSlash,
 }
 
 impl PriceBook {
@@ -95,7 +101,14 @@ impl PriceBook {
             exact,
             prefixes,
             default: Price::new(config.default_cost, false, "default", "*"),
+            trailing_slash: config.trailing_slash,
         }
+    }
+
+    /// `raw` (a request target as the gateway saw it) in normal form, under this book's
+    /// `trailing_slash` rule: the form that is priced, answered and recorded.
+    pub fn endpoint(&self, raw: &str) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse(raw, self.trailing_slash)
     }
 
     /// Every price of the book: the configured endpoints (exact, then wildcards), then the
@@ -112,18 +125,18 @@ impl PriceBook {
         all
     }
 
-    /// The price of `method path`; without a method, the first configured entry for the path
-    /// matches. The query string, if any, is ignored.
-    pub fn price(&self, method: Option<&str>, endpoint: &str) -> Result<&Price, PriceError> {
-        let path = endpoint.split(['?', '#']).next().unwrap_or_default();
-        if !path.starts_with('/') || endpoint.len() > MAX_PATH_LEN {
-            return Err(PriceError::BadPath);
-        }
+    /// The price of `method endpoint`; without a method, the first configured entry for the
+    /// path matches. A wildcard `/p/*` covers the paths below `/p/`, and `/p` itself when
+    /// trailing slashes are stripped (`/p/` is `/p` then, and `/p/` was always covered).
+    pub fn price(&self, method: Option<&str>, endpoint: &Endpoint) -> Result<&Price, PriceError> {
         if let Some(m) = method
-            && (m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()))
+            && (m.is_empty()
+                || m.len() > MAX_METHOD_LEN
+                || !m.bytes().all(|b| b.is_ascii_uppercase()))
         {
             return Err(PriceError::BadMethod);
         }
+        let path = endpoint.as_str();
         let matches = |configured: &str| method.is_none_or(|m| m == configured);
         if let Some(by_method) = self.exact.get(path) {
             let exact = by_method.iter().find(|(m, _)| matches(m));
@@ -131,10 +144,14 @@ impl PriceBook {
                 return Ok(p);
             }
         }
+        let strip = self.trailing_slash == TrailingSlash::Strip;
+        let under = |prefix: &str| {
+            path.starts_with(prefix) || (strip && prefix.strip_suffix('/') == Some(path))
+        };
         Ok(self
             .prefixes
             .iter()
-            .find(|(m, prefix, _)| (m == "*" || matches(m)) && path.starts_with(prefix.as_str()))
+            .find(|(m, prefix, _)| (m == "*" || matches(m)) && under(prefix))
             .map(|(_, _, p)| p)
             .unwrap_or(&self.default))
     }
@@ -145,11 +162,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn book() -> PriceBook {
-        let c = Config::parse(
-            r#"
-            [pricing]
-            default_cost = 1
+    const MATRIX: &str = r#"
             [[pricing.endpoints]]
             method = "POST"
             path = "/generate-report"
@@ -164,45 +177,88 @@ mod tests {
             [[pricing.endpoints]]
             path = "/v2/bulk/*"
             base_cost = 50
-            "#,
-        )
+            "#;
+
+    fn book_with(trailing: &str) -> PriceBook {
+        let c = Config::parse(&format!(
+            "[pricing]\ndefault_cost = 1\ntrailing_slash = \"{trailing}\"\n{MATRIX}"
+        ))
         .expect("valid");
         PriceBook::new(&c.pricing)
+    }
+
+    fn book() -> PriceBook {
+        book_with("strip")
+    }
+
+    /// What `raw` costs per unit: normal form first, as the decider does.
+    fn cost(b: &PriceBook, method: Option<&str>, raw: &str) -> Result<f64, PriceError> {
+        let e = b.endpoint(raw)?;
+        Ok(b.price(method, &e)?.per_unit())
     }
 
     #[test]
     fn exact_prefix_and_default() {
         let b = book();
-        assert_eq!(
-            b.price(Some("POST"), "/generate-report?x=1")
-                .map(|p| p.per_unit()),
-            Ok(120.0)
-        );
-        assert_eq!(
-            b.price(Some("GET"), "/generate-report")
-                .map(|p| p.per_unit()),
-            Ok(1.0)
-        );
+        assert_eq!(cost(&b, Some("POST"), "/generate-report?x=1"), Ok(120.0));
+        assert_eq!(cost(&b, Some("GET"), "/generate-report"), Ok(1.0));
+        let health = b.endpoint("/health").expect("normal");
         assert!(
-            b.price(Some("GET"), "/health")
+            b.price(Some("GET"), &health)
                 .map(|p| p.operational)
                 .unwrap_or(false)
         );
-        assert_eq!(
-            b.price(Some("GET"), "/v2/bulk/x").map(|p| p.per_unit()),
-            Ok(50.0)
-        );
-        assert_eq!(b.price(Some("GET"), "/v2/x").map(|p| p.per_unit()), Ok(5.0));
-        assert_eq!(
-            b.price(None, "/generate-report").map(|p| p.per_unit()),
-            Ok(120.0)
-        );
+        assert_eq!(cost(&b, Some("GET"), "/v2/bulk/x"), Ok(50.0));
+        assert_eq!(cost(&b, Some("GET"), "/v2/x"), Ok(5.0));
+        assert_eq!(cost(&b, None, "/generate-report"), Ok(120.0));
+    }
+
+    #[test]
+    fn every_spelling_of_an_endpoint_costs_the_same() {
+        let b = book();
+        for raw in [
+            "/generate-report/",
+            "//generate-report",
+            "/%67enerate-report",
+            "/./generate-report",
+            "/generate-report/.",
+            "/cheap/../generate-report",
+            "/%2e%2e/generate-report",
+            "/x\\..\\generate-report",
+            "/generate-report#frag",
+        ] {
+            assert_eq!(cost(&b, Some("POST"), raw), Ok(120.0), "{raw}");
+        }
+        // Wildcards and operational endpoints alike.
+        assert_eq!(cost(&b, Some("GET"), "/v2//bulk/./x"), Ok(50.0));
+        assert_eq!(cost(&b, Some("GET"), "/v2/bulk/../x"), Ok(5.0));
+        let health = b.endpoint("//health/").expect("normal");
+        assert!(b.price(Some("GET"), &health).is_ok_and(|p| p.operational));
+        // An encoded slash is not a separator: another endpoint.
+        assert_eq!(cost(&b, Some("POST"), "/generate-report%2F"), Ok(1.0));
+    }
+
+    #[test]
+    fn trailing_slashes_follow_the_switch() {
+        let strip = book();
+        assert_eq!(cost(&strip, Some("POST"), "/generate-report/"), Ok(120.0));
+        // `/v2/` was always under `/v2/*`; stripped, it is `/v2`, which stays there.
+        assert_eq!(cost(&strip, Some("GET"), "/v2/"), Ok(5.0));
+        assert_eq!(cost(&strip, Some("GET"), "/v2"), Ok(5.0));
+        assert_eq!(cost(&strip, Some("GET"), "/v2x"), Ok(1.0));
+        let keep = book_with("keep");
+        assert_eq!(cost(&keep, Some("POST"), "/generate-report/"), Ok(1.0));
+        assert_eq!(cost(&keep, Some("POST"), "/generate-report//"), Ok(1.0));
+        assert_eq!(cost(&keep, Some("POST"), "/generate-report/x/.."), Ok(1.0));
+        assert_eq!(cost(&keep, Some("GET"), "/v2/"), Ok(5.0));
+        assert_eq!(cost(&keep, Some("GET"), "/v2"), Ok(1.0));
     }
 
     #[test]
     fn multipliers_move_prices_and_are_shared_by_clones() {
         let b = book();
-        let report = b.price(Some("POST"), "/generate-report").expect("priced");
+        let e = b.endpoint("/generate-report").expect("normal");
+        let report = b.price(Some("POST"), &e).expect("priced");
         assert_eq!(
             report.multiplier(),
             1.0,
@@ -226,12 +282,21 @@ mod tests {
     #[test]
     fn bad_paths_and_methods() {
         let b = book();
-        let err = |m: Option<&str>, p: &str| b.price(m, p).err();
-        assert_eq!(err(Some("GET"), "health"), Some(PriceError::BadPath));
+        let err = |m: Option<&str>, p: &str| cost(&b, m, p).err();
+        assert_eq!(
+            err(Some("GET"), "health"),
+            Some(PriceError::BadEndpoint(EndpointError::NotAbsolute))
+        );
         assert_eq!(
             err(Some("GET"), &format!("/{}", "a".repeat(3000))),
-            Some(PriceError::BadPath)
+            Some(PriceError::BadEndpoint(EndpointError::TooLong))
         );
-        assert_eq!(err(Some("get"), "/x"), Some(PriceError::BadMethod));
+        assert_eq!(
+            err(Some("GET"), "/a\u{0}"),
+            Some(PriceError::BadEndpoint(EndpointError::ControlCharacter))
+        );
+        for m in ["get", "", "G\u{0}T", "GE\u{7}", "GET ", &"A".repeat(17)] {
+            assert_eq!(err(Some(m), "/x"), Some(PriceError::BadMethod), "{m:?}");
+        }
     }
 }

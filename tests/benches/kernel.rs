@@ -54,6 +54,8 @@ fn main() {
         max_staleness: Duration::from_secs(60),
         default_price: 1.0,
         min_price: 1.0,
+        ambiguous_price: 1.0,
+        strip_trailing_slash: true,
         generation: 1,
         reset: false,
     })

@@ -20,6 +20,8 @@ fn settings() -> GateSettings {
         max_staleness: Duration::from_secs(2),
         default_price: 1.0,
         min_price: 1.0,
+        ambiguous_price: 1.0,
+        strip_trailing_slash: true,
         generation: 1,
         reset: false,
     }

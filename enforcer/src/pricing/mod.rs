@@ -577,9 +577,8 @@ mod tests {
         };
         // score = 0.65·1 + 0.25·1 + 0.10·0.5 = 0.95.
         engine.tick().await;
-        let report = book
-            .price(Some("POST"), "/generate-report")
-            .expect("priced");
+        let report_path = book.endpoint("/generate-report").expect("normal form");
+        let report = book.price(Some("POST"), &report_path).expect("priced");
         assert!((report.per_unit() - 95.0).abs() < 1e-9);
         let pushed = kernel_price().expect("pushed");
         assert_eq!(
@@ -599,7 +598,8 @@ mod tests {
         engine.tick().await;
         let pushed = kernel_price().expect("pushed");
         assert!(pushed[0].2 < 95.0 && (pushed[0].2 - report.per_unit()).abs() < 1e-9);
-        let health = book.price(Some("GET"), "/health").expect("priced");
+        let health_path = book.endpoint("/health").expect("normal form");
+        let health = book.price(Some("GET"), &health_path).expect("priced");
         assert_eq!(health.multiplier(), 1.0, "operational endpoints never move");
     }
 
