@@ -592,13 +592,17 @@ fn hash(s: &Scan, from: u64, len: u64, max: usize) -> u64 {
     h
 }
 
-/// The word hash of the first `hashed` of the `len` path bytes at `from` (`hashed` ≤ `len` ≤
-/// `MAX_PATH_LEN`), and whether the `len` bytes are ambiguous
-/// ([`enforcer_common::path_is_ambiguous`]: a `%`, a `\`, or a `/` followed by `/` or `.`),
-/// checked on the words the hash reads anyway.
+/// The word hash of the `len` path bytes at `from` (`len` ≤ `MAX_PATH_LEN`), and whether the
+/// path is ambiguous ([`enforcer_common::path_is_ambiguous`]: a `%`, a `\`, or a `/` followed by
+/// `/` or `.`), checked on the words the hash reads anyway, without a branch (each one would
+/// double the states the verifier explores).
+///
+/// Each byte is checked with the byte after it, even the last: after the path comes its
+/// terminator (' ', '?' or '#'), never '/' or '.', or the trailing slash that was stripped,
+/// which makes a `//` before it ambiguous, as it should.
 #[inline(always)]
-fn path_hash(s: &Scan, from: u64, len: u64, hashed: u64) -> (u64, bool) {
-    let mut h = hash_start(hashed);
+fn path_hash(s: &Scan, from: u64, len: u64) -> (u64, bool) {
+    let mut h = hash_start(len);
     let mut odd = 0;
     let mut done = 0;
     let mut i = 0;
@@ -606,16 +610,14 @@ fn path_hash(s: &Scan, from: u64, len: u64, hashed: u64) -> (u64, bool) {
         if done >= len {
             break;
         }
+        let keep = low_bytes(len - done);
         let w = word(s, from + done);
-        if done < hashed {
-            h = hash_step(h, w & low_bytes(hashed - done));
-        }
-        // Each byte's successor, one word further by a byte. After the last path byte comes
-        // its terminator (' ', '?' or '#'), never '/' or '.'. '.' is 0x2e and '/' 0x2f: OR-ing
-        // in 1 finds both with one comparison.
+        h = hash_step(h, w & keep);
+        // The successors, one byte further on. '.' is 0x2e and '/' 0x2f: OR-ing in 1 finds
+        // both with one comparison.
         let next = word(s, from + done + 1) | ONES;
         let seg = eq_bytes(w, b'/') & eq_bytes(next, b'/');
-        odd |= (eq_bytes(w, b'%') | eq_bytes(w, b'\\') | seg) & low_bytes(len - done);
+        odd |= (eq_bytes(w, b'%') | eq_bytes(w, b'\\') | seg) & keep;
         done += 8;
         i += 1;
     }
@@ -718,7 +720,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
                 let strip = cfg.strip_trailing_slash != 0
                     && len > 1
                     && word(s, pos.saturating_sub(1)) as u8 == b'/';
-                let (path, ambiguous) = path_hash(s, mark, len, len - strip as u64);
+                let (path, ambiguous) = path_hash(s, mark, len - strip as u64);
                 s.path = path;
                 s.ambiguous = ambiguous as u64;
             } else {

@@ -552,3 +552,201 @@ fn reset_answers_the_client_with_a_tcp_rst() {
         assert_eq!(sum(t, pseudo), 0xffff, "TCP checksum (v6: {v6})");
     }
 }
+
+// ---- Paths: the gate never prices a request above what the daemon charges for its normal
+// form (`enforcer::endpoint`). A path the daemon could spell differently is ambiguous to the
+// gate: priced at the cheapest price of all (0 when an operational endpoint exists).
+
+/// A config like the example's: `POST /generate-report` 120, `/cheap` 0.5, default 1, with
+/// `extra` endpoints.
+fn paths_config(trailing: &str, extra: &str) -> enforcer::config::Config {
+    enforcer::config::Config::parse(&format!(
+        r#"
+        [pricing]
+        default_cost = 1
+        trailing_slash = "{trailing}"
+        [[pricing.endpoints]]
+        method = "POST"
+        path = "/generate-report"
+        base_cost = 120
+        [[pricing.endpoints]]
+        path = "/cheap"
+        base_cost = 0.5
+        {extra}
+        "#
+    ))
+    .expect("valid config")
+}
+
+const HEALTH: &str = "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/health\"\noperational = true";
+
+/// A gate set up from `config` as the daemon sets it up (`gate::plan`), on the test's port.
+fn planned(config: &enforcer::config::Config) -> Gate {
+    let plan = enforcer::gate::plan(config);
+    let mut settings = plan.settings.clone();
+    settings.ports = vec![PORT];
+    let mut gate = Gate::load(None).expect("load");
+    gate.configure(&settings).expect("configure");
+    for (method, path, price) in &plan.prices {
+        gate.set_price(method.as_deref(), path, *price)
+            .expect("price");
+    }
+    gate
+}
+
+/// Spellings of the configured endpoints, in and out of normal form.
+const SPELLINGS: &[&str] = &[
+    "/generate-report",
+    "/generate-report/",
+    "/generate-report?format=pdf",
+    "/cheap",
+    "/cheap/",
+    "/health",
+    "/other",
+    "/",
+    "//generate-report",
+    "/generate-report//",
+    "/./generate-report",
+    "/x/../generate-report",
+    "/cheap/../generate-report",
+    "/generate-report/.",
+    "/generate-report/..",
+    "/%67enerate-report",
+    "/%2e%2e/generate-report",
+    "/generate-report/../cheap",
+    "/generate-report/./../cheap/",
+    "//cheap?x=1",
+    "/%63heap",
+    "/generate-report/../health",
+    "//health",
+    "/health/",
+    "/health//",
+    "/health/.",
+    "/%68ealth",
+    "/x\\..\\health",
+    "/x\\..\\cheap",
+    "/.well-known/x",
+    "/a{b}",
+    "/caf\u{e9}",
+];
+
+/// What the daemon charges the main budget for `method raw` (operational: nothing), or `None`
+/// when it refuses the request.
+fn daemon_price(config: &enforcer::config::Config, method: &str, raw: &str) -> Option<f64> {
+    let book = enforcer::price::PriceBook::new(&config.pricing);
+    let endpoint = book.endpoint(raw).ok()?;
+    let price = book.price(Some(method), &endpoint).ok()?;
+    Some(if price.operational {
+        0.0
+    } else {
+        price.per_unit()
+    })
+}
+
+#[test]
+fn the_gate_never_prices_a_path_above_the_daemon() {
+    let long = format!("/{}/../health", "a".repeat(300));
+    let mut spellings: Vec<&str> = SPELLINGS.to_vec();
+    spellings.push(&long);
+    let client = IpAddr::from(CLIENT4);
+    let mut checked = 0;
+    for config in [
+        paths_config("strip", HEALTH),
+        paths_config("strip", ""),
+        paths_config("keep", HEALTH),
+        paths_config("keep", ""),
+    ] {
+        let mut g = planned(&config);
+        let k = key_id(b"k-paths");
+        for method in ["POST", "GET"] {
+            for raw in &spellings {
+                let Some(charged) = daemon_price(&config, method, raw) else {
+                    continue;
+                };
+                for balance in [0.0, 0.4, 0.7, 1.5, 80.0, 119.0, 500.0] {
+                    g.put_budget(k, budget(balance, 0.0, Duration::ZERO))
+                        .expect("put");
+                    // L7: the key header identifies the key.
+                    let l7 = pkt(&request(method, raw, "x-api-key: k-paths\r\n"));
+                    // L4: no key header, the address is bound to the key.
+                    let l4 = pkt(&request(method, raw, ""));
+                    g.bind(client, k).expect("bind");
+                    for (how, p) in [("L7", &l7), ("L4", &l4)] {
+                        if run(&mut g, p) == DROP {
+                            assert!(
+                                balance < charged,
+                                "{how} {method} {raw:?} with {balance} tokens: the gate rejects, \
+                                 the daemon charges {charged} (pricing {:?})",
+                                config.pricing.trailing_slash
+                            );
+                        }
+                        checked += 1;
+                    }
+                    g.unbind(client).expect("unbind");
+                }
+            }
+        }
+    }
+    assert!(checked > 1000, "{checked} requests checked");
+}
+
+#[test]
+fn paths_in_normal_form_are_rejected_as_before_and_the_others_at_the_cheapest_price() {
+    let k = key_id(b"k-norm");
+    let verdict = |g: &mut Gate, balance: f64, method: &str, path: &str| {
+        g.put_budget(k, budget(balance, 0.0, Duration::ZERO))
+            .expect("put");
+        run(g, &pkt(&request(method, path, "x-api-key: k-norm\r\n")))
+    };
+
+    // No operational endpoint: the cheapest price of all is /cheap's 0.5.
+    let mut g = planned(&paths_config("strip", ""));
+    for path in [
+        "/generate-report",
+        "/generate-report/",
+        "/generate-report?format=pdf",
+    ] {
+        assert_eq!(verdict(&mut g, 80.0, "POST", path), DROP, "{path}: 120");
+        assert_eq!(verdict(&mut g, 0.0, "POST", path), DROP, "{path}: drained");
+    }
+    assert_eq!(verdict(&mut g, 80.0, "GET", "/generate-report"), PASS);
+    assert_eq!(verdict(&mut g, 0.7, "GET", "/cheap"), PASS);
+    assert_eq!(verdict(&mut g, 0.4, "GET", "/cheap/"), DROP, "0.4 < 0.5");
+    for path in [
+        "//generate-report",
+        "/x/../generate-report",
+        "/generate-report/../cheap",
+        "/%67enerate-report",
+        "/generate-report/.",
+    ] {
+        assert_eq!(
+            verdict(&mut g, 0.7, "POST", path),
+            PASS,
+            "{path}: ambiguous, 0.7 pays the cheapest price"
+        );
+        assert_eq!(
+            verdict(&mut g, 0.4, "POST", path),
+            DROP,
+            "{path}: 0.4 pays for nothing the daemon sells"
+        );
+    }
+
+    // An operational endpoint: an ambiguous path may be one, so it passes even drained.
+    let mut g = planned(&paths_config("strip", HEALTH));
+    for path in ["/health", "//health", "/health/", "/x/../health", "/%68ealth"] {
+        assert_eq!(verdict(&mut g, 0.0, "GET", path), PASS, "{path}");
+    }
+    assert_eq!(verdict(&mut g, 0.0, "POST", "//generate-report"), PASS);
+    assert_eq!(verdict(&mut g, 0.0, "POST", "/generate-report"), DROP);
+    assert_eq!(verdict(&mut g, 80.0, "POST", "/generate-report/"), DROP);
+
+    // `trailing_slash = "keep"` reaches the gate: `/generate-report/` is another endpoint.
+    let mut g = planned(&paths_config("keep", ""));
+    assert_eq!(verdict(&mut g, 80.0, "POST", "/generate-report"), DROP);
+    assert_eq!(
+        verdict(&mut g, 80.0, "POST", "/generate-report/"),
+        PASS,
+        "priced at the default (1) by the daemon"
+    );
+    assert_eq!(verdict(&mut g, 0.7, "POST", "/generate-report/"), DROP, "0.7 < 1");
+}
