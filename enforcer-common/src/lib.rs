@@ -415,7 +415,14 @@ mod tests {
             assert!(path_is_ambiguous(p.as_bytes()), "{p}");
         }
         assert!(path_is_ambiguous(b"/health//"), "stripped once, still //");
-        for p in ["/", "/generate-report", "/a/b.c/d", "/a./b", "/a/b/", "/~x_y-z"] {
+        for p in [
+            "/",
+            "/generate-report",
+            "/a/b.c/d",
+            "/a./b",
+            "/a/b/",
+            "/~x_y-z",
+        ] {
             assert!(!path_is_ambiguous(p.as_bytes()), "{p}");
         }
         let long = [b'a'; MAX_PATH_LEN + 1];

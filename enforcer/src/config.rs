@@ -964,7 +964,10 @@ mod tests {
         };
         let good = ["/a", "/a/b", "/a%2Fb", "/.well-known/x", "/v2/*", "/*", "/"];
         assert_eq!(paths("strip", &good), Vec::<String>::new());
-        let errors = paths("strip", &["/a/", "//a", "/a/./b", "/%61", "/a%2fb", "/x//*"]);
+        let errors = paths(
+            "strip",
+            &["/a/", "//a", "/a/./b", "/%61", "/a%2fb", "/x//*"],
+        );
         assert_eq!(errors.len(), 6, "{errors:?}");
         assert!(errors[0].contains("write /a"), "{}", errors[0]);
         assert!(errors[4].contains("write /a%2Fb"), "{}", errors[4]);

@@ -206,7 +206,10 @@ impl Decider {
     pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
         // Priced, answered and recorded in normal form (`//a/./b/` is `/a/b`), as the upstream
         // router sees it: another spelling of a path must not change its price.
-        let endpoint = self.prices.endpoint(&check.endpoint).map_err(PriceError::from)?;
+        let endpoint = self
+            .prices
+            .endpoint(&check.endpoint)
+            .map_err(PriceError::from)?;
         let price = self.prices.price(check.method.as_deref(), &endpoint)?;
         check.endpoint = endpoint.into();
         if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {

@@ -146,7 +146,11 @@ fn is_unreserved(b: u8) -> bool {
 
 /// Characters Envoy's canonicaliser percent-encodes when they appear raw in a path.
 fn must_be_encoded(b: u8) -> bool {
-    !b.is_ascii() || matches!(b, b' ' | b'"' | b'<' | b'>' | b'^' | b'`' | b'{' | b'|' | b'}')
+    !b.is_ascii()
+        || matches!(
+            b,
+            b' ' | b'"' | b'<' | b'>' | b'^' | b'`' | b'{' | b'|' | b'}'
+        )
 }
 
 fn push_encoded(b: u8, out: &mut String) {
@@ -157,7 +161,9 @@ fn push_encoded(b: u8, out: &mut String) {
 }
 
 fn hex(b: u8) -> Option<u8> {
-    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// Appends one segment (no separators in it) in normal form.

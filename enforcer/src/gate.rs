@@ -575,7 +575,11 @@ mod tests {
         assert_eq!(p.settings.min_price, 0.25);
         assert!(p.settings.strip_trailing_slash);
         let paths: Vec<&str> = p.prices.iter().map(|(_, path, _)| path.as_str()).collect();
-        assert_eq!(paths, ["/generate-report", "/cheap"], "only paths the gate looks up");
+        assert_eq!(
+            paths,
+            ["/generate-report", "/cheap"],
+            "only paths the gate looks up"
+        );
         assert_eq!(
             plan(&text("strip", true)).settings.ambiguous_price,
             0.0,

@@ -97,7 +97,7 @@ async fn bad_input_gets_a_clear_error_and_debits_nothing() {
         ),
         (
             json!({"key": key, "endpoint": "/x", "method": "get"}).to_string(),
-            "bad_endpoint",
+            "bad_method",
         ),
         (
             json!({"key": key, "endpoint": "/x", "units": 0}).to_string(),

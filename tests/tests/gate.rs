@@ -578,7 +578,8 @@ fn paths_config(trailing: &str, extra: &str) -> enforcer::config::Config {
     .expect("valid config")
 }
 
-const HEALTH: &str = "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/health\"\noperational = true";
+const HEALTH: &str =
+    "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/health\"\noperational = true";
 
 /// A gate set up from `config` as the daemon sets it up (`gate::plan`), on the test's port.
 fn planned(config: &enforcer::config::Config) -> Gate {
@@ -733,7 +734,13 @@ fn paths_in_normal_form_are_rejected_as_before_and_the_others_at_the_cheapest_pr
 
     // An operational endpoint: an ambiguous path may be one, so it passes even drained.
     let mut g = planned(&paths_config("strip", HEALTH));
-    for path in ["/health", "//health", "/health/", "/x/../health", "/%68ealth"] {
+    for path in [
+        "/health",
+        "//health",
+        "/health/",
+        "/x/../health",
+        "/%68ealth",
+    ] {
         assert_eq!(verdict(&mut g, 0.0, "GET", path), PASS, "{path}");
     }
     assert_eq!(verdict(&mut g, 0.0, "POST", "//generate-report"), PASS);
@@ -748,5 +755,9 @@ fn paths_in_normal_form_are_rejected_as_before_and_the_others_at_the_cheapest_pr
         PASS,
         "priced at the default (1) by the daemon"
     );
-    assert_eq!(verdict(&mut g, 0.7, "POST", "/generate-report/"), DROP, "0.7 < 1");
+    assert_eq!(
+        verdict(&mut g, 0.7, "POST", "/generate-report/"),
+        DROP,
+        "0.7 < 1"
+    );
 }

@@ -163,7 +163,11 @@ async fn a_kept_trailing_slash_is_another_endpoint() {
     let d = daemon(TrailingSlash::Keep, |_| {}).await;
     for (raw, endpoint, cost) in [
         ("/generate-report", "/generate-report", 120.0),
-        ("//generate-report/../generate-report", "/generate-report", 120.0),
+        (
+            "//generate-report/../generate-report",
+            "/generate-report",
+            120.0,
+        ),
         ("/generate-report/", "/generate-report/", 1.0),
         ("/generate-report//", "/generate-report/", 1.0),
         ("/generate-report/.", "/generate-report/", 1.0),
@@ -207,7 +211,10 @@ async fn control_characters_are_refused_with_a_clear_error_and_nothing_is_debite
     let json_cases = [
         (json!({"endpoint": "/generate-report\u{0}"}), "bad_endpoint"),
         (json!({"endpoint": "/generate-report\u{7}"}), "bad_endpoint"),
-        (json!({"endpoint": "/x\r\nx-api-key: other"}), "bad_endpoint"),
+        (
+            json!({"endpoint": "/x\r\nx-api-key: other"}),
+            "bad_endpoint",
+        ),
         (json!({"endpoint": "/x?q=\u{0}"}), "bad_endpoint"),
         (json!({"endpoint": "/x\u{85}"}), "bad_endpoint"),
         (json!({"endpoint": "/generate-report%00"}), "bad_endpoint"),
@@ -219,11 +226,20 @@ async fn control_characters_are_refused_with_a_clear_error_and_nothing_is_debite
             json!({"endpoint": format!("/{}", "%61".repeat(2048))}),
             "bad_endpoint",
         ),
-        (json!({"endpoint": "/x", "method": "POST\u{0}"}), "bad_method"),
+        (
+            json!({"endpoint": "/x", "method": "POST\u{0}"}),
+            "bad_method",
+        ),
         (json!({"endpoint": "/x", "method": "G\u{7}T"}), "bad_method"),
         (json!({"endpoint": "/x", "method": "get"}), "bad_method"),
-        (json!({"endpoint": "/x", "request_id": "r\u{0}"}), "bad_request_id"),
-        (json!({"endpoint": "/x", "request_id": "r\u{7}"}), "bad_request_id"),
+        (
+            json!({"endpoint": "/x", "request_id": "r\u{0}"}),
+            "bad_request_id",
+        ),
+        (
+            json!({"endpoint": "/x", "request_id": "r\u{7}"}),
+            "bad_request_id",
+        ),
     ];
     for (mut body, code) in json_cases {
         body["key"] = json!(key);
@@ -285,7 +301,11 @@ async fn control_characters_are_refused_with_a_clear_error_and_nothing_is_debite
             "GET /v1/auth HTTP/1.1\r\nhost: t\r\nconnection: close\r\nx-api-key: {key}\r\n\
              x-original-uri: /x\r\n{header}\r\n\r\n"
         );
-        assert_eq!(raw_status(addr, request.as_bytes()).await, 400, "{header:?}");
+        assert_eq!(
+            raw_status(addr, request.as_bytes()).await,
+            400,
+            "{header:?}"
+        );
     }
 
     let after = balance(check(addr, good).await);
