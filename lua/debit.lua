@@ -6,15 +6,24 @@
 -- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>
 -- ARGV[1]  cost               tokens, finite, > 0
 -- ARGV[2]  record ttl         milliseconds, integer > 0
--- ARGV[3]  active window      seconds, >= 0
--- ARGV[4]  default tier       name, or "" to refuse keys without an assignment
--- ARGV[5]  bucket kind        "m" (main) or "o" (operational), kept in the request record
--- ARGV[6]  n                  number of tiers that follow
--- ARGV[7+5i .. 11+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
+-- ARGV[3]  fingerprint        hex digits: what the request id is bound to (bucket, method,
+--                             endpoint, units; see store::Fingerprint)
+-- ARGV[4]  active window      seconds, >= 0
+-- ARGV[5]  default tier       name, or "" to refuse keys without an assignment
+-- ARGV[6]  bucket kind        "m" (main) or "o" (operational), kept in the request record
+-- ARGV[7]  n                  number of tiers that follow
+-- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed}
---   status "ok" or "unknown_key"; remaining and cost as strings (Redis truncates Lua numbers
---   to integers); retry_after_ms -1 when refill can never cover the cost.
+--   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
+--   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
+--   when refill can never cover the cost.
+--
+-- Request ids follow payment APIs' idempotency keys: an allowed request is remembered with its
+-- fingerprint for the record ttl. The same id with the same fingerprint is a retry: answered
+-- with the first outcome, charged nothing. With another fingerprint it is a conflict: refused,
+-- charged nothing, the record kept. Once refunded, the same request is a new attempt and is
+-- charged again. A denied request is not remembered (it charged nothing).
 -- Bad arguments are an error reply starting with "ERR enforcer:"; nothing is written then.
 
 local function fail(msg)
@@ -40,26 +49,37 @@ if #KEYS ~= 3 then fail('expected 3 keys') end
 local cost = number(1, 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(2, 'record ttl', 1)
-local active_window = number(3, 'active window', 0)
-local default_tier = ARGV[4]
-local kind = ARGV[5]
+local fingerprint = ARGV[3]
+if fingerprint == nil or not string.match(fingerprint, '^%x+$') then
+  fail('fingerprint must be hex digits')
+end
+local active_window = number(4, 'active window', 0)
+local default_tier = ARGV[5]
+local kind = ARGV[6]
 if kind ~= 'm' and kind ~= 'o' then fail('bucket kind must be m or o') end
-local n = number(6, 'tier count', 1)
+local n = number(7, 'tier count', 1)
 
 -- One read for all three keys (same hash tag, so the same cluster slot).
 local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1])
 local record, assigned, bucket = got[1], got[2], got[3]
 
--- An idempotent retry returns the recorded outcome and charges nothing.
 if record then
   local f = {}
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
-  return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
+  -- Bound to another request (a record without a fingerprint predates them: a retry).
+  if f[9] ~= nil and f[9] ~= fingerprint then
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0}
+  end
+  -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
+  -- request is charged again, as a new attempt.
+  if f[8] ~= '1' then
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
+  end
 end
 
 local tier, fallback
 for i = 0, n - 1 do
-  local base = 7 + 5 * i
+  local base = 8 + 5 * i
   local name = ARGV[base]
   if name == nil then fail('missing tier parameters') end
   if name == assigned then tier = base end
@@ -114,9 +134,10 @@ else
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
 end
 if allowed == 1 then
-  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded
+  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded|fingerprint
   redis.call('SET', KEYS[3],
-    table.concat({kind, '1', remaining, '0', tier_name, fmt(cost), fmt(max_tokens), '0'}, '|'),
+    table.concat({kind, '1', remaining, '0', tier_name, fmt(cost), fmt(max_tokens), '0',
+      fingerprint}, '|'),
     'PX', ttl)
 end
 return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0}

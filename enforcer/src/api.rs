@@ -140,9 +140,34 @@ async fn check(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>)
         request_id,
     };
     match app.decider.check(check).await {
+        Ok(d) if d.denial == Some(Denial::RequestIdConflict) => conflict(&d),
         Ok(d) => decision_response(&d, status_of(&d, StatusCode::TOO_MANY_REQUESTS), true),
         Err(e) => check_error(&app, &e),
     }
+}
+
+/// `409 request_id_conflict`: the request id was used before by this key for a different
+/// request. Nothing was charged; the decision is in the ledger under `decision_id`.
+fn conflict(d: &Decision) -> Response {
+    let mut response = (
+        StatusCode::CONFLICT,
+        axum::Json(json!({
+            "error": {
+                "code": "request_id_conflict",
+                "message": "this request id was already used by this key for a different \
+                            request (bucket, method, endpoint or units); use a new id",
+            },
+            "request_id": d.request_id.as_str(),
+            "decision_id": d.decision_id,
+        })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(d.request_id.as_str()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-enforcer-request-id"), v);
+    }
+    response
 }
 
 fn check_error(app: &App, e: &CheckError) -> Response {
@@ -150,6 +175,7 @@ fn check_error(app: &App, e: &CheckError) -> Response {
         CheckError::Endpoint(PriceError::BadMethod) => "bad_method",
         CheckError::Endpoint(PriceError::BadEndpoint(_)) => "bad_endpoint",
         CheckError::Units { .. } => "bad_units",
+        CheckError::Cost { .. } => "bad_cost",
     };
     bad_request(app, reason, &e.to_string())
 }
@@ -326,6 +352,7 @@ async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         request_id,
     };
     match app.decider.check(check).await {
+        Ok(d) if d.denial == Some(Denial::RequestIdConflict) => conflict(&d),
         Ok(d) => decision_response(&d, status_of(&d, app.auth_deny_status), false),
         Err(e) => check_error(&app, &e),
     }

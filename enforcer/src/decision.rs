@@ -13,7 +13,7 @@ use crate::ledger::{AuditRow, Entry, Ledger};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
 use crate::store::{
-    BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore,
+    BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, Settled, StoreError, TokenStore,
 };
 use std::future::Future;
 use std::net::IpAddr;
@@ -72,6 +72,9 @@ pub enum Denial {
     UnknownKey,
     /// The store is unreachable and the policy is fail-closed.
     StoreUnavailable,
+    /// The request id was used before by this key for a different request: refused (409),
+    /// nothing charged, whatever the mode.
+    RequestIdConflict,
 }
 
 impl Denial {
@@ -81,6 +84,7 @@ impl Denial {
             Denial::Exhausted => "exhausted",
             Denial::UnknownKey => "unknown_key",
             Denial::StoreUnavailable => "store_unavailable",
+            Denial::RequestIdConflict => "request_id_conflict",
         }
     }
 }
@@ -126,7 +130,18 @@ pub enum CheckError {
         /// The configured maximum.
         max: f64,
     },
+    /// The cost (`price × multiplier × units`) is not a finite number within what a store may
+    /// charge: refused as bad input, never sent to the store (where it would be a store
+    /// failure that fail-open admits).
+    #[error("cost {cost} is out of range: it must be finite and <= {MAX_COST}")]
+    Cost {
+        /// The cost computed.
+        cost: f64,
+    },
 }
+
+/// The largest cost a single decision may charge (also enforced by the stores and the script).
+pub const MAX_COST: f64 = 1e15;
 
 /// Refund failures.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +226,7 @@ impl Decider {
             .endpoint(&check.endpoint)
             .map_err(PriceError::from)?;
         let price = self.prices.price(check.method.as_deref(), &endpoint)?;
-        check.endpoint = endpoint.into();
+        let endpoint = String::from(endpoint);
         if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {
             return Err(CheckError::Units {
                 max: self.max_units,
@@ -221,6 +236,9 @@ impl Decider {
         let multiplier = price.multiplier();
         let base = price.base_cost * check.units;
         let cost = base * multiplier;
+        if !(cost.is_finite() && cost > 0.0 && cost <= MAX_COST) {
+            return Err(CheckError::Cost { cost });
+        }
         let bucket = if price.operational {
             BucketKind::Operational
         } else {
@@ -232,6 +250,7 @@ impl Decider {
             key: check.key.hash(),
             bucket,
             cost,
+            fingerprint: Fingerprint::of(bucket, check.method.as_deref(), &endpoint, check.units),
             request_id,
         };
 
@@ -259,11 +278,32 @@ impl Decider {
         }
         let decision = match result {
             Ok(DebitOutcome::Settled(settled)) => {
-                self.settled(settled, bucket, debit.request_id, &check.endpoint)
+                self.settled(settled, bucket, debit.request_id, &endpoint)
             }
+            // Shadow mode allows unknown keys too, and records what it would have denied.
             Ok(DebitOutcome::UnknownKey) => Decision {
-                allowed: false,
+                allowed: self.shadow,
                 denial: Some(Denial::UnknownKey),
+                cost,
+                remaining: None,
+                retry_after_ms: None,
+                tier: None,
+                bucket: None,
+                mode: if self.shadow {
+                    Mode::Shadow
+                } else {
+                    Mode::Enforce
+                },
+                request_id: debit.request_id,
+                replayed: false,
+                decision_id: uuid::Uuid::now_v7(),
+                endpoint: endpoint.clone(),
+            },
+            // A reused request id is a client error, not a budget decision: refused in every
+            // mode, so shadow mode cannot hide a client bug that enforcement would refuse.
+            Ok(DebitOutcome::Conflict) => Decision {
+                allowed: false,
+                denial: Some(Denial::RequestIdConflict),
                 cost,
                 remaining: None,
                 retry_after_ms: None,
@@ -273,13 +313,14 @@ impl Decider {
                 request_id: debit.request_id,
                 replayed: false,
                 decision_id: uuid::Uuid::now_v7(),
-                endpoint: check.endpoint.clone(),
+                endpoint: endpoint.clone(),
             },
-            Err(_) => self.without_store(cost, debit.request_id, &check.endpoint),
+            Err(_) => self.without_store(cost, debit.request_id, &endpoint),
         };
         if let Some(ledger) = &self.ledger {
             ledger.record(Entry::Decision(self.audit_row(
                 &check,
+                &endpoint,
                 &debit.key,
                 &decision,
                 // A replay answers with the first decision's cost: its own multiplier.
@@ -292,7 +333,8 @@ impl Decider {
             )));
         }
         let outcome = match (decision.allowed, decision.denial) {
-            (_, Some(Denial::UnknownKey)) => "rejected_unknown_key",
+            (false, Some(Denial::UnknownKey)) => "rejected_unknown_key",
+            (false, Some(Denial::RequestIdConflict)) => "request_id_conflict",
             (true, _) => "allowed",
             (false, _) => "denied",
         };
@@ -343,6 +385,7 @@ impl Decider {
     fn audit_row(
         &self,
         check: &Check,
+        endpoint: &str,
         key: &KeyHash,
         d: &Decision,
         multiplier: f64,
@@ -361,9 +404,9 @@ impl Decider {
             at_us: crate::ledger::now_us(),
             key_hash: key.to_hex(),
             tier: d.tier.clone(),
-            // The path as priced (normal form): a query string may carry secrets and would
-            // split usage.
-            endpoint: check.endpoint.clone(),
+            // The path as priced (normal form, without the query string, which may carry
+            // secrets and would split usage).
+            endpoint: endpoint.to_owned(),
             method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
             units: check.units,
             cost: d.cost,
@@ -380,15 +423,18 @@ impl Decider {
     fn without_store(&self, cost: f64, request_id: RequestId, endpoint: &str) -> Decision {
         let (allowed, mode, policy) = match self.on_failure {
             OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),
+            // Shadow mode never denies: it records that fail-closed would have.
+            OnStoreFailure::FailClosed if self.shadow => (true, Mode::Shadow, "fail-closed"),
             OnStoreFailure::FailClosed => (false, Mode::FailClosed, "fail-closed"),
         };
         self.metrics
             .store_failure_decisions
             .with_label_values(&[policy])
             .inc();
+        let would_deny = self.on_failure == OnStoreFailure::FailClosed;
         Decision {
             allowed,
-            denial: (!allowed).then_some(Denial::StoreUnavailable),
+            denial: would_deny.then_some(Denial::StoreUnavailable),
             cost,
             remaining: None,
             retry_after_ms: (!allowed).then(|| {

@@ -82,6 +82,8 @@ pub fn enforcer_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct TestDaemon {
     pub addr: SocketAddr,
+    /// The audit ledger file (JSONL) the daemon records into.
+    pub ledger_file: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Holds the audit ledger file unless the config names one.
@@ -99,6 +101,7 @@ impl TestDaemon {
         }
         let errors = config.validate();
         assert!(errors.is_empty(), "test config invalid: {errors:?}");
+        let ledger_file = PathBuf::from(&config.ledger.file);
         let server = Server::bind(&config).await.expect("daemon binds");
         let addr = server.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -112,9 +115,28 @@ impl TestDaemon {
         });
         Self {
             addr,
+            ledger_file,
             stop: Some(stop),
             task: Some(task),
             _ledger_dir: ledger_dir,
+        }
+    }
+
+    /// The decision rows of the ledger file whose `request_id` is `id`, once at least `want`
+    /// of them are there (the writer flushes in the background), or what is there after 10 s.
+    pub async fn ledger_rows(&self, id: &str, want: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows: Vec<serde_json::Value> = std::fs::read_to_string(&self.ledger_file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|r| r["t"] == "decision" && r["request_id"] == id)
+                .collect();
+            if rows.len() >= want || Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -504,3 +504,174 @@ async fn embedded_store_serves_without_redis() {
     assert_eq!(ready["store"]["backend"], "memory");
     d.stop().await;
 }
+
+/// Request ids are idempotency keys bound to their request: a cheap call's id cannot make an
+/// expensive call free (it used to: 20 of 20 allowed, nothing charged).
+#[tokio::test]
+async fn a_request_id_reused_for_another_request_is_refused_with_409_and_charges_nothing() {
+    let d = daemon().await;
+    let key = unique("reuse");
+    let cheap = json!({"key": key, "endpoint": "/cheap", "method": "GET", "request_id": "r-1"});
+    let r = check(d.addr, cheap.clone()).await;
+    assert_eq!(r.status, 200);
+    let after_cheap = r.json()["remaining"].as_f64().expect("remaining");
+    let expensive =
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST", "request_id": "r-1"});
+    for _ in 0..20 {
+        let r = check(d.addr, expensive.clone()).await;
+        assert_eq!(r.status, 409, "{:?}", r.json());
+        let j = r.json();
+        assert_eq!(j["error"]["code"], "request_id_conflict");
+        assert!(j["decision_id"].is_string());
+        assert_eq!(
+            r.header("retry-after"),
+            None,
+            "a conflict is not a rate limit"
+        );
+    }
+    // Other parameters are bound too: units, and a method-less check.
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/cheap", "method": "GET", "units": 3, "request_id": "r-1"}),
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    // The same on /v1/auth (nginx auth_request, Traefik forwardAuth).
+    let r = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[
+            ("x-api-key", key.as_str()),
+            ("x-original-uri", "/generate-report"),
+            ("x-original-method", "POST"),
+            ("x-request-id", "r-1"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    // The genuine retry replays, and a fresh id shows that nothing else was charged.
+    let r = check(d.addr, cheap).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["replayed"], true);
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/cheap", "method": "GET", "request_id": "r-2"}),
+    )
+    .await;
+    let left = r.json()["remaining"].as_f64().expect("remaining");
+    assert!(
+        (after_cheap - 1.0 - left).abs() < 1.0,
+        "only the two cheap calls were charged: {after_cheap} then {left}"
+    );
+    // Every conflict is in the ledger as such, with nothing charged.
+    let rows = d.ledger_rows("r-1", 24).await;
+    let conflicts: Vec<_> = rows
+        .iter()
+        .filter(|r| r["denial"] == "request_id_conflict")
+        .collect();
+    assert_eq!(conflicts.len(), 22, "{rows:?}");
+    assert!(conflicts.iter().all(|r| r["allowed"] == false));
+    assert!(
+        metric(
+            &metrics(d.addr).await,
+            "enforcer_decisions_total{mode=\"enforce\",outcome=\"request_id_conflict\""
+        ) >= 22.0
+    );
+    d.stop().await;
+}
+
+/// A refund closes a request: sending it again is a new attempt, charged again.
+#[tokio::test]
+async fn a_retry_after_its_refund_is_charged_again() {
+    let d = daemon().await;
+    let key = unique("refund-retry");
+    let body = json!({"key": key, "endpoint": "/generate-report", "method": "POST", "request_id": "job-7"});
+    let first = check(d.addr, body.clone()).await.json();
+    assert_eq!(first["remaining"], 680.0);
+    let r = http(
+        d.addr,
+        "POST",
+        "/v1/refund",
+        &[],
+        json!({"key": key, "request_id": "job-7"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let again = check(d.addr, body).await.json();
+    assert_eq!(again["replayed"], false);
+    assert!((again["remaining"].as_f64().expect("remaining") - 680.0).abs() < 1.0);
+    d.stop().await;
+}
+
+/// Shadow mode never refuses a request for budget reasons, not even an unknown key or a store
+/// that is down under fail-closed; it records what it would have denied. A request-id conflict
+/// (a client error) is refused in every mode.
+#[tokio::test]
+async fn shadow_mode_allows_unknown_keys_and_fail_closed_and_records_the_denial() {
+    let mut config = example_config(&redis_url());
+    config.budget.shadow = true;
+    config.budget.unknown_keys = enforcer::config::UnknownKeyPolicy::Reject;
+    let d = TestDaemon::start(config).await;
+    let r = check(
+        d.addr,
+        json!({"key": unique("stranger"), "endpoint": "/x", "request_id": "s-1"}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(
+        (j["allowed"].clone(), j["mode"].clone()),
+        (json!(true), json!("shadow"))
+    );
+    assert_eq!(j["reason"], "unknown_key");
+    let rows = d.ledger_rows("s-1", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["denial"], "unknown_key");
+    assert_eq!(rows[0]["allowed"], true);
+    d.stop().await;
+
+    let mut config = failing_config("redis://127.0.0.1:1/", OnStoreFailure::FailClosed);
+    config.budget.shadow = true;
+    let d = TestDaemon::start(config).await;
+    let r = check(
+        d.addr,
+        json!({"key": unique("shadow-down"), "endpoint": "/x", "request_id": "s-2"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["reason"], "store_unavailable");
+    assert_eq!(r.json()["mode"], "shadow");
+    let rows = d.ledger_rows("s-2", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["denial"], "store_unavailable");
+    d.stop().await;
+}
+
+/// A cost no store may charge is bad input (400), never a store failure that fail-open admits.
+#[tokio::test]
+async fn a_cost_out_of_range_is_400_even_with_fail_open() {
+    let mut config = example_config(&redis_url());
+    config.store.on_store_failure = OnStoreFailure::FailOpen;
+    config.budget.max_units = 1e6;
+    config.pricing.endpoints[0].base_cost = 1e12;
+    let d = TestDaemon::start(config).await;
+    let key = unique("huge");
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST", "units": 10000, "request_id": "h-1"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["code"], "bad_cost");
+    // A cost in range goes to the store as usual (1e12 is beyond the free tier: a denial).
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST", "units": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.json());
+    assert_eq!(r.json()["reason"], "exhausted");
+    d.stop().await;
+}

@@ -4,7 +4,7 @@ use enforcer::budget::BudgetPolicy;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, RedisStore, RedisStoreConfig, Settled, TokenStore,
+    BucketKind, Debit, DebitOutcome, Fingerprint, RedisStore, RedisStoreConfig, Settled, TokenStore,
 };
 use enforcer_tests::{redis_conn, redis_url, unique};
 use redis::AsyncCommands;
@@ -33,6 +33,7 @@ fn debit(key: &ApiKey, cost: f64) -> Debit {
         bucket: BucketKind::Main,
         cost,
         request_id: RequestId::generate(),
+        fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
     }
 }
 
@@ -240,6 +241,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .arg(&keys)
             .arg(cost)
             .arg("60000")
+            .arg("ab12")
             .arg("60")
             .arg("free")
             .arg("m")
@@ -260,7 +262,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .arg(&keys)
         .arg(
             &[
-                "1", "60000", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
+                "1", "60000", "ab12", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
             ][..],
         )
         .query_async(&mut conn)
@@ -272,12 +274,39 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .arg(&keys[0])
         .arg(
             &[
-                "1", "60000", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800",
+                "1", "60000", "ab12", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800",
             ][..],
         )
         .query_async(&mut conn)
         .await;
     assert!(result.is_err(), "wrong key count refused");
+    // A fingerprint that is not hex (it would corrupt the `|`-separated request record).
+    for fingerprint in ["", "a|b", "xyz"] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys)
+            .arg(
+                &[
+                    "1",
+                    "60000",
+                    fingerprint,
+                    "60",
+                    "free",
+                    "m",
+                    "1",
+                    "free",
+                    "1000",
+                    "10",
+                    "0.8",
+                    "800",
+                ][..],
+            )
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("fingerprint {fingerprint:?} must be refused"));
+        assert!(err.to_string().contains("fingerprint"), "{err}");
+    }
     let exists: u32 = conn.exists(&keys[..]).await.expect("exists");
     assert_eq!(exists, 0, "nothing was written for bad arguments");
 }

@@ -5,8 +5,8 @@ use enforcer::clock::ManualClock;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, MemoryStore, RedisStore, RedisStoreConfig, RefundOutcome,
-    Settled, TokenStore,
+    BucketKind, Debit, DebitOutcome, Fingerprint, MemoryStore, RedisStore, RedisStoreConfig,
+    RefundOutcome, Settled, TokenStore,
 };
 use enforcer_tests::{redis_url, unique};
 use std::sync::Arc;
@@ -40,6 +40,7 @@ fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
         bucket,
         cost,
         request_id: RequestId::generate(),
+        fingerprint: Fingerprint::of(bucket, Some("POST"), "/generate-report", 1.0),
     }
 }
 
@@ -217,6 +218,141 @@ async fn idempotent_replay_and_refund_once() {
             .await
             .expect("refund");
         assert_eq!(out, RefundOutcome::NotRefundable, "{b}");
+    }
+}
+
+/// Payment-API idempotency keys: the same id for another request is refused and charges
+/// nothing; the first request's retries still replay; the record stays bound.
+#[tokio::test]
+async fn a_request_id_reused_for_another_request_is_a_conflict_and_charges_nothing() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("conflict")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
+        let id = RequestId::parse("r-1").expect("id");
+        let cheap = Debit {
+            key: key.hash(),
+            bucket: BucketKind::Main,
+            cost: 1.0,
+            request_id: id.clone(),
+            fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 1.0),
+        };
+        let first = settle(&*store, &cheap).await;
+        assert!(first.allowed && !first.replayed, "{b}");
+        assert!(near(first.remaining, 799.0), "{b}: {}", first.remaining);
+        // The expensive call under the same id: refused, 20 times over, nothing charged.
+        let expensive = Debit {
+            cost: 120.0,
+            fingerprint: Fingerprint::of(BucketKind::Main, Some("POST"), "/generate-report", 1.0),
+            ..cheap.clone()
+        };
+        for _ in 0..20 {
+            let out = store.debit(&expensive).await.expect("debit");
+            assert_eq!(out, DebitOutcome::Conflict, "{b}");
+        }
+        // Every parameter is bound: method, endpoint, units and bucket.
+        for other in [
+            Fingerprint::of(BucketKind::Main, Some("POST"), "/cheap", 1.0),
+            Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap2", 1.0),
+            Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 2.0),
+            Fingerprint::of(BucketKind::Main, None, "/cheap", 1.0),
+        ] {
+            let d = Debit {
+                fingerprint: other,
+                ..cheap.clone()
+            };
+            assert_eq!(
+                store.debit(&d).await.expect("debit"),
+                DebitOutcome::Conflict,
+                "{b}"
+            );
+        }
+        let ops = Debit {
+            bucket: BucketKind::Operational,
+            fingerprint: Fingerprint::of(BucketKind::Operational, Some("GET"), "/cheap", 1.0),
+            ..cheap.clone()
+        };
+        assert_eq!(
+            store.debit(&ops).await.expect("debit"),
+            DebitOutcome::Conflict,
+            "{b}"
+        );
+        // The genuine retry still replays, and the balance shows one charge of 1.
+        let retry = settle(&*store, &cheap).await;
+        assert!(retry.replayed && retry.allowed, "{b}");
+        let probe = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(
+            near(probe.remaining, 798.0),
+            "{b}: only the cheap call and the probe were charged, left {}",
+            probe.remaining
+        );
+        // Another key may use the same id: records are per key.
+        let other = ApiKey::parse(&unique("conflict-other")).expect("key");
+        store
+            .assign_tier(&other.hash(), Some("free"))
+            .await
+            .expect("assign");
+        let theirs = Debit {
+            key: other.hash(),
+            ..expensive.clone()
+        };
+        let s = settle(&*store, &theirs).await;
+        assert!(s.allowed && !s.replayed, "{b}");
+    }
+}
+
+/// A refund closes the request: the same request sent again is a new attempt, charged again
+/// (and refundable again), not a free replay.
+#[tokio::test]
+async fn a_retry_after_its_refund_is_charged_again() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("refund-retry")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("free"))
+            .await
+            .expect("assign");
+        let d = debit(&key, BucketKind::Main, 120.0);
+        let first = settle(&*store, &d).await;
+        assert!(near(first.remaining, 680.0), "{b}: {}", first.remaining);
+        let out = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
+        assert!(
+            matches!(out, RefundOutcome::Refunded { .. }),
+            "{b}: {out:?}"
+        );
+        let again = settle(&*store, &d).await;
+        assert!(
+            again.allowed && !again.replayed,
+            "{b}: charged as a new attempt"
+        );
+        assert!(near(again.remaining, 680.0), "{b}: {}", again.remaining);
+        let replay = settle(&*store, &d).await;
+        assert!(replay.replayed, "{b}: its retries replay again");
+        let out = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
+        assert!(
+            matches!(out, RefundOutcome::Refunded { .. }),
+            "{b}: the new attempt is refundable: {out:?}"
+        );
+        // A different request under the refunded id is still a conflict.
+        let other = Debit {
+            fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 1.0),
+            cost: 1.0,
+            ..d.clone()
+        };
+        assert_eq!(
+            store.debit(&other).await.expect("debit"),
+            DebitOutcome::Conflict,
+            "{b}"
+        );
     }
 }
 

@@ -26,6 +26,8 @@ struct Record {
     cost: f64,
     max_tokens: f64,
     refunded: bool,
+    /// What the request id is bound to.
+    fingerprint: super::Fingerprint,
     expires_at: f64,
 }
 
@@ -94,15 +96,22 @@ impl TokenStore for MemoryStore {
         let mut st = self.state.lock();
         st.sweep(now);
         let record_key = (d.key, d.request_id.as_str().to_owned());
+        // The rules of `lua/debit.lua`: another request under this id is a conflict, a retry
+        // is answered from the record, a refunded request is charged again.
         if let Some(r) = st.records.get(&record_key).filter(|r| r.expires_at > now) {
-            return Ok(DebitOutcome::Settled(Settled {
-                allowed: true,
-                remaining: r.remaining,
-                retry_after_ms: Some(0),
-                tier: r.tier.clone(),
-                cost: r.cost,
-                replayed: true,
-            }));
+            if r.fingerprint != d.fingerprint {
+                return Ok(DebitOutcome::Conflict);
+            }
+            if !r.refunded {
+                return Ok(DebitOutcome::Settled(Settled {
+                    allowed: true,
+                    remaining: r.remaining,
+                    retry_after_ms: Some(0),
+                    tier: r.tier.clone(),
+                    cost: r.cost,
+                    replayed: true,
+                }));
+            }
         }
         let Some(tier) = self
             .policy
@@ -139,6 +148,7 @@ impl TokenStore for MemoryStore {
                     cost: d.cost,
                     max_tokens: params.max_tokens,
                     refunded: false,
+                    fingerprint: d.fingerprint.clone(),
                     expires_at: now + self.policy.idempotency_ttl.as_secs_f64(),
                 },
             );

@@ -33,6 +33,42 @@ pub struct Debit {
     pub cost: f64,
     /// Idempotency token: a retry with the same id is not charged twice.
     pub request_id: RequestId,
+    /// What the request id is bound to (see [`Fingerprint`]): the same id with another
+    /// fingerprint is a [`DebitOutcome::Conflict`], never a free replay.
+    pub fingerprint: Fingerprint,
+}
+
+/// The parameters a request id is bound to, as payment APIs bind an idempotency key to its
+/// request: bucket, method, (normalised) endpoint and units. With the key (the request record
+/// lives under the key's hash) they determine the price; the record also keeps the cost
+/// charged, and a retry is answered with it even when the pricing engine moved the price since.
+///
+/// 16 hex digits of SHA-256 over the fields: short enough for every request record, long enough
+/// that a different request cannot pass for a retry by chance (2^-64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    /// The fingerprint of a request; `method` is `None` when the check named none.
+    pub fn of(bucket: BucketKind, method: Option<&str>, endpoint: &str, units: f64) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(match bucket {
+            BucketKind::Main => b"m\0".as_slice(),
+            BucketKind::Operational => b"o\0".as_slice(),
+        });
+        h.update(method.unwrap_or("*").as_bytes());
+        h.update(b"\0");
+        h.update(endpoint.as_bytes());
+        h.update(b"\0");
+        h.update(units.to_bits().to_be_bytes());
+        Self(hex::encode(&h.finalize()[..8]))
+    }
+
+    /// The hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// What the store decided.
@@ -42,6 +78,9 @@ pub enum DebitOutcome {
     Settled(Settled),
     /// The key has no tier assignment and unknown keys are refused.
     UnknownKey,
+    /// The request id was used before by this key for a different request (another bucket,
+    /// method, endpoint or units): refused, nothing charged.
+    Conflict,
 }
 
 /// A settled debit.

@@ -64,7 +64,7 @@ pub struct RedisStore {
     pool: Arc<Pool>,
     /// The batching task's queue, started on first use (it needs the runtime).
     queue: OnceLock<mpsc::Sender<Call>>,
-    /// `ARGV[3..]` of the debit script for main buckets: window, default tier, kind, tiers.
+    /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
     ops_args: Vec<String>,
@@ -312,9 +312,10 @@ impl TokenStore for RedisStore {
             BucketKind::Main => &self.main_args,
             BucketKind::Operational => &self.ops_args,
         };
-        let mut args: Vec<&str> = Vec::with_capacity(2 + tail.len());
+        let mut args: Vec<&str> = Vec::with_capacity(3 + tail.len());
         args.push(&cost);
         args.push(&self.record_ttl_ms);
+        args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
         let (status, allowed, remaining, retry, tier, cost, replayed): (
             String,
@@ -335,6 +336,7 @@ impl TokenStore for RedisStore {
                 replayed: replayed == 1,
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
+            "conflict" => Ok(DebitOutcome::Conflict),
             other => Err(StoreError::Protocol(format!("debit status {other:?}"))),
         }
     }
