@@ -116,8 +116,9 @@ async fn the_prometheus_source_against_a_real_server_and_its_failures() {
     assert_eq!(report.source, "prometheus");
     assert!((report.multiplier - 1.33).abs() < 1e-9, "{report:?}");
     assert!((report.price - 159.6).abs() < 1e-6);
+    let report_path = book.endpoint("/generate-report").expect("normal form");
     let live = book
-        .price(Some("POST"), "/generate-report")
+        .price(Some("POST"), &report_path)
         .expect("priced")
         .per_unit();
     assert!((live - 159.6).abs() < 1e-6, "decisions see the new price");
