@@ -754,7 +754,10 @@ impl Config {
             err("pricing.node".into(), "references must be > 0");
         }
         if pr.proc_root.is_empty() {
-            err("pricing.proc_root".into(), "must be a directory laid out like /proc");
+            err(
+                "pricing.proc_root".into(),
+                "must be a directory laid out like /proc",
+            );
         }
         if !pr.prometheus.url.is_empty() && !(pr.prometheus.url.starts_with("http://")) {
             err("pricing.prometheus.url".into(), "must be an http:// URL");
@@ -954,6 +957,36 @@ mod tests {
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn connection_limits_and_proc_root_have_defaults_and_are_validated() {
+        let c = Config::parse("").expect("defaults");
+        let s = &c.server;
+        assert_eq!(
+            (
+                s.header_read_timeout_ms,
+                s.idle_timeout_ms,
+                s.max_connections
+            ),
+            (5_000, 60_000, 10_000)
+        );
+        assert_eq!(c.pricing.proc_root, "/proc");
+        let text = "[server]\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\n\
+                    max_connections = 0\n[pricing]\nproc_root = \"\"\n";
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.header_read_timeout_ms",
+                "server.idle_timeout_ms",
+                "server.max_connections",
+                "pricing.proc_root"
+            ]
+        );
     }
 
     #[test]

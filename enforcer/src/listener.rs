@@ -261,9 +261,7 @@ impl Activity {
         loop {
             let deadline = match *self.phase.lock() {
                 Phase::Idle(since) => Some((since + limits.idle_timeout, Timeout::Idle)),
-                Phase::Header(since) => {
-                    Some((since + limits.header_read_timeout, Timeout::Header))
-                }
+                Phase::Header(since) => Some((since + limits.header_read_timeout, Timeout::Header)),
                 Phase::Busy(_) => None,
             };
             // A change between the check above and this wait is not lost: `notify_one` stores

@@ -202,7 +202,11 @@ fn raise_file_limit(max_connections: usize) {
             "the open-file limit is below server.max_connections plus spare: accepting will fail before the cap (raise LimitNOFILE / ulimit -n)"
         );
     } else {
-        tracing::info!(from = soft, to = now, "raised the open-file limit for server.max_connections");
+        tracing::info!(
+            from = soft,
+            to = now,
+            "raised the open-file limit for server.max_connections"
+        );
     }
 }
 

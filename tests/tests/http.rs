@@ -27,9 +27,7 @@ impl Daemon {
     /// until it answers `/healthz`.
     async fn start(server_toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config = dir.path().join("enforcer.toml");
         std::fs::write(
             &config,
@@ -275,7 +273,10 @@ async fn slowloris_headers_are_cut_off_at_the_header_read_timeout() {
 
     let m = metrics(d.addr).await;
     assert_eq!(
-        parse_metric(&m, "enforcer_http_connection_timeouts_total{kind=\"header\"}"),
+        parse_metric(
+            &m,
+            "enforcer_http_connection_timeouts_total{kind=\"header\"}"
+        ),
         2.0,
         "{m}"
     );
@@ -300,7 +301,11 @@ async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
     let mut busy = KeepAlive::open(d.addr).await;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(4) {
-        assert_eq!(busy.get("/healthz").await.0, 200, "the busy connection works");
+        assert_eq!(
+            busy.get("/healthz").await.0,
+            200,
+            "the busy connection works"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
@@ -346,7 +351,10 @@ async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
     // The idle and the mute connection; the busy one may have been cut after its last request.
     assert!((2.0..=3.0).contains(&idle_cuts), "{idle_cuts}\n{m}");
     assert_eq!(
-        parse_metric(&m, "enforcer_http_connection_timeouts_total{kind=\"header\"}"),
+        parse_metric(
+            &m,
+            "enforcer_http_connection_timeouts_total{kind=\"header\"}"
+        ),
         0.0
     );
 }
@@ -359,7 +367,12 @@ async fn connections_beyond_max_connections_are_refused_and_counted() {
     for _ in 0..4 {
         held.push(KeepAlive::hold(d.addr).await);
     }
-    let rejected = |m: &str| parse_metric(m, "enforcer_http_connections_rejected_total{reason=\"limit\"}");
+    let rejected = |m: &str| {
+        parse_metric(
+            m,
+            "enforcer_http_connections_rejected_total{reason=\"limit\"}",
+        )
+    };
     let before = rejected(&held[0].get("/metrics").await.1);
     // More are accepted by the kernel but refused by the daemon: 503 or closed, never served.
     for _ in 0..2 {
@@ -381,7 +394,11 @@ async fn connections_beyond_max_connections_are_refused_and_counted() {
     let (status, m) = held[0].get("/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(rejected(&m) - before, 2.0, "{m}");
-    assert_eq!(parse_metric(&m, "enforcer_http_connections_open"), 4.0, "{m}");
+    assert_eq!(
+        parse_metric(&m, "enforcer_http_connections_open"),
+        4.0,
+        "{m}"
+    );
     for c in &mut held[1..] {
         assert_eq!(c.get("/healthz").await.0, 200);
     }
