@@ -75,6 +75,8 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
+            // That one connection went away before it was accepted: nothing to wait for.
+            Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of file descriptors or memory: the pending connections wait in the
                 // kernel's backlog; pause instead of spinning on the same error.
@@ -112,6 +114,15 @@ pub async fn serve(
         "stopped accepting; draining connections"
     );
     while connections.join_next().await.is_some() {}
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// A served connection's slot: its permit, and its count in the gauge, until it is dropped.
