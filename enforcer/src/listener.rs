@@ -16,6 +16,12 @@
 //! the response body, when dropped, its end. A request in flight (reading its body, deciding,
 //! writing the answer) is never cut here: cutting it could drop a decision half made.
 //!
+//! The watchdog is never woken by a request: it sleeps to its deadline, but never longer than
+//! the shorter timeout, and looks again. A phase change (which cannot start a deadline nearer
+//! than that) is therefore seen before its deadline passes, and the deadlines are kept to the
+//! timer's precision, at the cost of one wake-up per connection every few seconds rather than
+//! two per request.
+//!
 //! Shutdown: stop accepting (the listening socket is closed), ask every connection to finish
 //! (hyper closes idle ones at once and the others after their response), and wait for them.
 //! The watchdogs keep running meanwhile, so a half-sent header cannot hold the shutdown.
@@ -34,7 +40,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -110,7 +116,7 @@ pub async fn serve(
     drop(listener);
     let _ = stop.send(true);
     tracing::info!(
-        connections = connections.len(),
+        connections = metrics.open.get(),
         "stopped accepting; draining connections"
     );
     while connections.join_next().await.is_some() {}
@@ -222,14 +228,12 @@ enum Phase {
 #[derive(Debug)]
 struct Activity {
     phase: Mutex<Phase>,
-    changed: Notify,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             phase: Mutex::new(Phase::Idle(Instant::now())),
-            changed: Notify::new(),
         }
     }
 
@@ -238,9 +242,6 @@ impl Activity {
         let mut phase = self.phase.lock();
         if let Phase::Idle(_) = *phase {
             *phase = Phase::Header(Instant::now());
-            drop(phase);
-            // The header deadline may come before the idle one the watchdog sleeps towards.
-            self.changed.notify_one();
         }
     }
 
@@ -263,30 +264,27 @@ impl Activity {
             // them from its buffer at once, or the idle timeout still bounds the wait.
             _ => Phase::Idle(Instant::now()),
         };
-        drop(phase);
-        self.changed.notify_one();
     }
 
     /// Resolves when the connection has been idle, or reading one header, for too long.
     async fn watchdog(&self, limits: Limits) -> Timeout {
+        // A change of phase starts a deadline at least this far away (a header's first byte:
+        // `header_read_timeout`; the end of a request: `idle_timeout`), so looking again this
+        // often sees every deadline before it passes.
+        let look_again = limits.header_read_timeout.min(limits.idle_timeout);
         loop {
+            let now = Instant::now();
             let deadline = match *self.phase.lock() {
                 Phase::Idle(since) => Some((since + limits.idle_timeout, Timeout::Idle)),
                 Phase::Header(since) => Some((since + limits.header_read_timeout, Timeout::Header)),
                 Phase::Busy(_) => None,
             };
-            // A change between the check above and this wait is not lost: `notify_one` stores
-            // a permit when nobody waits.
-            match deadline {
-                Some((at, kind)) if at <= Instant::now() => return kind,
-                Some((at, _)) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = self.changed.notified() => {}
-                    }
-                }
-                None => self.changed.notified().await,
-            }
+            let wake = match deadline {
+                Some((at, kind)) if at <= now => return kind,
+                Some((at, _)) => at.min(now + look_again),
+                None => now + look_again,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -401,13 +399,14 @@ mod tests {
         assert_eq!(a.watchdog(limits()).await, Timeout::Idle);
         assert_eq!(started.elapsed(), Duration::from_secs(60));
 
-        // A first byte after 10 s of idleness: the header deadline (5 s later) comes first.
+        // A first byte after 12 s of idleness: the header deadline (5 s later) comes first,
+        // though nothing tells the watchdog.
         let a = Arc::new(Activity::new());
         let started = Instant::now();
         let byte = {
             let a = Arc::clone(&a);
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(Duration::from_secs(12)).await;
                 a.on_read();
                 // More bytes do not move the deadline.
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -415,10 +414,10 @@ mod tests {
             })
         };
         assert_eq!(a.watchdog(limits()).await, Timeout::Header);
-        assert_eq!(started.elapsed(), Duration::from_secs(15));
+        assert_eq!(started.elapsed(), Duration::from_secs(17));
         byte.await.expect("task");
 
-        // A request in flight for 10 minutes is not cut; idle time counts from its end.
+        // A request in flight for 10 min 2 s is not cut; idle time counts from its end.
         let a = Arc::new(Activity::new());
         let started = Instant::now();
         let request = {
@@ -426,12 +425,12 @@ mod tests {
             tokio::spawn(async move {
                 a.on_read();
                 let busy = a.begin();
-                tokio::time::sleep(Duration::from_secs(600)).await;
+                tokio::time::sleep(Duration::from_secs(602)).await;
                 drop(busy);
             })
         };
         assert_eq!(a.watchdog(limits()).await, Timeout::Idle);
-        assert_eq!(started.elapsed(), Duration::from_secs(660));
+        assert_eq!(started.elapsed(), Duration::from_secs(662));
         request.await.expect("task");
     }
 }
