@@ -100,6 +100,14 @@ pub struct ServerConfig {
     pub auth_deny_status: u16,
     /// Largest accepted request body, bytes.
     pub max_body_bytes: usize,
+    /// A request header must arrive whole within this long of its first byte, milliseconds
+    /// (slowloris: a client dripping a header never completes it).
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this long without one,
+    /// milliseconds (from its accept, or from the end of its previous response).
+    pub idle_timeout_ms: u64,
+    /// Open client connections at most; the daemon refuses (503, closed) the ones beyond.
+    pub max_connections: usize,
 }
 
 /// `[store]`: where buckets live.
@@ -197,6 +205,9 @@ pub struct PricingConfig {
     pub surge: SurgeConfig,
     /// `[pricing.node]`: references of the node telemetry (from `/proc`).
     pub node: NodeReferences,
+    /// Where the node telemetry is read: a directory laid out like `/proc` (`stat`,
+    /// `meminfo`, `loadavg`).
+    pub proc_root: String,
     /// `[pricing.prometheus]`
     pub prometheus: PrometheusConfig,
 }
@@ -428,6 +439,9 @@ impl Default for ServerConfig {
             key_header: "x-api-key".to_owned(),
             auth_deny_status: 429,
             max_body_bytes: 64 * 1024,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -483,6 +497,7 @@ impl Default for PricingConfig {
             weights: WeightsConfig::default(),
             surge: SurgeConfig::default(),
             node: NodeReferences::default(),
+            proc_root: "/proc".to_owned(),
             prometheus: PrometheusConfig::default(),
         }
     }
@@ -594,6 +609,24 @@ impl Config {
         }
         if self.server.max_body_bytes == 0 {
             err("server.max_body_bytes".into(), "must be > 0");
+        }
+        if !(1..=600_000).contains(&self.server.header_read_timeout_ms) {
+            err(
+                "server.header_read_timeout_ms".into(),
+                "must be between 1 and 600000",
+            );
+        }
+        if !(1..=86_400_000).contains(&self.server.idle_timeout_ms) {
+            err(
+                "server.idle_timeout_ms".into(),
+                "must be between 1 and 86400000",
+            );
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            err(
+                "server.max_connections".into(),
+                "must be between 1 and 1000000",
+            );
         }
         if self.store.connections == 0 || self.store.connections > 64 {
             err("store.connections".into(), "must be between 1 and 64");
@@ -746,6 +779,12 @@ impl Config {
             .all(positive)
         {
             err("pricing.node".into(), "references must be > 0");
+        }
+        if pr.proc_root.is_empty() {
+            err(
+                "pricing.proc_root".into(),
+                "must be a directory laid out like /proc",
+            );
         }
         if !pr.prometheus.url.is_empty() && !(pr.prometheus.url.starts_with("http://")) {
             err("pricing.prometheus.url".into(), "must be an http:// URL");
@@ -978,6 +1017,36 @@ mod tests {
         assert!(bad[1].contains("two hex digits"), "{bad:?}");
         let err = Config::parse("[pricing]\ntrailing_slash = \"drop\"\n").expect_err("bad value");
         assert!(err.to_string().contains("pricing.trailing_slash"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_and_proc_root_have_defaults_and_are_validated() {
+        let c = Config::parse("").expect("defaults");
+        let s = &c.server;
+        assert_eq!(
+            (
+                s.header_read_timeout_ms,
+                s.idle_timeout_ms,
+                s.max_connections
+            ),
+            (5_000, 60_000, 10_000)
+        );
+        assert_eq!(c.pricing.proc_root, "/proc");
+        let text = "[server]\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\n\
+                    max_connections = 0\n[pricing]\nproc_root = \"\"\n";
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.header_read_timeout_ms",
+                "server.idle_timeout_ms",
+                "server.max_connections",
+                "pricing.proc_root"
+            ]
+        );
     }
 
     #[test]

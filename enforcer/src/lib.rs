@@ -12,7 +12,8 @@
 //! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel;
 //!   [`gate`] keeps its maps in step with the decisions.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
-//!   [`cli`] (the `enforcer` command line).
+//!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
+//!   command line).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -28,6 +29,7 @@ pub mod gate;
 pub mod kernel;
 pub mod key;
 pub mod ledger;
+pub mod listener;
 pub mod metrics;
 pub mod price;
 pub mod pricing;

@@ -54,6 +54,63 @@ pub struct Metrics {
     /// `enforcer_node_telemetry{signal}`: the node readings the engine uses (cpu and memory
     /// utilisation 0-1, load per CPU).
     pub node_telemetry: prometheus::GaugeVec,
+    /// The HTTP listener's metrics.
+    pub http: HttpMetrics,
+}
+
+/// Metrics of the HTTP listener (`enforcer_http_*`): connections, and the limits that bit.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    /// `enforcer_http_connections_open`: client connections being served now.
+    pub open: IntGauge,
+    /// `enforcer_http_connections_accepted_total`: connections accepted and served.
+    pub accepted: IntCounter,
+    /// `enforcer_http_connections_rejected_total{reason}`: connections closed at accept;
+    /// `limit`: `server.max_connections` were open.
+    pub rejected: IntCounterVec,
+    /// `enforcer_http_connection_timeouts_total{kind}`: connections the daemon closed;
+    /// `header`: a request header did not arrive whole within `server.header_read_timeout_ms`,
+    /// `idle`: no request within `server.idle_timeout_ms`.
+    pub timeouts: IntCounterVec,
+}
+
+impl HttpMetrics {
+    fn new(registry: &Registry) -> Self {
+        let rejected = counter_vec(
+            registry,
+            "enforcer_http_connections_rejected_total",
+            "Connections closed at accept, by reason (limit: server.max_connections were open)",
+            &["reason"],
+        );
+        let timeouts = counter_vec(
+            registry,
+            "enforcer_http_connection_timeouts_total",
+            "Connections closed by the daemon, by kind (header: incomplete request header, idle: no request)",
+            &["kind"],
+        );
+        // Every series exists from the start: a dashboard sees 0, not nothing.
+        rejected.with_label_values(&["limit"]);
+        for kind in ["header", "idle"] {
+            timeouts.with_label_values(&[kind]);
+        }
+        Self {
+            open: gauge(
+                registry,
+                "enforcer_http_connections_open",
+                "Client connections being served now",
+            ),
+            accepted: register(
+                registry,
+                IntCounter::new(
+                    "enforcer_http_connections_accepted_total",
+                    "Client connections accepted and served",
+                )
+                .expect("valid metric definition"),
+            ),
+            rejected,
+            timeouts,
+        }
+    }
 }
 
 /// Metrics of the audit ledger's writer (`enforcer_ledger_*`).
@@ -311,6 +368,7 @@ impl Metrics {
             )
             .expect("valid metric definition"),
         );
+        let http = HttpMetrics::new(&registry);
         Self {
             registry,
             decisions,
@@ -333,6 +391,7 @@ impl Metrics {
             telemetry_errors,
             pricing_seconds,
             node_telemetry,
+            http,
         }
     }
 

@@ -1,5 +1,5 @@
 //! Wiring: builds the store, the decider, the kernel gate and the HTTP API from a config, and
-//! serves until shutdown.
+//! serves until shutdown (the accept loop and its connection limits: [`crate::listener`]).
 use crate::api::{self, App};
 use crate::clock::SystemClock;
 use crate::config::Config;
@@ -59,6 +59,7 @@ pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
     max_body_bytes: usize,
+    limits: crate::listener::Limits,
     writer: crate::ledger::Writer,
 }
 
@@ -94,7 +95,9 @@ impl Server {
             let mut engine = crate::pricing::Engine::new(
                 &config.pricing,
                 decider.prices(),
-                Arc::new(crate::pricing::telemetry::ProcNode::new()),
+                Arc::new(crate::pricing::telemetry::ProcNode::at(
+                    &config.pricing.proc_root,
+                )),
                 prometheus,
                 metrics.clone(),
                 pricing_gate,
@@ -125,10 +128,17 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let limits = crate::listener::Limits {
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.server.idle_timeout_ms),
+            max_connections: config.server.max_connections,
+        };
+        raise_file_limit(limits.max_connections);
         Ok(Self {
             listener,
             app,
             max_body_bytes: config.server.max_body_bytes,
+            limits,
             writer,
         })
     }
@@ -148,15 +158,55 @@ impl Server {
             listener,
             app,
             max_body_bytes,
+            limits,
             writer,
         } = self;
+        let metrics = app.metrics.http.clone();
         let router = api::router(app, max_body_bytes);
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServerError::Serve);
+        crate::listener::serve(listener, router, limits, metrics, shutdown).await;
         let _ = tokio::task::spawn_blocking(move || writer.shutdown()).await;
-        served
+        Ok(())
+    }
+}
+
+/// File descriptors besides the client connections: Redis, PostgreSQL, the ledger file, the
+/// kernel gate's maps, the runtime.
+const SPARE_FDS: u64 = 1024;
+
+/// Raises the soft open-file limit so that `max_connections` can be reached (Debian's default
+/// soft limit is 1024, far below the default cap): to what is needed, at most the hard limit.
+/// Past the limit, accepting fails (the listener retries) before the cap bites.
+fn raise_file_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let needed = max_connections as u64 + SPARE_FDS;
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return;
+    }
+    let target = limit.maximum.map_or(needed, |hard| hard.min(needed));
+    let raised = target > soft
+        && setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: limit.maximum,
+            },
+        )
+        .is_ok();
+    let now = if raised { target } else { soft };
+    if now < needed {
+        tracing::warn!(
+            open_files = now,
+            max_connections,
+            "the open-file limit is below server.max_connections plus spare: accepting will fail before the cap (raise LimitNOFILE / ulimit -n)"
+        );
+    } else {
+        tracing::info!(
+            from = soft,
+            to = now,
+            "raised the open-file limit for server.max_connections"
+        );
     }
 }
 
