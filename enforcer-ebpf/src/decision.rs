@@ -4,7 +4,7 @@
 //! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
 //! whose balance plus the refill since the snapshot is below the price, or an operator block
 //! while the daemon's heartbeat is fresh. Everything else passes.
-use crate::headers::{self, Headers};
+use crate::headers::{self, Headers, tcp};
 use crate::maps::{BINDINGS, BLOCKS, BUDGETS, CONFIG, PORTS, PRICES};
 use crate::scan::{self, http};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -48,23 +48,31 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
     let now = unsafe { bpf_ktime_get_ns() };
 
     let outcome = scan::parse_http(ctx, cfg, payload);
-    // The price of the request when its request line was read, else the cheapest price.
-    let mut price = cfg.min_price_milli;
-    if let Some(found) = scan::found() {
-        if outcome == http::IDENTIFIED {
-            return decide(
-                found.key_id,
-                price_of(&found.request, found.ambiguous, cfg),
-                now,
-                cfg,
-                counter::REJECTED_L7,
-            );
-        }
-        if outcome != http::NOT_HTTP && found.request_line {
-            price = price_of(&found.request, found.ambiguous, cfg);
-        }
+    let Some(found) = scan::found() else {
+        return Verdict::Pass;
+    };
+    if outcome == http::IDENTIFIED {
+        return decide(
+            found.key_id,
+            price_of(&found.request, found.ambiguous, cfg),
+            now,
+            cfg,
+            counter::REJECTED_L7,
+        );
     }
-    // No L7 identity: the source address, if it is bound to one key.
+    // No L7 identity. The source address may stand for a key, but only where a request or a
+    // connection starts: a segment whose payload begins with a whole request line (priced as
+    // that request), or a SYN without ACK (priced at the cheapest price). Everything else
+    // (pure ACKs, FINs, RSTs, body and continuation segments) may belong to a response the
+    // key already paid for, so it passes without a look at the binding.
+    let price = if outcome != http::NOT_HTTP && found.request_line && seg.flags & tcp::RST == 0 {
+        price_of(&found.request, found.ambiguous, cfg)
+    } else if seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN {
+        cfg.min_price_milli
+    } else {
+        return Verdict::Pass;
+    };
+    // The source address, if the daemon bound it to one key.
     // SAFETY: two `u64`s are 16 plain bytes, in memory order (little-endian words).
     let src: [u8; 16] = unsafe { core::mem::transmute(seg.src) };
     // SAFETY: read-only use of a map value the kernel keeps alive for this program run.

@@ -22,6 +22,15 @@ pub struct Segment {
     pub l4: usize,
     /// TCP header length from the data offset field (not checked: may be below 20).
     pub tcp_len: usize,
+    /// TCP flags (`tcp::*`).
+    pub flags: u8,
+}
+
+/// TCP flag bits.
+pub mod tcp {
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
 }
 
 /// What the headers say about a packet.
@@ -101,12 +110,19 @@ pub fn parse(ctx: &TcContext) -> Headers {
         return Headers::Malformed;
     };
     // SAFETY: inside the 20 bytes `window` checked.
-    let (dport, doff) = unsafe { (u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]), *tcp.add(12)) };
+    let (dport, doff, flags) = unsafe {
+        (
+            u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
+            *tcp.add(12),
+            *tcp.add(13),
+        )
+    };
     Headers::Tcp(Segment {
         src,
         dport,
         l4,
         tcp_len: ((doff >> 4) as usize) * 4,
+        flags,
     })
 }
 

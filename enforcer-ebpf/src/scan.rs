@@ -51,11 +51,13 @@ pub mod http {
     pub const UNSURE: u32 = 3;
 }
 
-/// What the scan left in the scratch slot for the decision.
+/// What the scan left in the scratch slot for the decision. Meaningless when the outcome was
+/// [`http::NOT_HTTP`]: a segment without payload leaves the slot as an earlier packet left it.
 pub struct Found {
     /// The key id (set when the outcome is [`http::IDENTIFIED`]).
     pub key_id: u64,
-    /// Whether the request line was read: `method` and `path` price this request.
+    /// Whether the whole request line (method, path, `HTTP/1.x`, line end) was read: the
+    /// segment starts a request, and `request` prices it.
     pub request_line: bool,
     /// 1 when the path may not be in the daemon's normal form.
     pub ambiguous: u64,

@@ -11,6 +11,11 @@ const PASS: u32 = 3; // TC_ACT_PIPE
 const DROP: u32 = 2; // TC_ACT_SHOT
 const PORT: u16 = 8080;
 const CLIENT4: [u8; 4] = [10, 0, 0, 2];
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+const PSH_ACK: u8 = 0x18;
 
 fn settings() -> GateSettings {
     GateSettings {
@@ -51,6 +56,8 @@ struct Pkt {
     port: u16,
     tcp_options: usize,
     more_fragments: bool,
+    /// TCP flags (PSH|ACK unless a test says otherwise).
+    flags: u8,
     payload: Vec<u8>,
 }
 
@@ -60,6 +67,7 @@ fn pkt(payload: &str) -> Pkt {
         port: PORT,
         tcp_options: 0,
         more_fragments: false,
+        flags: PSH_ACK,
         payload: payload.as_bytes().to_vec(),
     }
 }
@@ -107,7 +115,7 @@ fn bytes(p: &Pkt) -> Vec<u8> {
     tcp[4..8].copy_from_slice(&1_000_000u32.to_be_bytes()); // seq
     tcp[8..12].copy_from_slice(&5_000_000u32.to_be_bytes()); // ack
     tcp[12] = ((tcp_len / 4) as u8) << 4;
-    tcp[13] = 0x18; // PSH, ACK
+    tcp[13] = p.flags;
     for b in &mut tcp[20..] {
         *b = 1; // NOP options
     }
@@ -436,41 +444,105 @@ fn what_cannot_be_read_for_sure_passes() {
     assert_eq!(run(&mut g, &other_port), PASS, "unprotected port");
 }
 
+/// A segment with these flags and payload.
+fn seg(flags: u8, payload: &str) -> Pkt {
+    Pkt {
+        flags,
+        ..pkt(payload)
+    }
+}
+
 #[test]
-fn a_bound_address_is_rejected_without_l7_identity() {
+fn a_bound_address_is_rejected_without_l7_identity_where_a_connection_or_request_starts() {
     let mut g = gate();
     let k = key_id(b"k-bound");
     g.put_budget(k, budget(0.5, 0.0, Duration::ZERO))
         .expect("put");
     let client = IpAddr::from(CLIENT4);
-    let ack = pkt("");
-    assert_eq!(run(&mut g, &ack), PASS, "not bound yet");
+    let syn = seg(SYN, "");
+    assert_eq!(run(&mut g, &syn), PASS, "not bound yet");
     g.bind(client, k).expect("bind");
     assert_eq!(
-        run(&mut g, &ack),
+        run(&mut g, &syn),
         DROP,
-        "0.5 tokens cannot pay the cheapest price 1"
+        "a connection start: 0.5 tokens cannot pay the cheapest price 1"
     );
-    let continuation = pkt("more body bytes of an earlier request");
-    assert_eq!(run(&mut g, &continuation), DROP);
+    let mut syn6 = syn.clone();
+    syn6.v6 = true;
+    assert_eq!(run(&mut g, &syn6), PASS, "another address (IPv6)");
+    g.bind("fd00::2".parse().expect("ip"), k).expect("bind");
+    assert_eq!(run(&mut g, &syn6), DROP, "bound IPv6 address");
+    // A request line without the key header starts a request: priced as that request.
+    let report = pkt("POST /generate-report HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(run(&mut g, &report), DROP, "a request start");
+    let cut = pkt("GET /items HTTP/1.1\r\nHost: a\r\nUser-Ag");
+    assert_eq!(run(&mut g, &cut), DROP, "request line read, headers cut");
     // An L7 identity wins over the binding.
     g.put_budget(key_id(b"k-rich"), budget(500.0, 0.0, Duration::ZERO))
         .expect("put");
     let rich = pkt(&request("GET", "/items", "x-api-key: k-rich\r\n"));
     assert_eq!(run(&mut g, &rich), PASS);
-    // A request line without the key header is priced as that request: an operational
-    // endpoint (price 0) passes, an expensive one is compared with its own price.
+    // An operational endpoint (price 0) passes.
     g.set_price(Some("GET"), "/health", 0.0).expect("price");
     let health = pkt("GET /health HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(run(&mut g, &health), PASS, "operational: price 0");
+    // An expensive request is compared with its own price.
     g.put_budget(k, budget(80.0, 0.0, Duration::ZERO))
         .expect("put");
-    let report = pkt("POST /generate-report HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(run(&mut g, &report), DROP, "80 tokens cannot pay 120");
-    assert_eq!(run(&mut g, &ack), PASS, "80 tokens pay the cheapest price");
+    assert_eq!(run(&mut g, &syn), PASS, "80 tokens pay the cheapest price");
     g.unbind(client).expect("unbind");
-    assert_eq!(run(&mut g, &ack), PASS);
-    assert_eq!(g.counters().expect("counters").rejected_l4, 3);
+    assert_eq!(run(&mut g, &report), PASS);
+    assert_eq!(g.counters().expect("counters").rejected_l4, 5);
+}
+
+/// The ACKs of a response the key just paid for, its FIN and RST, and the segments of a
+/// request already under way carry no request start: a bound address whose key cannot pay
+/// the cheapest price still gets them through (with a drop, the paid response would stall).
+#[test]
+fn a_bound_address_never_loses_acks_fins_resets_or_continuations() {
+    let mut g = gate();
+    let k = key_id(b"k-drained");
+    g.put_budget(k, budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    g.bind(IpAddr::from(CLIENT4), k).expect("bind");
+    g.block(k, Duration::from_secs(60)).expect("block");
+    for v6 in [false, true] {
+        if v6 {
+            g.bind("fd00::2".parse().expect("ip"), k).expect("bind");
+        }
+        for (what, mut p) in [
+            ("pure ACK", seg(ACK, "")),
+            ("FIN|ACK", seg(FIN | ACK, "")),
+            ("RST", seg(RST, "")),
+            ("RST|ACK", seg(RST | ACK, "")),
+            ("SYN|ACK", seg(SYN | ACK, "")),
+            (
+                "body bytes",
+                seg(PSH_ACK, "more body bytes of an earlier request"),
+            ),
+            ("body with a FIN", seg(FIN | PSH_ACK, "{\"last\": true}")),
+            (
+                "a header line continued",
+                seg(PSH_ACK, "Accept: */*\r\n\r\n"),
+            ),
+            ("a request line cut", seg(PSH_ACK, "GET /items HTT")),
+            ("a method only", seg(PSH_ACK, "POST")),
+            ("TLS record", seg(PSH_ACK, "\x17\x03\x03\x00\x20")),
+            (
+                "RST carrying a request line",
+                seg(RST | ACK, "GET /items HTTP/1.1\r\n\r\n"),
+            ),
+        ] {
+            p.v6 = v6;
+            assert_eq!(run(&mut g, &p), PASS, "{what} (v6: {v6})");
+        }
+    }
+    // The same address's connection and request starts are rejected (blocked key).
+    assert_eq!(run(&mut g, &seg(SYN, "")), DROP);
+    assert_eq!(run(&mut g, &pkt("GET /x HTTP/1.1\r\n\r\n")), DROP);
+    let c = g.counters().expect("counters");
+    assert_eq!((c.rejected_l4, c.rejected_blocked), (0, 2));
 }
 
 #[test]
