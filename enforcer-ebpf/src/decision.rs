@@ -60,14 +60,17 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
             counter::REJECTED_L7,
         );
     }
-    // No L7 identity. The source address may stand for a key, but only where a request or a
-    // connection starts: a segment whose payload begins with a whole request line (priced as
-    // that request), or a SYN without ACK (priced at the cheapest price). Everything else
-    // (pure ACKs, FINs, RSTs, body and continuation segments) may belong to a response the
-    // key already paid for, so it passes without a look at the binding.
-    let price = if outcome != http::NOT_HTTP && found.request_line && seg.flags & tcp::RST == 0 {
+    // No L7 identity. The source address may stand for a key, but only where a connection or
+    // a request starts: a SYN without ACK and without an HTTP request in it (priced at the
+    // cheapest price), or a segment whose request head was read to its end without a usable
+    // key header (`NO_KEY`: priced as that request). Everything else passes without a look at
+    // the binding: pure ACKs, FINs and RSTs, body and continuation segments (they may belong to
+    // a response the key already paid for), and requests whose key header may still come (cut
+    // off: it may be another key's).
+    let price = if outcome == http::NO_KEY && seg.flags & tcp::RST == 0 {
         price_of(&found.request, found.ambiguous, cfg)
-    } else if seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN {
+    } else if outcome == http::NOT_HTTP && seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN
+    {
         cfg.min_price_milli
     } else {
         return Verdict::Pass;

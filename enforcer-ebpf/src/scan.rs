@@ -40,14 +40,19 @@ pub struct Scan {
 
 /// What the L7 parser found (the key id and price key are left in the scratch slot).
 pub mod http {
-    /// A complete key header: `key`, `method` and `path` of the scratch slot are set.
+    /// The first key header holds exactly a key: a complete value, whose line ends with
+    /// "\r\n" or "\n" and is not continued (obs-fold); `key`, `method` and `path` of the
+    /// scratch slot are set.
     pub const IDENTIFIED: u32 = 0;
     /// Not an HTTP request start (another protocol, a continuation segment).
     pub const NOT_HTTP: u32 = 1;
-    /// An HTTP request whose headers ended without the key header.
+    /// An HTTP request that has no key: its head ended (the empty line) without the key
+    /// header, or its first key header holds none (an empty value, or one without the value
+    /// prefix, e.g. another auth scheme).
     pub const NO_KEY: u32 = 2;
     /// HTTP, but cut off before the key could be read (split segment, beyond the window,
-    /// too long), or no scratch space: identity unknown.
+    /// too long), a value that may not be the whole key (a bare '\r', a folded line), a
+    /// malformed line end, or no scratch space: identity unknown.
     pub const UNSURE: u32 = 3;
 }
 
@@ -56,12 +61,10 @@ pub mod http {
 pub struct Found {
     /// The key id (set when the outcome is [`http::IDENTIFIED`]).
     pub key_id: u64,
-    /// Whether the whole request line (method, path, `HTTP/1.x`, line end) was read: the
-    /// segment starts a request, and `request` prices it.
-    pub request_line: bool,
     /// 1 when the path may not be in the daemon's normal form.
     pub ambiguous: u64,
-    /// The (method, path) hashes of the request line.
+    /// The (method, path) hashes of the request line (set from [`http::NO_KEY`] and
+    /// [`http::IDENTIFIED`] on: the request line was read).
     pub request: PriceKey,
 }
 
@@ -73,7 +76,6 @@ pub fn found() -> Option<Found> {
     unsafe {
         Some(Found {
             key_id: core::ptr::read_volatile(&raw const (*scan).key),
-            request_line: core::ptr::read_volatile(&raw const (*scan).step) >= STEP_HEADER,
             ambiguous: core::ptr::read_volatile(&raw const (*scan).ambiguous),
             request: PriceKey {
                 method: core::ptr::read_volatile(&raw const (*scan).method),
@@ -449,10 +451,18 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             if pos >= n {
                 return decided(s, http::UNSURE);
             }
-            let first = word(s, pos) as u8;
-            if first == b'\r' || first == b'\n' {
+            let w = word(s, pos);
+            let first = w as u8;
+            if first == b'\n' {
                 // The empty line: the headers ended without the key.
                 return decided(s, http::NO_KEY);
+            }
+            if first == b'\r' {
+                // "\r\n" is the empty line; a bare '\r' is no line end to an HTTP parser.
+                if pos + 1 < n && (w >> 8) as u8 == b'\n' {
+                    return decided(s, http::NO_KEY);
+                }
+                return decided(s, http::UNSURE);
             }
             let plen = (cfg.pattern_len as u64).min(MAX_PATTERN as u64);
             if pos + plen > n {
@@ -495,7 +505,18 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
             s.step = STEP_KEY_HASH;
         }
         _ => {
-            // STEP_KEY_HASH: trailing blanks trimmed, then the key id.
+            // STEP_KEY_HASH. The value is exactly the key only if its line ends there ("\r\n"
+            // or "\n", not a bare '\r') and the next line does not continue it (obs-fold: a
+            // line starting with a blank): that takes one byte of the next line.
+            let w = word(s, pos);
+            let cr = (w as u8 == b'\r') as u64;
+            if pos + 2 + cr > n
+                || (cr == 1 && (w >> 8) as u8 != b'\n')
+                || matches!((w >> (8 * (1 + cr))) as u8, b' ' | b'\t')
+            {
+                return decided(s, http::UNSURE);
+            }
+            // Trailing blanks trimmed, then the key id.
             let mark = s.mark & (SCAN_WINDOW as u64 - 1);
             let mut end = pos;
             let mut i = 0;

@@ -281,8 +281,9 @@ fn tokens_of_every_length_hash_as_in_userspace() {
     let req = pkt(&request("MKCALENDARX", "/m", "x-api-key: k-80\r\n"));
     assert_eq!(run(&mut g, &req), PASS, "an 11-letter method is not HTTP");
 
-    // The key header's line ends exactly at byte 512 of the payload: read. One byte more of
-    // padding pushes its '\n' out of the window: the value could be cut, so it passes.
+    // The key header's line and one byte of the next line (which shows the value is not
+    // folded on) end exactly at byte 512 of the payload: read. One byte more of padding pushes
+    // that byte out of the window, two bytes its '\n': the value could go on, so it passes.
     g.put_budget(key_id(b"k-edge"), budget(0.0, 0.0, Duration::ZERO))
         .expect("put");
     let at_edge = |pad: usize| {
@@ -292,19 +293,24 @@ fn tokens_of_every_length_hash_as_in_userspace() {
         )
     };
     let fixed = at_edge(0).find("x-api-key").expect("header") + "x-api-key: k-edge\r\n".len();
-    let pad = enforcer_common::SCAN_WINDOW - fixed;
+    let pad = enforcer_common::SCAN_WINDOW - fixed - 1;
     let exact = at_edge(pad);
     assert_eq!(
-        exact.find("\r\n\r\n").expect("end") + 2,
+        exact.find("\r\n\r\n").expect("end") + 3,
         enforcer_common::SCAN_WINDOW
     );
     assert_eq!(
         run(&mut g, &pkt(&exact)),
         DROP,
-        "line ends at the window's end"
+        "line and the next byte end at the window's end"
     );
     assert_eq!(
-        run(&mut g, &pkt(&at_edge(pad + 2))),
+        run(&mut g, &pkt(&at_edge(pad + 1))),
+        PASS,
+        "the next line's first byte beyond the window"
+    );
+    assert_eq!(
+        run(&mut g, &pkt(&at_edge(pad + 3))),
         PASS,
         "'\\r\\n' beyond the window"
     );
@@ -436,6 +442,28 @@ fn what_cannot_be_read_for_sure_passes() {
     }
     let no_key = request("GET", "/items", "Accept: */*\r\n");
     assert_eq!(run(&mut g, &pkt(&no_key)), PASS, "no key header");
+    // The value is exactly the key only when its line ends cleanly and is not folded on.
+    let lf_only = "GET /items HTTP/1.1\nx-api-key: k-cut\n\n";
+    assert_eq!(
+        run(&mut g, &pkt(lf_only)),
+        DROP,
+        "LF line ends are line ends"
+    );
+    for (what, headers) in [
+        ("a bare CR in the value", "x-api-key: k-cut\rX\r\n"),
+        ("a bare CR ends the value", "x-api-key: k-cut\r"),
+        ("a folded value", "x-api-key: k-cut\r\n more\r\n"),
+        ("a folded value (tab, LF)", "x-api-key: k-cut\n\tmore\n"),
+    ] {
+        let req = format!("GET /items HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        assert_eq!(run(&mut g, &pkt(&req)), PASS, "{what}");
+    }
+    let last = "GET /items HTTP/1.1\r\nHost: a\r\nx-api-key: k-cut\r\n";
+    assert_eq!(
+        run(&mut g, &pkt(last)),
+        PASS,
+        "the key line ends the segment: the next one may fold it on"
+    );
     let mut frag = pkt(&full);
     frag.more_fragments = true;
     assert_eq!(run(&mut g, &frag), PASS, "IPv4 fragment");
@@ -475,8 +503,40 @@ fn a_bound_address_is_rejected_without_l7_identity_where_a_connection_or_request
     // A request line without the key header starts a request: priced as that request.
     let report = pkt("POST /generate-report HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(run(&mut g, &report), DROP, "a request start");
+    let no_key = pkt("GET /items HTTP/1.1\r\nHost: a\r\nAccept: */*\n\n");
+    assert_eq!(
+        run(&mut g, &no_key),
+        DROP,
+        "a whole head without the key header"
+    );
+    let empty_key = pkt("GET /items HTTP/1.1\r\nx-api-key: \r\nHost: a\r\n");
+    assert_eq!(
+        run(&mut g, &empty_key),
+        DROP,
+        "an empty key header is no key"
+    );
+    // The key header may still come, and may be another key's: the binding does not decide.
     let cut = pkt("GET /items HTTP/1.1\r\nHost: a\r\nUser-Ag");
-    assert_eq!(run(&mut g, &cut), DROP, "request line read, headers cut");
+    assert_eq!(run(&mut g, &cut), PASS, "request line read, headers cut");
+    let bare_cr = pkt("GET /items HTTP/1.1\r\nHost: a\r\n\rx-api-key: k-rich\r\n\r\n");
+    assert_eq!(
+        run(&mut g, &bare_cr),
+        PASS,
+        "a bare CR is not the end of the head"
+    );
+    let mut syn_request = seg(SYN, "GET /items HTTP/1.1\r\nHost: a\r\nUser-Ag");
+    assert_eq!(
+        run(&mut g, &syn_request),
+        PASS,
+        "a SYN carrying a request whose key may still come (TCP Fast Open)"
+    );
+    // A TLS ClientHello's start (record header, handshake type, length, version, random).
+    syn_request.payload = [
+        &b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"[..],
+        &[0x5a; 32],
+    ]
+    .concat();
+    assert_eq!(run(&mut g, &syn_request), DROP, "a SYN carrying TLS");
     // An L7 identity wins over the binding.
     g.put_budget(key_id(b"k-rich"), budget(500.0, 0.0, Duration::ZERO))
         .expect("put");
@@ -493,7 +553,7 @@ fn a_bound_address_is_rejected_without_l7_identity_where_a_connection_or_request
     assert_eq!(run(&mut g, &syn), PASS, "80 tokens pay the cheapest price");
     g.unbind(client).expect("unbind");
     assert_eq!(run(&mut g, &report), PASS);
-    assert_eq!(g.counters().expect("counters").rejected_l4, 5);
+    assert_eq!(g.counters().expect("counters").rejected_l4, 7);
 }
 
 /// The ACKs of a response the key just paid for, its FIN and RST, and the segments of a
