@@ -47,7 +47,7 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let outcome = scan::parse_http(ctx, cfg, payload);
+    let outcome = scan::parse_http(ctx, cfg, payload, seg.end);
     let Some(found) = scan::found() else {
         return Verdict::Pass;
     };
@@ -61,16 +61,16 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
         );
     }
     // No L7 identity. The source address may stand for a key, but only where a connection or
-    // a request starts: a SYN without ACK and without an HTTP request in it (priced at the
-    // cheapest price), or a segment whose request head was read to its end without a usable
-    // key header (`NO_KEY`: priced as that request). Everything else passes without a look at
-    // the binding: pure ACKs, FINs and RSTs, body and continuation segments (they may belong to
-    // a response the key already paid for), and requests whose key header may still come (cut
-    // off: it may be another key's).
+    // a request starts: a SYN without ACK and without payload (priced at the cheapest price; a
+    // SYN carrying data, TCP Fast Open, is judged by its data as any segment is), or a segment
+    // whose request head was read to its end without a usable key header (`NO_KEY`: priced as
+    // that request). Everything else passes without a look at the binding: pure ACKs, FINs
+    // and RSTs, body and continuation segments (they may belong to a response the key already
+    // paid for), and requests whose key header may still come (cut off: it may be another
+    // key's).
     let price = if outcome == http::NO_KEY && seg.flags & tcp::RST == 0 {
         price_of(&found.request, found.ambiguous, cfg)
-    } else if outcome == http::NOT_HTTP && seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN
-    {
+    } else if payload >= seg.end && seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN {
         cfg.min_price_milli
     } else {
         return Verdict::Pass;

@@ -24,6 +24,9 @@ pub struct Segment {
     pub tcp_len: usize,
     /// TCP flags (`tcp::*`).
     pub flags: u8,
+    /// End of the IP packet in the frame: what follows (Ethernet padding of a short frame) is
+    /// no payload. The frame's end when the IP length is 0 (BIG TCP aggregates).
+    pub end: usize,
 }
 
 /// TCP flag bits.
@@ -51,6 +54,7 @@ pub fn parse(ctx: &TcContext) -> Headers {
     };
     let src: [u64; 2];
     let l4: usize;
+    let ip_len: usize;
     // SAFETY (all reads below): each pointer comes from `window`, which checked that the bytes
     // read through it are inside the packet.
     match unsafe { u16::from_be_bytes([*eth.add(12), *eth.add(13)]) } {
@@ -58,9 +62,10 @@ pub fn parse(ctx: &TcContext) -> Headers {
             let Some(ip) = window(ctx, ETH_HLEN, 20) else {
                 return Headers::Malformed;
             };
-            let (vihl, frag, proto) = unsafe {
+            let (vihl, total, frag, proto) = unsafe {
                 (
                     *ip,
+                    u16::from_be_bytes([*ip.add(2), *ip.add(3)]),
                     u16::from_be_bytes([*ip.add(6), *ip.add(7)]),
                     *ip.add(9),
                 )
@@ -86,13 +91,16 @@ pub fn parse(ctx: &TcContext) -> Headers {
                 ])
             }];
             l4 = ETH_HLEN + ihl;
+            ip_len = total as usize;
         }
         ETH_P_IPV6 => {
             let Some(ip) = window(ctx, ETH_HLEN, 40) else {
                 return Headers::Malformed;
             };
             // Extension headers are not followed: such packets pass.
-            if unsafe { *ip.add(6) } != IPPROTO_TCP {
+            let (next, plen) =
+                unsafe { (*ip.add(6), u16::from_be_bytes([*ip.add(4), *ip.add(5)])) };
+            if next != IPPROTO_TCP {
                 return Headers::Other;
             }
             // Memory order, as the IPv4 case builds it (the loads are bounded by `window`).
@@ -103,6 +111,7 @@ pub fn parse(ctx: &TcContext) -> Headers {
                 ]
             };
             l4 = ETH_HLEN + 40;
+            ip_len = if plen == 0 { 0 } else { 40 + plen as usize };
         }
         _ => return Headers::Other,
     }
@@ -117,12 +126,19 @@ pub fn parse(ctx: &TcContext) -> Headers {
             *tcp.add(13),
         )
     };
+    let frame = ctx.len() as usize;
+    let end = if ip_len == 0 {
+        frame
+    } else {
+        (ETH_HLEN + ip_len).min(frame)
+    };
     Headers::Tcp(Segment {
         src,
         dport,
         l4,
         tcp_len: ((doff >> 4) as usize) * 4,
         flags,
+        end,
     })
 }
 

@@ -85,15 +85,15 @@ pub fn found() -> Option<Found> {
     }
 }
 
-/// Scans the start of the payload: request line, then headers for the key header.
+/// Scans the start of the payload (`payload..len` of the frame): request line, then headers
+/// for the key header.
 ///
 /// The scan runs as steps under `bpf_loop`: each step reads one token or one header line, eight
 /// bytes at a time (SWAR: word-wide byte comparisons), and leaves its state in the scratch slot.
 /// The verifier checks the step function once instead of every path through the packet, and
 /// reloading the state from the map value at each step keeps its view of offsets simple.
 #[inline(always)]
-pub fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize) -> u32 {
-    let len = ctx.len() as usize;
+pub fn parse_http(ctx: &TcContext, cfg: &GateConfig, payload: usize, len: usize) -> u32 {
     if payload >= len {
         return http::NOT_HTTP;
     }

@@ -4,18 +4,16 @@
 use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::kernel::{Gate, GateSettings, monotonic_ns};
 use enforcer_common::{Budget, key_id};
+use enforcer_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
+use enforcer_tests::packet::{CLIENT4, Frame};
 use std::net::IpAddr;
 use std::time::Duration;
 
 const PASS: u32 = 3; // TC_ACT_PIPE
 const DROP: u32 = 2; // TC_ACT_SHOT
 const PORT: u16 = 8080;
-const CLIENT4: [u8; 4] = [10, 0, 0, 2];
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
-const PSH_ACK: u8 = 0x18;
+const CLIENT6: [u16; 8] = [0xfd00, 0, 0, 0, 0, 0, 0, 2];
+const PSH_ACK: u8 = PSH | ACK;
 
 fn settings() -> GateSettings {
     GateSettings {
@@ -59,6 +57,8 @@ struct Pkt {
     /// TCP flags (PSH|ACK unless a test says otherwise).
     flags: u8,
     payload: Vec<u8>,
+    /// Ethernet padding after the IP packet.
+    padding: usize,
 }
 
 fn pkt(payload: &str) -> Pkt {
@@ -69,59 +69,25 @@ fn pkt(payload: &str) -> Pkt {
         more_fragments: false,
         flags: PSH_ACK,
         payload: payload.as_bytes().to_vec(),
+        padding: 0,
     }
 }
 
 fn bytes(p: &Pkt) -> Vec<u8> {
-    let tcp_len = 20 + p.tcp_options;
-    let mut out = vec![0u8; 12];
-    if p.v6 {
-        out.extend_from_slice(&0x86ddu16.to_be_bytes());
-        let mut ip = vec![0u8; 40];
-        ip[0] = 0x60;
-        ip[4..6].copy_from_slice(&((tcp_len + p.payload.len()) as u16).to_be_bytes());
-        ip[6] = 6;
-        ip[7] = 64;
-        ip[8..24].copy_from_slice(
-            &"fd00::2"
-                .parse::<std::net::Ipv6Addr>()
-                .expect("ip")
-                .octets(),
-        );
-        ip[24..40].copy_from_slice(
-            &"fd00::1"
-                .parse::<std::net::Ipv6Addr>()
-                .expect("ip")
-                .octets(),
-        );
-        out.extend_from_slice(&ip);
-    } else {
-        out.extend_from_slice(&0x0800u16.to_be_bytes());
-        let mut ip = vec![0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + tcp_len + p.payload.len()) as u16).to_be_bytes());
-        if p.more_fragments {
-            ip[6] = 0x20;
-        }
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&CLIENT4);
-        ip[16..20].copy_from_slice(&[10, 0, 0, 1]);
-        out.extend_from_slice(&ip);
+    Frame {
+        src: if p.v6 {
+            IpAddr::from(CLIENT6)
+        } else {
+            IpAddr::from(CLIENT4)
+        },
+        dport: p.port,
+        tcp_options: p.tcp_options,
+        more_fragments: p.more_fragments,
+        flags: p.flags,
+        payload: p.payload.clone(),
+        padding: p.padding,
     }
-    let mut tcp = vec![0u8; tcp_len];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    tcp[2..4].copy_from_slice(&p.port.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1_000_000u32.to_be_bytes()); // seq
-    tcp[8..12].copy_from_slice(&5_000_000u32.to_be_bytes()); // ack
-    tcp[12] = ((tcp_len / 4) as u8) << 4;
-    tcp[13] = p.flags;
-    for b in &mut tcp[20..] {
-        *b = 1; // NOP options
-    }
-    out.extend_from_slice(&tcp);
-    out.extend_from_slice(&p.payload);
-    out
+    .bytes()
 }
 
 fn run(gate: &mut Gate, p: &Pkt) -> u32 {
@@ -498,7 +464,7 @@ fn a_bound_address_is_rejected_without_l7_identity_where_a_connection_or_request
     let mut syn6 = syn.clone();
     syn6.v6 = true;
     assert_eq!(run(&mut g, &syn6), PASS, "another address (IPv6)");
-    g.bind("fd00::2".parse().expect("ip"), k).expect("bind");
+    g.bind(IpAddr::from(CLIENT6), k).expect("bind");
     assert_eq!(run(&mut g, &syn6), DROP, "bound IPv6 address");
     // A request line without the key header starts a request: priced as that request.
     let report = pkt("POST /generate-report HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -536,7 +502,23 @@ fn a_bound_address_is_rejected_without_l7_identity_where_a_connection_or_request
         &[0x5a; 32],
     ]
     .concat();
-    assert_eq!(run(&mut g, &syn_request), DROP, "a SYN carrying TLS");
+    assert_eq!(
+        run(&mut g, &syn_request),
+        PASS,
+        "a SYN carrying data is judged by its data: TLS starts no HTTP request"
+    );
+    // Ethernet padding of a short frame is no payload: a padded SYN is still a bare SYN, and
+    // a padded ACK still a pure ACK.
+    let padded_syn = Pkt {
+        padding: 6,
+        ..seg(SYN, "")
+    };
+    assert_eq!(run(&mut g, &padded_syn), DROP, "a SYN in a padded frame");
+    let padded_ack = Pkt {
+        padding: 6,
+        ..seg(ACK, "")
+    };
+    assert_eq!(run(&mut g, &padded_ack), PASS, "an ACK in a padded frame");
     // An L7 identity wins over the binding.
     g.put_budget(key_id(b"k-rich"), budget(500.0, 0.0, Duration::ZERO))
         .expect("put");
@@ -569,7 +551,7 @@ fn a_bound_address_never_loses_acks_fins_resets_or_continuations() {
     g.block(k, Duration::from_secs(60)).expect("block");
     for v6 in [false, true] {
         if v6 {
-            g.bind("fd00::2".parse().expect("ip"), k).expect("bind");
+            g.bind(IpAddr::from(CLIENT6), k).expect("bind");
         }
         for (what, mut p) in [
             ("pure ACK", seg(ACK, "")),
