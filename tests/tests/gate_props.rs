@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// Cases per run (at least 100 000; `ENFORCER_GATE_PROPS_CASES` overrides it).
-const CASES: u64 = 120_000;
+const CASES: u64 = 250_000;
 /// Seeds that failed once: they run first, every time.
 const REGRESSIONS: &[u64] = &[];
 /// Cases between two refreshes of the maps (snapshots, bindings, heartbeat).
