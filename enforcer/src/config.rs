@@ -108,6 +108,10 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// Open client connections at most; the daemon refuses (503, closed) the ones beyond.
     pub max_connections: usize,
+    /// Peers (proxies, gateways) whose word on the client's address is taken: `X-Forwarded-For`
+    /// and `X-Real-IP` on `/v1/auth`, `client_ip` on `/v1/check`. Empty (the default): no
+    /// request names a client address, so the kernel gate binds none ([`crate::client_addr`]).
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
 }
 
 /// `[store]`: where buckets live.
@@ -442,6 +446,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -1047,6 +1052,36 @@ mod tests {
                 "pricing.proc_root"
             ]
         );
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_none_and_bad_entries_name_their_path() {
+        let c = Config::parse("").expect("defaults");
+        assert!(c.server.trusted_proxies.is_empty());
+        let c = Config::parse(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/8\"]\n",
+        )
+        .expect("valid networks");
+        let shown: Vec<_> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+        for (entry, says) in [
+            ("10.0.0.1/8", "write 10.0.0.0/8"),
+            ("0.0.0.0/0", "trusts every peer"),
+            ("10.0.0.0/33", "prefix length must be 1-32"),
+            ("localhost", "is not an IP network"),
+        ] {
+            let text = format!("[server]\ntrusted_proxies = [\"127.0.0.1\",\n  \"{entry}\"]\n");
+            let err = Config::parse(&text).expect_err(entry).to_string();
+            assert!(
+                err.contains("server.trusted_proxies[1]") && err.contains(says),
+                "{entry}: {err}"
+            );
+        }
     }
 
     #[test]

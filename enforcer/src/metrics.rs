@@ -26,6 +26,9 @@ pub struct Metrics {
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
     pub refunds: IntCounterVec,
+    /// `enforcer_client_addresses_total{outcome}`: client addresses requests offered (used,
+    /// untrusted_peer, unusable).
+    pub client_addresses: IntCounterVec,
     /// `enforcer_idempotent_replays_total`.
     pub replays: IntCounter,
     /// `enforcer_kernel_attached`: 1 when the kernel gate is attached.
@@ -269,6 +272,15 @@ impl Metrics {
             "Refund requests by outcome",
             &["outcome"],
         );
+        let client_addresses = counter_vec(
+            &registry,
+            "enforcer_client_addresses_total",
+            "Client addresses offered with decisions (X-Forwarded-For, X-Real-IP, client_ip), by \
+             outcome: used (from a trusted proxy), untrusted_peer (ignored: the peer is not in \
+             server.trusted_proxies), unusable (ignored: malformed, only proxies, or headers \
+             that disagree)",
+            &["outcome"],
+        );
         let replays = register(
             &registry,
             IntCounter::new(
@@ -378,6 +390,7 @@ impl Metrics {
             breaker_state,
             bad_requests,
             refunds,
+            client_addresses,
             replays,
             kernel_attached,
             kernel_passed,
