@@ -1,5 +1,6 @@
 //! `cargo xtask bench ledger`: sustained audit rows per second through the ledger writer into
-//! PostgreSQL (queue → writer thread → binary COPY batches), beside `psql \copy` of the same
+//! PostgreSQL (`Ledger::record` → local file and queue → writer → binary COPY batches), with the
+//! journal on and off, beside `psql \copy` of the same
 //! rows in the same binary format (the ceiling) and single-row INSERTs, on one server (started
 //! by xtask with fsync on). Each measurement gets a fresh database.
 use enforcer::config::LedgerConfig;
@@ -70,6 +71,59 @@ async fn count(url: &str) -> i64 {
     n
 }
 
+/// Rows per second through `Ledger::record`, the writer and binary COPY into a fresh database.
+async fn writer(
+    admin: &sqlx::PgPool,
+    base: &str,
+    data: &[Entry],
+    journal: bool,
+    dir: &std::path::Path,
+) -> f64 {
+    let url = fresh(admin, base, "bench_writer").await;
+    let config = LedgerConfig {
+        database_url: url.clone(),
+        file: dir
+            .join(format!("spill-{journal}.jsonl"))
+            .display()
+            .to_string(),
+        journal,
+        ..LedgerConfig::default()
+    };
+    let metrics = Metrics::new().ledger;
+    let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+        .await
+        .expect("writer");
+    let cap = (config.queue_capacity as i64) * 3 / 4;
+    let started = Instant::now();
+    for e in data.iter().cloned() {
+        while metrics.queue_depth.get() > cap {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        ledger.record(e);
+    }
+    let queued = started.elapsed();
+    // Straight from memory, or (rows the queue had no room for) replayed from the file.
+    while metrics.written.get() + metrics.replayed.get() < ROWS as u64 {
+        assert_eq!(metrics.dropped.get(), 0, "rows dropped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    writer.shutdown();
+    assert_eq!(count(&url).await, ROWS as i64);
+    let rate = ROWS as f64 / took.as_secs_f64();
+    println!(
+        "writer, journal {}: {:>9.0} rows/s ({:.2} s; recorded in {:.2} s; spilled {}, replayed {}, dropped {})",
+        if journal { "on " } else { "off" },
+        rate,
+        took.as_secs_f64(),
+        queued.as_secs_f64(),
+        metrics.spilled.get(),
+        metrics.replayed.get(),
+        metrics.dropped.get()
+    );
+    rate
+}
+
 fn main() {
     let base = std::env::var("ENFORCER_TEST_DATABASE_URL")
         .expect("run through `cargo xtask bench ledger`, which starts PostgreSQL");
@@ -79,44 +133,12 @@ fn main() {
         let data = rows(ROWS);
         println!("ledger, {ROWS} rows (15 columns, ~200 bytes of data each), fsync on");
 
-        // 1. The writer: rows pushed as fast as the queue takes them.
-        let url = fresh(&admin, &base, "bench_writer").await;
+        // 1. The writer: rows pushed as fast as it takes them, with the journal (each row
+        //    appended to the local file by `record`, the default) and without (the writer
+        //    appends once per flush interval).
         let dir = tempfile::tempdir().expect("tmp");
-        let config = LedgerConfig {
-            database_url: url.clone(),
-            file: dir.path().join("spill.jsonl").display().to_string(),
-            ..LedgerConfig::default()
-        };
-        let metrics = Metrics::new().ledger;
-        let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
-            .await
-            .expect("writer");
-        let cap = (config.queue_capacity as i64) * 3 / 4;
-        let started = Instant::now();
-        for e in data.iter().cloned() {
-            while metrics.queue_depth.get() > cap {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-            ledger.record(e);
-        }
-        let queued = started.elapsed();
-        while metrics.written.get() < ROWS as u64 {
-            assert_eq!(metrics.dropped.get(), 0, "rows dropped");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let took = started.elapsed();
-        writer.shutdown();
-        assert_eq!(count(&url).await, ROWS as i64);
-        let writer_rate = ROWS as f64 / took.as_secs_f64();
-        println!(
-            "writer (queue -> COPY binary, batches of {}): {:>9.0} rows/s ({:.2} s; queued in {:.2} s; spilled {}, dropped {})",
-            config.batch_rows,
-            writer_rate,
-            took.as_secs_f64(),
-            queued.as_secs_f64(),
-            metrics.spilled.get(),
-            metrics.dropped.get()
-        );
+        let writer_rate = writer(&admin, &base, &data, true, dir.path()).await;
+        let no_journal_rate = writer(&admin, &base, &data, false, dir.path()).await;
 
         // 2. The ceiling: psql \copy of the same rows, same binary format, one transaction.
         let url = fresh(&admin, &base, "bench_psql").await;
@@ -187,8 +209,9 @@ fn main() {
             took.as_secs_f64()
         );
         println!(
-            "writer / psql \\copy: {:.2}; writer / INSERTs: {:.0}x",
+            "writer / psql \\copy: {:.2} (journal off: {:.2}); writer / INSERTs: {:.0}x",
             writer_rate / psql_rate,
+            no_journal_rate / psql_rate,
             writer_rate / insert_rate
         );
         for db in ["bench_writer", "bench_psql", "bench_insert"] {

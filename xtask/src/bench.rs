@@ -135,19 +135,29 @@ refill_per_sec = 1e9
     // One worker thread, then tokio's default (one per core): on a machine where Redis and the
     // load generator share the cores, cross-thread wake-ups cost more than the second worker
     // brings; docs/benchmarks.md discusses it.
-    // Every decision is recorded (the embedded ledger file, one fsync per batch): in a temp
-    // directory, not the checkout.
+    // Every decision is recorded (the embedded ledger file, in a temp directory, not the
+    // checkout), with the ledger's journal on (the default: each row written before the answer)
+    // and off (rows appended once per flush interval), alternately, so both see the same noise.
     let ledger_dir = tempfile::Builder::new()
         .prefix("enforcer-bench-ledger-")
         .tempdir()?;
-    for workers in [1, cores] {
+    let group_config = dir.path().join("bench-no-journal.toml");
+    std::fs::write(
+        &group_config,
+        std::fs::read_to_string(&config)? + "[ledger]\njournal = false\n",
+    )?;
+    for (workers, journal) in [(1, true), (1, false), (cores, true), (cores, false)] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .args(["run", "--config"])
-                .arg(&config)
+                .arg(if journal { &config } else { &group_config })
                 .args(["--workers", &workers.to_string()])
                 .arg("--ledger-file")
-                .arg(ledger_dir.path().join(format!("ledger-{workers}.jsonl")))
+                .arg(
+                    ledger_dir
+                        .path()
+                        .join(format!("ledger-{workers}-{journal}.jsonl")),
+                )
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
@@ -175,7 +185,7 @@ refill_per_sec = 1e9
             body,
         )?;
         drop(daemon);
-        rows.push((workers, full, full_cpu, half));
+        rows.push((workers, journal, full, full_cpu, half));
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
@@ -199,10 +209,11 @@ refill_per_sec = 1e9
             c.redis_us
         );
     }
-    for (workers, full, full_cpu, half) in &rows {
+    for (workers, journal, full, full_cpu, half) in &rows {
+        let journal = if *journal { "journal" } else { "no journal" };
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1}",
-            format!("daemon, {workers} worker(s), closed loop"),
+            format!("daemon, {workers} worker(s), {journal}, closed loop"),
             full.rate(),
             full.percentile_ms(0.5),
             full.percentile_ms(0.99),
@@ -210,7 +221,7 @@ refill_per_sec = 1e9
         );
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3}",
-            format!("daemon, {workers} worker(s), open loop at {half_rate:.0}/s"),
+            format!("daemon, {workers} worker(s), {journal}, open loop at {half_rate:.0}/s"),
             half.rate(),
             half.percentile_ms(0.5),
             half.percentile_ms(0.99)
