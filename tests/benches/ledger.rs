@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 const ROWS: usize = 1_000_000;
 const INSERT_ROWS: usize = 20_000;
+const RECORD_ROWS: usize = 200_000;
 
 fn rows(n: usize) -> Vec<Entry> {
     let start = now_us();
@@ -124,6 +125,52 @@ async fn writer(
     rate
 }
 
+/// Seconds of CPU (user + system) this process has used, all threads (`/proc/self/stat`, in
+/// USER_HZ ticks: 100 per second on Linux).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let rest = stat.rsplit_once(')').expect("stat line").1;
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().expect("ticks"))
+        .collect();
+    fields.iter().sum::<f64>() / 100.0
+}
+
+/// What `Ledger::record` costs the decision path, and what the ledger costs in CPU in all, per
+/// row, without a database (the local file only): with the journal (a `write` per row in
+/// `record`) and without (a queue push; the appender writes groups once per flush interval).
+async fn record_cost(data: &[Entry], journal: bool, dir: &std::path::Path) -> (f64, f64) {
+    let config = LedgerConfig {
+        file: dir
+            .join(format!("record-{journal}.jsonl"))
+            .display()
+            .to_string(),
+        journal,
+        queue_capacity: data.len(),
+        ..LedgerConfig::default()
+    };
+    let metrics = Metrics::new().ledger;
+    let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+        .await
+        .expect("writer");
+    let rows: Vec<Entry> = data.to_vec();
+    let cpu = process_cpu();
+    let started = Instant::now();
+    for e in rows {
+        ledger.record(e);
+    }
+    let caller = started.elapsed().as_secs_f64();
+    writer.shutdown();
+    let cpu = process_cpu() - cpu;
+    assert_eq!(metrics.written.get(), data.len() as u64);
+    assert_eq!(metrics.dropped.get(), 0);
+    let n = data.len() as f64;
+    (caller / n * 1e6, cpu / n * 1e6)
+}
+
 fn main() {
     let base = std::env::var("ENFORCER_TEST_DATABASE_URL")
         .expect("run through `cargo xtask bench ledger`, which starts PostgreSQL");
@@ -133,10 +180,22 @@ fn main() {
         let data = rows(ROWS);
         println!("ledger, {ROWS} rows (15 columns, ~200 bytes of data each), fsync on");
 
+        // 0. What the journal costs per row, without a database, alternately three times.
+        let dir = tempfile::tempdir().expect("tmp");
+        let sample = &data[..RECORD_ROWS];
+        for _ in 0..3 {
+            for journal in [true, false] {
+                let (caller, cpu) = record_cost(sample, journal, dir.path()).await;
+                println!(
+                    "record(), no database, journal {}: {caller:>6.2} us per row in the caller, {cpu:>6.2} us of CPU per row in all ({RECORD_ROWS} rows)",
+                    if journal { "on " } else { "off" },
+                );
+            }
+        }
+
         // 1. The writer: rows pushed as fast as it takes them, with the journal (each row
         //    appended to the local file by `record`, the default) and without (the writer
         //    appends once per flush interval).
-        let dir = tempfile::tempdir().expect("tmp");
         let writer_rate = writer(&admin, &base, &data, true, dir.path()).await;
         let no_journal_rate = writer(&admin, &base, &data, false, dir.path()).await;
 

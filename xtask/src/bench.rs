@@ -174,8 +174,10 @@ refill_per_sec = 1e9
             body,
         )?;
         let cpu0 = redis_cpu(&redis)?;
+        let daemon0 = process_cpu(daemon.0.id())?;
         let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
         let full_cpu = redis_cpu(&redis)? - cpu0;
+        let daemon_cpu = process_cpu(daemon.0.id())? - daemon0;
         let half = loadgen::run(
             addr,
             "/v1/check",
@@ -185,7 +187,7 @@ refill_per_sec = 1e9
             body,
         )?;
         drop(daemon);
-        rows.push((workers, journal, full, full_cpu, half));
+        rows.push((workers, journal, full, full_cpu, daemon_cpu, half));
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
@@ -196,8 +198,8 @@ refill_per_sec = 1e9
     println!("machine: {}", machine());
     println!("clients: {clients}, every call a new key and request id, {seconds} s per run");
     println!(
-        "{:<52} {:>12} {:>9} {:>9} {:>12}",
-        "", "decisions/s", "p50 ms", "p99 ms", "redis us/op"
+        "{:<52} {:>12} {:>9} {:>9} {:>12} {:>12}",
+        "", "decisions/s", "p50 ms", "p99 ms", "redis us/op", "daemon us/op"
     );
     for (label, c) in [("before", &ceiling_before), ("after", &ceiling_after)] {
         println!(
@@ -209,15 +211,16 @@ refill_per_sec = 1e9
             c.redis_us
         );
     }
-    for (workers, journal, full, full_cpu, half) in &rows {
+    for (workers, journal, full, full_cpu, daemon_cpu, half) in &rows {
         let journal = if *journal { "journal" } else { "no journal" };
         println!(
-            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1}",
+            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
             format!("daemon, {workers} worker(s), {journal}, closed loop"),
             full.rate(),
             full.percentile_ms(0.5),
             full.percentile_ms(0.99),
-            full_cpu / full.requests as f64 * 1e6
+            full_cpu / full.requests as f64 * 1e6,
+            daemon_cpu / full.requests as f64 * 1e6
         );
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3}",
@@ -285,6 +288,23 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Re
         p99: field(6).unwrap_or(f64::NAN),
         redis_us: cpu / total as f64 * 1e6,
     })
+}
+
+/// Seconds of CPU (user + system) process `pid` has used, all threads (`/proc/<pid>/stat`, in
+/// USER_HZ ticks, which Linux fixes at 100 per second for user space).
+fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let tick = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("/proc/<pid>/stat field")?
+            .parse::<f64>()?)
+    };
+    Ok((tick(11)? + tick(12)?) / 100.0)
 }
 
 /// Seconds of CPU (user + system) the Redis server has used.
