@@ -507,8 +507,8 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             quarantine,
         } => {
             let pool = ledger_pool(&database_url)?;
-            let quarantine = quarantine
-                .unwrap_or_else(|| crate::ledger::quarantine::path_for(&file));
+            let quarantine =
+                quarantine.unwrap_or_else(|| crate::ledger::quarantine::path_for(&file));
             let mut q = crate::ledger::quarantine::Quarantine::new(quarantine.clone(), true);
             let done = postgres::import(&pool, &file, &mut q).await?;
             println!(

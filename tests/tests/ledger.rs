@@ -5,7 +5,9 @@
 use enforcer::config::Config;
 use enforcer::ledger::postgres::{self, PgSink};
 use enforcer::ledger::{AuditRow, Entry};
-use enforcer_tests::{Process, TestDaemon, check, enforcer_bin, free_port, metric, parse_metric, pg};
+use enforcer_tests::{
+    Process, TestDaemon, check, enforcer_bin, free_port, metric, parse_metric, pg,
+};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -649,7 +651,10 @@ async fn rows_postgres_refuses_are_quarantined_and_every_other_row_lands() {
         parse_metric(&metrics.render(), "enforcer_ledger_quarantined_total"),
         3.0
     );
-    assert_eq!(parse_metric(&metrics.render(), "enforcer_ledger_dropped_total"), 0.0);
+    assert_eq!(
+        parse_metric(&metrics.render(), "enforcer_ledger_dropped_total"),
+        0.0
+    );
 
     // The quarantine file, next to the spill file: the three rows in the same format, each
     // with PostgreSQL's error.

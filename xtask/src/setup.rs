@@ -125,7 +125,7 @@ fn bpf_linker_llvm_major() -> Option<u32> {
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         // e.g. "libLLVM.so.22.1 => /usr/lib/llvm-22/lib/libLLVM.so.22.1" or "libLLVM-22.so".
         text.lines().find_map(|l| {
-            let name = l.trim().split_whitespace().next()?;
+            let name = l.split_whitespace().next()?;
             let rest = name
                 .strip_prefix("libLLVM.so.")
                 .or_else(|| name.strip_prefix("libLLVM-"))?;

@@ -315,7 +315,11 @@ impl LedgerFile {
                     error: source,
                 })?;
         }
-        tracing::debug!(dropped = physical, kept = tail.len(), "ledger file compacted");
+        tracing::debug!(
+            dropped = physical,
+            kept = tail.len(),
+            "ledger file compacted"
+        );
         Ok(())
     }
 }
@@ -488,8 +492,14 @@ mod tests {
         assert_eq!(f.end(), c.next_offset);
         let one = line(&row(9));
         let (start, end) = f.append_line(&one, |s, e| (s, e)).expect("line");
-        assert_eq!((start, end), (c.next_offset, c.next_offset + one.len() as u64));
-        assert_eq!(f.read_chunk(start, 10).expect("read").entries, vec![row_like(&one)]);
+        assert_eq!(
+            (start, end),
+            (c.next_offset, c.next_offset + one.len() as u64)
+        );
+        assert_eq!(
+            f.read_chunk(start, 10).expect("read").entries,
+            vec![row_like(&one)]
+        );
     }
 
     fn row_like(line: &[u8]) -> Entry {
@@ -548,7 +558,9 @@ mod tests {
         // The format before inodes were recorded.
         std::fs::write(offset_path(&path), format!("{}", logged[0].end)).expect("write");
         assert_eq!(
-            LedgerFile::open(path, false).expect("open").opened_committed(),
+            LedgerFile::open(path, false)
+                .expect("open")
+                .opened_committed(),
             logged[0].end
         );
     }

@@ -31,9 +31,9 @@ pub mod quarantine;
 
 use crate::config::LedgerConfig;
 use crate::metrics::LedgerMetrics;
-use serde::{Deserialize, Serialize};
 use file::{LedgerFile, Logged};
 use quarantine::{Quarantine, Refused};
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -568,9 +568,7 @@ impl Shipper {
                 Err(_) => break,
             }
         }
-        self.metrics
-            .queue_depth
-            .sub((batch.len() - before) as i64);
+        self.metrics.queue_depth.sub((batch.len() - before) as i64);
     }
 
     /// One step: a batch straight from memory, or a chunk of the file.
@@ -595,9 +593,9 @@ impl Shipper {
                 self.replay_chunk().await;
             }
         }
-        self.metrics.backlog_bytes.set(
-            i64::try_from(self.file.end().saturating_sub(self.committed)).unwrap_or(i64::MAX),
-        );
+        self.metrics
+            .backlog_bytes
+            .set(i64::try_from(self.file.end().saturating_sub(self.committed)).unwrap_or(i64::MAX));
     }
 
     /// Rows dropped from memory that reach PostgreSQL by replay of the file instead.

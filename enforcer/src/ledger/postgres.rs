@@ -564,9 +564,7 @@ pub async fn import(
             break;
         }
         if !chunk.entries.is_empty() {
-            let refused = sink
-                .write_isolating(&chunk.entries, IMPORT_TIMEOUT)
-                .await?;
+            let refused = sink.write_isolating(&chunk.entries, IMPORT_TIMEOUT).await?;
             quarantine.append(&refused)?;
             done.quarantined += refused.len() as u64;
         }
