@@ -593,6 +593,10 @@ impl Shipper {
                 self.replay_chunk().await;
             }
         }
+        self.set_backlog();
+    }
+
+    fn set_backlog(&self) {
         self.metrics
             .backlog_bytes
             .set(i64::try_from(self.file.end().saturating_sub(self.committed)).unwrap_or(i64::MAX));
@@ -618,11 +622,12 @@ impl Shipper {
         let started = Instant::now();
         match tokio::time::timeout(self.write_timeout, self.sink.write(&entries)).await {
             Ok(Ok(())) => {
+                // Recorded before counted: whoever sees the count sees the file caught up.
+                self.commit(end);
                 self.metrics.written.inc_by(n as u64);
                 self.metrics
                     .batch_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.commit(end);
             }
             Ok(Err(e)) if e.is_data_error() => {
                 self.metrics.errors.with_label_values(&["write"]).inc();
@@ -635,8 +640,8 @@ impl Shipper {
                 {
                     Ok(refused) => {
                         if self.quarantine(&refused) {
-                            self.metrics.written.inc_by((n - refused.len()) as u64);
                             self.commit(end);
+                            self.metrics.written.inc_by((n - refused.len()) as u64);
                         } else {
                             self.failed(n);
                         }
@@ -701,10 +706,10 @@ impl Shipper {
         {
             Ok(refused) => {
                 if self.quarantine(&refused) {
+                    self.commit(chunk.next_offset);
                     self.metrics
                         .replayed
                         .inc_by((chunk.entries.len() - refused.len()) as u64);
-                    self.commit(chunk.next_offset);
                 } else {
                     self.next_try = Instant::now() + self.retry;
                 }
@@ -751,6 +756,7 @@ impl Shipper {
             // The rows are in PostgreSQL; replaying them again after a restart is harmless.
             tracing::warn!(error = %e, "recording replay progress failed");
         }
+        self.set_backlog();
     }
 
     async fn maintain(&mut self) {
