@@ -178,6 +178,8 @@ async fn postgres_stopped_mid_run_loses_and_doubles_nothing() {
     assert!(metric(addr, "enforcer_ledger_replayed_total").await > 0.0);
     assert_eq!(metric(addr, "enforcer_ledger_dropped_total").await, 0.0);
     assert_eq!(metric(addr, "enforcer_ledger_backlog_bytes").await, 0.0);
+    // A server that is gone is not the rows' fault: nothing is quarantined.
+    assert_eq!(metric(addr, "enforcer_ledger_quarantined_total").await, 0.0);
     daemon.stop().await;
     assert_exactly_once(&url, &ids).await;
 }
@@ -899,6 +901,11 @@ async fn kill_under_load(journal: bool) -> Killed {
     let rows = ids_in_db(&url).await;
     let distinct: BTreeSet<&String> = rows.iter().collect();
     assert_eq!(distinct.len(), rows.len(), "a row was written twice");
+    // Timeouts while PostgreSQL was stalled are not the rows' fault.
+    assert!(
+        !dir.path().join("spill.quarantine.jsonl").exists(),
+        "nothing is quarantined for a stalled server"
+    );
     Killed {
         answered,
         killed_at,

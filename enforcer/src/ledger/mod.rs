@@ -530,7 +530,7 @@ impl Shipper {
         loop {
             let end = self.file.end();
             let mut batch = Vec::new();
-            self.drain_into(&mut batch, usize::MAX);
+            self.drain_into(&mut batch, self.batch_rows);
             if self.committed >= end || Instant::now() < self.next_try {
                 break;
             }
@@ -573,8 +573,10 @@ impl Shipper {
 
     /// One step: a batch straight from memory, or a chunk of the file.
     async fn ship(&mut self, end: u64, mut batch: Vec<Logged>) {
-        // Rows already replayed from the file are done.
+        // Rows already replayed from the file (while they waited here) are done.
+        let before = batch.len();
         batch.retain(|r| r.end > self.committed);
+        self.set_aside(before - batch.len());
         if Instant::now() < self.next_try {
             // PostgreSQL failed recently: the rows wait in the file.
             self.set_aside(batch.len());
