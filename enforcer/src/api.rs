@@ -13,6 +13,7 @@
 //! are ignored ([`crate::client_addr`]; the peer comes from the listener as [`ConnectInfo`]).
 use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
+use crate::kernel::KernelReport;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::PriceError;
@@ -34,15 +35,6 @@ use std::time::Duration;
 /// `Retry-After` sent when refill can never cover the cost (cost above capacity, or a prepaid
 /// tier without refill): "not soon"; the body says `retry_after_ms: null`.
 pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
-
-/// What the kernel gate is doing, for `/readyz`.
-#[derive(Debug, Clone, Serialize)]
-pub struct KernelReport {
-    /// Whether the gate is attached.
-    pub attached: bool,
-    /// Interfaces, or why it is not attached.
-    pub detail: String,
-}
 
 /// Shared state of the handlers.
 #[derive(Debug)]

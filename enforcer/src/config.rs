@@ -383,9 +383,16 @@ pub struct LedgerConfig {
     /// Local append-only file (JSON lines): the ledger itself without a database, the spill
     /// file with one (rows written while PostgreSQL is down or slow, replayed when it is back).
     pub file: String,
-    /// fsync the file after every appended batch (a crash loses at most the batch in flight).
+    /// fsync the file once per flush interval (what was appended since the last fsync), so a
+    /// power loss loses at most that; a killed daemon loses nothing that was appended.
     pub fsync: bool,
-    /// Rows held in memory for the writer; beyond it rows are dropped (and counted).
+    /// Append each row to the file before the decision is answered (one `write` per row, on
+    /// the decision path), so a daemon killed after answering loses nothing. `false`: the
+    /// writer appends the queued rows once per `flush_ms`, and a kill loses at most the rows
+    /// of one flush interval.
+    pub journal: bool,
+    /// Rows held in memory: for the appender (`journal = false`; beyond it rows are dropped
+    /// and counted) and for PostgreSQL (beyond it they are read back from the file).
     pub queue_capacity: usize,
     /// Most rows per batch.
     pub batch_rows: usize,
@@ -413,6 +420,7 @@ impl Default for LedgerConfig {
             migrate: false,
             file: "enforcer-ledger.jsonl".to_owned(),
             fsync: true,
+            journal: true,
             queue_capacity: 200_000,
             batch_rows: 10_000,
             connections: 2,
