@@ -480,7 +480,7 @@ mod tests {
     struct Api {
         addr: SocketAddr,
         app: Arc<App>,
-        events: tokio::sync::mpsc::Receiver<crate::gate::Event>,
+        events: tokio::sync::mpsc::Receiver<crate::kernel::sync::Event>,
         _stop: tokio::sync::oneshot::Sender<()>,
     }
 
@@ -494,7 +494,7 @@ mod tests {
                 config.budget_policy(),
                 Arc::new(ManualClock::at(1000.0)),
             ));
-            let (link, events) = crate::gate::test_link(&metrics);
+            let (link, events) = crate::kernel::sync::test_link(&metrics);
             let decider = Decider::new(&config, store, metrics.clone(), Some(link), None);
             let app = Arc::new(App {
                 costs: crate::pricing::static_costs(decider.prices()),
@@ -578,7 +578,7 @@ mod tests {
         fn bound(&mut self) -> Vec<IpAddr> {
             let mut ips = Vec::new();
             while let Ok(event) = self.events.try_recv() {
-                if let crate::gate::Event::Client { ip, .. } = event {
+                if let crate::kernel::sync::Event::Client { ip, .. } = event {
                     ips.push(ip);
                 }
             }
