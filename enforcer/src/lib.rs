@@ -2,15 +2,17 @@
 //!
 //! Where a request goes, module by module:
 //!
-//! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics).
+//! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics);
+//!   the client address a decision carries comes only from trusted proxies ([`client_addr`]).
 //! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
 //!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
 //!   applies shadow mode and the failure policy.
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
-//! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel;
-//!   [`gate`] keeps its maps in step with the decisions.
+//! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
+//!   enforces (`plan`), the task that keeps its maps in step with the decisions (`sync`) and its
+//!   rejection rollups.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
 //!   command line).
@@ -20,12 +22,12 @@ pub mod api;
 pub mod breaker;
 pub mod budget;
 pub mod cli;
+pub mod client_addr;
 pub mod clock;
 pub mod config;
 pub mod debit;
 pub mod decision;
 pub mod endpoint;
-pub mod gate;
 pub mod kernel;
 pub mod key;
 pub mod ledger;

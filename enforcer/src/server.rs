@@ -77,7 +77,7 @@ impl Server {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
         let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
-        let (gate, kernel) = crate::gate::start(config, &metrics, Some(ledger.clone()));
+        let (gate, kernel) = crate::kernel::start(config, &metrics, Some(ledger.clone()));
         if config.ledger.database_url.is_empty() {
             tracing::info!(file = %config.ledger.file, "audit ledger: local file (no database configured)");
         } else {
@@ -114,6 +114,12 @@ impl Server {
         } else {
             crate::pricing::static_costs(decider.prices())
         };
+        if kernel.attached && config.server.trusted_proxies.is_empty() {
+            tracing::info!(
+                "no [server] trusted_proxies: no request names a client address, so the kernel \
+                 gate binds no addresses (L4 identity); see docs/http-api.md#client-addresses"
+            );
+        }
         let app = Arc::new(App {
             decider,
             metrics,
@@ -123,6 +129,9 @@ impl Server {
                 .map_err(|e| ServerError::Config(format!("server.auth_deny_status: {e}")))?,
             kernel,
             costs,
+            trusted_proxies: crate::client_addr::TrustedProxies::new(
+                config.server.trusted_proxies.clone(),
+            ),
         });
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)

@@ -662,7 +662,7 @@ struct World {
 impl World {
     fn new(text: &str) -> Self {
         let config = Config::parse(text).expect("valid config");
-        let plan = enforcer::gate::plan(&config);
+        let plan = enforcer::kernel::plan(&config);
         let mut settings = plan.settings.clone();
         settings.ports = vec![PORT];
         // The snapshots are refreshed every batch; a long staleness keeps a slow batch fresh.
