@@ -600,3 +600,296 @@ fn forged_client_addresses_never_bind_a_victim_to_a_drained_key() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+// ---- Paid traffic is never broken by an L4 rejection ----
+
+/// Bytes of each paid response: many TCP segments, so the client must keep acknowledging.
+const PAID_BODY: usize = 1 << 20;
+
+/// The value of a pinned LRU hash map's entry (`None` when absent or unreadable).
+fn pinned<K: aya::Pod, V: aya::Pod>(pin: &str, map: &str, key: K) -> Option<V> {
+    let data = aya::maps::MapData::from_pin(format!("{pin}/{map}")).ok()?;
+    let map = aya::maps::HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(data)).ok()?;
+    map.get(&key, 0).ok()
+}
+
+/// An HTTP upstream in `ns` that is its own gateway, as nginx with `auth_request` is: for each
+/// request (keep-alive) it asks the daemon's `/v1/check` (at `api`, from 127.0.0.1, a trusted
+/// proxy) with the key, the path and the peer's address, and answers 429, or 200 with
+/// [`PAID_BODY`] bytes. Counts the requests that reached it per key.
+///
+/// When a decision leaves the key below the cheapest price (1 token), it sends the body only
+/// once the kernel knows: the key's snapshot is in `BUDGETS` and the peer's address in
+/// `BINDINGS` (pinned under `pin`). Then the body's ACKs come from a bound address whose key
+/// cannot pay the cheapest price, whatever the machine's speed.
+fn paying_upstream(
+    ns: &NetNs,
+    api: &'static str,
+    pin: String,
+) -> Arc<Mutex<HashMap<String, usize>>> {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let counts = seen.clone();
+    let path = ns.path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enforcer_tests::netns::enter_path(&path);
+        let listener =
+            std::net::TcpListener::bind(("0.0.0.0", UPSTREAM_PORT)).expect("bind upstream");
+        ready_tx.send(()).expect("ready");
+        for stream in listener.incoming().flatten() {
+            let counts = counts.clone();
+            let pin = pin.clone();
+            std::thread::spawn(move || {
+                let peer = stream.peer_addr().expect("peer").ip();
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut out = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, target) = (
+                        parts.next().unwrap_or("").to_owned(),
+                        parts.next().unwrap_or("").to_owned(),
+                    );
+                    let mut key = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).map(|n| n == 0).unwrap_or(true) {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("x-api-key:") {
+                            key = v.trim().to_owned();
+                        }
+                    }
+                    *counts.lock().expect("lock").entry(key.clone()).or_insert(0) += 1;
+                    let body = format!(
+                        r#"{{"key":"{key}","endpoint":"{target}","method":"{method}","client_ip":"{peer}"}}"#
+                    );
+                    let mut api_stream = TcpStream::connect(api).expect("daemon API");
+                    write!(
+                        api_stream,
+                        "POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .expect("write");
+                    let mut answer = String::new();
+                    api_stream.read_to_string(&mut answer).expect("read");
+                    if !answer.starts_with("HTTP/1.1 200") {
+                        let _ = out.write_all(
+                            b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        continue;
+                    }
+                    let json = &answer[answer.find("\r\n\r\n").expect("body") + 4..];
+                    let remaining: f64 = serde_json::from_str::<serde_json::Value>(json)
+                        .expect("json")["remaining"]
+                        .as_f64()
+                        .expect("remaining");
+                    if remaining < 1.0 {
+                        let id = enforcer_common::key_id(key.as_bytes());
+                        let addr = enforcer::kernel::address_key(peer);
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        loop {
+                            let budget: Option<enforcer_common::Budget> =
+                                pinned(&pin, "BUDGETS", id);
+                            let binding: Option<enforcer_common::Binding> =
+                                pinned(&pin, "BINDINGS", addr);
+                            if budget.is_some_and(|b| b.balance_milli < 1000)
+                                && binding.is_some_and(|b| b.key_id == id)
+                            {
+                                break;
+                            }
+                            assert!(
+                                Instant::now() < deadline,
+                                "the daemon did not push the snapshot and the binding"
+                            );
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {PAID_BODY}\r\n\r\n");
+                    if out.write_all(head.as_bytes()).is_err()
+                        || out.write_all(&vec![b'x'; PAID_BODY]).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("upstream listening");
+    seen
+}
+
+/// Reads one response from `conn`; its status and the bytes of its body.
+fn response(conn: &TcpStream) -> std::io::Result<(u16, usize)> {
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = status(&line);
+    let mut length = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("content-length");
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((status, length))
+}
+
+/// With every price at 1 token or more (no free operational endpoint), the request that leaves
+/// a key below the cheapest price still gets its whole response: the client's ACKs of it come
+/// from an address bound to a key that cannot pay, and pure ACKs are never rejected. The key's
+/// next request is rejected in the kernel: at L7 on the same connection, at L4 (its SYN) on a
+/// new one. Once another key shows up behind the address, it is never bound again.
+#[test]
+fn a_paid_response_is_never_cut_by_an_l4_rejection() {
+    const PAID_API: &str = "127.0.0.1:18085";
+    let link = Link::new("paid");
+    let pin = PinDir::new();
+    let seen = paying_upstream(&link.a, PAID_API, pin.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("paid.toml");
+    // 3 tokens that never refill; every request costs at least 1.
+    std::fs::write(
+        &config,
+        r#"
+[server]
+trusted_proxies = ["127.0.0.1/32"]
+[budget]
+default_tier = "metered"
+[tiers.metered]
+max_tokens = 10
+refill_per_sec = 0
+initial_tokens = 3
+[pricing]
+default_cost = 1
+[[pricing.endpoints]]
+method = "POST"
+path = "/generate-report"
+base_cost = 120
+"#,
+    )
+    .expect("write config");
+    let port = UPSTREAM_PORT.to_string();
+    let _daemon = Daemon(
+        link.a
+            .command(enforcer_bin().to_str().expect("path"))
+            .args(["run", "--config", config.to_str().expect("path")])
+            .args(["--listen", PAID_API])
+            .args(["--iface", &link.a_if, "--protect-port", &port])
+            .args(["--pin-dir", &pin.path()])
+            .env("ENFORCER_REDIS_URL", "")
+            .stderr(Stdio::null())
+            .current_dir(dir.path())
+            .spawn()
+            .expect("start the daemon"),
+    );
+    let started = Instant::now();
+    while link.a.run(|| TcpStream::connect(PAID_API).is_err()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let connect = || {
+        link.b.run(|| {
+            TcpStream::connect_timeout(
+                &format!("{A_ADDR}:{UPSTREAM_PORT}").parse().expect("addr"),
+                Duration::from_secs(1),
+            )
+        })
+    };
+    let ask = |conn: &mut TcpStream, key: &str| {
+        let req = format!("GET /data HTTP/1.1\r\nhost: api\r\nx-api-key: {key}\r\n\r\n");
+        conn.write_all(req.as_bytes()).expect("write");
+    };
+
+    // Three paid requests on one connection; the third leaves 0 tokens.
+    let mut conn = connect().expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    for i in 1..=3 {
+        ask(&mut conn, "paid-key");
+        let answer = response(&conn);
+        assert!(
+            matches!(answer, Ok((200, PAID_BODY))),
+            "request {i}: the whole paid response arrives: {answer:?}"
+        );
+    }
+
+    // The key's next request is rejected in the kernel: at L7 on this connection...
+    ask(&mut conn, "paid-key");
+    conn.set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    assert!(
+        response(&conn).is_err(),
+        "the drained key's next request is rejected"
+    );
+    // ...and at L4 on a new one: its address is bound to the drained key.
+    assert!(
+        connect().is_err(),
+        "a new connection from the bound address is rejected"
+    );
+    assert_eq!(
+        seen.lock().expect("lock").get("paid-key"),
+        Some(&3),
+        "only the three paid requests reached the upstream"
+    );
+
+    // Another key behind the same address (the gateway sees it): the address is never bound
+    // again, and the other key's requests go through.
+    let body = format!(
+        r#"{{"key":"paid-other","endpoint":"/data","method":"GET","client_ip":"{}"}}"#,
+        enforcer_tests::netns::B_ADDR
+    );
+    assert_eq!(
+        status(&api_call(
+            &link.a,
+            PAID_API,
+            "POST /v1/check HTTP/1.1",
+            &body
+        )),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut other = loop {
+        if let Ok(c) = connect() {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the address is unbound once another key shows up"
+        );
+    };
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    ask(&mut other, "paid-other");
+    let answer = response(&other);
+    assert!(
+        matches!(answer, Ok((200, PAID_BODY))),
+        "another key behind the address passes: {answer:?}"
+    );
+    // The drained key is still rejected by its key header.
+    ask(&mut other, "paid-key");
+    other
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    assert!(
+        response(&other).is_err(),
+        "L7 still rejects the drained key"
+    );
+}
