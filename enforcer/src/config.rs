@@ -356,6 +356,9 @@ pub struct KernelConfig {
     pub value_prefix: String,
     /// Where the maps are pinned (a restarted daemon adopts them).
     pub pin_dir: String,
+    /// Decisions of one key carrying a client address before that address is bound to the key
+    /// (L4 identity); never while another key uses it. 0: never bind.
+    pub bind_after: u32,
 }
 
 impl Default for KernelConfig {
@@ -368,6 +371,7 @@ impl Default for KernelConfig {
             key_header: String::new(),
             value_prefix: String::new(),
             pin_dir: enforcer_common::names::PIN_DIR.to_owned(),
+            bind_after: 3,
         }
     }
 }
@@ -829,6 +833,9 @@ impl Config {
         }
         if self.kernel.action != "drop" && self.kernel.action != "reset" {
             err("kernel.action".into(), "must be \"drop\" or \"reset\"");
+        }
+        if self.kernel.bind_after > 1000 {
+            err("kernel.bind_after".into(), "must be 0-1000");
         }
         if !(1..=60_000).contains(&self.kernel.max_staleness_ms) {
             err(

@@ -748,20 +748,11 @@ fn response(conn: &TcpStream) -> std::io::Result<(u16, usize)> {
     Ok((status, length))
 }
 
-/// With every price at 1 token or more (no free operational endpoint), the request that leaves
-/// a key below the cheapest price still gets its whole response: the client's ACKs of it come
-/// from an address bound to a key that cannot pay, and pure ACKs are never rejected. The key's
-/// next request is rejected in the kernel: at L7 on the same connection, at L4 (its SYN) on a
-/// new one. Once another key shows up behind the address, it is never bound again.
-#[test]
-fn a_paid_response_is_never_cut_by_an_l4_rejection() {
-    const PAID_API: &str = "127.0.0.1:18085";
-    let link = Link::new("paid");
-    let pin = PinDir::new();
-    let seen = paying_upstream(&link.a, PAID_API, pin.path());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("paid.toml");
-    // 3 tokens that never refill; every request costs at least 1.
+/// Starts the daemon in the server namespace for a tier of 3 tokens that never refill, where
+/// every request costs at least 1 token (no free operational endpoint), with 127.0.0.1 as a
+/// trusted proxy; its API on `api`. Waits until it answers.
+fn metered_daemon(link: &Link, pin: &PinDir, dir: &std::path::Path, api: &str) -> Daemon {
+    let config = dir.join("metered.toml");
     std::fs::write(
         &config,
         r#"
@@ -783,27 +774,47 @@ base_cost = 120
     )
     .expect("write config");
     let port = UPSTREAM_PORT.to_string();
-    let _daemon = Daemon(
+    let daemon = Daemon(
         link.a
             .command(enforcer_bin().to_str().expect("path"))
             .args(["run", "--config", config.to_str().expect("path")])
-            .args(["--listen", PAID_API])
+            .args(["--listen", api])
             .args(["--iface", &link.a_if, "--protect-port", &port])
             .args(["--pin-dir", &pin.path()])
             .env("ENFORCER_REDIS_URL", "")
             .stderr(Stdio::null())
-            .current_dir(dir.path())
+            .current_dir(dir)
             .spawn()
             .expect("start the daemon"),
     );
     let started = Instant::now();
-    while link.a.run(|| TcpStream::connect(PAID_API).is_err()) {
+    let api = api.to_owned();
+    while link.a.run({
+        let api = api.clone();
+        move || TcpStream::connect(&api).is_err()
+    }) {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "daemon did not come up"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    daemon
+}
+
+/// With every price at 1 token or more (no free operational endpoint), the request that leaves
+/// a key below the cheapest price still gets its whole response: the client's ACKs of it come
+/// from an address bound to a key that cannot pay, and pure ACKs are never rejected. The key's
+/// next request is rejected in the kernel: at L7 on the same connection, at L4 (its SYN) on a
+/// new one. Once another key shows up behind the address, it is never bound again.
+#[test]
+fn a_paid_response_is_never_cut_by_an_l4_rejection() {
+    const PAID_API: &str = "127.0.0.1:18085";
+    let link = Link::new("paid");
+    let pin = PinDir::new();
+    let seen = paying_upstream(&link.a, PAID_API, pin.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _daemon = metered_daemon(&link, &pin, dir.path(), PAID_API);
     let connect = || {
         link.b.run(|| {
             TcpStream::connect_timeout(
@@ -891,5 +902,64 @@ base_cost = 120
     assert!(
         response(&other).is_err(),
         "L7 still rejects the drained key"
+    );
+}
+
+/// An address is bound to a key only once several decisions of that key carried it: one
+/// request of a key that drains it does not yet make the address the key's.
+#[test]
+fn an_address_is_bound_only_after_several_decisions_of_one_key() {
+    const API_BIND: &str = "127.0.0.1:18086";
+    let link = Link::new("bnd");
+    let pin = PinDir::new();
+    let _upstream = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _daemon = metered_daemon(&link, &pin, dir.path(), API_BIND);
+    let client = enforcer_tests::netns::B_ADDR;
+    let check = |key: &str, client_ip: Option<&str>| {
+        let ip = client_ip.map_or(String::new(), |ip| format!(r#","client_ip":"{ip}""#));
+        let body = format!(r#"{{"key":"{key}","endpoint":"/data","method":"GET","units":3{ip}}}"#);
+        status(&api_call(
+            &link.a,
+            API_BIND,
+            "POST /v1/check HTTP/1.1",
+            &body,
+        ))
+    };
+    // The sync task handles events in order: once a later key's snapshot is in the kernel,
+    // every earlier event was handled.
+    let mut probes = 0;
+    let mut settle = || {
+        probes += 1;
+        let probe = format!("bnd-probe-{probes}");
+        assert_eq!(check(&probe, None), 200, "3 units drain the probe key");
+        let id = enforcer_common::key_id(probe.as_bytes());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pinned::<u64, enforcer_common::Budget>(&pin.path(), "BUDGETS", id).is_none() {
+            assert!(Instant::now() < deadline, "the probe's snapshot arrives");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let connects = || {
+        link.b.run(|| {
+            TcpStream::connect_timeout(
+                &format!("{A_ADDR}:{UPSTREAM_PORT}").parse().expect("addr"),
+                Duration::from_secs(1),
+            )
+            .is_ok()
+        })
+    };
+
+    assert_eq!(check("bnd-key", Some(client)), 200, "drains the key");
+    settle();
+    assert!(connects(), "seen once with the key: not bound");
+    assert_eq!(check("bnd-key", Some(client)), 429);
+    settle();
+    assert!(connects(), "seen twice: not bound");
+    assert_eq!(check("bnd-key", Some(client)), 429);
+    settle();
+    assert!(
+        !connects(),
+        "seen three times with one key (kernel.bind_after): bound, its connections rejected"
     );
 }

@@ -7,9 +7,11 @@
 //! - [`sync`]: the task that keeps the maps in step with the decisions (snapshots, bindings,
 //!   heartbeat, counters) and [`KernelReport`], what `/readyz` says about it.
 //! - [`rollup`]: per-key rejection counts into the audit ledger's rollups.
+//! - [`binding`]: which client addresses may stand for one key (L4 identity).
 //!
 //! Data flows one way: these modules import the config, the ledger and the metrics, never the
 //! HTTP API or the decider.
+pub mod binding;
 pub mod loader;
 pub mod plan;
 pub mod rollup;

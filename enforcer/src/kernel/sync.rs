@@ -7,14 +7,15 @@
 //!   once.
 //! - On every decision (event-driven, through a bounded queue the decision path never waits on):
 //!   a key left below the most expensive price gets its snapshot pushed; a key above it again is
-//!   removed; a client address seen with one key is bound to it, an address seen with several
-//!   keys is unbound for good.
+//!   removed; a client address seen with one key `bind_after` times is bound to it, an address
+//!   seen with several keys is unbound for good ([`crate::kernel::binding`]).
 //! - Every `max_staleness / 3`: snapshots of tracked keys are re-stamped with their balance
 //!   projected by refill (never more than a fresh read would give: other nodes only lower it),
 //!   and dropped once refill makes them able to pay everything. The work is proportional to the
 //!   keys that are low, not to all keys; kernel counters go to the metrics; every
 //!   [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger ([`crate::kernel::rollup`]).
 use crate::config::Config;
+use crate::kernel::binding::{Bindings, Change};
 use crate::kernel::loader::{Counters, Gate, KernelError, monotonic_ns};
 use crate::kernel::plan::{KernelPlan, plan};
 use crate::kernel::rollup::{ROLLUP_EVERY, Rollup};
@@ -56,8 +57,6 @@ pub(crate) enum Event {
 
 /// Most events queued before new ones are dropped (and counted).
 const QUEUE: usize = 65_536;
-/// Most client addresses remembered for binding decisions.
-const MAX_ADDRESSES: usize = 65_536;
 
 /// The decision path's handle on the sync task.
 #[derive(Debug, Clone)]
@@ -160,7 +159,8 @@ pub fn start(
                 plan.settings.ports
             );
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(sync(gate, rx, plan, metrics.clone(), ledger));
+            let bindings = Bindings::new(config.kernel.bind_after);
+            tokio::spawn(sync(gate, rx, plan, bindings, metrics.clone(), ledger));
             (
                 Some(GateLink {
                     tx,
@@ -214,11 +214,11 @@ async fn sync(
     mut gate: Gate,
     mut rx: mpsc::Receiver<Event>,
     plan: KernelPlan,
+    mut bindings: Bindings,
     metrics: Metrics,
     ledger: Option<Ledger>,
 ) {
     let mut tracked = adopt(&gate, &plan);
-    let mut addresses: HashMap<IpAddr, Option<u64>> = HashMap::new();
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
     let mut rollup_tick = tokio::time::interval(ROLLUP_EVERY);
     let mut rollup = Rollup::default();
@@ -253,20 +253,10 @@ async fn sync(
                         metrics.kernel_sync_lag.observe(at.elapsed().as_secs_f64());
                         r
                     }
-                    Event::Client { key_id, ip } => match addresses.get(&ip).copied() {
-                        None => {
-                            if addresses.len() >= MAX_ADDRESSES {
-                                addresses.clear();
-                            }
-                            addresses.insert(ip, Some(key_id));
-                            gate.bind(ip, key_id)
-                        }
-                        Some(Some(bound)) if bound != key_id => {
-                            // Several keys behind one address (NAT, a proxy): never bind it.
-                            addresses.insert(ip, None);
-                            gate.unbind(ip)
-                        }
-                        Some(_) => Ok(()),
+                    Event::Client { key_id, ip } => match bindings.seen(ip, key_id) {
+                        Change::Bind(ip, key_id) => gate.bind(ip, key_id),
+                        Change::Unbind(ip) => gate.unbind(ip),
+                        Change::None => Ok(()),
                     },
                     Event::Prices(prices) => prices
                         .iter()
@@ -291,11 +281,9 @@ async fn sync(
                     t.at = now;
                     true
                 });
-                for (ip, key_id) in &addresses {
-                    if let Some(k) = key_id
-                        && tracked.contains_key(k)
-                    {
-                        let _ = gate.bind(*ip, *k);
+                for (ip, key_id) in bindings.bound() {
+                    if tracked.contains_key(&key_id) {
+                        let _ = gate.bind(ip, key_id);
                     }
                 }
                 metrics.kernel_tracked_keys.set(tracked.len() as i64);
