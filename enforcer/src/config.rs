@@ -964,6 +964,7 @@ mod tests {
             [kernel]
             interfaces = ["eth0"]
             action = "refuse"
+            bind_after = 1001
             [tiers.free]
             max_tokens = -1
             refill_per_sec = 10
@@ -992,6 +993,7 @@ mod tests {
             "tiers.free.idle_cap",
             "kernel.protect_ports",
             "kernel.action",
+            "kernel.bind_after",
             "pricing.endpoints[0].method",
             "pricing.endpoints[0].path",
             "pricing.endpoints[0].base_cost",

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 const REPEAT: u32 = 1_000_000;
 
 fn packet(payload: &[u8]) -> Vec<u8> {
+    segment(0x18, payload)
+}
+
+/// A TCP segment with these flags (PSH|ACK: 0x18, ACK: 0x10, SYN: 0x02).
+fn segment(flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 12];
     p.extend_from_slice(&0x0800u16.to_be_bytes());
     let mut ip = [0u8; 20];
@@ -25,7 +30,7 @@ fn packet(payload: &[u8]) -> Vec<u8> {
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&8080u16.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x18;
+    tcp[13] = flags;
     p.extend_from_slice(&tcp);
     p.extend_from_slice(payload);
     p
@@ -85,13 +90,18 @@ fn main() {
     let l7_reject = request("bench-exhausted");
     let mut other_port = request("bench-unknown");
     other_port[36..38].copy_from_slice(&9090u16.to_be_bytes());
-    let ack = packet(b"");
+    let syn = segment(0x02, b"");
+    let ack = segment(0x10, b"");
 
     let floor = ns_per_run(gate.floor_program().expect("floor"), &l7_reject, 3);
     let prog = gate.program().expect("gate");
     let unprotected = ns_per_run(prog, &other_port, 3);
     let l7 = ns_per_run(prog, &l7_reject, 2);
-    let l4 = ns_per_run(prog, &ack, 2);
+    let l4 = ns_per_run(prog, &syn, 2);
+    let bound_ack = ns_per_run(prog, &ack, 3);
+    let mut unbound_ack = ack.clone();
+    unbound_ack[26..30].copy_from_slice(&[10, 0, 0, 9]);
+    let unbound_ack = ns_per_run(prog, &unbound_ack, 3);
     // Pass with a full parse: an unbound address and an unknown key.
     gate.remove_budget(key_id(b"bench-bound")).expect("remove");
     let prog = gate.program().expect("gate");
@@ -144,9 +154,14 @@ fn main() {
         "{:<58} {:>10.1}",
         "reject L7: key header found, snapshot cannot pay", l7
     );
+    println!("{:<58} {:>10.1}", "reject L4: bound address, SYN", l4);
     println!(
         "{:<58} {:>10.1}",
-        "reject L4: bound address, no payload", l4
+        "pass: pure ACK from a bound address (drained key)", bound_ack
+    );
+    println!(
+        "{:<58} {:>10.1}",
+        "pass: pure ACK from an unbound address", unbound_ack
     );
     println!(
         "{:<58} {:>10.1}",
