@@ -44,10 +44,11 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
         return Verdict::ParseFailed;
     }
     let payload = seg.l4 + seg.tcp_len;
+    let end = seg.end(ctx);
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let outcome = scan::parse_http(ctx, cfg, payload, seg.end);
+    let outcome = scan::parse_http(ctx, cfg, payload, end);
     let Some(found) = scan::found() else {
         return Verdict::Pass;
     };
@@ -70,7 +71,7 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
     // key's).
     let price = if outcome == http::NO_KEY && seg.flags & tcp::RST == 0 {
         price_of(&found.request, found.ambiguous, cfg)
-    } else if payload >= seg.end && seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN {
+    } else if payload >= end && seg.flags & (tcp::SYN | tcp::ACK | tcp::RST) == tcp::SYN {
         cfg.min_price_milli
     } else {
         return Verdict::Pass;

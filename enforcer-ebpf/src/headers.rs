@@ -24,9 +24,22 @@ pub struct Segment {
     pub tcp_len: usize,
     /// TCP flags (`tcp::*`).
     pub flags: u8,
+    /// Length of the IP packet (header included) from its header; 0 for BIG TCP aggregates.
+    pub ip_len: usize,
+}
+
+impl Segment {
     /// End of the IP packet in the frame: what follows (Ethernet padding of a short frame) is
     /// no payload. The frame's end when the IP length is 0 (BIG TCP aggregates).
-    pub end: usize,
+    #[inline(always)]
+    pub fn end(&self, ctx: &TcContext) -> usize {
+        let frame = ctx.len() as usize;
+        if self.ip_len == 0 {
+            frame
+        } else {
+            (ETH_HLEN + self.ip_len).min(frame)
+        }
+    }
 }
 
 /// TCP flag bits.
@@ -126,19 +139,13 @@ pub fn parse(ctx: &TcContext) -> Headers {
             *tcp.add(13),
         )
     };
-    let frame = ctx.len() as usize;
-    let end = if ip_len == 0 {
-        frame
-    } else {
-        (ETH_HLEN + ip_len).min(frame)
-    };
     Headers::Tcp(Segment {
         src,
         dport,
         l4,
         tcp_len: ((doff >> 4) as usize) * 4,
         flags,
-        end,
+        ip_len,
     })
 }
 
