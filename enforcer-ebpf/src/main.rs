@@ -8,12 +8,14 @@
 //!   that (method, path) from `PRICES`, else the default price; a path the daemon could spell
 //!   differently in normal form (`%`, `\`, `//`, dot segments, too long) gets the ambiguous
 //!   price instead, and a trailing slash is hashed away when the daemon strips it;
-//! - **L4**: otherwise, the source address, if the daemon bound it to exactly one key; compared
-//!   with the cheapest price.
+//! - **L4**: only for a request start without a key (its head read to the empty line) and a
+//!   bare SYN (no ACK, RST or payload): the source address, if the daemon bound it to exactly
+//!   one key; priced as that request, or at the cheapest price for the SYN. Pure ACKs, FINs,
+//!   RSTs and body segments are never judged by a binding: they may carry a paid response.
 //!
 //! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
 //! whose balance plus the refill since the snapshot is below the price, or an operator block
-//! while the daemon's heartbeat is fresh.
+//! while the daemon's heartbeat is fresh (the guarantee: `docs/kernel-gate.md`).
 //! Everything else passes (`TC_ACT_PIPE`): unknown keys, stale or missing data, packets it cannot
 //! parse, fragments, other protocols. With empty maps everything passes.
 //!
