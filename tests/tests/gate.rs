@@ -665,6 +665,32 @@ fn reset_answers_the_client_with_a_tcp_rst() {
         };
         assert_eq!(sum(t, pseudo), 0xffff, "TCP checksum (v6: {v6})");
     }
+    // A connection start from a bound address: the RST answers the SYN (RFC 9293: sequence
+    // number 0, acknowledging the SYN), so the client's connect fails at once.
+    g.bind(IpAddr::from(CLIENT4), key_id(b"k-rst"))
+        .expect("bind");
+    let input = bytes(&seg(SYN, ""));
+    let mut out = vec![0u8; input.len() + 256];
+    let r = g
+        .program()
+        .expect("program")
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("test_run");
+    assert_eq!(r.return_value, 7, "TC_ACT_REDIRECT");
+    let (t, it) = (&out[34..54], &input[34..54]);
+    assert_eq!(t[13], 0x14, "RST|ACK");
+    assert_eq!(&t[4..8], &[0, 0, 0, 0], "seq 0: the SYN carried no ACK");
+    let seq = u32::from_be_bytes([it[4], it[5], it[6], it[7]]);
+    assert_eq!(
+        u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+        seq + 1,
+        "acknowledges the SYN"
+    );
 }
 
 // ---- Paths: the gate never prices a request above what the daemon charges for its normal
