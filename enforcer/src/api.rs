@@ -370,8 +370,10 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
         Ok(r) => r,
         Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
     };
-    match app.decider.refund(&key.hash(), &request_id).await {
-        Ok(RefundOutcome::Refunded { credited, balance }) => (
+    match app.decider.refund(&key, &request_id).await {
+        Ok(RefundOutcome::Refunded {
+            credited, balance, ..
+        }) => (
             StatusCode::OK,
             axum::Json(json!({ "refunded": true, "credited": credited, "balance": balance })),
         )

@@ -236,7 +236,9 @@ pub enum KeysCommand {
         #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Assign a key to a tier (in Redis), or remove its assignment with --clear.
+    /// Assign a key to a tier (in Redis), or remove its assignment with --clear. The key's
+    /// snapshot in this node's kernel gate, if any, is lifted: its next decision writes one
+    /// under the new tier (run it on every node whose gate may hold the key).
     SetTier {
         /// The API key.
         key: String,
@@ -252,6 +254,9 @@ pub enum KeysCommand {
         /// Config file to check the tier name against.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Where this node's daemon pinned the gate's maps.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -406,6 +411,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             clear,
             redis_url,
             config,
+            pin_dir,
         }) => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
@@ -434,6 +440,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(t) => println!("key {} is now in tier {t}", key.hash()),
                 None => println!("key {} has no tier assignment", key.hash()),
             }
+            lift_snapshot(&pin_dir, &key);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -618,6 +625,23 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
     };
     Ok(Duration::from_secs(secs))
+}
+
+/// After a tier change: removes the key's snapshot from this node's pinned gate, which the
+/// running daemon's refresh never brings back. Without a pinned gate there is nothing to do; a
+/// failure is a warning (the assignment is made either way).
+fn lift_snapshot(pin_dir: &std::path::Path, key: &ApiKey) {
+    if !pin_dir.join(enforcer_common::names::BUDGETS_MAP).exists() {
+        return;
+    }
+    match Gate::load(Some(pin_dir)).and_then(|mut gate| gate.remove_budget(key.kernel_id())) {
+        Ok(()) => println!("its snapshot in this node's kernel gate is lifted"),
+        Err(e) => eprintln!(
+            "warning: could not lift its snapshot in the kernel gate at {} ({e}): this node's \
+             gate judges the key by its old tier until its next decision there",
+            pin_dir.display()
+        ),
+    }
 }
 
 /// The gate pinned by a running (or earlier) daemon.

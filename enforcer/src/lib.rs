@@ -29,6 +29,7 @@ pub mod endpoint;
 pub mod kernel;
 pub mod key;
 pub mod ledger;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod price;

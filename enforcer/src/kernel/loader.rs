@@ -13,7 +13,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
-use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, PriceKey, counter, names};
+use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, Milli, PriceKey, counter, names};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -158,16 +158,8 @@ pub struct GateSettings {
     pub reset: bool,
 }
 
-/// Tokens to the kernel's milli-tokens, rounded down (a lower balance never lets more through).
-pub fn milli(tokens: f64) -> i64 {
-    if tokens.is_nan() {
-        0
-    } else {
-        (tokens * 1000.0)
-            .floor()
-            .clamp(i64::MIN as f64, i64::MAX as f64) as i64
-    }
-}
+/// `BPF_EXIST`: update an entry only if it is there.
+const BPF_EXIST: u64 = 2;
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -348,9 +340,9 @@ impl Gate {
         config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
             .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;
         // Rounded down, never up: 0 is a price that never rejects (operational endpoints).
-        config.default_price_milli = milli(settings.default_price).max(0) as u64;
-        config.min_price_milli = milli(settings.min_price).max(0) as u64;
-        config.ambiguous_price_milli = milli(settings.ambiguous_price).max(0) as u64;
+        config.default_price_milli = Milli::price(settings.default_price);
+        config.min_price_milli = Milli::price(settings.min_price);
+        config.ambiguous_price_milli = Milli::price(settings.ambiguous_price);
         config.strip_trailing_slash = u32::from(settings.strip_trailing_slash);
         {
             let mut ports =
@@ -437,22 +429,54 @@ impl Gate {
     }
 
     /// Sets the price of `method path` (method `None`: any method), in tokens (0: never rejected
-    /// by budget).
+    /// by budget), rounded down to milli-tokens.
     pub fn set_price(
         &mut self,
         method: Option<&str>,
         path: &str,
         tokens: f64,
     ) -> Result<(), KernelError> {
-        let key = PriceKey {
-            method: method.map_or(0, |m| enforcer_common::method_hash(m.as_bytes())),
-            path: enforcer_common::path_hash(path.as_bytes()),
-        };
         let mut prices =
             HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
         // 0 is allowed: operational endpoints never touch the main budget.
-        prices.insert(key, milli(tokens).max(0) as u64, 0)?;
+        prices.insert(price_key(method, path), Milli::price(tokens), 0)?;
         Ok(())
+    }
+
+    /// Makes the price map hold exactly `prices` (`(method, path, tokens)`): entries of an
+    /// older config that `prices` lacks are removed, since the map is pinned and its keys carry
+    /// no generation. Call it after [`Gate::configure`] with a new generation (no snapshot of
+    /// the new generation exists yet, so nothing is judged by a half-written table).
+    pub fn replace_prices(
+        &mut self,
+        prices: &[(Option<String>, String, f64)],
+    ) -> Result<(), KernelError> {
+        let wanted: std::collections::HashSet<PriceKey> = prices
+            .iter()
+            .map(|(m, p, _)| price_key(m.as_deref(), p))
+            .collect();
+        {
+            let mut map =
+                HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
+            let stale: Vec<PriceKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !wanted.contains(k))
+                .collect();
+            for k in stale {
+                removed(map.remove(&k))?;
+            }
+        }
+        for (method, path, tokens) in prices {
+            self.set_price(method.as_deref(), path, *tokens)?;
+        }
+        Ok(())
+    }
+
+    /// The price map's entries in milli-tokens (by hashed key).
+    pub fn prices(&self) -> Result<Vec<(PriceKey, u64)>, KernelError> {
+        let map = HashMap::<&MapData, PriceKey, u64>::try_from(self.map(names::PRICES_MAP)?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
     }
 
     /// Writes a key's budget snapshot (stamped with the current generation).
@@ -462,6 +486,24 @@ impl Gate {
             HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
         map.insert(key_id, budget, 0)?;
         Ok(())
+    }
+
+    /// Re-stamps a key's snapshot only if the map still holds one; false when it does not. An
+    /// operator (`enforcer keys set-tier`) or LRU eviction may have removed it: a refresh never
+    /// brings it back, only the key's next decision does.
+    pub fn refresh_budget(&mut self, key_id: u64, mut budget: Budget) -> Result<bool, KernelError> {
+        budget.generation = self.generation;
+        let mut map =
+            HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
+        match map.insert(key_id, budget, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A key's snapshot, if the map holds one.
@@ -552,6 +594,14 @@ fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, KernelError>
     }
 }
 
+/// The price map's key of `method path` (method `None`: any method).
+pub fn price_key(method: Option<&str>, path: &str) -> PriceKey {
+    PriceKey {
+        method: method.map_or(0, |m| enforcer_common::method_hash(m.as_bytes())),
+        path: enforcer_common::path_hash(path.as_bytes()),
+    }
+}
+
 /// Where the TCX link of `iface` is pinned.
 fn link_pin(pin_dir: &Path, iface: &str) -> std::path::PathBuf {
     pin_dir.join(format!("link-{iface}"))
@@ -579,15 +629,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn milli_rounds_down_and_saturates() {
-        assert_eq!(milli(1.0), 1000);
-        assert_eq!(milli(0.0015), 1);
-        assert_eq!(milli(-0.0005), -1);
-        assert_eq!(milli(f64::NAN), 0);
-        assert_eq!(milli(1e300), i64::MAX);
-    }
 
     #[test]
     fn addresses_are_ipv6_or_mapped() {

@@ -16,9 +16,9 @@ pub mod rollup;
 pub mod sync;
 
 pub use loader::{
-    Counters, Gate, GateSettings, KernelError, OBJECT, address_key, milli, monotonic_ns,
-    pinned_interfaces,
+    Counters, Gate, GateSettings, KernelError, OBJECT, address_key, monotonic_ns,
+    pinned_interfaces, price_key,
 };
-pub use plan::{KernelPlan, plan};
+pub use plan::{KernelPlan, TierRule, plan};
 pub use rollup::{ROLLUP_EVERY, Rollup};
 pub use sync::{GateLink, KernelReport, start};

@@ -16,6 +16,7 @@
 //! seconds of traffic and the spill file takes what PostgreSQL cannot).
 pub mod file;
 pub mod postgres;
+mod subscriber;
 
 use crate::config::LedgerConfig;
 use crate::metrics::LedgerMetrics;
