@@ -75,7 +75,7 @@ pub enum AuditCommand {
         #[arg(long)]
         quarantine: Option<PathBuf>,
     },
-    /// A key's usage: decisions, allowed decisions and tokens charged.
+    /// A key's usage: decisions, allowed decisions, refunds and tokens charged net of refunds.
     Usage {
         /// The API key (hashed here, the same way as in the ledger; never sent anywhere).
         #[arg(
@@ -569,13 +569,13 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
             println!(
-                "{label:<32} {:>10} {:>10} {:>14}",
-                "decisions", "allowed", "tokens charged"
+                "{label:<32} {:>10} {:>10} {:>10} {:>14}",
+                "decisions", "allowed", "refunds", "tokens charged"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.cost
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.refunds, u.cost
                 );
             }
         }

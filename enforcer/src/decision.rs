@@ -474,6 +474,7 @@ impl Decider {
                     sent,
                 },
                 id: uuid::Uuid::now_v7(),
+                store: self.store.backend(),
             }));
         }
         outcome

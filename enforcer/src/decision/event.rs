@@ -88,6 +88,8 @@ pub struct Refunded<'a> {
     pub settled: Settled,
     /// Id of this refund (UUIDv7), for its audit row.
     pub id: uuid::Uuid,
+    /// The store that made it (`redis`, `memory`).
+    pub store: &'static str,
 }
 
 /// Takes events. Called on the decision path: must return at once (queue, never wait).

@@ -984,6 +984,7 @@ mod tests {
                     sent,
                 },
                 id: uuid::Uuid::now_v7(),
+                store: "memory",
             }))
         };
         let got = updates(&Config::default(), |link| refund(link, Some(100.5)));

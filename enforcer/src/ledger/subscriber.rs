@@ -1,21 +1,22 @@
 //! The audit ledger as a subscriber of the decider's events ([`crate::decision::event`]):
-//! every decision becomes one row; what a row holds is decided here, not on the decision path.
-use super::{AuditRow, Entry, Ledger};
-use crate::decision::event::{Decided, Event, Subscriber};
+//! every decision becomes one row, and so does every refund (`kind = refund`); what a row holds
+//! is decided here, not on the decision path.
+use super::{AuditRow, Entry, Ledger, RowKind};
+use crate::decision::event::{Decided, Event, Refunded, Subscriber};
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
-        match event {
-            Event::Debit(d) | Event::Replay(d) => self.record(Entry::Decision(self.row(d))),
-            // Refunds are not rows yet.
-            Event::Refund(_) => {}
-        }
+        let row = match event {
+            Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
+            Event::Refund(r) => self.refund_row(r),
+        };
+        self.record(Entry::Decision(row));
     }
 }
 
 impl Ledger {
     /// The audit row of a decision.
-    fn row(&self, d: &Decided<'_>) -> AuditRow {
+    fn decision_row(&self, d: &Decided<'_>) -> AuditRow {
         let decision = d.decision;
         AuditRow {
             id: decision.decision_id,
@@ -35,6 +36,30 @@ impl Ledger {
             denial: decision.denial.map(|x| x.as_str().to_owned()),
             request_id: Some(decision.request_id.as_str().to_owned()),
             node: self.node().to_owned(),
+            kind: RowKind::Debit,
+        }
+    }
+
+    /// The audit row of a refund: the tokens credited back, under the refunded request's id
+    /// (its debit row names the endpoint; `enforcer audit usage` attributes the refund to it).
+    fn refund_row(&self, r: &Refunded<'_>) -> AuditRow {
+        AuditRow {
+            id: r.id,
+            at_us: super::now_us(),
+            key_hash: r.key_hash.to_hex(),
+            tier: Some(r.tier.to_owned()),
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            units: 0.0,
+            cost: r.credited,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: r.balance,
+            decided_by: r.store.to_owned(),
+            denial: None,
+            request_id: Some(r.request_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Refund,
         }
     }
 }
