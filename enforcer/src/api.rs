@@ -49,8 +49,8 @@ pub struct App {
     pub key_header: HeaderName,
     /// Status of a denial on `/v1/auth`.
     pub auth_deny_status: StatusCode,
-    /// Kernel gate state.
-    pub kernel: KernelReport,
+    /// Kernel gate state (it changes when an operator detaches or attaches the gate).
+    pub kernel: crate::gate::KernelStatus,
     /// The current prices (`GET /v1/costs`).
     pub costs: crate::pricing::CostTable,
 }
@@ -426,7 +426,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let body = json!({
         "ready": ready,
         "store": { "backend": store.backend(), "detail": detail },
-        "kernel": app.kernel,
+        "kernel": app.kernel.get(),
     });
     (status, axum::Json(body)).into_response()
 }

@@ -14,13 +14,14 @@
 use crate::api::KernelReport;
 use crate::config::Config;
 use crate::endpoint::TrailingSlash;
-use crate::kernel::{Counters, Gate, GateSettings, monotonic_ns};
+use crate::kernel::{Counters, Gate, GateSettings, InterfaceState, monotonic_ns};
 use crate::ledger::{Entry, KernelRejections, Ledger};
 use crate::metrics::Metrics;
 use enforcer_common::{Budget, KeyRejects};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -182,6 +183,65 @@ pub fn plan(config: &Config) -> KernelPlan {
     }
 }
 
+/// What the kernel gate is doing now: set by the sync task, which follows the operator's switch
+/// (`enforcer kernel detach|attach`) and notices links that ended at every heartbeat; read by
+/// `/readyz`.
+#[derive(Debug, Clone)]
+pub struct KernelStatus(Arc<parking_lot::RwLock<KernelReport>>);
+
+impl KernelStatus {
+    /// A status that says `report` until it is set again.
+    pub fn new(report: KernelReport) -> Self {
+        Self(Arc::new(parking_lot::RwLock::new(report)))
+    }
+
+    /// The report now.
+    pub fn get(&self) -> KernelReport {
+        self.0.read().clone()
+    }
+
+    fn set(&self, report: KernelReport) {
+        *self.0.write() = report;
+    }
+}
+
+/// The report for the configured interfaces' states (and the metric that agrees with it).
+fn report(states: &[(String, InterfaceState)], ports: &[u16]) -> KernelReport {
+    let with = |wanted: fn(&InterfaceState) -> bool| -> Vec<&str> {
+        states
+            .iter()
+            .filter(|(_, s)| wanted(s))
+            .map(|(i, _)| i.as_str())
+            .collect()
+    };
+    let attached = with(|s| *s == InterfaceState::Attached);
+    let by_operator = with(|s| *s == InterfaceState::DetachedByOperator);
+    let mut parts = Vec::new();
+    if !attached.is_empty() {
+        parts.push(format!(
+            "attached to {} protecting ports {ports:?}",
+            attached.join(", ")
+        ));
+    }
+    if !by_operator.is_empty() {
+        parts.push(format!(
+            "detached by an operator from {} (`enforcer kernel attach` attaches it again)",
+            by_operator.join(", ")
+        ));
+    }
+    for (iface, state) in states {
+        if let InterfaceState::Lost(why) = state {
+            parts.push(format!(
+                "not attached to {iface}: {why} (a restart attaches it again)"
+            ));
+        }
+    }
+    KernelReport {
+        attached: !attached.is_empty(),
+        detail: parts.join("; "),
+    }
+}
+
 /// Attaches and configures the gate when `[kernel] interfaces` asks for it, and starts the sync
 /// task. Without interfaces, or when the kernel refuses, the daemon runs userspace-only.
 ///
@@ -191,16 +251,16 @@ pub fn start(
     config: &Config,
     metrics: &Metrics,
     ledger: Option<Ledger>,
-) -> (Option<GateLink>, KernelReport) {
+) -> (Option<GateLink>, KernelStatus) {
     let interfaces = &config.kernel.interfaces;
     if interfaces.is_empty() {
         metrics.kernel_attached.set(0);
         return (
             None,
-            KernelReport {
+            KernelStatus::new(KernelReport {
                 attached: false,
                 detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
-            },
+            }),
         );
     }
     let plan = plan(config);
@@ -221,24 +281,22 @@ pub fn start(
         Ok(gate)
     };
     match setup() {
-        Ok(gate) => {
-            metrics.kernel_attached.set(1);
-            let detail = format!(
-                "attached to {} protecting ports {:?}",
-                gate.interfaces().join(", "),
-                plan.settings.ports
-            );
+        Ok(mut gate) => {
+            let report = report(&gate.reconcile(interfaces), &plan.settings.ports);
+            metrics.kernel_attached.set(i64::from(report.attached));
+            let status = KernelStatus::new(report);
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(sync(gate, rx, plan, metrics.clone(), ledger));
+            let watch = Watch {
+                interfaces: interfaces.clone(),
+                status: status.clone(),
+            };
+            tokio::spawn(sync(gate, rx, plan, metrics.clone(), ledger, watch));
             (
                 Some(GateLink {
                     tx,
                     metrics: metrics.clone(),
                 }),
-                KernelReport {
-                    attached: true,
-                    detail,
-                },
+                status,
             )
         }
         Err(e) => {
@@ -246,10 +304,10 @@ pub fn start(
             metrics.kernel_attached.set(0);
             (
                 None,
-                KernelReport {
+                KernelStatus::new(KernelReport {
                     attached: false,
                     detail: format!("userspace-only: {e}"),
-                },
+                }),
             )
         }
     }
@@ -337,6 +395,15 @@ impl Rollup {
     }
 }
 
+/// What the sync task keeps an eye on at every heartbeat: where the gate runs.
+#[derive(Debug)]
+struct Watch {
+    /// The configured interfaces.
+    interfaces: Vec<String>,
+    /// Where the state goes (`/readyz`; the metric is set beside it).
+    status: KernelStatus,
+}
+
 /// The sync task: owns the gate (dropping it detaches the program; pinned maps stay).
 async fn sync(
     mut gate: Gate,
@@ -344,6 +411,7 @@ async fn sync(
     plan: KernelPlan,
     metrics: Metrics,
     ledger: Option<Ledger>,
+    watch: Watch,
 ) {
     let mut tracked = adopt(&gate, &plan);
     let mut addresses: HashMap<IpAddr, Option<u64>> = HashMap::new();
@@ -427,6 +495,10 @@ async fn sync(
                     }
                 }
                 metrics.kernel_tracked_keys.set(tracked.len() as i64);
+                // The operator's switch and links that ended: /readyz and the metric follow.
+                let report = report(&gate.reconcile(&watch.interfaces), &plan.settings.ports);
+                metrics.kernel_attached.set(i64::from(report.attached));
+                watch.status.set(report);
                 if let Err(e) = gate.heartbeat() {
                     tracing::warn!(error = %e, "kernel heartbeat failed");
                 }
