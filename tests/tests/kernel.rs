@@ -304,7 +304,7 @@ fn kernel_status_lists_live_links_and_stale_pins() {
             "the gate still runs without its pin"
         );
 
-        // A second interface with a pinned link, then deleted.
+        // A second interface with a pinned link, then deleted (with its veth peer).
         let gone = format!("{iface}x");
         let ip = |args: &[&str]| {
             let ok = std::process::Command::new("ip")
@@ -314,7 +314,8 @@ fn kernel_status_lists_live_links_and_stale_pins() {
                 .success();
             assert!(ok, "ip {args:?} in {ns}");
         };
-        ip(&["link", "add", &gone, "type", "dummy"]);
+        let peer = format!("{iface}y");
+        ip(&["link", "add", &gone, "type", "veth", "peer", "name", &peer]);
         ip(&["link", "set", &gone, "up"]);
         drop(Gate::attach(std::slice::from_ref(&gone), Some(pin_dir)).expect("attach"));
         ip(&["link", "del", &gone]);
