@@ -8,6 +8,7 @@
 //! Every decision carries `RateLimit` and `RateLimit-Policy` headers (IETF httpapi draft) and
 //! every 429 a `Retry-After`. Bad input gets a JSON error and debits nothing.
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
+use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::PriceError;
@@ -29,15 +30,6 @@ use std::time::Duration;
 /// tier without refill): "not soon"; the body says `retry_after_ms: null`.
 pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
 
-/// What the kernel gate is doing, for `/readyz`.
-#[derive(Debug, Clone, Serialize)]
-pub struct KernelReport {
-    /// Whether the gate is attached.
-    pub attached: bool,
-    /// Interfaces, or why it is not attached.
-    pub detail: String,
-}
-
 /// Shared state of the handlers.
 #[derive(Debug)]
 pub struct App {
@@ -50,7 +42,7 @@ pub struct App {
     /// Status of a denial on `/v1/auth`.
     pub auth_deny_status: StatusCode,
     /// Kernel gate state (it changes when an operator detaches or attaches the gate).
-    pub kernel: crate::gate::KernelStatus,
+    pub kernel: KernelStatus,
     /// The current prices (`GET /v1/costs`).
     pub costs: crate::pricing::CostTable,
 }

@@ -7,7 +7,7 @@
 use crate::breaker::Breaker;
 use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
-use crate::gate::GateLink;
+use crate::kernel::GateLink;
 use crate::key::{ApiKey, KeyHash, RequestId};
 use crate::ledger::{AuditRow, Entry, Ledger};
 use crate::metrics::Metrics;
@@ -537,7 +537,7 @@ mod tests {
             config.budget_policy(),
             Arc::new(ManualClock::at(1000.0)),
         ));
-        let (link, mut rx) = crate::gate::test_link(&metrics);
+        let (link, mut rx) = crate::kernel::sync::test_link(&metrics);
         let decider = Decider::new(&config, store, metrics, Some(link), None);
         let check = Check {
             key: ApiKey::parse("kernel-bound").expect("key"),
@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(d.denial, Some(Denial::Exhausted));
         let mut n = 0;
         while let Ok(event) = rx.try_recv() {
-            if matches!(event, crate::gate::Event::Settled { .. }) {
+            if matches!(event, crate::kernel::sync::Event::Settled { .. }) {
                 n += 1;
             }
         }

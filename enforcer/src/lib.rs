@@ -9,8 +9,9 @@
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
-//! - [`kernel`]: loads and attaches the TC eBPF `gate` that **rejects** in the kernel;
-//!   [`gate`] keeps its maps in step with the decisions.
+//! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
+//!   enforces (`plan`), the task that keeps its maps in step with the decisions (`sync`) and its
+//!   rejection rollups.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
 //!   command line).
@@ -27,7 +28,6 @@ pub mod config;
 pub mod debit;
 pub mod decision;
 pub mod endpoint;
-pub mod gate;
 pub mod kernel;
 pub mod key;
 pub mod ledger;

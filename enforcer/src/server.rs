@@ -77,7 +77,7 @@ impl Server {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
         let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
-        let (gate, kernel) = crate::gate::start(config, &metrics, Some(ledger.clone()));
+        let (gate, kernel) = crate::kernel::start(config, &metrics, Some(ledger.clone()));
         if config.ledger.database_url.is_empty() {
             tracing::info!(file = %config.ledger.file, "audit ledger: local file (no database configured)");
         } else {

@@ -581,9 +581,9 @@ fn paths_config(trailing: &str, extra: &str) -> enforcer::config::Config {
 const HEALTH: &str =
     "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/health\"\noperational = true";
 
-/// A gate set up from `config` as the daemon sets it up (`gate::plan`), on the test's port.
+/// A gate set up from `config` as the daemon sets it up (`kernel::plan`), on the test's port.
 fn planned(config: &enforcer::config::Config) -> Gate {
-    let plan = enforcer::gate::plan(config);
+    let plan = enforcer::kernel::plan(config);
     let mut settings = plan.settings.clone();
     settings.ports = vec![PORT];
     let mut gate = Gate::load(None).expect("load");

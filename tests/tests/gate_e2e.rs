@@ -228,7 +228,7 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
     // The per-key counts reach the audit ledger as rollup rows at the next read (every 10 s;
     // the first read, at start, is the baseline).
     let id = enforcer_common::key_id(b"e2e-drained") as i64;
-    let deadline = enforcer::gate::ROLLUP_EVERY + Duration::from_secs(5);
+    let deadline = enforcer::kernel::ROLLUP_EVERY + Duration::from_secs(5);
     let rolled_up = loop {
         let rows: i64 = std::fs::read_to_string(&ledger)
             .unwrap_or_default()

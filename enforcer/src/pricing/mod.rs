@@ -20,7 +20,7 @@
 pub mod telemetry;
 
 use crate::config::{NodeReferences, PricingConfig, SurgeConfig};
-use crate::gate::GateLink;
+use crate::kernel::GateLink;
 use crate::metrics::Metrics;
 use crate::price::{Price, PriceBook};
 use serde::Serialize;
@@ -561,7 +561,7 @@ mod tests {
         .expect("valid");
         let book = PriceBook::new(&config.pricing);
         let metrics = Metrics::new();
-        let (link, mut events) = crate::gate::test_link(&metrics);
+        let (link, mut events) = crate::kernel::sync::test_link(&metrics);
         let node = Arc::new(Node(parking_lot::Mutex::new((0.5, 0.5, 0.5))));
         let mut engine = Engine::new(
             &config.pricing,
@@ -572,7 +572,7 @@ mod tests {
             Some(link),
         );
         let mut kernel_price = || match events.try_recv() {
-            Ok(crate::gate::Event::Prices(p)) => Some(p),
+            Ok(crate::kernel::sync::Event::Prices(p)) => Some(p),
             _ => None,
         };
         // score = 0.65·1 + 0.25·1 + 0.10·0.5 = 0.95.

@@ -12,11 +12,9 @@
 //! Where the gate runs is the kernel's to say, and an operator's to switch off
 //! ([`attachment`]): [`Gate::reconcile`] follows the operator's detach markers and notices a
 //! link that ended under it.
-pub mod attachment;
-
 /// Interfaces with a pinned gate link (see [`attachment::pinned_interfaces`]).
 pub use crate::kernel::attachment::pinned_interfaces;
-use crate::kernel::attachment::{AttachmentError, link_pin};
+use crate::kernel::attachment::{self, AttachmentError, link_pin};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};

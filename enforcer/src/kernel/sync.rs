@@ -1,8 +1,10 @@
-//! The daemon's side of the kernel gate: what it writes into the gate's maps and when.
+//! The daemon's side of the kernel gate at run time: what it writes into the gate's maps and
+//! when.
 //!
-//! - At start: attach (`kernel.rs`), then the settings and the price table. The config
-//!   generation is a fingerprint of both, so a restart with the same config keeps the pinned
-//!   snapshots valid, and any change invalidates them at once.
+//! - At start: attach ([`crate::kernel::loader`]), then the settings and the price table
+//!   ([`crate::kernel::plan`]). The config generation is a fingerprint of both, so a restart
+//!   with the same config keeps the pinned snapshots valid, and any change invalidates them at
+//!   once.
 //! - On every decision (event-driven, through a bounded queue the decision path never waits on):
 //!   a key left below the most expensive price gets its snapshot pushed; a key above it again is
 //!   removed; a client address seen with one key is bound to it, an address seen with several
@@ -10,20 +12,31 @@
 //! - Every `max_staleness / 3`: snapshots of tracked keys are re-stamped with their balance
 //!   projected by refill (never more than a fresh read would give: other nodes only lower it),
 //!   and dropped once refill makes them able to pay everything. The work is proportional to the
-//!   keys that are low, not to all keys; kernel counters go to the metrics.
-use crate::api::KernelReport;
+//!   keys that are low, not to all keys; kernel counters go to the metrics; every
+//!   [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger ([`crate::kernel::rollup`]).
 use crate::config::Config;
-use crate::endpoint::TrailingSlash;
-use crate::kernel::{Counters, Gate, GateSettings, InterfaceState, monotonic_ns};
-use crate::ledger::{Entry, KernelRejections, Ledger};
+use crate::kernel::loader::{Counters, Gate, InterfaceState, KernelError, monotonic_ns};
+use crate::kernel::plan::{KernelPlan, plan};
+use crate::kernel::rollup::{ROLLUP_EVERY, Rollup};
+use crate::ledger::{Entry, Ledger};
 use crate::metrics::Metrics;
-use enforcer_common::{Budget, KeyRejects};
+use enforcer_common::Budget;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// What the kernel gate is doing, for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    /// Whether the gate is attached.
+    pub attached: bool,
+    /// Interfaces, or why it is not attached.
+    pub detail: String,
+}
 
 /// Events the decision path sends to the sync task.
 #[derive(Debug)]
@@ -99,88 +112,6 @@ pub(crate) fn test_link(metrics: &Metrics) -> (GateLink, mpsc::Receiver<Event>) 
         },
         rx,
     )
-}
-
-/// The price table as the kernel sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KernelPlan {
-    /// Settings for `CONFIG` and `PORTS`.
-    pub settings: GateSettings,
-    /// `(method, exact path, price)` entries for `PRICES`.
-    pub prices: Vec<(Option<String>, String, f64)>,
-    /// The most expensive price: a key below it might be unable to pay for something.
-    pub max_price: f64,
-}
-
-/// Derives what the kernel needs from the config.
-///
-/// The kernel may under-price (and pass), never over-price (and wrongly reject):
-///
-/// - Operational endpoints are priced 0 (they never touch the main budget, and a price of 0
-///   always passes).
-/// - Wildcard prefixes cannot be matched in the kernel, nor configured paths the gate never
-///   looks up (`enforcer_common::path_is_ambiguous`: longer than it hashes, or with a `%`,
-///   whose raw spellings are either ambiguous or match no entry). Requests to them get the
-///   kernel's default price, so that default is the cheapest of the config's default cost and
-///   every such price (an operational wildcard makes it 0).
-/// - A request path that may not be in normal form (`//`, dot segments, `%`, `\`) could be any
-///   endpoint once normalised: the ambiguous price is the cheapest price of all, 0 when there
-///   is an operational endpoint.
-/// - The trailing-slash rule reaches the gate, which hashes `/a/` as `/a` when it is `strip`.
-///
-/// The cheapest price (for L4 identities whose request line was not read) is over main-budget
-/// endpoints and the default cost.
-pub fn plan(config: &Config) -> KernelPlan {
-    let mut prices = Vec::new();
-    let mut kernel_default = config.pricing.default_cost;
-    let mut min_price = config.pricing.default_cost;
-    let mut max_price = config.pricing.default_cost;
-    let mut ambiguous_price = config.pricing.default_cost;
-    for e in &config.pricing.endpoints {
-        let method = (e.method != "*").then(|| e.method.clone());
-        let price = if e.operational { 0.0 } else { e.base_cost };
-        ambiguous_price = ambiguous_price.min(price);
-        if !e.operational {
-            min_price = min_price.min(price);
-            max_price = max_price.max(price);
-        }
-        if e.path.ends_with('*') || enforcer_common::path_is_ambiguous(e.path.as_bytes()) {
-            kernel_default = kernel_default.min(price);
-        } else {
-            prices.push((method, e.path.clone(), price));
-        }
-    }
-    // With the pricing engine, a price can fall to `floor × base`: the kernel starts from
-    // there (the engine then pushes exact-path prices, never above what userspace charges),
-    // and its default and cheapest prices stay there.
-    if config.pricing.dynamic {
-        let floor = config.pricing.floor;
-        kernel_default *= floor;
-        min_price *= floor;
-        ambiguous_price *= floor;
-        for p in &mut prices {
-            p.2 *= floor;
-        }
-    }
-    let mut settings = GateSettings {
-        ports: config.kernel.protect_ports.clone(),
-        key_header: config.kernel_key_header().to_owned(),
-        value_prefix: config.kernel.value_prefix.clone(),
-        max_staleness: Duration::from_millis(config.kernel.max_staleness_ms),
-        default_price: kernel_default,
-        min_price,
-        ambiguous_price,
-        strip_trailing_slash: config.pricing.trailing_slash == TrailingSlash::Strip,
-        generation: 0,
-        reset: config.kernel.action == "reset",
-    };
-    let fingerprint = format!("{settings:?}{prices:?}");
-    settings.generation = (enforcer_common::fnv(fingerprint.as_bytes()) as u32) | 1;
-    KernelPlan {
-        settings,
-        prices,
-        max_price,
-    }
 }
 
 /// What the kernel gate is doing now: set by the sync task, which follows the operator's switch
@@ -264,7 +195,7 @@ pub fn start(
         );
     }
     let plan = plan(config);
-    let setup = || -> Result<Gate, crate::kernel::KernelError> {
+    let setup = || -> Result<Gate, KernelError> {
         let mut gate = Gate::attach(interfaces, Some(Path::new(&config.kernel.pin_dir)))?;
         let adopted = gate.generation() == plan.settings.generation;
         gate.configure(&plan.settings)?;
@@ -330,71 +261,12 @@ impl Tracked {
 
 fn snapshot(balance: f64, refill_per_sec: f64) -> Budget {
     Budget {
-        balance_milli: crate::kernel::milli(balance),
+        balance_milli: crate::kernel::loader::milli(balance),
         refill_milli_per_sec: (refill_per_sec * 1000.0).floor().max(0.0) as u64,
         synced_ns: monotonic_ns(),
         ..Budget::default()
     }
 }
-
-/// How often the kernel's per-key rejection counts are read into the ledger's rollups.
-pub const ROLLUP_EVERY: Duration = Duration::from_secs(10);
-
-/// Turns the kernel's running per-key totals into rollup rows of what changed since the last
-/// read. The first read (a daemon start, adopting pinned maps) is only a baseline: counts from
-/// before it were (mostly) recorded by the previous daemon. What is lost: the rejections of at
-/// most one interval before a crash, and those while no daemon ran (bounded by
-/// `max_staleness`: with the daemon gone, the gate stops rejecting).
-#[derive(Debug, Default)]
-pub struct Rollup {
-    last: HashMap<u64, KeyRejects>,
-    started: bool,
-}
-
-impl Rollup {
-    /// The rows for the totals read now (`minute_us`: the minute they are attributed to).
-    pub fn rows(
-        &mut self,
-        totals: Vec<(u64, KeyRejects)>,
-        node: &str,
-        minute_us: i64,
-    ) -> Vec<KernelRejections> {
-        let mut rows = Vec::new();
-        let mut now = HashMap::with_capacity(totals.len());
-        for (key_id, t) in totals {
-            if self.started {
-                let before = self.last.get(&key_id).copied().unwrap_or_default();
-                for (reason, after, before) in [
-                    ("l7", t.l7, before.l7),
-                    ("l4", t.l4, before.l4),
-                    ("blocked", t.blocked, before.blocked),
-                ] {
-                    // Lower than before: the LRU map evicted and re-created the entry.
-                    let delta = if after >= before {
-                        after - before
-                    } else {
-                        after
-                    };
-                    if delta > 0 {
-                        rows.push(KernelRejections {
-                            id: uuid::Uuid::now_v7(),
-                            minute_us,
-                            node: node.to_owned(),
-                            key_id: key_id as i64,
-                            reason: reason.to_owned(),
-                            count: i64::try_from(delta).unwrap_or(i64::MAX),
-                        });
-                    }
-                }
-            }
-            now.insert(key_id, t);
-        }
-        self.last = now;
-        self.started = true;
-        rows
-    }
-}
-
 /// What the sync task keeps an eye on at every heartbeat: where the gate runs.
 #[derive(Debug)]
 struct Watch {
@@ -565,189 +437,5 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
             .kernel_ignored
             .with_label_values(&[reason])
             .inc_by(delta(a, b));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_kernel_never_over_prices() {
-        let config = Config::parse(
-            r#"
-            [pricing]
-            default_cost = 2
-            [[pricing.endpoints]]
-            method = "POST"
-            path = "/generate-report"
-            base_cost = 120
-            [[pricing.endpoints]]
-            path = "/cheap/*"
-            base_cost = 0.5
-            [[pricing.endpoints]]
-            method = "GET"
-            path = "/health"
-            operational = true
-            "#,
-        )
-        .expect("valid");
-        let p = plan(&config);
-        assert_eq!(
-            p.settings.default_price, 0.5,
-            "wildcards fall back to the cheapest default"
-        );
-        assert_eq!(p.settings.min_price, 0.5);
-        assert_eq!(p.max_price, 120.0);
-        assert!(
-            p.prices
-                .contains(&(Some("GET".into()), "/health".into(), 0.0))
-        );
-        assert!(
-            p.prices
-                .contains(&(Some("POST".into()), "/generate-report".into(), 120.0))
-        );
-        assert_ne!(p.settings.generation, 0);
-    }
-
-    #[test]
-    fn ambiguous_paths_are_priced_at_the_cheapest_price_of_all() {
-        let text = |trailing: &str, health: bool| {
-            let mut t = format!(
-                r#"
-                [pricing]
-                default_cost = 2
-                trailing_slash = "{trailing}"
-                [[pricing.endpoints]]
-                method = "POST"
-                path = "/generate-report"
-                base_cost = 120
-                [[pricing.endpoints]]
-                path = "/cheap"
-                base_cost = 0.5
-                [[pricing.endpoints]]
-                path = "/a%7Bb"
-                base_cost = 0.25
-                [[pricing.endpoints]]
-                path = "/.well-known/x"
-                base_cost = 3
-                "#
-            );
-            if health {
-                t.push_str("[[pricing.endpoints]]\npath = \"/health\"\noperational = true\n");
-            }
-            Config::parse(&t).expect("valid")
-        };
-        let p = plan(&text("strip", false));
-        assert_eq!(p.settings.ambiguous_price, 0.25, "the cheapest of all");
-        assert_eq!(
-            p.settings.default_price, 0.25,
-            "a path with % is never looked up: its raw spellings get the default"
-        );
-        assert_eq!(p.settings.min_price, 0.25);
-        assert!(p.settings.strip_trailing_slash);
-        let paths: Vec<&str> = p.prices.iter().map(|(_, path, _)| path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["/generate-report", "/cheap"],
-            "only paths the gate looks up"
-        );
-        assert_eq!(
-            plan(&text("strip", true)).settings.ambiguous_price,
-            0.0,
-            "an ambiguous path may be an operational endpoint"
-        );
-        let keep = plan(&text("keep", false));
-        assert!(!keep.settings.strip_trailing_slash);
-        assert_ne!(keep.settings.generation, p.settings.generation);
-    }
-
-    #[test]
-    fn unmatchable_paths_lower_the_kernel_default() {
-        let long = format!("/{}", "a".repeat(enforcer_common::MAX_PATH_LEN));
-        let config = Config::parse(&format!(
-            r#"
-            [pricing]
-            default_cost = 2
-            [[pricing.endpoints]]
-            path = "{long}"
-            base_cost = 1.5
-            "#
-        ))
-        .expect("valid");
-        let p = plan(&config);
-        assert_eq!(
-            p.settings.default_price, 1.5,
-            "a path the kernel cannot hash"
-        );
-        assert!(p.prices.is_empty());
-        let config = Config::parse(
-            r#"
-            [[pricing.endpoints]]
-            path = "/health/*"
-            operational = true
-            "#,
-        )
-        .expect("valid");
-        assert_eq!(
-            plan(&config).settings.default_price,
-            0.0,
-            "an operational wildcard: unknown paths may be operational, so they pass"
-        );
-    }
-
-    #[test]
-    fn with_the_pricing_engine_the_kernel_starts_at_the_floor() {
-        let config = Config::parse(
-            r#"
-            [pricing]
-            default_cost = 2
-            dynamic = true
-            floor = 0.5
-            [[pricing.endpoints]]
-            method = "POST"
-            path = "/generate-report"
-            base_cost = 120
-            "#,
-        )
-        .expect("valid");
-        let p = plan(&config);
-        assert_eq!(p.settings.default_price, 1.0);
-        assert_eq!(p.settings.min_price, 1.0);
-        assert!(
-            p.prices
-                .contains(&(Some("POST".into()), "/generate-report".into(), 60.0))
-        );
-    }
-
-    #[test]
-    fn rollups_are_deltas_after_a_baseline() {
-        let t = |l7, l4, blocked| KeyRejects { l7, l4, blocked };
-        let mut r = Rollup::default();
-        assert!(r.rows(vec![(1, t(5, 0, 0))], "n", 0).is_empty(), "baseline");
-        let rows = r.rows(vec![(1, t(7, 1, 0)), (2, t(3, 0, 0))], "n", 60);
-        let got: Vec<(i64, &str, i64)> = rows
-            .iter()
-            .map(|k| (k.key_id, k.reason.as_str(), k.count))
-            .collect();
-        assert_eq!(got, vec![(1, "l7", 2), (1, "l4", 1), (2, "l7", 3)]);
-        assert!(
-            r.rows(vec![(1, t(7, 1, 0))], "n", 120).is_empty(),
-            "no change"
-        );
-        // Evicted and re-created: the new total is the delta.
-        let rows = r.rows(vec![(1, t(2, 1, 0))], "n", 180);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].count, 2);
-    }
-
-    #[test]
-    fn the_generation_changes_with_the_config_only() {
-        let a = plan(&Config::default());
-        let b = plan(&Config::default());
-        assert_eq!(a.settings.generation, b.settings.generation);
-        let mut changed = Config::default();
-        changed.pricing.default_cost = 3.0;
-        assert_ne!(plan(&changed).settings.generation, a.settings.generation);
     }
 }
