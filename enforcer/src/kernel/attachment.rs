@@ -663,6 +663,13 @@ mod tests {
         assert!(d.covers("eth1") && !d.covers("eth0") && !d.all);
         std::fs::create_dir(marker(dir.path(), None)).expect("marker");
         assert!(detached(dir.path()).covers("eth0"));
+        assert!(
+            matches!(
+                attach(dir.path(), Some("eth0")),
+                Err(AttachmentError::DetachedEverywhere)
+            ),
+            "one interface cannot be switched on while all are off"
+        );
         let removed = attach(dir.path(), None).expect("attach");
         assert_eq!(removed, ["detached", "detached-eth1"]);
         assert!(detached(dir.path()).is_empty());

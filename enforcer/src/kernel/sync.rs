@@ -439,3 +439,43 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
             .inc_by(delta(a, b));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_says_where_the_gate_judges_and_why_not_elsewhere() {
+        let states = |list: &[(&str, InterfaceState)]| -> Vec<(String, InterfaceState)> {
+            list.iter()
+                .map(|(i, s)| ((*i).to_owned(), s.clone()))
+                .collect()
+        };
+        let r = report(
+            &states(&[
+                ("eth0", InterfaceState::Attached),
+                ("eth1", InterfaceState::DetachedByOperator),
+                ("eth2", InterfaceState::Lost("the interface is gone".into())),
+            ]),
+            &[80],
+        );
+        assert!(r.attached);
+        assert_eq!(
+            r.detail,
+            "attached to eth0 protecting ports [80]; detached by an operator from eth1 \
+             (`enforcer kernel attach` attaches it again); not attached to eth2: the interface \
+             is gone (a restart attaches it again)"
+        );
+        let off = report(
+            &states(&[("eth0", InterfaceState::DetachedByOperator)]),
+            &[80],
+        );
+        assert!(!off.attached, "detached everywhere: not attached");
+        let status = KernelStatus::new(r);
+        status.set(off);
+        assert!(
+            !status.get().attached,
+            "/readyz reads what the sync task set"
+        );
+    }
+}
