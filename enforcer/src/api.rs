@@ -7,22 +7,28 @@
 //!
 //! Every decision carries `RateLimit` and `RateLimit-Policy` headers (IETF httpapi draft) and
 //! every 429 a `Retry-After`. Bad input gets a JSON error and debits nothing.
+//!
+//! A decision carries a client address (which the kernel gate may bind to the key) only when a
+//! trusted proxy named it: `X-Forwarded-For` / `X-Real-IP` and `client_ip` from any other peer
+//! are ignored ([`crate::client_addr`]; the peer comes from the listener as [`ConnectInfo`]).
+use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
 use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::PriceError;
 use crate::store::RefundOutcome;
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +51,26 @@ pub struct App {
     pub kernel: KernelStatus,
     /// The current prices (`GET /v1/costs`).
     pub costs: crate::pricing::CostTable,
+    /// `[server] trusted_proxies`: whose word on the client's address is taken.
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// The HTTP peer of a request, as the listener recorded it (absent: never trusted).
+type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
+
+fn peer_addr(peer: Peer) -> Option<SocketAddr> {
+    peer.map(|Extension(ConnectInfo(addr))| addr)
+}
+
+/// The client address a decision may carry, counted by outcome.
+fn client_ip(app: &App, addr: ClientAddr) -> Option<IpAddr> {
+    if let Some(outcome) = addr.outcome() {
+        app.metrics
+            .client_addresses
+            .with_label_values(&[outcome])
+            .inc();
+    }
+    addr.ip()
 }
 
 /// The router, with the body limit applied.
@@ -110,7 +136,11 @@ struct CheckBody {
     request_id: Option<String>,
 }
 
-async fn check(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn check(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body: CheckBody = match json_body(&app, body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -127,7 +157,13 @@ async fn check(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>)
         key,
         endpoint: body.endpoint,
         method: body.method,
-        client_ip: body.client_ip,
+        // The gateway's word on its client, taken only from a trusted proxy: anyone else could
+        // name a victim's address and have it bound to a drained key.
+        client_ip: client_ip(
+            &app,
+            app.trusted_proxies
+                .from_body(peer_addr(peer), body.client_ip),
+        ),
         units: body.units.unwrap_or(1.0),
         request_id,
     };
@@ -265,12 +301,6 @@ struct DecisionBody<'a> {
     endpoint: &'a str,
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, names: &[&str]) -> Option<&'h str> {
-    names
-        .iter()
-        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
-}
-
 /// The first of `names` that is present, as text; `Err` when its value is not (non-ASCII
 /// bytes): refused, never skipped for the next name or ignored. Control characters other than
 /// a tab never get here (the HTTP parser refuses them); a tab is refused by the parsers of the
@@ -282,7 +312,7 @@ fn header_text<'h>(headers: &'h HeaderMap, names: &[&str]) -> Result<Option<&'h 
     }
 }
 
-async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn auth(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Response {
     let Some(raw_key) = headers.get(&app.key_header).and_then(|v| v.to_str().ok()) else {
         app.metrics
             .bad_requests
@@ -332,9 +362,12 @@ async fn auth(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             );
         }
     };
-    let client_ip = header_str(&headers, &["x-real-ip", "x-forwarded-for"])
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok());
+    // Malformed or untrusted address headers are ignored, never a 400: the decision does not
+    // depend on them, only what the kernel may bind.
+    let client_ip = client_ip(
+        &app,
+        app.trusted_proxies.from_headers(peer_addr(peer), &headers),
+    );
     let check = Check {
         key,
         endpoint: uri.to_owned(),
@@ -432,4 +465,193 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Config;
+    use crate::store::MemoryStore;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A daemon's API on `127.0.0.1:0` behind the real listener (so the peer is real), whose
+    /// decisions report to a kernel-gate link the test reads.
+    struct Api {
+        addr: SocketAddr,
+        app: Arc<App>,
+        events: tokio::sync::mpsc::Receiver<crate::kernel::sync::Event>,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    impl Api {
+        async fn start(trusted: &[&str]) -> Self {
+            let mut config = Config::default();
+            config.server.trusted_proxies =
+                trusted.iter().map(|c| c.parse().expect("cidr")).collect();
+            let metrics = Metrics::new();
+            let store = Arc::new(MemoryStore::new(
+                config.budget_policy(),
+                Arc::new(ManualClock::at(1000.0)),
+            ));
+            let (link, events) = crate::kernel::sync::test_link(&metrics);
+            let decider = Decider::new(&config, store, metrics.clone(), Some(link), None);
+            let app = Arc::new(App {
+                costs: crate::pricing::static_costs(decider.prices()),
+                decider,
+                metrics: metrics.clone(),
+                key_header: HeaderName::from_static("x-api-key"),
+                auth_deny_status: StatusCode::TOO_MANY_REQUESTS,
+                kernel: KernelStatus::new(crate::kernel::KernelReport {
+                    attached: false,
+                    detail: "test".into(),
+                }),
+                trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let limits = crate::listener::Limits {
+                header_read_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(30),
+                max_connections: 16,
+            };
+            tokio::spawn(crate::listener::serve(
+                listener,
+                router(Arc::clone(&app), 65536),
+                limits,
+                metrics.http.clone(),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            Self {
+                addr,
+                app,
+                events,
+                _stop: stop,
+            }
+        }
+
+        /// One request on a fresh connection from 127.0.0.1; the status.
+        async fn send(&self, head: &str, body: &str) -> u16 {
+            let mut s = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("connect");
+            let request = format!(
+                "{head}\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(request.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.expect("read");
+            let text = String::from_utf8_lossy(&out);
+            text.split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("no status in {text:?}"))
+        }
+
+        /// `/v1/auth` for `key` with these extra header lines.
+        async fn auth(&self, key: &str, extra: &[&str]) -> u16 {
+            let mut head = format!(
+                "GET /v1/auth HTTP/1.1\r\nx-api-key: {key}\r\nx-original-uri: /x\r\n\
+                 x-original-method: GET"
+            );
+            for line in extra {
+                head.push_str("\r\n");
+                head.push_str(line);
+            }
+            self.send(&head, "").await
+        }
+
+        /// `/v1/check` for `key` naming `client_ip`.
+        async fn check(&self, key: &str, client_ip: &str) -> u16 {
+            let body = format!(r#"{{"key":"{key}","endpoint":"/x","client_ip":"{client_ip}"}}"#);
+            self.send("POST /v1/check HTTP/1.1", &body).await
+        }
+
+        /// The client addresses the decisions so far reported to the kernel gate (what it
+        /// binds), in order.
+        fn bound(&mut self) -> Vec<IpAddr> {
+            let mut ips = Vec::new();
+            while let Ok(event) = self.events.try_recv() {
+                if let crate::kernel::sync::Event::Client { ip, .. } = event {
+                    ips.push(ip);
+                }
+            }
+            ips
+        }
+
+        fn outcomes(&self, outcome: &str) -> u64 {
+            self.app
+                .metrics
+                .client_addresses
+                .with_label_values(&[outcome])
+                .get()
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test]
+    async fn forged_addresses_from_an_untrusted_peer_never_reach_the_gate() {
+        let mut api = Api::start(&[]).await;
+        let forged = ["x-forwarded-for: 10.77.0.2", "x-real-ip: 10.77.0.2"];
+        assert_eq!(api.auth("drained", &forged).await, 200);
+        assert_eq!(api.auth("drained", &forged[..1]).await, 200);
+        assert_eq!(api.auth("drained", &forged[1..]).await, 200);
+        assert_eq!(api.check("drained", "10.77.0.2").await, 200);
+        assert_eq!(api.bound(), Vec::<IpAddr>::new());
+        assert_eq!(api.outcomes("untrusted_peer"), 4);
+        assert_eq!(api.outcomes("used"), 0);
+
+        // Trusting another network does not make 127.0.0.1 trusted.
+        let mut api = Api::start(&["10.0.0.0/8"]).await;
+        assert_eq!(api.auth("drained", &forged).await, 200);
+        assert_eq!(api.check("drained", "10.77.0.2").await, 200);
+        assert_eq!(api.bound(), Vec::<IpAddr>::new());
+    }
+
+    #[tokio::test]
+    async fn a_trusted_proxy_names_the_rightmost_untrusted_hop_and_garbage_is_ignored() {
+        let mut api = Api::start(&["127.0.0.1/32", "10.0.0.0/8"]).await;
+        // A forged left part, the client the proxy appended, then a trusted load balancer.
+        assert_eq!(
+            api.auth(
+                "k",
+                &[
+                    "x-forwarded-for: 192.0.2.66, 203.0.113.9",
+                    "x-forwarded-for: 10.0.0.3"
+                ]
+            )
+            .await,
+            200
+        );
+        assert_eq!(api.check("k", "198.51.100.7").await, 200);
+        assert_eq!(api.bound(), [ip("203.0.113.9"), ip("198.51.100.7")]);
+
+        // Malformed headers are ignored, not a 500: the decision is made without an address.
+        for extra in [
+            "x-forwarded-for: nope",
+            "x-forwarded-for: 203.0.113.9,,",
+            "x-real-ip: [::1",
+            "x-forwarded-for: 203.0.113.9\r\nx-real-ip: 192.0.2.66",
+            "x-forwarded-for: 10.0.0.1, 127.0.0.1",
+        ] {
+            assert_eq!(api.auth("k", &[extra]).await, 200, "{extra}");
+        }
+        assert_eq!(api.bound(), Vec::<IpAddr>::new());
+        assert_eq!(api.outcomes("unusable"), 5);
+        // A proxy's own address is never a client.
+        assert_eq!(api.check("k", "10.1.2.3").await, 200);
+        assert_eq!(api.bound(), Vec::<IpAddr>::new());
+        // A client_ip that is no address is still bad input (400), trusted peer or not.
+        let body = r#"{"key":"k","endpoint":"/x","client_ip":"nope"}"#;
+        assert_eq!(api.send("POST /v1/check HTTP/1.1", body).await, 400);
+    }
 }

@@ -66,13 +66,18 @@ pub enum AuditCommand {
     #[command(subcommand)]
     Partitions(PartitionsCommand),
     /// Load a ledger file (the embedded default's, or a spill file) into PostgreSQL. Rows
-    /// already there are skipped, so importing twice adds nothing.
+    /// already there are skipped, so importing twice adds nothing. Rows PostgreSQL refuses for
+    /// their data are written to a quarantine file, the rest imported; the command then fails.
     Import {
         /// The JSON-lines ledger file.
         file: PathBuf,
         /// PostgreSQL URL.
         #[arg(long, env = "ENFORCER_DATABASE_URL")]
         database_url: String,
+        /// Where refused rows go (appended); default: FILE with the extension
+        /// `.quarantine.jsonl` (`ledger.jsonl` → `ledger.quarantine.jsonl`).
+        #[arg(long)]
+        quarantine: Option<PathBuf>,
     },
     /// A key's usage: decisions, allowed decisions and tokens charged.
     Usage {
@@ -459,6 +464,15 @@ fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
+/// `1 row`, `2 rows`.
+fn rows(n: u64) -> String {
+    if n == 1 {
+        "1 row".to_owned()
+    } else {
+        format!("{n} rows")
+    }
+}
+
 fn ledger_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {
     crate::ledger::postgres::pool(url).context("PostgreSQL URL")
 }
@@ -484,15 +498,35 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 println!("dropped {p}");
             }
         }
-        AuditCommand::Import { file, database_url } => {
+        AuditCommand::Import {
+            file,
+            database_url,
+            quarantine,
+        } => {
             let pool = ledger_pool(&database_url)?;
-            let (read, corrupt) = postgres::import(&pool, &file).await?;
+            let quarantine =
+                quarantine.unwrap_or_else(|| crate::ledger::quarantine::path_for(&file));
+            let mut q = crate::ledger::quarantine::Quarantine::new(quarantine.clone(), true);
+            let done = postgres::import(&pool, &file, &mut q).await?;
             println!(
-                "{}: {read} entries imported (rows already present skipped)",
-                file.display()
+                "{}: {} rows imported (rows already present skipped)",
+                file.display(),
+                done.read - done.quarantined
             );
-            if corrupt > 0 {
-                bail!("{corrupt} unreadable lines were skipped");
+            let mut problems = Vec::new();
+            if done.quarantined > 0 {
+                problems.push(format!(
+                    "{} refused by PostgreSQL for their data (not imported): written to {} with \
+                     PostgreSQL's error",
+                    rows(done.quarantined),
+                    quarantine.display()
+                ));
+            }
+            if done.corrupt > 0 {
+                problems.push(format!("{} unreadable lines skipped", done.corrupt));
+            }
+            if !problems.is_empty() {
+                bail!("{}", problems.join("; "));
             }
         }
         AuditCommand::Usage {

@@ -108,6 +108,10 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// Open client connections at most; the daemon refuses (503, closed) the ones beyond.
     pub max_connections: usize,
+    /// Peers (proxies, gateways) whose word on the client's address is taken: `X-Forwarded-For`
+    /// and `X-Real-IP` on `/v1/auth`, `client_ip` on `/v1/check`. Empty (the default): no
+    /// request names a client address, so the kernel gate binds none ([`crate::client_addr`]).
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
 }
 
 /// `[store]`: where buckets live.
@@ -379,9 +383,16 @@ pub struct LedgerConfig {
     /// Local append-only file (JSON lines): the ledger itself without a database, the spill
     /// file with one (rows written while PostgreSQL is down or slow, replayed when it is back).
     pub file: String,
-    /// fsync the file after every appended batch (a crash loses at most the batch in flight).
+    /// fsync the file once per flush interval (what was appended since the last fsync), so a
+    /// power loss loses at most that; a killed daemon loses nothing that was appended.
     pub fsync: bool,
-    /// Rows held in memory for the writer; beyond it rows are dropped (and counted).
+    /// Append each row to the file before the decision is answered (one `write` per row, on
+    /// the decision path), so a daemon killed after answering loses nothing. `false`: the
+    /// writer appends the queued rows once per `flush_ms`, and a kill loses at most the rows
+    /// of one flush interval.
+    pub journal: bool,
+    /// Rows held in memory: for the appender (`journal = false`; beyond it rows are dropped
+    /// and counted) and for PostgreSQL (beyond it they are read back from the file).
     pub queue_capacity: usize,
     /// Most rows per batch.
     pub batch_rows: usize,
@@ -409,6 +420,7 @@ impl Default for LedgerConfig {
             migrate: false,
             file: "enforcer-ledger.jsonl".to_owned(),
             fsync: true,
+            journal: true,
             queue_capacity: 200_000,
             batch_rows: 10_000,
             connections: 2,
@@ -442,6 +454,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -1047,6 +1060,36 @@ mod tests {
                 "pricing.proc_root"
             ]
         );
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_none_and_bad_entries_name_their_path() {
+        let c = Config::parse("").expect("defaults");
+        assert!(c.server.trusted_proxies.is_empty());
+        let c = Config::parse(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/8\"]\n",
+        )
+        .expect("valid networks");
+        let shown: Vec<_> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+        for (entry, says) in [
+            ("10.0.0.1/8", "write 10.0.0.0/8"),
+            ("0.0.0.0/0", "trusts every peer"),
+            ("10.0.0.0/33", "prefix length must be 1-32"),
+            ("localhost", "is not an IP network"),
+        ] {
+            let text = format!("[server]\ntrusted_proxies = [\"127.0.0.1\",\n  \"{entry}\"]\n");
+            let err = Config::parse(&text).expect_err(entry).to_string();
+            assert!(
+                err.contains("server.trusted_proxies[1]") && err.contains(says),
+                "{entry}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Where a request goes, module by module:
 //!
-//! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics).
+//! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics);
+//!   the client address a decision carries comes only from trusted proxies ([`client_addr`]).
 //! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
 //!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
 //!   applies shadow mode and the failure policy.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod breaker;
 pub mod budget;
 pub mod cli;
+pub mod client_addr;
 pub mod clock;
 pub mod config;
 pub mod debit;

@@ -27,6 +27,7 @@
 //! The watchdogs keep running meanwhile, so a half-sent header cannot hold the shutdown.
 use crate::metrics::HttpMetrics;
 use axum::Router;
+use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -34,6 +35,7 @@ use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -79,8 +81,8 @@ pub async fn serve(
         };
         // Reap finished connection tasks as we go; the set only holds live ones for long.
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             // That one connection went away before it was accepted: nothing to wait for.
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
@@ -106,6 +108,7 @@ pub async fn serve(
         open.gauge.inc();
         connections.spawn(connection(
             stream,
+            peer,
             service.clone(),
             limits,
             metrics.clone(),
@@ -143,9 +146,12 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Serves one connection until it ends, its watchdog cuts it, or the drain finishes it.
+/// Serves one connection until it ends, its watchdog cuts it, or the drain finishes it. Every
+/// request carries the connection's peer address as axum's [`ConnectInfo`] (whether it is a
+/// trusted proxy decides whose client address a decision may carry: [`crate::client_addr`]).
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     service: TowerToHyperService<Router>,
     limits: Limits,
     metrics: HttpMetrics,
@@ -158,7 +164,8 @@ async fn connection(
         activity: Arc::clone(&activity),
     });
     let tracked = Arc::clone(&activity);
-    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
         let busy = tracked.begin();
         let response = hyper::service::Service::call(&service, req);
         async move {

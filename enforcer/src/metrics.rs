@@ -26,6 +26,9 @@ pub struct Metrics {
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
     pub refunds: IntCounterVec,
+    /// `enforcer_client_addresses_total{outcome}`: client addresses requests offered (used,
+    /// untrusted_peer, unusable).
+    pub client_addresses: IntCounterVec,
     /// `enforcer_idempotent_replays_total`.
     pub replays: IntCounter,
     /// `enforcer_kernel_attached`: 1 when the kernel gate is attached.
@@ -123,17 +126,21 @@ pub struct LedgerMetrics {
     pub batch_seconds: prometheus::Histogram,
     /// `enforcer_ledger_queue_depth`: rows waiting in memory for the writer.
     pub queue_depth: IntGauge,
-    /// `enforcer_ledger_spilled_total`: rows appended to the spill file (PostgreSQL down or slow).
+    /// `enforcer_ledger_spilled_total`: rows that reach PostgreSQL by replay of the spill file
+    /// instead of straight from memory (PostgreSQL down, slow, or behind a backlog).
     pub spilled: IntCounter,
-    /// `enforcer_ledger_replayed_total`: spilled rows replayed into PostgreSQL.
+    /// `enforcer_ledger_replayed_total`: rows replayed from the spill file into PostgreSQL.
     pub replayed: IntCounter,
-    /// `enforcer_ledger_dropped_total`: rows lost because the in-memory queue was full (the
-    /// writer could neither write nor spill fast enough) or the local file could not be
-    /// written. Must stay 0.
+    /// `enforcer_ledger_dropped_total`: rows lost because the local file could not be written
+    /// or (with `journal = false`) the appender's queue was full. Must stay 0.
     pub dropped: IntCounter,
-    /// `enforcer_ledger_backlog_bytes`: bytes of the spill file not yet replayed.
+    /// `enforcer_ledger_backlog_bytes`: bytes of the spill file not yet in PostgreSQL.
     pub backlog_bytes: IntGauge,
-    /// `enforcer_ledger_errors_total{op}`: failed writes, spills, replays, maintenance.
+    /// `enforcer_ledger_quarantined_total`: rows PostgreSQL refused for their data (SQLSTATE
+    /// class 22 or 23), moved to the quarantine file so that the rest land.
+    pub quarantined: IntCounter,
+    /// `enforcer_ledger_errors_total{op}`: failed writes, spills, replays, quarantine writes,
+    /// maintenance.
     pub errors: IntCounterVec,
 }
 
@@ -168,25 +175,29 @@ impl LedgerMetrics {
             ),
             spilled: counter(
                 "enforcer_ledger_spilled_total",
-                "Audit rows appended to the spill file while PostgreSQL was down or slow",
+                "Audit rows that reach PostgreSQL by replay of the spill file (PostgreSQL down, slow or behind)",
             ),
             replayed: counter(
                 "enforcer_ledger_replayed_total",
-                "Spilled audit rows replayed into PostgreSQL",
+                "Audit rows replayed from the spill file into PostgreSQL",
             ),
             dropped: counter(
                 "enforcer_ledger_dropped_total",
-                "Audit rows lost: the in-memory queue was full or the local file failed (must stay 0)",
+                "Audit rows lost: the local file failed or the append queue was full (must stay 0)",
             ),
             backlog_bytes: gauge(
                 registry,
                 "enforcer_ledger_backlog_bytes",
-                "Bytes of the spill file not yet replayed into PostgreSQL",
+                "Bytes of the spill file not yet in PostgreSQL",
+            ),
+            quarantined: counter(
+                "enforcer_ledger_quarantined_total",
+                "Audit rows PostgreSQL refused for their data, moved to the quarantine file",
             ),
             errors: counter_vec(
                 registry,
                 "enforcer_ledger_errors_total",
-                "Ledger failures by operation (write, spill, replay, maintain)",
+                "Ledger failures by operation (write, spill, replay, quarantine, maintain)",
                 &["op"],
             ),
         }
@@ -267,6 +278,15 @@ impl Metrics {
             &registry,
             "enforcer_refunds_total",
             "Refund requests by outcome",
+            &["outcome"],
+        );
+        let client_addresses = counter_vec(
+            &registry,
+            "enforcer_client_addresses_total",
+            "Client addresses offered with decisions (X-Forwarded-For, X-Real-IP, client_ip), by \
+             outcome: used (from a trusted proxy), untrusted_peer (ignored: the peer is not in \
+             server.trusted_proxies), unusable (ignored: malformed, only proxies, or headers \
+             that disagree)",
             &["outcome"],
         );
         let replays = register(
@@ -378,6 +398,7 @@ impl Metrics {
             breaker_state,
             bad_requests,
             refunds,
+            client_addresses,
             replays,
             kernel_attached,
             kernel_passed,

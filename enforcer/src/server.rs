@@ -114,6 +114,12 @@ impl Server {
         } else {
             crate::pricing::static_costs(decider.prices())
         };
+        if kernel.get().attached && config.server.trusted_proxies.is_empty() {
+            tracing::info!(
+                "no [server] trusted_proxies: no request names a client address, so the kernel \
+                 gate binds no addresses (L4 identity); see docs/http-api.md#client-addresses"
+            );
+        }
         let app = Arc::new(App {
             decider,
             metrics,
@@ -123,6 +129,9 @@ impl Server {
                 .map_err(|e| ServerError::Config(format!("server.auth_deny_status: {e}")))?,
             kernel,
             costs,
+            trusted_proxies: crate::client_addr::TrustedProxies::new(
+                config.server.trusted_proxies.clone(),
+            ),
         });
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)

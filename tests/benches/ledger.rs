@@ -1,5 +1,6 @@
 //! `cargo xtask bench ledger`: sustained audit rows per second through the ledger writer into
-//! PostgreSQL (queue → writer thread → binary COPY batches), beside `psql \copy` of the same
+//! PostgreSQL (`Ledger::record` → local file and queue → writer → binary COPY batches), with the
+//! journal on and off, beside `psql \copy` of the same
 //! rows in the same binary format (the ceiling) and single-row INSERTs, on one server (started
 //! by xtask with fsync on). Each measurement gets a fresh database.
 use enforcer::config::LedgerConfig;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 const ROWS: usize = 1_000_000;
 const INSERT_ROWS: usize = 20_000;
+const RECORD_ROWS: usize = 200_000;
 
 fn rows(n: usize) -> Vec<Entry> {
     let start = now_us();
@@ -70,6 +72,105 @@ async fn count(url: &str) -> i64 {
     n
 }
 
+/// Rows per second through `Ledger::record`, the writer and binary COPY into a fresh database.
+async fn writer(
+    admin: &sqlx::PgPool,
+    base: &str,
+    data: &[Entry],
+    journal: bool,
+    dir: &std::path::Path,
+) -> f64 {
+    let url = fresh(admin, base, "bench_writer").await;
+    let config = LedgerConfig {
+        database_url: url.clone(),
+        file: dir
+            .join(format!("spill-{journal}.jsonl"))
+            .display()
+            .to_string(),
+        journal,
+        ..LedgerConfig::default()
+    };
+    let metrics = Metrics::new().ledger;
+    let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+        .await
+        .expect("writer");
+    let cap = (config.queue_capacity as i64) * 3 / 4;
+    let started = Instant::now();
+    for e in data.iter().cloned() {
+        while metrics.queue_depth.get() > cap {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        ledger.record(e);
+    }
+    let queued = started.elapsed();
+    // Straight from memory, or (rows the queue had no room for) replayed from the file.
+    while metrics.written.get() + metrics.replayed.get() < ROWS as u64 {
+        assert_eq!(metrics.dropped.get(), 0, "rows dropped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    writer.shutdown();
+    assert_eq!(count(&url).await, ROWS as i64);
+    let rate = ROWS as f64 / took.as_secs_f64();
+    println!(
+        "writer, journal {}: {:>9.0} rows/s ({:.2} s; recorded in {:.2} s; spilled {}, replayed {}, dropped {})",
+        if journal { "on " } else { "off" },
+        rate,
+        took.as_secs_f64(),
+        queued.as_secs_f64(),
+        metrics.spilled.get(),
+        metrics.replayed.get(),
+        metrics.dropped.get()
+    );
+    rate
+}
+
+/// Seconds of CPU (user + system) this process has used, all threads (`/proc/self/stat`, in
+/// USER_HZ ticks: 100 per second on Linux).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let rest = stat.rsplit_once(')').expect("stat line").1;
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().expect("ticks"))
+        .collect();
+    fields.iter().sum::<f64>() / 100.0
+}
+
+/// What `Ledger::record` costs the decision path, and what the ledger costs in CPU in all, per
+/// row, without a database (the local file only): with the journal (a `write` per row in
+/// `record`) and without (a queue push; the appender writes groups once per flush interval).
+async fn record_cost(data: &[Entry], journal: bool, dir: &std::path::Path) -> (f64, f64) {
+    let config = LedgerConfig {
+        file: dir
+            .join(format!("record-{journal}.jsonl"))
+            .display()
+            .to_string(),
+        journal,
+        queue_capacity: data.len(),
+        ..LedgerConfig::default()
+    };
+    let metrics = Metrics::new().ledger;
+    let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+        .await
+        .expect("writer");
+    let rows: Vec<Entry> = data.to_vec();
+    let cpu = process_cpu();
+    let started = Instant::now();
+    for e in rows {
+        ledger.record(e);
+    }
+    let caller = started.elapsed().as_secs_f64();
+    writer.shutdown();
+    let cpu = process_cpu() - cpu;
+    assert_eq!(metrics.written.get(), data.len() as u64);
+    assert_eq!(metrics.dropped.get(), 0);
+    let n = data.len() as f64;
+    (caller / n * 1e6, cpu / n * 1e6)
+}
+
 fn main() {
     let base = std::env::var("ENFORCER_TEST_DATABASE_URL")
         .expect("run through `cargo xtask bench ledger`, which starts PostgreSQL");
@@ -79,44 +180,24 @@ fn main() {
         let data = rows(ROWS);
         println!("ledger, {ROWS} rows (15 columns, ~200 bytes of data each), fsync on");
 
-        // 1. The writer: rows pushed as fast as the queue takes them.
-        let url = fresh(&admin, &base, "bench_writer").await;
+        // 0. What the journal costs per row, without a database, alternately three times.
         let dir = tempfile::tempdir().expect("tmp");
-        let config = LedgerConfig {
-            database_url: url.clone(),
-            file: dir.path().join("spill.jsonl").display().to_string(),
-            ..LedgerConfig::default()
-        };
-        let metrics = Metrics::new().ledger;
-        let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
-            .await
-            .expect("writer");
-        let cap = (config.queue_capacity as i64) * 3 / 4;
-        let started = Instant::now();
-        for e in data.iter().cloned() {
-            while metrics.queue_depth.get() > cap {
-                tokio::time::sleep(Duration::from_micros(200)).await;
+        let sample = &data[..RECORD_ROWS];
+        for _ in 0..3 {
+            for journal in [true, false] {
+                let (caller, cpu) = record_cost(sample, journal, dir.path()).await;
+                println!(
+                    "record(), no database, journal {}: {caller:>6.2} us per row in the caller, {cpu:>6.2} us of CPU per row in all ({RECORD_ROWS} rows)",
+                    if journal { "on " } else { "off" },
+                );
             }
-            ledger.record(e);
         }
-        let queued = started.elapsed();
-        while metrics.written.get() < ROWS as u64 {
-            assert_eq!(metrics.dropped.get(), 0, "rows dropped");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let took = started.elapsed();
-        writer.shutdown();
-        assert_eq!(count(&url).await, ROWS as i64);
-        let writer_rate = ROWS as f64 / took.as_secs_f64();
-        println!(
-            "writer (queue -> COPY binary, batches of {}): {:>9.0} rows/s ({:.2} s; queued in {:.2} s; spilled {}, dropped {})",
-            config.batch_rows,
-            writer_rate,
-            took.as_secs_f64(),
-            queued.as_secs_f64(),
-            metrics.spilled.get(),
-            metrics.dropped.get()
-        );
+
+        // 1. The writer: rows pushed as fast as it takes them, with the journal (each row
+        //    appended to the local file by `record`, the default) and without (the writer
+        //    appends once per flush interval).
+        let writer_rate = writer(&admin, &base, &data, true, dir.path()).await;
+        let no_journal_rate = writer(&admin, &base, &data, false, dir.path()).await;
 
         // 2. The ceiling: psql \copy of the same rows, same binary format, one transaction.
         let url = fresh(&admin, &base, "bench_psql").await;
@@ -187,8 +268,9 @@ fn main() {
             took.as_secs_f64()
         );
         println!(
-            "writer / psql \\copy: {:.2}; writer / INSERTs: {:.0}x",
+            "writer / psql \\copy: {:.2} (journal off: {:.2}); writer / INSERTs: {:.0}x",
             writer_rate / psql_rate,
+            no_journal_rate / psql_rate,
             writer_rate / insert_rate
         );
         for db in ["bench_writer", "bench_psql", "bench_insert"] {

@@ -405,6 +405,202 @@ fn reset_answers_a_rejected_request_with_a_tcp_rst() {
     assert!(call(&link.b, "rset-other"), "other keys pass");
 }
 
+/// A request from the client namespace without the key header (TLS-terminated elsewhere, another
+/// auth scheme): only an L4 binding of its address could judge it. True when answered in time.
+fn call_keyless(client: &NetNs) -> bool {
+    client.run(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(
+            &format!("{A_ADDR}:{UPSTREAM_PORT}").parse().expect("addr"),
+            Duration::from_secs(1),
+        ) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(600)))
+            .expect("timeout");
+        let req = "POST /generate-report HTTP/1.1\r\nhost: api\r\n\
+                   authorization: Bearer victim-token\r\ncontent-length: 0\r\n\r\n";
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(n) if n > 0)
+    })
+}
+
+/// Sends `head` (request line and headers, without the final blank line) and `body` to the
+/// daemon's API at `addr` from inside `server`; the whole answer. Dialing a local address
+/// makes it the connection's source too, so `addr` also picks the peer the daemon sees
+/// (`127.0.0.1`, or the server's veth address).
+fn api_call(server: &NetNs, addr: &str, head: &str, body: &str) -> String {
+    let request = format!(
+        "{head}\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = addr.to_owned();
+    server.run(move || {
+        let mut s = TcpStream::connect(&addr).expect("daemon API");
+        s.write_all(request.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+}
+
+fn status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+#[test]
+fn forged_client_addresses_never_bind_a_victim_to_a_drained_key() {
+    let link = Link::new("fwd");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    // The example config with a free tier that never refills: the drained key stays drained
+    // however slow the machine is.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = include_str!("../../examples/enforcer.toml");
+    let tier = "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n";
+    assert!(example.contains(tier));
+    let no_refill = example.replacen(
+        tier,
+        "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 0\n",
+        1,
+    );
+    // The daemon listens on every address of the server namespace: dialed on 127.0.0.1 and on
+    // the veth address, it sees two different peers.
+    let (loopback, veth) = ("127.0.0.1:18084".to_owned(), format!("{A_ADDR}:18084"));
+    let start = |config: &str, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, config).expect("write config");
+        let port = UPSTREAM_PORT.to_string();
+        let daemon = Daemon(
+            link.a
+                .command(enforcer_bin().to_str().expect("path"))
+                .args(["run", "--config", path.to_str().expect("path")])
+                .args(["--listen", "0.0.0.0:18084"])
+                .args(["--iface", &link.a_if, "--protect-port", &port])
+                .args(["--pin-dir", &pin.path()])
+                .env("ENFORCER_REDIS_URL", "")
+                .stderr(Stdio::null())
+                .current_dir(dir.path())
+                .spawn()
+                .expect("start the daemon"),
+        );
+        let started = Instant::now();
+        while link
+            .a
+            .run(|| TcpStream::connect("127.0.0.1:18084").is_err())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    };
+    let key = "fwd-drained";
+    let check = |client_ip: Option<&str>| {
+        let ip = client_ip.map_or(String::new(), |ip| format!(r#","client_ip":"{ip}""#));
+        let body =
+            format!(r#"{{"key":"{key}","endpoint":"/generate-report","method":"POST"{ip}}}"#);
+        status(&api_call(
+            &link.a,
+            &loopback,
+            "POST /v1/check HTTP/1.1",
+            &body,
+        ))
+    };
+    let drain = || {
+        // 800 tokens, 120 per report: six pass, 80 are left, and never refill.
+        let statuses: Vec<u16> = (0..7).map(|_| check(None)).collect();
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
+    };
+    let victim = enforcer_tests::netns::B_ADDR;
+    let auth = |addr: &str| {
+        let head = format!(
+            "GET /v1/auth HTTP/1.1\r\nx-api-key: {key}\r\nx-original-uri: /generate-report\r\n\
+             x-original-method: POST\r\nx-forwarded-for: {victim}\r\nx-real-ip: {victim}"
+        );
+        status(&api_call(&link.a, addr, &head, ""))
+    };
+    let untrusted_peers = || {
+        let metrics = api_call(&link.a, &loopback, "GET /metrics HTTP/1.1", "");
+        enforcer_tests::parse_metric(
+            &metrics,
+            "enforcer_client_addresses_total{outcome=\"untrusted_peer\"}",
+        )
+    };
+
+    // The attack: the drained key names the victim's address, from peers that are no trusted
+    // proxies (the default: none is), in both headers and in /v1/check's client_ip.
+    let daemon = start(&no_refill, "untrusting.toml");
+    assert!(call_keyless(&link.b), "the victim passes before the attack");
+    drain();
+    assert!(!call(&link.b, key), "the drained key is rejected");
+    for _ in 0..5 {
+        assert_eq!(auth(&veth), 429);
+        assert_eq!(auth(&loopback), 429);
+        assert_eq!(check(Some(victim)), 429);
+    }
+    // The sync task binds within milliseconds (as it did before the fix); give a busy machine
+    // time before looking.
+    std::thread::sleep(Duration::from_millis(500));
+    for attempt in 0..3 {
+        assert!(
+            call_keyless(&link.b),
+            "the victim's request without a key header still reaches the upstream ({attempt})"
+        );
+    }
+    assert_eq!(
+        seen.lock().expect("lock").get(""),
+        Some(&4),
+        "every request of the victim arrived"
+    );
+    assert_eq!(untrusted_peers(), 15.0, "every forged address was ignored");
+    drop(daemon);
+
+    // The control: with 127.0.0.1 trusted, the same headers from the veth address still bind
+    // nothing, and from 127.0.0.1 they bind the address: the victim's keyless requests are then
+    // judged by the drained key. (So the attack above would have bound it, had its headers
+    // been believed.)
+    let trusting = no_refill.replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        1,
+    );
+    let _daemon = start(&trusting, "trusting.toml");
+    drain();
+    for _ in 0..5 {
+        assert_eq!(auth(&veth), 429);
+    }
+    assert_eq!(
+        untrusted_peers(),
+        5.0,
+        "the veth address is no trusted proxy"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        call_keyless(&link.b),
+        "nothing bound from the untrusted peer"
+    );
+    for _ in 0..5 {
+        assert_eq!(auth(&loopback), 429);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call_keyless(&link.b) {
+        assert!(
+            Instant::now() < deadline,
+            "the address a trusted proxy named is bound to the drained key"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `GET path` of the daemon's API, from the server namespace; the raw response.
 fn get(server: &NetNs, path: &'static str) -> String {
     server.run(move || {

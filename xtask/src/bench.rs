@@ -135,19 +135,30 @@ refill_per_sec = 1e9
     // One worker thread, then tokio's default (one per core): on a machine where Redis and the
     // load generator share the cores, cross-thread wake-ups cost more than the second worker
     // brings; docs/benchmarks.md discusses it.
-    // Every decision is recorded (the embedded ledger file, one fsync per batch): in a temp
-    // directory, not the checkout.
+    // Every decision is recorded (the embedded ledger file, in a temp directory, not the
+    // checkout), with the ledger's journal on (the default: each row written before the answer)
+    // and off (rows appended once per flush interval), in the order on, off, off, on, so that a
+    // load that drifts during the run favours neither.
     let ledger_dir = tempfile::Builder::new()
         .prefix("enforcer-bench-ledger-")
         .tempdir()?;
-    for workers in [1, cores] {
+    let group_config = dir.path().join("bench-no-journal.toml");
+    std::fs::write(
+        &group_config,
+        std::fs::read_to_string(&config)? + "[ledger]\njournal = false\n",
+    )?;
+    for (workers, journal) in [(1, true), (1, false), (cores, false), (cores, true)] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .args(["run", "--config"])
-                .arg(&config)
+                .arg(if journal { &config } else { &group_config })
                 .args(["--workers", &workers.to_string()])
                 .arg("--ledger-file")
-                .arg(ledger_dir.path().join(format!("ledger-{workers}.jsonl")))
+                .arg(
+                    ledger_dir
+                        .path()
+                        .join(format!("ledger-{workers}-{journal}.jsonl")),
+                )
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
@@ -164,8 +175,10 @@ refill_per_sec = 1e9
             body,
         )?;
         let cpu0 = redis_cpu(&redis)?;
+        let daemon0 = process_cpu(daemon.0.id())?;
         let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
         let full_cpu = redis_cpu(&redis)? - cpu0;
+        let daemon_cpu = process_cpu(daemon.0.id())? - daemon0;
         let half = loadgen::run(
             addr,
             "/v1/check",
@@ -175,7 +188,7 @@ refill_per_sec = 1e9
             body,
         )?;
         drop(daemon);
-        rows.push((workers, full, full_cpu, half));
+        rows.push((workers, journal, full, full_cpu, daemon_cpu, half));
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
@@ -186,8 +199,8 @@ refill_per_sec = 1e9
     println!("machine: {}", machine());
     println!("clients: {clients}, every call a new key and request id, {seconds} s per run");
     println!(
-        "{:<52} {:>12} {:>9} {:>9} {:>12}",
-        "", "decisions/s", "p50 ms", "p99 ms", "redis us/op"
+        "{:<52} {:>12} {:>9} {:>9} {:>12} {:>12}",
+        "", "decisions/s", "p50 ms", "p99 ms", "redis us/op", "daemon us/op"
     );
     for (label, c) in [("before", &ceiling_before), ("after", &ceiling_after)] {
         println!(
@@ -199,18 +212,20 @@ refill_per_sec = 1e9
             c.redis_us
         );
     }
-    for (workers, full, full_cpu, half) in &rows {
+    for (workers, journal, full, full_cpu, daemon_cpu, half) in &rows {
+        let journal = if *journal { "journal" } else { "no journal" };
         println!(
-            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1}",
-            format!("daemon, {workers} worker(s), closed loop"),
+            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
+            format!("daemon, {workers} worker(s), {journal}, closed loop"),
             full.rate(),
             full.percentile_ms(0.5),
             full.percentile_ms(0.99),
-            full_cpu / full.requests as f64 * 1e6
+            full_cpu / full.requests as f64 * 1e6,
+            daemon_cpu / full.requests as f64 * 1e6
         );
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3}",
-            format!("daemon, {workers} worker(s), open loop at {half_rate:.0}/s"),
+            format!("daemon, {workers} worker(s), {journal}, open loop at {half_rate:.0}/s"),
             half.rate(),
             half.percentile_ms(0.5),
             half.percentile_ms(0.99)
@@ -274,6 +289,23 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Re
         p99: field(6).unwrap_or(f64::NAN),
         redis_us: cpu / total as f64 * 1e6,
     })
+}
+
+/// Seconds of CPU (user + system) process `pid` has used, all threads (`/proc/<pid>/stat`, in
+/// USER_HZ ticks, which Linux fixes at 100 per second for user space).
+fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let tick = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("/proc/<pid>/stat field")?
+            .parse::<f64>()?)
+    };
+    Ok((tick(11)? + tick(12)?) / 100.0)
 }
 
 /// Seconds of CPU (user + system) the Redis server has used.

@@ -1,24 +1,67 @@
 //! The local append-only ledger file: JSON lines, one [`Entry`] per line.
 //!
-//! Without a database it is the ledger; with one it is the spill file. Batches are appended
-//! with one `write` and, with `fsync = true` (the default), one `fsync` each, so a crash loses
-//! at most the batch being written; a torn last line left by a crash is cut off at the next
-//! open. Replay progress is kept in `<file>.offset` (the byte offset up to which the rows are
-//! in PostgreSQL); a crash between a replayed chunk's commit and that write replays the chunk
-//! again, which the idempotent insert makes harmless. A fully replayed file is truncated.
+//! Without a database it is the ledger; with one it is the spill file, and (with `journal`,
+//! the default) the write-ahead log of every row: the decision path appends a row here before
+//! the decision is answered ([`LedgerFile::append_line`], one `write` under a lock), so a
+//! daemon killed after answering has the row on disk (in the page cache, which outlives the
+//! process); the writer fsyncs the file once per flush interval ([`LedgerFile::sync`]).
+//! Without `journal` the writer appends whole batches ([`LedgerFile::append`]).
+//!
+//! Positions are *logical*: bytes ever appended, across truncations and compactions, so a
+//! position stays valid while the file is cut behind it. With a database, everything before
+//! the committed position is in PostgreSQL; [`LedgerFile::commit`] records that in
+//! `<file>.offset` (the physical offset and the file's inode), truncates the file once all of
+//! it is committed, and, when the committed part is large but the file never runs empty under
+//! steady traffic, compacts it (the uncommitted tail copied to a new file renamed over it). A
+//! crash between a commit in PostgreSQL and the offset write replays those rows again, which
+//! the idempotent insert makes harmless; the offset is only ever written *behind* what the
+//! file holds (0 before a truncation, the new file's inode before a compaction), so no crash
+//! can make a restart skip a row. A torn last line left by a crash is cut at the next open.
 use super::{Entry, LedgerError};
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// The open file and its replay offset.
+/// The committed part of the file is compacted away once it is this large (and the rest small).
+const COMPACT_BYTES: u64 = 16 << 20;
+/// Most uncommitted bytes a compaction copies (it holds the append lock meanwhile).
+const COMPACT_TAIL_BYTES: u64 = 4 << 20;
+
+/// A row appended to the file: its entry and where its line is.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// Logical position of the line's first byte.
+    pub start: u64,
+    /// Logical position just past its newline.
+    pub end: u64,
+    /// The row.
+    pub entry: Entry,
+}
+
+/// The open file, shared by the decision path (appends) and the writer.
 #[derive(Debug)]
 pub struct LedgerFile {
     path: PathBuf,
-    file: File,
     fsync: bool,
+    /// Logical position up to which `<file>.offset` said the rows were in PostgreSQL at open.
+    opened_committed: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    file: Arc<File>,
+    /// Bytes in the file, always at a line end.
     len: u64,
-    offset: u64,
+    /// Logical position of the file's byte 0.
+    base: u64,
+    /// Appended to since the last sync.
+    dirty: bool,
+    /// The file's inode (named in `<file>.offset`).
+    ino: u64,
 }
 
 /// Entries read from the file.
@@ -26,7 +69,8 @@ pub struct LedgerFile {
 pub struct Chunk {
     /// The entries, in file order.
     pub entries: Vec<Entry>,
-    /// Offset just past the last line read.
+    /// Position just past the last line read ([`read_from`]: physical; [`LedgerFile::read_chunk`]:
+    /// logical).
     pub next_offset: u64,
     /// Lines that did not parse (skipped, and reported).
     pub corrupt: usize,
@@ -51,75 +95,265 @@ impl LedgerFile {
             .open(&path)
             .map_err(err)?;
         let len = repair_tail(&mut file).map_err(err)?;
-        let offset = std::fs::read_to_string(offset_path(&path))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(len);
+        let ino = file.metadata().map_err(err)?.ino();
+        let opened_committed = read_offset(&path, ino).min(len);
         Ok(Self {
             path,
-            file,
             fsync,
-            len,
-            offset,
+            opened_committed,
+            state: Mutex::new(State {
+                file: Arc::new(file),
+                len,
+                base: 0,
+                dirty: false,
+                ino,
+            }),
         })
     }
 
-    /// Appends a batch (one write, then fsync if configured).
-    pub fn append(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where `<file>.offset` said, at open, that PostgreSQL's part of the file ends.
+    pub fn opened_committed(&self) -> u64 {
+        self.opened_committed
+    }
+
+    /// Logical position of the end of the file.
+    pub fn end(&self) -> u64 {
+        let s = self.state.lock();
+        s.base + s.len
+    }
+
+    /// Appends one complete line (ending in `\n`) with one `write`, and calls `then` with its
+    /// logical start and end while still holding the lock, so that whatever `then` queues is
+    /// queued in file order. A failed write is cut off again, so the file keeps whole lines.
+    pub fn append_line<R>(
+        &self,
+        line: &[u8],
+        then: impl FnOnce(u64, u64) -> R,
+    ) -> Result<R, LedgerError> {
+        let mut s = self.state.lock();
+        let start = s.base + s.len;
+        self.write_locked(&mut s, line)?;
+        Ok(then(start, start + line.len() as u64))
+    }
+
+    /// Appends a batch with one `write` (the caller syncs: [`LedgerFile::sync`]), and hands
+    /// the rows with their positions to `then` while still holding the lock.
+    pub fn append(
+        &self,
+        batch: Vec<Entry>,
+        then: impl FnOnce(Vec<Logged>),
+    ) -> Result<(), LedgerError> {
         let mut buf = Vec::with_capacity(batch.len() * 320);
-        for e in batch {
-            // Serializing plain data into a Vec cannot fail.
-            if serde_json::to_writer(&mut buf, e).is_ok() {
-                buf.push(b'\n');
-            }
+        let mut ends = Vec::with_capacity(batch.len());
+        for e in &batch {
+            serde_json::to_writer(&mut buf, e).map_err(|e| LedgerError::File {
+                path: self.path.clone(),
+                error: std::io::Error::other(e),
+            })?;
+            buf.push(b'\n');
+            ends.push(buf.len() as u64);
         }
-        let err = |source| LedgerError::File {
-            path: self.path.clone(),
-            error: source,
-        };
-        self.file.write_all(&buf).map_err(err)?;
-        if self.fsync {
-            self.file.sync_data().map_err(err)?;
+        {
+            let mut s = self.state.lock();
+            let base = s.base + s.len;
+            self.write_locked(&mut s, &buf)?;
+            let mut start = base;
+            let logged = batch
+                .into_iter()
+                .zip(ends)
+                .map(|(entry, end)| {
+                    let l = Logged {
+                        start,
+                        end: base + end,
+                        entry,
+                    };
+                    start = base + end;
+                    l
+                })
+                .collect();
+            then(logged);
         }
-        self.len += buf.len() as u64;
         Ok(())
     }
 
-    /// Bytes not yet replayed.
-    pub fn backlog(&self) -> u64 {
-        self.len.saturating_sub(self.offset)
-    }
-
-    /// No backlog.
-    pub fn is_empty(&self) -> bool {
-        self.backlog() == 0
-    }
-
-    /// Up to `max` entries from the replay offset.
-    pub fn read_chunk(&mut self, max: usize) -> Result<Chunk, LedgerError> {
-        let path = self.path.clone();
-        read_from(&path, self.offset, self.len, max)
-    }
-
-    /// Records that everything before `offset` is in PostgreSQL; truncates the file when that
-    /// is all of it.
-    pub fn advance(&mut self, offset: u64) -> Result<(), LedgerError> {
+    fn write_locked(&self, s: &mut State, buf: &[u8]) -> Result<(), LedgerError> {
         let err = |source| LedgerError::File {
             path: self.path.clone(),
             error: source,
         };
-        self.offset = offset.min(self.len);
-        if self.offset == self.len {
-            self.file.set_len(0).map_err(err)?;
-            if self.fsync {
-                self.file.sync_all().map_err(err)?;
+        if let Err(e) = (&*s.file).write_all(buf) {
+            // Cut a partial line, so the next append does not glue onto it.
+            if let Err(cut) = s.file.set_len(s.len) {
+                tracing::error!(error = %cut, "ledger file: cutting a failed write failed");
             }
-            self.len = 0;
-            self.offset = 0;
+            return Err(err(e));
         }
-        std::fs::write(offset_path(&self.path), self.offset.to_string()).map_err(err)
+        s.len += buf.len() as u64;
+        s.dirty = true;
+        Ok(())
     }
+
+    /// `fdatasync`s what was appended since the last call, outside the lock (appends go on
+    /// meanwhile).
+    pub fn sync(&self) -> Result<(), LedgerError> {
+        let file = {
+            let mut s = self.state.lock();
+            if !s.dirty {
+                return Ok(());
+            }
+            s.dirty = false;
+            s.file.clone()
+        };
+        file.sync_data().map_err(|source| {
+            self.state.lock().dirty = true;
+            LedgerError::File {
+                path: self.path.clone(),
+                error: source,
+            }
+        })
+    }
+
+    /// Up to `max` entries from logical position `from`.
+    pub fn read_chunk(&self, from: u64, max: usize) -> Result<Chunk, LedgerError> {
+        let (base, len) = {
+            let s = self.state.lock();
+            (s.base, s.len)
+        };
+        let mut chunk = read_from(&self.path, from.saturating_sub(base), len, max)?;
+        chunk.next_offset += base;
+        Ok(chunk)
+    }
+
+    /// Records that everything before logical position `upto` is in PostgreSQL: truncates the
+    /// file when that is all of it, compacts it when the committed part is large, else writes
+    /// the offset.
+    pub fn commit(&self, upto: u64) -> Result<(), LedgerError> {
+        let (base, len, ino) = {
+            let s = self.state.lock();
+            (s.base, s.len, s.ino)
+        };
+        let physical = upto.saturating_sub(base).min(len);
+        if physical == len {
+            if len == 0 {
+                return Ok(());
+            }
+            // 0 first (durably, with fsync): were the truncation on disk and this not, a
+            // restart would skip that many bytes of the rows appended after it.
+            write_offset(&self.path, 0, ino, self.fsync)?;
+            let mut s = self.state.lock();
+            // Rows appended since the check stay; the offset 0 is safe (they are replayed
+            // idempotently after a crash) until the next commit writes the real one.
+            if s.base + s.len == upto {
+                s.file.set_len(0).map_err(|source| LedgerError::File {
+                    path: self.path.clone(),
+                    error: source,
+                })?;
+                s.base = upto;
+                s.len = 0;
+            }
+            return Ok(());
+        }
+        if physical >= COMPACT_BYTES && len - physical <= COMPACT_TAIL_BYTES {
+            return self.compact(upto);
+        }
+        write_offset(&self.path, physical, ino, false)
+    }
+
+    /// Replaces the file with its part from logical position `upto` on: copied to a new file
+    /// that is renamed over it. The offset names the new file's inode before the rename, so a
+    /// crash anywhere leaves either the old file (inode not matching: replayed from its start,
+    /// idempotently) or the new one (offset 0).
+    fn compact(&self, upto: u64) -> Result<(), LedgerError> {
+        let mut tmp_path = self.path.as_os_str().to_owned();
+        tmp_path.push(".compact");
+        let tmp_path = PathBuf::from(tmp_path);
+        let err = |source| LedgerError::File {
+            path: tmp_path.clone(),
+            error: source,
+        };
+        let _ = std::fs::remove_file(&tmp_path);
+        let mut new = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(err)?;
+        let new_ino = new.metadata().map_err(err)?.ino();
+        write_offset(&self.path, 0, new_ino, self.fsync)?;
+        let mut s = self.state.lock();
+        let physical = upto.saturating_sub(s.base).min(s.len);
+        let mut tail = vec![0; usize::try_from(s.len - physical).unwrap_or(0)];
+        s.file.read_exact_at(&mut tail, physical).map_err(err)?;
+        new.write_all(&tail).map_err(err)?;
+        if self.fsync {
+            new.sync_data().map_err(err)?;
+        }
+        std::fs::rename(&tmp_path, &self.path).map_err(err)?;
+        s.file = Arc::new(new);
+        s.ino = new_ino;
+        s.base += physical;
+        s.len = tail.len() as u64;
+        s.dirty = !self.fsync && !tail.is_empty();
+        drop(s);
+        if self.fsync
+            && let Some(dir) = self.path.parent()
+        {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| LedgerError::File {
+                    path: dir.to_owned(),
+                    error: source,
+                })?;
+        }
+        tracing::debug!(
+            dropped = physical,
+            kept = tail.len(),
+            "ledger file compacted"
+        );
+        Ok(())
+    }
+}
+
+/// The offset in `<file>.offset` if it is for the file with inode `ino` (a bare number, the
+/// format before compaction existed, is taken as is), else 0: replay everything.
+fn read_offset(path: &Path, ino: u64) -> u64 {
+    let Ok(text) = std::fs::read_to_string(offset_path(path)) else {
+        return 0;
+    };
+    let mut fields = text.split_whitespace();
+    let Some(Ok(offset)) = fields.next().map(str::parse::<u64>) else {
+        return 0;
+    };
+    match fields.next().map(str::parse::<u64>) {
+        None => offset,
+        Some(Ok(i)) if i == ino => offset,
+        Some(_) => 0,
+    }
+}
+
+fn write_offset(path: &Path, offset: u64, ino: u64, durable: bool) -> Result<(), LedgerError> {
+    let op = offset_path(path);
+    let err = |source| LedgerError::File {
+        path: op.clone(),
+        error: source,
+    };
+    let mut f = File::create(&op).map_err(err)?;
+    f.write_all(format!("{offset} {ino}\n").as_bytes())
+        .map_err(err)?;
+    if durable {
+        f.sync_all().map_err(err)?;
+    }
+    Ok(())
 }
 
 /// `<file>.offset`.
@@ -219,41 +453,133 @@ mod tests {
         })
     }
 
+    fn line(e: &Entry) -> Vec<u8> {
+        let mut l = serde_json::to_vec(e).expect("json");
+        l.push(b'\n');
+        l
+    }
+
+    fn append(f: &LedgerFile, rows: &[Entry]) -> Vec<Logged> {
+        let mut out = Vec::new();
+        f.append(rows.to_vec(), |l| out = l).expect("append");
+        out
+    }
+
     #[test]
-    fn appends_reads_back_and_truncates_when_replayed() {
+    fn appends_reads_back_and_truncates_when_committed() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("l.jsonl");
-        let mut f = LedgerFile::open(path.clone(), true).expect("open");
+        let f = LedgerFile::open(path.clone(), true).expect("open");
         let rows: Vec<Entry> = (0..5).map(row).collect();
-        f.append(&rows).expect("append");
-        let c = f.read_chunk(3).expect("read");
+        let logged = append(&f, &rows);
+        assert_eq!(logged.len(), 5);
+        assert_eq!(logged[0].start, 0);
+        assert!(logged.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(logged[4].end, f.end());
+        let c = f.read_chunk(0, 3).expect("read");
         assert_eq!(c.entries, rows[..3]);
-        f.advance(c.next_offset).expect("advance");
-        // Reopening keeps the offset.
+        assert_eq!(c.next_offset, logged[2].end);
+        f.commit(c.next_offset).expect("commit");
+        // Reopening starts from the committed offset.
         drop(f);
-        let mut f = LedgerFile::open(path.clone(), true).expect("reopen");
-        let c = f.read_chunk(10).expect("read");
+        let f = LedgerFile::open(path.clone(), true).expect("reopen");
+        assert_eq!(f.opened_committed(), logged[2].end);
+        let c = f.read_chunk(f.opened_committed(), 10).expect("read");
         assert_eq!(c.entries, rows[3..]);
-        f.advance(c.next_offset).expect("advance");
-        assert!(f.is_empty());
+        f.commit(c.next_offset).expect("commit");
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        // Positions go on growing across the truncation.
+        assert_eq!(f.end(), c.next_offset);
+        let one = line(&row(9));
+        let (start, end) = f.append_line(&one, |s, e| (s, e)).expect("line");
+        assert_eq!(
+            (start, end),
+            (c.next_offset, c.next_offset + one.len() as u64)
+        );
+        assert_eq!(
+            f.read_chunk(start, 10).expect("read").entries,
+            vec![row_like(&one)]
+        );
+    }
+
+    fn row_like(line: &[u8]) -> Entry {
+        serde_json::from_slice(line).expect("entry")
+    }
+
+    #[test]
+    fn a_large_committed_part_is_compacted_away_and_the_rest_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("l.jsonl");
+        let f = LedgerFile::open(path.clone(), false).expect("open");
+        let rows: Vec<Entry> = (0..1000).map(row).collect();
+        let per_batch = append(&f, &rows).last().expect("row").end;
+        let batches = COMPACT_BYTES / per_batch + 1;
+        for _ in 1..batches {
+            append(&f, &rows);
+        }
+        let tail = append(&f, &rows[..3]);
+        let upto = tail[0].start;
+        f.commit(upto).expect("commit");
+        // Only the uncommitted rows are left, at the same logical positions.
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            tail[2].end - upto
+        );
+        assert_eq!(f.read_chunk(upto, 10).expect("read").entries, rows[..3]);
+        // A restart replays exactly them.
+        drop(f);
+        let f = LedgerFile::open(path, false).expect("reopen");
+        assert_eq!(f.opened_committed(), 0);
+        assert_eq!(f.read_chunk(0, 10).expect("read").entries, rows[..3]);
+    }
+
+    #[test]
+    fn an_offset_for_another_inode_replays_from_the_start() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("l.jsonl");
+        let f = LedgerFile::open(path.clone(), false).expect("open");
+        let logged = append(&f, &[row(1), row(2)]);
+        f.commit(logged[0].end).expect("commit");
+        drop(f);
+        assert_eq!(
+            LedgerFile::open(path.clone(), false)
+                .expect("open")
+                .opened_committed(),
+            logged[0].end
+        );
+        // A compaction that crashed after naming the new file: the old one is replayed whole.
+        std::fs::write(offset_path(&path), format!("{} 1\n", logged[0].end)).expect("write");
+        assert_eq!(
+            LedgerFile::open(path.clone(), false)
+                .expect("open")
+                .opened_committed(),
+            0
+        );
+        // The format before inodes were recorded.
+        std::fs::write(offset_path(&path), format!("{}", logged[0].end)).expect("write");
+        assert_eq!(
+            LedgerFile::open(path, false)
+                .expect("open")
+                .opened_committed(),
+            logged[0].end
+        );
     }
 
     #[test]
     fn a_torn_last_line_is_cut_and_garbage_is_counted() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("l.jsonl");
-        let mut f = LedgerFile::open(path.clone(), false).expect("open");
-        f.append(&[row(1)]).expect("append");
+        let f = LedgerFile::open(path.clone(), false).expect("open");
+        append(&f, &[row(1)]);
         drop(f);
         let mut raw = OpenOptions::new().append(true).open(&path).expect("raw");
         raw.write_all(b"not json\n{\"t\":\"decision\",\"id\":")
             .expect("write");
         drop(raw);
-        let mut f = LedgerFile::open(path, false).expect("reopen");
-        let c = f.read_chunk(10).expect("read");
+        let f = LedgerFile::open(path, false).expect("reopen");
+        let c = f.read_chunk(0, 10).expect("read");
         assert_eq!(c.entries.len(), 1);
         assert_eq!(c.corrupt, 1);
-        assert_eq!(c.next_offset, f.len);
+        assert_eq!(c.next_offset, f.end());
     }
 }

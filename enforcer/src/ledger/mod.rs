@@ -1,26 +1,41 @@
 //! The audit ledger: every decision as a row, for billing and disputes, and none lost.
 //!
-//! The decision path only hands a row to [`Ledger::record`] (a non-blocking queue push). A
-//! writer thread of its own batches the rows and writes them:
+//! The decision path hands a row to [`Ledger::record`] and never waits for PostgreSQL:
 //!
-//! - with a database ([`postgres`]): binary `COPY` into the partitioned `token_transactions`;
-//!   when PostgreSQL is down or slower than `write_timeout_ms`, the batch goes to the local
-//!   append-only file instead ([`file`], the *spill file*), and once PostgreSQL answers again the
-//!   file is replayed in order, idempotently (the row id is the key), then truncated. While a
-//!   backlog exists new rows are appended behind it, so the order is kept.
-//! - without one (the embedded default): the same rows go to the same file, which *is* the
-//!   ledger; `enforcer audit import FILE` loads it into PostgreSQL later.
+//! - With `journal = true` (the default), `record` appends the row to the local file
+//!   ([`file`]) with one `write` before it returns, that is before the decision is answered:
+//!   a daemon killed after answering has every answered row on disk. The writer fsyncs the
+//!   file once per `flush_ms`.
+//! - With `journal = false`, `record` pushes the row onto a queue, and the appender thread
+//!   appends what is queued to the file once per `flush_ms` (one write and one fsync per
+//!   group): a kill loses at most the rows of the last flush interval.
 //!
-//! Nothing here can slow a decision: a full queue drops the row and counts it in
-//! `enforcer_ledger_dropped_total` (which a healthy deployment keeps at 0: the queue holds
-//! seconds of traffic and the spill file takes what PostgreSQL cannot).
+//! Either way every row is in the file before PostgreSQL sees it, and the file is the spill
+//! file: with a database ([`postgres`]) the shipper task writes the rows with binary `COPY`,
+//! straight from memory when it is caught up with the file, else by replaying the file in
+//! order, idempotently (the row id is the key). What is committed is recorded in
+//! `<file>.offset`, and the file is truncated (or compacted) behind it. Without a database
+//! (the embedded default) the file *is* the ledger; `enforcer audit import FILE` loads it into
+//! PostgreSQL later.
+//!
+//! Rows PostgreSQL refuses for their data (SQLSTATE classes 22 and 23) are isolated by
+//! splitting the batch and moved to the [`quarantine`] file; the rest land. A failure to
+//! reach PostgreSQL is not the rows' fault: they stay in the file and are replayed later.
+//!
+//! Nothing here waits on PostgreSQL or on an fsync in the decision path. A row that cannot be
+//! queued (`journal = false` and the queue full) or appended is dropped and counted in
+//! `enforcer_ledger_dropped_total`, which a healthy deployment keeps at 0.
 pub mod file;
 pub mod postgres;
+pub mod quarantine;
 
 use crate::config::LedgerConfig;
 use crate::metrics::LedgerMetrics;
+use file::{LedgerFile, Logged};
+use quarantine::{Quarantine, Refused};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -55,6 +70,22 @@ pub enum LedgerError {
 impl From<sqlx::Error> for LedgerError {
     fn from(e: sqlx::Error) -> Self {
         Self::Postgres(e)
+    }
+}
+
+impl LedgerError {
+    /// PostgreSQL refused the rows for what they contain: SQLSTATE class 22 (data exception:
+    /// `22021` a NUL byte or a byte sequence invalid in the encoding, `22P05`, a value out of
+    /// range, …) or 23 (integrity constraint violation: `CHECK`, `NOT NULL`, …). Sending the
+    /// same rows again fails again, on any connection, unlike a connection or availability
+    /// error, after which the same rows succeed later.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Self::Postgres(sqlx::Error::Database(e)) => e
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
     }
 }
 
@@ -149,18 +180,63 @@ pub fn node_name(configured: &str) -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-/// The decision path's handle: cheap to clone, never blocks.
+/// The decision path's handle: cheap to clone, never waits for PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Ledger {
+    /// Rows for the appender: every row without `journal`, else only those whose own append
+    /// failed.
     tx: mpsc::Sender<Entry>,
+    /// Rows in the file, for the shipper to write straight from memory (with a database).
+    ship: Option<mpsc::Sender<Logged>>,
+    file: Arc<LedgerFile>,
+    journal: bool,
     metrics: LedgerMetrics,
     node: String,
 }
 
 impl Ledger {
-    /// Queues an entry for the writer. Never waits: with the queue full the entry is dropped
-    /// and counted.
+    /// Records an entry. With `journal` it is in the file when this returns (one `write`;
+    /// the fsync follows within `flush_ms`); without, it is queued for the appender. Never
+    /// waits for PostgreSQL.
     pub fn record(&self, entry: Entry) {
+        if !self.journal {
+            return self.queue(entry);
+        }
+        let line = match serde_json::to_vec(&entry) {
+            Ok(mut l) => {
+                l.push(b'\n');
+                l
+            }
+            // Plain data always serializes; were it not to, the appender reports it.
+            Err(_) => return self.queue(entry),
+        };
+        let mut entry = Some(entry);
+        let appended = self.file.append_line(&line, |start, end| {
+            if let (Some(ship), Some(entry)) = (&self.ship, entry.take()) {
+                forward(ship, &self.metrics, Logged { start, end, entry });
+            }
+        });
+        match appended {
+            Ok(()) => {
+                if self.ship.is_none() {
+                    self.metrics.written.inc();
+                }
+            }
+            Err(e) => {
+                let n = self.metrics.errors.with_label_values(&["spill"]).get();
+                self.metrics.errors.with_label_values(&["spill"]).inc();
+                if n.is_multiple_of(1000) {
+                    tracing::error!(error = %e, "appending to the ledger file failed: queued for the writer");
+                }
+                if let Some(entry) = entry.take() {
+                    self.queue(entry);
+                }
+            }
+        }
+    }
+
+    /// Onto the appender's queue; with the queue full the entry is dropped and counted.
+    fn queue(&self, entry: Entry) {
         match self.tx.try_send(entry) {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(_) => {
@@ -180,24 +256,44 @@ impl Ledger {
     }
 }
 
-/// The writer thread; [`Writer::shutdown`] drains the queue and waits for it.
+/// Hands a row that is in the file to the shipper. With its queue full the row stays only in
+/// the file, and the shipper replays it from there: nothing is lost.
+fn forward(ship: &mpsc::Sender<Logged>, metrics: &LedgerMetrics, row: Logged) {
+    match ship.try_send(row) {
+        Ok(()) => metrics.queue_depth.inc(),
+        Err(_) => metrics.spilled.inc(),
+    }
+}
+
+/// The writer's threads; [`Writer::shutdown`] appends everything queued, writes what it can
+/// to PostgreSQL, and waits for them.
 #[derive(Debug)]
 pub struct Writer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    append_stop: Option<std::sync::mpsc::Sender<()>>,
+    appender: Option<std::thread::JoinHandle<()>>,
+    ship_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    shipper: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    /// Stops taking new work, writes (or spills) everything queued, and waits for the thread.
+    /// Stops taking new work, appends everything queued, writes what it can to PostgreSQL,
+    /// and waits for the threads.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        if let Some(stop) = self.stop.take() {
+        // The appender first: what it appends last is handed to the shipper.
+        if let Some(stop) = self.append_stop.take() {
             let _ = stop.send(());
         }
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.appender.take() {
+            let _ = t.join();
+        }
+        if let Some(stop) = self.ship_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.shipper.take() {
             let _ = t.join();
         }
     }
@@ -210,75 +306,204 @@ impl Drop for Writer {
 }
 
 /// Opens the ledger file (repairing a torn last line) and, with a database, connects and
-/// optionally migrates; then starts the writer thread.
+/// optionally migrates; then starts the appender thread and, with a database, the shipper.
 pub async fn start(
     config: &LedgerConfig,
     metrics: LedgerMetrics,
 ) -> Result<(Ledger, Writer), LedgerError> {
     let node = node_name(&config.node);
-    let file = file::LedgerFile::open(PathBuf::from(&config.file), config.fsync)?;
+    let path = PathBuf::from(&config.file);
+    let file = Arc::new(LedgerFile::open(path.clone(), config.fsync)?);
     let sink = if config.database_url.is_empty() {
         None
     } else {
-        // A database that is down at start is not fatal: rows spill until it answers.
+        // A database that is down at start is not fatal: rows wait in the file until it answers.
         let pool = postgres::pool(&config.database_url)?;
         if config.migrate {
             postgres::migrate(&pool).await?;
         }
         Some(postgres::PgSink::new(pool).with_parallel(config.connections))
     };
+    let spawn_err = |error| LedgerError::File {
+        path: path.clone(),
+        error,
+    };
     let (tx, rx) = mpsc::channel(config.queue_capacity);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    let mut task = WriterTask {
+    let flush = Duration::from_millis(config.flush_ms);
+    let (ship_tx, shipper, ship_stop) = match sink {
+        None => (None, None, None),
+        Some(sink) => {
+            let (ship_tx, ship_rx) = mpsc::channel(config.queue_capacity);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+            let task = Shipper {
+                rx: ship_rx,
+                stop: stop_rx,
+                sink,
+                committed: file.opened_committed(),
+                file: file.clone(),
+                quarantine: Quarantine::new(quarantine::path_for(&path), config.fsync),
+                metrics: metrics.clone(),
+                batch_rows: config.batch_rows,
+                flush,
+                write_timeout: Duration::from_millis(config.write_timeout_ms),
+                retry: Duration::from_millis(config.retry_ms),
+                next_try: Instant::now(),
+                next_maintenance: Instant::now(),
+                partitions_ahead: config.partitions_ahead,
+                retention_months: config.retention_months,
+            };
+            let thread = std::thread::Builder::new()
+                .name("ledger".into())
+                .spawn(move || {
+                    // A runtime of its own: COPYs and replays never stall the decision workers.
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(task.run()),
+                        Err(e) => tracing::error!(error = %e, "ledger writer runtime failed"),
+                    }
+                })
+                .map_err(spawn_err)?;
+            (Some(ship_tx), Some(thread), Some(stop_tx))
+        }
+    };
+    let (append_stop, append_stop_rx) = std::sync::mpsc::channel();
+    let appender = Appender {
         rx,
-        stop: stop_rx,
-        sink,
-        file,
+        stop: append_stop_rx,
+        file: file.clone(),
+        ship: ship_tx.clone(),
         metrics: metrics.clone(),
         batch_rows: config.batch_rows,
-        flush: Duration::from_millis(config.flush_ms),
-        write_timeout: Duration::from_millis(config.write_timeout_ms),
-        retry: Duration::from_millis(config.retry_ms),
-        next_try: Instant::now(),
-        next_maintenance: Instant::now(),
-        partitions_ahead: config.partitions_ahead,
-        retention_months: config.retention_months,
+        flush,
+        fsync: config.fsync,
     };
-    let thread = std::thread::Builder::new()
-        .name("ledger".into())
-        .spawn(move || {
-            // A runtime of its own: file writes and fsyncs never stall the decision workers.
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(task.run()),
-                Err(e) => tracing::error!(error = %e, "ledger writer runtime failed"),
-            }
-        })
-        .map_err(|source| LedgerError::File {
-            path: PathBuf::from(&config.file),
-            error: source,
-        })?;
+    let appender = std::thread::Builder::new()
+        .name("ledger-append".into())
+        .spawn(move || appender.run())
+        .map_err(spawn_err)?;
     Ok((
-        Ledger { tx, metrics, node },
+        Ledger {
+            tx,
+            ship: ship_tx,
+            file,
+            journal: config.journal,
+            metrics,
+            node,
+        },
         Writer {
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            append_stop: Some(append_stop),
+            appender: Some(appender),
+            ship_stop,
+            shipper,
         },
     ))
 }
 
-/// Rows replayed from the spill file per PostgreSQL transaction.
+/// Rows replayed from the file per PostgreSQL transaction.
 const REPLAY_CHUNK: usize = 10_000;
 /// Partition maintenance (create ahead, retention) interval.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 
-struct WriterTask {
+/// Once per `flush_ms`: appends the queued rows to the file (one write per group of up to
+/// `batch_rows`), fsyncs what was appended since the last time (by it or, with `journal`, by
+/// the decision path), and hands the rows to the shipper. A plain thread: it only sleeps and
+/// does file I/O, and PostgreSQL being slow never delays it.
+struct Appender {
     rx: mpsc::Receiver<Entry>,
+    stop: std::sync::mpsc::Receiver<()>,
+    file: Arc<LedgerFile>,
+    ship: Option<mpsc::Sender<Logged>>,
+    metrics: LedgerMetrics,
+    batch_rows: usize,
+    flush: Duration,
+    fsync: bool,
+}
+
+impl Appender {
+    fn run(mut self) {
+        loop {
+            // Sleeping instead of waiting on the queue: the decision path never wakes this
+            // thread row by row (a wake-up per row cost more CPU than writing the row).
+            let stopping = !matches!(
+                self.stop.recv_timeout(self.flush),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if stopping {
+                self.rx.close();
+            }
+            self.append_queued();
+            if self.fsync
+                && let Err(e) = self.file.sync()
+            {
+                self.metrics.errors.with_label_values(&["spill"]).inc();
+                tracing::error!(error = %e, "syncing the ledger file failed");
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    fn append_queued(&mut self) {
+        loop {
+            let mut batch = Vec::new();
+            while batch.len() < self.batch_rows {
+                match self.rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let n = batch.len();
+            if n == 0 {
+                return;
+            }
+            self.metrics.queue_depth.sub(n as i64);
+            let started = Instant::now();
+            let (ship, metrics) = (&self.ship, &self.metrics);
+            // The fsync follows once for the whole tick.
+            let appended = self.file.append(batch, |rows| {
+                if let Some(ship) = ship {
+                    for row in rows {
+                        forward(ship, metrics, row);
+                    }
+                }
+            });
+            match appended {
+                Ok(()) => {
+                    if self.ship.is_none() {
+                        self.metrics.written.inc_by(n as u64);
+                        self.metrics
+                            .batch_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                }
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&["spill"]).inc();
+                    self.metrics.dropped.inc_by(n as u64);
+                    tracing::error!(error = %e, rows = n, "ledger file write failed: rows lost");
+                }
+            }
+            if n < self.batch_rows {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes what is in the file to PostgreSQL, in file order: batches straight from memory when
+/// the first row handed over is where PostgreSQL's part of the file ends, else chunks read
+/// back from the file (a backlog after an outage or a restart, or rows the queue had no room
+/// for).
+struct Shipper {
+    rx: mpsc::Receiver<Logged>,
     stop: tokio::sync::oneshot::Receiver<()>,
-    sink: Option<postgres::PgSink>,
-    file: file::LedgerFile,
+    sink: postgres::PgSink,
+    file: Arc<LedgerFile>,
+    quarantine: Quarantine,
+    /// Everything in the file before this logical position is in PostgreSQL.
+    committed: u64,
     metrics: LedgerMetrics,
     batch_rows: usize,
     flush: Duration,
@@ -291,179 +516,259 @@ struct WriterTask {
     retention_months: u32,
 }
 
-impl WriterTask {
-    async fn run(&mut self) {
+impl Shipper {
+    async fn run(mut self) {
         let mut stopping = false;
+        while !stopping {
+            let (end, batch) = self.collect(&mut stopping).await;
+            self.ship(end, batch).await;
+            self.maintain().await;
+        }
+        // The appender has stopped: whatever is left (handed over or only in the file) is
+        // written now, as far as PostgreSQL answers, so a clean shutdown leaves as little
+        // backlog as it can.
         loop {
-            let batch = self.collect(&mut stopping).await;
-            if !batch.is_empty() {
-                self.metrics.queue_depth.sub(batch.len() as i64);
-                self.write(&batch).await;
-            }
-            if self.sink.is_some() {
-                self.replay().await;
-                self.maintain().await;
-            }
-            if stopping && self.rx.is_empty() {
+            let end = self.file.end();
+            let mut batch = Vec::new();
+            self.drain_into(&mut batch, self.batch_rows);
+            if self.committed >= end || Instant::now() < self.next_try {
                 break;
             }
-        }
-        // A last replay attempt so a clean shutdown leaves as little backlog as it can.
-        if self.sink.is_some() {
-            self.replay().await;
+            self.ship(end, batch).await;
         }
     }
 
-    /// Up to `batch_rows` entries: what is queued now, and if that is less than a batch, what
-    /// arrives within `flush`. It sleeps instead of waiting on the queue, so the decision path
-    /// never wakes this thread row by row (a wake-up per row cost more CPU than writing it).
-    async fn collect(&mut self, stopping: &mut bool) -> Vec<Entry> {
+    /// The end of the file, then the rows handed over: up to `batch_rows` of them; with fewer,
+    /// and nothing to replay, it sleeps `flush` first (no wake-up per row).
+    async fn collect(&mut self, stopping: &mut bool) -> (u64, Vec<Logged>) {
         let mut batch = Vec::new();
-        self.drain_into(&mut batch);
-        if batch.len() < self.batch_rows && !*stopping {
+        // The end before draining: every row before it was handed over (or found no room)
+        // before it, as rows are handed over under the file's lock.
+        let mut end = self.file.end();
+        self.drain_into(&mut batch, self.batch_rows);
+        let behind = end > self.committed
+            && batch.first().is_none_or(|r| r.start > self.committed)
+            && Instant::now() >= self.next_try;
+        if batch.len() < self.batch_rows && !behind {
             tokio::select! {
-                _ = &mut self.stop => { *stopping = true; self.rx.close(); }
+                _ = &mut self.stop => *stopping = true,
                 () = tokio::time::sleep(self.flush) => {}
             }
-            self.drain_into(&mut batch);
+            end = self.file.end();
+            self.drain_into(&mut batch, self.batch_rows);
         }
-        if self.rx.is_closed() {
-            *stopping = true;
-        }
-        batch
+        (end, batch)
     }
 
-    fn drain_into(&mut self, batch: &mut Vec<Entry>) {
-        while batch.len() < self.batch_rows {
+    fn drain_into(&mut self, batch: &mut Vec<Logged>, max: usize) {
+        let before = batch.len();
+        while batch.len() < max {
             match self.rx.try_recv() {
-                Ok(e) => batch.push(e),
+                Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
+        self.metrics.queue_depth.sub((batch.len() - before) as i64);
     }
 
-    async fn write(&mut self, batch: &[Entry]) {
+    /// One step: a batch straight from memory, or a chunk of the file.
+    async fn ship(&mut self, end: u64, mut batch: Vec<Logged>) {
+        // Rows already replayed from the file (while they waited here) are done.
+        let before = batch.len();
+        batch.retain(|r| r.end > self.committed);
+        self.set_aside(before - batch.len());
+        if Instant::now() < self.next_try {
+            // PostgreSQL failed recently: the rows wait in the file.
+            self.set_aside(batch.len());
+        } else if batch.first().is_some_and(|r| r.start == self.committed) {
+            let contiguous = 1 + batch
+                .windows(2)
+                .take_while(|w| w[0].end == w[1].start)
+                .count();
+            // After a gap (rows the queue had no room for) the rest is replayed from the file.
+            let rest = batch.split_off(contiguous);
+            self.set_aside(rest.len());
+            self.direct(batch).await;
+        } else {
+            self.set_aside(batch.len());
+            if end > self.committed {
+                self.replay_chunk().await;
+            }
+        }
+        self.set_backlog();
+    }
+
+    fn set_backlog(&self) {
+        self.metrics
+            .backlog_bytes
+            .set(i64::try_from(self.file.end().saturating_sub(self.committed)).unwrap_or(i64::MAX));
+    }
+
+    /// Rows dropped from memory that reach PostgreSQL by replay of the file instead.
+    fn set_aside(&self, rows: usize) {
+        self.metrics.spilled.inc_by(rows as u64);
+    }
+
+    /// A failed write: the rows wait in the file; PostgreSQL is left alone for `retry`.
+    fn failed(&mut self, rows: usize) {
+        self.set_aside(rows);
+        self.next_try = Instant::now() + self.retry;
+    }
+
+    async fn direct(&mut self, batch: Vec<Logged>) {
+        let Some(end) = batch.last().map(|r| r.end) else {
+            return;
+        };
+        let entries: Vec<Entry> = batch.into_iter().map(|r| r.entry).collect();
+        let n = entries.len();
         let started = Instant::now();
-        // Straight to PostgreSQL unless a backlog must be replayed first or it failed recently.
-        let direct = self.file.is_empty() && Instant::now() >= self.next_try;
-        if direct && let Some(sink) = self.sink.as_mut() {
-            match tokio::time::timeout(self.write_timeout, sink.write(batch)).await {
-                Ok(Ok(())) => {
-                    self.metrics.written.inc_by(batch.len() as u64);
-                    self.metrics
-                        .batch_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    return;
-                }
-                Ok(Err(e)) => {
-                    self.metrics.errors.with_label_values(&["write"]).inc();
-                    tracing::warn!(error = %e, rows = batch.len(), "ledger write failed: spilling");
-                }
-                Err(_) => {
-                    self.metrics.errors.with_label_values(&["write"]).inc();
-                    tracing::warn!(rows = batch.len(), "ledger write timed out: spilling");
+        match tokio::time::timeout(self.write_timeout, self.sink.write(&entries)).await {
+            Ok(Ok(())) => {
+                // Recorded before counted: whoever sees the count sees the file caught up.
+                self.commit(end);
+                self.metrics.written.inc_by(n as u64);
+                self.metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Ok(Err(e)) if e.is_data_error() => {
+                self.metrics.errors.with_label_values(&["write"]).inc();
+                tracing::warn!(error = %e, rows = n, "PostgreSQL refused rows of a batch for their data: isolating them");
+                // Idempotent: parts of the batch may be committed (parallel COPYs).
+                match self
+                    .sink
+                    .write_isolating(&entries, self.write_timeout)
+                    .await
+                {
+                    Ok(refused) => {
+                        if self.quarantine(&refused) {
+                            self.commit(end);
+                            self.metrics.written.inc_by((n - refused.len()) as u64);
+                        } else {
+                            self.failed(n);
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.errors.with_label_values(&["write"]).inc();
+                        tracing::warn!(error = %e, rows = n, "ledger write failed: the rows wait in the spill file");
+                        self.failed(n);
+                    }
                 }
             }
-            self.next_try = Instant::now() + self.retry;
+            Ok(Err(e)) => {
+                self.metrics.errors.with_label_values(&["write"]).inc();
+                tracing::warn!(error = %e, rows = n, "ledger write failed: the rows wait in the spill file");
+                self.failed(n);
+            }
+            Err(_) => {
+                self.metrics.errors.with_label_values(&["write"]).inc();
+                tracing::warn!(
+                    rows = n,
+                    "ledger write timed out: the rows wait in the spill file"
+                );
+                self.failed(n);
+            }
         }
-        // No database (the file is the ledger), a backlog to stay behind, or a failed write.
-        match self.file.append(batch) {
-            Ok(()) => {
-                if self.sink.is_some() {
-                    self.metrics.spilled.inc_by(batch.len() as u64);
-                } else {
-                    self.metrics.written.inc_by(batch.len() as u64);
+    }
+
+    /// Replays one chunk of the file from the committed position.
+    async fn replay_chunk(&mut self) {
+        let chunk = match self.file.read_chunk(self.committed, REPLAY_CHUNK) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.errors.with_label_values(&["replay"]).inc();
+                tracing::error!(error = %e, "reading the spill file failed");
+                self.next_try = Instant::now() + self.retry;
+                return;
+            }
+        };
+        if chunk.corrupt > 0 {
+            self.metrics
+                .errors
+                .with_label_values(&["replay"])
+                .inc_by(chunk.corrupt as u64);
+            tracing::error!(
+                lines = chunk.corrupt,
+                "unreadable lines in the spill file skipped"
+            );
+        }
+        if chunk.next_offset <= self.committed {
+            // Nothing complete to read: cannot happen (appends are whole lines); do not spin.
+            self.next_try = Instant::now() + self.retry;
+            return;
+        }
+        if chunk.entries.is_empty() {
+            self.commit(chunk.next_offset);
+            return;
+        }
+        match self
+            .sink
+            .write_isolating(&chunk.entries, self.write_timeout)
+            .await
+        {
+            Ok(refused) => {
+                if self.quarantine(&refused) {
+                    self.commit(chunk.next_offset);
                     self.metrics
-                        .batch_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                        .replayed
+                        .inc_by((chunk.entries.len() - refused.len()) as u64);
+                } else {
+                    self.next_try = Instant::now() + self.retry;
                 }
             }
             Err(e) => {
-                self.metrics.errors.with_label_values(&["spill"]).inc();
-                self.metrics.dropped.inc_by(batch.len() as u64);
-                tracing::error!(error = %e, rows = batch.len(), "ledger file write failed: rows lost");
+                self.metrics.errors.with_label_values(&["replay"]).inc();
+                tracing::warn!(error = %e, "replaying the spill file failed; will retry");
+                self.next_try = Instant::now() + self.retry;
             }
         }
-        self.metrics.backlog_bytes.set(self.backlog_bytes());
     }
 
-    fn backlog_bytes(&self) -> i64 {
-        if self.sink.is_some() {
-            i64::try_from(self.file.backlog()).unwrap_or(i64::MAX)
-        } else {
-            0
+    /// Moves refused rows to the quarantine file; `false` when that failed (then the rows
+    /// are not dealt with, and their part of the file is written again later).
+    fn quarantine(&mut self, refused: &[Refused]) -> bool {
+        if refused.is_empty() {
+            return true;
         }
-    }
-
-    /// Replays the spill file into PostgreSQL, chunk by chunk, while it answers.
-    async fn replay(&mut self) {
-        let Some(sink) = self.sink.as_mut() else {
-            return;
-        };
-        while !self.file.is_empty() && Instant::now() >= self.next_try {
-            let chunk = match self.file.read_chunk(REPLAY_CHUNK) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.metrics.errors.with_label_values(&["replay"]).inc();
-                    tracing::error!(error = %e, "reading the spill file failed");
-                    self.next_try = Instant::now() + self.retry;
-                    return;
-                }
-            };
-            if chunk.corrupt > 0 {
-                self.metrics
-                    .errors
-                    .with_label_values(&["replay"])
-                    .inc_by(chunk.corrupt as u64);
+        match self.quarantine.append(refused) {
+            Ok(()) => {
+                self.metrics.quarantined.inc_by(refused.len() as u64);
                 tracing::error!(
-                    lines = chunk.corrupt,
-                    "unreadable lines in the spill file skipped"
+                    rows = refused.len(),
+                    first_id = %entry_id(&refused[0].entry),
+                    sqlstate = %refused[0].sqlstate,
+                    error = %refused[0].error,
+                    file = %self.quarantine.path().display(),
+                    "PostgreSQL refused audit rows for their data: quarantined"
                 );
+                true
             }
-            let result = if chunk.entries.is_empty() {
-                Ok(Ok(()))
-            } else {
-                tokio::time::timeout(self.write_timeout, sink.write_idempotent(&chunk.entries))
-                    .await
-            };
-            match result {
-                Ok(Ok(())) => {
-                    if let Err(e) = self.file.advance(chunk.next_offset) {
-                        // The rows are in PostgreSQL; replaying them again is harmless.
-                        tracing::warn!(error = %e, "recording replay progress failed");
-                    }
-                    self.metrics.replayed.inc_by(chunk.entries.len() as u64);
-                }
-                Ok(Err(e)) => {
-                    self.metrics.errors.with_label_values(&["replay"]).inc();
-                    tracing::warn!(error = %e, "replaying the spill file failed; will retry");
-                    self.next_try = Instant::now() + self.retry;
-                }
-                Err(_) => {
-                    self.metrics.errors.with_label_values(&["replay"]).inc();
-                    self.next_try = Instant::now() + self.retry;
-                }
-            }
-            self.metrics
-                .backlog_bytes
-                .set(i64::try_from(self.file.backlog()).unwrap_or(i64::MAX));
-            // Keep draining the queue between chunks: the loop comes back here.
-            if !self.rx.is_empty() {
-                return;
+            Err(e) => {
+                self.metrics.errors.with_label_values(&["quarantine"]).inc();
+                tracing::error!(error = %e, rows = refused.len(), "writing the quarantine file failed; will retry");
+                false
             }
         }
+    }
+
+    /// Everything before `upto` is in PostgreSQL.
+    fn commit(&mut self, upto: u64) {
+        self.committed = upto;
+        if let Err(e) = self.file.commit(upto) {
+            // The rows are in PostgreSQL; replaying them again after a restart is harmless.
+            tracing::warn!(error = %e, "recording replay progress failed");
+        }
+        self.set_backlog();
     }
 
     async fn maintain(&mut self) {
-        let Some(sink) = self.sink.as_mut() else {
-            return;
-        };
         if Instant::now() < self.next_maintenance || Instant::now() < self.next_try {
             return;
         }
+        let pool = self.sink.pool();
         let work = async {
-            postgres::ensure_partitions(sink.pool(), self.partitions_ahead).await?;
-            postgres::apply_retention(sink.pool(), self.retention_months).await
+            postgres::ensure_partitions(pool, self.partitions_ahead).await?;
+            postgres::apply_retention(pool, self.retention_months).await
         };
         match tokio::time::timeout(Duration::from_secs(30), work).await {
             Ok(Ok(dropped)) => {
@@ -482,5 +787,13 @@ impl WriterTask {
                 self.next_maintenance = Instant::now() + self.retry * 10;
             }
         }
+    }
+}
+
+/// An entry's id (for logs: never a key, an endpoint or other row content).
+fn entry_id(e: &Entry) -> Uuid {
+    match e {
+        Entry::Decision(r) => r.id,
+        Entry::Kernel(k) => k.id,
     }
 }

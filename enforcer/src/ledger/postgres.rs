@@ -1,8 +1,10 @@
 //! The PostgreSQL side of the ledger: migrations, binary `COPY` batches, idempotent replay,
-//! monthly partitions and retention, and the queries behind `enforcer audit usage|export`.
+//! isolation of the rows PostgreSQL refuses for their data, monthly partitions and retention,
+//! and the queries behind `enforcer audit import|usage|export`.
 //!
 //! Times are `timestamptz`, written as UTC instants; partition bounds are UTC month starts
 //! (`'2026-12-01 00:00:00+00'`), so neither the server's nor the client's time zone matters.
+use super::quarantine::{Quarantine, Refused};
 use super::{AuditRow, Entry, KernelRejections, LedgerError};
 use bytes::{BufMut as _, BytesMut};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -90,6 +92,43 @@ impl PgSink {
     /// a temporary staging table, then `INSERT … ON CONFLICT DO NOTHING`.
     pub async fn write_idempotent(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
         copy(&self.pool, batch, true).await
+    }
+
+    /// Writes `batch` idempotently and returns the rows PostgreSQL refused for their data
+    /// ([`LedgerError::is_data_error`]); every other row is committed. One refused row fails
+    /// the whole transaction, so a batch that fails that way is split in halves, each written
+    /// on its own, down to the single rows that fail (about 2·log2(n) `COPY`s for one bad row
+    /// among n). Any other failure (connection, server going away, each attempt slower than
+    /// `timeout`) is an error: then which parts committed is not known, and the caller writes
+    /// the whole batch again later, which the idempotent insert makes harmless.
+    pub async fn write_isolating(
+        &mut self,
+        batch: &[Entry],
+        timeout: Duration,
+    ) -> Result<Vec<Refused>, LedgerError> {
+        let mut refused = Vec::new();
+        // Depth first, left half first: refused rows come back in batch order.
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match tokio::time::timeout(timeout, copy(&self.pool, part, true)).await {
+                Err(_) => return Err(LedgerError::Timeout),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_data_error() => {
+                    if let [entry] = part {
+                        refused.push(Refused::new(entry.clone(), &e));
+                    } else {
+                        let (left, right) = part.split_at(part.len() / 2);
+                        parts.push(right);
+                        parts.push(left);
+                    }
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        Ok(refused)
     }
 }
 
@@ -491,9 +530,24 @@ pub const EXPORT_COLUMNS: [&str; 15] = [
     "node",
 ];
 
-/// Loads a ledger file into PostgreSQL, idempotently (importing twice adds nothing). Returns
-/// (entries read, unreadable lines).
-pub async fn import(pool: &PgPool, path: &std::path::Path) -> Result<(u64, u64), LedgerError> {
+/// What [`import`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Imported {
+    /// Entries read from the file (rows and rollups).
+    pub read: u64,
+    /// Lines that did not parse (skipped).
+    pub corrupt: u64,
+    /// Entries PostgreSQL refused for their data: written to the quarantine file instead.
+    pub quarantined: u64,
+}
+
+/// Loads a ledger file into PostgreSQL, idempotently (importing twice adds nothing). Rows
+/// PostgreSQL refuses for their data go to `quarantine`; the others are imported.
+pub async fn import(
+    pool: &PgPool,
+    path: &std::path::Path,
+    quarantine: &mut Quarantine,
+) -> Result<Imported, LedgerError> {
     let end = std::fs::metadata(path)
         .map_err(|source| LedgerError::File {
             path: path.to_owned(),
@@ -501,18 +555,24 @@ pub async fn import(pool: &PgPool, path: &std::path::Path) -> Result<(u64, u64),
         })?
         .len();
     let mut sink = PgSink::new(pool.clone());
-    let (mut offset, mut read, mut corrupt) = (0, 0, 0);
+    let mut offset = 0;
+    let mut done = Imported::default();
     loop {
         let chunk = super::file::read_from(path, offset, end, super::REPLAY_CHUNK)?;
-        corrupt += chunk.corrupt as u64;
+        done.corrupt += chunk.corrupt as u64;
         if chunk.entries.is_empty() && chunk.next_offset == offset {
             break;
         }
         if !chunk.entries.is_empty() {
-            sink.write_idempotent(&chunk.entries).await?;
+            let refused = sink.write_isolating(&chunk.entries, IMPORT_TIMEOUT).await?;
+            quarantine.append(&refused)?;
+            done.quarantined += refused.len() as u64;
         }
-        read += chunk.entries.len() as u64;
+        done.read += chunk.entries.len() as u64;
         offset = chunk.next_offset;
     }
-    Ok((read, corrupt))
+    Ok(done)
 }
+
+/// One `COPY` of an import (a chunk, or a part of one being split).
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(300);
