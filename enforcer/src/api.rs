@@ -13,7 +13,7 @@
 //! are ignored ([`crate::client_addr`]; the peer comes from the listener as [`ConnectInfo`]).
 use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
-use crate::kernel::KernelReport;
+use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::PriceError;
@@ -47,8 +47,8 @@ pub struct App {
     pub key_header: HeaderName,
     /// Status of a denial on `/v1/auth`.
     pub auth_deny_status: StatusCode,
-    /// Kernel gate state.
-    pub kernel: KernelReport,
+    /// Kernel gate state (it changes when an operator detaches or attaches the gate).
+    pub kernel: KernelStatus,
     /// The current prices (`GET /v1/costs`).
     pub costs: crate::pricing::CostTable,
     /// `[server] trusted_proxies`: whose word on the client's address is taken.
@@ -453,7 +453,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let body = json!({
         "ready": ready,
         "store": { "backend": store.backend(), "detail": detail },
-        "kernel": app.kernel,
+        "kernel": app.kernel.get(),
     });
     (status, axum::Json(body)).into_response()
 }
@@ -509,10 +509,10 @@ mod tests {
                 metrics: metrics.clone(),
                 key_header: HeaderName::from_static("x-api-key"),
                 auth_deny_status: StatusCode::TOO_MANY_REQUESTS,
-                kernel: KernelReport {
+                kernel: KernelStatus::new(crate::kernel::KernelReport {
                     attached: false,
                     detail: "test".into(),
-                },
+                }),
                 trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

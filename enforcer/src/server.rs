@@ -133,7 +133,7 @@ impl Server {
         } else {
             crate::pricing::static_costs(decider.prices())
         };
-        if kernel.attached && config.server.trusted_proxies.is_empty() {
+        if kernel.get().attached && config.server.trusted_proxies.is_empty() {
             tracing::info!(
                 "no [server] trusted_proxies: no request names a client address, so the kernel \
                  gate binds no addresses (L4 identity); see docs/http-api.md#client-addresses"

@@ -899,3 +899,145 @@ fn forged_client_addresses_never_bind_a_victim_to_a_drained_key() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `GET path` of the daemon's API, from the server namespace; the raw response.
+fn get(server: &NetNs, path: &'static str) -> String {
+    server.run(move || {
+        let mut s = TcpStream::connect(API).expect("daemon API");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+}
+
+/// Polls until `/readyz` and `enforcer_kernel_attached` both say `attached` (generous deadline:
+/// the daemon looks at every heartbeat).
+fn wait_attached(server: &NetNs, attached: bool) -> String {
+    let start = Instant::now();
+    loop {
+        let ready = get(server, "/readyz");
+        let metric = enforcer_tests::parse_metric(&metrics(server), "enforcer_kernel_attached");
+        if ready.contains(&format!("\"attached\":{attached}"))
+            && metric == if attached { 1.0 } else { 0.0 }
+        {
+            return ready;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz and the metric never said attached={attached}: {ready} (metric {metric})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `enforcer …` run in `ns`, as an operator on the node would; (exit code, stdout).
+fn enforcer_in(ns: &NetNs, args: &[&str]) -> (i32, String) {
+    let out = ns
+        .command(enforcer_bin().to_str().expect("path"))
+        .args(args)
+        .output()
+        .expect("run enforcer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `enforcer kernel detach` while the daemon runs switches the gate off at once, even when the
+/// daemon holds the link (after a restart it took the pinned link over): the drained key's
+/// request reaches the upstream, `/readyz` and `enforcer_kernel_attached` say so, a restarted
+/// daemon does not attach again, and `enforcer kernel attach` turns it back on.
+#[test]
+fn detach_switches_the_gate_off_while_the_daemon_runs() {
+    let link = Link::new("dtc");
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let seen = upstream(&link.a);
+    // The example config without refill in the free tier: a drained key stays drained.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("no-refill.toml");
+    let example = include_str!("../../examples/enforcer.toml");
+    let free = "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n";
+    assert!(example.contains(free));
+    std::fs::write(
+        &config,
+        example.replacen(
+            free,
+            "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 0\n",
+            1,
+        ),
+    )
+    .expect("write");
+    let config = config.to_str().expect("path");
+    let key = "dtc-drained";
+
+    let first = daemon_with(&link, &pin, config);
+    let statuses: Vec<u16> = (0..7).map(|_| check(&link.a, key)).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
+    assert!(
+        !call(&link.b, key),
+        "the drained key is rejected in the kernel"
+    );
+    // A restart: the new daemon swaps its program into the pinned link and holds it.
+    drop(first);
+    let daemon = daemon_with(&link, &pin, config);
+    wait_attached(&link.a, true);
+    assert!(!call(&link.b, key), "still rejected after the restart");
+    assert_eq!(seen.lock().expect("lock").get(key), None);
+
+    let (code, out) = enforcer_in(&link.a, &["kernel", "detach", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("detached from {}", link.a_if)),
+        "{out}"
+    );
+    assert!(
+        call(&link.b, key),
+        "once detached, the drained key's request reaches the upstream"
+    );
+    assert_eq!(seen.lock().expect("lock").get(key), Some(&1));
+    let ready = wait_attached(&link.a, false);
+    assert!(ready.contains("detached by an operator"), "{ready}");
+    let (_, status) = enforcer_in(&link.a, &["kernel", "status", "--pin-dir", &dir]);
+    assert!(status.contains("attached:    nowhere"), "{status}");
+    assert!(
+        status.contains("detached by an operator from every interface"),
+        "{status}"
+    );
+
+    // A restarted daemon does not attach again behind the operator's back.
+    drop(daemon);
+    let daemon = daemon_with(&link, &pin, config);
+    let ready = wait_attached(&link.a, false);
+    assert!(ready.contains("detached by an operator"), "{ready}");
+    assert!(call(&link.b, key), "still detached after a restart");
+
+    // Until the operator attaches it again: the running daemon follows.
+    let (code, out) = enforcer_in(&link.a, &["kernel", "attach", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "{out}");
+    wait_attached(&link.a, true);
+    // (This daemon's embedded store began afresh: drain the key in it.)
+    let mut denied = false;
+    for _ in 0..10 {
+        if check(&link.a, key) == 429 {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "the key is drained again");
+    assert!(
+        !call(&link.b, key),
+        "attached again: the drained key is rejected"
+    );
+    let (_, status) = enforcer_in(&link.a, &["kernel", "status", "--pin-dir", &dir]);
+    assert!(
+        status.contains(&format!("attached:    {}", link.a_if)),
+        "{status}"
+    );
+    drop(daemon);
+}

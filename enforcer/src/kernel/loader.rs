@@ -8,14 +8,22 @@
 //!
 //! Loading needs root (CAP_BPF + CAP_NET_ADMIN). Without it the daemon runs userspace-only and
 //! says so (`/readyz`, `enforcer_kernel_attached 0`, a warning in the log).
+//!
+//! Where the gate runs is the kernel's to say, and an operator's to switch off
+//! ([`attachment`]): [`Gate::reconcile`] follows the operator's detach markers and notices a
+//! link that ended under it.
+/// Interfaces with a pinned gate link (see [`attachment::pinned_interfaces`]).
+pub use crate::kernel::attachment::pinned_interfaces;
+use crate::kernel::attachment::{self, AttachmentError, link_pin};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
 use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, Milli, PriceKey, counter, names};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The eBPF object built by `build.rs`.
@@ -113,6 +121,9 @@ pub enum KernelError {
     /// The pin directory could not be created.
     #[error("cannot create the pin directory {0}: {1}")]
     PinDir(String, std::io::Error),
+    /// Reading or switching the attachments failed.
+    #[error(transparent)]
+    Attachment(#[from] AttachmentError),
 }
 
 /// Summed per-CPU counters of the gate.
@@ -175,12 +186,42 @@ pub fn address_key(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// How the gate is attached to one interface.
+#[derive(Debug)]
+enum Attached {
+    /// A TCX link held by its pin only (this process closed its descriptor).
+    Pinned,
+    /// A TCX link this process holds (taken over from a pin, or not pinned).
+    Tcx(SchedClassifierLinkId),
+    /// A clsact filter (kernels without TCX): it ends with this process.
+    Netlink(SchedClassifierLinkId),
+}
+
+/// Where one configured interface stands, as [`Gate::reconcile`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceState {
+    /// The gate judges this interface's ingress.
+    Attached,
+    /// An operator detached the gate from it (`enforcer kernel detach`).
+    DetachedByOperator,
+    /// The gate's link ended without an operator's detach (the interface was deleted, or the
+    /// link was detached by other means), or attaching again failed: why. Not attached again
+    /// until the daemon restarts.
+    Lost(String),
+}
+
 /// The loaded gate; dropping it detaches the program (pinned maps stay).
 #[derive(Debug)]
 pub struct Gate {
     ebpf: Ebpf,
     interfaces: Vec<String>,
     generation: u32,
+    pin_dir: Option<PathBuf>,
+    /// The kernel's id of this process's `gate` program.
+    prog_id: u32,
+    attached: BTreeMap<String, Attached>,
+    /// Interfaces whose link ended under this process, and why.
+    lost: BTreeMap<String, String>,
 }
 
 impl Gate {
@@ -197,11 +238,17 @@ impl Gate {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        program(&mut ebpf)?.load()?;
+        let prog = program(&mut ebpf)?;
+        prog.load()?;
+        let prog_id = prog.info()?.id();
         let mut gate = Self {
             ebpf,
             interfaces: Vec::new(),
             generation: 0,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            prog_id,
+            attached: BTreeMap::new(),
+            lost: BTreeMap::new(),
         };
         gate.generation = gate.config()?.map(|c| c.generation).unwrap_or(0);
         Ok(gate)
@@ -210,9 +257,30 @@ impl Gate {
     /// Loads the gate and attaches it to the ingress of every interface in `interfaces`. With
     /// `pin_dir`, maps and TCX links are pinned there: the program stays attached after this
     /// process exits, and the next daemon swaps its own program into the pinned link.
+    ///
+    /// An interface that does not exist is an error before anything is pinned. Interfaces an
+    /// operator detached the gate from (markers in `pin_dir`) are left alone; pinned links of
+    /// interfaces that are gone are removed.
     pub fn attach(interfaces: &[String], pin_dir: Option<&Path>) -> Result<Self, KernelError> {
+        if let Some(missing) = interfaces.iter().find(|i| !attachment::interface_exists(i)) {
+            return Err(KernelError::Attach {
+                iface: missing.clone(),
+                reason: "no such interface in this network namespace".to_owned(),
+            });
+        }
         let mut gate = Self::load(pin_dir)?;
+        let detached = pin_dir.map(attachment::detached).unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            remove_stale_pins(dir);
+        }
         for iface in interfaces {
+            if detached.covers(iface) {
+                tracing::warn!(
+                    iface,
+                    "not attaching: an operator detached the gate (`enforcer kernel attach` attaches it again)"
+                );
+                continue;
+            }
             gate.attach_to(iface, pin_dir)?;
         }
         Ok(gate)
@@ -226,54 +294,139 @@ impl Gate {
             iface: iface.to_owned(),
             reason,
         };
-        // A link pinned by an earlier daemon: replace its program atomically (no gap).
+        // A link pinned by an earlier daemon: replace its program atomically (no gap). (A pin
+        // whose link ended, with its interface, was removed by `attach`.)
         if let Some(path) = &link_pin
             && let Ok(pinned) = PinnedLink::from_pin(path)
         {
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                 .map_err(|e| attach_err(format!("pinned link {}: {e}", path.display())))?;
-            prog.attach_to_link(link)?;
+            let id = prog.attach_to_link(link)?;
+            self.attached.insert(iface.to_owned(), Attached::Tcx(id));
             self.interfaces.push(iface.to_owned());
             return Ok(());
         }
         // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first (and its
         // attachment cannot be pinned: it ends with this process).
-        match prog.attach(iface, TcAttachType::Ingress) {
-            Ok(id) => {
-                if let Some(path) = &link_pin {
+        let attached = match prog.attach(iface, TcAttachType::Ingress) {
+            Ok(id) => match &link_pin {
+                Some(path) => {
                     let link = prog.take_link(id)?;
                     let fd = FdLink::try_from(link)
                         .map_err(|e| attach_err(format!("not a TCX link: {e}")))?;
                     fd.pin(path)
                         .map_err(|e| attach_err(format!("pinning the link: {e}")))?;
+                    Attached::Pinned
                 }
-            }
+                None => Attached::Tcx(id),
+            },
             Err(tcx) => {
                 let _ = tc::qdisc_add_clsact(iface);
-                prog.attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(|clsact| attach_err(format!("tcx: {tcx}; clsact: {clsact}")))?;
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(|clsact| attach_err(format!("tcx: {tcx}; clsact: {clsact}")))?;
+                Attached::Netlink(id)
             }
-        }
+        };
+        self.attached.insert(iface.to_owned(), attached);
+        self.lost.remove(iface);
         self.interfaces.push(iface.to_owned());
         Ok(())
     }
 
-    /// Detaches the gate pinned under `pin_dir` from `iface` (removes the pinned link).
-    pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<bool, KernelError> {
-        let path = link_pin(pin_dir, iface);
-        match PinnedLink::from_pin(&path) {
-            Ok(link) => {
-                link.unpin().map_err(|e| {
-                    KernelError::Setting(format!("unpinning {}: {e}", path.display()))
-                })?;
-                Ok(true)
-            }
-            Err(_) => Ok(false),
+    /// Detaches the gate from `iface`: this process lets go of its link, and a pinned link is
+    /// detached for every holder and unpinned.
+    pub fn detach_from(&mut self, iface: &str) -> Result<(), KernelError> {
+        if let Some(dir) = &self.pin_dir {
+            attachment::detach_pinned(dir, iface)?;
         }
+        if let Some(Attached::Tcx(id) | Attached::Netlink(id)) = self.attached.remove(iface) {
+            // A TCX link detached above is defunct: this only closes its descriptor.
+            program(&mut self.ebpf)?.detach(id)?;
+        }
+        self.interfaces.retain(|i| i != iface);
+        Ok(())
+    }
+
+    /// Whether the gate still judges `iface`'s ingress, as the kernel says (a TCX link ends
+    /// with its interface, or with an operator's `BPF_LINK_DETACH`).
+    pub fn is_live(&self, iface: &str) -> bool {
+        match self.attached.get(iface) {
+            None => false,
+            // The filter goes with the interface; nothing else removes it but `tc`.
+            Some(Attached::Netlink(_)) => attachment::interface_exists(iface),
+            Some(Attached::Pinned | Attached::Tcx(_)) => {
+                SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+                    .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_id))
+            }
+        }
+    }
+
+    /// Follows the operator's switch and notices links that ended: detaches from the
+    /// `configured` interfaces an operator detached the gate from, attaches again to those whose
+    /// marker was removed (`enforcer kernel attach`), and lets go of links that ended under it
+    /// (their interface was deleted, or they were detached by other means; such an interface is
+    /// not attached again until the daemon restarts). Called at every heartbeat; the state of
+    /// each configured interface.
+    pub fn reconcile(&mut self, configured: &[String]) -> Vec<(String, InterfaceState)> {
+        let detached = self
+            .pin_dir
+            .as_deref()
+            .map(attachment::detached)
+            .unwrap_or_default();
+        let pin_dir = self.pin_dir.clone();
+        let mut states = Vec::with_capacity(configured.len());
+        for iface in configured {
+            let attached = self.attached.contains_key(iface);
+            let state = if detached.covers(iface) {
+                if attached {
+                    match self.detach_from(iface) {
+                        Ok(()) => tracing::warn!(iface, "kernel gate detached by an operator"),
+                        Err(e) => {
+                            tracing::warn!(iface, error = %e, "detaching the kernel gate failed")
+                        }
+                    }
+                }
+                InterfaceState::DetachedByOperator
+            } else if attached {
+                if self.is_live(iface) {
+                    InterfaceState::Attached
+                } else {
+                    let why = if attachment::interface_exists(iface) {
+                        "its link was detached outside enforcer"
+                    } else {
+                        "the interface is gone"
+                    };
+                    tracing::warn!(iface, why, "kernel gate no longer attached");
+                    if let Err(e) = self.detach_from(iface) {
+                        tracing::warn!(iface, error = %e, "removing the ended link failed");
+                    }
+                    self.lost.insert(iface.clone(), why.to_owned());
+                    InterfaceState::Lost(why.to_owned())
+                }
+            } else if let Some(why) = self.lost.get(iface) {
+                InterfaceState::Lost(why.clone())
+            } else {
+                match self.attach_to(iface, pin_dir.as_deref()) {
+                    Ok(()) => {
+                        tracing::info!(iface, "kernel gate attached again");
+                        InterfaceState::Attached
+                    }
+                    Err(e) => {
+                        tracing::warn!(iface, error = %e, "attaching the kernel gate again failed");
+                        let why = format!("attaching again failed: {e}");
+                        self.lost.insert(iface.clone(), why.clone());
+                        InterfaceState::Lost(why)
+                    }
+                }
+            };
+            states.push((iface.clone(), state));
+        }
+        states
     }
 
     /// Interfaces the gate is attached to.
@@ -585,11 +738,17 @@ impl Gate {
     }
 }
 
-/// A map removal where a missing key is not an error: whether there was one.
+/// A map removal where a missing key is not an error: whether there was one. (The kernel
+/// answers a missing key with ENOENT, which aya passes on as a failed `bpf_map_delete_elem`.)
 fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, KernelError> {
     match result {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -602,21 +761,17 @@ pub fn price_key(method: Option<&str>, path: &str) -> PriceKey {
     }
 }
 
-/// Where the TCX link of `iface` is pinned.
-fn link_pin(pin_dir: &Path, iface: &str) -> std::path::PathBuf {
-    pin_dir.join(format!("link-{iface}"))
-}
-
-/// Interfaces with a pinned gate link under `pin_dir`, sorted.
-pub fn pinned_interfaces(pin_dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut ifaces: Vec<String> = std::fs::read_dir(pin_dir)?
-        .filter_map(|e| {
-            let name = e.ok()?.file_name();
-            name.to_str()?.strip_prefix("link-").map(str::to_owned)
-        })
-        .collect();
-    ifaces.sort();
-    Ok(ifaces)
+/// Removes pinned links whose interface is gone (they run nothing and would make attaching to a
+/// new interface of that name fail).
+fn remove_stale_pins(pin_dir: &Path) {
+    for iface in pinned_interfaces(pin_dir).unwrap_or_default() {
+        if attachment::pinned_link_is_stale(pin_dir, &iface) == Some(true) {
+            match std::fs::remove_file(link_pin(pin_dir, &iface)) {
+                Ok(()) => tracing::info!(iface, "removed the pinned link of a vanished interface"),
+                Err(e) => tracing::warn!(iface, error = %e, "removing a stale pinned link failed"),
+            }
+        }
+    }
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {

@@ -30,7 +30,7 @@
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::decision::event::{self, Event, Subscriber};
-use crate::kernel::loader::{Counters, Gate, KernelError, monotonic_ns};
+use crate::kernel::loader::{Counters, Gate, InterfaceState, KernelError, monotonic_ns};
 use crate::kernel::plan::{KernelPlan, plan};
 use crate::kernel::rollup::{ROLLUP_EVERY, Rollup};
 use crate::ledger::{Entry, Ledger};
@@ -249,6 +249,65 @@ pub(crate) fn test_link(config: &Config, metrics: &Metrics) -> (GateLink, mpsc::
     )
 }
 
+/// What the kernel gate is doing now: set by the sync task, which follows the operator's switch
+/// (`enforcer kernel detach|attach`) and notices links that ended at every heartbeat; read by
+/// `/readyz`.
+#[derive(Debug, Clone)]
+pub struct KernelStatus(Arc<parking_lot::RwLock<KernelReport>>);
+
+impl KernelStatus {
+    /// A status that says `report` until it is set again.
+    pub fn new(report: KernelReport) -> Self {
+        Self(Arc::new(parking_lot::RwLock::new(report)))
+    }
+
+    /// The report now.
+    pub fn get(&self) -> KernelReport {
+        self.0.read().clone()
+    }
+
+    fn set(&self, report: KernelReport) {
+        *self.0.write() = report;
+    }
+}
+
+/// The report for the configured interfaces' states (and the metric that agrees with it).
+fn report(states: &[(String, InterfaceState)], ports: &[u16]) -> KernelReport {
+    let with = |wanted: fn(&InterfaceState) -> bool| -> Vec<&str> {
+        states
+            .iter()
+            .filter(|(_, s)| wanted(s))
+            .map(|(i, _)| i.as_str())
+            .collect()
+    };
+    let attached = with(|s| *s == InterfaceState::Attached);
+    let by_operator = with(|s| *s == InterfaceState::DetachedByOperator);
+    let mut parts = Vec::new();
+    if !attached.is_empty() {
+        parts.push(format!(
+            "attached to {} protecting ports {ports:?}",
+            attached.join(", ")
+        ));
+    }
+    if !by_operator.is_empty() {
+        parts.push(format!(
+            "detached by an operator from {} (`enforcer kernel attach` attaches it again)",
+            by_operator.join(", ")
+        ));
+    }
+    for (iface, state) in states {
+        if let InterfaceState::Lost(why) = state {
+            parts.push(format!(
+                "not attached to {iface}: {why} (a restart attaches it again)"
+            ));
+        }
+    }
+    KernelReport {
+        attached: !attached.is_empty(),
+        detail: parts.join("; "),
+    }
+}
+
 /// Attaches and configures the gate when `[kernel] interfaces` asks for it, and starts the sync
 /// task among `workers`. Without interfaces, or when the kernel refuses, the daemon runs
 /// userspace-only.
@@ -260,16 +319,16 @@ pub fn start(
     metrics: &Metrics,
     ledger: Option<Ledger>,
     workers: &mut Workers,
-) -> (Option<GateLink>, KernelReport) {
+) -> (Option<GateLink>, KernelStatus) {
     let interfaces = &config.kernel.interfaces;
     if interfaces.is_empty() {
         metrics.kernel_attached.set(0);
         return (
             None,
-            KernelReport {
+            KernelStatus::new(KernelReport {
                 attached: false,
                 detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
-            },
+            }),
         );
     }
     let plan = plan(config);
@@ -290,15 +349,16 @@ pub fn start(
         Ok(gate)
     };
     match setup() {
-        Ok(gate) => {
-            metrics.kernel_attached.set(1);
-            let detail = format!(
-                "attached to {} protecting ports {:?}",
-                gate.interfaces().join(", "),
-                plan.settings.ports
-            );
+        Ok(mut gate) => {
+            let report = report(&gate.reconcile(interfaces), &plan.settings.ports);
+            metrics.kernel_attached.set(i64::from(report.attached));
+            let status = KernelStatus::new(report);
             let (tx, rx) = mpsc::channel(QUEUE);
             let plan = Arc::new(plan);
+            let watch = Watch {
+                interfaces: interfaces.clone(),
+                status: status.clone(),
+            };
             workers.spawn(
                 "kernel sync",
                 sync(
@@ -307,29 +367,33 @@ pub fn start(
                     plan.clone(),
                     metrics.clone(),
                     ledger,
+                    watch,
                     workers.shutdown(),
                 ),
             );
-            (
-                Some(GateLink::new(tx, plan, metrics.clone())),
-                KernelReport {
-                    attached: true,
-                    detail,
-                },
-            )
+            (Some(GateLink::new(tx, plan, metrics.clone())), status)
         }
         Err(e) => {
             tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
             metrics.kernel_attached.set(0);
             (
                 None,
-                KernelReport {
+                KernelStatus::new(KernelReport {
                     attached: false,
                     detail: format!("userspace-only: {e}"),
-                },
+                }),
             )
         }
     }
+}
+
+/// What the sync task keeps an eye on at every heartbeat: where the gate runs.
+#[derive(Debug)]
+struct Watch {
+    /// The configured interfaces.
+    interfaces: Vec<String>,
+    /// Where the state goes (`/readyz`; the metric is set beside it).
+    status: KernelStatus,
 }
 
 /// A key with a snapshot in the kernel.
@@ -567,6 +631,7 @@ async fn sync(
     plan: Arc<KernelPlan>,
     metrics: Metrics,
     ledger: Option<Ledger>,
+    watch: Watch,
     mut shutdown: Shutdown,
 ) {
     let mut snapshots = Snapshots::new(&plan, adopt(&gate, &plan));
@@ -612,6 +677,10 @@ async fn sync(
                 if let Err(e) = gate.heartbeat() {
                     tracing::warn!(error = %e, "kernel heartbeat failed");
                 }
+                // The operator's switch and links that ended: /readyz and the metric follow.
+                let report = report(&gate.reconcile(&watch.interfaces), &plan.settings.ports);
+                metrics.kernel_attached.set(i64::from(report.attached));
+                watch.status.set(report);
                 match gate.counters() {
                     Ok(now) => {
                         export(&metrics, &last, &now);
@@ -1017,5 +1086,40 @@ mod tests {
             }))
         });
         assert!(matches!(got[0], Update::Lift { at: None, .. }), "{got:?}");
+    }
+
+    #[test]
+    fn the_report_says_where_the_gate_judges_and_why_not_elsewhere() {
+        let states = |list: &[(&str, InterfaceState)]| -> Vec<(String, InterfaceState)> {
+            list.iter()
+                .map(|(i, s)| ((*i).to_owned(), s.clone()))
+                .collect()
+        };
+        let r = report(
+            &states(&[
+                ("eth0", InterfaceState::Attached),
+                ("eth1", InterfaceState::DetachedByOperator),
+                ("eth2", InterfaceState::Lost("the interface is gone".into())),
+            ]),
+            &[80],
+        );
+        assert!(r.attached);
+        assert_eq!(
+            r.detail,
+            "attached to eth0 protecting ports [80]; detached by an operator from eth1 \
+             (`enforcer kernel attach` attaches it again); not attached to eth2: the interface \
+             is gone (a restart attaches it again)"
+        );
+        let off = report(
+            &states(&[("eth0", InterfaceState::DetachedByOperator)]),
+            &[80],
+        );
+        assert!(!off.attached, "detached everywhere: not attached");
+        let status = KernelStatus::new(r);
+        status.set(off);
+        assert!(
+            !status.get().attached,
+            "/readyz reads what the sync task set"
+        );
     }
 }
