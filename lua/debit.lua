@@ -14,10 +14,12 @@
 -- ARGV[7]  n                  number of tiers that follow
 -- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
 --
--- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed}
+-- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at}
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
 --   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
---   when refill can never cover the cost.
+--   when refill can never cover the cost; at: the Redis TIME of the debit (what remaining is
+--   as of: the kernel gate's snapshots are stamped and ordered with it), "" when nothing was
+--   debited (a replay, an unknown key, a conflict).
 --
 -- Request ids follow payment APIs' idempotency keys: an allowed request is remembered with its
 -- fingerprint for the record ttl. The same id with the same fingerprint is a retry: answered
@@ -68,12 +70,12 @@ if record then
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
   -- Bound to another request (a record without a fingerprint predates them: a retry).
   if f[9] ~= nil and f[9] ~= fingerprint then
-    return {'conflict', 0, f[3], -1, f[5], f[6], 0}
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0, ''}
   end
   -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
   -- request is charged again, as a new attempt.
   if f[8] ~= '1' then
-    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, ''}
   end
 end
 
@@ -87,7 +89,7 @@ for i = 0, n - 1 do
 end
 tier = tier or fallback
 if tier == nil then
-  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0}
+  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, ''}
 end
 local tier_name = ARGV[tier]
 local max_tokens = number(tier + 1, 'max_tokens', 0)
@@ -140,4 +142,4 @@ if allowed == 1 then
       fingerprint}, '|'),
     'PX', ttl)
 end
-return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0}
+return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now)}

@@ -4,17 +4,20 @@
 -- KEYS[1]  main bucket        ptb:{<sha256 of key>}:b   "<balance> <updated_at>"
 -- KEYS[2]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
 --
--- Returns {status, credited, balance}: status "ok", "unknown_request", "already_refunded" or
--- "not_refundable" (operational requests); credited and balance as strings.
+-- Returns {status, credited, balance, as_of, tier, now}: status "ok", "unknown_request",
+-- "already_refunded" or "not_refundable" (operational requests); credited and balance as
+-- strings; as_of: the time balance holds for (the bucket's refill clock, which a refund keeps),
+-- "" when the bucket was forgotten (its balance is unknown); tier: the tier the request was
+-- charged under; now: Redis TIME. The daemon tells its kernel gate the new balance with them.
 
 if #KEYS ~= 2 then error({err = 'ERR enforcer: expected 2 keys'}) end
 
 local record = redis.call('GET', KEYS[2])
-if not record then return {'unknown_request', '0', '0'} end
+if not record then return {'unknown_request', '0', '0', '', '', '0'} end
 local f = {}
 for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
-if f[1] ~= 'm' then return {'not_refundable', '0', '0'} end
-if f[8] == '1' then return {'already_refunded', '0', '0'} end
+if f[1] ~= 'm' then return {'not_refundable', '0', '0', '', '', '0'} end
+if f[8] == '1' then return {'already_refunded', '0', '0', '', '', '0'} end
 
 local cost = tonumber(f[6])
 local max_tokens = tonumber(f[7])
@@ -37,7 +40,11 @@ if balance ~= nil and updated ~= nil then
 else
   -- The bucket was forgotten after a long idle period: it already refilled past the cost.
   balance = 0
+  updated = ''
 end
 f[8] = '1'
 redis.call('SET', KEYS[2], table.concat(f, '|'), 'KEEPTTL')
-return {'ok', string.format('%.17g', credited), string.format('%.17g', balance)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+return {'ok', string.format('%.17g', credited), string.format('%.17g', balance), updated, f[5],
+  string.format('%.17g', now)}

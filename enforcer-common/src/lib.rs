@@ -16,6 +16,9 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 /// The LLVM major of [`EBPF_TOOLCHAIN`], which bpf-linker must be built against.
 pub const EBPF_LLVM_MAJOR: u32 = 22;
 
+mod milli;
+pub use milli::Milli;
+
 /// Names of the kernel objects, so the loader and the program cannot drift apart.
 pub mod names {
     /// The TC ingress classifier.

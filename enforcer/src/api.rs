@@ -13,7 +13,7 @@
 //! are ignored ([`crate::client_addr`]; the peer comes from the listener as [`ConnectInfo`]).
 use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
-use crate::kernel::KernelReport;
+use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::PriceError;
@@ -47,8 +47,8 @@ pub struct App {
     pub key_header: HeaderName,
     /// Status of a denial on `/v1/auth`.
     pub auth_deny_status: StatusCode,
-    /// Kernel gate state.
-    pub kernel: KernelReport,
+    /// Kernel gate state (it changes when an operator detaches or attaches the gate).
+    pub kernel: KernelStatus,
     /// The current prices (`GET /v1/costs`).
     pub costs: crate::pricing::CostTable,
     /// `[server] trusted_proxies`: whose word on the client's address is taken.
@@ -403,8 +403,10 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
         Ok(r) => r,
         Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
     };
-    match app.decider.refund(&key.hash(), &request_id).await {
-        Ok(RefundOutcome::Refunded { credited, balance }) => (
+    match app.decider.refund(&key, &request_id).await {
+        Ok(RefundOutcome::Refunded {
+            credited, balance, ..
+        }) => (
             StatusCode::OK,
             axum::Json(json!({ "refunded": true, "credited": credited, "balance": balance })),
         )
@@ -451,7 +453,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let body = json!({
         "ready": ready,
         "store": { "backend": store.backend(), "detail": detail },
-        "kernel": app.kernel,
+        "kernel": app.kernel.get(),
     });
     (status, axum::Json(body)).into_response()
 }
@@ -480,7 +482,7 @@ mod tests {
     struct Api {
         addr: SocketAddr,
         app: Arc<App>,
-        events: tokio::sync::mpsc::Receiver<crate::kernel::sync::Event>,
+        events: tokio::sync::mpsc::Receiver<crate::kernel::sync::Update>,
         _stop: tokio::sync::oneshot::Sender<()>,
     }
 
@@ -494,18 +496,23 @@ mod tests {
                 config.budget_policy(),
                 Arc::new(ManualClock::at(1000.0)),
             ));
-            let (link, events) = crate::kernel::sync::test_link(&metrics);
-            let decider = Decider::new(&config, store, metrics.clone(), Some(link), None);
+            let (link, events) = crate::kernel::sync::test_link(&config, &metrics);
+            let decider = Decider::new(
+                &config,
+                store,
+                metrics.clone(),
+                crate::decision::event::Outbox::new().with(Arc::new(link)),
+            );
             let app = Arc::new(App {
                 costs: crate::pricing::static_costs(decider.prices()),
                 decider,
                 metrics: metrics.clone(),
                 key_header: HeaderName::from_static("x-api-key"),
                 auth_deny_status: StatusCode::TOO_MANY_REQUESTS,
-                kernel: KernelReport {
+                kernel: KernelStatus::new(crate::kernel::KernelReport {
                     attached: false,
                     detail: "test".into(),
-                },
+                }),
                 trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -578,7 +585,7 @@ mod tests {
         fn bound(&mut self) -> Vec<IpAddr> {
             let mut ips = Vec::new();
             while let Ok(event) = self.events.try_recv() {
-                if let crate::kernel::sync::Event::Client { ip, .. } = event {
+                if let crate::kernel::sync::Update::Client { ip, .. } = event {
                     ips.push(ip);
                 }
             }

@@ -1,6 +1,7 @@
 //! The `enforcer` command line.
+//!
+//! The kernel gate's commands (`kernel …`, `keys block|unblock`) are in [`kernel`].
 use crate::config::Config;
-use crate::kernel::Gate;
 use crate::key::ApiKey;
 use crate::server::{Server, shutdown_signal};
 use crate::store::{RedisStore, RedisStoreConfig, TokenStore};
@@ -10,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+pub mod kernel;
 
 /// enforcer: cost-weighted API token budgets, debited atomically in Redis, enforced down to the
 /// kernel.
@@ -32,7 +35,8 @@ pub enum Command {
     /// Work with API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Inspect or detach the kernel gate of this node (root; works on the pinned maps).
+    /// Inspect, detach or re-attach the kernel gate of this node (root; works on the pinned
+    /// maps and the kernel's links).
     #[command(subcommand)]
     Kernel(KernelCommand),
     /// Apply the audit ledger's migrations (migrations/, embedded) to PostgreSQL.
@@ -75,7 +79,7 @@ pub enum AuditCommand {
         #[arg(long)]
         quarantine: Option<PathBuf>,
     },
-    /// A key's usage: decisions, allowed decisions and tokens charged.
+    /// A key's usage: decisions, allowed decisions, refunds and tokens charged net of refunds.
     Usage {
         /// The API key (hashed here, the same way as in the ledger; never sent anywhere).
         #[arg(
@@ -150,15 +154,27 @@ pub enum ExportFormat {
 /// `enforcer kernel …`
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
-    /// Attached interfaces, config generation, daemon heartbeat, map fill and counters.
+    /// Where the gate runs (live links, asked of the kernel), stale pins, the operator's
+    /// switch, config generation, daemon heartbeat, map fill and counters.
     Status {
         /// Where the daemon pinned the gate's maps.
         #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Detach the gate from one interface, or from all (the pinned links are removed; the
-    /// maps stay for the next daemon).
+    /// Switch the gate off on one interface, or on all: its links are detached at once (even
+    /// one a running daemon holds), and no daemon attaches there again, now or after a
+    /// restart, until `enforcer kernel attach`. The maps stay.
     Detach {
+        /// Only this interface (a name in this network namespace).
+        #[arg(long = "iface")]
+        iface: Option<String>,
+        /// Where the daemon pinned the gate.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Lift an operator's detach: a running daemon attaches the gate again at its next
+    /// heartbeat, a stopped one when it starts.
+    Attach {
         /// Only this interface.
         #[arg(long = "iface")]
         iface: Option<String>,
@@ -241,7 +257,9 @@ pub enum KeysCommand {
         #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Assign a key to a tier (in Redis), or remove its assignment with --clear.
+    /// Assign a key to a tier (in Redis), or remove its assignment with --clear. The key's
+    /// snapshot in this node's kernel gate, if any, is lifted: its next decision writes one
+    /// under the new tier (run it on every node whose gate may hold the key).
     SetTier {
         /// The API key.
         key: String,
@@ -257,6 +275,9 @@ pub enum KeysCommand {
         /// Config file to check the tier name against.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Where this node's daemon pinned the gate's maps.
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -266,6 +287,8 @@ pub fn main() -> ExitCode {
     init_tracing();
     match dispatch(cli) {
         Ok(code) => code,
+        // `enforcer kernel status | head`: the reader is gone, nobody is left to tell.
+        Err(e) if kernel::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -317,25 +340,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Kernel(KernelCommand::Status { pin_dir }) => {
-            kernel_status(&pin_dir)?;
+            kernel::status(&pin_dir, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Kernel(KernelCommand::Detach { iface, pin_dir }) => {
-            let ifaces = match iface {
-                Some(i) => vec![i],
-                None => crate::kernel::pinned_interfaces(&pin_dir)
-                    .with_context(|| format!("reading {}", pin_dir.display()))?,
-            };
-            if ifaces.is_empty() {
-                println!("the gate is not attached anywhere");
-            }
-            for i in ifaces {
-                if Gate::detach_pinned(&pin_dir, &i)? {
-                    println!("detached from {i}");
-                } else {
-                    println!("not attached to {i}");
-                }
-            }
+            kernel::detach(&pin_dir, iface.as_deref(), &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kernel(KernelCommand::Attach { iface, pin_dir }) => {
+            kernel::attach(&pin_dir, iface.as_deref(), &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(KeysCommand::Block {
@@ -343,22 +356,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             pin_dir,
         }) => {
-            let key = ApiKey::parse(&key)?;
-            pinned_gate(&pin_dir)?.block(key.kernel_id(), duration)?;
-            println!(
-                "key {} blocked in this node's kernel gate for {}s",
-                key.hash(),
-                duration.as_secs()
-            );
+            kernel::block(&key, duration, &pin_dir, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(KeysCommand::Unblock { key, pin_dir }) => {
-            let key = ApiKey::parse(&key)?;
-            if pinned_gate(&pin_dir)?.unblock(key.kernel_id())? {
-                println!("key {} unblocked", key.hash());
-            } else {
-                println!("key {} was not blocked", key.hash());
-            }
+            kernel::unblock(&key, &pin_dir, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { database_url } => {
@@ -411,6 +413,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             clear,
             redis_url,
             config,
+            pin_dir,
         }) => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
@@ -439,6 +442,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(t) => println!("key {} is now in tier {t}", key.hash()),
                 None => println!("key {} has no tier assignment", key.hash()),
             }
+            kernel::lift(&pin_dir, &key, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -562,13 +566,13 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
             println!(
-                "{label:<32} {:>10} {:>10} {:>14}",
-                "decisions", "allowed", "tokens charged"
+                "{label:<32} {:>10} {:>10} {:>10} {:>14}",
+                "decisions", "allowed", "refunds", "tokens charged"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.cost
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.refunds, u.cost
                 );
             }
         }
@@ -652,53 +656,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
     };
     Ok(Duration::from_secs(secs))
-}
-
-/// The gate pinned by a running (or earlier) daemon.
-fn pinned_gate(pin_dir: &std::path::Path) -> anyhow::Result<Gate> {
-    if !pin_dir.join(enforcer_common::names::CONFIG_MAP).exists() {
-        bail!(
-            "no kernel gate is pinned at {} (is a daemon running with [kernel] interfaces?)",
-            pin_dir.display()
-        );
-    }
-    Gate::load(Some(pin_dir)).context("opening the pinned gate (needs root)")
-}
-
-fn kernel_status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    let gate = pinned_gate(pin_dir)?;
-    let links = crate::kernel::pinned_interfaces(pin_dir)?;
-    println!("pin dir:     {}", pin_dir.display());
-    println!(
-        "attached:    {}",
-        if links.is_empty() {
-            "nowhere (detached)".to_owned()
-        } else {
-            links.join(", ")
-        }
-    );
-    match gate.config()? {
-        Some(c) => {
-            let age = crate::kernel::monotonic_ns().saturating_sub(c.heartbeat_ns);
-            let alive = if age <= c.max_staleness_ns {
-                "daemon alive"
-            } else {
-                "stale: everything passes"
-            };
-            println!("generation:  {}", c.generation);
-            println!("heartbeat:   {:.1} s ago ({alive})", age as f64 / 1e9);
-        }
-        None => println!("generation:  none (not configured: everything passes)"),
-    }
-    for (name, entries, capacity) in gate.fill()? {
-        println!("map {name:<9} {entries}/{capacity}");
-    }
-    let c = gate.counters()?;
-    println!(
-        "packets:     passed {}, rejected l7 {}, l4 {}, blocked {}; parse failures {}, stale {}",
-        c.passed, c.rejected_l7, c.rejected_l4, c.rejected_blocked, c.parse_failed, c.stale
-    );
-    Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

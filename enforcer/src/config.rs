@@ -150,6 +150,10 @@ pub struct BudgetConfig {
     pub shadow: bool,
     /// Largest `units` a single check may ask for.
     pub max_units: f64,
+    /// Smallest `units` a single check may ask for. The kernel gate prices a request at this
+    /// many units when it is below 1 (it cannot know the units), so it never charges more
+    /// than the daemon would.
+    pub min_units: f64,
     /// `[budget.operational]`: the strict bucket of operational endpoints.
     pub operational: OperationalConfig,
 }
@@ -486,6 +490,7 @@ impl Default for BudgetConfig {
             active_window_secs: 60.0,
             shadow: false,
             max_units: 1_000_000.0,
+            min_units: 1.0,
             operational: OperationalConfig::default(),
         }
     }
@@ -678,6 +683,12 @@ impl Config {
         }
         if !positive(self.budget.max_units) {
             err("budget.max_units".into(), "must be > 0");
+        }
+        if !positive(self.budget.min_units) || self.budget.min_units > self.budget.max_units {
+            err(
+                "budget.min_units".into(),
+                "must be > 0 and <= budget.max_units",
+            );
         }
         if !positive(self.budget.operational.capacity) {
             err("budget.operational.capacity".into(), "must be > 0");

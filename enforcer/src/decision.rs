@@ -4,21 +4,25 @@
 //! prices the request ([`crate::price`]), debits the key's bucket in the token store through
 //! the circuit breaker with a bounded wait, and applies shadow mode and the store-failure
 //! policy. It never panics on input and never waits on the store longer than the timeout.
+//!
+//! What a decision (or a refund) changes leaves through one port, [`event::Outbox`]: the audit
+//! ledger and the kernel gate subscribe to it. This module imports neither.
+pub mod event;
+
 use crate::breaker::Breaker;
 use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
-use crate::kernel::GateLink;
-use crate::key::{ApiKey, KeyHash, RequestId};
-use crate::ledger::{AuditRow, Entry, Ledger};
+use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
 use crate::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, Settled, StoreError, TokenStore,
 };
+use event::{Decided, Event, Outbox, Refunded};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A check as the gateway asks it.
 #[derive(Debug, Clone)]
@@ -124,9 +128,11 @@ pub enum CheckError {
     /// The endpoint or method cannot be priced (no normal form, not a method).
     #[error(transparent)]
     Endpoint(#[from] PriceError),
-    /// `units` is not a positive finite number within `budget.max_units`.
-    #[error("units must be a finite number > 0 and <= {max}")]
+    /// `units` is not a finite number within `budget.min_units` and `budget.max_units`.
+    #[error("units must be a finite number >= {min} and <= {max}")]
     Units {
+        /// The configured minimum.
+        min: f64,
         /// The configured maximum.
         max: f64,
     },
@@ -162,11 +168,12 @@ pub struct Decider {
     on_failure: OnStoreFailure,
     shadow: bool,
     max_units: f64,
+    min_units: f64,
     metrics: Metrics,
     /// `enforcer_debit_duration_seconds{backend=…}`, looked up once instead of per decision.
     debit_duration: prometheus::Histogram,
-    gate: Option<GateLink>,
-    ledger: Option<Ledger>,
+    /// Where every decision and refund goes (the ledger, the kernel gate).
+    events: Outbox,
 }
 
 /// Why a store call produced no answer.
@@ -177,15 +184,13 @@ enum CallError {
 }
 
 impl Decider {
-    /// A decider over `store` with the policy, prices and failure rules of `config`; with
-    /// `gate`, settled decisions are reported to the kernel gate's sync task; with `ledger`,
-    /// every decision is recorded.
+    /// A decider over `store` with the policy, prices and failure rules of `config`; every
+    /// decision and refund is published to `events`.
     pub fn new(
         config: &Config,
         store: Arc<dyn TokenStore>,
         metrics: Metrics,
-        gate: Option<GateLink>,
-        ledger: Option<Ledger>,
+        events: Outbox,
     ) -> Self {
         let debit_duration = metrics.debit_duration.with_label_values(&[store.backend()]);
         Self {
@@ -200,10 +205,10 @@ impl Decider {
             on_failure: config.store.on_store_failure,
             shadow: config.budget.shadow,
             max_units: config.budget.max_units,
+            min_units: config.budget.min_units,
             debit_duration,
             metrics,
-            gate,
-            ledger,
+            events,
         }
     }
 
@@ -227,8 +232,13 @@ impl Decider {
             .map_err(PriceError::from)?;
         let price = self.prices.price(check.method.as_deref(), &endpoint)?;
         let endpoint = String::from(endpoint);
-        if !(check.units.is_finite() && check.units > 0.0 && check.units <= self.max_units) {
+        if !(check.units.is_finite()
+            && check.units > 0.0
+            && check.units >= self.min_units
+            && check.units <= self.max_units)
+        {
             return Err(CheckError::Units {
+                min: self.min_units,
                 max: self.max_units,
             });
         }
@@ -244,7 +254,6 @@ impl Decider {
         } else {
             BucketKind::Main
         };
-        let kernel_id = self.gate.as_ref().map(|_| check.key.kernel_id());
         let request_id = check.request_id.take().unwrap_or_else(RequestId::generate);
         let debit = Debit {
             key: check.key.hash(),
@@ -254,28 +263,14 @@ impl Decider {
             request_id,
         };
 
-        let started = std::time::Instant::now();
+        let sent = Instant::now();
         let result = self.call(self.store.debit(&debit)).await;
-        self.debit_duration.observe(started.elapsed().as_secs_f64());
+        self.debit_duration.observe(sent.elapsed().as_secs_f64());
 
-        if let (Some(gate), Some(kernel_id)) = (&self.gate, kernel_id) {
-            // Shadow mode must not reject either: shadowed keys never reach the kernel's map.
-            if let Ok(DebitOutcome::Settled(s)) = &result
-                && bucket == BucketKind::Main
-                && let Some(tier) = self.policy.tier(&s.tier)
-                && !(self.shadow || tier.shadow)
-            {
-                gate.settled(
-                    kernel_id,
-                    s.remaining,
-                    tier.bucket.refill_per_sec,
-                    tier.bucket.max_tokens,
-                );
-            }
-            if let Some(ip) = check.client_ip {
-                gate.client(kernel_id, ip);
-            }
-        }
+        let settled_at = match &result {
+            Ok(DebitOutcome::Settled(s)) => s.at.map(|at| event::Settled { at, now: at, sent }),
+            _ => None,
+        };
         let decision = match result {
             Ok(DebitOutcome::Settled(settled)) => {
                 self.settled(settled, bucket, debit.request_id, &endpoint)
@@ -317,21 +312,26 @@ impl Decider {
             },
             Err(_) => self.without_store(cost, debit.request_id, &endpoint),
         };
-        if let Some(ledger) = &self.ledger {
-            ledger.record(Entry::Decision(self.audit_row(
-                &check,
-                &endpoint,
-                &debit.key,
-                &decision,
-                // A replay answers with the first decision's cost: its own multiplier.
-                if decision.replayed && base > 0.0 {
-                    decision.cost / base
-                } else {
-                    multiplier
-                },
-                ledger,
-            )));
-        }
+        let decided = Decided {
+            key: &check.key,
+            key_hash: &debit.key,
+            check: &check,
+            decision: &decision,
+            // A replay answers with the first decision's cost: its own multiplier.
+            multiplier: if decision.replayed && base > 0.0 {
+                decision.cost / base
+            } else {
+                multiplier
+            },
+            decided_by: self.decided_by(&decision),
+            bucket,
+            settled: settled_at,
+        };
+        self.events.publish(&if decision.replayed {
+            Event::Replay(decided)
+        } else {
+            Event::Debit(decided)
+        });
         let outcome = match (decision.allowed, decision.denial) {
             (false, Some(Denial::UnknownKey)) => "rejected_unknown_key",
             (false, Some(Denial::RequestIdConflict)) => "request_id_conflict",
@@ -381,42 +381,15 @@ impl Decider {
         }
     }
 
-    /// The audit row of a decision.
-    fn audit_row(
-        &self,
-        check: &Check,
-        endpoint: &str,
-        key: &KeyHash,
-        d: &Decision,
-        multiplier: f64,
-        ledger: &Ledger,
-    ) -> AuditRow {
-        let decided_by = if d.replayed {
+    /// Who decided, for the audit row: the store, or the mode that overrode it.
+    fn decided_by(&self, d: &Decision) -> &'static str {
+        if d.replayed {
             "replay"
         } else {
             match d.mode {
                 Mode::Enforce => self.store.backend(),
                 other => other.as_str(),
             }
-        };
-        AuditRow {
-            id: d.decision_id,
-            at_us: crate::ledger::now_us(),
-            key_hash: key.to_hex(),
-            tier: d.tier.clone(),
-            // The path as priced (normal form, without the query string, which may carry
-            // secrets and would split usage).
-            endpoint: endpoint.to_owned(),
-            method: check.method.clone().unwrap_or_else(|| "*".to_owned()),
-            units: check.units,
-            cost: d.cost,
-            multiplier,
-            allowed: d.allowed,
-            remaining: d.remaining,
-            decided_by: decided_by.to_owned(),
-            denial: d.denial.map(|x| x.as_str().to_owned()),
-            request_id: Some(d.request_id.as_str().to_owned()),
-            node: ledger.node().to_owned(),
         }
     }
 
@@ -454,14 +427,16 @@ impl Decider {
         }
     }
 
-    /// Gives back the cost of an allowed request.
+    /// Gives back the cost of an allowed request, and publishes the new balance.
     pub async fn refund(
         &self,
-        key: &KeyHash,
+        key: &ApiKey,
         request_id: &RequestId,
     ) -> Result<RefundOutcome, RefundError> {
+        let key_hash = key.hash();
+        let sent = Instant::now();
         let outcome = self
-            .call(self.store.refund(key, request_id))
+            .call(self.store.refund(&key_hash, request_id))
             .await
             .map_err(|e| {
                 RefundError::Unavailable(match e {
@@ -478,6 +453,30 @@ impl Decider {
             Err(_) => "unavailable",
         };
         self.metrics.refunds.with_label_values(&[label]).inc();
+        if let Ok(RefundOutcome::Refunded {
+            credited,
+            balance,
+            tier,
+            as_of,
+            now,
+        }) = &outcome
+        {
+            self.events.publish(&Event::Refund(Refunded {
+                key,
+                key_hash: &key_hash,
+                request_id,
+                credited: *credited,
+                balance: as_of.map(|_| *balance),
+                tier,
+                settled: event::Settled {
+                    at: as_of.unwrap_or(*now),
+                    now: *now,
+                    sent,
+                },
+                id: uuid::Uuid::now_v7(),
+                store: self.store.backend(),
+            }));
+        }
         outcome
     }
 
@@ -528,43 +527,131 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::key::ApiKey;
     use crate::store::MemoryStore;
+    use parking_lot::Mutex;
 
-    async fn settled_events(shadow: bool) -> usize {
+    /// What a subscriber saw of one event.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seen {
+        Debit {
+            allowed: bool,
+            remaining: Option<f64>,
+            at: Option<f64>,
+        },
+        Replay {
+            remaining: Option<f64>,
+        },
+        Refund {
+            balance: Option<f64>,
+            at: f64,
+            tier: String,
+        },
+    }
+
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<Seen>>);
+
+    impl event::Subscriber for Recorder {
+        fn publish(&self, event: &Event<'_>) {
+            self.0.lock().push(match event {
+                Event::Debit(d) => Seen::Debit {
+                    allowed: d.decision.allowed,
+                    remaining: d.decision.remaining,
+                    at: d.settled.map(|s| s.at),
+                },
+                Event::Replay(d) => Seen::Replay {
+                    remaining: d.decision.remaining,
+                },
+                Event::Refund(r) => Seen::Refund {
+                    balance: r.balance,
+                    at: r.settled.at,
+                    tier: r.tier.to_owned(),
+                },
+            });
+        }
+    }
+
+    fn check(units: f64, request_id: &str) -> Check {
+        Check {
+            key: ApiKey::parse("stream-key").expect("key"),
+            endpoint: "/x".into(),
+            method: None,
+            client_ip: None,
+            units,
+            request_id: Some(RequestId::parse(request_id).expect("id")),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_decision_and_refund_is_one_event_with_the_store_time() {
+        let config = Config::default();
+        let clock = ManualClock::at(1000.0);
+        let store = Arc::new(MemoryStore::new(
+            config.budget_policy(),
+            Arc::new(clock.clone()),
+        ));
+        let recorder = Arc::new(Recorder::default());
+        let events = Outbox::new().with(recorder.clone());
+        let decider = Decider::new(&config, store, Metrics::new(), events);
+        // The default free tier: a new key starts at 800 (idle cap), 10 tokens/s.
+        assert!(
+            decider
+                .check(check(700.0, "a"))
+                .await
+                .expect("valid")
+                .allowed
+        );
+        clock.advance(0.5);
+        let denied = decider.check(check(900.0, "b")).await.expect("valid");
+        assert_eq!(denied.denial, Some(Denial::Exhausted));
+        let replay = decider.check(check(700.0, "a")).await.expect("valid");
+        assert!(replay.replayed);
+        clock.advance(0.5);
+        let key = ApiKey::parse("stream-key").expect("key");
+        let refund = decider
+            .refund(&key, &RequestId::parse("a").expect("id"))
+            .await
+            .expect("store answers");
+        assert!(matches!(refund, RefundOutcome::Refunded { .. }));
+        assert_eq!(
+            *recorder.0.lock(),
+            [
+                Seen::Debit {
+                    allowed: true,
+                    remaining: Some(100.0),
+                    at: Some(1000.0)
+                },
+                Seen::Debit {
+                    allowed: false,
+                    remaining: Some(105.0),
+                    at: Some(1000.5)
+                },
+                Seen::Replay {
+                    remaining: Some(100.0)
+                },
+                // The balance as of the bucket's clock, which a refund keeps.
+                Seen::Refund {
+                    balance: Some(805.0),
+                    at: 1000.5,
+                    tier: "free".into()
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn units_below_the_minimum_are_refused() {
         let mut config = Config::default();
-        config.budget.shadow = shadow;
-        let metrics = Metrics::new();
         let store = Arc::new(MemoryStore::new(
             config.budget_policy(),
             Arc::new(ManualClock::at(1000.0)),
         ));
-        let (link, mut rx) = crate::kernel::sync::test_link(&metrics);
-        let decider = Decider::new(&config, store, metrics, Some(link), None);
-        let check = Check {
-            key: ApiKey::parse("kernel-bound").expect("key"),
-            endpoint: "/x".into(),
-            method: None,
-            client_ip: None,
-            units: 900.0,
-            request_id: None,
-        };
-        let d = decider.check(check).await.expect("valid check");
-        assert_eq!(d.denial, Some(Denial::Exhausted));
-        let mut n = 0;
-        while let Ok(event) = rx.try_recv() {
-            if matches!(event, crate::kernel::sync::Event::Settled { .. }) {
-                n += 1;
-            }
-        }
-        n
-    }
-
-    #[tokio::test]
-    async fn exhausted_keys_reach_the_kernel_gate_unless_shadowed() {
-        assert_eq!(settled_events(false).await, 1);
-        assert_eq!(
-            settled_events(true).await,
-            0,
-            "shadow mode never rejects, not even in the kernel"
-        );
+        let decider = Decider::new(&config, store.clone(), Metrics::new(), Outbox::new());
+        assert!(matches!(
+            decider.check(check(0.5, "c")).await,
+            Err(CheckError::Units { min, .. }) if min == 1.0
+        ));
+        config.budget.min_units = 0.25;
+        let decider = Decider::new(&config, store, Metrics::new(), Outbox::new());
+        assert!(decider.check(check(0.5, "d")).await.is_ok());
     }
 }

@@ -6,17 +6,23 @@
 //!   the client address a decision carries comes only from trusted proxies ([`client_addr`]).
 //! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
 //!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
-//!   applies shadow mode and the failure policy.
+//!   applies shadow mode and the failure policy; publishes every decision and refund as one
+//!   event (`decision::event`) to its subscribers: the [`ledger`] (**records** it) and the
+//!   [`kernel`] gate's sync.
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
 //! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
-//!   enforces (`plan`), the task that keeps its maps in step with the decisions (`sync`) and its
-//!   rejection rollups.
+//!   enforces (`plan`), the subscriber and task that keep its maps in step with the decisions
+//!   (`sync`) and its rejection rollups.
+//! - [`lifecycle`]: the background workers (kernel sync, pricing engine) and their one
+//!   shutdown signal.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
 //!   command line).
-#![forbid(unsafe_code)]
+// Denied, not forbidden: one module may opt out with a reason, `kernel::attachment`'s `sys`
+// (the bpf(2) link commands aya does not wrap), each block with a `// SAFETY:` note.
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod breaker;
@@ -31,6 +37,7 @@ pub mod endpoint;
 pub mod kernel;
 pub mod key;
 pub mod ledger;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod price;

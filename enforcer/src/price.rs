@@ -125,8 +125,10 @@ impl PriceBook {
         all
     }
 
-    /// The price of `method endpoint`; without a method, the first configured entry for the
-    /// path matches. A wildcard `/p/*` covers the paths below `/p/`, and `/p` itself when
+    /// The price of `method endpoint`; without a method, the cheapest entry that matches the
+    /// path (of the longest matching wildcard, for wildcards) at the current multipliers: the
+    /// request may be any of them, and the kernel gate, which sees the method, never charges
+    /// more than that. A wildcard `/p/*` covers the paths below `/p/`, and `/p` itself when
     /// trailing slashes are stripped (`/p/` is `/p` then, and `/p/` was always covered).
     pub fn price(&self, method: Option<&str>, endpoint: &Endpoint) -> Result<&Price, PriceError> {
         if let Some(m) = method
@@ -137,10 +139,17 @@ impl PriceBook {
             return Err(PriceError::BadMethod);
         }
         let path = endpoint.as_str();
-        let matches = |configured: &str| method.is_none_or(|m| m == configured);
+        let cheapest = |a: &&Price, b: &&Price| a.per_unit().total_cmp(&b.per_unit());
         if let Some(by_method) = self.exact.get(path) {
-            let exact = by_method.iter().find(|(m, _)| matches(m));
-            if let Some((_, p)) = exact.or_else(|| by_method.iter().find(|(m, _)| m == "*")) {
+            let found = match method {
+                Some(m) => by_method
+                    .iter()
+                    .find(|(c, _)| c == m)
+                    .or_else(|| by_method.iter().find(|(c, _)| c == "*"))
+                    .map(|(_, p)| p),
+                None => by_method.iter().map(|(_, p)| p).min_by(cheapest),
+            };
+            if let Some(p) = found {
                 return Ok(p);
             }
         }
@@ -148,12 +157,23 @@ impl PriceBook {
         let under = |prefix: &str| {
             path.starts_with(prefix) || (strip && prefix.strip_suffix('/') == Some(path))
         };
-        Ok(self
+        let mut matching = self
             .prefixes
             .iter()
-            .find(|(m, prefix, _)| (m == "*" || matches(m)) && under(prefix))
+            .filter(|(m, prefix, _)| (m == "*" || method.is_none_or(|x| x == m)) && under(prefix));
+        let Some(first) = matching.next() else {
+            return Ok(&self.default);
+        };
+        if method.is_some() {
+            return Ok(&first.2);
+        }
+        // Longest prefix first: the cheapest among the equally long (most specific) ones.
+        let len = first.1.len();
+        Ok(std::iter::once(first)
+            .chain(matching.take_while(|(_, prefix, _)| prefix.len() == len))
             .map(|(_, _, p)| p)
-            .unwrap_or(&self.default))
+            .min_by(cheapest)
+            .unwrap_or(&first.2))
     }
 }
 
@@ -211,6 +231,55 @@ mod tests {
         assert_eq!(cost(&b, Some("GET"), "/v2/bulk/x"), Ok(50.0));
         assert_eq!(cost(&b, Some("GET"), "/v2/x"), Ok(5.0));
         assert_eq!(cost(&b, None, "/generate-report"), Ok(120.0));
+    }
+
+    #[test]
+    fn without_a_method_the_cheapest_matching_entry_is_charged() {
+        let c = Config::parse(
+            r#"
+            [pricing]
+            default_cost = 1
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/report"
+            base_cost = 120
+            [[pricing.endpoints]]
+            method = "GET"
+            path = "/report"
+            base_cost = 2
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/v2/*"
+            base_cost = 50
+            [[pricing.endpoints]]
+            method = "GET"
+            path = "/v2/*"
+            base_cost = 5
+            [[pricing.endpoints]]
+            path = "/v2/bulk/*"
+            base_cost = 80
+            "#,
+        )
+        .expect("valid");
+        let b = PriceBook::new(&c.pricing);
+        assert_eq!(cost(&b, None, "/report"), Ok(2.0), "not the first entry");
+        assert_eq!(cost(&b, Some("POST"), "/report"), Ok(120.0));
+        assert_eq!(cost(&b, None, "/v2/x"), Ok(5.0));
+        assert_eq!(cost(&b, Some("POST"), "/v2/x"), Ok(50.0));
+        assert_eq!(
+            cost(&b, None, "/v2/bulk/x"),
+            Ok(80.0),
+            "the most specific wildcard still decides"
+        );
+        // At the current multipliers: the engine may make the first one cheaper.
+        let post = b
+            .entries()
+            .into_iter()
+            .find(|p| p.class == "/report" && p.method == "POST")
+            .expect("entry")
+            .clone();
+        post.set_multiplier(0.01);
+        assert_eq!(cost(&b, None, "/report"), Ok(1.2));
     }
 
     #[test]

@@ -1,9 +1,15 @@
 //! Wiring: builds the store, the decider, the kernel gate and the HTTP API from a config, and
 //! serves until shutdown (the accept loop and its connection limits: [`crate::listener`]).
+//!
+//! The decider publishes every decision to its [`Outbox`]: the audit ledger and the kernel
+//! gate's sync subscribe. The background workers (kernel sync, pricing engine) share one
+//! lifecycle ([`crate::lifecycle`]); the ledger writer is flushed after them.
 use crate::api::{self, App};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::decision::Decider;
+use crate::decision::event::{Outbox, Subscriber};
+use crate::lifecycle::Workers;
 use crate::metrics::Metrics;
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, StoreError, TokenStore};
 use axum::http::{HeaderName, StatusCode};
@@ -60,6 +66,7 @@ pub struct Server {
     app: Arc<App>,
     max_body_bytes: usize,
     limits: crate::listener::Limits,
+    workers: Workers,
     writer: crate::ledger::Writer,
 }
 
@@ -77,14 +84,20 @@ impl Server {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
         let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
-        let (gate, kernel) = crate::kernel::start(config, &metrics, Some(ledger.clone()));
+        let mut workers = Workers::new();
+        let (gate, kernel) =
+            crate::kernel::start(config, &metrics, Some(ledger.clone()), &mut workers);
         if config.ledger.database_url.is_empty() {
             tracing::info!(file = %config.ledger.file, "audit ledger: local file (no database configured)");
         } else {
             tracing::info!(spill = %config.ledger.file, "audit ledger: PostgreSQL");
         }
-        let pricing_gate = gate.clone();
-        let decider = Decider::new(config, store, metrics.clone(), gate, Some(ledger));
+        // The ledger first: its row is written before the caller gets the answer.
+        let mut events = Outbox::new().with(Arc::new(ledger) as Arc<dyn Subscriber>);
+        if let Some(gate) = &gate {
+            events = events.with(Arc::new(gate.clone()) as Arc<dyn Subscriber>);
+        }
+        let decider = Decider::new(config, store, metrics.clone(), events);
         let costs = if config.pricing.dynamic {
             let prometheus = (!config.pricing.prometheus.url.is_empty()).then(|| {
                 Arc::new(crate::pricing::telemetry::Prometheus::new(
@@ -100,12 +113,18 @@ impl Server {
                 )),
                 prometheus,
                 metrics.clone(),
-                pricing_gate,
+                gate,
             );
             // A first round before serving, so /v1/costs and the metrics are never empty.
             engine.tick().await;
             let costs = engine.costs();
-            tokio::spawn(engine.run(Duration::from_millis(config.pricing.interval_ms)));
+            workers.spawn(
+                "pricing engine",
+                engine.run(
+                    Duration::from_millis(config.pricing.interval_ms),
+                    workers.shutdown(),
+                ),
+            );
             tracing::info!(
                 interval_ms = config.pricing.interval_ms,
                 "pricing engine running"
@@ -114,7 +133,7 @@ impl Server {
         } else {
             crate::pricing::static_costs(decider.prices())
         };
-        if kernel.attached && config.server.trusted_proxies.is_empty() {
+        if kernel.get().attached && config.server.trusted_proxies.is_empty() {
             tracing::info!(
                 "no [server] trusted_proxies: no request names a client address, so the kernel \
                  gate binds no addresses (L4 identity); see docs/http-api.md#client-addresses"
@@ -148,6 +167,7 @@ impl Server {
             app,
             max_body_bytes: config.server.max_body_bytes,
             limits,
+            workers,
             writer,
         })
     }
@@ -157,8 +177,10 @@ impl Server {
         self.listener.local_addr().map_err(ServerError::Serve)
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests and the audit queue
-    /// (written to PostgreSQL, or spilled).
+    /// Serves until `shutdown` resolves; then stops accepting and drains the requests in
+    /// flight, stops and joins the workers (the kernel sync applies what the last decisions
+    /// changed and leaves the pinned maps enforcing; the pricing engine stops), and flushes the
+    /// audit ledger (written to PostgreSQL, or spilled).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -168,12 +190,16 @@ impl Server {
             app,
             max_body_bytes,
             limits,
+            workers,
             writer,
         } = self;
         let metrics = app.metrics.http.clone();
         let router = api::router(app, max_body_bytes);
         crate::listener::serve(listener, router, limits, metrics, shutdown).await;
+        tracing::info!(workers = ?workers.names(), "requests drained; stopping the workers");
+        workers.stop().await;
         let _ = tokio::task::spawn_blocking(move || writer.shutdown()).await;
+        tracing::info!("stopped");
         Ok(())
     }
 }

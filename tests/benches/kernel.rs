@@ -3,7 +3,7 @@
 //! the cost of one rejected request in the kernel versus one 429 through the HTTP API.
 //! Run with `cargo xtask bench kernel` (root).
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use enforcer::kernel::{Gate, GateSettings, milli, monotonic_ns};
+use enforcer::kernel::{Gate, GateSettings, monotonic_ns};
 use enforcer_common::{Budget, key_id};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -68,7 +68,7 @@ fn main() {
     gate.set_price(Some("POST"), "/generate-report", 120.0)
         .expect("price");
     let empty = Budget {
-        balance_milli: milli(0.0),
+        balance_milli: 0,
         synced_ns: monotonic_ns(),
         ..Budget::default()
     };

@@ -38,6 +38,7 @@ fn rows(n: usize) -> Vec<Entry> {
                 denial: (i % 10 == 0).then(|| "exhausted".to_owned()),
                 request_id: Some(format!("req-{i}")),
                 node: "bench-node".into(),
+                kind: enforcer::ledger::RowKind::Debit,
             })
         })
         .collect()

@@ -333,10 +333,15 @@ impl Default for PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        // bpffs allows unlinking pins one by one, then the directory.
+        // bpffs allows unlinking pins one by one (and removing empty directories, such as the
+        // operator's detach markers), then the directory.
         if let Ok(entries) = std::fs::read_dir(&self.0) {
             for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                } else {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         let _ = std::fs::remove_dir(&self.0);

@@ -3,7 +3,7 @@
 //! `cargo xtask test`.
 use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::kernel::{Gate, GateSettings, monotonic_ns};
-use enforcer_common::{Budget, key_id};
+use enforcer_common::{Budget, Milli, key_id};
 use enforcer_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
 use enforcer_tests::packet::{CLIENT4, Frame};
 use std::net::IpAddr;
@@ -40,8 +40,8 @@ fn gate() -> Gate {
 
 fn budget(tokens: f64, refill_per_sec: f64, age: Duration) -> Budget {
     Budget {
-        balance_milli: enforcer::kernel::milli(tokens),
-        refill_milli_per_sec: (refill_per_sec * 1000.0) as u64,
+        balance_milli: Milli::floor(tokens).get(),
+        refill_milli_per_sec: Milli::rate(refill_per_sec),
         synced_ns: monotonic_ns() - age.as_nanos() as u64,
         ..Budget::default()
     }

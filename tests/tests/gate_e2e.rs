@@ -405,6 +405,305 @@ fn reset_answers_a_rejected_request_with_a_tcp_rst() {
     assert!(call(&link.b, "rset-other"), "other keys pass");
 }
 
+/// A config file in `dir`: every key starts in a prepaid tier (no refill, so only debits and
+/// refunds move a balance, whatever the machine's speed) with `initial` tokens; `/generate-report`
+/// costs 120 unless `endpoints` says otherwise.
+fn prepaid_config(dir: &std::path::Path, name: &str, initial: f64, endpoints: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[budget]
+default_tier = "prepaid"
+[tiers.prepaid]
+max_tokens = 5000
+refill_per_sec = 0
+initial_tokens = {initial}
+[pricing]
+default_cost = 1
+{endpoints}
+[kernel]
+max_staleness_ms = 2000
+"#
+        ),
+    )
+    .expect("write config");
+    path.display().to_string()
+}
+
+const REPORT_120: &str = r#"
+[[pricing.endpoints]]
+method = "POST"
+path = "/generate-report"
+base_cost = 120
+"#;
+
+/// `POST /v1/check` of one report under a request id; the status.
+fn check_id(server: &NetNs, key: &str, request_id: &str) -> u16 {
+    check_body(
+        server,
+        format!(
+            r#"{{"key":"{key}","endpoint":"/generate-report","method":"POST","request_id":"{request_id}"}}"#
+        ),
+    )
+}
+
+/// `POST /v1/refund`; the status and the body.
+fn refund(server: &NetNs, key: &str, request_id: &str) -> (u16, String) {
+    let body = format!(r#"{{"key":"{key}","request_id":"{request_id}"}}"#);
+    server.run(move || {
+        let mut s = TcpStream::connect(API).expect("daemon API");
+        write!(
+            s,
+            "POST /v1/refund HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+        (status, out)
+    })
+}
+
+/// Waits until the daemon's sync task has written a snapshot of `key` into the pinned map (the
+/// decision's answer does not wait for it).
+fn wait_for_snapshot(pin: &PinDir, key: &str) {
+    let gate = enforcer::kernel::Gate::load(Some(std::path::Path::new(&pin.path())))
+        .expect("open the pinned gate");
+    let id = enforcer_common::key_id(key.as_bytes());
+    let started = Instant::now();
+    while gate.budget(id).expect("read the map").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no snapshot of {key}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Calls until one reaches the upstream or `within` passes; how long it took.
+fn passes_within(client: &NetNs, key: &str, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if call(client, key) {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_refund_reaches_the_kernel_at_once() {
+    let link = Link::new("rfd");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = prepaid_config(dir.path(), "refund.toml", 240.5, REPORT_120);
+    let _daemon = daemon_with(&link, &pin, &config);
+    let key = "rfd-drained";
+
+    // 240.5 tokens: two reports pass, 0.5 is left, the third is denied.
+    assert_eq!(check_id(&link.a, key, "rfd-1"), 200);
+    assert_eq!(check_id(&link.a, key, "rfd-2"), 200);
+    assert_eq!(check_id(&link.a, key, "rfd-3"), 429);
+    wait_for_snapshot(&pin, key);
+    assert!(
+        !call(&link.b, key),
+        "the drained key is rejected in the kernel"
+    );
+
+    // The snapshot as the kernel holds it, read from the pinned map.
+    let gate = enforcer::kernel::Gate::load(Some(std::path::Path::new(&pin.path())))
+        .expect("open the pinned gate");
+    let id = enforcer_common::key_id(key.as_bytes());
+    let balance = || {
+        gate.budget(id)
+            .expect("read the snapshot")
+            .map(|b| b.balance_milli)
+    };
+    assert_eq!(balance(), Some(500), "drained to 0.5");
+
+    let (status, body) = refund(&link.a, key, "rfd-2");
+    let refunded = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    // The kernel's map has the new balance within one sync step (the target: 100 ms; asserted
+    // generously, a busy machine may be slower): 120.5 pays for everything, so the snapshot
+    // is removed.
+    let in_map = loop {
+        if balance().is_none_or(|b| b >= 120_000) {
+            break refunded.elapsed();
+        }
+        assert!(
+            refunded.elapsed() < Duration::from_secs(2),
+            "the refund never reached the kernel: {:?}",
+            balance()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let through = passes_within(&link.b, key, Duration::from_secs(2))
+        .expect("after the refund the key's request reaches the upstream");
+    println!(
+        "refund -> kernel map: {:.1} ms; refund -> a request through: {:.1} ms",
+        in_map.as_secs_f64() * 1e3,
+        (in_map + through).as_secs_f64() * 1e3
+    );
+    assert!(seen.lock().expect("lock").get(key).is_some());
+}
+
+#[test]
+fn a_cheaper_price_table_after_a_restart_never_rejects_at_the_old_price() {
+    let link = Link::new("prc");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    let expensive = r#"
+[[pricing.endpoints]]
+method = "POST"
+path = "/expensive"
+base_cost = 250
+"#;
+    let old = prepaid_config(
+        dir.path(),
+        "old.toml",
+        300.0,
+        &format!("{REPORT_120}{expensive}"),
+    );
+    // The new table drops the report's exact price: it costs the default, 1 token.
+    let new = prepaid_config(dir.path(), "new.toml", 300.0, expensive);
+    let spend = |key: &str| {
+        check_body(
+            &link.a,
+            format!(r#"{{"key":"{key}","endpoint":"/expensive","method":"POST"}}"#),
+        )
+    };
+    let key = "prc-low";
+
+    let mut first = daemon_with(&link, &pin, &old);
+    assert_eq!(spend(key), 200, "300 - 250: 50 left");
+    wait_for_snapshot(&pin, key);
+    assert!(
+        !call(&link.b, key),
+        "under the old table a report (120) is more than the key has"
+    );
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+
+    let _second = daemon_with(&link, &pin, &new);
+    // The in-process store starts again: 300 - 250 leaves 50, and a second one is denied.
+    assert_eq!(spend(key), 200);
+    assert_eq!(spend(key), 429, "the key has a snapshot of 50 now");
+    wait_for_snapshot(&pin, key);
+    assert_eq!(
+        check(&link.a, "prc-other"),
+        200,
+        "userspace: a report costs 1 now"
+    );
+    assert!(
+        call(&link.b, key),
+        "the old report price (120) must not reject what costs 1 now"
+    );
+    // (The request rejected under the old table may arrive too: TCP retransmits it.)
+    assert!(seen.lock().expect("lock").get(key).is_some());
+}
+
+#[test]
+fn set_tier_lifts_the_keys_snapshot_on_this_node() {
+    let link = Link::new("tier");
+    let pin = PinDir::new();
+    let _upstream = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = prepaid_config(dir.path(), "tier.toml", 240.5, REPORT_120);
+    let _daemon = daemon_with(&link, &pin, &config);
+    let key = enforcer_tests::unique("tier-drained");
+    for _ in 0..3 {
+        check(&link.a, &key);
+    }
+    wait_for_snapshot(&pin, &key);
+    assert!(!call(&link.b, &key), "drained: rejected in the kernel");
+
+    // The operator moves the key to another tier (in Redis); this node's gate forgets the
+    // snapshot of the old tier, and the daemon's refresh does not bring it back.
+    let pin_dir = pin.path();
+    let (code, out) = enforcer(&[
+        "keys",
+        "set-tier",
+        &key,
+        "prepaid",
+        "--config",
+        &config,
+        "--redis-url",
+        &enforcer_tests::redis_url(),
+        "--pin-dir",
+        &pin_dir,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("lifted"), "{out}");
+    assert!(call(&link.b, &key), "passes once lifted");
+    // Past several refresh steps (max_staleness / 3) and max_staleness itself.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        call(&link.b, &key),
+        "a refresh never re-creates a lifted snapshot"
+    );
+    // Its next decision writes a snapshot again.
+    assert_eq!(check(&link.a, &key), 429);
+    wait_for_snapshot(&pin, &key);
+    assert!(!call(&link.b, &key));
+}
+
+#[test]
+fn sigterm_flushes_the_ledger_and_leaves_the_gate_enforcing() {
+    let link = Link::new("term");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = prepaid_config(dir.path(), "term.toml", 240.5, REPORT_120);
+    // Long enough that the gate still enforces when the test looks, on a slow machine too.
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("max_staleness_ms = 2000", "max_staleness_ms = 20000");
+    std::fs::write(&config, text).expect("write");
+    let ledger = dir.path().join("ledger.jsonl");
+    let mut daemon = daemon_logging_to(&link, &pin, &config, Some(&ledger));
+    let key = "term-drained";
+    let statuses: Vec<u16> = (0..3).map(|_| check(&link.a, key)).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+
+    let pid = daemon.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "the daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "a clean exit: {status}");
+    let rows = std::fs::read_to_string(&ledger)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["t"] == "decision")
+        .count();
+    assert_eq!(rows, 3, "every decision is in the ledger after the exit");
+    assert!(
+        !call(&link.b, key),
+        "the pinned maps keep enforcing after the daemon stopped"
+    );
+    assert!(call(&link.b, "term-other"), "other keys pass");
+    assert_eq!(seen.lock().expect("lock").get(key), None);
+}
+
 /// A request from the client namespace without the key header (TLS-terminated elsewhere, another
 /// auth scheme): only an L4 binding of its address could judge it. True when answered in time.
 fn call_keyless(client: &NetNs) -> bool {
@@ -962,4 +1261,146 @@ fn an_address_is_bound_only_after_several_decisions_of_one_key() {
         !connects(),
         "seen three times with one key (kernel.bind_after): bound, its connections rejected"
     );
+}
+
+/// `GET path` of the daemon's API, from the server namespace; the raw response.
+fn get(server: &NetNs, path: &'static str) -> String {
+    server.run(move || {
+        let mut s = TcpStream::connect(API).expect("daemon API");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    })
+}
+
+/// Polls until `/readyz` and `enforcer_kernel_attached` both say `attached` (generous deadline:
+/// the daemon looks at every heartbeat).
+fn wait_attached(server: &NetNs, attached: bool) -> String {
+    let start = Instant::now();
+    loop {
+        let ready = get(server, "/readyz");
+        let metric = enforcer_tests::parse_metric(&metrics(server), "enforcer_kernel_attached");
+        if ready.contains(&format!("\"attached\":{attached}"))
+            && metric == if attached { 1.0 } else { 0.0 }
+        {
+            return ready;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz and the metric never said attached={attached}: {ready} (metric {metric})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `enforcer …` run in `ns`, as an operator on the node would; (exit code, stdout).
+fn enforcer_in(ns: &NetNs, args: &[&str]) -> (i32, String) {
+    let out = ns
+        .command(enforcer_bin().to_str().expect("path"))
+        .args(args)
+        .output()
+        .expect("run enforcer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `enforcer kernel detach` while the daemon runs switches the gate off at once, even when the
+/// daemon holds the link (after a restart it took the pinned link over): the drained key's
+/// request reaches the upstream, `/readyz` and `enforcer_kernel_attached` say so, a restarted
+/// daemon does not attach again, and `enforcer kernel attach` turns it back on.
+#[test]
+fn detach_switches_the_gate_off_while_the_daemon_runs() {
+    let link = Link::new("dtc");
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let seen = upstream(&link.a);
+    // The example config without refill in the free tier: a drained key stays drained.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("no-refill.toml");
+    let example = include_str!("../../examples/enforcer.toml");
+    let free = "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n";
+    assert!(example.contains(free));
+    std::fs::write(
+        &config,
+        example.replacen(
+            free,
+            "[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 0\n",
+            1,
+        ),
+    )
+    .expect("write");
+    let config = config.to_str().expect("path");
+    let key = "dtc-drained";
+
+    let first = daemon_with(&link, &pin, config);
+    let statuses: Vec<u16> = (0..7).map(|_| check(&link.a, key)).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
+    assert!(
+        !call(&link.b, key),
+        "the drained key is rejected in the kernel"
+    );
+    // A restart: the new daemon swaps its program into the pinned link and holds it.
+    drop(first);
+    let daemon = daemon_with(&link, &pin, config);
+    wait_attached(&link.a, true);
+    assert!(!call(&link.b, key), "still rejected after the restart");
+    assert_eq!(seen.lock().expect("lock").get(key), None);
+
+    let (code, out) = enforcer_in(&link.a, &["kernel", "detach", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("detached from {}", link.a_if)),
+        "{out}"
+    );
+    assert!(
+        call(&link.b, key),
+        "once detached, the drained key's request reaches the upstream"
+    );
+    assert_eq!(seen.lock().expect("lock").get(key), Some(&1));
+    let ready = wait_attached(&link.a, false);
+    assert!(ready.contains("detached by an operator"), "{ready}");
+    let (_, status) = enforcer_in(&link.a, &["kernel", "status", "--pin-dir", &dir]);
+    assert!(status.contains("attached:    nowhere"), "{status}");
+    assert!(
+        status.contains("detached by an operator from every interface"),
+        "{status}"
+    );
+
+    // A restarted daemon does not attach again behind the operator's back.
+    drop(daemon);
+    let daemon = daemon_with(&link, &pin, config);
+    let ready = wait_attached(&link.a, false);
+    assert!(ready.contains("detached by an operator"), "{ready}");
+    assert!(call(&link.b, key), "still detached after a restart");
+
+    // Until the operator attaches it again: the running daemon follows.
+    let (code, out) = enforcer_in(&link.a, &["kernel", "attach", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "{out}");
+    wait_attached(&link.a, true);
+    // (This daemon's embedded store began afresh: drain the key in it.)
+    let mut denied = false;
+    for _ in 0..10 {
+        if check(&link.a, key) == 429 {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "the key is drained again");
+    assert!(
+        !call(&link.b, key),
+        "attached again: the drained key is rejected"
+    );
+    let (_, status) = enforcer_in(&link.a, &["kernel", "status", "--pin-dir", &dir]);
+    assert!(
+        status.contains(&format!("attached:    {}", link.a_if)),
+        "{status}"
+    );
+    drop(daemon);
 }

@@ -26,7 +26,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::config::Config;
 use enforcer::kernel::{Gate, monotonic_ns};
 use enforcer::price::PriceBook;
-use enforcer_common::{Budget, key_id};
+use enforcer_common::{Budget, Milli, key_id};
 use enforcer_tests::packet::Frame;
 use enforcer_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
 use std::fmt::Write as _;
@@ -696,7 +696,7 @@ impl World {
         let now = monotonic_ns();
         for (k, balance) in KEYS {
             let budget = Budget {
-                balance_milli: enforcer::kernel::milli(*balance),
+                balance_milli: Milli::ceil(*balance).get(),
                 synced_ns: now,
                 ..Budget::default()
             };

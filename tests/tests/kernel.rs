@@ -217,5 +217,145 @@ fn without_kernel_support_the_daemon_runs_userspace_only() {
         "still ready: decisions work without the kernel"
     );
     assert!(metrics.contains("enforcer_kernel_attached 0"), "{metrics}");
+    assert!(
+        ready.contains("enf-missing0"),
+        "the missing interface is named: {ready}"
+    );
     drop(daemon);
+    let left: Vec<String> = std::fs::read_dir(&pin_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "an interface that does not exist creates no pins: {left:?}"
+    );
+}
+
+/// `enforcer …` run in the current thread's network namespace; (exit code, stdout, stderr).
+fn enforcer(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(enforcer_bin())
+        .args(args)
+        .output()
+        .expect("run enforcer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unblocking_a_key_that_is_not_blocked_says_so() {
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let _gate = Gate::load(Some(std::path::Path::new(&dir))).expect("pinned gate");
+    let (code, out, err) = enforcer(&["keys", "unblock", "never-blocked", "--pin-dir", &dir]);
+    assert_eq!(code, 0, "not an error: {out}{err}");
+    assert!(out.contains("was not blocked"), "said in words: {out}");
+    assert!(!err.contains("bpf_map_delete_elem"), "{err}");
+}
+
+#[test]
+fn kernel_status_ends_quietly_on_a_closed_pipe() {
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let _gate = Gate::load(Some(std::path::Path::new(&dir))).expect("pinned gate");
+    // `enforcer kernel status | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(enforcer_bin())
+        .args(["kernel", "status", "--pin-dir", &dir])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run enforcer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    assert_eq!(out.status.code(), Some(0), "ends quietly: {err}");
+    assert!(err.is_empty(), "nothing to say: {err}");
+}
+
+/// `kernel status` asks the kernel where the gate runs: a link a process holds after its pin
+/// was removed is live and listed; a pinned link whose interface was deleted is stale, not
+/// attached; `kernel detach` ends both.
+#[test]
+fn kernel_status_lists_live_links_and_stale_pins() {
+    let link = Link::new("lst");
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let iface = link.a_if.clone();
+    let b_path = link.b.path();
+    let ns = link.a.name.clone();
+    link.a.run(move || {
+        let pin_dir = std::path::Path::new(&dir);
+        // A first gate pins its link; a second one takes the pinned link over and holds it,
+        // as a restarted daemon does.
+        drop(Gate::attach(std::slice::from_ref(&iface), Some(pin_dir)).expect("attach"));
+        let held = Gate::attach(std::slice::from_ref(&iface), Some(pin_dir)).expect("take over");
+        std::fs::remove_file(pin_dir.join(format!("link-{iface}"))).expect("remove the pin");
+        let before = held.counters().expect("counters").passed;
+        assert!(ping_from(&b_path), "traffic passes");
+        assert!(
+            held.counters().expect("counters").passed > before,
+            "the gate still runs without its pin"
+        );
+
+        // A second interface with a pinned link, then deleted (with its veth peer).
+        let gone = format!("{iface}x");
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip")
+                .success();
+            assert!(ok, "ip {args:?} in {ns}");
+        };
+        let peer = format!("{iface}y");
+        ip(&["link", "add", &gone, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &gone, "up"]);
+        drop(Gate::attach(std::slice::from_ref(&gone), Some(pin_dir)).expect("attach"));
+        ip(&["link", "del", &gone]);
+
+        let (code, status, err) = enforcer(&["kernel", "status", "--pin-dir", &dir]);
+        assert_eq!(code, 0, "{err}");
+        let attached: String = status
+            .lines()
+            .skip_while(|l| !l.starts_with("attached:"))
+            .take_while(|l| l.starts_with("attached:") || l.starts_with(' '))
+            .collect();
+        assert!(
+            attached.contains(&iface) && attached.contains("not pinned"),
+            "the held link is live and listed: {status}"
+        );
+        assert!(
+            !attached.contains(&gone),
+            "a link whose interface is gone is not attached: {status}"
+        );
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("stale pins:") && l.contains(&gone)),
+            "its pin is reported as stale: {status}"
+        );
+
+        let (code, out, err) = enforcer(&["kernel", "detach", "--pin-dir", &dir]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("detached from {iface}")), "{out}");
+        assert!(out.contains(&gone), "the stale pin is removed: {out}");
+        let before = held.counters().expect("counters").passed;
+        assert!(ping_from(&b_path), "traffic passes");
+        assert_eq!(
+            held.counters().expect("counters").passed,
+            before,
+            "the held link is detached: the gate sees nothing"
+        );
+        let (_, status, _) = enforcer(&["kernel", "status", "--pin-dir", &dir]);
+        assert!(status.contains("attached:    nowhere"), "{status}");
+        assert!(!status.contains("stale pins"), "{status}");
+        drop(held);
+    });
 }

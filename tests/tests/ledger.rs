@@ -278,6 +278,7 @@ fn row(at_us: i64) -> Entry {
         denial: None,
         request_id: Some("r-1".into()),
         node: "test-node".into(),
+        kind: enforcer::ledger::RowKind::Debit,
     })
 }
 
@@ -526,6 +527,93 @@ async fn the_embedded_file_imports_once_and_answers_usage_and_exports() {
     assert!(!csv.contains("k-file-secret"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_are_rows_and_usage_nets_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let daemon = TestDaemon::start(config(None, dir.path())).await;
+    let addr = daemon.addr;
+    let key = "k-refund-secret";
+    for (i, endpoint) in ["/x", "/x", "/y"].iter().enumerate() {
+        let r = check(
+            addr,
+            json!({"key": key, "endpoint": endpoint, "method": "GET", "units": 4,
+                   "request_id": format!("req-{i}")}),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let refund = enforcer_tests::http(
+        addr,
+        "POST",
+        "/v1/refund",
+        &[("content-type", "application/json")],
+        json!({"key": key, "request_id": "req-1"}).to_string(),
+    )
+    .await;
+    assert_eq!(refund.status, 200);
+    assert_eq!(refund.json()["credited"], 4.0);
+    daemon.stop().await;
+
+    let file = dir.path().join("ledger.jsonl");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .expect("ledger file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(rows.len(), 4, "three decisions and a refund");
+    let refunds: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "refund").collect();
+    assert_eq!(refunds.len(), 1, "{rows:?}");
+    assert_eq!(refunds[0]["request_id"], "req-1");
+    assert_eq!(refunds[0]["cost"], 4.0, "the tokens credited back");
+    assert_eq!(rows.iter().filter(|r| r["kind"] == "debit").count(), 3);
+
+    let url = pg::fresh_database().await;
+    cli(&["migrate", "--database-url", &url]);
+    cli(&[
+        "audit",
+        "import",
+        &file.display().to_string(),
+        "--database-url",
+        &url,
+    ]);
+    let usage = |by: Option<&str>| {
+        let mut args = vec![
+            "audit",
+            "usage",
+            "--key",
+            key,
+            "--since",
+            "1h",
+            "--database-url",
+            &url,
+        ];
+        if let Some(by) = by {
+            args.extend(["--by", by]);
+        }
+        cli(&args)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    // group, decisions, allowed, refunds, tokens charged: 3 × 4 charged, 4 given back.
+    assert_eq!(usage(None), [["total", "3", "3", "1", "8.000"]]);
+    assert_eq!(
+        usage(Some("endpoint")),
+        [
+            ["/x", "2", "2", "1", "4.000"],
+            ["/y", "1", "1", "0", "4.000"]
+        ],
+        "the refund counts where the refunded request was"
+    );
+    let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
+    assert!(
+        csv.lines().next().is_some_and(|h| h.ends_with(",kind")),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund")).count(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rows PostgreSQL refuses (quarantine), and crash loss.
 
@@ -547,6 +635,7 @@ fn decision(endpoint: &str) -> AuditRow {
         denial: None,
         request_id: Some(uuid::Uuid::new_v4().to_string()),
         node: "test-node".into(),
+        kind: enforcer::ledger::RowKind::Debit,
     }
 }
 

@@ -198,13 +198,27 @@ async fn idempotent_replay_and_refund_once() {
             .refund(&key.hash(), &d.request_id)
             .await
             .expect("refund");
-        let RefundOutcome::Refunded { credited, balance } = out else {
+        let RefundOutcome::Refunded {
+            credited,
+            balance,
+            tier,
+            as_of,
+            now,
+        } = out
+        else {
             panic!("{b}: {out:?}");
         };
         assert!(
             near(credited, 120.0) && near(balance, 800.0),
             "{b}: {credited} {balance}"
         );
+        // The store's clock: the debit's time, the replay has none (its balance is the first
+        // decision's), and the refund's balance is as of the bucket's clock, which it keeps.
+        let at = first.at.expect("a debit's store time");
+        assert_eq!(replay.at, None, "{b}");
+        assert_eq!(as_of, Some(at), "{b}: the refund keeps the bucket's clock");
+        assert!(now >= at, "{b}: {now} {at}");
+        assert_eq!(tier, "free", "{b}");
         let again = store
             .refund(&key.hash(), &d.request_id)
             .await

@@ -8,14 +8,22 @@
 //!
 //! Loading needs root (CAP_BPF + CAP_NET_ADMIN). Without it the daemon runs userspace-only and
 //! says so (`/readyz`, `enforcer_kernel_attached 0`, a warning in the log).
+//!
+//! Where the gate runs is the kernel's to say, and an operator's to switch off
+//! ([`attachment`]): [`Gate::reconcile`] follows the operator's detach markers and notices a
+//! link that ended under it.
+/// Interfaces with a pinned gate link (see [`attachment::pinned_interfaces`]).
+pub use crate::kernel::attachment::pinned_interfaces;
+use crate::kernel::attachment::{self, AttachmentError, link_pin};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
-use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, PriceKey, counter, names};
+use enforcer_common::{Binding, Budget, GateConfig, KeyRejects, Milli, PriceKey, counter, names};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The eBPF object built by `build.rs`.
@@ -113,6 +121,9 @@ pub enum KernelError {
     /// The pin directory could not be created.
     #[error("cannot create the pin directory {0}: {1}")]
     PinDir(String, std::io::Error),
+    /// Reading or switching the attachments failed.
+    #[error(transparent)]
+    Attachment(#[from] AttachmentError),
 }
 
 /// Summed per-CPU counters of the gate.
@@ -158,16 +169,8 @@ pub struct GateSettings {
     pub reset: bool,
 }
 
-/// Tokens to the kernel's milli-tokens, rounded down (a lower balance never lets more through).
-pub fn milli(tokens: f64) -> i64 {
-    if tokens.is_nan() {
-        0
-    } else {
-        (tokens * 1000.0)
-            .floor()
-            .clamp(i64::MIN as f64, i64::MAX as f64) as i64
-    }
-}
+/// `BPF_EXIST`: update an entry only if it is there.
+const BPF_EXIST: u64 = 2;
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -183,12 +186,42 @@ pub fn address_key(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// How the gate is attached to one interface.
+#[derive(Debug)]
+enum Attached {
+    /// A TCX link held by its pin only (this process closed its descriptor).
+    Pinned,
+    /// A TCX link this process holds (taken over from a pin, or not pinned).
+    Tcx(SchedClassifierLinkId),
+    /// A clsact filter (kernels without TCX): it ends with this process.
+    Netlink(SchedClassifierLinkId),
+}
+
+/// Where one configured interface stands, as [`Gate::reconcile`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceState {
+    /// The gate judges this interface's ingress.
+    Attached,
+    /// An operator detached the gate from it (`enforcer kernel detach`).
+    DetachedByOperator,
+    /// The gate's link ended without an operator's detach (the interface was deleted, or the
+    /// link was detached by other means), or attaching again failed: why. Not attached again
+    /// until the daemon restarts.
+    Lost(String),
+}
+
 /// The loaded gate; dropping it detaches the program (pinned maps stay).
 #[derive(Debug)]
 pub struct Gate {
     ebpf: Ebpf,
     interfaces: Vec<String>,
     generation: u32,
+    pin_dir: Option<PathBuf>,
+    /// The kernel's id of this process's `gate` program.
+    prog_id: u32,
+    attached: BTreeMap<String, Attached>,
+    /// Interfaces whose link ended under this process, and why.
+    lost: BTreeMap<String, String>,
 }
 
 impl Gate {
@@ -205,11 +238,17 @@ impl Gate {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        program(&mut ebpf)?.load()?;
+        let prog = program(&mut ebpf)?;
+        prog.load()?;
+        let prog_id = prog.info()?.id();
         let mut gate = Self {
             ebpf,
             interfaces: Vec::new(),
             generation: 0,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            prog_id,
+            attached: BTreeMap::new(),
+            lost: BTreeMap::new(),
         };
         gate.generation = gate.config()?.map(|c| c.generation).unwrap_or(0);
         Ok(gate)
@@ -218,9 +257,30 @@ impl Gate {
     /// Loads the gate and attaches it to the ingress of every interface in `interfaces`. With
     /// `pin_dir`, maps and TCX links are pinned there: the program stays attached after this
     /// process exits, and the next daemon swaps its own program into the pinned link.
+    ///
+    /// An interface that does not exist is an error before anything is pinned. Interfaces an
+    /// operator detached the gate from (markers in `pin_dir`) are left alone; pinned links of
+    /// interfaces that are gone are removed.
     pub fn attach(interfaces: &[String], pin_dir: Option<&Path>) -> Result<Self, KernelError> {
+        if let Some(missing) = interfaces.iter().find(|i| !attachment::interface_exists(i)) {
+            return Err(KernelError::Attach {
+                iface: missing.clone(),
+                reason: "no such interface in this network namespace".to_owned(),
+            });
+        }
         let mut gate = Self::load(pin_dir)?;
+        let detached = pin_dir.map(attachment::detached).unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            remove_stale_pins(dir);
+        }
         for iface in interfaces {
+            if detached.covers(iface) {
+                tracing::warn!(
+                    iface,
+                    "not attaching: an operator detached the gate (`enforcer kernel attach` attaches it again)"
+                );
+                continue;
+            }
             gate.attach_to(iface, pin_dir)?;
         }
         Ok(gate)
@@ -234,54 +294,139 @@ impl Gate {
             iface: iface.to_owned(),
             reason,
         };
-        // A link pinned by an earlier daemon: replace its program atomically (no gap).
+        // A link pinned by an earlier daemon: replace its program atomically (no gap). (A pin
+        // whose link ended, with its interface, was removed by `attach`.)
         if let Some(path) = &link_pin
             && let Ok(pinned) = PinnedLink::from_pin(path)
         {
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                 .map_err(|e| attach_err(format!("pinned link {}: {e}", path.display())))?;
-            prog.attach_to_link(link)?;
+            let id = prog.attach_to_link(link)?;
+            self.attached.insert(iface.to_owned(), Attached::Tcx(id));
             self.interfaces.push(iface.to_owned());
             return Ok(());
         }
         // TCX on kernels >= 6.6; the netlink path needs the clsact qdisc first (and its
         // attachment cannot be pinned: it ends with this process).
-        match prog.attach(iface, TcAttachType::Ingress) {
-            Ok(id) => {
-                if let Some(path) = &link_pin {
+        let attached = match prog.attach(iface, TcAttachType::Ingress) {
+            Ok(id) => match &link_pin {
+                Some(path) => {
                     let link = prog.take_link(id)?;
                     let fd = FdLink::try_from(link)
                         .map_err(|e| attach_err(format!("not a TCX link: {e}")))?;
                     fd.pin(path)
                         .map_err(|e| attach_err(format!("pinning the link: {e}")))?;
+                    Attached::Pinned
                 }
-            }
+                None => Attached::Tcx(id),
+            },
             Err(tcx) => {
                 let _ = tc::qdisc_add_clsact(iface);
-                prog.attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(|clsact| attach_err(format!("tcx: {tcx}; clsact: {clsact}")))?;
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(|clsact| attach_err(format!("tcx: {tcx}; clsact: {clsact}")))?;
+                Attached::Netlink(id)
             }
-        }
+        };
+        self.attached.insert(iface.to_owned(), attached);
+        self.lost.remove(iface);
         self.interfaces.push(iface.to_owned());
         Ok(())
     }
 
-    /// Detaches the gate pinned under `pin_dir` from `iface` (removes the pinned link).
-    pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<bool, KernelError> {
-        let path = link_pin(pin_dir, iface);
-        match PinnedLink::from_pin(&path) {
-            Ok(link) => {
-                link.unpin().map_err(|e| {
-                    KernelError::Setting(format!("unpinning {}: {e}", path.display()))
-                })?;
-                Ok(true)
-            }
-            Err(_) => Ok(false),
+    /// Detaches the gate from `iface`: this process lets go of its link, and a pinned link is
+    /// detached for every holder and unpinned.
+    pub fn detach_from(&mut self, iface: &str) -> Result<(), KernelError> {
+        if let Some(dir) = &self.pin_dir {
+            attachment::detach_pinned(dir, iface)?;
         }
+        if let Some(Attached::Tcx(id) | Attached::Netlink(id)) = self.attached.remove(iface) {
+            // A TCX link detached above is defunct: this only closes its descriptor.
+            program(&mut self.ebpf)?.detach(id)?;
+        }
+        self.interfaces.retain(|i| i != iface);
+        Ok(())
+    }
+
+    /// Whether the gate still judges `iface`'s ingress, as the kernel says (a TCX link ends
+    /// with its interface, or with an operator's `BPF_LINK_DETACH`).
+    pub fn is_live(&self, iface: &str) -> bool {
+        match self.attached.get(iface) {
+            None => false,
+            // The filter goes with the interface; nothing else removes it but `tc`.
+            Some(Attached::Netlink(_)) => attachment::interface_exists(iface),
+            Some(Attached::Pinned | Attached::Tcx(_)) => {
+                SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+                    .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_id))
+            }
+        }
+    }
+
+    /// Follows the operator's switch and notices links that ended: detaches from the
+    /// `configured` interfaces an operator detached the gate from, attaches again to those whose
+    /// marker was removed (`enforcer kernel attach`), and lets go of links that ended under it
+    /// (their interface was deleted, or they were detached by other means; such an interface is
+    /// not attached again until the daemon restarts). Called at every heartbeat; the state of
+    /// each configured interface.
+    pub fn reconcile(&mut self, configured: &[String]) -> Vec<(String, InterfaceState)> {
+        let detached = self
+            .pin_dir
+            .as_deref()
+            .map(attachment::detached)
+            .unwrap_or_default();
+        let pin_dir = self.pin_dir.clone();
+        let mut states = Vec::with_capacity(configured.len());
+        for iface in configured {
+            let attached = self.attached.contains_key(iface);
+            let state = if detached.covers(iface) {
+                if attached {
+                    match self.detach_from(iface) {
+                        Ok(()) => tracing::warn!(iface, "kernel gate detached by an operator"),
+                        Err(e) => {
+                            tracing::warn!(iface, error = %e, "detaching the kernel gate failed")
+                        }
+                    }
+                }
+                InterfaceState::DetachedByOperator
+            } else if attached {
+                if self.is_live(iface) {
+                    InterfaceState::Attached
+                } else {
+                    let why = if attachment::interface_exists(iface) {
+                        "its link was detached outside enforcer"
+                    } else {
+                        "the interface is gone"
+                    };
+                    tracing::warn!(iface, why, "kernel gate no longer attached");
+                    if let Err(e) = self.detach_from(iface) {
+                        tracing::warn!(iface, error = %e, "removing the ended link failed");
+                    }
+                    self.lost.insert(iface.clone(), why.to_owned());
+                    InterfaceState::Lost(why.to_owned())
+                }
+            } else if let Some(why) = self.lost.get(iface) {
+                InterfaceState::Lost(why.clone())
+            } else {
+                match self.attach_to(iface, pin_dir.as_deref()) {
+                    Ok(()) => {
+                        tracing::info!(iface, "kernel gate attached again");
+                        InterfaceState::Attached
+                    }
+                    Err(e) => {
+                        tracing::warn!(iface, error = %e, "attaching the kernel gate again failed");
+                        let why = format!("attaching again failed: {e}");
+                        self.lost.insert(iface.clone(), why.clone());
+                        InterfaceState::Lost(why)
+                    }
+                }
+            };
+            states.push((iface.clone(), state));
+        }
+        states
     }
 
     /// Interfaces the gate is attached to.
@@ -348,9 +493,9 @@ impl Gate {
         config.max_staleness_ns = u64::try_from(settings.max_staleness.as_nanos())
             .map_err(|_| KernelError::Setting("max_staleness too large".into()))?;
         // Rounded down, never up: 0 is a price that never rejects (operational endpoints).
-        config.default_price_milli = milli(settings.default_price).max(0) as u64;
-        config.min_price_milli = milli(settings.min_price).max(0) as u64;
-        config.ambiguous_price_milli = milli(settings.ambiguous_price).max(0) as u64;
+        config.default_price_milli = Milli::price(settings.default_price);
+        config.min_price_milli = Milli::price(settings.min_price);
+        config.ambiguous_price_milli = Milli::price(settings.ambiguous_price);
         config.strip_trailing_slash = u32::from(settings.strip_trailing_slash);
         {
             let mut ports =
@@ -437,22 +582,54 @@ impl Gate {
     }
 
     /// Sets the price of `method path` (method `None`: any method), in tokens (0: never rejected
-    /// by budget).
+    /// by budget), rounded down to milli-tokens.
     pub fn set_price(
         &mut self,
         method: Option<&str>,
         path: &str,
         tokens: f64,
     ) -> Result<(), KernelError> {
-        let key = PriceKey {
-            method: method.map_or(0, |m| enforcer_common::method_hash(m.as_bytes())),
-            path: enforcer_common::path_hash(path.as_bytes()),
-        };
         let mut prices =
             HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
         // 0 is allowed: operational endpoints never touch the main budget.
-        prices.insert(key, milli(tokens).max(0) as u64, 0)?;
+        prices.insert(price_key(method, path), Milli::price(tokens), 0)?;
         Ok(())
+    }
+
+    /// Makes the price map hold exactly `prices` (`(method, path, tokens)`): entries of an
+    /// older config that `prices` lacks are removed, since the map is pinned and its keys carry
+    /// no generation. Call it after [`Gate::configure`] with a new generation (no snapshot of
+    /// the new generation exists yet, so nothing is judged by a half-written table).
+    pub fn replace_prices(
+        &mut self,
+        prices: &[(Option<String>, String, f64)],
+    ) -> Result<(), KernelError> {
+        let wanted: std::collections::HashSet<PriceKey> = prices
+            .iter()
+            .map(|(m, p, _)| price_key(m.as_deref(), p))
+            .collect();
+        {
+            let mut map =
+                HashMap::<&mut MapData, PriceKey, u64>::try_from(self.map_mut(names::PRICES_MAP)?)?;
+            let stale: Vec<PriceKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !wanted.contains(k))
+                .collect();
+            for k in stale {
+                removed(map.remove(&k))?;
+            }
+        }
+        for (method, path, tokens) in prices {
+            self.set_price(method.as_deref(), path, *tokens)?;
+        }
+        Ok(())
+    }
+
+    /// The price map's entries in milli-tokens (by hashed key).
+    pub fn prices(&self) -> Result<Vec<(PriceKey, u64)>, KernelError> {
+        let map = HashMap::<&MapData, PriceKey, u64>::try_from(self.map(names::PRICES_MAP)?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
     }
 
     /// Writes a key's budget snapshot (stamped with the current generation).
@@ -462,6 +639,24 @@ impl Gate {
             HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
         map.insert(key_id, budget, 0)?;
         Ok(())
+    }
+
+    /// Re-stamps a key's snapshot only if the map still holds one; false when it does not. An
+    /// operator (`enforcer keys set-tier`) or LRU eviction may have removed it: a refresh never
+    /// brings it back, only the key's next decision does.
+    pub fn refresh_budget(&mut self, key_id: u64, mut budget: Budget) -> Result<bool, KernelError> {
+        budget.generation = self.generation;
+        let mut map =
+            HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
+        match map.insert(key_id, budget, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A key's snapshot, if the map holds one.
@@ -543,30 +738,40 @@ impl Gate {
     }
 }
 
-/// A map removal where a missing key is not an error: whether there was one.
+/// A map removal where a missing key is not an error: whether there was one. (The kernel
+/// answers a missing key with ENOENT, which aya passes on as a failed `bpf_map_delete_elem`.)
 fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, KernelError> {
     match result {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Where the TCX link of `iface` is pinned.
-fn link_pin(pin_dir: &Path, iface: &str) -> std::path::PathBuf {
-    pin_dir.join(format!("link-{iface}"))
+/// The price map's key of `method path` (method `None`: any method).
+pub fn price_key(method: Option<&str>, path: &str) -> PriceKey {
+    PriceKey {
+        method: method.map_or(0, |m| enforcer_common::method_hash(m.as_bytes())),
+        path: enforcer_common::path_hash(path.as_bytes()),
+    }
 }
 
-/// Interfaces with a pinned gate link under `pin_dir`, sorted.
-pub fn pinned_interfaces(pin_dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut ifaces: Vec<String> = std::fs::read_dir(pin_dir)?
-        .filter_map(|e| {
-            let name = e.ok()?.file_name();
-            name.to_str()?.strip_prefix("link-").map(str::to_owned)
-        })
-        .collect();
-    ifaces.sort();
-    Ok(ifaces)
+/// Removes pinned links whose interface is gone (they run nothing and would make attaching to a
+/// new interface of that name fail).
+fn remove_stale_pins(pin_dir: &Path) {
+    for iface in pinned_interfaces(pin_dir).unwrap_or_default() {
+        if attachment::pinned_link_is_stale(pin_dir, &iface) == Some(true) {
+            match std::fs::remove_file(link_pin(pin_dir, &iface)) {
+                Ok(()) => tracing::info!(iface, "removed the pinned link of a vanished interface"),
+                Err(e) => tracing::warn!(iface, error = %e, "removing a stale pinned link failed"),
+            }
+        }
+    }
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {
@@ -579,15 +784,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn milli_rounds_down_and_saturates() {
-        assert_eq!(milli(1.0), 1000);
-        assert_eq!(milli(0.0015), 1);
-        assert_eq!(milli(-0.0005), -1);
-        assert_eq!(milli(f64::NAN), 0);
-        assert_eq!(milli(1e300), i64::MAX);
-    }
 
     #[test]
     fn addresses_are_ipv6_or_mapped() {

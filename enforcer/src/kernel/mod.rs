@@ -8,9 +8,12 @@
 //!   heartbeat, counters) and [`KernelReport`], what `/readyz` says about it.
 //! - [`rollup`]: per-key rejection counts into the audit ledger's rollups.
 //! - [`binding`]: which client addresses may stand for one key (L4 identity).
+//! - [`attachment`]: where the gate runs, asked of the kernel (live links, stale pins), and the
+//!   operator's switch (`enforcer kernel detach|attach`) that the daemon follows.
 //!
 //! Data flows one way: these modules import the config, the ledger and the metrics, never the
 //! HTTP API or the decider.
+pub mod attachment;
 pub mod binding;
 pub mod loader;
 pub mod plan;
@@ -18,9 +21,9 @@ pub mod rollup;
 pub mod sync;
 
 pub use loader::{
-    Counters, Gate, GateSettings, KernelError, OBJECT, address_key, milli, monotonic_ns,
-    pinned_interfaces,
+    Counters, Gate, GateSettings, InterfaceState, KernelError, OBJECT, address_key, monotonic_ns,
+    pinned_interfaces, price_key,
 };
-pub use plan::{KernelPlan, plan};
+pub use plan::{KernelPlan, TierRule, plan};
 pub use rollup::{ROLLUP_EVERY, Rollup};
-pub use sync::{GateLink, KernelReport, start};
+pub use sync::{GateLink, KernelReport, KernelStatus, start};

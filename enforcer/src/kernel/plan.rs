@@ -1,5 +1,6 @@
 //! What the kernel gate enforces, derived from the config: the settings for `CONFIG` and
-//! `PORTS`, the exact-path prices for `PRICES`, and the config generation that fingerprints them.
+//! `PORTS`, the exact-path prices for `PRICES`, the tiers' refill rates and shadow modes the
+//! snapshots follow, and the config generation that fingerprints all of them.
 //!
 //! The kernel may under-price (and pass), never over-price (and wrongly reject): see [`plan`].
 use crate::config::Config;
@@ -7,15 +8,45 @@ use crate::endpoint::TrailingSlash;
 use crate::kernel::loader::GateSettings;
 use std::time::Duration;
 
-/// The price table as the kernel sees it.
+/// What the kernel enforces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelPlan {
     /// Settings for `CONFIG` and `PORTS`.
     pub settings: GateSettings,
-    /// `(method, exact path, price)` entries for `PRICES`.
+    /// `(method, exact path, price)` entries for `PRICES`: all of them (the map is rebuilt to
+    /// exactly these at start, so no price of an older config survives).
     pub prices: Vec<(Option<String>, String, f64)>,
-    /// The most expensive price: a key below it might be unable to pay for something.
+    /// The most expensive price in the kernel: a key below it might be unable to pay for
+    /// something, so it gets a snapshot.
     pub max_price: f64,
+    /// The tiers as snapshots need them, in config order.
+    pub tiers: Vec<TierRule>,
+    /// Global shadow mode (`budget.shadow`): no key ever gets a snapshot.
+    pub shadow: bool,
+}
+
+/// What a tier means for the kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierRule {
+    /// The tier's name.
+    pub name: String,
+    /// Refill, tokens per second: the kernel projects a snapshot's balance with it.
+    pub refill_per_sec: f64,
+    /// Capacity: refill never projects past it.
+    pub max_tokens: f64,
+    /// Shadow mode: never rejected, so never a snapshot.
+    pub shadow: bool,
+}
+
+impl KernelPlan {
+    /// The rule of the tier called `name`, unless its keys must never be rejected (shadow
+    /// mode, global or the tier's) or the config has no such tier.
+    pub fn enforced_tier(&self, name: &str) -> Option<&TierRule> {
+        if self.shadow {
+            return None;
+        }
+        self.tiers.iter().find(|t| t.name == name && !t.shadow)
+    }
 }
 
 /// Derives what the kernel needs from the config.
@@ -36,6 +67,9 @@ pub struct KernelPlan {
 ///
 /// The cheapest price (for L4 identities whose request line was not read) is over main-budget
 /// endpoints and the default cost.
+///
+/// The kernel cannot see `units`: it prices a request as one unit, or as `budget.min_units`
+/// when checks may ask for less than one.
 pub fn plan(config: &Config) -> KernelPlan {
     let mut prices = Vec::new();
     let mut kernel_default = config.pricing.default_cost;
@@ -58,16 +92,20 @@ pub fn plan(config: &Config) -> KernelPlan {
     }
     // With the pricing engine, a price can fall to `floor × base`: the kernel starts from
     // there (the engine then pushes exact-path prices, never above what userspace charges),
-    // and its default and cheapest prices stay there.
+    // and its default and cheapest prices stay there. Checks of less than one unit cost less.
+    let mut scale = config.budget.min_units.min(1.0);
     if config.pricing.dynamic {
-        let floor = config.pricing.floor;
-        kernel_default *= floor;
-        min_price *= floor;
-        ambiguous_price *= floor;
+        scale *= config.pricing.floor;
+    }
+    if scale != 1.0 {
+        kernel_default *= scale;
+        min_price *= scale;
+        ambiguous_price *= scale;
         for p in &mut prices {
-            p.2 *= floor;
+            p.2 *= scale;
         }
     }
+    max_price *= config.budget.min_units.min(1.0);
     let mut settings = GateSettings {
         ports: config.kernel.protect_ports.clone(),
         key_header: config.kernel_key_header().to_owned(),
@@ -80,12 +118,28 @@ pub fn plan(config: &Config) -> KernelPlan {
         generation: 0,
         reset: config.kernel.action == "reset",
     };
-    let fingerprint = format!("{settings:?}{prices:?}");
+    let tiers: Vec<TierRule> = config
+        .budget_policy()
+        .tiers
+        .into_iter()
+        .map(|t| TierRule {
+            name: t.name,
+            refill_per_sec: t.bucket.refill_per_sec,
+            max_tokens: t.bucket.max_tokens,
+            shadow: t.shadow,
+        })
+        .collect();
+    let shadow = config.budget.shadow;
+    // Snapshots carry a tier's refill rate and exist only outside shadow mode: a change of
+    // either must invalidate them, like a change of price.
+    let fingerprint = format!("{settings:?}{prices:?}{tiers:?}{shadow}");
     settings.generation = (enforcer_common::fnv(fingerprint.as_bytes()) as u32) | 1;
     KernelPlan {
         settings,
         prices,
         max_price,
+        tiers,
+        shadow,
     }
 }
 
@@ -249,5 +303,67 @@ mod tests {
         let mut changed = Config::default();
         changed.pricing.default_cost = 3.0;
         assert_ne!(plan(&changed).settings.generation, a.settings.generation);
+    }
+
+    #[test]
+    fn tier_refill_and_shadow_are_part_of_the_generation() {
+        let base =
+            Config::parse("[tiers.free]\nmax_tokens = 100\nrefill_per_sec = 1\n").expect("valid");
+        let g = plan(&base).settings.generation;
+        let mut faster = base.clone();
+        if let Some(t) = faster.tiers.get_mut("free") {
+            t.refill_per_sec = 5.0;
+        }
+        assert_ne!(plan(&faster).settings.generation, g, "refill rate");
+        let mut shadowed = base.clone();
+        if let Some(t) = shadowed.tiers.get_mut("free") {
+            t.shadow = true;
+        }
+        let p = plan(&shadowed);
+        assert_ne!(p.settings.generation, g, "tier shadow mode");
+        assert!(
+            p.enforced_tier("free").is_none(),
+            "a shadowed tier gets no snapshot"
+        );
+        let mut global = base.clone();
+        global.budget.shadow = true;
+        let p = plan(&global);
+        assert_ne!(p.settings.generation, g, "global shadow mode");
+        assert!(p.enforced_tier("free").is_none());
+        let p = plan(&base);
+        assert_eq!(p.enforced_tier("free").map(|t| t.refill_per_sec), Some(1.0));
+        assert!(p.enforced_tier("nope").is_none());
+    }
+
+    #[test]
+    fn checks_below_one_unit_lower_every_kernel_price() {
+        let config = Config::parse(
+            r#"
+            [budget]
+            min_units = 0.25
+            [pricing]
+            default_cost = 2
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/generate-report"
+            base_cost = 120
+            "#,
+        )
+        .expect("valid");
+        let p = plan(&config);
+        assert_eq!(p.settings.default_price, 0.5);
+        assert_eq!(p.settings.min_price, 0.5);
+        assert_eq!(p.max_price, 30.0);
+        assert!(
+            p.prices
+                .contains(&(Some("POST".into()), "/generate-report".into(), 30.0))
+        );
+        let mut more = config.clone();
+        more.budget.min_units = 2.0;
+        assert_eq!(
+            plan(&more).settings.default_price,
+            2.0,
+            "at least one unit: the price of one unit is already the least"
+        );
     }
 }

@@ -1,33 +1,51 @@
-//! The daemon's side of the kernel gate at run time: what it writes into the gate's maps and
-//! when.
+//! The kernel gate's subscriber and sync task: what the daemon writes into the gate's maps,
+//! and when.
 //!
 //! - At start: attach ([`crate::kernel::loader`]), then the settings and the price table
-//!   ([`crate::kernel::plan`]). The config generation is a fingerprint of both, so a restart
-//!   with the same config keeps the pinned snapshots valid, and any change invalidates them at
-//!   once.
-//! - On every decision (event-driven, through a bounded queue the decision path never waits on):
-//!   a key left below the most expensive price gets its snapshot pushed; a key above it again is
-//!   removed; a client address seen with one key `bind_after` times is bound to it, an address
-//!   seen with several keys is unbound for good ([`crate::kernel::binding`]).
+//!   ([`crate::kernel::plan`]), rebuilt to exactly the plan's. The config generation is a
+//!   fingerprint of the settings, the prices, the tiers' refill rates and shadow modes, so a
+//!   restart with the same config keeps the pinned snapshots valid, and any change invalidates
+//!   them at once.
+//! - [`GateLink`] subscribes to the decider's events ([`crate::decision::event`]) and owns what
+//!   they mean for the kernel: which tier a key is in and its refill rate, shadow mode (a
+//!   shadowed key never gets a snapshot), the key's kernel id. It turns every change of a
+//!   key's balance (a debit, a refund) into an update on a bounded queue the decision path
+//!   never waits on; replays change nothing (their balance is the first decision's).
+//! - The sync task applies them: a key left below the most expensive price gets its snapshot
+//!   (balance, refill rate, and the store's time of that balance, so the kernel projects refill
+//!   from when the balance was true, not from when the task got to it); a key above it again is
+//!   removed. Updates of one key are ordered by the store's clock (Redis `TIME`): one older than
+//!   what the map holds is dropped, so a debit handled after a later refund cannot undo it.
+//!   A client address seen with one key `bind_after` times is bound to it, an address seen
+//!   with several keys is unbound for good ([`crate::kernel::binding`]).
 //! - Every `max_staleness / 3`: snapshots of tracked keys are re-stamped with their balance
 //!   projected by refill (never more than a fresh read would give: other nodes only lower it),
-//!   and dropped once refill makes them able to pay everything. The work is proportional to the
-//!   keys that are low, not to all keys; kernel counters go to the metrics; every
-//!   [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger ([`crate::kernel::rollup`]).
+//!   and dropped once refill makes them able to pay everything, or once they are gone from the
+//!   map (an operator lifted them, `enforcer keys set-tier`): a refresh never brings one back.
+//!   The work is proportional to the keys that are low, not to all keys; kernel counters go to
+//!   the metrics; every [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger
+//!   ([`crate::kernel::rollup`]).
+//! - At shutdown ([`crate::lifecycle`]) the task applies what is still queued, records a last
+//!   rollup, and leaves the pinned maps enforcing.
 use crate::config::Config;
+use crate::decision::Denial;
+use crate::decision::event::{self, Event, Subscriber};
 use crate::kernel::binding::{Bindings, Change};
-use crate::kernel::loader::{Counters, Gate, KernelError, monotonic_ns};
+use crate::kernel::loader::{Counters, Gate, InterfaceState, KernelError, monotonic_ns};
 use crate::kernel::plan::{KernelPlan, plan};
 use crate::kernel::rollup::{ROLLUP_EVERY, Rollup};
 use crate::ledger::{Entry, Ledger};
+use crate::lifecycle::{Shutdown, Workers};
 use crate::metrics::Metrics;
-use enforcer_common::Budget;
+use crate::store::BucketKind;
+use enforcer_common::{Budget, Milli};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// What the kernel gate is doing, for `/readyz`.
 #[derive(Debug, Clone, Serialize)]
@@ -38,82 +56,260 @@ pub struct KernelReport {
     pub detail: String,
 }
 
-/// Events the decision path sends to the sync task.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A main-bucket decision settled in the store.
-    Settled {
-        key_id: u64,
-        remaining: f64,
-        refill_per_sec: f64,
-        max_tokens: f64,
-        at: Instant,
-    },
-    /// A decision carried the client's address.
-    Client { key_id: u64, ip: IpAddr },
-    /// New exact-path prices from the pricing engine: `(method, path, price)`.
-    Prices(Vec<(Option<String>, String, f64)>),
+/// A key's balance as the store settled it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Balance {
+    pub key_id: u64,
+    /// Tokens, as of `at`.
+    pub balance: f64,
+    /// The store's clock when `balance` was true (orders a key's updates).
+    pub at: f64,
+    /// The same moment on this host's monotonic clock (never later than it was).
+    pub stamp: Instant,
+    pub refill_per_sec: f64,
+    pub max_tokens: f64,
+    /// A refund (or a grant): it may raise the balance beyond what refill explains, so it wins
+    /// over a debit settled at the same store time (the refund saw it).
+    pub raises: bool,
 }
 
-/// Most events queued before new ones are dropped (and counted).
-const QUEUE: usize = 65_536;
+/// What the subscriber and the pricing engine send to the sync task.
+#[derive(Debug)]
+pub(crate) enum Update {
+    /// A key's balance changed.
+    Balance(Balance),
+    /// A key's balance is no longer known (a refund of a forgotten bucket, an unknown key):
+    /// remove its snapshot, so it passes until its next decision. `at`: the store's clock then.
+    Lift { key_id: u64, at: Option<f64> },
+    /// A decision carried the client's address.
+    Client { key_id: u64, ip: IpAddr },
+    /// New exact-path prices from the pricing engine: `(method, path, price)`; `applied` is
+    /// told once they are in the map.
+    Prices {
+        prices: Vec<(Option<String>, String, f64)>,
+        applied: Option<oneshot::Sender<()>>,
+    },
+}
 
-/// The decision path's handle on the sync task.
+/// Most updates queued before new ones are dropped (and counted).
+const QUEUE: usize = 65_536;
+/// How long the store time of a raise (a refund) is remembered for a key without a snapshot,
+/// to drop debits settled before it but handled after it. Far longer than an update waits in
+/// the queue.
+const RAISE_MEMORY: Duration = Duration::from_secs(30);
+/// Most raises remembered (beyond, the oldest half is forgotten).
+const MAX_RAISES: usize = 262_144;
+
+/// The kernel gate's subscriber to the decider's events, and the pricing engine's way to the
+/// price map. Cheap to clone; never blocks.
 #[derive(Debug, Clone)]
 pub struct GateLink {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Update>,
+    plan: Arc<KernelPlan>,
     metrics: Metrics,
 }
 
 impl GateLink {
-    /// Reports a settled main-bucket decision (never blocks).
-    pub fn settled(&self, key_id: u64, remaining: f64, refill_per_sec: f64, max_tokens: f64) {
-        self.send(Event::Settled {
-            key_id,
-            remaining,
-            refill_per_sec,
-            max_tokens,
-            at: Instant::now(),
-        });
-    }
-
-    /// Reports the client address a key called from (never blocks).
-    pub fn client(&self, key_id: u64, ip: IpAddr) {
-        self.send(Event::Client { key_id, ip });
+    fn new(tx: mpsc::Sender<Update>, plan: Arc<KernelPlan>, metrics: Metrics) -> Self {
+        Self { tx, plan, metrics }
     }
 
     /// The pricing engine's prices for the kernel's price map; false when the queue was full
     /// (the engine sends them again).
     pub fn prices(&self, prices: Vec<(Option<String>, String, f64)>) -> bool {
-        let queued = self.tx.try_send(Event::Prices(prices)).is_ok();
+        self.try_send(Update::Prices {
+            prices,
+            applied: None,
+        })
+    }
+
+    /// The same, waiting (at most `wait`) until the prices are in the kernel's map: a price
+    /// that falls must be lower in the kernel before userspace charges it. False when they
+    /// were not applied in time.
+    pub async fn prices_applied(
+        &self,
+        prices: Vec<(Option<String>, String, f64)>,
+        wait: Duration,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if !self.try_send(Update::Prices {
+            prices,
+            applied: Some(tx),
+        }) {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
+    }
+
+    fn try_send(&self, update: Update) -> bool {
+        let queued = self.tx.try_send(update).is_ok();
         if !queued {
             self.metrics.kernel_sync_dropped.inc();
         }
         queued
     }
 
-    fn send(&self, event: Event) {
-        if self.tx.try_send(event).is_err() {
-            self.metrics.kernel_sync_dropped.inc();
+    /// A balance for the kernel, if the key's tier is enforced there.
+    fn balance(
+        &self,
+        key_id: u64,
+        tier: &str,
+        balance: f64,
+        settled: &event::Settled,
+        raises: bool,
+    ) -> Option<Update> {
+        let rule = self.plan.enforced_tier(tier)?;
+        let age = settled.now - settled.at;
+        let (balance, stamp) = match Duration::try_from_secs_f64(age.max(0.0))
+            .ok()
+            .and_then(|age| settled.sent.checked_sub(age))
+        {
+            Some(stamp) => (balance, stamp),
+            // Older than this host's monotonic clock reaches: project it to the call instead.
+            None => (
+                rule.max_tokens
+                    .min(balance + age * rule.refill_per_sec)
+                    .max(balance),
+                settled.sent,
+            ),
+        };
+        Some(Update::Balance(Balance {
+            key_id,
+            balance,
+            at: settled.at,
+            stamp,
+            refill_per_sec: rule.refill_per_sec,
+            max_tokens: rule.max_tokens,
+            raises,
+        }))
+    }
+}
+
+impl Subscriber for GateLink {
+    fn publish(&self, event: &Event<'_>) {
+        match event {
+            Event::Debit(d) => {
+                let key_id = d.key.kernel_id();
+                if d.bucket == BucketKind::Main {
+                    let update = match (
+                        d.decision.denial,
+                        &d.settled,
+                        d.decision.remaining,
+                        d.decision.tier.as_deref(),
+                    ) {
+                        // No budget any more: nothing for the kernel to judge it by.
+                        (Some(Denial::UnknownKey), ..) => Some(Update::Lift { key_id, at: None }),
+                        (_, Some(s), Some(remaining), Some(tier)) => {
+                            self.balance(key_id, tier, remaining, s, false)
+                        }
+                        _ => None,
+                    };
+                    if let Some(u) = update {
+                        self.try_send(u);
+                    }
+                }
+                if let Some(ip) = d.check.client_ip {
+                    self.try_send(Update::Client { key_id, ip });
+                }
+            }
+            // Nothing charged, and its balance is the first decision's: no news for the map.
+            Event::Replay(d) => {
+                if let Some(ip) = d.check.client_ip {
+                    self.try_send(Update::Client {
+                        key_id: d.key.kernel_id(),
+                        ip,
+                    });
+                }
+            }
+            Event::Refund(r) => {
+                let key_id = r.key.kernel_id();
+                let update = match r.balance {
+                    Some(balance) => self.balance(key_id, r.tier, balance, &r.settled, true),
+                    None => Some(Update::Lift {
+                        key_id,
+                        at: Some(r.settled.at),
+                    }),
+                };
+                if let Some(u) = update {
+                    self.try_send(u);
+                }
+            }
         }
     }
 }
 
-/// A link whose events a test reads itself.
+/// A link whose updates a test reads itself.
 #[cfg(test)]
-pub(crate) fn test_link(metrics: &Metrics) -> (GateLink, mpsc::Receiver<Event>) {
+pub(crate) fn test_link(config: &Config, metrics: &Metrics) -> (GateLink, mpsc::Receiver<Update>) {
     let (tx, rx) = mpsc::channel(16);
     (
-        GateLink {
-            tx,
-            metrics: metrics.clone(),
-        },
+        GateLink::new(tx, Arc::new(plan(config)), metrics.clone()),
         rx,
     )
 }
 
+/// What the kernel gate is doing now: set by the sync task, which follows the operator's switch
+/// (`enforcer kernel detach|attach`) and notices links that ended at every heartbeat; read by
+/// `/readyz`.
+#[derive(Debug, Clone)]
+pub struct KernelStatus(Arc<parking_lot::RwLock<KernelReport>>);
+
+impl KernelStatus {
+    /// A status that says `report` until it is set again.
+    pub fn new(report: KernelReport) -> Self {
+        Self(Arc::new(parking_lot::RwLock::new(report)))
+    }
+
+    /// The report now.
+    pub fn get(&self) -> KernelReport {
+        self.0.read().clone()
+    }
+
+    fn set(&self, report: KernelReport) {
+        *self.0.write() = report;
+    }
+}
+
+/// The report for the configured interfaces' states (and the metric that agrees with it).
+fn report(states: &[(String, InterfaceState)], ports: &[u16]) -> KernelReport {
+    let with = |wanted: fn(&InterfaceState) -> bool| -> Vec<&str> {
+        states
+            .iter()
+            .filter(|(_, s)| wanted(s))
+            .map(|(i, _)| i.as_str())
+            .collect()
+    };
+    let attached = with(|s| *s == InterfaceState::Attached);
+    let by_operator = with(|s| *s == InterfaceState::DetachedByOperator);
+    let mut parts = Vec::new();
+    if !attached.is_empty() {
+        parts.push(format!(
+            "attached to {} protecting ports {ports:?}",
+            attached.join(", ")
+        ));
+    }
+    if !by_operator.is_empty() {
+        parts.push(format!(
+            "detached by an operator from {} (`enforcer kernel attach` attaches it again)",
+            by_operator.join(", ")
+        ));
+    }
+    for (iface, state) in states {
+        if let InterfaceState::Lost(why) = state {
+            parts.push(format!(
+                "not attached to {iface}: {why} (a restart attaches it again)"
+            ));
+        }
+    }
+    KernelReport {
+        attached: !attached.is_empty(),
+        detail: parts.join("; "),
+    }
+}
+
 /// Attaches and configures the gate when `[kernel] interfaces` asks for it, and starts the sync
-/// task. Without interfaces, or when the kernel refuses, the daemon runs userspace-only.
+/// task among `workers`. Without interfaces, or when the kernel refuses, the daemon runs
+/// userspace-only.
 ///
 /// With `ledger`, the kernel's per-key rejection counts are read every [`ROLLUP_EVERY`] and
 /// recorded as `kernel_rejections` rollup rows.
@@ -121,26 +317,27 @@ pub fn start(
     config: &Config,
     metrics: &Metrics,
     ledger: Option<Ledger>,
-) -> (Option<GateLink>, KernelReport) {
+    workers: &mut Workers,
+) -> (Option<GateLink>, KernelStatus) {
     let interfaces = &config.kernel.interfaces;
     if interfaces.is_empty() {
         metrics.kernel_attached.set(0);
         return (
             None,
-            KernelReport {
+            KernelStatus::new(KernelReport {
                 attached: false,
                 detail: "userspace-only: no [kernel] interfaces configured".to_owned(),
-            },
+            }),
         );
     }
     let plan = plan(config);
     let setup = || -> Result<Gate, KernelError> {
         let mut gate = Gate::attach(interfaces, Some(Path::new(&config.kernel.pin_dir)))?;
         let adopted = gate.generation() == plan.settings.generation;
+        // The new generation first: snapshots of the old one stop counting at once, so nothing
+        // is judged while the price map is rebuilt.
         gate.configure(&plan.settings)?;
-        for (method, path, price) in &plan.prices {
-            gate.set_price(method.as_deref(), path, *price)?;
-        }
+        gate.replace_prices(&plan.prices)?;
         tracing::info!(
             interfaces = ?interfaces,
             ports = ?plan.settings.ports,
@@ -151,145 +348,328 @@ pub fn start(
         Ok(gate)
     };
     match setup() {
-        Ok(gate) => {
-            metrics.kernel_attached.set(1);
-            let detail = format!(
-                "attached to {} protecting ports {:?}",
-                gate.interfaces().join(", "),
-                plan.settings.ports
-            );
+        Ok(mut gate) => {
+            let report = report(&gate.reconcile(interfaces), &plan.settings.ports);
+            metrics.kernel_attached.set(i64::from(report.attached));
+            let status = KernelStatus::new(report);
             let (tx, rx) = mpsc::channel(QUEUE);
-            let bindings = Bindings::new(config.kernel.bind_after);
-            tokio::spawn(sync(gate, rx, plan, bindings, metrics.clone(), ledger));
-            (
-                Some(GateLink {
-                    tx,
-                    metrics: metrics.clone(),
-                }),
-                KernelReport {
-                    attached: true,
-                    detail,
-                },
-            )
+            let plan = Arc::new(plan);
+            let watch = Watch {
+                interfaces: interfaces.clone(),
+                status: status.clone(),
+            };
+            workers.spawn(
+                "kernel sync",
+                sync(
+                    gate,
+                    rx,
+                    plan.clone(),
+                    Bindings::new(config.kernel.bind_after),
+                    metrics.clone(),
+                    ledger,
+                    watch,
+                    workers.shutdown(),
+                ),
+            );
+            (Some(GateLink::new(tx, plan, metrics.clone())), status)
         }
         Err(e) => {
             tracing::warn!(error = %e, "kernel gate not attached: running userspace-only");
             metrics.kernel_attached.set(0);
             (
                 None,
-                KernelReport {
+                KernelStatus::new(KernelReport {
                     attached: false,
                     detail: format!("userspace-only: {e}"),
-                },
+                }),
             )
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// What the sync task keeps an eye on at every heartbeat: where the gate runs.
+#[derive(Debug)]
+struct Watch {
+    /// The configured interfaces.
+    interfaces: Vec<String>,
+    /// Where the state goes (`/readyz`; the metric is set beside it).
+    status: KernelStatus,
+}
+
+/// A key with a snapshot in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Tracked {
     balance: f64,
     refill_per_sec: f64,
     max_tokens: f64,
-    at: Instant,
+    /// When `balance` was true, on this host's monotonic clock.
+    stamp: Instant,
+    /// The same moment on the store's clock: the newest update applied.
+    at: f64,
 }
 
 impl Tracked {
     fn projected(&self, now: Instant) -> f64 {
-        let refill = now.duration_since(self.at).as_secs_f64() * self.refill_per_sec;
+        let refill = now.saturating_duration_since(self.stamp).as_secs_f64() * self.refill_per_sec;
         self.max_tokens.min(self.balance + refill).max(self.balance)
     }
 }
 
-fn snapshot(balance: f64, refill_per_sec: f64) -> Budget {
+/// A write into the snapshot map.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Write {
+    /// Write (or overwrite) a snapshot.
+    Put(u64, Budget),
+    /// Re-stamp a snapshot, only if the map still holds it.
+    Refresh(u64, Budget),
+    /// Remove a snapshot.
+    Remove(u64),
+}
+
+/// The snapshot of `balance`, true at `stamp`, for the kernel: the balance rounded up, the
+/// refill rate up, so the kernel never believes a key has less than it has.
+fn snapshot(balance: f64, refill_per_sec: f64, stamp: Instant) -> Budget {
     Budget {
-        balance_milli: crate::kernel::loader::milli(balance),
-        refill_milli_per_sec: (refill_per_sec * 1000.0).floor().max(0.0) as u64,
-        synced_ns: monotonic_ns(),
+        balance_milli: Milli::balance(balance).get(),
+        refill_milli_per_sec: Milli::rate(refill_per_sec),
+        synced_ns: monotonic_ns()
+            .saturating_sub(u64::try_from(stamp.elapsed().as_nanos()).unwrap_or(u64::MAX)),
         ..Budget::default()
     }
 }
-/// The sync task: owns the gate (dropping it detaches the program; pinned maps stay).
+
+/// The keys with snapshots, and the rules that keep them true. No I/O: it says what to write.
+#[derive(Debug)]
+struct Snapshots {
+    /// A key below it might be unable to pay for something.
+    max_price: f64,
+    /// A snapshot older than this is ignored by the kernel.
+    max_staleness: Duration,
+    tracked: HashMap<u64, Tracked>,
+    /// Store time of the last raise of keys (which may have no snapshot), and when it came.
+    raised: HashMap<u64, (f64, Instant)>,
+}
+
+impl Snapshots {
+    fn new(plan: &KernelPlan, tracked: HashMap<u64, Tracked>) -> Self {
+        Self {
+            max_price: plan.max_price,
+            max_staleness: plan.settings.max_staleness,
+            tracked,
+            raised: HashMap::new(),
+        }
+    }
+
+    /// The newest store time applied for a key.
+    fn last_at(&self, key_id: u64) -> f64 {
+        let tracked = self
+            .tracked
+            .get(&key_id)
+            .map_or(f64::NEG_INFINITY, |t| t.at);
+        let raised = self.raised.get(&key_id).map_or(f64::NEG_INFINITY, |r| r.0);
+        tracked.max(raised)
+    }
+
+    fn remember_raise(&mut self, key_id: u64, at: f64, now: Instant) {
+        if self.raised.len() >= MAX_RAISES {
+            self.forget_raises(now, RAISE_MEMORY / 2);
+        }
+        self.raised.insert(key_id, (at, now));
+    }
+
+    fn forget_raises(&mut self, now: Instant, older_than: Duration) {
+        self.raised
+            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) <= older_than);
+    }
+
+    /// A key's balance changed.
+    fn balance(&mut self, b: Balance, now: Instant) -> Option<Write> {
+        let last = self.last_at(b.key_id);
+        // Stale: the map already reflects a later change. A debit settled at the same store
+        // time as a refund is the one the refund saw (it keeps the bucket's clock).
+        let newer = if b.raises { b.at >= last } else { b.at > last };
+        if !newer {
+            return None;
+        }
+        if b.raises {
+            self.remember_raise(b.key_id, b.at, now);
+        }
+        if b.balance >= self.max_price {
+            return self
+                .tracked
+                .remove(&b.key_id)
+                .map(|_| Write::Remove(b.key_id));
+        }
+        let mut t = Tracked {
+            balance: b.balance,
+            refill_per_sec: b.refill_per_sec,
+            max_tokens: b.max_tokens,
+            stamp: b.stamp,
+            at: b.at,
+        };
+        // Nearly stale already (a refund keeps an old refill clock): the kernel would ignore
+        // it until the next refresh, so project it to now.
+        if now.saturating_duration_since(t.stamp) > self.max_staleness / 2 {
+            t.balance = t.projected(now);
+            t.stamp = now;
+            if t.balance >= self.max_price {
+                return self
+                    .tracked
+                    .remove(&b.key_id)
+                    .map(|_| Write::Remove(b.key_id));
+            }
+        }
+        self.tracked.insert(b.key_id, t);
+        Some(Write::Put(
+            b.key_id,
+            snapshot(t.balance, t.refill_per_sec, t.stamp),
+        ))
+    }
+
+    /// A key's balance is unknown now: no snapshot.
+    fn lift(&mut self, key_id: u64, at: Option<f64>, now: Instant) -> Option<Write> {
+        if let Some(at) = at {
+            if at < self.last_at(key_id) {
+                return None;
+            }
+            self.remember_raise(key_id, at, now);
+        }
+        self.tracked.remove(&key_id);
+        Some(Write::Remove(key_id))
+    }
+
+    /// Every `max_staleness / 3`: re-stamp what is still low, drop what refill made able to
+    /// pay everything.
+    fn refresh(&mut self, now: Instant) -> Vec<Write> {
+        self.forget_raises(now, RAISE_MEMORY);
+        let max_price = self.max_price;
+        let mut writes = Vec::with_capacity(self.tracked.len());
+        self.tracked.retain(|key_id, t| {
+            let balance = t.projected(now);
+            if balance >= max_price {
+                writes.push(Write::Remove(*key_id));
+                return false;
+            }
+            t.balance = balance;
+            t.stamp = now;
+            writes.push(Write::Refresh(
+                *key_id,
+                snapshot(balance, t.refill_per_sec, now),
+            ));
+            true
+        });
+        writes
+    }
+
+    /// The map no longer held a key's snapshot when it was refreshed: stop tracking it.
+    fn gone(&mut self, key_id: u64) {
+        self.tracked.remove(&key_id);
+    }
+}
+
+/// Applies a write to the map; what went wrong is logged, and a refresh of a snapshot that is
+/// gone stops its tracking.
+fn apply(gate: &mut Gate, snapshots: &mut Snapshots, write: Write) {
+    let result = match write {
+        Write::Put(key_id, budget) => gate.put_budget(key_id, budget),
+        Write::Remove(key_id) => gate.remove_budget(key_id),
+        Write::Refresh(key_id, budget) => match gate.refresh_budget(key_id, budget) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                snapshots.gone(key_id);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "kernel snapshot update failed");
+    }
+}
+
+/// Client addresses and which of them stand for one key ([`Bindings`]: bound after
+/// `[kernel] bind_after` decisions of one key, never once another key used them).
+#[derive(Debug)]
+struct Addresses(Bindings);
+
+impl Addresses {
+    fn client(&mut self, gate: &mut Gate, key_id: u64, ip: IpAddr) -> Result<(), KernelError> {
+        match self.0.seen(ip, key_id) {
+            Change::Bind(ip, key_id) => gate.bind(ip, key_id),
+            Change::Unbind(ip) => gate.unbind(ip),
+            Change::None => Ok(()),
+        }
+    }
+
+    /// Re-stamps the bindings of keys that have a snapshot.
+    fn refresh(&self, gate: &mut Gate, tracked: &HashMap<u64, Tracked>) {
+        for (ip, key_id) in self.0.bound() {
+            if tracked.contains_key(&key_id) {
+                let _ = gate.bind(ip, key_id);
+            }
+        }
+    }
+}
+
+/// The sync task: owns the gate (dropping it detaches the program where the link is not
+/// pinned; pinned maps and links stay and keep enforcing).
 async fn sync(
     mut gate: Gate,
-    mut rx: mpsc::Receiver<Event>,
-    plan: KernelPlan,
-    mut bindings: Bindings,
+    mut rx: mpsc::Receiver<Update>,
+    plan: Arc<KernelPlan>,
+    bindings: Bindings,
     metrics: Metrics,
     ledger: Option<Ledger>,
+    watch: Watch,
+    mut shutdown: Shutdown,
 ) {
-    let mut tracked = adopt(&gate, &plan);
+    let mut snapshots = Snapshots::new(&plan, adopt(&gate, &plan));
+    let mut addresses = Addresses(bindings);
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
     let mut rollup_tick = tokio::time::interval(ROLLUP_EVERY);
     let mut rollup = Rollup::default();
     let mut last = Counters::default();
+    let record_rollups = |gate: &Gate, rollup: &mut Rollup| {
+        if let Some(ledger) = &ledger {
+            match gate.key_rejections() {
+                Ok(totals) => {
+                    let minute = crate::ledger::now_us() / 60_000_000 * 60_000_000;
+                    for row in rollup.rows(totals, ledger.node(), minute) {
+                        ledger.record(Entry::Kernel(row));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading kernel rejection counts failed"),
+            }
+        }
+    };
     loop {
         tokio::select! {
-            _ = rollup_tick.tick(), if ledger.is_some() => {
-                if let Some(ledger) = &ledger {
-                    match gate.key_rejections() {
-                        Ok(totals) => {
-                            let minute = crate::ledger::now_us() / 60_000_000 * 60_000_000;
-                            for row in rollup.rows(totals, ledger.node(), minute) {
-                                ledger.record(Entry::Kernel(row));
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "reading kernel rejection counts failed"),
-                    }
+            () = shutdown.requested() => {
+                // What the decisions before the shutdown changed still reaches the map.
+                while let Ok(update) = rx.try_recv() {
+                    handle(&mut gate, &mut snapshots, &mut addresses, &metrics, update);
                 }
+                record_rollups(&gate, &mut rollup);
+                break;
             }
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                let result = match event {
-                    Event::Settled { key_id, remaining, refill_per_sec, max_tokens, at } => {
-                        let r = if remaining < plan.max_price {
-                            tracked.insert(key_id, Tracked { balance: remaining, refill_per_sec, max_tokens, at });
-                            gate.put_budget(key_id, snapshot(remaining, refill_per_sec))
-                        } else if tracked.remove(&key_id).is_some() {
-                            gate.remove_budget(key_id)
-                        } else {
-                            Ok(())
-                        };
-                        metrics.kernel_sync_lag.observe(at.elapsed().as_secs_f64());
-                        r
-                    }
-                    Event::Client { key_id, ip } => match bindings.seen(ip, key_id) {
-                        Change::Bind(ip, key_id) => gate.bind(ip, key_id),
-                        Change::Unbind(ip) => gate.unbind(ip),
-                        Change::None => Ok(()),
-                    },
-                    Event::Prices(prices) => prices
-                        .iter()
-                        .try_for_each(|(method, path, price)| gate.set_price(method.as_deref(), path, *price)),
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "kernel map update failed");
-                }
+            _ = rollup_tick.tick(), if ledger.is_some() => record_rollups(&gate, &mut rollup),
+            update = rx.recv() => {
+                let Some(update) = update else { break };
+                handle(&mut gate, &mut snapshots, &mut addresses, &metrics, update);
             }
             _ = tick.tick() => {
-                let now = Instant::now();
-                tracked.retain(|key_id, t| {
-                    let balance = t.projected(now);
-                    if balance >= plan.max_price {
-                        let _ = gate.remove_budget(*key_id);
-                        return false;
-                    }
-                    if let Err(e) = gate.put_budget(*key_id, snapshot(balance, t.refill_per_sec)) {
-                        tracing::warn!(error = %e, "kernel snapshot refresh failed");
-                    }
-                    t.balance = balance;
-                    t.at = now;
-                    true
-                });
-                for (ip, key_id) in bindings.bound() {
-                    if tracked.contains_key(&key_id) {
-                        let _ = gate.bind(ip, key_id);
-                    }
+                for write in snapshots.refresh(Instant::now()) {
+                    apply(&mut gate, &mut snapshots, write);
                 }
-                metrics.kernel_tracked_keys.set(tracked.len() as i64);
+                addresses.refresh(&mut gate, &snapshots.tracked);
+                metrics.kernel_tracked_keys.set(snapshots.tracked.len() as i64);
                 if let Err(e) = gate.heartbeat() {
                     tracing::warn!(error = %e, "kernel heartbeat failed");
                 }
+                // The operator's switch and links that ended: /readyz and the metric follow.
+                let report = report(&gate.reconcile(&watch.interfaces), &plan.settings.ports);
+                metrics.kernel_attached.set(i64::from(report.attached));
+                watch.status.set(report);
                 match gate.counters() {
                     Ok(now) => {
                         export(&metrics, &last, &now);
@@ -299,6 +679,53 @@ async fn sync(
                 }
             }
         }
+    }
+    tracing::info!(
+        tracked = snapshots.tracked.len(),
+        "kernel sync stopped; the pinned maps keep enforcing"
+    );
+}
+
+/// One update.
+fn handle(
+    gate: &mut Gate,
+    snapshots: &mut Snapshots,
+    addresses: &mut Addresses,
+    metrics: &Metrics,
+    update: Update,
+) {
+    let now = Instant::now();
+    let write = match update {
+        Update::Balance(b) => {
+            metrics
+                .kernel_sync_lag
+                .observe(now.saturating_duration_since(b.stamp).as_secs_f64());
+            snapshots.balance(b, now)
+        }
+        Update::Lift { key_id, at } => snapshots.lift(key_id, at, now),
+        Update::Client { key_id, ip } => {
+            if let Err(e) = addresses.client(gate, key_id, ip) {
+                tracing::warn!(error = %e, "kernel binding update failed");
+            }
+            None
+        }
+        Update::Prices { prices, applied } => {
+            let result = prices.iter().try_for_each(|(method, path, price)| {
+                gate.set_price(method.as_deref(), path, *price)
+            });
+            match result {
+                Ok(()) => {
+                    if let Some(applied) = applied {
+                        let _ = applied.send(());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "kernel price update failed"),
+            }
+            None
+        }
+    };
+    if let Some(write) = write {
+        apply(gate, snapshots, write);
     }
 }
 
@@ -316,10 +743,13 @@ fn adopt(gate: &Gate, plan: &KernelPlan) -> HashMap<u64, Tracked> {
         tracked.insert(
             key_id,
             Tracked {
-                balance: b.balance_milli as f64 / 1000.0,
-                refill_per_sec: b.refill_milli_per_sec as f64 / 1000.0,
+                balance: Milli(b.balance_milli).tokens(),
+                refill_per_sec: Milli(i64::try_from(b.refill_milli_per_sec).unwrap_or(i64::MAX))
+                    .tokens(),
                 max_tokens: f64::INFINITY,
-                at: now.checked_sub(age).unwrap_or(now),
+                stamp: now.checked_sub(age).unwrap_or(now),
+                // Unknown: any update of the key is newer.
+                at: f64::NEG_INFINITY,
             },
         );
     }
@@ -353,5 +783,332 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
             .kernel_ignored
             .with_label_values(&[reason])
             .inc_by(delta(a, b));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::event::{Decided, Refunded, Settled};
+    use crate::decision::{Check, Decision, Mode};
+    use crate::key::{ApiKey, RequestId};
+
+    fn snapshots(max_price: f64) -> Snapshots {
+        let mut config = Config::default();
+        config.pricing.default_cost = max_price;
+        Snapshots::new(&plan(&config), HashMap::new())
+    }
+
+    fn balance(balance: f64, at: f64, raises: bool, stamp: Instant) -> Balance {
+        Balance {
+            key_id: 7,
+            balance,
+            at,
+            stamp,
+            refill_per_sec: 0.0,
+            max_tokens: 1000.0,
+            raises,
+        }
+    }
+
+    fn put_balance(w: Option<Write>) -> Option<i64> {
+        match w {
+            Some(Write::Put(7, b)) => Some(b.balance_milli),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_refund_reaches_the_map_and_a_debit_handled_after_it_cannot_undo_it() {
+        let now = Instant::now();
+        let mut s = snapshots(120.0);
+        // Drained to 0.5 at store time 10, then refunded 100 (the refund keeps the bucket's
+        // clock: its balance is as of 10 too).
+        assert_eq!(
+            put_balance(s.balance(balance(0.5, 10.0, false, now), now)),
+            Some(500)
+        );
+        assert_eq!(
+            put_balance(s.balance(balance(100.5, 10.0, true, now), now)),
+            Some(100_500)
+        );
+        assert_eq!(
+            s.balance(balance(0.5, 10.0, false, now), now),
+            None,
+            "the debit the refund saw, handled late"
+        );
+        assert_eq!(
+            put_balance(s.balance(balance(0.25, 11.0, false, now), now)),
+            Some(250)
+        );
+
+        // The other order: the refund first, then the debit it saw.
+        let mut s = snapshots(120.0);
+        assert_eq!(
+            put_balance(s.balance(balance(100.5, 10.0, true, now), now)),
+            Some(100_500)
+        );
+        assert_eq!(s.balance(balance(0.5, 10.0, false, now), now), None);
+
+        // A refund that makes the key able to pay everything removes its snapshot, and the
+        // late debit does not bring it back.
+        let mut s = snapshots(120.0);
+        assert!(put_balance(s.balance(balance(0.5, 10.0, false, now), now)).is_some());
+        assert_eq!(
+            s.balance(balance(500.5, 10.0, true, now), now),
+            Some(Write::Remove(7))
+        );
+        assert_eq!(s.balance(balance(0.5, 10.0, false, now), now), None);
+        assert!(s.tracked.is_empty());
+    }
+
+    #[test]
+    fn an_older_debit_never_replaces_a_newer_one_and_lifts_are_ordered_too() {
+        let now = Instant::now();
+        let mut s = snapshots(120.0);
+        assert!(put_balance(s.balance(balance(5.0, 11.0, false, now), now)).is_some());
+        assert_eq!(s.balance(balance(50.0, 10.0, false, now), now), None);
+        // A refund of a forgotten bucket: the balance is unknown, the snapshot goes.
+        assert_eq!(s.lift(7, Some(12.0), now), Some(Write::Remove(7)));
+        assert_eq!(s.balance(balance(5.0, 11.5, false, now), now), None);
+        assert!(put_balance(s.balance(balance(3.0, 12.5, false, now), now)).is_some());
+        assert_eq!(
+            s.lift(7, Some(12.2), now),
+            None,
+            "older than what the map holds"
+        );
+    }
+
+    #[test]
+    fn snapshots_carry_the_store_time_of_their_balance_rounded_up() {
+        let now = Instant::now();
+        let mut s = snapshots(120.0);
+        let debited = now.checked_sub(Duration::from_millis(300)).unwrap_or(now);
+        let mut b = balance(0.0004, 10.0, false, debited);
+        b.refill_per_sec = 0.0001;
+        let Some(Write::Put(_, budget)) = s.balance(b, now) else {
+            panic!("a snapshot")
+        };
+        assert_eq!(budget.balance_milli, 1, "rounded up, never down");
+        assert_eq!(budget.refill_milli_per_sec, 1);
+        let age = monotonic_ns().saturating_sub(budget.synced_ns);
+        assert!(
+            age >= 300_000_000,
+            "stamped when the store settled it, not when it was handled: {age} ns"
+        );
+        // A balance older than half of max_staleness is projected to now instead.
+        let old = now.checked_sub(Duration::from_secs(5)).unwrap_or(now);
+        let mut b = balance(10.0, 11.0, false, old);
+        b.refill_per_sec = 2.0;
+        let Some(Write::Put(_, budget)) = s.balance(b, now) else {
+            panic!("a snapshot")
+        };
+        assert_eq!(budget.balance_milli, 20_000);
+    }
+
+    #[test]
+    fn refresh_restamps_low_keys_and_drops_those_refill_made_able_to_pay() {
+        let now = Instant::now();
+        let mut s = snapshots(120.0);
+        let mut b = balance(100.0, 10.0, false, now);
+        b.refill_per_sec = 10.0;
+        s.balance(b, now);
+        let mut c = balance(0.0, 10.0, false, now);
+        c.key_id = 8;
+        s.balance(c, now);
+        let later = now + Duration::from_secs(3);
+        let mut writes = s.refresh(later);
+        writes.sort_by_key(|w| match w {
+            Write::Put(k, _) | Write::Refresh(k, _) | Write::Remove(k) => *k,
+        });
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0], Write::Remove(7), "100 + 3 s × 10/s ≥ 120");
+        assert!(matches!(writes[1], Write::Refresh(8, b) if b.balance_milli == 0));
+        s.gone(8);
+        assert!(
+            s.refresh(later).is_empty(),
+            "a lifted snapshot is not brought back"
+        );
+    }
+
+    fn decision(remaining: f64, denial: Option<Denial>) -> Decision {
+        Decision {
+            allowed: denial.is_none(),
+            denial,
+            cost: 120.0,
+            remaining: Some(remaining),
+            retry_after_ms: None,
+            tier: Some("free".into()),
+            bucket: None,
+            mode: Mode::Enforce,
+            request_id: RequestId::generate(),
+            replayed: false,
+            decision_id: uuid::Uuid::now_v7(),
+            endpoint: "/generate-report".into(),
+        }
+    }
+
+    fn updates(config: &Config, publish: impl FnOnce(&GateLink)) -> Vec<Update> {
+        let (link, mut rx) = test_link(config, &Metrics::new());
+        publish(&link);
+        let mut out = Vec::new();
+        while let Ok(u) = rx.try_recv() {
+            out.push(u);
+        }
+        out
+    }
+
+    #[test]
+    fn the_subscriber_owns_tiers_shadow_mode_and_kernel_ids() {
+        let key = ApiKey::parse("sub-key").expect("key");
+        let hash = key.hash();
+        let check = Check {
+            key: key.clone(),
+            endpoint: "/generate-report".into(),
+            method: Some("POST".into()),
+            client_ip: Some("10.0.0.9".parse().expect("ip")),
+            units: 1.0,
+            request_id: None,
+        };
+        let sent = Instant::now();
+        let settled = Settled {
+            at: 100.0,
+            now: 100.0,
+            sent,
+        };
+        let d = decision(0.5, Some(Denial::Exhausted));
+        let debit = |link: &GateLink| {
+            link.publish(&Event::Debit(Decided {
+                key: &key,
+                key_hash: &hash,
+                check: &check,
+                decision: &d,
+                multiplier: 1.0,
+                decided_by: "memory",
+                bucket: BucketKind::Main,
+                settled: Some(settled),
+            }))
+        };
+        let got = updates(&Config::default(), debit);
+        assert_eq!(got.len(), 2, "{got:?}");
+        let Update::Balance(b) = &got[0] else {
+            panic!("a balance first: {got:?}")
+        };
+        assert_eq!(
+            (b.key_id, b.balance, b.at, b.refill_per_sec, b.raises),
+            (key.kernel_id(), 0.5, 100.0, 10.0, false)
+        );
+        assert_eq!(b.stamp, sent);
+        assert!(matches!(got[1], Update::Client { key_id, .. } if key_id == key.kernel_id()));
+
+        let mut shadow = Config::default();
+        shadow.budget.shadow = true;
+        let got = updates(&shadow, debit);
+        assert!(
+            got.iter().all(|u| matches!(u, Update::Client { .. })),
+            "shadow mode never rejects, not even in the kernel: {got:?}"
+        );
+
+        let replay = |link: &GateLink| {
+            link.publish(&Event::Replay(Decided {
+                key: &key,
+                key_hash: &hash,
+                check: &check,
+                decision: &d,
+                multiplier: 1.0,
+                decided_by: "replay",
+                bucket: BucketKind::Main,
+                settled: None,
+            }))
+        };
+        let got = updates(&Config::default(), replay);
+        assert!(
+            got.iter().all(|u| matches!(u, Update::Client { .. })),
+            "a replay's balance is the first decision's: {got:?}"
+        );
+
+        let request_id = RequestId::generate();
+        let refund = |link: &GateLink, balance: Option<f64>| {
+            link.publish(&Event::Refund(Refunded {
+                key: &key,
+                key_hash: &hash,
+                request_id: &request_id,
+                credited: 100.0,
+                balance,
+                tier: "free",
+                settled: Settled {
+                    at: 90.0,
+                    now: 100.0,
+                    sent,
+                },
+                id: uuid::Uuid::now_v7(),
+                store: "memory",
+            }))
+        };
+        let got = updates(&Config::default(), |link| refund(link, Some(100.5)));
+        let [Update::Balance(b)] = got.as_slice() else {
+            panic!("one balance: {got:?}")
+        };
+        assert!(b.raises && b.balance == 100.5 && b.at == 90.0);
+        assert_eq!(
+            sent.duration_since(b.stamp),
+            Duration::from_secs(10),
+            "as of the bucket's clock: 10 s before the refund"
+        );
+        let got = updates(&Config::default(), |link| refund(link, None));
+        assert!(
+            matches!(got.as_slice(), [Update::Lift { at: Some(at), .. }] if *at == 90.0),
+            "{got:?}"
+        );
+
+        let unknown = decision(0.0, Some(Denial::UnknownKey));
+        let got = updates(&Config::default(), |link| {
+            link.publish(&Event::Debit(Decided {
+                key: &key,
+                key_hash: &hash,
+                check: &check,
+                decision: &unknown,
+                multiplier: 1.0,
+                decided_by: "memory",
+                bucket: BucketKind::Main,
+                settled: None,
+            }))
+        });
+        assert!(matches!(got[0], Update::Lift { at: None, .. }), "{got:?}");
+    }
+
+    #[test]
+    fn the_report_says_where_the_gate_judges_and_why_not_elsewhere() {
+        let states = |list: &[(&str, InterfaceState)]| -> Vec<(String, InterfaceState)> {
+            list.iter()
+                .map(|(i, s)| ((*i).to_owned(), s.clone()))
+                .collect()
+        };
+        let r = report(
+            &states(&[
+                ("eth0", InterfaceState::Attached),
+                ("eth1", InterfaceState::DetachedByOperator),
+                ("eth2", InterfaceState::Lost("the interface is gone".into())),
+            ]),
+            &[80],
+        );
+        assert!(r.attached);
+        assert_eq!(
+            r.detail,
+            "attached to eth0 protecting ports [80]; detached by an operator from eth1 \
+             (`enforcer kernel attach` attaches it again); not attached to eth2: the interface \
+             is gone (a restart attaches it again)"
+        );
+        let off = report(
+            &states(&[("eth0", InterfaceState::DetachedByOperator)]),
+            &[80],
+        );
+        assert!(!off.attached, "detached everywhere: not attached");
+        let status = KernelStatus::new(r);
+        status.set(off);
+        assert!(
+            !status.get().attached,
+            "/readyz reads what the sync task set"
+        );
     }
 }

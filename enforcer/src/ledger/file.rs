@@ -450,6 +450,7 @@ mod tests {
             denial: None,
             request_id: None,
             node: "n".into(),
+            kind: crate::ledger::RowKind::Debit,
         })
     }
 

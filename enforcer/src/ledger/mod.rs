@@ -28,6 +28,7 @@
 pub mod file;
 pub mod postgres;
 pub mod quarantine;
+mod subscriber;
 
 use crate::config::LedgerConfig;
 use crate::metrics::LedgerMetrics;
@@ -95,7 +96,33 @@ impl From<sqlx::migrate::MigrateError> for LedgerError {
     }
 }
 
-/// One decision, as recorded. Field names are the JSON-lines file format (stable).
+/// What a row records: a change of a key's balance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowKind {
+    /// A decision: charged, denied, or answered without charging (replays, failure policy).
+    #[default]
+    Debit,
+    /// Tokens given back for a request the upstream failed (`POST /v1/refund`): `cost` is the
+    /// tokens credited, `request_id` the refunded request's.
+    Refund,
+    /// Tokens granted by an operator (not recorded yet: no grants exist yet).
+    Grant,
+}
+
+impl RowKind {
+    /// The name in the `kind` column and the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowKind::Debit => "debit",
+            RowKind::Refund => "refund",
+            RowKind::Grant => "grant",
+        }
+    }
+}
+
+/// One decision (or refund), as recorded. Field names are the JSON-lines file format (stable;
+/// `kind` is absent from lines written before it existed, which are debits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRow {
     /// The decision id (UUIDv7: time-ordered, so the primary-key index stays append-mostly).
@@ -128,6 +155,9 @@ pub struct AuditRow {
     pub request_id: Option<String>,
     /// The node that decided.
     pub node: String,
+    /// A debit, a refund or a grant.
+    #[serde(default)]
+    pub kind: RowKind,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).

@@ -15,7 +15,8 @@ use std::time::Duration;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
-                       cost, multiplier, allowed, remaining, decided_by, denial, request_id, node";
+                       cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
+                       kind";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -230,7 +231,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(16);
+        b.put_i16(17);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -251,6 +252,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
         text(&mut b, r.denial.as_deref());
         text(&mut b, r.request_id.as_deref());
         text(&mut b, Some(&r.node));
+        text(&mut b, Some(r.kind.as_str()));
     }
     b.put_i16(-1);
     b
@@ -412,11 +414,11 @@ pub async fn apply_retention(pool: &PgPool, months: u32) -> Result<Vec<String>, 
     Ok(dropped)
 }
 
-/// Rows whose cost was really debited: allowed by the budget (not a denial let through in
-/// shadow mode), not an idempotent replay (charged once, by the original), not fail-open
-/// (the store was not reached).
-pub const CHARGED: &str =
-    "allowed AND denial IS NULL AND decided_by NOT IN ('replay', 'fail-open', 'fail-closed')";
+/// Decision rows whose cost was really debited: allowed by the budget (not a denial let
+/// through in shadow mode), not an idempotent replay (charged once, by the original), not
+/// fail-open (the store was not reached).
+pub const CHARGED: &str = "kind = 'debit' AND allowed AND denial IS NULL \
+     AND decided_by NOT IN ('replay', 'fail-open', 'fail-closed')";
 
 /// One line of `enforcer audit usage`.
 #[derive(Debug, Clone, PartialEq)]
@@ -427,7 +429,9 @@ pub struct Usage {
     pub decisions: i64,
     /// Allowed decisions.
     pub allowed: i64,
-    /// Tokens charged (see [`CHARGED`]).
+    /// Refunds.
+    pub refunds: i64,
+    /// Tokens charged (see [`CHARGED`]) less the tokens refunded.
     pub cost: f64,
 }
 
@@ -456,13 +460,28 @@ pub async fn usage(
             "to_char(date_trunc('hour', recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:00\"Z\"')"
         }
     };
+    // A refund row names the refunded request by its id; per endpoint it counts where that
+    // request's debit row is (or under `(refunds)` when the debit is not in the window).
     let rows = sqlx::query(&format!(
-        "SELECT {group} AS g, count(*)::int8, count(*) FILTER (WHERE allowed)::int8, \
-                coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0)::float8 \
-         FROM token_transactions \
-         WHERE key_prefix = $3 AND key_hash = $1 \
-               AND recorded_at >= now() - make_interval(secs => $2) \
-         GROUP BY 1 ORDER BY 1"
+        "WITH r AS ( \
+             SELECT t.recorded_at, t.kind, t.allowed, t.denial, t.decided_by, t.cost, \
+                    CASE WHEN t.kind = 'refund' THEN coalesce( \
+                        (SELECT d.endpoint FROM token_transactions d \
+                         WHERE d.key_prefix = $3 AND d.key_hash = $1 AND d.kind = 'debit' \
+                               AND d.allowed AND d.request_id = t.request_id \
+                               AND d.recorded_at >= now() - make_interval(secs => $2) \
+                         ORDER BY d.recorded_at DESC LIMIT 1), \
+                        '(refunds)') \
+                    ELSE t.endpoint END AS endpoint \
+             FROM token_transactions t \
+             WHERE t.key_prefix = $3 AND t.key_hash = $1 \
+                   AND t.recorded_at >= now() - make_interval(secs => $2)) \
+         SELECT {group} AS g, count(*) FILTER (WHERE kind = 'debit')::int8, \
+                count(*) FILTER (WHERE kind = 'debit' AND allowed)::int8, \
+                count(*) FILTER (WHERE kind = 'refund')::int8, \
+                (coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0) \
+                 - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0))::float8 \
+         FROM r GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
     .bind(since.as_secs_f64())
@@ -475,7 +494,8 @@ pub async fn usage(
                 group: r.try_get(0)?,
                 decisions: r.try_get(1)?,
                 allowed: r.try_get(2)?,
-                cost: r.try_get(3)?,
+                refunds: r.try_get(3)?,
+                cost: r.try_get(4)?,
             })
         })
         .collect()
@@ -491,7 +511,7 @@ pub async fn export(
     let mut stream = sqlx::query(
         "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
-                allowed::text, remaining::text, decided_by, denial, request_id, node \
+                allowed::text, remaining::text, decided_by, denial, request_id, node, kind \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -512,7 +532,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 15] = [
+pub const EXPORT_COLUMNS: [&str; 16] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -528,6 +548,7 @@ pub const EXPORT_COLUMNS: [&str; 15] = [
     "denial",
     "request_id",
     "node",
+    "kind",
 ];
 
 /// What [`import`] did.

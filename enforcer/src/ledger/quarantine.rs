@@ -148,6 +148,7 @@ mod tests {
             denial: Some("exhausted".into()),
             request_id: None,
             node: "n".into(),
+            kind: crate::ledger::RowKind::Debit,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

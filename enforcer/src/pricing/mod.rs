@@ -15,12 +15,18 @@
 //!
 //! Operational endpoints keep multiplier 1: they stay out of the token economy. Decisions read
 //! a price's multiplier with one atomic load ([`crate::price::Price::per_unit`]); the engine
-//! never holds anything a decision waits for. A source that fails or answers nonsense keeps
+//! never holds anything a decision waits for.
+//!
+//! The kernel gate must never charge more than userspace: it gets each exact path's lowest
+//! multiplier of the last [`KERNEL_WINDOW`], and a price that falls is written into the
+//! kernel's map (and acknowledged) **before** userspace charges it; until then userspace keeps
+//! charging the higher price. A source that fails or answers nonsense keeps
 //! its last good value and is counted in `enforcer_telemetry_errors_total`.
 pub mod telemetry;
 
 use crate::config::{NodeReferences, PricingConfig, SurgeConfig};
 use crate::kernel::GateLink;
+use crate::lifecycle::Shutdown;
 use crate::metrics::Metrics;
 use crate::price::{Price, PriceBook};
 use serde::Serialize;
@@ -177,9 +183,12 @@ struct Slot {
     fresh: (Option<Instant>, Option<Instant>),
     ema: f64,
     source: &'static str,
-    /// Multipliers of the last ticks: the kernel gets their minimum (see [`Engine::kernel`]).
+    /// Multipliers of the last ticks: the kernel gets their minimum.
     recent: VecDeque<f64>,
+    /// The multiplier the kernel's map has (NaN: the plan's, `floor`).
     kernel_sent: f64,
+    /// A lower multiplier userspace charges only once the kernel has it.
+    pending: Option<f64>,
     gauge: prometheus::Gauge,
 }
 
@@ -206,9 +215,24 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The kernel's prices lag the engine's by up to this long (its sync task applies them
-/// asynchronously); it gets the lowest multiplier of this window so it never over-prices.
-const KERNEL_WINDOW: Duration = Duration::from_secs(10);
+/// The kernel's exact-path prices get the lowest multiplier of this window: a price that
+/// rises reaches the kernel late, one that falls at once.
+pub const KERNEL_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long a round waits for the kernel to take a lower price; without its answer in time,
+/// userspace keeps the higher price for this round.
+const KERNEL_ACK_WAIT: Duration = Duration::from_secs(1);
+
+impl Slot {
+    /// Whether the kernel has this price as an exact-path entry (operational, wildcard and
+    /// default prices are at their floor there, which no multiplier goes below).
+    fn in_kernel(&self) -> bool {
+        !self.price.operational
+            && !self.price.class.ends_with('*')
+            && self.price.class != "default"
+            && !enforcer_common::path_is_ambiguous(self.price.class.as_bytes())
+    }
+}
 
 impl Engine {
     /// An engine over `book`'s prices (their multipliers are shared with the decisions).
@@ -254,6 +278,7 @@ impl Engine {
                     source: if p.operational { "operational" } else { "node" },
                     recent: VecDeque::new(),
                     kernel_sent: f64::NAN,
+                    pending: None,
                 }
             })
             .collect();
@@ -281,15 +306,17 @@ impl Engine {
         self.costs.clone()
     }
 
-    /// Runs every `interval` until the process ends.
-    pub async fn run(mut self, interval: Duration) {
+    /// Runs every `interval` until `shutdown`.
+    pub async fn run(mut self, interval: Duration, mut shutdown: Shutdown) {
         // `Server::bind` ran the first round: the next one is an interval later (an immediate
         // one would read /proc/stat again before any CPU time elapsed).
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            self.tick().await;
+            tokio::select! {
+                () = shutdown.requested() => break,
+                _ = tick.tick() => self.tick().await,
+            }
         }
     }
 
@@ -299,7 +326,7 @@ impl Engine {
         self.read_node().await;
         self.read_endpoints().await;
         self.recompute();
-        self.publish();
+        self.publish().await;
         self.metrics
             .pricing_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -383,8 +410,11 @@ impl Engine {
         }
     }
 
-    /// Recomputes every multiplier from the current readings (no I/O).
+    /// Recomputes every multiplier from the current readings (no I/O). A rise applies at once;
+    /// a fall of a price the kernel has waits for [`Engine::tick`] to hand it to the kernel
+    /// first (at once without a kernel gate).
     pub fn recompute(&mut self) {
+        let kernel = self.gate.is_some();
         let f = &self.formula;
         let refs = &self.node_refs;
         let node = self.node_reading;
@@ -408,7 +438,12 @@ impl Engine {
             };
             s.ema = f.ema(s.ema, f.score(cpu_n, mem_n, load_n));
             let m = f.multiplier(s.ema, load_n);
-            s.price.set_multiplier(m);
+            if kernel && s.in_kernel() && m < s.price.multiplier() {
+                s.pending = Some(m);
+            } else {
+                s.pending = None;
+                s.price.set_multiplier(m);
+            }
             if s.recent.len() >= self.kernel_window {
                 s.recent.pop_front();
             }
@@ -424,24 +459,17 @@ impl Engine {
         }
     }
 
-    fn publish(&mut self) {
-        let now = now_rfc3339();
-        let mut costs = Vec::with_capacity(self.slots.len());
+    /// Hands the kernel its prices (a fall first, and waits for it), then userspace's falls,
+    /// then the cost table and gauges.
+    async fn publish(&mut self) {
         let mut kernel = Vec::new();
-        for (idx, s) in self.slots.iter_mut().enumerate() {
-            let m = s.price.multiplier();
-            s.gauge.set(s.price.base_cost * m);
-            costs.push(Cost::of(&s.price, m, &now, s.source));
-            // The kernel's exact-path prices: the lowest multiplier of the window, so a price
-            // that fell in userspace is never higher in the kernel while the update is on its way.
+        let mut falls = false;
+        for (idx, s) in self.slots.iter().enumerate() {
+            // The lowest multiplier of the window, so a rise reaches the kernel only once it
+            // has held for the whole window.
             let lowest = s.recent.iter().copied().fold(f64::INFINITY, f64::min);
-            if !s.price.operational
-                && !s.price.class.ends_with('*')
-                && s.price.class != "default"
-                && s.price.class.len() <= enforcer_common::MAX_PATH_LEN
-                && lowest.is_finite()
-                && lowest != s.kernel_sent
-            {
+            if s.in_kernel() && lowest.is_finite() && lowest != s.kernel_sent {
+                falls |= lowest < s.kernel_sent;
                 let method = (s.price.method != "*").then(|| s.price.method.clone());
                 kernel.push((
                     idx,
@@ -450,18 +478,43 @@ impl Engine {
                 ));
             }
         }
-        self.costs.set(costs);
         if let Some(gate) = &self.gate
             && !kernel.is_empty()
         {
             let sent: Vec<(usize, f64)> = kernel.iter().map(|(i, m, _)| (*i, *m)).collect();
-            // Marked as sent only once queued: a dropped update is sent again next round.
-            if gate.prices(kernel.into_iter().map(|(_, _, p)| p).collect()) {
+            let prices = kernel.into_iter().map(|(_, _, p)| p).collect();
+            // Marked as sent only once queued (or, for a fall, applied): a dropped update is
+            // sent again next round.
+            let delivered = if falls {
+                gate.prices_applied(prices, KERNEL_ACK_WAIT).await
+            } else {
+                gate.prices(prices)
+            };
+            if delivered {
                 for (i, m) in sent {
                     self.slots[i].kernel_sent = m;
                 }
+            } else if falls {
+                tracing::warn!(
+                    "the kernel gate did not take lower prices in time: userspace keeps the higher ones this round"
+                );
             }
         }
+        let now = now_rfc3339();
+        let mut costs = Vec::with_capacity(self.slots.len());
+        for s in &mut self.slots {
+            // The kernel has this price or a lower one now: userspace may charge it.
+            if let Some(m) = s.pending
+                && s.kernel_sent <= m
+            {
+                s.price.set_multiplier(m);
+                s.pending = None;
+            }
+            let m = s.price.multiplier();
+            s.gauge.set(s.price.base_cost * m);
+            costs.push(Cost::of(&s.price, m, &now, s.source));
+        }
+        self.costs.set(costs);
     }
 }
 
@@ -561,7 +614,7 @@ mod tests {
         .expect("valid");
         let book = PriceBook::new(&config.pricing);
         let metrics = Metrics::new();
-        let (link, mut events) = crate::kernel::sync::test_link(&metrics);
+        let (link, mut events) = crate::kernel::sync::test_link(&config, &metrics);
         let node = Arc::new(Node(parking_lot::Mutex::new((0.5, 0.5, 0.5))));
         let mut engine = Engine::new(
             &config.pricing,
@@ -572,7 +625,7 @@ mod tests {
             Some(link),
         );
         let mut kernel_price = || match events.try_recv() {
-            Ok(crate::kernel::sync::Event::Prices(p)) => Some(p),
+            Ok(crate::kernel::sync::Update::Prices { prices, .. }) => Some(prices),
             _ => None,
         };
         // score = 0.65·1 + 0.25·1 + 0.10·0.5 = 0.95.
@@ -593,11 +646,37 @@ mod tests {
         engine.tick().await;
         assert!(report.per_unit() > 150.0);
         assert!(kernel_price().is_none());
-        // It falls below: sent at once.
+        // It falls below: sent at once, and userspace charges it only once the kernel has it.
+        let before = report.per_unit();
         *node.0.lock() = (0.1, 0.1, 0.1);
-        engine.tick().await;
-        let pushed = kernel_price().expect("pushed");
+        let kernel = async {
+            let Some(crate::kernel::sync::Update::Prices {
+                prices,
+                applied: Some(applied),
+            }) = events.recv().await
+            else {
+                panic!("a fall waits for the kernel")
+            };
+            assert_eq!(
+                report.per_unit(),
+                before,
+                "userspace still charges the higher price while the kernel is told"
+            );
+            let _ = applied.send(());
+            prices
+        };
+        let ((), pushed) = tokio::join!(engine.tick(), kernel);
         assert!(pushed[0].2 < 95.0 && (pushed[0].2 - report.per_unit()).abs() < 1e-9);
+        // Without the kernel's answer, userspace keeps the price the kernel has.
+        let kernel_has = report.per_unit();
+        *node.0.lock() = (0.0, 0.0, 0.0);
+        tokio::time::pause();
+        engine.tick().await;
+        assert_eq!(
+            report.per_unit(),
+            kernel_has,
+            "not lowered without the kernel"
+        );
         let health_path = book.endpoint("/health").expect("normal form");
         let health = book.price(Some("GET"), &health_path).expect("priced");
         assert_eq!(health.multiplier(), 1.0, "operational endpoints never move");

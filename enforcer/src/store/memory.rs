@@ -110,6 +110,7 @@ impl TokenStore for MemoryStore {
                     tier: r.tier.clone(),
                     cost: r.cost,
                     replayed: true,
+                    at: None,
                 }));
             }
         }
@@ -160,6 +161,7 @@ impl TokenStore for MemoryStore {
             tier: tier.name.clone(),
             cost: d.cost,
             replayed: false,
+            at: Some(now),
         }))
     }
 
@@ -185,7 +187,7 @@ impl TokenStore for MemoryStore {
         if record.refunded {
             return Ok(RefundOutcome::AlreadyRefunded);
         }
-        let (credited, balance) = match st
+        let (credited, balance, as_of) = match st
             .buckets
             .get_mut(&(*key, slot(BucketKind::Main)))
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
@@ -193,14 +195,24 @@ impl TokenStore for MemoryStore {
             Some(bucket) => {
                 let before = bucket.state.balance;
                 bucket.state.balance = debit::credit(before, record.max_tokens, record.cost);
-                (bucket.state.balance - before, bucket.state.balance)
+                (
+                    bucket.state.balance - before,
+                    bucket.state.balance,
+                    Some(bucket.state.updated_at),
+                )
             }
-            None => (0.0, 0.0),
+            None => (0.0, 0.0, None),
         };
         if let Some(r) = st.records.get_mut(&record_key) {
             r.refunded = true;
         }
-        Ok(RefundOutcome::Refunded { credited, balance })
+        Ok(RefundOutcome::Refunded {
+            credited,
+            balance,
+            tier: record.tier,
+            as_of,
+            now,
+        })
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {

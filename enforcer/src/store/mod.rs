@@ -98,6 +98,10 @@ pub struct Settled {
     pub cost: f64,
     /// True when this is an idempotent replay of an earlier allowed request.
     pub replayed: bool,
+    /// The store's clock (Redis `TIME`; the in-process store's clock) when the balance was
+    /// settled, seconds since the Unix epoch: what `remaining` is as of. `None` for a replay
+    /// (its `remaining` is the first decision's, not the balance now).
+    pub at: Option<f64>,
 }
 
 /// What a refund did.
@@ -107,8 +111,16 @@ pub enum RefundOutcome {
     Refunded {
         /// Tokens credited.
         credited: f64,
-        /// Balance afterwards.
+        /// Balance afterwards, as of `as_of` (a refund keeps the bucket's refill clock).
         balance: f64,
+        /// The tier the refunded request was charged under.
+        tier: String,
+        /// The store time `balance` holds for (the bucket's last update), seconds since the
+        /// Unix epoch; `None` when the bucket was forgotten (it refilled past the cost: the
+        /// balance is unknown, not 0).
+        as_of: Option<f64>,
+        /// The store's clock when the refund was made (Redis `TIME`).
+        now: f64,
     },
     /// No allowed request with this id is remembered for this key (never seen, or expired).
     UnknownRequest,

@@ -317,7 +317,7 @@ impl TokenStore for RedisStore {
         args.push(&self.record_ttl_ms);
         args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
-        let (status, allowed, remaining, retry, tier, cost, replayed): (
+        let (status, allowed, remaining, retry, tier, cost, replayed, at): (
             String,
             i64,
             String,
@@ -325,6 +325,7 @@ impl TokenStore for RedisStore {
             String,
             String,
             i64,
+            String,
         ) = self.eval(DEBIT, &keys, &args).await?;
         match status.as_str() {
             "ok" => Ok(DebitOutcome::Settled(Settled {
@@ -334,6 +335,11 @@ impl TokenStore for RedisStore {
                 tier,
                 cost: number(&cost)?,
                 replayed: replayed == 1,
+                at: if replayed == 1 {
+                    None
+                } else {
+                    Some(number(&at)?)
+                },
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
             "conflict" => Ok(DebitOutcome::Conflict),
@@ -347,12 +353,25 @@ impl TokenStore for RedisStore {
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
         let [bucket, _, record] = Self::key_names(key, BucketKind::Main, request_id);
-        let (status, credited, balance): (String, String, String) =
-            self.eval(REFUND, &[bucket, record], &[]).await?;
+        let (status, credited, balance, as_of, tier, now): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = self.eval(REFUND, &[bucket, record], &[]).await?;
         match status.as_str() {
             "ok" => Ok(RefundOutcome::Refunded {
                 credited: number(&credited)?,
                 balance: number(&balance)?,
+                tier,
+                as_of: if as_of.is_empty() {
+                    None
+                } else {
+                    Some(number(&as_of)?)
+                },
+                now: number(&now)?,
             }),
             "unknown_request" => Ok(RefundOutcome::UnknownRequest),
             "already_refunded" => Ok(RefundOutcome::AlreadyRefunded),

@@ -1,0 +1,126 @@
+//! The decider's one outbound port: every decision and every other change of a key's balance
+//! becomes one [`Event`], handed to each [`Subscriber`] of an [`Outbox`].
+//!
+//! The decider knows nothing about what happens next. Two subscribers are wired by
+//! `server.rs`: the audit ledger (a row per event, `ledger::subscriber`) and the kernel gate's
+//! sync (snapshots and bindings, `kernel::sync`). They own their logic: the kernel subscriber
+//! decides which keys get a snapshot (tiers, shadow mode, kernel ids), the ledger what a row
+//! holds.
+//!
+//! Events are published synchronously, on the decision path, after the store answered and
+//! before the caller gets its answer: a subscriber must never wait (the ledger and the kernel
+//! sync each push onto a bounded queue of their own).
+use crate::decision::{Check, Decision};
+use crate::key::{ApiKey, KeyHash, RequestId};
+use crate::store::BucketKind;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One change, as the decider saw it. Borrowed: a subscriber copies what it keeps.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A check decided anew: charged, denied (nothing charged), refused as unknown or as a
+    /// request-id conflict, or decided without the store by the failure policy. Every decision
+    /// that is not a replay is one `Debit`.
+    Debit(Decided<'a>),
+    /// A retry answered from the first decision under its request id: nothing charged, and its
+    /// `remaining` is the first decision's, not the balance now.
+    Replay(Decided<'a>),
+    /// An allowed request's cost given back (`POST /v1/refund`).
+    Refund(Refunded<'a>),
+}
+
+/// A decision and what it was made from.
+#[derive(Debug)]
+pub struct Decided<'a> {
+    /// The caller's key (in memory only: subscribers derive hashes and ids from it).
+    pub key: &'a ApiKey,
+    /// Its SHA-256, as the store and the ledger know it.
+    pub key_hash: &'a KeyHash,
+    /// The check as asked.
+    pub check: &'a Check,
+    /// The answer.
+    pub decision: &'a Decision,
+    /// The price multiplier the cost was computed with (for a replay, the first decision's).
+    pub multiplier: f64,
+    /// Who decided: the store's backend (`redis`, `memory`), `shadow`, `fail-open`,
+    /// `fail-closed` or `replay`.
+    pub decided_by: &'static str,
+    /// The bucket charged.
+    pub bucket: BucketKind,
+    /// When the store settled the balance, if it did (not for replays and store failures).
+    pub settled: Option<Settled>,
+}
+
+/// When a balance was settled in the store.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    /// The store's clock when the balance was settled (Redis `TIME`), seconds since the Unix
+    /// epoch: orders a key's events whatever order they are handled in.
+    pub at: f64,
+    /// The store's clock when it answered; `now − at` is how old the balance already was then
+    /// (0 for a debit; a refund keeps the bucket's older refill clock).
+    pub now: f64,
+    /// This host's monotonic clock just before the store call: the store settled the balance
+    /// after it, so `sent − (now − at)` dates the balance never later than it was.
+    pub sent: Instant,
+}
+
+/// A refund.
+#[derive(Debug)]
+pub struct Refunded<'a> {
+    /// The caller's key.
+    pub key: &'a ApiKey,
+    /// Its SHA-256.
+    pub key_hash: &'a KeyHash,
+    /// The refunded request.
+    pub request_id: &'a RequestId,
+    /// Tokens credited (may be less than the cost near capacity).
+    pub credited: f64,
+    /// The balance afterwards; `None` when the store no longer had the bucket (forgotten after
+    /// a long idle period: its balance is unknown, at least the cost).
+    pub balance: Option<f64>,
+    /// The tier the request was charged under.
+    pub tier: &'a str,
+    /// When `balance` holds for (the bucket's refill clock, which a refund keeps); without a
+    /// balance, `at` is the store's clock at the refund.
+    pub settled: Settled,
+    /// Id of this refund (UUIDv7), for its audit row.
+    pub id: uuid::Uuid,
+    /// The store that made it (`redis`, `memory`).
+    pub store: &'static str,
+}
+
+/// Takes events. Called on the decision path: must return at once (queue, never wait).
+pub trait Subscriber: Send + Sync + fmt::Debug {
+    /// One event.
+    fn publish(&self, event: &Event<'_>);
+}
+
+/// The subscribers of a decider, called in the order they were added.
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    subscribers: Vec<Arc<dyn Subscriber>>,
+}
+
+impl Outbox {
+    /// No subscribers: events go nowhere.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a subscriber.
+    #[must_use]
+    pub fn with(mut self, subscriber: Arc<dyn Subscriber>) -> Self {
+        self.subscribers.push(subscriber);
+        self
+    }
+
+    /// Hands `event` to every subscriber.
+    pub fn publish(&self, event: &Event<'_>) {
+        for s in &self.subscribers {
+            s.publish(event);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The audit ledger as a subscriber of the decider's events ([`crate::decision::event`]):
+//! every decision becomes one row, and so does every refund (`kind = refund`); what a row holds
+//! is decided here, not on the decision path.
+use super::{AuditRow, Entry, Ledger, RowKind};
+use crate::decision::event::{Decided, Event, Refunded, Subscriber};
+
+impl Subscriber for Ledger {
+    fn publish(&self, event: &Event<'_>) {
+        let row = match event {
+            Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
+            Event::Refund(r) => self.refund_row(r),
+        };
+        self.record(Entry::Decision(row));
+    }
+}
+
+impl Ledger {
+    /// The audit row of a decision.
+    fn decision_row(&self, d: &Decided<'_>) -> AuditRow {
+        let decision = d.decision;
+        AuditRow {
+            id: decision.decision_id,
+            at_us: super::now_us(),
+            key_hash: d.key_hash.to_hex(),
+            tier: decision.tier.clone(),
+            // The path as priced (normal form, without the query string, which may carry
+            // secrets and would split usage).
+            endpoint: decision.endpoint.clone(),
+            method: d.check.method.clone().unwrap_or_else(|| "*".to_owned()),
+            units: d.check.units,
+            cost: decision.cost,
+            multiplier: d.multiplier,
+            allowed: decision.allowed,
+            remaining: decision.remaining,
+            decided_by: d.decided_by.to_owned(),
+            denial: decision.denial.map(|x| x.as_str().to_owned()),
+            request_id: Some(decision.request_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Debit,
+        }
+    }
+
+    /// The audit row of a refund: the tokens credited back, under the refunded request's id
+    /// (its debit row names the endpoint; `enforcer audit usage` attributes the refund to it).
+    fn refund_row(&self, r: &Refunded<'_>) -> AuditRow {
+        AuditRow {
+            id: r.id,
+            at_us: super::now_us(),
+            key_hash: r.key_hash.to_hex(),
+            tier: Some(r.tier.to_owned()),
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            units: 0.0,
+            cost: r.credited,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: r.balance,
+            decided_by: r.store.to_owned(),
+            denial: None,
+            request_id: Some(r.request_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Refund,
+        }
+    }
+}
