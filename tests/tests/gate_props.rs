@@ -861,7 +861,7 @@ fn the_gate_rejects_only_what_the_reference_allows() {
     let mut tally = Tally::default();
     let mut failures = Vec::new();
     for (i, seed) in seeds.enumerate() {
-        if i as u64 % BATCH == 0 {
+        if (i as u64).is_multiple_of(BATCH) {
             worlds.iter_mut().for_each(World::refresh);
         }
         let case = generate(seed);

@@ -23,6 +23,9 @@ pub struct KernelPlan {
     pub tiers: Vec<TierRule>,
     /// Global shadow mode (`budget.shadow`): no key ever gets a snapshot.
     pub shadow: bool,
+    /// Decisions of one key that must carry an address before it is bound to the key
+    /// (`kernel.bind_after`; [`crate::kernel::binding`]).
+    pub bind_after: u32,
 }
 
 /// What a tier means for the kernel.
@@ -140,6 +143,7 @@ pub fn plan(config: &Config) -> KernelPlan {
         max_price,
         tiers,
         shadow,
+        bind_after: config.kernel.bind_after,
     }
 }
 

@@ -364,7 +364,6 @@ pub fn start(
                     gate,
                     rx,
                     plan.clone(),
-                    Bindings::new(config.kernel.bind_after),
                     metrics.clone(),
                     ledger,
                     watch,
@@ -617,14 +616,13 @@ async fn sync(
     mut gate: Gate,
     mut rx: mpsc::Receiver<Update>,
     plan: Arc<KernelPlan>,
-    bindings: Bindings,
     metrics: Metrics,
     ledger: Option<Ledger>,
     watch: Watch,
     mut shutdown: Shutdown,
 ) {
     let mut snapshots = Snapshots::new(&plan, adopt(&gate, &plan));
-    let mut addresses = Addresses(bindings);
+    let mut addresses = Addresses(Bindings::new(plan.bind_after));
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
     let mut rollup_tick = tokio::time::interval(ROLLUP_EVERY);
     let mut rollup = Rollup::default();
