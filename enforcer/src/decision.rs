@@ -122,6 +122,35 @@ pub struct Decision {
     pub endpoint: String,
 }
 
+impl Decision {
+    /// A decision the store gave no balance for (unknown key, request-id conflict, store not
+    /// reached): no tier, bucket, balance or retry time; `denial` is what was (or, allowed,
+    /// would have been) refused.
+    fn without_balance(
+        allowed: bool,
+        denial: Denial,
+        mode: Mode,
+        cost: f64,
+        request_id: RequestId,
+        endpoint: &str,
+    ) -> Self {
+        Self {
+            allowed,
+            denial: Some(denial),
+            cost,
+            remaining: None,
+            retry_after_ms: None,
+            tier: None,
+            bucket: None,
+            mode,
+            request_id,
+            replayed: false,
+            decision_id: uuid::Uuid::now_v7(),
+            endpoint: endpoint.to_owned(),
+        }
+    }
+}
+
 /// Bad input: refused before anything is debited.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -276,40 +305,28 @@ impl Decider {
                 self.settled(settled, bucket, debit.request_id, &endpoint)
             }
             // Shadow mode allows unknown keys too, and records what it would have denied.
-            Ok(DebitOutcome::UnknownKey) => Decision {
-                allowed: self.shadow,
-                denial: Some(Denial::UnknownKey),
-                cost,
-                remaining: None,
-                retry_after_ms: None,
-                tier: None,
-                bucket: None,
-                mode: if self.shadow {
+            Ok(DebitOutcome::UnknownKey) => Decision::without_balance(
+                self.shadow,
+                Denial::UnknownKey,
+                if self.shadow {
                     Mode::Shadow
                 } else {
                     Mode::Enforce
                 },
-                request_id: debit.request_id,
-                replayed: false,
-                decision_id: uuid::Uuid::now_v7(),
-                endpoint: endpoint.clone(),
-            },
+                cost,
+                debit.request_id,
+                &endpoint,
+            ),
             // A reused request id is a client error, not a budget decision: refused in every
             // mode, so shadow mode cannot hide a client bug that enforcement would refuse.
-            Ok(DebitOutcome::Conflict) => Decision {
-                allowed: false,
-                denial: Some(Denial::RequestIdConflict),
+            Ok(DebitOutcome::Conflict) => Decision::without_balance(
+                false,
+                Denial::RequestIdConflict,
+                Mode::Enforce,
                 cost,
-                remaining: None,
-                retry_after_ms: None,
-                tier: None,
-                bucket: None,
-                mode: Mode::Enforce,
-                request_id: debit.request_id,
-                replayed: false,
-                decision_id: uuid::Uuid::now_v7(),
-                endpoint: endpoint.clone(),
-            },
+                debit.request_id,
+                &endpoint,
+            ),
             Err(_) => self.without_store(cost, debit.request_id, &endpoint),
         };
         let decided = Decided {
@@ -404,27 +421,29 @@ impl Decider {
             .store_failure_decisions
             .with_label_values(&[policy])
             .inc();
-        let would_deny = self.on_failure == OnStoreFailure::FailClosed;
-        Decision {
+        let mut decision = Decision::without_balance(
             allowed,
-            denial: would_deny.then_some(Denial::StoreUnavailable),
+            Denial::StoreUnavailable,
+            mode,
             cost,
-            remaining: None,
-            retry_after_ms: (!allowed).then(|| {
+            request_id,
+            endpoint,
+        );
+        // Fail-open records nothing would have been denied; fail-closed (also in shadow mode)
+        // records the denial.
+        if self.on_failure == OnStoreFailure::FailOpen {
+            decision.denial = None;
+        }
+        if !allowed {
+            decision.retry_after_ms = Some(
                 self.breaker
                     .open_for()
                     .as_millis()
                     .try_into()
-                    .unwrap_or(u64::MAX)
-            }),
-            tier: None,
-            bucket: None,
-            mode,
-            request_id,
-            replayed: false,
-            decision_id: uuid::Uuid::now_v7(),
-            endpoint: endpoint.to_owned(),
+                    .unwrap_or(u64::MAX),
+            );
         }
+        decision
     }
 
     /// Gives back the cost of an allowed request, and publishes the new balance.
