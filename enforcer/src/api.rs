@@ -16,7 +16,6 @@ use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError}
 use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
-use crate::price::PriceError;
 use crate::store::RefundOutcome;
 use axum::Extension;
 use axum::Router;
@@ -32,9 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `Retry-After` sent when refill can never cover the cost (cost above capacity, or a prepaid
-/// tier without refill): "not soon"; the body says `retry_after_ms: null`.
-pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
+pub use crate::headers::RETRY_AFTER_NEVER_SECS;
 
 /// Shared state of the handlers.
 #[derive(Debug)]
@@ -63,7 +60,7 @@ fn peer_addr(peer: Peer) -> Option<SocketAddr> {
 }
 
 /// The client address a decision may carry, counted by outcome.
-fn client_ip(app: &App, addr: ClientAddr) -> Option<IpAddr> {
+pub(crate) fn client_ip(app: &App, addr: ClientAddr) -> Option<IpAddr> {
     if let Some(outcome) = addr.outcome() {
         app.metrics
             .client_addresses
@@ -199,13 +196,7 @@ fn conflict(d: &Decision) -> Response {
 }
 
 fn check_error(app: &App, e: &CheckError) -> Response {
-    let reason = match e {
-        CheckError::Endpoint(PriceError::BadMethod) => "bad_method",
-        CheckError::Endpoint(PriceError::BadEndpoint(_)) => "bad_endpoint",
-        CheckError::Units { .. } => "bad_units",
-        CheckError::Cost { .. } => "bad_cost",
-    };
-    bad_request(app, reason, &e.to_string())
+    bad_request(app, e.reason(), &e.to_string())
 }
 
 fn status_of(d: &Decision, deny: StatusCode) -> StatusCode {
@@ -216,45 +207,18 @@ fn status_of(d: &Decision, deny: StatusCode) -> StatusCode {
     }
 }
 
-/// Seconds for a header: whole seconds, rounded up, at least 1.
-fn header_secs(ms: u64) -> u64 {
-    ms.div_ceil(1000).max(1)
-}
-
 fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Response {
     let mut headers = HeaderMap::new();
-    let tier = d.tier.as_deref().unwrap_or("unknown");
-    if let (Some(bucket), Some(remaining)) = (d.bucket, d.remaining) {
-        let mut policy = format!("\"{tier}\";q={}", bucket.max_tokens.floor() as u64);
-        if let Some(w) = bucket.window_secs() {
-            policy.push_str(&format!(";w={w}"));
-        }
-        let reset = if d.allowed || d.retry_after_ms.is_none() {
-            if bucket.refill_per_sec > 0.0 {
-                ((bucket.max_tokens - remaining).max(0.0) / bucket.refill_per_sec).ceil() as u64
-            } else {
-                0
-            }
-        } else {
-            d.retry_after_ms.map(header_secs).unwrap_or(0)
-        };
-        let limit = format!(
-            "\"{tier}\";r={};t={reset}",
-            remaining.max(0.0).floor() as u64
-        );
-        for (name, value) in [("ratelimit-policy", policy), ("ratelimit", limit)] {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(name), v);
-            }
+    let fields = crate::headers::RateLimitFields::of(d);
+    for (name, value) in [
+        ("ratelimit-policy", fields.policy),
+        ("ratelimit", fields.limit),
+    ] {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(HeaderName::from_static(name), v);
         }
     }
-    if status == StatusCode::TOO_MANY_REQUESTS
-        || (!d.allowed && d.denial != Some(Denial::UnknownKey))
-    {
-        let secs = d
-            .retry_after_ms
-            .map(header_secs)
-            .unwrap_or(RETRY_AFTER_NEVER_SECS);
+    if let Some(secs) = fields.retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     if let Ok(v) = HeaderValue::from_str(d.request_id.as_str()) {

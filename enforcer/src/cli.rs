@@ -193,6 +193,10 @@ pub struct RunArgs {
     /// Address of the HTTP API (overrides server.listen).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Address of Envoy's rate-limit API and gRPC health (overrides server.grpc_listen;
+    /// default 127.0.0.1:8081); "" serves no gRPC.
+    #[arg(long, env = "ENFORCER_GRPC_LISTEN", value_name = "ADDR")]
+    pub grpc_listen: Option<String>,
     /// Redis URL (overrides store.redis_url); empty or absent: the embedded in-process store.
     #[arg(long, env = "ENFORCER_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -668,6 +672,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    if let Some(grpc) = args.grpc_listen {
+        config.server.grpc_listen = grpc;
+    }
     if let Some(url) = args.redis_url {
         config.store.redis_url = url;
     }
@@ -707,7 +714,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             } else {
                 "redis"
             };
-            tracing::info!(%addr, store = backend, "enforcer listening");
+            let grpc = server
+                .grpc_addr()
+                .map_or_else(|| "off".to_owned(), |a| a.to_string());
+            tracing::info!(%addr, %grpc, store = backend, "enforcer listening");
             server.run(shutdown_signal()).await?;
             Ok::<_, anyhow::Error>(())
         })

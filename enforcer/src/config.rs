@@ -85,6 +85,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// `[ledger]`
     pub ledger: LedgerConfig,
+    /// `[envoy]`: how Envoy's rate-limit descriptors map onto a check.
+    pub envoy: EnvoyConfig,
 }
 
 /// `[server]`: the HTTP decision API.
@@ -112,6 +114,62 @@ pub struct ServerConfig {
     /// and `X-Real-IP` on `/v1/auth`, `client_ip` on `/v1/check`. Empty (the default): no
     /// request names a client address, so the kernel gate binds none ([`crate::client_addr`]).
     pub trusted_proxies: Vec<crate::client_addr::Cidr>,
+    /// Address of Envoy's rate-limit service API (gRPC, RLS v3) and of `grpc.health.v1`;
+    /// `""` serves no gRPC.
+    pub grpc_listen: String,
+}
+
+impl ServerConfig {
+    /// The gRPC address; `None` when gRPC is off (or the value is invalid: validation says so).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_listen.parse().ok()
+    }
+}
+
+/// `[envoy]`: which entries of an Envoy rate-limit descriptor carry what (see
+/// `docs/gateways.md`). Entries not named here are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvoyConfig {
+    /// Entries that carry the API key, first present wins (e.g. `api_key`, or the
+    /// `descriptor_key` of a `header_match` / `generic_key` action).
+    pub key_entries: Vec<String>,
+    /// Entry with the request path (`:path`), priced in normal form.
+    pub path_entry: String,
+    /// Entry with the request method (`:method`).
+    pub method_entry: String,
+    /// Entry with the client address (Envoy's `remote_address` action); taken only from a
+    /// peer in `server.trusted_proxies`.
+    pub address_entry: String,
+    /// Entry with the request id (e.g. `x-request-id` through a `request_headers` action):
+    /// the idempotency token.
+    pub request_id_entry: String,
+    /// A request none of whose descriptors carries a key: `deny` (the default, like a missing
+    /// key header on `/v1/auth`) or `allow`.
+    pub missing_key: MissingKeyPolicy,
+}
+
+/// What the Envoy API answers to a request that names no API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingKeyPolicy {
+    /// `OVER_LIMIT`.
+    Deny,
+    /// `OK`, nothing charged.
+    Allow,
+}
+
+impl Default for EnvoyConfig {
+    fn default() -> Self {
+        Self {
+            key_entries: vec!["api_key".to_owned()],
+            path_entry: "path".to_owned(),
+            method_entry: "method".to_owned(),
+            address_entry: "remote_address".to_owned(),
+            request_id_entry: "request_id".to_owned(),
+            missing_key: MissingKeyPolicy::Deny,
+        }
+    }
 }
 
 /// `[store]`: where buckets live.
@@ -218,6 +276,21 @@ pub struct PricingConfig {
     pub proc_root: String,
     /// `[pricing.prometheus]`
     pub prometheus: PrometheusConfig,
+    /// `[pricing.domains.NAME]`: per-domain cost tables for the Envoy API (the request's
+    /// `domain` picks one; any other domain is priced by the global table).
+    pub domains: BTreeMap<String, DomainPricing>,
+}
+
+/// `[pricing.domains.NAME]`: a cost table for one Envoy rate-limit domain. Its prices move
+/// with the global table's multipliers (the entry of the same method and path, else the global
+/// default), so the pricing engine needs no queries of its own for it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainPricing {
+    /// Cost of an endpoint this table does not list (default: `pricing.default_cost`).
+    pub default_cost: Option<f64>,
+    /// `[[pricing.domains.NAME.endpoints]]`, as `[[pricing.endpoints]]`.
+    pub endpoints: Vec<EndpointConfig>,
 }
 
 /// `[pricing.weights]`: how the score weighs its inputs (normalised to sum 1).
@@ -336,6 +409,65 @@ pub struct EndpointConfig {
     /// Memory (bytes) that is the reference for `memory_query`.
     #[serde(default = "one_gib")]
     pub memory_reference: f64,
+}
+
+/// Validates one cost table's endpoints (`[[pricing.endpoints]]` or a domain's), reporting
+/// under `at`.
+fn check_endpoints(
+    err: &mut impl FnMut(String, &str),
+    at: &str,
+    endpoints: &[EndpointConfig],
+    pricing: &PricingConfig,
+    in_domain: bool,
+) {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in endpoints.iter().enumerate() {
+        let p = |field: &str| format!("{at}[{i}].{field}");
+        if !METHODS.contains(&e.method.as_str()) {
+            err(p("method"), "must be an upper-case HTTP method or *");
+        }
+        let wildcard_ok =
+            !e.path.contains('*') || (e.path.ends_with("/*") && e.path.matches('*').count() == 1);
+        if !e.path.starts_with('/') || !wildcard_ok {
+            err(
+                p("path"),
+                "must start with / and may only end in /* as a wildcard",
+            );
+        } else if let Some(problem) = not_normal(&e.path, pricing.trailing_slash) {
+            // Requests are priced in normal form: another spelling would never match.
+            err(p("path"), &problem);
+        }
+        if !positive(e.base_cost) {
+            err(p("base_cost"), "must be > 0");
+        }
+        if !seen.insert((e.method.clone(), e.path.clone())) {
+            err(p("path"), "duplicate method and path");
+        }
+        if !positive(e.cpu_reference) {
+            err(p("cpu_reference"), "must be > 0");
+        }
+        if !positive(e.memory_reference) {
+            err(p("memory_reference"), "must be > 0");
+        }
+        let queries = !e.cpu_query.is_empty() || !e.memory_query.is_empty();
+        if queries && in_domain {
+            err(
+                p("cpu_query"),
+                "a domain's prices move with the global entry of the same method and path \
+                 (or the global default): queries belong in [[pricing.endpoints]]",
+            );
+        }
+        if queries && pricing.prometheus.url.is_empty() {
+            err(p("cpu_query"), "queries need pricing.prometheus.url");
+        }
+        if queries && e.operational {
+            err(
+                p("operational"),
+                "operational endpoints are not priced by telemetry",
+            );
+        }
+    }
 }
 
 fn one_gib() -> f64 {
@@ -463,6 +595,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            grpc_listen: "127.0.0.1:8081".to_owned(),
         }
     }
 }
@@ -521,6 +654,7 @@ impl Default for PricingConfig {
             node: NodeReferences::default(),
             proc_root: "/proc".to_owned(),
             prometheus: PrometheusConfig::default(),
+            domains: BTreeMap::new(),
         }
     }
 }
@@ -546,6 +680,7 @@ impl Default for Config {
             pricing: PricingConfig::default(),
             kernel: KernelConfig::default(),
             ledger: LedgerConfig::default(),
+            envoy: EnvoyConfig::default(),
         }
     }
 }
@@ -727,45 +862,56 @@ impl Config {
         if !positive(self.pricing.default_cost) {
             err("pricing.default_cost".into(), "must be > 0");
         }
-        let mut seen = std::collections::HashSet::new();
-        for (i, e) in self.pricing.endpoints.iter().enumerate() {
-            let p = |field: &str| format!("pricing.endpoints[{i}].{field}");
-            if !METHODS.contains(&e.method.as_str()) {
-                err(p("method"), "must be an upper-case HTTP method or *");
-            }
-            let wildcard_ok = !e.path.contains('*')
-                || (e.path.ends_with("/*") && e.path.matches('*').count() == 1);
-            if !e.path.starts_with('/') || !wildcard_ok {
+        check_endpoints(
+            &mut err,
+            "pricing.endpoints",
+            &self.pricing.endpoints,
+            &self.pricing,
+            false,
+        );
+        for (name, domain) in &self.pricing.domains {
+            let at = format!("pricing.domains.{name}");
+            if name.is_empty() || name.len() > 128 || name.bytes().any(|b| b.is_ascii_control()) {
                 err(
-                    p("path"),
-                    "must start with / and may only end in /* as a wildcard",
-                );
-            } else if let Some(problem) = not_normal(&e.path, self.pricing.trailing_slash) {
-                // Requests are priced in normal form: another spelling would never match.
-                err(p("path"), &problem);
-            }
-            if !positive(e.base_cost) {
-                err(p("base_cost"), "must be > 0");
-            }
-            if !seen.insert((e.method.clone(), e.path.clone())) {
-                err(p("path"), "duplicate method and path");
-            }
-            if !positive(e.cpu_reference) {
-                err(p("cpu_reference"), "must be > 0");
-            }
-            if !positive(e.memory_reference) {
-                err(p("memory_reference"), "must be > 0");
-            }
-            let queries = !e.cpu_query.is_empty() || !e.memory_query.is_empty();
-            if queries && self.pricing.prometheus.url.is_empty() {
-                err(p("cpu_query"), "queries need pricing.prometheus.url");
-            }
-            if queries && e.operational {
-                err(
-                    p("operational"),
-                    "operational endpoints are not priced by telemetry",
+                    at.clone(),
+                    "a domain name must be 1-128 printable characters",
                 );
             }
+            if let Some(cost) = domain.default_cost
+                && !positive(cost)
+            {
+                err(format!("{at}.default_cost"), "must be > 0");
+            }
+            check_endpoints(
+                &mut err,
+                &format!("{at}.endpoints"),
+                &domain.endpoints,
+                &self.pricing,
+                true,
+            );
+        }
+        let e = &self.envoy;
+        for (field, value) in [
+            ("path_entry", &e.path_entry),
+            ("method_entry", &e.method_entry),
+            ("address_entry", &e.address_entry),
+            ("request_id_entry", &e.request_id_entry),
+        ] {
+            if value.is_empty() {
+                err(format!("envoy.{field}"), "must not be empty");
+            }
+        }
+        if e.key_entries.is_empty() || e.key_entries.iter().any(String::is_empty) {
+            err(
+                "envoy.key_entries".into(),
+                "must name at least one descriptor entry, none empty",
+            );
+        }
+        if !self.server.grpc_listen.is_empty() && self.server.grpc_addr().is_none() {
+            err(
+                "server.grpc_listen".into(),
+                "must be an address such as 127.0.0.1:8081, or \"\" to serve no gRPC",
+            );
         }
         let pr = &self.pricing;
         if !(pr.alpha > 0.0 && pr.alpha <= 1.0) {
@@ -964,6 +1110,46 @@ mod tests {
                 .tier("free")
                 .map(|t| t.bucket.initial_tokens),
             Some(800.0)
+        );
+    }
+
+    #[test]
+    fn envoy_domains_and_grpc_listen_are_checked() {
+        let text = r#"
+            [server]
+            grpc_listen = "localhost"
+            [envoy]
+            key_entries = []
+            path_entry = ""
+            [[pricing.domains.premium.endpoints]]
+            path = "/v1/x"
+            base_cost = 0
+            [[pricing.domains.premium.endpoints]]
+            path = "/v1/y"
+            cpu_query = "up"
+        "#;
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "server.grpc_listen",
+            "envoy.key_entries",
+            "envoy.path_entry",
+            "pricing.domains.premium.endpoints[0].base_cost",
+            "pricing.domains.premium.endpoints[1].cpu_query",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+        // "" turns gRPC off; the default serves it on 8081.
+        let off = Config::parse("[server]\ngrpc_listen = \"\"\n").expect("valid");
+        assert_eq!(off.server.grpc_addr(), None);
+        assert_eq!(
+            Config::default().server.grpc_addr(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
         );
     }
 

@@ -173,6 +173,31 @@ pub enum CheckError {
         /// The cost computed.
         cost: f64,
     },
+    /// Nothing to decide.
+    #[error("no check to decide")]
+    Empty,
+    /// Checks decided together name more than one key.
+    #[error("checks decided together must name one key")]
+    MixedKeys,
+    /// Checks decided together are priced to the main and the operational bucket: one debit
+    /// cannot charge both.
+    #[error("an operational endpoint and a token-priced endpoint cannot be charged in one request")]
+    MixedBuckets,
+}
+
+impl CheckError {
+    /// A short reason for responses and the `enforcer_bad_requests_total{reason}` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CheckError::Endpoint(PriceError::BadMethod) => "bad_method",
+            CheckError::Endpoint(PriceError::BadEndpoint(_)) => "bad_endpoint",
+            CheckError::Units { .. } => "bad_units",
+            CheckError::Cost { .. } => "bad_cost",
+            CheckError::Empty => "no_check",
+            CheckError::MixedKeys => "mixed_keys",
+            CheckError::MixedBuckets => "mixed_buckets",
+        }
+    }
 }
 
 /// The largest cost a single decision may charge (also enforced by the stores and the script).
@@ -253,42 +278,110 @@ impl Decider {
 
     /// Decides one check.
     pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
-        // Priced, answered and recorded in normal form (`//a/./b/` is `/a/b`), as the upstream
-        // router sees it: another spelling of a path must not change its price.
-        let endpoint = self
-            .prices
-            .endpoint(&check.endpoint)
-            .map_err(PriceError::from)?;
-        let price = self.prices.price(check.method.as_deref(), &endpoint)?;
-        let endpoint = String::from(endpoint);
-        if !(check.units.is_finite()
-            && check.units > 0.0
-            && check.units >= self.min_units
-            && check.units <= self.max_units)
-        {
+        self.decide(&self.prices, std::slice::from_mut(&mut check))
+            .await
+    }
+
+    /// Decides several checks of one key together (Envoy's descriptors of one request): each
+    /// is priced from `domain`'s cost table ([`PriceBook::for_domain`]), and their sum is
+    /// debited in one store call, all or nothing: one decision, one audit row. The request id
+    /// is the first one given. Checks of another key than the first's, or that mix the main
+    /// and the operational bucket, are refused as bad input.
+    pub async fn check_all(
+        &self,
+        domain: &str,
+        checks: &mut [Check],
+    ) -> Result<Decision, CheckError> {
+        self.decide(self.prices.for_domain(domain), checks).await
+    }
+
+    async fn decide(&self, book: &PriceBook, checks: &mut [Check]) -> Result<Decision, CheckError> {
+        let Some(first) = checks.first() else {
+            return Err(CheckError::Empty);
+        };
+        let mut base = 0.0;
+        let mut cost = 0.0;
+        let mut units = 0.0;
+        let mut bucket = None;
+        // One read of each engine multiplier, so the cost and the audit row agree.
+        let mut multiplier = 1.0;
+        let mut endpoints = Vec::with_capacity(checks.len());
+        for check in checks.iter() {
+            if check.key != first.key {
+                return Err(CheckError::MixedKeys);
+            }
+            // Priced, answered and recorded in normal form (`//a/./b/` is `/a/b`), as the
+            // upstream router sees it: another spelling of a path must not change its price.
+            let endpoint = book.endpoint(&check.endpoint).map_err(PriceError::from)?;
+            let price = book.price(check.method.as_deref(), &endpoint)?;
+            if !(check.units.is_finite()
+                && check.units > 0.0
+                && check.units >= self.min_units
+                && check.units <= self.max_units)
+            {
+                return Err(CheckError::Units {
+                    min: self.min_units,
+                    max: self.max_units,
+                });
+            }
+            multiplier = price.multiplier();
+            base += price.base_cost * check.units;
+            cost += price.base_cost * check.units * multiplier;
+            units += check.units;
+            let kind = if price.operational {
+                BucketKind::Operational
+            } else {
+                BucketKind::Main
+            };
+            if bucket.is_some_and(|b| b != kind) {
+                return Err(CheckError::MixedBuckets);
+            }
+            bucket = Some(kind);
+            endpoints.push(String::from(endpoint));
+        }
+        if units > self.max_units {
             return Err(CheckError::Units {
                 min: self.min_units,
                 max: self.max_units,
             });
         }
-        // One read of the engine's multiplier, so the cost and the audit row agree.
-        let multiplier = price.multiplier();
-        let base = price.base_cost * check.units;
-        let cost = base * multiplier;
         if !(cost.is_finite() && cost > 0.0 && cost <= MAX_COST) {
             return Err(CheckError::Cost { cost });
         }
-        let bucket = if price.operational {
-            BucketKind::Operational
+        let bucket = bucket.unwrap_or(BucketKind::Main);
+        if checks.len() > 1 {
+            multiplier = cost / base;
+        }
+        let fingerprint = Fingerprint::of_all(
+            bucket,
+            checks
+                .iter()
+                .zip(&endpoints)
+                .map(|(c, e)| (c.method.as_deref(), e.as_str(), c.units)),
+        );
+        let request_id = checks
+            .iter_mut()
+            .find_map(|c| c.request_id.take())
+            .unwrap_or_else(RequestId::generate);
+        // What the audit row and the kernel gate see: the first check, with the units summed
+        // (and no method when they disagree) when there are several.
+        let mut combined;
+        let check: &Check = if checks.len() == 1 {
+            &checks[0]
         } else {
-            BucketKind::Main
+            combined = checks[0].clone();
+            combined.units = units;
+            if checks.iter().any(|c| c.method != combined.method) {
+                combined.method = None;
+            }
+            &combined
         };
-        let request_id = check.request_id.take().unwrap_or_else(RequestId::generate);
+        let endpoint = endpoints.swap_remove(0);
         let debit = Debit {
             key: check.key.hash(),
             bucket,
             cost,
-            fingerprint: Fingerprint::of(bucket, check.method.as_deref(), &endpoint, check.units),
+            fingerprint,
             request_id,
         };
 
@@ -332,7 +425,7 @@ impl Decider {
         let decided = Decided {
             key: &check.key,
             key_hash: &debit.key,
-            check: &check,
+            check,
             decision: &decision,
             // A replay answers with the first decision's cost: its own multiplier.
             multiplier: if decision.replayed && base > 0.0 {

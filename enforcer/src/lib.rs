@@ -4,6 +4,8 @@
 //!
 //! - [`api`]: the HTTP decision API (`/v1/check`, `/v1/auth`, `/v1/refund`, probes, metrics);
 //!   the client address a decision carries comes only from trusted proxies ([`client_addr`]).
+//!   [`rls`]: Envoy's rate-limit service API (gRPC) onto the same decisions; [`headers`]: the
+//!   `RateLimit` fields both answer with.
 //! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
 //!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
 //!   applies shadow mode and the failure policy; publishes every decision and refund as one
@@ -34,6 +36,7 @@ pub mod config;
 pub mod debit;
 pub mod decision;
 pub mod endpoint;
+pub mod headers;
 pub mod kernel;
 pub mod key;
 pub mod ledger;
@@ -42,5 +45,6 @@ pub mod listener;
 pub mod metrics;
 pub mod price;
 pub mod pricing;
+pub mod rls;
 pub mod server;
 pub mod store;

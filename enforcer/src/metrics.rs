@@ -59,6 +59,13 @@ pub struct Metrics {
     pub node_telemetry: prometheus::GaugeVec,
     /// The HTTP listener's metrics.
     pub http: HttpMetrics,
+    /// `enforcer_rls_requests_total{code}`: Envoy rate-limit calls by overall answer
+    /// (`ok`, `over_limit`).
+    pub rls_requests: IntCounterVec,
+    /// `enforcer_rls_descriptors_total{kind}`: Envoy descriptors by what was done with them
+    /// (`keyed`: charged to a key; `keyless`: no key entry, not ours; `negative_hits`: given
+    /// back by Envoy, not charged).
+    pub rls_descriptors: IntCounterVec,
 }
 
 /// Metrics of the HTTP listener (`enforcer_http_*`): connections, and the limits that bit.
@@ -268,6 +275,18 @@ impl Metrics {
             "enforcer_store_breaker_state",
             "Token store circuit breaker: 0 closed, 1 open, 2 half-open",
         );
+        let rls_requests = counter_vec(
+            &registry,
+            "enforcer_rls_requests_total",
+            "Envoy rate-limit (RLS v3) calls by overall answer (ok, over_limit)",
+            &["code"],
+        );
+        let rls_descriptors = counter_vec(
+            &registry,
+            "enforcer_rls_descriptors_total",
+            "Envoy rate-limit descriptors by what was done with them (keyed, keyless, negative_hits)",
+            &["kind"],
+        );
         let bad_requests = counter_vec(
             &registry,
             "enforcer_bad_requests_total",
@@ -413,6 +432,8 @@ impl Metrics {
             pricing_seconds,
             node_telemetry,
             http,
+            rls_requests,
+            rls_descriptors,
         }
     }
 

@@ -34,9 +34,25 @@ pub struct Price {
 
 impl Price {
     fn new(base_cost: f64, operational: bool, class: &str, method: &str) -> Self {
+        Self::sharing(
+            base_cost,
+            operational,
+            class,
+            method,
+            Arc::new(AtomicU64::new(1f64.to_bits())),
+        )
+    }
+
+    fn sharing(
+        base_cost: f64,
+        operational: bool,
+        class: &str,
+        method: &str,
+        multiplier: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             base_cost,
-            multiplier: Arc::new(AtomicU64::new(1f64.to_bits())),
+            multiplier,
             operational,
             class: class.to_owned(),
             method: method.to_owned(),
@@ -79,30 +95,106 @@ pub struct PriceBook {
     prefixes: Vec<(String, String, Price)>,
     default: Price,
     trailing_slash: TrailingSlash,
+    /// Per-domain tables of the Envoy API (`[pricing.domains.NAME]`), empty in a domain's own
+    /// book.
+    domains: HashMap<String, PriceBook>,
 }
 
 impl PriceBook {
     /// Builds the book from validated config.
     pub fn new(config: &PricingConfig) -> Self {
+        let mut book = Self::table(
+            &config.endpoints,
+            config.trailing_slash,
+            |e| Price::new(e.base_cost, e.operational, &e.path, &e.method),
+            Price::new(config.default_cost, false, "default", "*"),
+        );
+        let domains = config
+            .domains
+            .iter()
+            .map(|(name, d)| {
+                let default_cost = d.default_cost.unwrap_or(config.default_cost);
+                let table = Self::table(
+                    &d.endpoints,
+                    config.trailing_slash,
+                    // A domain's price moves with the global entry of the same method and path
+                    // (else the global default): the engine measures endpoints, not domains.
+                    // Operational entries never move.
+                    |e| {
+                        let multiplier = if e.operational {
+                            Arc::new(AtomicU64::new(1f64.to_bits()))
+                        } else {
+                            book.same_entry(&e.method, &e.path)
+                                .unwrap_or(&book.default)
+                                .multiplier
+                                .clone()
+                        };
+                        Price::sharing(e.base_cost, e.operational, &e.path, &e.method, multiplier)
+                    },
+                    Price::sharing(
+                        default_cost,
+                        false,
+                        "default",
+                        "*",
+                        book.default.multiplier.clone(),
+                    ),
+                );
+                (name.clone(), table)
+            })
+            .collect();
+        book.domains = domains;
+        book
+    }
+
+    fn table(
+        endpoints: &[crate::config::EndpointConfig],
+        trailing_slash: TrailingSlash,
+        mut price: impl FnMut(&crate::config::EndpointConfig) -> Price,
+        default: Price,
+    ) -> Self {
         let mut exact = HashMap::new();
         let mut prefixes = Vec::new();
-        for e in &config.endpoints {
-            let price = Price::new(e.base_cost, e.operational, &e.path, &e.method);
+        for e in endpoints {
+            let p = price(e);
             match e.path.strip_suffix('*') {
-                Some(prefix) => prefixes.push((e.method.clone(), prefix.to_owned(), price)),
+                Some(prefix) => prefixes.push((e.method.clone(), prefix.to_owned(), p)),
                 None => exact
                     .entry(e.path.clone())
                     .or_insert_with(Vec::new)
-                    .push((e.method.clone(), price)),
+                    .push((e.method.clone(), p)),
             }
         }
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.1.len()));
         Self {
             exact,
             prefixes,
-            default: Price::new(config.default_cost, false, "default", "*"),
-            trailing_slash: config.trailing_slash,
+            default,
+            trailing_slash,
+            domains: HashMap::new(),
         }
+    }
+
+    /// The configured entry of exactly this method and path pattern.
+    fn same_entry(&self, method: &str, path: &str) -> Option<&Price> {
+        match path.strip_suffix('*') {
+            Some(prefix) => self
+                .prefixes
+                .iter()
+                .find(|(m, p, _)| m == method && p == prefix)
+                .map(|(_, _, p)| p),
+            None => self
+                .exact
+                .get(path)?
+                .iter()
+                .find(|(m, _)| m == method)
+                .map(|(_, p)| p),
+        }
+    }
+
+    /// The cost table of an Envoy rate-limit `domain`: its own when `[pricing.domains]` has
+    /// one, else this (global) one.
+    pub fn for_domain(&self, domain: &str) -> &PriceBook {
+        self.domains.get(domain).unwrap_or(self)
     }
 
     /// `raw` (a request target as the gateway saw it) in normal form, under this book's
@@ -215,6 +307,51 @@ mod tests {
     fn cost(b: &PriceBook, method: Option<&str>, raw: &str) -> Result<f64, PriceError> {
         let e = b.endpoint(raw)?;
         Ok(b.price(method, &e)?.per_unit())
+    }
+
+    #[test]
+    fn a_domain_table_reprices_and_moves_with_the_global_multipliers() {
+        let config = Config::parse(&format!(
+            "[pricing]\ndefault_cost = 2\n{MATRIX}\n\
+             [pricing.domains.premium]\ndefault_cost = 7\n\
+             [[pricing.domains.premium.endpoints]]\nmethod = \"POST\"\npath = \"/generate-report\"\nbase_cost = 200\n\
+             [[pricing.domains.premium.endpoints]]\npath = \"/only-here\"\nbase_cost = 9\n"
+        ))
+        .expect("valid");
+        let book = PriceBook::new(&config.pricing);
+        let ep = |p: &str| book.endpoint(p).expect("path");
+        let premium = book.for_domain("premium");
+        let report = premium
+            .price(Some("POST"), &ep("/generate-report"))
+            .expect("priced");
+        assert_eq!(report.base_cost, 200.0);
+        assert_eq!(
+            premium
+                .price(None, &ep("/elsewhere"))
+                .expect("priced")
+                .base_cost,
+            7.0
+        );
+        // An unknown domain is priced by the global table.
+        assert_eq!(
+            book.for_domain("nope")
+                .price(Some("POST"), &ep("/generate-report"))
+                .expect("priced")
+                .base_cost,
+            120.0
+        );
+        // The engine moves the global entries; the domain's follow: the same method and path,
+        // else the global default.
+        let global = book
+            .price(Some("POST"), &ep("/generate-report"))
+            .expect("priced");
+        global.set_multiplier(1.5);
+        assert_eq!(report.per_unit(), 300.0);
+        book.price(None, &ep("/elsewhere"))
+            .expect("default")
+            .set_multiplier(2.0);
+        let only_here = premium.price(None, &ep("/only-here")).expect("priced");
+        assert_eq!(only_here.per_unit(), 18.0);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Server {
     limits: crate::listener::Limits,
     workers: Workers,
     writer: crate::ledger::Writer,
+    /// Envoy's rate-limit API and gRPC health, when `server.grpc_listen` is set.
+    grpc: Option<(TcpListener, crate::config::EnvoyConfig)>,
 }
 
 impl Server {
@@ -161,6 +163,15 @@ impl Server {
             idle_timeout: Duration::from_millis(config.server.idle_timeout_ms),
             max_connections: config.server.max_connections,
         };
+        let grpc = match config.server.grpc_addr() {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+                config.envoy.clone(),
+            )),
+            None => None,
+        };
         raise_file_limit(limits.max_connections);
         Ok(Self {
             listener,
@@ -169,12 +180,18 @@ impl Server {
             limits,
             workers,
             writer,
+            grpc,
         })
     }
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         self.listener.local_addr().map_err(ServerError::Serve)
+    }
+
+    /// The bound gRPC address (Envoy's rate-limit API), if gRPC is on.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves; then stops accepting and drains the requests in
@@ -192,16 +209,72 @@ impl Server {
             limits,
             workers,
             writer,
+            grpc,
         } = self;
+        // One signal for both listeners.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let signal = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let grpc = grpc.map(|(listener, mapping)| {
+            tokio::spawn(serve_grpc(
+                listener,
+                crate::rls::RateLimitApi::new(app.clone(), mapping),
+                signal(),
+            ))
+        });
         let metrics = app.metrics.http.clone();
         let router = api::router(app, max_body_bytes);
-        crate::listener::serve(listener, router, limits, metrics, shutdown).await;
+        crate::listener::serve(listener, router, limits, metrics, signal()).await;
+        if let Some(grpc) = grpc {
+            match grpc.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "gRPC server failed"),
+                Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
+            }
+        }
         tracing::info!(workers = ?workers.names(), "requests drained; stopping the workers");
         workers.stop().await;
         let _ = tokio::task::spawn_blocking(move || writer.shutdown()).await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Serves Envoy's rate-limit API and `grpc.health.v1.Health` until `shutdown`: health says
+/// `SERVING` while decisions are answered (also with the store down: the failure policy
+/// answers), and `NOT_SERVING` once shutdown begins, so Envoy and Kubernetes stop sending.
+async fn serve_grpc(
+    listener: TcpListener,
+    api: crate::rls::RateLimitApi,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<RateLimitServiceServer<crate::rls::RateLimitApi>>()
+        .await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(api.into_service())
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            reporter
+                .set_not_serving::<RateLimitServiceServer<crate::rls::RateLimitApi>>()
+                .await;
+        })
+        .await
 }
 
 /// File descriptors besides the client connections: Redis, PostgreSQL, the ledger file, the

@@ -85,6 +85,8 @@ pub struct TestDaemon {
     pub addr: SocketAddr,
     /// The audit ledger file (JSONL) the daemon records into.
     pub ledger_file: PathBuf,
+    /// Envoy's rate-limit API (gRPC), unless the config turned it off.
+    pub grpc: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Holds the audit ledger file unless the config names one.
@@ -92,9 +94,13 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
-    /// Starts a daemon for `config` (its listen address is replaced by `127.0.0.1:0`).
+    /// Starts a daemon for `config` (its listen addresses are replaced by `127.0.0.1:0`;
+    /// gRPC stays off if the config turned it off).
     pub async fn start(mut config: Config) -> Self {
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        if !config.server.grpc_listen.is_empty() {
+            config.server.grpc_listen = "127.0.0.1:0".to_owned();
+        }
         let ledger_dir = (config.ledger.file == enforcer::config::LedgerConfig::default().file)
             .then(|| tempfile::tempdir().expect("tempdir"));
         if let Some(dir) = &ledger_dir {
@@ -105,6 +111,7 @@ impl TestDaemon {
         let ledger_file = PathBuf::from(&config.ledger.file);
         let server = Server::bind(&config).await.expect("daemon binds");
         let addr = server.local_addr().expect("local addr");
+        let grpc = server.grpc_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -117,6 +124,7 @@ impl TestDaemon {
         Self {
             addr,
             ledger_file,
+            grpc,
             stop: Some(stop),
             task: Some(task),
             _ledger_dir: ledger_dir,

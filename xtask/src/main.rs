@@ -105,7 +105,10 @@ fn test(extra: &[String]) -> Result<()> {
         "--no-run",
     ]))?;
     let services = services::Services::start()?;
-    let env = services.env();
+    let mut env = services.env();
+    // Every daemon a test starts serves gRPC on a port of its own, never the default 8081
+    // (taken by a daemon the developer runs, or by the previous test's).
+    env.push(("ENFORCER_GRPC_LISTEN".into(), "127.0.0.1:0".into()));
     // `harness` goes to the test binaries, before the caller's extra arguments (a filter).
     let run = |args: &[&str], harness: &[&str]| {
         let mut cmd = Command::new("cargo");

@@ -51,17 +51,32 @@ pub struct Fingerprint(String);
 impl Fingerprint {
     /// The fingerprint of a request; `method` is `None` when the check named none.
     pub fn of(bucket: BucketKind, method: Option<&str>, endpoint: &str, units: f64) -> Self {
+        Self::of_all(bucket, [(method, endpoint, units)])
+    }
+
+    /// The fingerprint of several requests decided together (Envoy's descriptors), in order;
+    /// for one request it is [`Fingerprint::of`] that request.
+    pub fn of_all<'a>(
+        bucket: BucketKind,
+        requests: impl IntoIterator<Item = (Option<&'a str>, &'a str, f64)>,
+    ) -> Self {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(match bucket {
             BucketKind::Main => b"m\0".as_slice(),
             BucketKind::Operational => b"o\0".as_slice(),
         });
-        h.update(method.unwrap_or("*").as_bytes());
-        h.update(b"\0");
-        h.update(endpoint.as_bytes());
-        h.update(b"\0");
-        h.update(units.to_bits().to_be_bytes());
+        for (i, (method, endpoint, units)) in requests.into_iter().enumerate() {
+            if i > 0 {
+                // A separator no method or endpoint contains (both are printable ASCII).
+                h.update(b"\x1e");
+            }
+            h.update(method.unwrap_or("*").as_bytes());
+            h.update(b"\0");
+            h.update(endpoint.as_bytes());
+            h.update(b"\0");
+            h.update(units.to_bits().to_be_bytes());
+        }
         Self(hex::encode(&h.finalize()[..8]))
     }
 
