@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: the daemon's decision rate and latency through `POST /v1/check`, beside
-//! `redis-benchmark` calling the same script with `EVALSHA` at the same concurrency on the same
-//! private Redis (the ceiling), in one run so the numbers are comparable on a noisy machine.
+//! `cargo xtask bench`: the daemon's decision rate and latency through `POST /v1/check` and
+//! through Envoy's rate-limit API (gRPC), beside `redis-benchmark` calling the same script with
+//! `EVALSHA` at the same concurrency on the same private Redis (the ceiling), in one run so the
+//! numbers are comparable on a noisy machine.
 use crate::loadgen::{self, Pace};
 use crate::services::{Redis, free_port};
 use anyhow::{Context as _, Result, bail};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Which {
-    /// Decisions through the HTTP API versus redis-benchmark EVALSHA.
+    /// Decisions through the HTTP API and Envoy's gRPC API versus redis-benchmark EVALSHA.
     Http,
     /// Per-packet cost of the kernel gate (BPF_PROG_TEST_RUN) versus a 429 over HTTP.
     Kernel,
@@ -147,10 +148,15 @@ refill_per_sec = 1e9
         &group_config,
         std::fs::read_to_string(&config)? + "[ledger]\njournal = false\n",
     )?;
+    let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut grpc_rows = Vec::new();
     for (workers, journal) in [(1, true), (1, false), (cores, false), (cores, true)] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
-                .args(["run", "--config"])
+                .arg("run")
+                .arg("--grpc-listen")
+                .arg(grpc_addr.to_string())
+                .arg("--config")
                 .arg(if journal { &config } else { &group_config })
                 .args(["--workers", &workers.to_string()])
                 .arg("--ledger-file")
@@ -187,6 +193,24 @@ refill_per_sec = 1e9
             Pace::Open(half_rate),
             body,
         )?;
+        // The same daemon through Envoy's API (the production default: every core, journal
+        // on), right after its HTTP runs: the two are compared within one daemon's life.
+        if workers == cores && journal {
+            let descriptor = |i: usize| {
+                vec![
+                    ("api_key".to_owned(), format!("bench-grpc-{}", i % KEY_SPACE)),
+                    ("path".to_owned(), "/v1/items".to_owned()),
+                    ("method".to_owned(), "GET".to_owned()),
+                ]
+            };
+            loadgen::grpc(grpc_addr, clients, 2, Duration::from_secs(1), descriptor)?;
+            let cpu0 = redis_cpu(&redis)?;
+            let daemon0 = process_cpu(daemon.0.id())?;
+            let report = loadgen::grpc(grpc_addr, clients, 2, duration, descriptor)?;
+            let redis_used = redis_cpu(&redis)? - cpu0;
+            let daemon_used = process_cpu(daemon.0.id())? - daemon0;
+            grpc_rows.push((workers, report, redis_used, daemon_used));
+        }
         drop(daemon);
         rows.push((workers, journal, full, full_cpu, daemon_cpu, half));
     }
@@ -235,6 +259,22 @@ refill_per_sec = 1e9
             full.rate() / ceiling,
             full.errors,
             half.errors
+        );
+    }
+    for (workers, g, redis_used, daemon_used) in &grpc_rows {
+        println!(
+            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
+            format!("daemon, {workers} worker(s), journal, gRPC (Envoy RLS)"),
+            g.rate(),
+            g.percentile_ms(0.5),
+            g.percentile_ms(0.99),
+            redis_used / g.requests as f64 * 1e6,
+            daemon_used / g.requests as f64 * 1e6
+        );
+        println!(
+            "  ratio gRPC / mean redis-benchmark: {:.2}; errors: {} (2 HTTP/2 connections, {clients} calls in flight)",
+            g.rate() / ceiling,
+            g.errors
         );
     }
     Ok(())

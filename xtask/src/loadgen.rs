@@ -1,6 +1,8 @@
 //! A small HTTP load generator for the benchmarks: keep-alive HTTP/1.1 connections, closed loop
 //! (as fast as answers come) or open loop (a fixed schedule; a request the server made late is
-//! timed from its scheduled send time, so a stall is not hidden by coordinated omission).
+//! timed from its scheduled send time, so a stall is not hidden by coordinated omission). And a
+//! closed-loop gRPC one for Envoy's rate-limit API ([`grpc`]), as an Envoy calls it: a few
+//! HTTP/2 connections, many concurrent calls on each.
 use anyhow::{Context as _, Result, bail};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -173,4 +175,89 @@ async fn worker(
         }
     }
     Ok((latencies, errors))
+}
+
+/// Drives Envoy's `ShouldRateLimit` with `clients` concurrent calls in a closed loop over
+/// `connections` HTTP/2 connections (an Envoy keeps one per worker thread) for `duration`;
+/// the descriptors of call `i` come from `descriptor(i)`. Only `OK` answers count as served.
+pub fn grpc(
+    addr: SocketAddr,
+    clients: usize,
+    connections: usize,
+    duration: Duration,
+    descriptor: impl Fn(usize) -> Vec<(String, String)> + Send + Sync + 'static,
+) -> Result<Report> {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let descriptor = std::sync::Arc::new(descriptor);
+        let mut channels = Vec::new();
+        for _ in 0..connections.max(1) {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .context("gRPC connect")?,
+            );
+        }
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let descriptor = descriptor.clone();
+            let mut client = RateLimitServiceClient::new(channels[c % channels.len()].clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut errors = 0usize;
+                let mut i = c;
+                while start.elapsed() < duration {
+                    let request = RateLimitRequest {
+                        domain: "bench".to_owned(),
+                        descriptors: vec![RateLimitDescriptor {
+                            entries: descriptor(i)
+                                .into_iter()
+                                .map(|(key, value)| Entry { key, value })
+                                .collect(),
+                            ..Default::default()
+                        }],
+                        hits_addend: 0,
+                    };
+                    i += clients;
+                    let sent = Instant::now();
+                    match client.should_rate_limit(request).await {
+                        Ok(r) if r.get_ref().overall_code == Code::Ok as i32 => latencies
+                            .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                        _ => {
+                            errors += 1;
+                            if errors > 1000 {
+                                bail!("too many gRPC errors or denials");
+                            }
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>((latencies, errors))
+            }));
+        }
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (lat, err) = t.await.context("gRPC load worker panicked")??;
+            latencies.extend(lat);
+            errors += err;
+        }
+        latencies.sort_unstable();
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(Report {
+            requests: latencies.len(),
+            errors,
+            seconds,
+            latencies_us: latencies,
+        })
+    })
 }
