@@ -42,6 +42,11 @@ use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+/// Most descriptors one call may carry (Envoy sends one per matching `rate_limits` entry:
+/// a handful). More is refused as bad input: the work per call stays small whatever a peer
+/// sends.
+pub const MAX_DESCRIPTORS: usize = 64;
+
 /// The `envoy.service.ratelimit.v3.RateLimitService` implementation.
 #[derive(Debug, Clone)]
 pub struct RateLimitApi {
@@ -102,6 +107,12 @@ impl RateLimitApi {
     /// anything is charged.
     fn plan(&self, request: &RateLimitRequest, peer: Option<SocketAddr>) -> Result<Plan, Refusal> {
         let m = &*self.mapping;
+        if request.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(Refusal::new(
+                "too_many_descriptors",
+                format!("at most {MAX_DESCRIPTORS} descriptors per call"),
+            ));
+        }
         let first = |name: &str| request.descriptors.iter().find_map(|d| entry(d, name));
         // One HTTP request: its path, method, address and id may come from any descriptor.
         let path = first(&m.path_entry);

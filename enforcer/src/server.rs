@@ -227,6 +227,7 @@ impl Server {
             tokio::spawn(serve_grpc(
                 listener,
                 crate::rls::RateLimitApi::new(app.clone(), mapping),
+                max_body_bytes,
                 signal(),
             ))
         });
@@ -254,6 +255,7 @@ impl Server {
 async fn serve_grpc(
     listener: TcpListener,
     api: crate::rls::RateLimitApi,
+    max_message_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -263,8 +265,17 @@ async fn serve_grpc(
         .await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        // A peer that went away (a dead Envoy, a cut network) is noticed and its connection
+        // dropped; a flood of streams on one connection is capped (Envoy opens another).
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
         .add_service(health)
-        .add_service(api.into_service())
+        // `server.max_body_bytes` bounds a call as it bounds an HTTP body.
+        .add_service(
+            api.into_service()
+                .max_decoding_message_size(max_message_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             reporter

@@ -370,6 +370,11 @@ async fn bad_input_is_refused_with_a_reason_and_charges_nothing() {
             ])],
             "bad_request_id",
         ),
+        // A flood of descriptors: the work per call stays bounded.
+        (
+            (0..65).map(|_| keyed(&key, "/v1/cheap")).collect(),
+            "too_many_descriptors",
+        ),
         // One request cannot charge the operational bucket and the budget at once.
         (
             vec![keyed(&key, "/health"), keyed(&key, "/v1/x")],
