@@ -315,8 +315,15 @@ async fn client_addresses_land_as_inet_through_copy_and_replay() {
         }
         e
     };
-    let direct = [with_ip(Some("127.0.0.2")), with_ip(Some("2001:db8::7")), with_ip(None)];
-    let replayed = [with_ip(Some("192.0.2.200")), with_ip(Some("::ffff:192.0.2.1"))];
+    let direct = [
+        with_ip(Some("127.0.0.2")),
+        with_ip(Some("2001:db8::7")),
+        with_ip(None),
+    ];
+    let replayed = [
+        with_ip(Some("192.0.2.200")),
+        with_ip(Some("::ffff:192.0.2.1")),
+    ];
     let mut sink = PgSink::new(pool.clone());
     sink.write(&direct).await.expect("copy");
     sink.write_idempotent(&replayed).await.expect("replay");
@@ -350,7 +357,13 @@ async fn client_addresses_land_as_inet_through_copy_and_replay() {
     exported.sort_unstable();
     assert_eq!(
         exported,
-        ["", "127.0.0.2", "192.0.2.200", "2001:db8::7", "::ffff:192.0.2.1"]
+        [
+            "",
+            "127.0.0.2",
+            "192.0.2.200",
+            "2001:db8::7",
+            "::ffff:192.0.2.1"
+        ]
     );
 }
 
