@@ -174,7 +174,6 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let log = dir.path().join("output.log");
-        let output = || std::fs::File::create(&log).expect("gateway log");
         let d = dir.path().display();
         let mut cmd = match kind {
             Kind::Nginx => {
@@ -231,10 +230,11 @@ impl Gateway {
         };
         // Its own process group, so that drop can stop the workers with the master.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let output = std::fs::File::create(&log).expect("gateway log");
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(output())
-            .stderr(output())
+            .stdout(output.try_clone().expect("gateway log"))
+            .stderr(output)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {kind:?}: {e}"));
         let mut gateway = Self {
