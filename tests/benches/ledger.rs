@@ -39,6 +39,7 @@ fn rows(n: usize) -> Vec<Entry> {
                 request_id: Some(format!("req-{i}")),
                 node: "bench-node".into(),
                 kind: enforcer::ledger::RowKind::Debit,
+                client_ip: None,
             })
         })
         .collect()

@@ -204,6 +204,42 @@ pub async fn http(
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to daemon");
+    http_on(stream, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request on a fresh connection from the local address `from` (any 127.0.0.0/8
+/// address works on loopback: a client other than 127.0.0.1 for a proxy to see).
+pub async fn http_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .unwrap_or_else(|e| panic!("bind the client to {from}: {e}"));
+    let stream = socket
+        .connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
+    http_on(stream, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request on `stream`.
+async fn http_on(
+    stream: tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

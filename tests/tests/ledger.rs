@@ -279,6 +279,7 @@ fn row(at_us: i64) -> Entry {
         request_id: Some("r-1".into()),
         node: "test-node".into(),
         kind: enforcer::ledger::RowKind::Debit,
+        client_ip: None,
     })
 }
 
@@ -297,6 +298,73 @@ async fn partition_of(pool: &sqlx::PgPool, id: &str) -> String {
     .fetch_one(pool)
     .await
     .expect("row")
+}
+
+/// `client_ip` is binary-encoded by hand for `COPY` (PostgreSQL's own `inet` format): both
+/// families and `NULL` land as the addresses they were, by the direct `COPY` and by the
+/// idempotent replay (staging table), and `audit export` prints them without a prefix length.
+#[tokio::test]
+async fn client_addresses_land_as_inet_through_copy_and_replay() {
+    let url = pg::fresh_database().await;
+    let pool = postgres::pool(&url).expect("pool");
+    postgres::migrate(&pool).await.expect("migrate");
+    let with_ip = |ip: Option<&str>| {
+        let mut e = row(enforcer::ledger::now_us());
+        if let Entry::Decision(r) = &mut e {
+            r.client_ip = ip.map(|ip| ip.parse().expect("ip"));
+        }
+        e
+    };
+    let direct = [
+        with_ip(Some("127.0.0.2")),
+        with_ip(Some("2001:db8::7")),
+        with_ip(None),
+    ];
+    let replayed = [
+        with_ip(Some("192.0.2.200")),
+        with_ip(Some("::ffff:192.0.2.1")),
+    ];
+    let mut sink = PgSink::new(pool.clone());
+    sink.write(&direct).await.expect("copy");
+    sink.write_idempotent(&replayed).await.expect("replay");
+    for (e, want) in direct.iter().chain(&replayed).zip([
+        Some("127.0.0.2/32"),
+        Some("2001:db8::7/128"),
+        None,
+        Some("192.0.2.200/32"),
+        Some("::ffff:192.0.2.1/128"),
+    ]) {
+        let got: Option<String> = sqlx::query_scalar(
+            "SELECT client_ip::text FROM token_transactions WHERE id = $1::uuid",
+        )
+        .bind(id_of(e))
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+        assert_eq!(got.as_deref(), want);
+    }
+    let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
+    let header: Vec<&str> = csv.lines().next().expect("header").split(',').collect();
+    let column = header
+        .iter()
+        .position(|c| *c == "client_ip")
+        .unwrap_or_else(|| panic!("no client_ip column: {header:?}"));
+    let mut exported: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(column).expect("field"))
+        .collect();
+    exported.sort_unstable();
+    assert_eq!(
+        exported,
+        [
+            "",
+            "127.0.0.2",
+            "192.0.2.200",
+            "2001:db8::7",
+            "::ffff:192.0.2.1"
+        ]
+    );
 }
 
 // 2026-11-30T23:59:59.999999Z, 2026-12-01T00:00:00Z, 2030-05-15T12:00:00Z, 2025-01-10T00:00Z.
@@ -636,6 +704,7 @@ fn decision(endpoint: &str) -> AuditRow {
         request_id: Some(uuid::Uuid::new_v4().to_string()),
         node: "test-node".into(),
         kind: enforcer::ledger::RowKind::Debit,
+        client_ip: None,
     }
 }
 

@@ -3,7 +3,8 @@ use anyhow::{Context as _, Result, bail};
 use std::process::{Command, Stdio};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the kernel side,
-/// Redis, PostgreSQL and Prometheus for the tests and benchmarks.
+/// Redis, PostgreSQL and Prometheus for the tests and benchmarks, nginx (`nginx-light` has
+/// `auth_request`) and Caddy (`forward_auth`) for the gateway tests (`tests/tests/gateways.rs`).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
@@ -14,7 +15,13 @@ const PACKAGES: &[&str] = &[
     "redis-tools",
     "postgresql",
     "prometheus",
+    "nginx-light",
+    "caddy",
 ];
+
+/// What Debian's `invoke-rc.d` (and `deb-systemd-invoke`) ask before a maintainer script
+/// starts a service; exit status 101 means "forbidden".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// bpf-linker built against LLVM 22 (0.13 defaults to LLVM 23, which Debian 12 lacks).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -54,12 +61,18 @@ pub fn ensure() -> Result<()> {
         }
         eprintln!("xtask: installing {missing:?}");
         crate::status(Command::new("apt-get").arg("update").arg("-q"))?;
-        crate::status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        let nginx_before = system_nginx();
+        let caddy_before = system_caddy();
+        {
+            let _no_starts = NoServiceStarts::new()?;
+            crate::status(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        stop_started_services(nginx_before, caddy_before)?;
     }
 
     ensure_ebpf_toolchain()?;
@@ -68,6 +81,70 @@ pub fn ensure() -> Result<()> {
 
     if is_root() && !quiet(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
         crate::status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// While alive, no maintainer script starts a service. Installing nginx would otherwise start
+/// the system nginx on port 80 (and caddy on 80 and its admin port 2019) through `invoke-rc.d`,
+/// with or without systemd; the tests run private instances on free ports instead. A policy
+/// that is already there (a container image's) is the machine's: it is left as it is.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn new() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = std::path::Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self { created: false });
+        }
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# Written by `cargo xtask setup` while apt-get runs: no service starts.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
+/// The system nginx's PID, when one runs (the package's `/run/nginx.pid`).
+fn system_nginx() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string("/run/nginx.pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+/// Whether something answers on Caddy's default admin address (the system caddy's).
+fn system_caddy() -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", 2019)).is_ok()
+}
+
+/// A service the install started anyway (a policy that allowed it) is stopped: only one that
+/// was not running before, through its own pid file or admin address, never by name.
+fn stop_started_services(nginx_before: Option<u32>, caddy_before: bool) -> Result<()> {
+    if let Some(pid) = system_nginx().filter(|_| nginx_before.is_none()) {
+        eprintln!("xtask: the nginx package started the system nginx (pid {pid}); stopping it");
+        crate::status(Command::new("nginx").args(["-s", "quit"]))?;
+    }
+    if system_caddy() && !caddy_before {
+        eprintln!("xtask: the caddy package started the system caddy; stopping it");
+        crate::status(Command::new("caddy").args(["stop", "--address", "127.0.0.1:2019"]))?;
     }
     Ok(())
 }

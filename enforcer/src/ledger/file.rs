@@ -451,6 +451,7 @@ mod tests {
             request_id: None,
             node: "n".into(),
             kind: crate::ledger::RowKind::Debit,
+            client_ip: None,
         })
     }
 

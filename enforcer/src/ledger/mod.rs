@@ -35,6 +35,7 @@ use crate::metrics::LedgerMetrics;
 use file::{LedgerFile, Logged};
 use quarantine::{Quarantine, Refused};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -122,7 +123,8 @@ impl RowKind {
 }
 
 /// One decision (or refund), as recorded. Field names are the JSON-lines file format (stable;
-/// `kind` is absent from lines written before it existed, which are debits).
+/// `kind` and `client_ip` are absent from lines written before they existed: debits, without
+/// an address).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRow {
     /// The decision id (UUIDv7: time-ordered, so the primary-key index stays append-mostly).
@@ -158,6 +160,11 @@ pub struct AuditRow {
     /// A debit, a refund or a grant.
     #[serde(default)]
     pub kind: RowKind,
+    /// The client's address as the daemon took it from a trusted proxy (`X-Forwarded-For`,
+    /// `X-Real-IP`, `client_ip`; docs/http-api.md#client-addresses); `None` when no trusted
+    /// peer named one, for refunds, and in lines written before the field existed.
+    #[serde(default)]
+    pub client_ip: Option<IpAddr>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).

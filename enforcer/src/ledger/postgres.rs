@@ -9,6 +9,7 @@ use super::{AuditRow, Entry, KernelRejections, LedgerError};
 use bytes::{BufMut as _, BytesMut};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection as _, Row as _};
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// The embedded migrations (`migrations/` at the workspace root).
@@ -16,7 +17,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
-                       kind";
+                       kind, client_ip";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -231,7 +232,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(17);
+        b.put_i16(18);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -253,6 +254,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
         text(&mut b, r.request_id.as_deref());
         text(&mut b, Some(&r.node));
         text(&mut b, Some(r.kind.as_str()));
+        inet(&mut b, r.client_ip);
     }
     b.put_i16(-1);
     b
@@ -264,6 +266,24 @@ fn text(b: &mut BytesMut, v: Option<&str>) {
         Some(s) => {
             b.put_i32(i32::try_from(s.len()).unwrap_or(i32::MAX));
             b.put_slice(s.as_bytes());
+        }
+        None => b.put_i32(-1),
+    }
+}
+
+/// An `inet` in PostgreSQL's binary form: family (2 for IPv4, 3 for IPv6: its own numbers,
+/// not the platform's `AF_*`), prefix bits, "is cidr" (0), address length, address bytes.
+fn inet(b: &mut BytesMut, v: Option<IpAddr>) {
+    match v {
+        Some(IpAddr::V4(a)) => {
+            b.put_i32(8);
+            b.put_slice(&[2, 32, 0, 4]);
+            b.put_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            b.put_i32(20);
+            b.put_slice(&[3, 128, 0, 16]);
+            b.put_slice(&a.octets());
         }
         None => b.put_i32(-1),
     }
@@ -511,7 +531,8 @@ pub async fn export(
     let mut stream = sqlx::query(
         "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
-                allowed::text, remaining::text, decided_by, denial, request_id, node, kind \
+                allowed::text, remaining::text, decided_by, denial, request_id, node, \
+                host(client_ip), kind \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -532,7 +553,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 16] = [
+pub const EXPORT_COLUMNS: [&str; 17] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -548,6 +569,7 @@ pub const EXPORT_COLUMNS: [&str; 16] = [
     "denial",
     "request_id",
     "node",
+    "client_ip",
     "kind",
 ];
 

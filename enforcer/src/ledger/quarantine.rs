@@ -149,6 +149,7 @@ mod tests {
             request_id: None,
             node: "n".into(),
             kind: crate::ledger::RowKind::Debit,
+            client_ip: None,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

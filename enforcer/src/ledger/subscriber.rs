@@ -37,6 +37,8 @@ impl Ledger {
             request_id: Some(decision.request_id.as_str().to_owned()),
             node: self.node().to_owned(),
             kind: RowKind::Debit,
+            // Whose request it was, for a dispute: only ever an address a trusted proxy named.
+            client_ip: d.check.client_ip,
         }
     }
 
@@ -60,6 +62,7 @@ impl Ledger {
             request_id: Some(r.request_id.as_str().to_owned()),
             node: self.node().to_owned(),
             kind: RowKind::Refund,
+            client_ip: None,
         }
     }
 }
