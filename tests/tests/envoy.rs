@@ -559,5 +559,27 @@ async fn an_address_from_an_untrusted_peer_is_not_taken() {
         ) >= 1.0,
         "no trusted_proxies: Envoy's remote_address is not taken"
     );
+    let rows = rows_of(&d, &key, 1).await;
+    assert_eq!(rows[0]["client_ip"], serde_json::Value::Null, "{rows:?}");
+    d.stop().await;
+
+    // Envoy on loopback is trusted: its remote_address is the client's, in the audit row.
+    let d = daemon("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
+    let mut c = client(d.grpc.expect("grpc on")).await;
+    let key = unique("addr-trusted");
+    let r = ask(
+        &mut c,
+        "",
+        vec![descriptor(&[
+            ("api_key", &key),
+            ("path", "/v1/x"),
+            ("remote_address", "203.0.113.9"),
+        ])],
+        0,
+    )
+    .await;
+    assert!(ok(&r));
+    let rows = rows_of(&d, &key, 1).await;
+    assert_eq!(rows[0]["client_ip"], "203.0.113.9", "{rows:?}");
     d.stop().await;
 }

@@ -198,7 +198,10 @@ refill_per_sec = 1e9
         if workers == cores && journal {
             let descriptor = |i: usize| {
                 vec![
-                    ("api_key".to_owned(), format!("bench-grpc-{}", i % KEY_SPACE)),
+                    (
+                        "api_key".to_owned(),
+                        format!("bench-grpc-{}", i % KEY_SPACE),
+                    ),
                     ("path".to_owned(), "/v1/items".to_owned()),
                     ("method".to_owned(), "GET".to_owned()),
                 ]
