@@ -293,7 +293,39 @@ struct Ceiling {
 }
 
 /// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.
+/// The script's arguments after the keys, for `redis-benchmark` and its sanity check: cost,
+/// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier.
+const DEBIT_ARGS: [&str; 12] = [
+    "1",
+    "600000",
+    "0123456789abcdef",
+    "60",
+    "bench",
+    "m",
+    "1",
+    "bench",
+    "1e12",
+    "1e9",
+    "0.8",
+    "8e11",
+];
+
 fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Result<Ceiling> {
+    // redis-benchmark counts error replies as answers: one call by hand first, so that a
+    // script whose arguments changed fails here instead of measuring its error path.
+    let mut probe = vec![
+        "EVALSHA",
+        sha,
+        "3",
+        "ptb:{probe}:b",
+        "ptb:{probe}:tier",
+        "ptb:{probe}:r:1",
+    ];
+    probe.extend(DEBIT_ARGS);
+    let answer = redis.cli(&probe)?;
+    if !answer.starts_with("ok") {
+        bail!("debit.lua refused the benchmark's arguments: {answer}");
+    }
     // Sized for about `seconds` at the rates seen here (~20k/s for this script).
     let total = 20_000 * seconds;
     let cpu0 = redis_cpu(redis)?;
@@ -312,8 +344,7 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Re
             "ptb:{bench__rand_int__}:tier",
             "ptb:{bench__rand_int__}:r:__rand_int__",
         ])
-        .args(["1", "600000", "60", "bench", "m", "1"])
-        .args(["bench", "1e12", "1e9", "0.8", "8e11"])
+        .args(DEBIT_ARGS)
         .output()
         .context("running redis-benchmark")?;
     let cpu = redis_cpu(redis)? - cpu0;
