@@ -1,6 +1,6 @@
 //! Helpers for the integration tests: the services `cargo xtask test` started, an in-process
-//! daemon on `127.0.0.1:0`, a tiny HTTP client, private Redis servers and network-namespace
-//! guards. Everything is RAII: dropping a guard stops or deletes what it made.
+//! daemon on `127.0.0.1:0`, a tiny HTTP client, private Redis servers and clusters, and
+//! network-namespace guards. Everything is RAII: dropping a guard stops or deletes what it made.
 #![deny(unsafe_code)]
 
 use bytes::Bytes;
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod netns;
 pub mod packet;
 pub mod pg;

@@ -4,8 +4,9 @@
 //! - `setup`: installs what is missing (Debian packages, nightly `rust-src`, `bpf-linker`),
 //!   idempotently and quickly when everything is there; mounts bpffs.
 //! - `run`: set-up, build, run the daemon on the embedded default with `examples/enforcer.toml`.
-//! - `test`: set-up, start a private Redis and PostgreSQL on free loopback ports, run every test
-//!   (privileged ones included, one at a time), stop the services.
+//! - `test`: set-up, start a private Redis, a Redis Cluster (six nodes) and PostgreSQL on free
+//!   loopback ports, run every test (privileged ones included, one at a time), stop the
+//!   services.
 //! - `bench`: set-up, start a private Redis, measure the daemon beside `redis-benchmark`.
 mod bench;
 mod loadgen;
@@ -40,7 +41,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, start private Redis and PostgreSQL, run every test, stop them.
+    /// Set up, start private Redis, Redis Cluster and PostgreSQL, run every test, stop them.
     Test {
         /// Extra arguments for cargo test (e.g. a test name filter after --).
         #[arg(last = true)]

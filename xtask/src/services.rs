@@ -1,9 +1,9 @@
-//! Private Redis and PostgreSQL instances for tests and benchmarks: free loopback ports, a
-//! temporary directory, stopped (and the directory removed) on drop.
+//! Private Redis, Redis Cluster and PostgreSQL instances for tests and benchmarks: free loopback
+//! ports, a temporary directory, stopped (and the directory removed) on drop.
 use anyhow::{Context as _, Result, bail};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -73,6 +73,166 @@ impl Drop for Redis {
         let _ = self.cli(&["SHUTDOWN", "NOSAVE"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A private Redis Cluster: six `redis-server`s (three primaries, one replica each) on free
+/// loopback ports below 55535 (each node also listens on its port + 10000, the cluster bus),
+/// `cluster-node-timeout` 2 s so a failover takes seconds. The nodes are child processes,
+/// killed by PID on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    nodes: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster, waits until every node says `cluster_state:ok`
+    /// and every replica is in sync (about 2 s here).
+    pub fn start(dir: &Path) -> Result<Self> {
+        let dir = dir.join("redis-cluster");
+        // Another process may take a port between the check and the bind: retry elsewhere.
+        let mut last = None;
+        for attempt in 0..3 {
+            let attempt_dir = dir.join(attempt.to_string());
+            std::fs::create_dir_all(&attempt_dir)?;
+            match Self::try_start(&attempt_dir) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+            .context("starting a Redis Cluster")
+    }
+
+    fn try_start(dir: &Path) -> Result<Self> {
+        let ports = cluster_ports(6)?;
+        let mut cluster = Self {
+            ports: ports.clone(),
+            nodes: Vec::new(),
+            dir: dir.to_path_buf(),
+        };
+        for &port in &ports {
+            cluster.nodes.push(
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                    // Replicas sync at once, not after the default 5 s delay.
+                    .args(["--repl-diskless-sync-delay", "0"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.join(format!("nodes-{port}.conf")))
+                    .arg("--dir")
+                    .arg(dir)
+                    .arg("--logfile")
+                    .arg(dir.join(format!("redis-{port}.log")))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting redis-server")?,
+            );
+        }
+        for (i, &port) in ports.iter().enumerate() {
+            wait_for("redis cluster node", || {
+                cli(port, &["PING"]).is_ok_and(|o| o.trim() == "PONG")
+            })?;
+            // A server that lost the port race exits; the PONG came from someone else's.
+            if cluster.nodes[i].try_wait()?.is_some() {
+                bail!("redis-server on {port} exited (port taken?)");
+            }
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .context("redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        wait_for("redis cluster", || {
+            ports.iter().all(|&p| {
+                let state = cli(p, &["CLUSTER", "INFO"]).unwrap_or_default();
+                let repl = cli(p, &["INFO", "replication"]).unwrap_or_default();
+                state.lines().any(|l| l.trim() == "cluster_state:ok")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+            })
+        })?;
+        Ok(cluster)
+    }
+
+    /// `redis://127.0.0.1:P` of every node, comma-separated (`ENFORCER_REDIS_CLUSTER`'s form).
+    pub fn seeds(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Client ports of the primaries now.
+    pub fn primaries(&self) -> Result<Vec<u16>> {
+        let nodes = cli(self.ports[0], &["CLUSTER", "NODES"])?;
+        let primaries: Vec<u16> = nodes
+            .lines()
+            .filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("master")))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .nth(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if primaries.len() != 3 {
+            bail!("expected 3 primaries, CLUSTER NODES says: {nodes}");
+        }
+        Ok(primaries)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p port args…`.
+pub fn cli(port: u16, args: &[&str]) -> Result<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `n` ports below 55535 whose cluster bus port (+10000) is free too: the kernel's ephemeral
+/// ports (32768–60999) would often put the bus port on a taken port or past 65535.
+fn cluster_ports(n: usize) -> Result<Vec<u16>> {
+    use std::hash::{BuildHasher as _, RandomState};
+    let seed = RandomState::new();
+    let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let mut ports = Vec::new();
+    for i in 0u64..10_000 {
+        let p = 20_000 + (seed.hash_one(i) % 25_000) as u16;
+        if !ports.contains(&p) && free(p) && free(p + 10_000) {
+            ports.push(p);
+            if ports.len() == n {
+                return Ok(ports);
+            }
+        }
+    }
+    bail!("no {n} free port pairs (P, P + 10000) below 55535")
 }
 
 /// A private PostgreSQL 15 cluster (it refuses to run as root: it runs as `postgres`).
@@ -160,6 +320,7 @@ impl Drop for Postgres {
 #[derive(Debug)]
 pub struct Services {
     pub redis: Redis,
+    pub redis_cluster: RedisCluster,
     pub postgres: Postgres,
     dir: tempfile::TempDir,
 }
@@ -172,14 +333,17 @@ impl Services {
         // PostgreSQL runs as `postgres` and must be able to traverse into the directory.
         Command::new("chmod").arg("755").arg(dir.path()).status()?;
         let redis = Redis::start(dir.path())?;
+        let redis_cluster = RedisCluster::start(dir.path())?;
         let postgres = Postgres::start(dir.path())?;
         eprintln!(
-            "xtask: redis on {}, postgres on {}",
+            "xtask: redis on {}, redis cluster on {}, postgres on {}",
             redis.url(),
+            redis_cluster.seeds(),
             postgres.url()
         );
         Ok(Self {
             redis,
+            redis_cluster,
             postgres,
             dir,
         })
@@ -190,6 +354,12 @@ impl Services {
         vec![
             ("ENFORCER_TEST_REDIS_URL".into(), self.redis.url()),
             ("ENFORCER_TEST_DATABASE_URL".into(), self.postgres.url()),
+            // Seeds of the shared cluster. Tests that kill nodes or move slots start their
+            // own (tests/src/cluster.rs) and leave this one whole.
+            (
+                "ENFORCER_TEST_REDIS_CLUSTER".into(),
+                self.redis_cluster.seeds(),
+            ),
             (
                 "ENFORCER_TEST_REDIS_PORT".into(),
                 self.redis.port.to_string(),
