@@ -212,14 +212,17 @@ impl PrivateCluster {
         Ok(cluster)
     }
 
-    /// Waits until every live node says `cluster_state:ok`, sees three primaries that cover
-    /// all slots, and every replica's link to its primary is up (a replica that never synced
-    /// would not take over).
+    /// Waits until every live node says `cluster_state:ok` and agrees on the topology (the
+    /// primaries that serve slots cover all of them, every other live node is known as a
+    /// replica: right after `--cluster create` gossip still shows replicas as empty primaries),
+    /// and every replica's link to its primary is up (a replica that never synced would not
+    /// take over).
     pub fn wait_healthy(&self, within: Duration) -> Result<(), String> {
         let start = Instant::now();
         loop {
             let live: Vec<u16> = self.live_ports();
             let ok = live.iter().all(|&p| state_ok(p))
+                && live.iter().all(|&p| agreed(&cluster_nodes(p)))
                 && live.iter().all(|&p| {
                     let info = cli(p, &["INFO", "replication"]);
                     info.contains("role:master") || info.contains("master_link_status:up")
@@ -292,6 +295,21 @@ impl PrivateCluster {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// Whether one node's view is settled: live primaries serve all slots, and every live node
+/// that serves none is a replica.
+fn agreed(view: &[NodeInfo]) -> bool {
+    let served: u32 = view
+        .iter()
+        .filter(|n| n.primary && !n.failed)
+        .flat_map(|n| &n.slots)
+        .map(|&(a, b)| u32::from(b) - u32::from(a) + 1)
+        .sum();
+    served == u32::from(SLOTS)
+        && view
+            .iter()
+            .all(|n| n.failed || !n.primary || !n.slots.is_empty())
 }
 
 /// `redis-server` arguments of one cluster node.

@@ -157,8 +157,10 @@ impl RedisCluster {
             ports.iter().all(|&p| {
                 let state = cli(p, &["CLUSTER", "INFO"]).unwrap_or_default();
                 let repl = cli(p, &["INFO", "replication"]).unwrap_or_default();
+                let nodes = cli(p, &["CLUSTER", "NODES"]).unwrap_or_default();
                 state.lines().any(|l| l.trim() == "cluster_state:ok")
                     && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                    && settled_view(&nodes)
             })
         })?;
         Ok(cluster)
@@ -205,6 +207,21 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether one node's `CLUSTER NODES` shows three primaries serving slots and three replicas
+/// (right after `--cluster create` gossip still shows replicas as primaries without slots).
+fn settled_view(nodes: &str) -> bool {
+    let (mut primaries, mut replicas) = (0, 0);
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.get(2) {
+            Some(flags) if flags.contains("master") && f.len() > 8 => primaries += 1,
+            Some(flags) if flags.contains("slave") => replicas += 1,
+            _ => {}
+        }
+    }
+    primaries == 3 && replicas == 3
 }
 
 /// `redis-cli -p port args…`.
