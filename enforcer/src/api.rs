@@ -404,11 +404,22 @@ async fn costs(State(app): State<Arc<App>>) -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let store = app.decider.store();
     let ping = tokio::time::timeout(Duration::from_millis(500), store.ping()).await;
-    let (ready, detail) = match ping {
+    let (mut ready, detail) = match ping {
         Ok(Ok(())) => (true, "reachable".to_owned()),
         Ok(Err(e)) => (false, e.to_string()),
         Err(_) => (false, "ping timed out".to_owned()),
     };
+    let described = tokio::time::timeout(Duration::from_millis(500), store.describe())
+        .await
+        .ok()
+        .flatten();
+    // A cluster that says it is not ok (slots uncovered) is not ready, though a node answers.
+    if let Some(state) = described
+        .as_ref()
+        .and_then(|d| d.get("cluster")?.get("state")?.as_str())
+    {
+        ready &= state == "ok";
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -416,13 +427,16 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     };
     let body = json!({
         "ready": ready,
-        "store": { "backend": store.backend(), "detail": detail },
+        "store": { "backend": store.backend(), "detail": detail, "state": described },
         "kernel": app.kernel.get(),
     });
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (worst, open) = app.decider.breaker_summary();
+    app.metrics.breaker_state.set(worst as i64);
+    app.metrics.breakers_open.set(open as i64);
     (
         [(
             header::CONTENT_TYPE,

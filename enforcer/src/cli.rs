@@ -200,6 +200,15 @@ pub struct RunArgs {
     /// Redis URL (overrides store.redis_url); empty or absent: the embedded in-process store.
     #[arg(long, env = "ENFORCER_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// A seed node of a Redis Cluster, `redis://host:port` (repeatable; replaces
+    /// store.redis_cluster). The environment takes a comma-separated list.
+    #[arg(
+        long = "redis-cluster",
+        env = "ENFORCER_REDIS_CLUSTER",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub redis_cluster: Vec<String>,
     /// Attach the kernel gate to this interface's ingress (repeatable; adds to kernel.interfaces).
     #[arg(long = "iface")]
     pub interfaces: Vec<String>,
@@ -438,6 +447,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     url: redis_url,
                     connections: 1,
                     connect_timeout: Duration::from_secs(2),
+                    response_timeout: Duration::from_secs(2),
+                    ..RedisStoreConfig::default()
                 },
                 &config.budget_policy(),
             )?;
@@ -678,6 +689,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(url) = args.redis_url {
         config.store.redis_url = url;
     }
+    if !args.redis_cluster.is_empty() {
+        config.store.redis_cluster = args.redis_cluster;
+    }
     config.kernel.interfaces.extend(args.interfaces);
     config.kernel.protect_ports.extend(args.protect_ports);
     if let Some(dir) = args.pin_dir {
@@ -709,7 +723,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let server = Server::bind(&config).await?;
             let addr = server.local_addr()?;
-            let backend = if config.store.redis_url.is_empty() {
+            let backend = if !config.store.redis_cluster.is_empty() {
+                "redis cluster"
+            } else if config.store.redis_url.is_empty() {
                 "embedded in-process store"
             } else {
                 "redis"

@@ -176,8 +176,12 @@ impl Default for EnvoyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Redis URL; empty means the embedded in-process store.
+    /// Redis URL; empty means the embedded in-process store (unless `redis_cluster` is set).
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port`); exclusive with `redis_url`.
+    pub redis_cluster: Vec<String>,
+    /// Replicas that must acknowledge each debit before it is answered (`WAIT`); 0: none.
+    pub wait_replicas: u32,
     /// Multiplexed Redis connections.
     pub connections: usize,
     /// Bound on each store call, milliseconds.
@@ -604,6 +608,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             redis_url: String::new(),
+            redis_cluster: Vec::new(),
+            wait_replicas: 0,
             connections: 2,
             timeout_ms: 50,
             connect_timeout_ms: 1000,
@@ -793,6 +799,25 @@ impl Config {
         }
         if self.store.connect_timeout_ms == 0 {
             err("store.connect_timeout_ms".into(), "must be > 0");
+        }
+        if !self.store.redis_url.is_empty() && !self.store.redis_cluster.is_empty() {
+            err(
+                "store.redis_cluster".into(),
+                "set either store.redis_url (one Redis) or store.redis_cluster (seed nodes), not both",
+            );
+        }
+        for (i, url) in self.store.redis_cluster.iter().enumerate() {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://"))
+                || redis::Client::open(url.as_str()).is_err()
+            {
+                err(
+                    format!("store.redis_cluster[{i}]"),
+                    "must be a redis:// or rediss:// URL of a cluster node",
+                );
+            }
+        }
+        if self.store.wait_replicas > 16 {
+            err("store.wait_replicas".into(), "must be between 0 and 16");
         }
         if self.store.breaker_failures == 0 {
             err("store.breaker_failures".into(), "must be > 0");

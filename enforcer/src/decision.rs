@@ -9,7 +9,7 @@
 //! ledger and the kernel gate subscribe to it. This module imports neither.
 pub mod event;
 
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, BreakerState};
 use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
 use crate::key::{ApiKey, RequestId};
@@ -217,7 +217,9 @@ pub struct Decider {
     store: Arc<dyn TokenStore>,
     prices: PriceBook,
     policy: BudgetPolicy,
-    breaker: Breaker,
+    /// One circuit breaker per failure domain of the store ([`TokenStore::shards`]): a cluster
+    /// primary that is down opens the breakers of its slots only.
+    breakers: Vec<Breaker>,
     timeout: Duration,
     on_failure: OnStoreFailure,
     shadow: bool,
@@ -247,14 +249,19 @@ impl Decider {
         events: Outbox,
     ) -> Self {
         let debit_duration = metrics.debit_duration.with_label_values(&[store.backend()]);
+        let shards = store.shards().max(1);
         Self {
             store,
             prices: PriceBook::new(&config.pricing),
             policy: config.budget_policy(),
-            breaker: Breaker::new(
-                config.store.breaker_failures,
-                Duration::from_millis(config.store.breaker_open_ms),
-            ),
+            breakers: (0..shards)
+                .map(|_| {
+                    Breaker::new(
+                        config.store.breaker_failures,
+                        Duration::from_millis(config.store.breaker_open_ms),
+                    )
+                })
+                .collect(),
             timeout: Duration::from_millis(config.store.timeout_ms),
             on_failure: config.store.on_store_failure,
             shadow: config.budget.shadow,
@@ -386,7 +393,9 @@ impl Decider {
         };
 
         let sent = Instant::now();
-        let result = self.call(self.store.debit(&debit)).await;
+        let result = self
+            .call(self.store.shard(&debit.key), self.store.debit(&debit))
+            .await;
         self.debit_duration.observe(sent.elapsed().as_secs_f64());
 
         let settled_at = match &result {
@@ -529,7 +538,7 @@ impl Decider {
         }
         if !allowed {
             decision.retry_after_ms = Some(
-                self.breaker
+                self.breakers[0]
                     .open_for()
                     .as_millis()
                     .try_into()
@@ -548,7 +557,10 @@ impl Decider {
         let key_hash = key.hash();
         let sent = Instant::now();
         let outcome = self
-            .call(self.store.refund(&key_hash, request_id))
+            .call(
+                self.store.shard(&key_hash),
+                self.store.refund(&key_hash, request_id),
+            )
             .await
             .map_err(|e| {
                 RefundError::Unavailable(match e {
@@ -592,12 +604,34 @@ impl Decider {
         outcome
     }
 
-    /// Runs a store call through the breaker with the timeout, and keeps the metrics.
+    /// The breakers' position for the `enforcer_store_breaker_state` and
+    /// `enforcer_store_breakers_open` gauges: the worst one (open, else half-open, else closed),
+    /// and how many are not closed. Read when metrics are scraped, not per decision.
+    pub fn breaker_summary(&self) -> (BreakerState, usize) {
+        let states: Vec<BreakerState> = self.breakers.iter().map(Breaker::state).collect();
+        let worst = if states.contains(&BreakerState::Open) {
+            BreakerState::Open
+        } else if states.contains(&BreakerState::HalfOpen) {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Closed
+        };
+        let open = states
+            .iter()
+            .filter(|s| **s != BreakerState::Closed)
+            .count();
+        (worst, open)
+    }
+
+    /// Runs a store call through the breaker of `shard` with the timeout, and keeps the
+    /// metrics.
     async fn call<T>(
         &self,
+        shard: usize,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, CallError> {
-        if !self.breaker.admit() {
+        let breaker = &self.breakers[shard.min(self.breakers.len() - 1)];
+        if !breaker.admit() {
             self.metrics
                 .store_errors
                 .with_label_values(&["breaker_open"])
@@ -614,8 +648,7 @@ impl Decider {
             result,
             Err(CallError::Timeout) | Err(CallError::Store(StoreError::Unavailable(_)))
         );
-        self.breaker.record(healthy);
-        self.metrics.breaker_state.set(self.breaker.state() as i64);
+        breaker.record(healthy);
         if let Err(e) = &result {
             let kind = match e {
                 CallError::BreakerOpen => "breaker_open",
@@ -765,5 +798,85 @@ mod tests {
         config.budget.min_units = 0.25;
         let decider = Decider::new(&config, store, Metrics::new(), Outbox::new());
         assert!(decider.check(check(0.5, "d")).await.is_ok());
+    }
+
+    /// A store of two failure domains whose first is down.
+    #[derive(Debug)]
+    struct HalfDown(MemoryStore);
+
+    #[async_trait::async_trait]
+    impl TokenStore for HalfDown {
+        async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+            if self.shard(&d.key) == 0 {
+                return Err(StoreError::Unavailable("primary down".into()));
+            }
+            self.0.debit(d).await
+        }
+        async fn refund(
+            &self,
+            key: &crate::key::KeyHash,
+            id: &RequestId,
+        ) -> Result<RefundOutcome, StoreError> {
+            self.0.refund(key, id).await
+        }
+        async fn assign_tier(
+            &self,
+            key: &crate::key::KeyHash,
+            tier: Option<&str>,
+        ) -> Result<(), StoreError> {
+            self.0.assign_tier(key, tier).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn backend(&self) -> &'static str {
+            "half-down"
+        }
+        fn shards(&self) -> usize {
+            2
+        }
+        fn shard(&self, key: &crate::key::KeyHash) -> usize {
+            usize::from(key.to_hex().as_bytes()[0] % 2)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_domain_that_is_down_opens_its_own_breaker_only() {
+        let mut config = Config::default();
+        config.store.on_store_failure = OnStoreFailure::FailClosed;
+        let inner = MemoryStore::new(config.budget_policy(), Arc::new(ManualClock::at(1000.0)));
+        let store = Arc::new(HalfDown(inner));
+        let decider = Decider::new(&config, store.clone(), Metrics::new(), Outbox::new());
+        let key_in = |shard: usize| {
+            (0..)
+                .map(|i| format!("key-{i}"))
+                .find(|k| store.shard(&ApiKey::parse(k).expect("key").hash()) == shard)
+                .expect("a key in each shard")
+        };
+        let (down, up) = (key_in(0), key_in(1));
+        let ask = |key: &str, id: String| Check {
+            key: ApiKey::parse(key).expect("key"),
+            endpoint: "/x".into(),
+            method: None,
+            client_ip: None,
+            units: 1.0,
+            request_id: Some(RequestId::parse(&id).expect("id")),
+        };
+        for i in 0..(config.store.breaker_failures + 3) {
+            let d = decider
+                .check(ask(&down, format!("d{i}")))
+                .await
+                .expect("valid");
+            assert_eq!(d.mode, Mode::FailClosed);
+            // The healthy domain keeps deciding by its budget, between the failures.
+            let d = decider
+                .check(ask(&up, format!("u{i}")))
+                .await
+                .expect("valid");
+            assert_eq!(d.mode, Mode::Enforce, "healthy shard decided by the store");
+            assert!(d.allowed);
+        }
+        let (worst, open) = decider.breaker_summary();
+        assert_eq!((worst, open), (BreakerState::Open, 1));
     }
 }

@@ -20,8 +20,10 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// `enforcer_store_failure_decisions_total{policy}`: decisions made without the store.
     pub store_failure_decisions: IntCounterVec,
-    /// `enforcer_store_breaker_state`: 0 closed, 1 open, 2 half-open.
+    /// `enforcer_store_breaker_state`: 0 closed, 1 open, 2 half-open (the worst breaker's).
     pub breaker_state: IntGauge,
+    /// `enforcer_store_breakers_open`: breakers not closed (a cluster has one per slot group).
+    pub breakers_open: IntGauge,
     /// `enforcer_bad_requests_total{reason}`: requests refused as bad input.
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
@@ -273,7 +275,12 @@ impl Metrics {
         let breaker_state = gauge(
             &registry,
             "enforcer_store_breaker_state",
-            "Token store circuit breaker: 0 closed, 1 open, 2 half-open",
+            "Token store circuit breaker: 0 closed, 1 open, 2 half-open (the worst, with one per cluster slot group)",
+        );
+        let breakers_open = gauge(
+            &registry,
+            "enforcer_store_breakers_open",
+            "Token store circuit breakers not closed (one per Redis Cluster slot group; one in all otherwise)",
         );
         let rls_requests = counter_vec(
             &registry,
@@ -415,6 +422,7 @@ impl Metrics {
             store_errors,
             store_failure_decisions,
             breaker_state,
+            breakers_open,
             bad_requests,
             refunds,
             client_addresses,

@@ -44,16 +44,20 @@ pub enum ServerError {
     Config(String),
 }
 
-/// The token store a config asks for: Redis when `store.redis_url` is set, else in-process.
+/// The token store a config asks for: a Redis Cluster when `store.redis_cluster` is set, one
+/// Redis when `store.redis_url` is, else in-process.
 pub fn build_store(config: &Config) -> Result<Arc<dyn TokenStore>, StoreError> {
     let policy = config.budget_policy();
-    if config.store.redis_url.is_empty() {
+    if config.store.redis_url.is_empty() && config.store.redis_cluster.is_empty() {
         Ok(Arc::new(MemoryStore::new(policy, Arc::new(SystemClock))))
     } else {
         let redis = RedisStoreConfig {
             url: config.store.redis_url.clone(),
+            cluster: config.store.redis_cluster.clone(),
             connections: config.store.connections,
             connect_timeout: Duration::from_millis(config.store.connect_timeout_ms),
+            response_timeout: Duration::from_millis(config.store.timeout_ms),
+            wait_replicas: config.store.wait_replicas,
         };
         Ok(Arc::new(RedisStore::new(&redis, &policy)?))
     }

@@ -21,6 +21,8 @@ fn store(url: &str) -> RedisStore {
             url: url.to_owned(),
             connections: 2,
             connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            ..RedisStoreConfig::default()
         },
         &policy(),
     )

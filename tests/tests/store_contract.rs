@@ -38,6 +38,8 @@ fn stores() -> Vec<Box<dyn TokenStore>> {
             url: redis_url(),
             connections: 1,
             connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            ..RedisStoreConfig::default()
         },
         &policy(),
     )

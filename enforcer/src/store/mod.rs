@@ -7,7 +7,7 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{DEBIT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig};
+pub use redis::{CLUSTER_SHARDS, DEBIT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig, slot_of};
 
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;
@@ -174,8 +174,21 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
-    /// A short name for logs and `/readyz` ("redis", "memory").
+    /// A short name for logs and `/readyz` ("redis", "redis-cluster", "memory").
     fn backend(&self) -> &'static str;
+    /// How many independent failure domains the store has: each gets its own circuit breaker
+    /// (a cluster's slot groups; 1 for one Redis or the in-process store).
+    fn shards(&self) -> usize {
+        1
+    }
+    /// The failure domain of `key`, below [`TokenStore::shards`].
+    fn shard(&self, _key: &KeyHash) -> usize {
+        0
+    }
+    /// What `/readyz` shows about the backend beyond reachability (a cluster's state).
+    async fn describe(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Rejects costs no store may charge: NaN, infinite, zero or negative, absurdly large.

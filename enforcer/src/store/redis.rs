@@ -2,13 +2,26 @@
 //!
 //! Scripts are loaded with `SCRIPT LOAD` and called by SHA with every argument in
 //! `KEYS`/`ARGV` (never spliced into script text); a `NOSCRIPT` answer (Redis restarted,
-//! flushed, failed over) reloads the script and retries once.
+//! flushed, failed over, a slot moved to a node that never saw the script) reloads the script
+//! and retries once.
 //!
-//! Script calls are **pipelined**: a batching task takes every call queued since its last turn
-//! and writes them to Redis as one pipeline (one `write` for many decisions, and one `read` on
-//! the Redis side), on multiplexed connections that reconnect by themselves. Nothing waits to
-//! fill a batch: under light load a batch is one call. Connections are made lazily, so the
-//! daemon starts (and applies its failure policy) while Redis is still down.
+//! Two backends:
+//!
+//! - **One Redis** (`store.redis_url`): script calls are **pipelined**: a batching task takes
+//!   every call queued since its last turn and writes them to Redis as one pipeline (one `write`
+//!   for many decisions, and one `read` on the Redis side), on multiplexed connections that
+//!   reconnect by themselves. Nothing waits to fill a batch: under light load a batch is one
+//!   call.
+//! - **Redis Cluster** (`store.redis_cluster`): redis-rs's async cluster client routes each
+//!   script call by its keys' hash-tag slot (all of one API key's keys share the tag
+//!   `{<sha256>}`, so one call never spans slots), follows `MOVED`/`ASK` and refreshes the
+//!   topology itself. It keeps one multiplexed connection per node: concurrent calls for one
+//!   node share it and are written together, so batching is per node, and one call is one key.
+//!
+//! Connections are made lazily, so the daemon starts (and applies its failure policy) while
+//! Redis is still down. With `store.wait_replicas = n`, every debit is followed by `WAIT n` on
+//! the same primary: the answer then waits until `n` replicas have the write (what an
+//! asynchronous failover would otherwise lose).
 use super::{
     BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore, check_cost,
 };
@@ -16,8 +29,11 @@ use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike as _, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, Script, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{OnceCell, mpsc, oneshot};
@@ -33,15 +49,28 @@ const MAX_BATCH: usize = 256;
 const QUEUE: usize = 8192;
 
 /// Connection settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisStoreConfig {
-    /// `redis://host:port/db` (or `rediss://`, `redis+unix://`).
+    /// `redis://host:port/db` (or `rediss://`, `redis+unix://`) of a single Redis; ignored when
+    /// `cluster` is set.
     pub url: String,
-    /// Multiplexed connections; pipelines are spread over them in turn.
+    /// Seed nodes of a Redis Cluster (`redis://host:port`); empty: a single Redis at `url`.
+    pub cluster: Vec<String>,
+    /// Multiplexed connections (single Redis); pipelines are spread over them in turn.
     pub connections: usize,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
+    /// Bound on one answer (the decider bounds every call anyway: this stops the cluster
+    /// client's own retries from outliving it).
+    pub response_timeout: Duration,
+    /// Replicas that must acknowledge a debit before it is answered (`WAIT`); 0: none.
+    pub wait_replicas: u32,
 }
+
+/// Slot groups of a cluster: each has its own circuit breaker, so a primary that is down opens
+/// the breakers of its slots only. 64 groups of 256 slots: a primary owning a contiguous range
+/// of slots (as `redis-cli --cluster create` assigns them) owns whole groups, but for the edges.
+pub const CLUSTER_SHARDS: usize = 64;
 
 /// Lazily made, self-healing connections with the scripts loaded.
 struct Pool {
@@ -50,6 +79,12 @@ struct Pool {
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
     scripts: [Script; 2],
+    /// `WAIT n timeout` at the end of every pipeline, when `wait_replicas > 0` (it waits for
+    /// every write the connection made before it).
+    wait: Option<Cmd>,
+    wait_replicas: u32,
+    /// Pipelines answered with fewer replica acknowledgements than asked.
+    short_waits: AtomicU64,
 }
 
 /// One script call waiting for the batching task.
@@ -59,11 +94,31 @@ struct Call {
     reply: oneshot::Sender<Result<Value, StoreError>>,
 }
 
+/// The connections to one Redis, or to a cluster.
+enum Backend {
+    Single {
+        pool: Arc<Pool>,
+        /// The batching task's queue, started on first use (it needs the runtime).
+        queue: OnceLock<mpsc::Sender<Call>>,
+    },
+    Cluster(Arc<ClusterPool>),
+}
+
+/// A lazily made cluster connection (it reconnects and refreshes its topology by itself).
+struct ClusterPool {
+    client: ClusterClient,
+    conn: OnceCell<ClusterConnection>,
+    scripts: [Script; 2],
+    /// `WAIT n timeout` after each debit, when `wait_replicas > 0`.
+    wait: Option<Cmd>,
+    wait_replicas: u32,
+    /// Debits answered with fewer replica acknowledgements than asked.
+    short_waits: AtomicU64,
+}
+
 /// [`TokenStore`] backed by Redis.
 pub struct RedisStore {
-    pool: Arc<Pool>,
-    /// The batching task's queue, started on first use (it needs the runtime).
-    queue: OnceLock<mpsc::Sender<Call>>,
+    backend: Backend,
     /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
@@ -75,22 +130,57 @@ const DEBIT: usize = 0;
 const REFUND: usize = 1;
 
 impl RedisStore {
-    /// A store for `policy` on the Redis at `config.url`. Does not connect yet.
+    /// A store for `policy` on the Redis at `config.url`, or on the cluster of
+    /// `config.cluster`. Does not connect yet.
     pub fn new(config: &RedisStoreConfig, policy: &BudgetPolicy) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
-        let connections = (0..config.connections.max(1))
-            .map(|_| OnceCell::new())
-            .collect();
-        Ok(Self {
-            pool: Arc::new(Pool {
+        let scripts = [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)];
+        let wait = (config.wait_replicas > 0).then(|| {
+            let mut c = redis::cmd("WAIT");
+            c.arg(config.wait_replicas)
+                .arg(config.response_timeout.as_millis().max(1) as u64);
+            c
+        });
+        let backend = if config.cluster.is_empty() {
+            let client = redis::Client::open(config.url.as_str())
+                .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
+            let connections = (0..config.connections.max(1))
+                .map(|_| OnceCell::new())
+                .collect();
+            Backend::Single {
+                pool: Arc::new(Pool {
+                    client,
+                    connect_timeout: config.connect_timeout,
+                    connections,
+                    next: AtomicUsize::new(0),
+                    scripts,
+                    wait,
+                    wait_replicas: config.wait_replicas,
+                    short_waits: AtomicU64::new(0),
+                }),
+                queue: OnceLock::new(),
+            }
+        } else {
+            let client = redis::cluster::ClusterClientBuilder::new(config.cluster.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.response_timeout.max(Duration::from_millis(1)))
+                // A MOVED, ASK or TRYAGAIN is retried at once; a node that is down is retried
+                // once, briefly: the decider's timeout bounds the whole call anyway.
+                .retries(2)
+                .min_retry_wait(5)
+                .max_retry_wait(50)
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("bad redis cluster urls: {e}")))?;
+            Backend::Cluster(Arc::new(ClusterPool {
                 client,
-                connect_timeout: config.connect_timeout,
-                connections,
-                next: AtomicUsize::new(0),
-                scripts: [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)],
-            }),
-            queue: OnceLock::new(),
+                conn: OnceCell::new(),
+                scripts,
+                wait,
+                wait_replicas: config.wait_replicas,
+                short_waits: AtomicU64::new(0),
+            }))
+        };
+        Ok(Self {
+            backend,
             main_args: script_args(policy, BucketKind::Main),
             ops_args: script_args(policy, BucketKind::Operational),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
@@ -111,7 +201,8 @@ impl RedisStore {
         ]
     }
 
-    /// `EVALSHA` through the batching task.
+    /// `EVALSHA` of `script` on `keys` (one API key's: one hash tag) with `args`: through
+    /// the batching task (one Redis), or routed by the keys' slot (cluster).
     async fn eval<T: redis::FromRedisValue>(
         &self,
         script: usize,
@@ -119,24 +210,119 @@ impl RedisStore {
         args: &[&str],
     ) -> Result<T, StoreError> {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.pool.scripts[script].get_hash())
-            .arg(keys.len())
-            .arg(keys)
-            .arg(args);
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(batches(self.pool.clone(), rx));
-            tx
-        });
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(Call { cmd, script, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the batching task stopped".into()))?;
-        let value = answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the batching task dropped a call".into()))??;
+        let sha = match &self.backend {
+            Backend::Single { pool, .. } => pool.scripts[script].get_hash(),
+            Backend::Cluster(pool) => pool.scripts[script].get_hash(),
+        };
+        cmd.arg(sha).arg(keys.len()).arg(keys).arg(args);
+        let value = match &self.backend {
+            Backend::Single { pool, queue } => {
+                let queue = queue.get_or_init(|| {
+                    let (tx, rx) = mpsc::channel(QUEUE);
+                    tokio::spawn(batches(pool.clone(), rx));
+                    tx
+                });
+                let (reply, answer) = oneshot::channel();
+                queue
+                    .send(Call { cmd, script, reply })
+                    .await
+                    .map_err(|_| StoreError::Unavailable("the batching task stopped".into()))?;
+                answer.await.map_err(|_| {
+                    StoreError::Unavailable("the batching task dropped a call".into())
+                })??
+            }
+            Backend::Cluster(pool) => {
+                let slot = keys.first().map_or(0, |k| slot_of(k.as_bytes()));
+                pool.eval(script, &cmd, slot).await?
+            }
+        };
         redis::from_owned_redis_value(value).map_err(|e| StoreError::Protocol(e.to_string()))
+    }
+
+    /// One command that is not a script call (tier assignment, ping), on either backend.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Single { pool, .. } => {
+                let mut conn = pool.connection().await?;
+                cmd.query_async(&mut conn).await.map_err(classify)
+            }
+            Backend::Cluster(pool) => {
+                let mut conn = pool.connection().await?;
+                cmd.query_async(&mut conn).await.map_err(classify)
+            }
+        }
+    }
+}
+
+impl ClusterPool {
+    async fn connection(&self) -> Result<ClusterConnection, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let mut conn = self
+                    .client
+                    .get_async_connection()
+                    .await
+                    .map_err(unavailable)?;
+                // SCRIPT LOAD goes to every primary; a primary that appears later (failover,
+                // a node added) gets the script on its first NOSCRIPT.
+                for script in &self.scripts {
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok::<_, StoreError>(conn)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// A script call on the primary of `slot`; `NOSCRIPT` loads the script and retries once.
+    async fn eval(&self, script: usize, cmd: &Cmd, slot: u16) -> Result<Value, StoreError> {
+        let mut conn = self.connection().await?;
+        match self.call(&mut conn, cmd, slot).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                tracing::warn!(slot, "a cluster node lacks a script (NOSCRIPT): loading it");
+                self.scripts[script]
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                self.call(&mut conn, cmd, slot).await.map_err(classify)
+            }
+            other => other.map_err(classify),
+        }
+    }
+
+    /// The call, followed by `WAIT` on the same primary when replicas must acknowledge it.
+    async fn call(
+        &self,
+        conn: &mut ClusterConnection,
+        cmd: &Cmd,
+        slot: u16,
+    ) -> Result<Value, RedisError> {
+        let Some(wait) = &self.wait else {
+            return cmd.query_async(conn).await;
+        };
+        let mut pipe = Pipeline::with_capacity(2);
+        pipe.add_command(cmd.clone()).add_command(wait.clone());
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+        let mut answers = conn.route_pipeline(&pipe, 0, 2, route).await?.into_iter();
+        let (Some(answer), Some(acked)) = (answers.next(), answers.next()) else {
+            return Err(RedisError::from((
+                ErrorKind::ParseError,
+                "a pipeline of 2 got fewer answers",
+            )));
+        };
+        if !matches!(acked, Value::Int(n) if n >= i64::from(self.wait_replicas)) {
+            self.short_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        match answer {
+            Value::ServerError(e) => Err(RedisError::from(e)),
+            v => Ok(v),
+        }
     }
 }
 
@@ -199,12 +385,27 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         Ok(c) => c,
         Err(e) => return fail_all(batch, e),
     };
-    let mut pipe = Pipeline::with_capacity(batch.len());
+    let mut pipe = Pipeline::with_capacity(batch.len() + 1);
     for call in &batch {
         pipe.add_command(call.cmd.clone());
     }
-    let answers = match conn.req_packed_commands(&pipe, 0, batch.len()).await {
-        Ok(a) if a.len() == batch.len() => a,
+    // WAIT last: it waits for every write this connection made before it, the whole batch.
+    let waits = usize::from(pool.wait.is_some());
+    if let Some(wait) = &pool.wait {
+        pipe.add_command(wait.clone());
+    }
+    let answers = match conn
+        .req_packed_commands(&pipe, 0, batch.len() + waits)
+        .await
+    {
+        Ok(mut a) if a.len() == batch.len() + waits => {
+            if waits == 1
+                && !matches!(a.pop(), Some(Value::Int(n)) if n >= i64::from(pool.wait_replicas))
+            {
+                pool.short_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            a
+        }
         Ok(a) => {
             let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
             return fail_all(batch, StoreError::Protocol(e));
@@ -249,11 +450,61 @@ async fn retry_after_reload(
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("connections", &self.pool.connections.len())
-            .field("debit_sha", &self.pool.scripts[DEBIT].get_hash())
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("RedisStore");
+        match &self.backend {
+            Backend::Single { pool, .. } => d
+                .field("connections", &pool.connections.len())
+                .field("debit_sha", &pool.scripts[DEBIT].get_hash()),
+            Backend::Cluster(pool) => d
+                .field("cluster", &true)
+                .field("debit_sha", &pool.scripts[DEBIT].get_hash()),
+        };
+        d.finish_non_exhaustive()
     }
+}
+
+/// The cluster slot of a key (or of its `{hash tag}`): CRC16-XMODEM mod 16384, as Redis
+/// Cluster computes it.
+pub fn slot_of(key: &[u8]) -> u16 {
+    let tag = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tag {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// What `CLUSTER INFO` says (`/readyz`).
+fn cluster_info(text: &str) -> serde_json::Value {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+    serde_json::json!({
+        "state": field("cluster_state"),
+        "slots_ok": number("cluster_slots_ok"),
+        "slots_pfail": number("cluster_slots_pfail"),
+        "slots_fail": number("cluster_slots_fail"),
+        "known_nodes": number("cluster_known_nodes"),
+        "primaries_with_slots": number("cluster_size"),
+    })
 }
 
 /// The tier part of the debit script's `ARGV`, computed once.
@@ -381,7 +632,6 @@ impl TokenStore for RedisStore {
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
-        let mut conn = self.pool.connection().await?;
         let name = format!("ptb:{{{}}}:tier", key.to_hex());
         let cmd = match tier {
             Some(tier) => {
@@ -395,19 +645,92 @@ impl TokenStore for RedisStore {
                 c
             }
         };
-        cmd.query_async::<()>(&mut conn).await.map_err(classify)
+        self.query::<()>(&cmd).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        self.query::<String>(&redis::cmd("PING")).await.map(drop)
     }
 
     fn backend(&self) -> &'static str {
-        "redis"
+        match self.backend {
+            Backend::Single { .. } => "redis",
+            Backend::Cluster(_) => "redis-cluster",
+        }
+    }
+
+    fn shards(&self) -> usize {
+        match self.backend {
+            Backend::Single { .. } => 1,
+            Backend::Cluster(_) => CLUSTER_SHARDS,
+        }
+    }
+
+    fn shard(&self, key: &KeyHash) -> usize {
+        match self.backend {
+            Backend::Single { .. } => 0,
+            Backend::Cluster(_) => {
+                usize::from(slot_of(key.to_hex().as_bytes())) * CLUSTER_SHARDS / 16384
+            }
+        }
+    }
+
+    async fn describe(&self) -> Option<serde_json::Value> {
+        let (short_waits, cluster) = match &self.backend {
+            Backend::Single { pool, .. } => (pool.short_waits.load(Ordering::Relaxed), None),
+            Backend::Cluster(pool) => {
+                let info = match pool.connection().await {
+                    Ok(mut conn) => conn
+                        .route_command(
+                            &redis::cmd("CLUSTER").arg("INFO").clone(),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|v| redis::from_owned_redis_value::<String>(v).ok()),
+                    Err(_) => None,
+                };
+                (
+                    pool.short_waits.load(Ordering::Relaxed),
+                    Some(
+                        info.as_deref()
+                            .map_or(serde_json::json!({"state": "unreachable"}), cluster_info),
+                    ),
+                )
+            }
+        };
+        Some(serde_json::json!({
+            "cluster": cluster,
+            "short_waits": short_waits,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_computed_as_redis_cluster_does() {
+        // `CLUSTER KEYSLOT` of a Redis 7 cluster.
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"123456789"), 12739);
+        // Only the hash tag counts; an empty tag does not make one.
+        assert_eq!(slot_of(b"ptb:{foo}:b"), slot_of(b"foo"));
+        assert_eq!(slot_of(b"ptb:{foo}:r:anything"), 12182);
+        assert_eq!(slot_of(b"a{}b"), 13694);
+    }
+
+    #[test]
+    fn cluster_info_is_read_into_readyz_fields() {
+        let info = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16380\r\n\
+                    cluster_slots_pfail:4\r\ncluster_slots_fail:0\r\ncluster_known_nodes:6\r\n\
+                    cluster_size:3\r\n";
+        let v = cluster_info(info);
+        assert_eq!(v["state"], "ok");
+        assert_eq!(v["slots_ok"], 16380);
+        assert_eq!(v["slots_pfail"], 4);
+        assert_eq!(v["known_nodes"], 6);
+        assert_eq!(v["primaries_with_slots"], 3);
     }
 }
