@@ -135,7 +135,8 @@ pub fn state_ok(port: u16) -> bool {
 }
 
 /// A Redis Cluster of the test's own: six nodes, three primaries with one replica each,
-/// `cluster-node-timeout` 2 s (a failover takes a few seconds, not the default's 15+). Every
+/// `cluster-node-timeout` 2 s (a failover takes a few seconds, not the default's 15+),
+/// `cluster-require-full-coverage no` (as docs/configuration.md asks for production). Every
 /// node is a child process, killed on drop (or by [`PrivateCluster::kill`]).
 #[derive(Debug)]
 pub struct PrivateCluster {
@@ -327,6 +328,10 @@ fn node_args(port: u16, dir: &std::path::Path) -> Vec<String> {
         // Replicas sync at once instead of after the default 5 s delay.
         "--repl-diskless-sync-delay",
         "0",
+        // As docs/configuration.md asks of production clusters: a primary that is down stops
+        // its own slots, not all of them.
+        "--cluster-require-full-coverage",
+        "no",
         "--save",
         "",
         "--appendonly",

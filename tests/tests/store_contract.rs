@@ -1,5 +1,6 @@
-//! One contract, two token stores: every case runs against the Redis store (real Redis, the Lua
-//! scripts) and the in-process store, and both must answer the same.
+//! One contract, three token stores: every case runs against the Redis store on one Redis and
+//! on a Redis Cluster (real servers, the Lua scripts) and the in-process store, and all must
+//! answer the same.
 use enforcer::budget::BudgetPolicy;
 use enforcer::clock::ManualClock;
 use enforcer::config::Config;
@@ -8,6 +9,7 @@ use enforcer::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, MemoryStore, RedisStore, RedisStoreConfig,
     RefundOutcome, Settled, TokenStore,
 };
+use enforcer_tests::cluster::redis_cluster_seeds;
 use enforcer_tests::{redis_url, unique};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +46,20 @@ fn stores() -> Vec<Box<dyn TokenStore>> {
         &policy(),
     )
     .expect("redis store");
+    // The cluster `cargo xtask test` started: every script call routed by its key's slot.
+    let cluster = RedisStore::new(
+        &RedisStoreConfig {
+            cluster: redis_cluster_seeds(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            ..RedisStoreConfig::default()
+        },
+        &policy(),
+    )
+    .expect("redis cluster store");
+    assert_eq!(cluster.backend(), "redis-cluster");
     let memory = MemoryStore::new(policy(), Arc::new(ManualClock::at(1_000_000.0)));
-    vec![Box::new(redis), Box::new(memory)]
+    vec![Box::new(redis), Box::new(cluster), Box::new(memory)]
 }
 
 fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {

@@ -119,6 +119,8 @@ impl RedisCluster {
                     .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
                     // Replicas sync at once, not after the default 5 s delay.
                     .args(["--repl-diskless-sync-delay", "0"])
+                    // As docs/configuration.md asks of production clusters.
+                    .args(["--cluster-require-full-coverage", "no"])
                     .args(["--save", "", "--appendonly", "no"])
                     .arg("--cluster-config-file")
                     .arg(dir.join(format!("nodes-{port}.conf")))
