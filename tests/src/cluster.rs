@@ -292,6 +292,24 @@ impl PrivateCluster {
         self.nodes[i] = None;
     }
 
+    /// Starts the killed node on `port` again, with its old node id and configuration: after a
+    /// failover it rejoins as a replica of the primary that took its slots.
+    pub fn restart(&mut self, port: u16) {
+        let i = self
+            .ports
+            .iter()
+            .position(|&p| p == port)
+            .unwrap_or_else(|| panic!("no node on {port}"));
+        assert!(self.nodes[i].is_none(), "node on {port} is running");
+        let child = Command::new("redis-server")
+            .args(node_args(port, self.dir.path()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.nodes[i] = Some(Process(child));
+    }
+
     /// The directory holding the nodes' files.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
