@@ -98,13 +98,7 @@ pub fn cluster_nodes(port: u16) -> Vec<NodeInfo> {
                 return None;
             }
             // ip:port@busport
-            let node_port = f[1]
-                .split('@')
-                .next()?
-                .rsplit(':')
-                .next()?
-                .parse()
-                .ok()?;
+            let node_port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
             let flags: BTreeSet<&str> = f[2].split(',').collect();
             let slots = f[8..]
                 .iter()

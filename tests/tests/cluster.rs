@@ -150,11 +150,10 @@ impl Conn {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let (sender, conn) = hyper::client::conn::http1::handshake(
-                    hyper_util::rt::TokioIo::new(stream),
-                )
-                .await
-                .expect("http handshake");
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .expect("http handshake");
                 tokio::spawn(conn);
                 self.sender = Some(sender);
             }
@@ -165,7 +164,9 @@ impl Conn {
             let req = hyper::Request::post("/v1/check")
                 .header("host", "enforcer")
                 .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
                 .expect("request");
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
@@ -177,7 +178,10 @@ impl Conn {
             let status = resp.status().as_u16();
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
-                panic!("{status}: not JSON ({e}): {}", String::from_utf8_lossy(&body))
+                panic!(
+                    "{status}: not JSON ({e}): {}",
+                    String::from_utf8_lossy(&body)
+                )
             });
             return (status, json);
         }
@@ -277,7 +281,8 @@ fn assert_bound(answers: &[Answer], keys: &[String], capacity: f64, refill: f64,
     }
 }
 
-const HOT_TIERS: &str = "[tiers.test]\nmax_tokens = 1000\nrefill_per_sec = 20\nidle_cap = 1.0\ninitial_tokens = 1000\n";
+const HOT_TIERS: &str =
+    "[tiers.test]\nmax_tokens = 1000\nrefill_per_sec = 20\nidle_cap = 1.0\ninitial_tokens = 1000\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_daemons_keep_one_budget_for_a_hot_key() {
@@ -292,7 +297,15 @@ async fn three_daemons_keep_one_budget_for_a_hot_key() {
     // 3 daemons × 8 clients × 40 checks of 10 tokens: 9600 tokens asked of a 1000-token
     // bucket refilling 20/s, so it runs dry unless the run takes minutes.
     let t0 = Instant::now();
-    let answers = hammer(addrs.clone(), keys.clone(), 8, 40, Arc::new(AtomicBool::new(false)), t0).await;
+    let answers = hammer(
+        addrs.clone(),
+        keys.clone(),
+        8,
+        40,
+        Arc::new(AtomicBool::new(false)),
+        t0,
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     assert_bound(&answers, &keys, 1000.0, 20.0, elapsed);
     for d in 0..3 {
@@ -344,7 +357,15 @@ async fn keys_spread_over_every_primary_each_keep_their_bound() {
     assert_eq!(primaries.len(), 3, "48 random keys cover the 3 primaries");
     // Each key is asked 3 × 8 × 40 / 48 = 20 checks of 10 tokens: twice its capacity.
     let t0 = Instant::now();
-    let answers = hammer(addrs.clone(), keys.clone(), 8, 40, Arc::new(AtomicBool::new(false)), t0).await;
+    let answers = hammer(
+        addrs.clone(),
+        keys.clone(),
+        8,
+        40,
+        Arc::new(AtomicBool::new(false)),
+        t0,
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     assert_bound(&answers, &keys, 100.0, 5.0, elapsed);
     for d in &daemons {
@@ -500,11 +521,7 @@ async fn failover_under_load(wait_replicas: u32) -> Failover {
     // Nobody waited for the failover: each check ended within its store timeout and one
     // retry, with a second for a busy machine.
     let bound = Duration::from_millis(2 * timeout_ms + 1000);
-    let slowest = answers
-        .iter()
-        .map(|a| a.latency)
-        .max()
-        .expect("answers");
+    let slowest = answers.iter().map(|a| a.latency).max().expect("answers");
     assert!(
         slowest <= bound,
         "a check waited {slowest:?} (timeout_ms {timeout_ms}); the failover took {:?}",
@@ -719,7 +736,10 @@ async fn with_wait_replicas_a_primary_without_replica_still_decides() {
     while enforcer_tests::cluster::cli(primary.port, &["INFO", "replication"])
         .contains("connected_slaves:1")
     {
-        assert!(start.elapsed() < Duration::from_secs(10), "replica still connected");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replica still connected"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut modes = BTreeMap::<String, usize>::new();

@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: the daemon's decision rate and latency through `POST /v1/check` and
 //! through Envoy's rate-limit API (gRPC), beside `redis-benchmark` calling the same script with
 //! `EVALSHA` at the same concurrency on the same private Redis (the ceiling), in one run so the
-//! numbers are comparable on a noisy machine.
+//! numbers are comparable on a noisy machine. `cargo xtask bench cluster` does the same for one
+//! Redis against a three-primary Redis Cluster, with Redis CPU per decision (how many gateway
+//! nodes a shard carries).
 use crate::loadgen::{self, Pace};
-use crate::services::{Redis, free_port};
+use crate::services::{Redis, RedisCluster, free_port};
 use anyhow::{Context as _, Result, bail};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -21,6 +23,9 @@ pub enum Which {
     /// Audit rows per second through the ledger writer into PostgreSQL, versus psql `\copy`
     /// of the same rows (the ceiling) and single-row INSERTs.
     Ledger,
+    /// Decisions/s and Redis CPU per decision: one Redis versus a three-primary Redis
+    /// Cluster (and with `wait_replicas = 1`), beside per-node redis-benchmark ceilings.
+    Cluster,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -39,12 +44,14 @@ impl Drop for Daemon {
 }
 
 pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
-    if matches!(which, Which::Http) {
-        return http(clients, seconds);
+    match which {
+        Which::Http => return http(clients, seconds),
+        Which::Cluster => return cluster(clients, seconds),
+        _ => {}
     }
     println!("machine: {}", machine());
     let name = match which {
-        Which::Http | Which::Kernel => "kernel",
+        Which::Http | Which::Kernel | Which::Cluster => "kernel",
         Which::Pricing => "pricing",
         Which::Ledger => "ledger",
     };
@@ -283,6 +290,254 @@ refill_per_sec = 1e9
     Ok(())
 }
 
+/// `bench cluster`: one daemon on one Redis, then on a three-primary cluster (without and with
+/// `wait_replicas = 1`), closed loop, keys spread over every slot; Redis CPU per decision
+/// summed over the primaries (and over the replicas, which apply every write too). Beside them
+/// the redis-benchmark ceilings: the single Redis, each primary alone, the three at once.
+fn cluster(clients: usize, seconds: u64) -> Result<()> {
+    crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
+    let dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-")
+        .tempdir()?;
+    let redis = Redis::start(dir.path())?;
+    let cluster = RedisCluster::start(dir.path())?;
+    let primaries = cluster.primaries()?;
+    let replicas: Vec<u16> = cluster
+        .ports
+        .iter()
+        .copied()
+        .filter(|p| !primaries.iter().any(|(q, _)| q == p))
+        .collect();
+    let script = std::fs::read_to_string("lua/debit.lua")?;
+    let mut sha = String::new();
+    for port in std::iter::once(redis.port).chain(primaries.iter().map(|(p, _)| *p)) {
+        sha = crate::services::cli(port, &["SCRIPT", "LOAD", &script])?
+            .trim()
+            .to_owned();
+        if sha.len() != 40 {
+            bail!("SCRIPT LOAD on {port} answered {sha:?}");
+        }
+    }
+    // Ceilings: the single Redis; each primary alone (a hash tag of one of its slots); all
+    // three primaries at once (what the cluster serves when the clients are not the limit).
+    let single = redis_benchmark(&redis, &sha, clients, seconds)?;
+    let tags: Vec<String> = primaries
+        .iter()
+        .map(|(_, slots)| tag_in(slots))
+        .collect::<Result<_>>()?;
+    let mut alone = Vec::new();
+    for ((port, _), tag) in primaries.iter().zip(&tags) {
+        alone.push(redis_benchmarks(&[*port], &sha, tag, clients, seconds)?.remove(0));
+    }
+    // Concurrently: one redis-benchmark per primary, each on its own tag.
+    let together = {
+        let handles: Vec<_> = primaries
+            .iter()
+            .zip(&tags)
+            .map(|((port, _), tag)| {
+                let (port, tag, sha) = (*port, tag.clone(), sha.clone());
+                std::thread::spawn(move || {
+                    redis_benchmarks(&[port], &sha, &tag, clients, seconds).map(|mut v| v.remove(0))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let config = |name: &str, store: &str| -> Result<std::path::PathBuf> {
+        let path = dir.path().join(format!("bench-{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"{addr}\"\ngrpc_listen = \"\"\n[store]\ntimeout_ms = 1000\n{store}\n\
+                 [budget]\ndefault_tier = \"bench\"\n\
+                 [tiers.bench]\nmax_tokens = 1e12\nrefill_per_sec = 1e9\n"
+            ),
+        )?;
+        Ok(path)
+    };
+    let body = |i: usize| {
+        format!(
+            r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
+            i % KEY_SPACE
+        )
+    };
+    let seeds: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let seed_list = seeds
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let runs = [
+        (
+            "daemon, one Redis".to_owned(),
+            config("single", &format!("redis_url = \"{}\"", redis.url()))?,
+            vec![redis.port],
+            vec![],
+        ),
+        (
+            "daemon, cluster of 3 primaries".to_owned(),
+            config("cluster", &format!("redis_cluster = [{seed_list}]"))?,
+            primaries.iter().map(|(p, _)| *p).collect(),
+            replicas.clone(),
+        ),
+        (
+            "daemon, cluster, wait_replicas = 1".to_owned(),
+            config(
+                "cluster-wait",
+                &format!("redis_cluster = [{seed_list}]\nwait_replicas = 1"),
+            )?,
+            primaries.iter().map(|(p, _)| *p).collect(),
+            replicas.clone(),
+        ),
+    ];
+    let ledger_dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-ledger-")
+        .tempdir()?;
+    let mut rows = Vec::new();
+    for (i, (label, config, primary_ports, replica_ports)) in runs.into_iter().enumerate() {
+        let daemon = Daemon(
+            Command::new("target/release/enforcer")
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .arg("--ledger-file")
+                .arg(ledger_dir.path().join(format!("ledger-{i}.jsonl")))
+                .env_remove("ENFORCER_REDIS_URL")
+                .env_remove("ENFORCER_REDIS_CLUSTER")
+                .env_remove("ENFORCER_GRPC_LISTEN")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting the daemon")?,
+        );
+        wait_http(addr)?;
+        loadgen::run(
+            addr,
+            "/v1/check",
+            clients,
+            Duration::from_secs(1),
+            Pace::Closed,
+            body,
+        )?;
+        let cpu = |ports: &[u16]| -> Result<f64> {
+            ports.iter().map(|&p| port_cpu(p)).sum::<Result<f64>>()
+        };
+        let (p0, r0, d0) = (
+            cpu(&primary_ports)?,
+            cpu(&replica_ports)?,
+            process_cpu(daemon.0.id())?,
+        );
+        let report = loadgen::run(
+            addr,
+            "/v1/check",
+            clients,
+            Duration::from_secs(seconds),
+            Pace::Closed,
+            body,
+        )?;
+        let (p1, r1, d1) = (
+            cpu(&primary_ports)?,
+            cpu(&replica_ports)?,
+            process_cpu(daemon.0.id())?,
+        );
+        drop(daemon);
+        let n = report.requests.max(1) as f64;
+        rows.push((
+            label,
+            report,
+            (p1 - p0) / n * 1e6,
+            (r1 - r0) / n * 1e6,
+            (d1 - d0) / n * 1e6,
+        ));
+    }
+
+    println!();
+    println!("machine: {}", machine());
+    println!(
+        "clients: {clients}, every call a new key (spread over all slots) and request id, {seconds} s per run"
+    );
+    println!(
+        "{:<52} {:>12} {:>9} {:>9} {:>12} {:>12} {:>12}",
+        "", "decisions/s", "p50 ms", "p99 ms", "primary us", "replica us", "daemon us"
+    );
+    let ceiling = |label: String, c: &Ceiling| {
+        println!(
+            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1}",
+            label, c.rps, c.p50, c.p99, c.redis_us
+        );
+    };
+    ceiling("redis-benchmark EVALSHA, one Redis".into(), &single);
+    for (i, c) in alone.iter().enumerate() {
+        ceiling(format!("redis-benchmark EVALSHA, primary {i} alone"), c);
+    }
+    for (i, c) in together.iter().enumerate() {
+        ceiling(
+            format!("redis-benchmark EVALSHA, primary {i}, 3 at once"),
+            c,
+        );
+    }
+    println!(
+        "{:<52} {:>12.0}",
+        "  sum of the 3 at once",
+        together.iter().map(|c| c.rps).sum::<f64>()
+    );
+    for (label, r, primary_us, replica_us, daemon_us) in &rows {
+        println!(
+            "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1} {:>12.1}",
+            label,
+            r.rate(),
+            r.percentile_ms(0.5),
+            r.percentile_ms(0.99),
+            primary_us,
+            replica_us,
+            daemon_us
+        );
+        println!("  errors: {}", r.errors);
+    }
+    println!("(us = CPU microseconds per decision, summed over the primaries / the replicas)");
+    Ok(())
+}
+
+/// A hash tag whose slot is in `slots` (a primary's ranges): keys under it live on that node.
+fn tag_in(slots: &[(u16, u16)]) -> Result<String> {
+    (0..100_000)
+        .map(|i| format!("node{i}"))
+        .find(|t| {
+            let s = slot_of(t.as_bytes());
+            slots.iter().any(|&(a, b)| (a..=b).contains(&s))
+        })
+        .context("no hash tag found for the primary's slots")
+}
+
+/// The cluster slot of a hash tag: CRC16-XMODEM mod 16384.
+fn slot_of(tag: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in tag {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// One redis-benchmark measurement.
 struct Ceiling {
     rps: f64,
@@ -292,7 +547,6 @@ struct Ceiling {
     redis_us: f64,
 }
 
-/// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.
 /// The script's arguments after the keys, for `redis-benchmark` and its sanity check: cost,
 /// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier.
 const DEBIT_ARGS: [&str; 12] = [
@@ -310,59 +564,86 @@ const DEBIT_ARGS: [&str; 12] = [
     "8e11",
 ];
 
+/// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.
 fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Result<Ceiling> {
-    // redis-benchmark counts error replies as answers: one call by hand first, so that a
-    // script whose arguments changed fails here instead of measuring its error path.
-    let mut probe = vec![
-        "EVALSHA",
-        sha,
-        "3",
-        "ptb:{probe}:b",
-        "ptb:{probe}:tier",
-        "ptb:{probe}:r:1",
+    Ok(redis_benchmarks(&[redis.port], sha, "bench__rand_int__", clients, seconds)?.remove(0))
+}
+
+/// `redis-benchmark` against every port in `ports` at once (one each, `clients` connections
+/// each), keys under the hash tag `{tag}` (`__rand_int__` in it draws a new key per call; on a
+/// cluster node, a fixed tag of one of its slots keeps every call on that node).
+fn redis_benchmarks(
+    ports: &[u16],
+    sha: &str,
+    tag: &str,
+    clients: usize,
+    seconds: u64,
+) -> Result<Vec<Ceiling>> {
+    let keys = [
+        format!("ptb:{{{tag}}}:b:__rand_int__"),
+        format!("ptb:{{{tag}}}:tier"),
+        format!("ptb:{{{tag}}}:r:__rand_int__"),
     ];
-    probe.extend(DEBIT_ARGS);
-    let answer = redis.cli(&probe)?;
-    if !answer.starts_with("ok") {
-        bail!("debit.lua refused the benchmark's arguments: {answer}");
+    // redis-benchmark counts error replies as answers: one call by hand first, so that a
+    // script whose arguments changed (or a key on another node: MOVED) fails here instead of
+    // measuring its error path.
+    for &port in ports {
+        let probe_keys = keys.clone().map(|k| k.replace("__rand_int__", "probe"));
+        let mut probe = vec!["EVALSHA", sha, "3"];
+        probe.extend(probe_keys.iter().map(String::as_str));
+        probe.extend(DEBIT_ARGS);
+        let answer = crate::services::cli(port, &probe)?;
+        if !answer.starts_with("ok") {
+            bail!("debit.lua on port {port} refused the benchmark's call: {answer}");
+        }
     }
     // Sized for about `seconds` at the rates seen here (~20k/s for this script).
     let total = 20_000 * seconds;
-    let cpu0 = redis_cpu(redis)?;
-    let out = Command::new("redis-benchmark")
-        .args(["-p", &redis.port.to_string(), "-c", &clients.to_string()])
-        .args([
-            "-n",
-            &total.to_string(),
-            "-r",
-            &KEY_SPACE.to_string(),
-            "--csv",
-        ])
-        .args(["EVALSHA", sha, "3"])
-        .args([
-            "ptb:{bench__rand_int__}:b",
-            "ptb:{bench__rand_int__}:tier",
-            "ptb:{bench__rand_int__}:r:__rand_int__",
-        ])
-        .args(DEBIT_ARGS)
-        .output()
-        .context("running redis-benchmark")?;
-    let cpu = redis_cpu(redis)? - cpu0;
-    let csv = String::from_utf8_lossy(&out.stdout);
-    let row = csv
-        .lines()
-        .last()
-        .context("redis-benchmark printed nothing")?
-        .split(',')
-        .map(|f| f.trim_matches('"').to_owned())
-        .collect::<Vec<_>>();
-    let field = |i: usize| row.get(i).and_then(|v| v.parse::<f64>().ok());
-    Ok(Ceiling {
-        rps: field(1).context("redis-benchmark rps")?,
-        p50: field(4).unwrap_or(f64::NAN),
-        p99: field(6).unwrap_or(f64::NAN),
-        redis_us: cpu / total as f64 * 1e6,
-    })
+    let cpu0 = ports
+        .iter()
+        .map(|&p| port_cpu(p))
+        .collect::<Result<Vec<_>>>()?;
+    let runs = ports
+        .iter()
+        .map(|&port| {
+            Command::new("redis-benchmark")
+                .args(["-p", &port.to_string(), "-c", &clients.to_string()])
+                .args([
+                    "-n",
+                    &total.to_string(),
+                    "-r",
+                    &KEY_SPACE.to_string(),
+                    "--csv",
+                ])
+                .args(["EVALSHA", sha, "3"])
+                .args(&keys)
+                .args(DEBIT_ARGS)
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("running redis-benchmark")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut ceilings = Vec::new();
+    for ((child, &port), cpu0) in runs.into_iter().zip(ports).zip(cpu0) {
+        let out = child.wait_with_output()?;
+        let cpu = port_cpu(port)? - cpu0;
+        let csv = String::from_utf8_lossy(&out.stdout);
+        let row = csv
+            .lines()
+            .last()
+            .context("redis-benchmark printed nothing")?
+            .split(',')
+            .map(|f| f.trim_matches('"').to_owned())
+            .collect::<Vec<_>>();
+        let field = |i: usize| row.get(i).and_then(|v| v.parse::<f64>().ok());
+        ceilings.push(Ceiling {
+            rps: field(1).context("redis-benchmark rps")?,
+            p50: field(4).unwrap_or(f64::NAN),
+            p99: field(6).unwrap_or(f64::NAN),
+            redis_us: cpu / total as f64 * 1e6,
+        });
+    }
+    Ok(ceilings)
 }
 
 /// Seconds of CPU (user + system) process `pid` has used, all threads (`/proc/<pid>/stat`, in
@@ -384,7 +665,12 @@ fn process_cpu(pid: u32) -> Result<f64> {
 
 /// Seconds of CPU (user + system) the Redis server has used.
 fn redis_cpu(redis: &Redis) -> Result<f64> {
-    let info = redis.cli(&["INFO", "cpu"])?;
+    port_cpu(redis.port)
+}
+
+/// Seconds of CPU (user + system) the Redis server on `port` has used.
+fn port_cpu(port: u16) -> Result<f64> {
+    let info = crate::services::cli(port, &["INFO", "cpu"])?;
     let field = |name: &str| -> Option<f64> {
         info.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())

@@ -75,6 +75,9 @@ impl Drop for Redis {
     }
 }
 
+/// Inclusive ranges of cluster slots.
+pub type SlotRanges = Vec<(u16, u16)>;
+
 /// A private Redis Cluster: six `redis-server`s (three primaries, one replica each) on free
 /// loopback ports below 55535 (each node also listens on its port + 10000, the cluster bus),
 /// `cluster-node-timeout` 2 s so a failover takes seconds. The nodes are child processes,
@@ -177,21 +180,25 @@ impl RedisCluster {
             .join(",")
     }
 
-    /// Client ports of the primaries now.
-    pub fn primaries(&self) -> Result<Vec<u16>> {
+    /// The primaries now: client port and the slot ranges each serves.
+    pub fn primaries(&self) -> Result<Vec<(u16, SlotRanges)>> {
         let nodes = cli(self.ports[0], &["CLUSTER", "NODES"])?;
-        let primaries: Vec<u16> = nodes
+        let primaries: Vec<(u16, SlotRanges)> = nodes
             .lines()
-            .filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("master")))
             .filter_map(|l| {
-                l.split_whitespace()
-                    .nth(1)?
-                    .split('@')
-                    .next()?
-                    .rsplit(':')
-                    .next()?
-                    .parse()
-                    .ok()
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if !f.get(2)?.contains("master") || f.len() <= 8 {
+                    return None;
+                }
+                let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                let slots = f[8..]
+                    .iter()
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|n| (n, n)),
+                    })
+                    .collect();
+                Some((port, slots))
             })
             .collect();
         if primaries.len() != 3 {
