@@ -136,8 +136,10 @@ impl RedisStore {
         let scripts = [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
+            // Three quarters of the call's bound: a short acknowledgement is answered (and
+            // counted) before the decider gives up on the call.
             c.arg(config.wait_replicas)
-                .arg(config.response_timeout.as_millis().max(1) as u64);
+                .arg((config.response_timeout.as_millis() * 3 / 4).max(1) as u64);
             c
         });
         let backend = if config.cluster.is_empty() {
