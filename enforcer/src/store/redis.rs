@@ -136,8 +136,10 @@ impl RedisStore {
         let scripts = [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
+            // Three quarters of the call's bound: a short acknowledgement is answered (and
+            // counted) before the decider gives up on the call.
             c.arg(config.wait_replicas)
-                .arg(config.response_timeout.as_millis().max(1) as u64);
+                .arg((config.response_timeout.as_millis() * 3 / 4).max(1) as u64);
             c
         });
         let backend = if config.cluster.is_empty() {
@@ -489,6 +491,19 @@ pub fn slot_of(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// Nodes that `CLUSTER NODES` flags as failing or suspected (`fail`, `fail?`) or whose link is
+/// down (`disconnected`), as the node asked sees them.
+fn cluster_nodes_failing(text: &str) -> usize {
+    text.lines()
+        .filter(|l| {
+            let mut fields = l.split(' ');
+            let flags = fields.nth(2).unwrap_or("");
+            let link = l.split(' ').nth(7).unwrap_or("");
+            flags.split(',').any(|f| f == "fail" || f == "fail?") || link == "disconnected"
+        })
+        .count()
+}
+
 /// What `CLUSTER INFO` says (`/readyz`).
 fn cluster_info(text: &str) -> serde_json::Value {
     let field = |name: &str| {
@@ -679,24 +694,28 @@ impl TokenStore for RedisStore {
         let (short_waits, cluster) = match &self.backend {
             Backend::Single { pool, .. } => (pool.short_waits.load(Ordering::Relaxed), None),
             Backend::Cluster(pool) => {
-                let info = match pool.connection().await {
-                    Ok(mut conn) => conn
+                let ask = |what: &'static str| async move {
+                    let mut conn = pool.connection().await.ok()?;
+                    let v = conn
                         .route_command(
-                            &redis::cmd("CLUSTER").arg("INFO").clone(),
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                            redis::cmd("CLUSTER").arg(what),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
                         )
                         .await
-                        .ok()
-                        .and_then(|v| redis::from_owned_redis_value::<String>(v).ok()),
-                    Err(_) => None,
+                        .ok()?;
+                    redis::from_owned_redis_value::<String>(v).ok()
                 };
-                (
-                    pool.short_waits.load(Ordering::Relaxed),
-                    Some(
-                        info.as_deref()
-                            .map_or(serde_json::json!({"state": "unreachable"}), cluster_info),
-                    ),
-                )
+                let state = match (ask("INFO").await, ask("NODES").await) {
+                    (Some(info), nodes) => {
+                        let mut state = cluster_info(&info);
+                        if let Some(nodes) = nodes {
+                            state["nodes_failing"] = cluster_nodes_failing(&nodes).into();
+                        }
+                        state
+                    }
+                    (None, _) => serde_json::json!({"state": "unreachable"}),
+                };
+                (pool.short_waits.load(Ordering::Relaxed), Some(state))
             }
         };
         Some(serde_json::json!({
@@ -719,6 +738,15 @@ mod tests {
         assert_eq!(slot_of(b"ptb:{foo}:b"), slot_of(b"foo"));
         assert_eq!(slot_of(b"ptb:{foo}:r:anything"), 12182);
         assert_eq!(slot_of(b"a{}b"), 13694);
+    }
+
+    #[test]
+    fn failing_nodes_are_counted_from_cluster_nodes() {
+        let nodes = "a 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460\n\
+                     b 127.0.0.1:30002@40002 master,fail - 1 1 2 disconnected 5461-10922\n\
+                     c 127.0.0.1:30003@40003 master - 0 1 3 connected 10923-16383\n\
+                     d 127.0.0.1:30004@40004 slave,fail? a 0 1 1 connected\n";
+        assert_eq!(cluster_nodes_failing(nodes), 2);
     }
 
     #[test]
