@@ -717,6 +717,10 @@ async fn slots_moved_under_load_keep_every_bound_without_errors() {
 /// `wait_replicas = 1` on a primary whose replica is down: docs/configuration.md says the
 /// debit is answered and counted as a short acknowledgement (`/readyz` `short_waits`), so the
 /// slots keep deciding (as after a failover, until the dead node is back as a replica).
+///
+/// `timeout_ms = 200`, the failover tests' bound. Redis ends a blocked `WAIT` on its event
+/// loop's timer (`hz` 10: up to 100 ms late; `WAIT 1 150` returns after ~200 ms here), so a
+/// `WAIT` given three quarters of the bound still outlives the call at this bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_replicas_a_primary_without_replica_still_decides() {
     let mut cluster = PrivateCluster::start();
@@ -753,12 +757,17 @@ async fn with_wait_replicas_a_primary_without_replica_still_decides() {
     assert_eq!(
         modes.get("enforce").copied().unwrap_or(0),
         10,
-        "without a replica, decisions of its slots were {modes:?} (short_waits {short}); {}",
+        "without a replica, decisions of its slots were {modes:?} (short_waits {short}); {}; log: {}",
         String::from_utf8_lossy(&http(d.addr, "GET", "/metrics", &[], "").await.body)
             .lines()
             .filter(|l| l.starts_with("enforcer_store_errors_total"))
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; "),
+        d.log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(short >= 10.0, "short acknowledgements counted: {short}");
 }
