@@ -34,6 +34,19 @@ struct Daemon {
 /// its `[store]` section and `tiers` as its tier tables (the default tier is `test`). Every
 /// request costs `cost` tokens.
 async fn daemon(seeds: &[String], store: &str, tiers: &str, cost: f64) -> Daemon {
+    daemon_with(seeds, store, tiers, cost, Seeds::Flags).await
+}
+
+/// How a daemon is given the seed nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seeds {
+    /// `--redis-cluster URL`, repeated.
+    Flags,
+    /// `ENFORCER_REDIS_CLUSTER`, comma-separated.
+    Env,
+}
+
+async fn daemon_with(seeds: &[String], store: &str, tiers: &str, cost: f64, how: Seeds) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -52,14 +65,21 @@ async fn daemon(seeds: &[String], store: &str, tiers: &str, cost: f64) -> Daemon
     let log = dir.path().join("daemon.log");
     let mut cmd = Command::new(enforcer_bin());
     cmd.arg("run").arg("--config").arg(&config);
-    for seed in seeds {
-        cmd.args(["--redis-cluster", seed]);
+    cmd.env_remove("ENFORCER_REDIS_URL");
+    match how {
+        Seeds::Flags => {
+            for seed in seeds {
+                cmd.args(["--redis-cluster", seed]);
+            }
+            cmd.env_remove("ENFORCER_REDIS_CLUSTER");
+        }
+        Seeds::Env => {
+            cmd.env("ENFORCER_REDIS_CLUSTER", seeds.join(","));
+        }
     }
     let child = cmd
         .arg("--ledger-file")
         .arg(dir.path().join("ledger.jsonl"))
-        .env_remove("ENFORCER_REDIS_URL")
-        .env_remove("ENFORCER_REDIS_CLUSTER")
         .env("ENFORCER_GRPC_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -288,9 +308,15 @@ const HOT_TIERS: &str =
 async fn three_daemons_keep_one_budget_for_a_hot_key() {
     let seeds = redis_cluster_seeds();
     let store = "timeout_ms = 1000\non_store_failure = \"fail-closed\"";
+    // Two given the seeds by flags, one by the environment.
     let mut daemons = Vec::new();
-    for _ in 0..3 {
-        daemons.push(daemon(&seeds, store, HOT_TIERS, 10.0).await);
+    for how in [Seeds::Flags, Seeds::Flags, Seeds::Env] {
+        daemons.push(daemon_with(&seeds, store, HOT_TIERS, 10.0, how).await);
+    }
+    for d in &daemons {
+        let ready = http(d.addr, "GET", "/readyz", &[], "").await.json();
+        assert_eq!(ready["store"]["backend"], "redis-cluster", "{ready}");
+        assert_eq!(ready["store"]["state"]["cluster"]["state"], "ok", "{ready}");
     }
     let addrs: Vec<SocketAddr> = daemons.iter().map(|d| d.addr).collect();
     let keys = vec![unique("hot")];
@@ -770,4 +796,30 @@ async fn with_wait_replicas_a_primary_without_replica_still_decides() {
             .join("\n")
     );
     assert!(short >= 10.0, "short acknowledgements counted: {short}");
+}
+
+/// One Redis or a cluster, not both: the daemon refuses to start, naming the field.
+#[test]
+fn redis_url_and_redis_cluster_together_are_refused() {
+    let out = Command::new(enforcer_bin())
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["--redis-url", "redis://127.0.0.1:1/"])
+        .args(["--redis-cluster", "redis://127.0.0.1:2"])
+        .env_remove("ENFORCER_REDIS_CLUSTER")
+        .env_remove("ENFORCER_REDIS_URL")
+        .output()
+        .expect("run enforcer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("store.redis_cluster"), "{err}");
+    // A seed that is not a Redis URL is named too.
+    let out = Command::new(enforcer_bin())
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("ENFORCER_REDIS_CLUSTER", "redis://127.0.0.1:2,http://nope")
+        .env_remove("ENFORCER_REDIS_URL")
+        .output()
+        .expect("run enforcer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("store.redis_cluster[1]"), "{err}");
 }
