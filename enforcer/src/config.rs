@@ -819,6 +819,13 @@ impl Config {
         if self.store.wait_replicas > 16 {
             err("store.wait_replicas".into(), "must be between 0 and 16");
         }
+        if self.store.wait_replicas > 0 && self.store.timeout_ms < 300 {
+            err(
+                "store.timeout_ms".into(),
+                "must be >= 300 with store.wait_replicas: WAIT gets timeout_ms - 150 ms, and Redis \
+                 times it out on its 100 ms timer",
+            );
+        }
         if self.store.breaker_failures == 0 {
             err("store.breaker_failures".into(), "must be > 0");
         }

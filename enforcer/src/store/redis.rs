@@ -136,10 +136,13 @@ impl RedisStore {
         let scripts = [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
-            // Three quarters of the call's bound: a short acknowledgement is answered (and
-            // counted) before the decider gives up on the call.
+            // The call's bound less 150 ms: Redis checks WAIT timeouts on its 100 ms server
+            // timer, so a short acknowledgement comes up to a tick late, and it must still be
+            // answered (and counted) before the decider gives up on the call. The config
+            // requires timeout_ms >= 300 with wait_replicas.
+            let bound = config.response_timeout.as_millis() as u64;
             c.arg(config.wait_replicas)
-                .arg((config.response_timeout.as_millis() * 3 / 4).max(1) as u64);
+                .arg(bound.saturating_sub(150).max(1));
             c
         });
         let backend = if config.cluster.is_empty() {
