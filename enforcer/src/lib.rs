@@ -42,6 +42,7 @@ pub mod key;
 pub mod ledger;
 pub mod lifecycle;
 pub mod listener;
+pub mod local;
 pub mod metrics;
 pub mod price;
 pub mod pricing;
