@@ -453,7 +453,8 @@ impl Decider {
                 debit.request_id,
                 &endpoint,
             ),
-            Err(_) => self.without_store(&debit, &endpoint),
+            // A call that was sent may still land (a frozen store runs it when it runs again).
+            Err(e) => self.without_store(&debit, &endpoint, !matches!(e, CallError::BreakerOpen)),
         };
         let decided = Decided {
             key: &check.key,
@@ -536,18 +537,14 @@ impl Decider {
         }
     }
 
-    fn without_store(&self, debit: &Debit, endpoint: &str) -> Decision {
+    fn without_store(&self, debit: &Debit, endpoint: &str, sent: bool) -> Decision {
         let (cost, request_id) = (debit.cost, debit.request_id.clone());
         if let Some(local) = &self.local {
             self.metrics
                 .store_failure_decisions
                 .with_label_values(&["local"])
                 .inc();
-            return self.locally(
-                local.decide(&debit.key, debit.bucket, cost),
-                debit,
-                endpoint,
-            );
+            return self.locally(local.decide(debit, sent), debit, endpoint);
         }
         let (allowed, mode, policy) = match self.on_failure {
             OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),

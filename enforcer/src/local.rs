@@ -30,7 +30,9 @@ use crate::decision::event::{DebitedBack, Event, Outbox};
 use crate::key::{KeyHash, RequestId};
 use crate::lifecycle::Shutdown;
 use crate::metrics::Metrics;
-use crate::store::{BucketKind, Debit, DebitOutcome, Fingerprint, StoreError, TokenStore};
+use crate::store::{
+    BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, StoreError, TokenStore,
+};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,6 +99,16 @@ struct Owed {
 struct State {
     buckets: HashMap<(KeyHash, BucketKind), Bucket>,
     owed: HashMap<(KeyHash, BucketKind), Owed>,
+    /// Local admissions whose own store call was sent and not answered (it timed out): Redis
+    /// may still execute it (a frozen or partitioned server runs what it received once it
+    /// runs again). Each is debited back under its own request id and fingerprint, so that
+    /// if it did land the debit-back is a replay, not a second charge. Bounded by
+    /// `max_keys`; beyond, admissions join `pending` (and may then be charged twice).
+    uncertain: Vec<Debit>,
+    /// Local denials whose store call was sent and not answered: if it landed and was allowed
+    /// there, the key was charged for a request it was refused; refunded afterwards. Bounded
+    /// by `max_keys`.
+    unpaid: Vec<(KeyHash, RequestId)>,
     /// Inserts since the last sweep of forgotten buckets (a full table is swept at most once
     /// per so many inserts, so a flood of new keys does not make every decision O(n)).
     inserts_since_sweep: usize,
@@ -227,8 +239,10 @@ impl LocalBudget {
     }
 
     /// Decides one debit by the key's local bucket, and owes what it allows to the shared
-    /// bucket.
-    pub fn decide(&self, key: &KeyHash, kind: BucketKind, cost: f64) -> LocalOutcome {
+    /// bucket. `sent`: the debit's own store call was sent and not answered (it may still
+    /// land), rather than not sent at all (breaker open).
+    pub fn decide(&self, debit: &Debit, sent: bool) -> LocalOutcome {
+        let (key, kind, cost) = (&debit.key, debit.bucket, debit.cost);
         let now = self.clock.now();
         let window = self.policy.active_window.as_secs_f64();
         let mut st = self.state.lock();
@@ -265,15 +279,29 @@ impl LocalBudget {
                 },
             );
         }
-        let Some(bucket) = st.buckets.get_mut(&slot) else {
+        let max_keys = self.max_keys;
+        let State {
+            buckets,
+            uncertain,
+            unpaid,
+            ..
+        } = &mut *st;
+        let Some(bucket) = buckets.get_mut(&slot) else {
             return LocalOutcome::Untracked;
         };
         let s = debit::settle(Some(bucket.state), &bucket.share, window, now, cost);
         bucket.state = s.state;
         if s.allowed {
-            bucket.pending += cost;
+            if sent && uncertain.len() < max_keys {
+                uncertain.push(debit.clone());
+            } else {
+                bucket.pending += cost;
+            }
             self.owing.store(true, Ordering::Relaxed);
             self.metrics.local_pending_tokens.add(cost);
+        } else if sent && kind == BucketKind::Main && unpaid.len() < max_keys {
+            unpaid.push((*key, debit.request_id.clone()));
+            self.owing.store(true, Ordering::Relaxed);
         }
         self.metrics
             .local_decisions
@@ -293,6 +321,7 @@ impl LocalBudget {
         let st = self.state.lock();
         st.buckets.values().map(|b| b.pending).sum::<f64>()
             + st.owed.values().map(|o| o.amount).sum::<f64>()
+            + st.uncertain.iter().map(|d| d.cost).sum::<f64>()
     }
 
     /// Local buckets held (for tests of the bound).
@@ -300,15 +329,133 @@ impl LocalBudget {
         self.state.lock().buckets.len()
     }
 
-    /// Charges everything owed to the shared buckets; stops at the first call the store does
-    /// not answer (what is left is retried later, under the same ids). Returns the tokens
-    /// debited back.
+    /// Charges everything owed to the shared buckets, and refunds what the store may have
+    /// charged for local denials; stops at the first call the store does not answer (what is
+    /// left is retried later, under the same ids). Returns the tokens debited back.
     pub async fn reconcile(
         &self,
         store: &dyn TokenStore,
         events: &Outbox,
         timeout: Duration,
     ) -> Result<f64, LocalError> {
+        let mut total = 0.0;
+        let result = self
+            .reconcile_uncertain(store, events, timeout, &mut total)
+            .await;
+        let result = match result {
+            Ok(()) => self.refund_unpaid(store, timeout).await,
+            e => e,
+        };
+        let result = match result {
+            Ok(()) => {
+                self.reconcile_pending(store, events, timeout, &mut total)
+                    .await
+            }
+            e => e,
+        };
+        self.update_owing();
+        result.map(|()| total)
+    }
+
+    /// One store call of the reconciler, bounded by `timeout`.
+    async fn call<T>(
+        timeout: Duration,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, LocalError> {
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(LocalError::Store(e)),
+            Err(_) => Err(LocalError::Timeout),
+        }
+    }
+
+    /// Debits back admissions whose own call may have landed: each under its own id and
+    /// fingerprint, forced (a replay when the original did land).
+    async fn reconcile_uncertain(
+        &self,
+        store: &dyn TokenStore,
+        events: &Outbox,
+        timeout: Duration,
+        total: &mut f64,
+    ) -> Result<(), LocalError> {
+        let uncertain = self.state.lock().uncertain.clone();
+        for original in uncertain {
+            let d = Debit {
+                force: true,
+                ..original.clone()
+            };
+            let outcome = match Self::call(timeout, store.debit(&d)).await {
+                Err(LocalError::Store(StoreError::Rejected(e))) => {
+                    tracing::error!(error = %e, "the store refused a debit-back: dropped");
+                    None
+                }
+                Err(e) => return Err(e),
+                Ok(outcome) => Some(outcome),
+            };
+            {
+                let mut st = self.state.lock();
+                if let Some(i) = st
+                    .uncertain
+                    .iter()
+                    .position(|u| u.request_id == original.request_id && u.key == original.key)
+                {
+                    st.uncertain.swap_remove(i);
+                }
+            }
+            self.metrics.local_pending_tokens.sub(original.cost);
+            if let Some(outcome) = outcome {
+                *total += self.debited_back(
+                    store,
+                    events,
+                    &original.key,
+                    original.bucket,
+                    &original.request_id,
+                    original.cost,
+                    outcome,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refunds local denials that the store may have charged (their call landed late).
+    async fn refund_unpaid(
+        &self,
+        store: &dyn TokenStore,
+        timeout: Duration,
+    ) -> Result<(), LocalError> {
+        let unpaid = self.state.lock().unpaid.clone();
+        for (key, request_id) in unpaid {
+            match Self::call(timeout, store.refund(&key, &request_id)).await {
+                Ok(RefundOutcome::Refunded { credited, .. }) => {
+                    tracing::info!(
+                        credited,
+                        "refunded a locally denied request the store charged late"
+                    );
+                }
+                Ok(_) | Err(LocalError::Store(StoreError::Rejected(_))) => {}
+                Err(e) => return Err(e),
+            }
+            let mut st = self.state.lock();
+            if let Some(i) = st
+                .unpaid
+                .iter()
+                .position(|(k, id)| *k == key && *id == request_id)
+            {
+                st.unpaid.swap_remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Debits back the summed spending of admissions that were never sent.
+    async fn reconcile_pending(
+        &self,
+        store: &dyn TokenStore,
+        events: &Outbox,
+        timeout: Duration,
+        total: &mut f64,
+    ) -> Result<(), LocalError> {
         let owed: Vec<((KeyHash, BucketKind), Owed)> = {
             let mut st = self.state.lock();
             let State { buckets, owed, .. } = &mut *st;
@@ -328,58 +475,74 @@ impl LocalBudget {
             }
             owed.iter().map(|(s, o)| (*s, o.clone())).collect()
         };
-        let mut total = 0.0;
-        let mut result = Ok(());
         for ((key, kind), o) in owed {
             let d = debit_back(key, kind, o.request_id.clone(), o.amount);
-            let outcome = match tokio::time::timeout(timeout, store.debit(&d)).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(StoreError::Rejected(e))) => {
-                    // It will never be taken: keeping it would block nothing but leak.
+            let outcome = match Self::call(timeout, store.debit(&d)).await {
+                Ok(outcome) => Some(outcome),
+                Err(LocalError::Store(StoreError::Rejected(e))) => {
+                    // It will never be taken: keeping it would only leak.
                     tracing::error!(error = %e, "the store refused a debit-back: dropped");
-                    self.settle_owed(&(key, kind), &o);
-                    continue;
+                    None
                 }
-                Ok(Err(e)) => {
-                    result = Err(LocalError::Store(e));
-                    break;
-                }
-                Err(_) => {
-                    result = Err(LocalError::Timeout);
-                    break;
-                }
+                Err(e) => return Err(e),
             };
-            self.settle_owed(&(key, kind), &o);
-            match outcome {
-                DebitOutcome::Settled(s) => {
-                    total += o.amount;
-                    self.metrics.local_debited_back.inc_by(o.amount);
-                    events.publish(&Event::DebitBack(DebitedBack {
-                        key_hash: &key,
-                        bucket: kind,
-                        request_id: &o.request_id,
-                        amount: o.amount,
-                        balance: (!s.replayed).then_some(s.remaining),
-                        tier: &s.tier,
-                        id: uuid::Uuid::now_v7(),
-                        store: store.backend(),
-                    }));
-                }
-                // The key lost its tier (unknown keys refused) or, impossibly, the id was
-                // taken: nothing to charge it to.
-                other => tracing::warn!(outcome = ?other, "debit-back not charged: dropped"),
+            self.state.lock().owed.remove(&(key, kind));
+            self.metrics.local_pending_tokens.sub(o.amount);
+            if let Some(outcome) = outcome {
+                *total +=
+                    self.debited_back(store, events, &key, kind, &o.request_id, o.amount, outcome);
             }
         }
-        result.map(|()| total)
+        Ok(())
     }
 
-    /// Forgets an answered debit-back.
-    fn settle_owed(&self, slot: &(KeyHash, BucketKind), o: &Owed) {
-        let mut st = self.state.lock();
-        st.owed.remove(slot);
-        let owing = !st.owed.is_empty() || st.buckets.values().any(|b| b.pending > 0.0);
+    /// Counts and publishes one answered debit-back; returns the tokens it settled.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one event's fields, from two kinds of debit-back"
+    )]
+    fn debited_back(
+        &self,
+        store: &dyn TokenStore,
+        events: &Outbox,
+        key: &KeyHash,
+        kind: BucketKind,
+        request_id: &RequestId,
+        amount: f64,
+        outcome: DebitOutcome,
+    ) -> f64 {
+        match outcome {
+            DebitOutcome::Settled(s) => {
+                self.metrics.local_debited_back.inc_by(amount);
+                events.publish(&Event::DebitBack(DebitedBack {
+                    key_hash: key,
+                    bucket: kind,
+                    request_id,
+                    amount,
+                    balance: (!s.replayed).then_some(s.remaining),
+                    tier: &s.tier,
+                    id: uuid::Uuid::now_v7(),
+                    store: store.backend(),
+                }));
+                amount
+            }
+            // The key lost its tier (unknown keys refused), or the id was taken by another
+            // request: nothing to charge it to.
+            other => {
+                tracing::warn!(outcome = ?other, "debit-back not charged: dropped");
+                0.0
+            }
+        }
+    }
+
+    /// Recomputes whether anything is owed.
+    fn update_owing(&self) {
+        let st = self.state.lock();
+        let owing = !st.owed.is_empty()
+            || !st.uncertain.is_empty()
+            || !st.unpaid.is_empty()
+            || st.buckets.values().any(|b| b.pending > 0.0);
         self.owing.store(owing, Ordering::Relaxed);
-        self.metrics.local_pending_tokens.sub(o.amount);
         if !owing {
             // Float sums drift: nothing owed is exactly 0.
             self.metrics.local_pending_tokens.set(0.0);
@@ -531,6 +694,25 @@ mod tests {
         (local, clock, metrics)
     }
 
+    /// A local decision of a debit that was never sent to the store.
+    fn ask(local: &LocalBudget, key: &KeyHash, bucket: BucketKind, cost: f64) -> LocalOutcome {
+        local.decide(
+            &request(*key, bucket, cost, &uuid::Uuid::new_v4().to_string()),
+            false,
+        )
+    }
+
+    fn request(key: KeyHash, bucket: BucketKind, cost: f64, id: &str) -> Debit {
+        Debit {
+            key,
+            bucket,
+            cost,
+            request_id: RequestId::parse(id).expect("id"),
+            fingerprint: Fingerprint::of(bucket, Some("GET"), "/x", cost),
+            force: false,
+        }
+    }
+
     fn key(name: &str) -> KeyHash {
         ApiKey::parse(name).expect("key").hash()
     }
@@ -547,20 +729,20 @@ mod tests {
         // The default free tier: 1000 max, 10/s, starts at 800; 4 nodes: 250, 2.5/s, 200.
         let (local, clock, _) = budget(4, 100);
         let k = key("share");
-        let first = decided(local.decide(&k, BucketKind::Main, 150.0));
+        let first = decided(ask(&local, &k, BucketKind::Main, 150.0));
         assert!(first.allowed);
         assert_eq!(first.share.max_tokens, 250.0);
         assert_eq!(first.share.refill_per_sec, 2.5);
         assert_eq!(first.remaining, 50.0);
-        let denied = decided(local.decide(&k, BucketKind::Main, 60.0));
+        let denied = decided(ask(&local, &k, BucketKind::Main, 60.0));
         assert!(!denied.allowed);
         // 10 tokens short at 2.5/s.
         assert_eq!(denied.retry_after_ms, Some(4000));
         clock.advance(4.0);
-        assert!(decided(local.decide(&k, BucketKind::Main, 60.0)).allowed);
+        assert!(decided(ask(&local, &k, BucketKind::Main, 60.0)).allowed);
         assert_eq!(local.pending(), 210.0);
         // Operational: 10 / 4.
-        let ops = decided(local.decide(&k, BucketKind::Operational, 1.0));
+        let ops = decided(ask(&local, &k, BucketKind::Operational, 1.0));
         assert_eq!(ops.share.max_tokens, 2.5);
     }
 
@@ -588,7 +770,7 @@ mod tests {
         let k = key("pro-key");
         local.seen(&k, "pro");
         // Pro: 10000 max, starts at 8000 (idle cap 0.8); half of it here.
-        let d = decided(local.decide(&k, BucketKind::Main, 1.0));
+        let d = decided(ask(&local, &k, BucketKind::Main, 1.0));
         assert_eq!(d.tier, "pro");
         assert_eq!(d.share.initial_tokens, 4000.0);
 
@@ -603,7 +785,7 @@ mod tests {
             Metrics::new(),
         );
         assert_eq!(
-            strict.decide(&key("never-seen"), BucketKind::Main, 1.0),
+            ask(&strict, &key("never-seen"), BucketKind::Main, 1.0),
             LocalOutcome::Unknown
         );
     }
@@ -611,10 +793,10 @@ mod tests {
     #[test]
     fn the_key_cap_bites_and_forgotten_buckets_make_room() {
         let (local, clock, metrics) = budget(1, 2);
-        assert!(decided(local.decide(&key("a"), BucketKind::Main, 1.0)).allowed);
-        assert!(decided(local.decide(&key("b"), BucketKind::Main, 1.0)).allowed);
+        assert!(decided(ask(&local, &key("a"), BucketKind::Main, 1.0)).allowed);
+        assert!(decided(ask(&local, &key("b"), BucketKind::Main, 1.0)).allowed);
         assert_eq!(
-            local.decide(&key("c"), BucketKind::Main, 1.0),
+            ask(&local, &key("c"), BucketKind::Main, 1.0),
             LocalOutcome::Untracked
         );
         assert_eq!(local.tracked(), 2);
@@ -628,7 +810,7 @@ mod tests {
         // Both owe their spending: even long after, they are kept until debited back.
         clock.advance(10_000.0);
         assert_eq!(
-            local.decide(&key("c"), BucketKind::Main, 1.0),
+            ask(&local, &key("c"), BucketKind::Main, 1.0),
             LocalOutcome::Untracked
         );
         // Debited back, and refilled long ago: forgotten, which makes room.
@@ -640,7 +822,7 @@ mod tests {
         runtime
             .block_on(local.reconcile(&store, &Outbox::new(), Duration::from_secs(1)))
             .expect("store answers");
-        assert!(decided(local.decide(&key("c"), BucketKind::Main, 1.0)).allowed);
+        assert!(decided(ask(&local, &key("c"), BucketKind::Main, 1.0)).allowed);
         assert_eq!(local.tracked(), 1);
     }
 
@@ -678,7 +860,7 @@ mod tests {
             .expect("debit");
         // Locally: 400 (half of 800) in two requests.
         for _ in 0..2 {
-            assert!(decided(local.decide(&k, BucketKind::Main, 200.0)).allowed);
+            assert!(decided(ask(&local, &k, BucketKind::Main, 200.0)).allowed);
         }
         assert!(local.owing());
         let total = local
@@ -708,6 +890,42 @@ mod tests {
                 assert!(!s.allowed);
                 assert_eq!(s.remaining, -300.0);
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A store call that timed out may still land (a frozen Redis runs it once it runs
+    /// again): the debit-back of its local admission is then a replay, and a local denial
+    /// the store charged is refunded.
+    #[tokio::test]
+    async fn a_request_whose_call_landed_late_is_charged_once() {
+        let config = Config::default();
+        let clock = ManualClock::at(1000.0);
+        let store = MemoryStore::new(config.budget_policy(), Arc::new(clock.clone()));
+        let (local, _, metrics) = budget(2, 100);
+        let k = key("late");
+        let landed = request(k, BucketKind::Main, 100.0, "landed");
+        let never = request(k, BucketKind::Main, 50.0, "never");
+        let denied = request(k, BucketKind::Main, 500.0, "denied");
+        // Locally: 400 to spend; the first two admitted, the third denied.
+        for (d, allowed) in [(&landed, true), (&never, true), (&denied, false)] {
+            assert_eq!(decided(local.decide(d, true)).allowed, allowed);
+        }
+        // The store ran two of the calls late: 800 - 100 - 500 = 200.
+        for d in [&landed, &denied] {
+            store.debit(d).await.expect("debit");
+        }
+        let total = local
+            .reconcile(&store, &Outbox::new(), Duration::from_secs(1))
+            .await
+            .expect("store answers");
+        assert_eq!(total, 150.0);
+        assert_eq!(metrics.local_debited_back.get(), 150.0);
+        assert!(!local.owing());
+        // 800 - 100 (landed, once) - 50 (never, debited back); the denial refunded.
+        let probe = request(k, BucketKind::Main, 1.0, "probe");
+        match store.debit(&probe).await.expect("debit") {
+            DebitOutcome::Settled(s) => assert_eq!(s.remaining, 649.0),
             other => panic!("{other:?}"),
         }
     }
