@@ -1271,6 +1271,35 @@ mod tests {
     }
 
     #[test]
+    fn fail_soft_settings_have_defaults_and_are_validated() {
+        let c = Config::parse("[store]\non_store_failure = \"local\"\n").expect("valid");
+        assert_eq!(c.store.on_store_failure, OnStoreFailure::Local);
+        assert_eq!(
+            (
+                c.store.local_nodes,
+                c.store.heartbeat_ms,
+                c.store.local_max_keys
+            ),
+            (0, 2000, 100_000)
+        );
+        let text = "[store]\non_store_failure = \"local\"\nlocal_nodes = 10001\n\
+                    heartbeat_ms = 99\nlocal_max_keys = 0\n";
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.local_nodes",
+                "store.heartbeat_ms",
+                "store.local_max_keys"
+            ]
+        );
+        assert!(Config::parse("[store]\non_store_failure = \"locally\"\n").is_err());
+    }
+
+    #[test]
     fn connection_limits_and_proc_root_have_defaults_and_are_validated() {
         let c = Config::parse("").expect("defaults");
         let s = &c.server;
