@@ -14,7 +14,7 @@
 --                             "M" / "O": the same bucket, FORCED: charged even when the balance
 --                             cannot pay (it may go below zero), for spending that already
 --                             happened (fail-soft local decisions debited back, enforcer/src/
---                             local.rs). A forced debit is remembered like any allowed one (a
+--                             decision/local.rs). A forced debit is remembered like any allowed one (a
 --                             retry under its id is a free replay) and is not refundable.
 -- ARGV[7]  n                  number of tiers that follow
 -- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens

@@ -1,5 +1,5 @@
 -- heartbeat.lua: "this daemon is alive", and how many are. Fail-soft local buckets
--- (on_store_failure = "local", enforcer/src/local.rs) split a key's budget by that count.
+-- (on_store_failure = "local", enforcer/src/decision/local.rs) split a key's budget by that count.
 --
 -- KEYS[1]  live daemons       ptb:{nodes}:live  (sorted set: member = node id, score = the
 --                             Redis time in ms until which it counts as alive)

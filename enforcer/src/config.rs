@@ -56,7 +56,7 @@ pub enum OnStoreFailure {
     /// Deny the request (enforcement over availability).
     FailClosed,
     /// Decide by local buckets holding this node's share of each key's budget, and debit what
-    /// was spent back into the shared buckets once the store answers (`crate::local`).
+    /// was spent back into the shared buckets once the store answers (`crate::decision::local`).
     Local,
 }
 

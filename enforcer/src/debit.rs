@@ -14,7 +14,7 @@
 //! 4. the bucket is written back with `updated_at = now` either way.
 //!
 //! A **forced** debit ([`force`]) skips the test of step 3: it charges spending that already
-//! happened (fail-soft decisions taken while the store was unreachable, `local.rs`), so the
+//! happened (fail-soft decisions taken while the store was unreachable, `decision/local.rs`), so the
 //! balance may go below zero; the key then waits for refill to pay the debt.
 
 use crate::budget::BucketParams;

@@ -8,18 +8,19 @@
 //! What a decision (or a refund) changes leaves through one port, [`event::Outbox`]: the audit
 //! ledger and the kernel gate subscribe to it. This module imports neither.
 pub mod event;
+pub mod local;
 
 use crate::breaker::Breaker;
 use crate::budget::{BucketParams, BudgetPolicy};
 use crate::config::{Config, OnStoreFailure};
 use crate::key::{ApiKey, RequestId};
-use crate::local::{LocalBudget, LocalOutcome};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
 use crate::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, Settled, StoreError, TokenStore,
 };
 use event::{Decided, Event, Outbox, Refunded};
+use local::{LocalBudget, LocalOutcome};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -55,7 +56,7 @@ pub enum Mode {
     /// Without the store, denied by `on_store_failure = "fail-closed"`.
     FailClosed,
     /// Without the store, by this node's local bucket (`on_store_failure = "local"`,
-    /// [`crate::local`]).
+    /// [`crate::decision::local`]).
     Local,
 }
 
@@ -260,7 +261,7 @@ impl Decider {
                 Arc::new(crate::clock::SystemClock),
                 config.store.local_nodes,
                 config.store.local_max_keys,
-                &crate::local::node_id(&config.ledger.node, config.server.listen),
+                &crate::decision::local::node_id(&config.ledger.node, config.server.listen),
                 metrics.clone(),
             ))
         });

@@ -167,10 +167,10 @@ impl Server {
             workers.spawn(
                 "fail-soft reconciler",
                 local.clone().run(
-                    crate::local::Reconciler {
+                    crate::decision::local::Reconciler {
                         store: app.decider.store().clone(),
                         events: app.decider.events().clone(),
-                        node: crate::local::node_id(&config.ledger.node, listen),
+                        node: crate::decision::local::node_id(&config.ledger.node, listen),
                         heartbeat,
                         tick: Duration::from_millis(config.store.heartbeat_ms),
                         // Off the decision path: a debit-back may wait longer than a decision

@@ -348,7 +348,7 @@ async fn a_frozen_store_is_survived_within_shares_and_paid_back_once() {
             let amount = row["cost"].as_f64().expect("cost");
             let hash = ApiKey::parse(&key).expect("key").hash();
             let again = if id.as_str().starts_with("lb-") {
-                enforcer::local::debit_back(hash, BucketKind::Main, id, amount)
+                enforcer::decision::local::debit_back(hash, BucketKind::Main, id, amount)
             } else {
                 // Under the request's own id: the request itself, forced.
                 Debit {

@@ -396,7 +396,7 @@ async fn a_forced_debit_goes_below_zero_and_its_replay_is_free() {
             .await
             .expect("assign");
         settle(&*store, &debit(&key, BucketKind::Main, 700.0)).await;
-        let back = enforcer::local::debit_back(
+        let back = enforcer::decision::local::debit_back(
             key.hash(),
             BucketKind::Main,
             RequestId::parse(&unique("lb")).expect("id"),
@@ -424,15 +424,19 @@ async fn a_forced_debit_goes_below_zero_and_its_replay_is_free() {
         assert!(!probe.allowed, "{b}");
         assert_eq!(probe.remaining, -150.0, "{b}: charged once");
         // The same id for another amount is a conflict, not a second charge.
-        let other =
-            enforcer::local::debit_back(key.hash(), BucketKind::Main, back.request_id.clone(), 1.0);
+        let other = enforcer::decision::local::debit_back(
+            key.hash(),
+            BucketKind::Main,
+            back.request_id.clone(),
+            1.0,
+        );
         assert_eq!(
             store.debit(&other).await.expect("debit"),
             DebitOutcome::Conflict,
             "{b}"
         );
         // The operational bucket takes forced debits too.
-        let ops = enforcer::local::debit_back(
+        let ops = enforcer::decision::local::debit_back(
             key.hash(),
             BucketKind::Operational,
             RequestId::parse(&unique("lb")).expect("id"),

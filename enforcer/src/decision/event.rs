@@ -30,7 +30,7 @@ pub enum Event<'a> {
     /// An allowed request's cost given back (`POST /v1/refund`).
     Refund(Refunded<'a>),
     /// Tokens spent by fail-soft local decisions while the store was unreachable, charged
-    /// back into the key's shared bucket once it answered (`crate::local`).
+    /// back into the key's shared bucket once it answered (`crate::decision::local`).
     DebitBack(DebitedBack<'a>),
 }
 

@@ -38,7 +38,7 @@ pub struct Debit {
     pub fingerprint: Fingerprint,
     /// A forced debit: charged even when the balance cannot pay (it may go below zero), for
     /// spending that already happened (fail-soft local decisions debited back,
-    /// [`crate::local`]). Remembered under its request id like any allowed debit (a retry is a
+    /// [`crate::decision::local`]). Remembered under its request id like any allowed debit (a retry is a
     /// free replay); not refundable. `lua/debit.lua` gets it as bucket kind `M` / `O`.
     pub force: bool,
 }
@@ -180,7 +180,7 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Says that the daemon `node` is alive for `ttl`, and answers how many daemons are
-    /// (fail-soft local buckets split a key's budget by that count, [`crate::local`]). A
+    /// (fail-soft local buckets split a key's budget by that count, [`crate::decision::local`]). A
     /// store only this process uses answers 1.
     async fn heartbeat(&self, node: &str, ttl: std::time::Duration) -> Result<u32, StoreError> {
         let _ = (node, ttl);
