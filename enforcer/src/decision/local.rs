@@ -34,7 +34,7 @@ use crate::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, StoreError, TokenStore,
 };
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -86,6 +86,19 @@ struct Bucket {
     tier: String,
     /// Allowed locally, not yet handed to a debit-back.
     pending: f64,
+}
+
+/// Debit-backs (and refunds) sent together; a round where the store does not answer stops
+/// after one such batch, so it waits one timeout, not one per key.
+const IN_FLIGHT: usize = 64;
+
+/// What a debit-back settles.
+#[derive(Debug, Clone, Copy)]
+enum Owing {
+    /// One admission whose own call may have landed ([`State::uncertain`]).
+    Request,
+    /// The summed spending of a key's bucket ([`State::owed`]).
+    Sum((KeyHash, BucketKind)),
 }
 
 /// A debit-back sent (or about to be), frozen until the store answers it.
@@ -330,8 +343,9 @@ impl LocalBudget {
     }
 
     /// Charges everything owed to the shared buckets, and refunds what the store may have
-    /// charged for local denials; stops at the first call the store does not answer (what is
-    /// left is retried later, under the same ids). Returns the tokens debited back.
+    /// charged for local denials; stops after the first batch of calls the store does not
+    /// answer (what is left is retried later, under the same ids). Returns the tokens debited
+    /// back.
     pub async fn reconcile(
         &self,
         store: &dyn TokenStore,
@@ -339,20 +353,12 @@ impl LocalBudget {
         timeout: Duration,
     ) -> Result<f64, LocalError> {
         let mut total = 0.0;
-        let result = self
-            .reconcile_uncertain(store, events, timeout, &mut total)
+        let mut result = self
+            .debit_back_all(store, events, timeout, &mut total)
             .await;
-        let result = match result {
-            Ok(()) => self.refund_unpaid(store, timeout).await,
-            e => e,
-        };
-        let result = match result {
-            Ok(()) => {
-                self.reconcile_pending(store, events, timeout, &mut total)
-                    .await
-            }
-            e => e,
-        };
+        if result.is_ok() {
+            result = self.refund_unpaid(store, timeout).await;
+        }
         self.update_owing();
         result.map(|()| total)
     }
@@ -369,96 +375,25 @@ impl LocalBudget {
         }
     }
 
-    /// Debits back admissions whose own call may have landed: each under its own id and
-    /// fingerprint, forced (a replay when the original did land).
-    async fn reconcile_uncertain(
+    /// Sends every debit-back, [`IN_FLIGHT`] at a time (the store pipelines them): the
+    /// admissions whose own call may have landed, each under its own id and fingerprint,
+    /// forced (a replay when the original did land); the summed spending of admissions never
+    /// sent, under a debit-back id frozen with its amount until answered.
+    async fn debit_back_all(
         &self,
         store: &dyn TokenStore,
         events: &Outbox,
         timeout: Duration,
         total: &mut f64,
     ) -> Result<(), LocalError> {
-        let uncertain = self.state.lock().uncertain.clone();
-        for original in uncertain {
-            let d = Debit {
-                force: true,
-                ..original.clone()
-            };
-            let outcome = match Self::call(timeout, store.debit(&d)).await {
-                Err(LocalError::Store(StoreError::Rejected(e))) => {
-                    tracing::error!(error = %e, "the store refused a debit-back: dropped");
-                    None
-                }
-                Err(e) => return Err(e),
-                Ok(outcome) => Some(outcome),
-            };
-            {
-                let mut st = self.state.lock();
-                if let Some(i) = st
-                    .uncertain
-                    .iter()
-                    .position(|u| u.request_id == original.request_id && u.key == original.key)
-                {
-                    st.uncertain.swap_remove(i);
-                }
-            }
-            self.metrics.local_pending_tokens.sub(original.cost);
-            if let Some(outcome) = outcome {
-                *total += self.debited_back(
-                    store,
-                    events,
-                    &original.key,
-                    original.bucket,
-                    &original.request_id,
-                    original.cost,
-                    outcome,
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Refunds local denials that the store may have charged (their call landed late).
-    async fn refund_unpaid(
-        &self,
-        store: &dyn TokenStore,
-        timeout: Duration,
-    ) -> Result<(), LocalError> {
-        let unpaid = self.state.lock().unpaid.clone();
-        for (key, request_id) in unpaid {
-            match Self::call(timeout, store.refund(&key, &request_id)).await {
-                Ok(RefundOutcome::Refunded { credited, .. }) => {
-                    tracing::info!(
-                        credited,
-                        "refunded a locally denied request the store charged late"
-                    );
-                }
-                Ok(_) | Err(LocalError::Store(StoreError::Rejected(_))) => {}
-                Err(e) => return Err(e),
-            }
+        let debits: Vec<(Owing, Debit)> = {
             let mut st = self.state.lock();
-            if let Some(i) = st
-                .unpaid
-                .iter()
-                .position(|(k, id)| *k == key && *id == request_id)
-            {
-                st.unpaid.swap_remove(i);
-            }
-        }
-        Ok(())
-    }
-
-    /// Debits back the summed spending of admissions that were never sent.
-    async fn reconcile_pending(
-        &self,
-        store: &dyn TokenStore,
-        events: &Outbox,
-        timeout: Duration,
-        total: &mut f64,
-    ) -> Result<(), LocalError> {
-        let owed: Vec<((KeyHash, BucketKind), Owed)> = {
-            let mut st = self.state.lock();
-            let State { buckets, owed, .. } = &mut *st;
+            let State {
+                buckets,
+                owed,
+                uncertain,
+                ..
+            } = &mut *st;
             for (slot, bucket) in buckets.iter_mut() {
                 // A debit-back already sent keeps its id and amount until answered; what was
                 // spent since waits for the next one.
@@ -473,58 +408,141 @@ impl LocalBudget {
                     bucket.pending = 0.0;
                 }
             }
-            owed.iter().map(|(s, o)| (*s, o.clone())).collect()
+            let requests = uncertain.iter().map(|d| {
+                (
+                    Owing::Request,
+                    Debit {
+                        force: true,
+                        ..d.clone()
+                    },
+                )
+            });
+            let sums = owed.iter().map(|(slot, o)| {
+                (
+                    Owing::Sum(*slot),
+                    debit_back(slot.0, slot.1, o.request_id.clone(), o.amount),
+                )
+            });
+            requests.chain(sums).collect()
         };
-        for ((key, kind), o) in owed {
-            let d = debit_back(key, kind, o.request_id.clone(), o.amount);
-            let outcome = match Self::call(timeout, store.debit(&d)).await {
-                Ok(outcome) => Some(outcome),
-                Err(LocalError::Store(StoreError::Rejected(e))) => {
-                    // It will never be taken: keeping it would only leak.
-                    tracing::error!(error = %e, "the store refused a debit-back: dropped");
-                    None
+        let mut answered = HashSet::new();
+        let mut result = Ok(());
+        for batch in debits.chunks(IN_FLIGHT) {
+            let answers = futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|(_, d)| Self::call(timeout, store.debit(d))),
+            )
+            .await;
+            for ((owing, d), answer) in batch.iter().zip(answers) {
+                let outcome = match answer {
+                    Ok(outcome) => Some(outcome),
+                    Err(LocalError::Store(StoreError::Rejected(e))) => {
+                        // It will never be taken: keeping it would only leak.
+                        tracing::error!(error = %e, "the store refused a debit-back: dropped");
+                        None
+                    }
+                    Err(e) => {
+                        if result.is_ok() {
+                            result = Err(e);
+                        }
+                        continue;
+                    }
+                };
+                match owing {
+                    Owing::Request => {
+                        answered.insert((d.key, d.request_id.clone()));
+                    }
+                    Owing::Sum(slot) => {
+                        self.state.lock().owed.remove(slot);
+                    }
                 }
-                Err(e) => return Err(e),
-            };
-            self.state.lock().owed.remove(&(key, kind));
-            self.metrics.local_pending_tokens.sub(o.amount);
-            if let Some(outcome) = outcome {
-                *total +=
-                    self.debited_back(store, events, &key, kind, &o.request_id, o.amount, outcome);
+                self.metrics.local_pending_tokens.sub(d.cost);
+                if let Some(outcome) = outcome {
+                    *total += self.debited_back(store, events, d, outcome);
+                }
+            }
+            if result.is_err() {
+                break;
             }
         }
-        Ok(())
+        if !answered.is_empty() {
+            self.state
+                .lock()
+                .uncertain
+                .retain(|u| !answered.contains(&(u.key, u.request_id.clone())));
+        }
+        result
+    }
+
+    /// Refunds local denials that the store may have charged (their call landed late),
+    /// [`IN_FLIGHT`] at a time.
+    async fn refund_unpaid(
+        &self,
+        store: &dyn TokenStore,
+        timeout: Duration,
+    ) -> Result<(), LocalError> {
+        let unpaid = self.state.lock().unpaid.clone();
+        let mut answered = HashSet::new();
+        let mut result = Ok(());
+        for batch in unpaid.chunks(IN_FLIGHT) {
+            let answers = futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|(key, id)| Self::call(timeout, store.refund(key, id))),
+            )
+            .await;
+            for (entry, answer) in batch.iter().zip(answers) {
+                match answer {
+                    Ok(RefundOutcome::Refunded { credited, .. }) => tracing::info!(
+                        credited,
+                        "refunded a locally denied request the store charged late"
+                    ),
+                    Ok(_) | Err(LocalError::Store(StoreError::Rejected(_))) => {}
+                    Err(e) => {
+                        if result.is_ok() {
+                            result = Err(e);
+                        }
+                        continue;
+                    }
+                }
+                answered.insert(entry.clone());
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        if !answered.is_empty() {
+            self.state
+                .lock()
+                .unpaid
+                .retain(|entry| !answered.contains(entry));
+        }
+        result
     }
 
     /// Counts and publishes one answered debit-back; returns the tokens it settled.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one event's fields, from two kinds of debit-back"
-    )]
     fn debited_back(
         &self,
         store: &dyn TokenStore,
         events: &Outbox,
-        key: &KeyHash,
-        kind: BucketKind,
-        request_id: &RequestId,
-        amount: f64,
+        d: &Debit,
         outcome: DebitOutcome,
     ) -> f64 {
         match outcome {
             DebitOutcome::Settled(s) => {
-                self.metrics.local_debited_back.inc_by(amount);
+                self.metrics.local_debited_back.inc_by(d.cost);
                 events.publish(&Event::DebitBack(DebitedBack {
-                    key_hash: key,
-                    bucket: kind,
-                    request_id,
-                    amount,
+                    key_hash: &d.key,
+                    bucket: d.bucket,
+                    request_id: &d.request_id,
+                    amount: d.cost,
                     balance: (!s.replayed).then_some(s.remaining),
                     tier: &s.tier,
                     id: uuid::Uuid::now_v7(),
                     store: store.backend(),
                 }));
-                amount
+                d.cost
             }
             // The key lost its tier (unknown keys refused), or the id was taken by another
             // request: nothing to charge it to.
@@ -928,5 +946,29 @@ mod tests {
             DebitOutcome::Settled(s) => assert_eq!(s.remaining, 649.0),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// More keys than one batch of calls: every one is debited back, in one round.
+    #[tokio::test]
+    async fn many_keys_are_debited_back_in_batches() {
+        let config = Config::default();
+        let store = MemoryStore::new(config.budget_policy(), Arc::new(ManualClock::at(1000.0)));
+        let (local, _, metrics) = budget(2, 10_000);
+        let n = 3 * IN_FLIGHT + 5;
+        for i in 0..n {
+            let k = key(&format!("many-{i}"));
+            assert!(decided(ask(&local, &k, BucketKind::Main, 10.0)).allowed);
+            // And one whose call was sent and timed out.
+            let sent = request(k, BucketKind::Main, 5.0, &format!("sent-{i}"));
+            assert!(decided(local.decide(&sent, true)).allowed);
+        }
+        let total = local
+            .reconcile(&store, &Outbox::new(), Duration::from_secs(1))
+            .await
+            .expect("store answers");
+        assert_eq!(total, n as f64 * 15.0);
+        assert!(!local.owing());
+        assert_eq!(local.pending(), 0.0);
+        assert_eq!(metrics.local_pending_tokens.get(), 0.0);
     }
 }
