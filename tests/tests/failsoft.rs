@@ -128,11 +128,40 @@ async fn balance(conn: &mut redis::aio::MultiplexedConnection, hex: &str) -> f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_store_is_survived_within_shares_and_paid_back_once() {
+    frozen_store_under_load(2).await;
+}
+
+/// The same with the node count from the heartbeat set: the count read before the outage (2)
+/// is kept through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_count_is_kept_through_an_outage() {
+    frozen_store_under_load(0).await;
+}
+
+async fn wait_for_nodes(addr: SocketAddr, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = metric(addr, "enforcer_local_nodes").await;
+        if n == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "enforcer_local_nodes is {n}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn frozen_store_under_load(local_nodes: u32) {
     let redis = PrivateRedis::start();
     let daemons = [
-        TestDaemon::start(config(&redis.url(), 2, "node-a")).await,
-        TestDaemon::start(config(&redis.url(), 2, "node-b")).await,
+        TestDaemon::start(config(&redis.url(), local_nodes, "node-a")).await,
+        TestDaemon::start(config(&redis.url(), local_nodes, "node-b")).await,
     ];
+    for d in &daemons {
+        wait_for_nodes(d.addr, 2.0).await;
+    }
     let key = unique("failsoft-key");
     let hex = ApiKey::parse(&key).expect("key").hash().to_hex();
     let mut conn = redis_conn(&redis.url()).await;
@@ -173,6 +202,13 @@ async fn a_frozen_store_is_survived_within_shares_and_paid_back_once() {
     let mut during = Vec::new();
     for task in load {
         during.extend(task.await.expect("load task"));
+    }
+    for d in &daemons {
+        assert_eq!(
+            metric(d.addr, "enforcer_local_nodes").await,
+            2.0,
+            "the count is kept while the store is away"
+        );
     }
     redis.resume();
 
@@ -383,24 +419,10 @@ async fn the_node_count_follows_the_heartbeat() {
     let redis = PrivateRedis::start();
     let a = TestDaemon::start(config(&redis.url(), 0, "node-a")).await;
     let b = TestDaemon::start(config(&redis.url(), 0, "node-b")).await;
-    let wait_for = |addr: SocketAddr, want: f64| async move {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let n = metric(addr, "enforcer_local_nodes").await;
-            if n == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "enforcer_local_nodes is {n}, want {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    wait_for(a.addr, 2.0).await;
-    wait_for(b.addr, 2.0).await;
+    wait_for_nodes(a.addr, 2.0).await;
+    wait_for_nodes(b.addr, 2.0).await;
     b.stop().await;
     // Its heartbeat lapses after three ticks.
-    wait_for(a.addr, 1.0).await;
+    wait_for_nodes(a.addr, 1.0).await;
     a.stop().await;
 }
