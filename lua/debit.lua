@@ -10,7 +10,12 @@
 --                             endpoint, units; see store::Fingerprint)
 -- ARGV[4]  active window      seconds, >= 0
 -- ARGV[5]  default tier       name, or "" to refuse keys without an assignment
--- ARGV[6]  bucket kind        "m" (main) or "o" (operational), kept in the request record
+-- ARGV[6]  bucket kind        "m" (main) or "o" (operational), kept in the request record;
+--                             "M" / "O": the same bucket, FORCED: charged even when the balance
+--                             cannot pay (it may go below zero), for spending that already
+--                             happened (fail-soft local decisions debited back, enforcer/src/
+--                             decision/local.rs). A forced debit is remembered like any allowed one (a
+--                             retry under its id is a free replay) and is not refundable.
 -- ARGV[7]  n                  number of tiers that follow
 -- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
 --
@@ -58,7 +63,10 @@ end
 local active_window = number(4, 'active window', 0)
 local default_tier = ARGV[5]
 local kind = ARGV[6]
-if kind ~= 'm' and kind ~= 'o' then fail('bucket kind must be m or o') end
+if kind ~= 'm' and kind ~= 'o' and kind ~= 'M' and kind ~= 'O' then
+  fail('bucket kind must be m, o, M or O')
+end
+local forced = kind == 'M' or kind == 'O'
 local n = number(7, 'tier count', 1)
 
 -- One read for all three keys (same hash tag, so the same cluster slot).
@@ -119,7 +127,7 @@ end
 
 local allowed = 0
 local retry = -1
-if balance >= cost then
+if balance >= cost or forced then
   balance = balance - cost
   allowed = 1
   retry = 0
@@ -129,9 +137,10 @@ end
 
 local remaining = fmt(balance)
 if rate > 0 then
-  -- Forgotten once refill alone would have brought it to the idle ceiling.
+  -- Forgotten once refill alone would have brought it to the idle ceiling (from below zero,
+  -- after a forced debit, that takes longer: forgetting earlier would forgive the debt).
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now),
-    'PX', math.ceil((active_window + max_tokens / rate) * 1000))
+    'PX', math.ceil((active_window + (max_tokens - math.min(0, balance)) / rate) * 1000))
 else
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
 end

@@ -55,6 +55,9 @@ pub enum OnStoreFailure {
     FailOpen,
     /// Deny the request (enforcement over availability).
     FailClosed,
+    /// Decide by local buckets holding this node's share of each key's budget, and debit what
+    /// was spent back into the shared buckets once the store answers (`crate::decision::local`).
+    Local,
 }
 
 /// What keys without a tier assignment get.
@@ -196,6 +199,17 @@ pub struct StoreConfig {
     pub breaker_open_ms: u64,
     /// How long request ids are remembered (idempotent retries, refunds), seconds.
     pub idempotency_ttl_secs: u64,
+    /// With `on_store_failure = "local"`: the number of daemons sharing the store, which
+    /// divides each key's budget into local shares; 0 (the default): counted by the
+    /// heartbeat set the daemons keep in Redis.
+    pub local_nodes: u32,
+    /// With `on_store_failure = "local"` and `local_nodes = 0`: how often this daemon says it
+    /// is alive (and reads the count), milliseconds; also how often pending local spending is
+    /// debited back.
+    pub heartbeat_ms: u64,
+    /// With `on_store_failure = "local"`: most keys (and bucket kinds) tracked locally; keys
+    /// beyond are denied while the store is unreachable.
+    pub local_max_keys: usize,
 }
 
 /// `[budget]`: rules shared by all tiers.
@@ -617,6 +631,9 @@ impl Default for StoreConfig {
             breaker_failures: 5,
             breaker_open_ms: 1000,
             idempotency_ttl_secs: 600,
+            local_nodes: 0,
+            heartbeat_ms: 2000,
+            local_max_keys: 100_000,
         }
     }
 }
@@ -819,6 +836,13 @@ impl Config {
         if self.store.wait_replicas > 16 {
             err("store.wait_replicas".into(), "must be between 0 and 16");
         }
+        if self.store.wait_replicas > 0 && self.store.timeout_ms < 300 {
+            err(
+                "store.timeout_ms".into(),
+                "must be >= 300 with store.wait_replicas: WAIT gets timeout_ms - 150 ms, and Redis \
+                 times it out on its 100 ms timer",
+            );
+        }
         if self.store.breaker_failures == 0 {
             err("store.breaker_failures".into(), "must be > 0");
         }
@@ -827,6 +851,21 @@ impl Config {
         }
         if self.store.idempotency_ttl_secs == 0 {
             err("store.idempotency_ttl_secs".into(), "must be > 0");
+        }
+        if self.store.local_nodes > 10_000 {
+            err("store.local_nodes".into(), "must be between 0 and 10000");
+        }
+        if !(100..=600_000).contains(&self.store.heartbeat_ms) {
+            err(
+                "store.heartbeat_ms".into(),
+                "must be between 100 and 600000",
+            );
+        }
+        if !(1..=10_000_000).contains(&self.store.local_max_keys) {
+            err(
+                "store.local_max_keys".into(),
+                "must be between 1 and 10000000",
+            );
         }
         if !self.store.redis_url.is_empty()
             && redis::Client::open(self.store.redis_url.as_str()).is_err()
@@ -1261,6 +1300,35 @@ mod tests {
         assert!(bad[1].contains("two hex digits"), "{bad:?}");
         let err = Config::parse("[pricing]\ntrailing_slash = \"drop\"\n").expect_err("bad value");
         assert!(err.to_string().contains("pricing.trailing_slash"), "{err}");
+    }
+
+    #[test]
+    fn fail_soft_settings_have_defaults_and_are_validated() {
+        let c = Config::parse("[store]\non_store_failure = \"local\"\n").expect("valid");
+        assert_eq!(c.store.on_store_failure, OnStoreFailure::Local);
+        assert_eq!(
+            (
+                c.store.local_nodes,
+                c.store.heartbeat_ms,
+                c.store.local_max_keys
+            ),
+            (0, 2000, 100_000)
+        );
+        let text = "[store]\non_store_failure = \"local\"\nlocal_nodes = 10001\n\
+                    heartbeat_ms = 99\nlocal_max_keys = 0\n";
+        let Err(ConfigError::Invalid(errors)) = Config::parse(text) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.local_nodes",
+                "store.heartbeat_ms",
+                "store.local_max_keys"
+            ]
+        );
+        assert!(Config::parse("[store]\non_store_failure = \"locally\"\n").is_err());
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //!    nothing is charged, and `retry_after = ceil((cost − balance) / refill_per_sec)` unless the
 //!    cost can never be met by refill (cost above capacity, or no refill);
 //! 4. the bucket is written back with `updated_at = now` either way.
+//!
+//! A **forced** debit ([`force`]) skips the test of step 3: it charges spending that already
+//! happened (fail-soft decisions taken while the store was unreachable, `decision/local.rs`), so the
+//! balance may go below zero; the key then waits for refill to pay the debt.
 
 use crate::budget::BucketParams;
 
@@ -63,6 +67,35 @@ pub fn settle(
             retry_after_ms: retry_after_ms(balance, params, cost),
         }
     }
+}
+
+/// Applies a forced debit of `cost` at time `now`: charged whatever the balance (which may go
+/// below zero).
+pub fn force(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+    cost: f64,
+) -> Settlement {
+    let balance = refilled(state, params, active_window, now);
+    Settlement {
+        allowed: true,
+        state: BucketState {
+            balance: balance - cost,
+            updated_at: now,
+        },
+        retry_after_ms: Some(0),
+    }
+}
+
+/// Seconds after which a bucket holding `balance` may be forgotten (see
+/// [`BucketParams::forget_after`]); a balance below zero (a forced debit) is kept until refill
+/// has paid the debt too, so forgetting never forgives it.
+pub fn forget_after(params: &BucketParams, active_window: f64, balance: f64) -> Option<f64> {
+    params
+        .forget_after(active_window)
+        .map(|secs| secs + (-balance).max(0.0) / params.refill_per_sec)
 }
 
 /// The balance at `now` after refill and the idle cap (steps 1 and 2).
@@ -176,6 +209,20 @@ mod tests {
             updated_at: 100.0,
         };
         assert_eq!(refilled(Some(state), &FREE, 60.0, 50.0), 10.0);
+    }
+
+    #[test]
+    fn forced_debit_goes_below_zero_and_is_kept_until_paid() {
+        let state = BucketState {
+            balance: 50.0,
+            updated_at: 100.0,
+        };
+        let s = force(Some(state), &FREE, 60.0, 100.0, 120.0);
+        assert!(s.allowed);
+        assert_eq!(s.state.balance, -70.0);
+        // 60 s window + 100 s to refill 1000 at 10/s, + 7 s to pay the 70 owed.
+        assert_eq!(forget_after(&FREE, 60.0, -70.0), Some(167.0));
+        assert_eq!(forget_after(&FREE, 60.0, 500.0), Some(160.0));
     }
 
     #[test]

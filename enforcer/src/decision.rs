@@ -8,6 +8,7 @@
 //! What a decision (or a refund) changes leaves through one port, [`event::Outbox`]: the audit
 //! ledger and the kernel gate subscribe to it. This module imports neither.
 pub mod event;
+pub mod local;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::budget::{BucketParams, BudgetPolicy};
@@ -19,6 +20,7 @@ use crate::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, Settled, StoreError, TokenStore,
 };
 use event::{Decided, Event, Outbox, Refunded};
+use local::{LocalBudget, LocalOutcome};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -53,6 +55,9 @@ pub enum Mode {
     FailOpen,
     /// Without the store, denied by `on_store_failure = "fail-closed"`.
     FailClosed,
+    /// Without the store, by this node's local bucket (`on_store_failure = "local"`,
+    /// [`crate::decision::local`]).
+    Local,
 }
 
 impl Mode {
@@ -63,6 +68,7 @@ impl Mode {
             Mode::Shadow => "shadow",
             Mode::FailOpen => "fail-open",
             Mode::FailClosed => "fail-closed",
+            Mode::Local => "local",
         }
     }
 }
@@ -230,6 +236,8 @@ pub struct Decider {
     debit_duration: prometheus::Histogram,
     /// Where every decision and refund goes (the ledger, the kernel gate).
     events: Outbox,
+    /// With `on_store_failure = "local"`: the local buckets that decide without the store.
+    local: Option<Arc<LocalBudget>>,
 }
 
 /// Why a store call produced no answer.
@@ -250,6 +258,16 @@ impl Decider {
     ) -> Self {
         let debit_duration = metrics.debit_duration.with_label_values(&[store.backend()]);
         let shards = store.shards().max(1);
+        let local = (config.store.on_store_failure == OnStoreFailure::Local).then(|| {
+            Arc::new(LocalBudget::new(
+                config.budget_policy(),
+                Arc::new(crate::clock::SystemClock),
+                config.store.local_nodes,
+                config.store.local_max_keys,
+                &crate::decision::local::node_id(&config.ledger.node, config.server.listen),
+                metrics.clone(),
+            ))
+        });
         Self {
             store,
             prices: PriceBook::new(&config.pricing),
@@ -270,7 +288,19 @@ impl Decider {
             debit_duration,
             metrics,
             events,
+            local,
         }
+    }
+
+    /// The local buckets, with `on_store_failure = "local"` (their reconciler is a lifecycle
+    /// worker).
+    pub fn local(&self) -> Option<&Arc<LocalBudget>> {
+        self.local.as_ref()
+    }
+
+    /// Where decisions go (the reconciler publishes its debit-backs there too).
+    pub fn events(&self) -> &Outbox {
+        &self.events
     }
 
     /// The price book (the pricing engine moves its multipliers).
@@ -390,6 +420,7 @@ impl Decider {
             cost,
             fingerprint,
             request_id,
+            force: false,
         };
 
         let sent = Instant::now();
@@ -404,6 +435,9 @@ impl Decider {
         };
         let decision = match result {
             Ok(DebitOutcome::Settled(settled)) => {
+                if let Some(local) = &self.local {
+                    local.seen(&debit.key, &settled.tier);
+                }
                 self.settled(settled, bucket, debit.request_id, &endpoint)
             }
             // Shadow mode allows unknown keys too, and records what it would have denied.
@@ -429,7 +463,8 @@ impl Decider {
                 debit.request_id,
                 &endpoint,
             ),
-            Err(_) => self.without_store(cost, debit.request_id, &endpoint),
+            // A call that was sent may still land (a frozen store runs it when it runs again).
+            Err(e) => self.without_store(&debit, &endpoint, !matches!(e, CallError::BreakerOpen)),
         };
         let decided = Decided {
             key: &check.key,
@@ -512,12 +547,23 @@ impl Decider {
         }
     }
 
-    fn without_store(&self, cost: f64, request_id: RequestId, endpoint: &str) -> Decision {
+    fn without_store(&self, debit: &Debit, endpoint: &str, sent: bool) -> Decision {
+        let (cost, request_id) = (debit.cost, debit.request_id.clone());
+        if let Some(local) = &self.local {
+            self.metrics
+                .store_failure_decisions
+                .with_label_values(&["local"])
+                .inc();
+            return self.locally(local.decide(debit, sent), debit, endpoint);
+        }
         let (allowed, mode, policy) = match self.on_failure {
             OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),
             // Shadow mode never denies: it records that fail-closed would have.
             OnStoreFailure::FailClosed if self.shadow => (true, Mode::Shadow, "fail-closed"),
-            OnStoreFailure::FailClosed => (false, Mode::FailClosed, "fail-closed"),
+            // `local` always has local buckets (above); fail closed if it ever had none.
+            OnStoreFailure::FailClosed | OnStoreFailure::Local => {
+                (false, Mode::FailClosed, "fail-closed")
+            }
         };
         self.metrics
             .store_failure_decisions
@@ -546,6 +592,51 @@ impl Decider {
             );
         }
         decision
+    }
+
+    /// A decision by a local bucket (`on_store_failure = "local"`); shadow mode (global or the
+    /// tier's) allows what the local bucket denies, and records it.
+    fn locally(&self, outcome: LocalOutcome, debit: &Debit, endpoint: &str) -> Decision {
+        let d = match outcome {
+            LocalOutcome::Decided(d) => d,
+            LocalOutcome::Unknown | LocalOutcome::Untracked => {
+                let mut decision = Decision::without_balance(
+                    self.shadow,
+                    Denial::StoreUnavailable,
+                    if self.shadow {
+                        Mode::Shadow
+                    } else {
+                        Mode::Local
+                    },
+                    debit.cost,
+                    debit.request_id.clone(),
+                    endpoint,
+                );
+                decision.retry_after_ms = Some(
+                    self.breakers[0]
+                        .open_for()
+                        .as_millis()
+                        .try_into()
+                        .unwrap_or(u64::MAX),
+                );
+                return decision;
+            }
+        };
+        let shadow = self.shadow || self.policy.tier(&d.tier).is_some_and(|t| t.shadow);
+        Decision {
+            allowed: d.allowed || shadow,
+            denial: (!d.allowed).then_some(Denial::Exhausted),
+            cost: debit.cost,
+            remaining: Some(d.remaining),
+            retry_after_ms: if d.allowed { Some(0) } else { d.retry_after_ms },
+            tier: Some(d.tier),
+            bucket: Some(d.share),
+            mode: if shadow { Mode::Shadow } else { Mode::Local },
+            request_id: debit.request_id.clone(),
+            replayed: false,
+            decision_id: uuid::Uuid::now_v7(),
+            endpoint: endpoint.to_owned(),
+        }
     }
 
     /// Gives back the cost of an allowed request, and publishes the new balance.
@@ -690,6 +781,9 @@ mod tests {
             at: f64,
             tier: String,
         },
+        DebitBack {
+            amount: f64,
+        },
     }
 
     #[derive(Debug, Default)]
@@ -711,6 +805,7 @@ mod tests {
                     at: r.settled.at,
                     tier: r.tier.to_owned(),
                 },
+                Event::DebitBack(b) => Seen::DebitBack { amount: b.amount },
             });
         }
     }

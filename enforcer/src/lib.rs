@@ -8,7 +8,8 @@
 //!   `RateLimit` fields both answer with.
 //! - [`decision`]: validates a check, puts its path in normal form ([`endpoint`]), **prices**
 //!   it ([`price`]), **debits** it through the [`store`] behind the circuit [`breaker`],
-//!   applies shadow mode and the failure policy; publishes every decision and refund as one
+//!   applies shadow mode and the failure policy (with `on_store_failure = "local"`, the local
+//!   buckets and debit-back of `decision::local`); publishes every decision and refund as one
 //!   event (`decision::event`) to its subscribers: the [`ledger`] (**records** it) and the
 //!   [`kernel`] gate's sync.
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.

@@ -24,6 +24,15 @@ pub struct Metrics {
     pub breaker_state: IntGauge,
     /// `enforcer_store_breakers_open`: breakers not closed (a cluster has one per slot group).
     pub breakers_open: IntGauge,
+    /// `enforcer_local_decisions_total{outcome}`: fail-soft decisions by local buckets
+    /// (allowed, denied, untracked: denied because `store.local_max_keys` keys are tracked).
+    pub local_decisions: IntCounterVec,
+    /// `enforcer_local_pending_tokens`: tokens spent locally, not yet debited back.
+    pub local_pending_tokens: prometheus::Gauge,
+    /// `enforcer_local_debited_back_tokens_total`: tokens debited back into shared buckets.
+    pub local_debited_back: prometheus::Counter,
+    /// `enforcer_local_nodes`: the node count local buckets divide budgets by.
+    pub local_nodes: IntGauge,
     /// `enforcer_bad_requests_total{reason}`: requests refused as bad input.
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
@@ -282,6 +291,36 @@ impl Metrics {
             "enforcer_store_breakers_open",
             "Token store circuit breakers not closed (one per Redis Cluster slot group; one in all otherwise)",
         );
+        let local_decisions = counter_vec(
+            &registry,
+            "enforcer_local_decisions_total",
+            "Fail-soft decisions by local buckets while the store was unreachable, by outcome \
+             (allowed, denied, untracked: denied because store.local_max_keys keys are tracked)",
+            &["outcome"],
+        );
+        let local_pending_tokens = register(
+            &registry,
+            prometheus::Gauge::new(
+                "enforcer_local_pending_tokens",
+                "Tokens spent by local (fail-soft) decisions and not yet debited back into the \
+                 shared buckets",
+            )
+            .expect("valid metric definition"),
+        );
+        let local_debited_back = register(
+            &registry,
+            prometheus::Counter::new(
+                "enforcer_local_debited_back_tokens_total",
+                "Tokens spent by local (fail-soft) decisions and debited back into the shared \
+                 buckets",
+            )
+            .expect("valid metric definition"),
+        );
+        let local_nodes = gauge(
+            &registry,
+            "enforcer_local_nodes",
+            "The node count local (fail-soft) buckets divide each key's budget by",
+        );
         let rls_requests = counter_vec(
             &registry,
             "enforcer_rls_requests_total",
@@ -423,6 +462,10 @@ impl Metrics {
             store_failure_decisions,
             breaker_state,
             breakers_open,
+            local_decisions,
+            local_pending_tokens,
+            local_debited_back,
+            local_nodes,
             bad_requests,
             refunds,
             client_addresses,

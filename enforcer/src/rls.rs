@@ -287,8 +287,13 @@ impl RateLimitApi {
     async fn refund_charged(&self, plan: &Plan, decisions: &[Decision], except: Option<usize>) {
         for (i, d) in decisions.iter().enumerate() {
             // Only what was charged: not a denial (shadow mode allows those), not a decision
-            // the store never made, not a replay.
-            let charged = d.allowed && d.denial.is_none() && d.remaining.is_some() && !d.replayed;
+            // the store never made, not a replay. Not a local (fail-soft) decision either: the
+            // store does not know its id; its cost stays in the local spending debited back.
+            let charged = d.allowed
+                && d.denial.is_none()
+                && d.remaining.is_some()
+                && !d.replayed
+                && d.mode != crate::decision::Mode::Local;
             if Some(i) == except || !charged {
                 continue;
             }

@@ -162,6 +162,36 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
+        if let Some(local) = app.decider.local() {
+            let listen = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            // The heartbeat only when the node count is not fixed by the config.
+            let heartbeat = config.store.local_nodes == 0;
+            workers.spawn(
+                "fail-soft reconciler",
+                local.clone().run(
+                    crate::decision::local::Reconciler {
+                        store: app.decider.store().clone(),
+                        events: app.decider.events().clone(),
+                        node: crate::decision::local::node_id(&config.ledger.node, listen),
+                        heartbeat,
+                        tick: Duration::from_millis(config.store.heartbeat_ms),
+                        // Off the decision path: a debit-back may wait longer than a decision
+                        // (one that times out is retried under its id: a replay, never a
+                        // second charge).
+                        timeout: Duration::from_millis(config.store.timeout_ms)
+                            .max(Duration::from_secs(1)),
+                    },
+                    workers.shutdown(),
+                ),
+            );
+            tracing::info!(
+                local_nodes = config.store.local_nodes,
+                heartbeat,
+                "fail-soft local buckets ready (on_store_failure = \"local\")"
+            );
+        }
         let limits = crate::listener::Limits {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(config.server.idle_timeout_ms),

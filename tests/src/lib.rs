@@ -328,6 +328,32 @@ impl PrivateRedis {
         self.child = None;
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and calls get no answer, as with a
+    /// hung or partitioned Redis; its data stays, for [`PrivateRedis::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT), with its data: it then also executes what
+    /// clients wrote while it was frozen.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("private redis is running")
+            .0
+            .id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Starts the server again on the same port.
     pub fn restart(&mut self) {
         self.stop();

@@ -1113,3 +1113,66 @@ async fn without_the_journal_a_kill_loses_at_most_the_last_flush_interval() {
         late.len()
     );
 }
+
+/// Fail-soft: a local decision's row counts in `audit usage` (where it was made), its
+/// debit-back row (the same tokens charged to the shared bucket afterwards) does not again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = enforcer_tests::unique("k-local");
+    let hash = enforcer::key::ApiKey::parse(&key)
+        .expect("key")
+        .hash()
+        .to_hex();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as i64;
+    let row = |decided_by: &str, endpoint: &str, units: f64, request_id: &str| {
+        json!({"t": "decision", "id": uuid::Uuid::now_v7(), "at_us": now_us, "key_hash": hash,
+               "tier": "free", "endpoint": endpoint, "method": "GET", "units": units,
+               "cost": 100.0, "multiplier": 1.0, "allowed": true, "remaining": 0.0,
+               "decided_by": decided_by, "denial": null, "request_id": request_id,
+               "node": "gw-1", "kind": "debit", "client_ip": null})
+        .to_string()
+    };
+    let file = dir.path().join("ledger.jsonl");
+    std::fs::write(
+        &file,
+        [
+            row("local", "/x", 100.0, "r-1"),
+            row("debit-back", "", 0.0, "lb-0000-1-m"),
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .expect("write ledger file");
+    let url = pg::fresh_database().await;
+    cli(&["migrate", "--database-url", &url]);
+    cli(&[
+        "audit",
+        "import",
+        &file.display().to_string(),
+        "--database-url",
+        &url,
+    ]);
+    let total = cli(&[
+        "audit",
+        "usage",
+        "--key",
+        &key,
+        "--since",
+        "1h",
+        "--database-url",
+        &url,
+    ]);
+    let numbers: Vec<&str> = total
+        .lines()
+        .nth(1)
+        .expect("a total line")
+        .split_whitespace()
+        .collect();
+    // total, decisions, allowed, refunds, tokens charged: both rows are decisions; the tokens
+    // once (without the debit-back's exclusion it would say 200).
+    assert_eq!(numbers, ["total", "2", "2", "0", "100.000"], "{total}");
+}

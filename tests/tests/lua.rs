@@ -36,6 +36,7 @@ fn debit(key: &ApiKey, cost: f64) -> Debit {
         cost,
         request_id: RequestId::generate(),
         fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
+        force: false,
     }
 }
 

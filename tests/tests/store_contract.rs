@@ -69,6 +69,7 @@ fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
         cost,
         request_id: RequestId::generate(),
         fingerprint: Fingerprint::of(bucket, Some("POST"), "/generate-report", 1.0),
+        force: false,
     }
 }
 
@@ -281,6 +282,7 @@ async fn a_request_id_reused_for_another_request_is_a_conflict_and_charges_nothi
             cost: 1.0,
             request_id: id.clone(),
             fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 1.0),
+            force: false,
         };
         let first = settle(&*store, &cheap).await;
         assert!(first.allowed && !first.replayed, "{b}");
@@ -395,6 +397,112 @@ async fn a_retry_after_its_refund_is_charged_again() {
             "{b}"
         );
     }
+}
+
+/// A forced debit (local fail-soft spending debited back) is charged even when the balance
+/// cannot pay, so the balance goes below zero and the key waits; a retry under its id is a
+/// free replay; it is not refundable; the debt is not forgiven by forgetting the bucket.
+#[tokio::test]
+async fn a_forced_debit_goes_below_zero_and_its_replay_is_free() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("forced")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("norefill"))
+            .await
+            .expect("assign");
+        settle(&*store, &debit(&key, BucketKind::Main, 700.0)).await;
+        let back = enforcer::decision::local::debit_back(
+            key.hash(),
+            BucketKind::Main,
+            RequestId::parse(&unique("lb")).expect("id"),
+            250.0,
+        );
+        assert!(back.force);
+        let s = settle(&*store, &back).await;
+        assert!(s.allowed && !s.replayed, "{b}");
+        assert_eq!(s.remaining, -150.0, "{b}: 800 - 700 - 250");
+        assert_eq!(s.tier, "norefill", "{b}");
+        // The same debit-back again (its answer was lost): a replay, nothing charged.
+        for _ in 0..3 {
+            let again = settle(&*store, &back).await;
+            assert!(again.replayed, "{b}");
+            assert_eq!(again.cost, 250.0, "{b}");
+        }
+        // Not refundable: the spending happened.
+        let out = store
+            .refund(&key.hash(), &back.request_id)
+            .await
+            .expect("refund");
+        assert_eq!(out, RefundOutcome::NotRefundable, "{b}");
+        // An ordinary debit is denied, and says refill will never cover it (no refill).
+        let probe = settle(&*store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(!probe.allowed, "{b}");
+        assert_eq!(probe.remaining, -150.0, "{b}: charged once");
+        // The same id for another amount is a conflict, not a second charge.
+        let other = enforcer::decision::local::debit_back(
+            key.hash(),
+            BucketKind::Main,
+            back.request_id.clone(),
+            1.0,
+        );
+        assert_eq!(
+            store.debit(&other).await.expect("debit"),
+            DebitOutcome::Conflict,
+            "{b}"
+        );
+        // The operational bucket takes forced debits too.
+        let ops = enforcer::decision::local::debit_back(
+            key.hash(),
+            BucketKind::Operational,
+            RequestId::parse(&unique("lb")).expect("id"),
+            25.0,
+        );
+        let s = settle(&*store, &ops).await;
+        assert!(s.allowed, "{b}");
+        assert!(s.remaining < 0.0, "{b}: {} below zero", s.remaining);
+    }
+}
+
+/// The heartbeat counts daemons: the Redis store by a set of live node ids that expire, the
+/// in-process store (one process) as 1.
+#[tokio::test]
+async fn the_heartbeat_counts_live_daemons() {
+    let redis = RedisStore::new(
+        &RedisStoreConfig {
+            url: redis_url(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            ..RedisStoreConfig::default()
+        },
+        &policy(),
+    )
+    .expect("redis store");
+    let a = unique("node-a");
+    let b = unique("node-b");
+    let ttl = Duration::from_secs(60);
+    // Other tests (or a daemon) may beat on the shared Redis too: compare with a baseline.
+    let base = redis.heartbeat(&a, ttl).await.expect("heartbeat");
+    assert!(base >= 1);
+    assert_eq!(redis.heartbeat(&b, ttl).await.expect("heartbeat"), base + 1);
+    assert_eq!(
+        redis.heartbeat(&a, ttl).await.expect("heartbeat"),
+        base + 1,
+        "a node beating again is counted once"
+    );
+    // A short heartbeat expires, and is no longer counted.
+    let c = unique("node-c");
+    let n = redis
+        .heartbeat(&c, Duration::from_millis(200))
+        .await
+        .expect("heartbeat");
+    assert!(n >= base + 2, "{n}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = redis.heartbeat(&a, ttl).await.expect("heartbeat");
+    assert!(after < n, "the expired node is dropped: {after} < {n}");
+    let memory = MemoryStore::new(policy(), Arc::new(ManualClock::at(0.0)));
+    assert_eq!(memory.heartbeat("x", ttl).await.expect("heartbeat"), 1);
 }
 
 #[tokio::test]

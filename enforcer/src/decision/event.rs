@@ -29,6 +29,32 @@ pub enum Event<'a> {
     Replay(Decided<'a>),
     /// An allowed request's cost given back (`POST /v1/refund`).
     Refund(Refunded<'a>),
+    /// Tokens spent by fail-soft local decisions while the store was unreachable, charged
+    /// back into the key's shared bucket once it answered (`crate::decision::local`).
+    DebitBack(DebitedBack<'a>),
+}
+
+/// Local spending debited back into a shared bucket.
+#[derive(Debug)]
+pub struct DebitedBack<'a> {
+    /// The key's SHA-256 (the raw key is not kept for this).
+    pub key_hash: &'a KeyHash,
+    /// The bucket charged.
+    pub bucket: BucketKind,
+    /// The debit-back's own request id (unique to node, process, key and bucket): a retry
+    /// under it is a replay, never a second charge.
+    pub request_id: &'a RequestId,
+    /// Tokens charged: what the local decisions allowed.
+    pub amount: f64,
+    /// The shared balance afterwards (may be below zero); `None` when the store answered a
+    /// replay of an earlier attempt whose answer was lost.
+    pub balance: Option<f64>,
+    /// The tier the store charged it under.
+    pub tier: &'a str,
+    /// Id of this debit-back's audit row (UUIDv7).
+    pub id: uuid::Uuid,
+    /// The store that took it (`redis`, `memory`).
+    pub store: &'static str,
 }
 
 /// A decision and what it was made from.

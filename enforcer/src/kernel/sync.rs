@@ -234,6 +234,9 @@ impl Subscriber for GateLink {
                     self.try_send(u);
                 }
             }
+            // Only the key's hash is known here, not its kernel id: the key's next decision
+            // brings the map its balance after the debit-back.
+            Event::DebitBack(_) => {}
         }
     }
 }

@@ -436,9 +436,11 @@ pub async fn apply_retention(pool: &PgPool, months: u32) -> Result<Vec<String>, 
 
 /// Decision rows whose cost was really debited: allowed by the budget (not a denial let
 /// through in shadow mode), not an idempotent replay (charged once, by the original), not
-/// fail-open (the store was not reached).
+/// fail-open (the store was not reached), not a debit-back (the tokens of local fail-soft
+/// decisions charged to the shared bucket afterwards: those decisions' rows, `decided_by =
+/// 'local'`, count them already, by endpoint).
 pub const CHARGED: &str = "kind = 'debit' AND allowed AND denial IS NULL \
-     AND decided_by NOT IN ('replay', 'fail-open', 'fail-closed')";
+     AND decided_by NOT IN ('replay', 'fail-open', 'fail-closed', 'debit-back')";
 
 /// One line of `enforcer audit usage`.
 #[derive(Debug, Clone, PartialEq)]

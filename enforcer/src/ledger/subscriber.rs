@@ -2,13 +2,14 @@
 //! every decision becomes one row, and so does every refund (`kind = refund`); what a row holds
 //! is decided here, not on the decision path.
 use super::{AuditRow, Entry, Ledger, RowKind};
-use crate::decision::event::{Decided, Event, Refunded, Subscriber};
+use crate::decision::event::{DebitedBack, Decided, Event, Refunded, Subscriber};
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
         let row = match event {
             Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
             Event::Refund(r) => self.refund_row(r),
+            Event::DebitBack(b) => self.debit_back_row(b),
         };
         self.record(Entry::Decision(row));
     }
@@ -62,6 +63,31 @@ impl Ledger {
             request_id: Some(r.request_id.as_str().to_owned()),
             node: self.node().to_owned(),
             kind: RowKind::Refund,
+            client_ip: None,
+        }
+    }
+
+    /// The audit row of a debit-back: the tokens local (fail-soft) decisions spent, charged to
+    /// the shared bucket; `decided_by = "debit-back"`, under the debit-back's own request id
+    /// (the local decisions' rows, `decided_by = "local"`, name the endpoints).
+    fn debit_back_row(&self, b: &DebitedBack<'_>) -> AuditRow {
+        AuditRow {
+            id: b.id,
+            at_us: super::now_us(),
+            key_hash: b.key_hash.to_hex(),
+            tier: Some(b.tier.to_owned()),
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            units: 0.0,
+            cost: b.amount,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: b.balance,
+            decided_by: "debit-back".to_owned(),
+            denial: None,
+            request_id: Some(b.request_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Debit,
             client_ip: None,
         }
     }

@@ -26,6 +26,8 @@ struct Record {
     cost: f64,
     max_tokens: f64,
     refunded: bool,
+    /// A forced debit (not refundable).
+    forced: bool,
     /// What the request id is bound to.
     fingerprint: super::Fingerprint,
     expires_at: f64,
@@ -131,12 +133,17 @@ impl TokenStore for MemoryStore {
             .get(&bucket_key)
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
             .map(|b| b.state);
-        let s = debit::settle(previous, &params, window, now, d.cost);
+        let s = if d.force {
+            debit::force(previous, &params, window, now, d.cost)
+        } else {
+            debit::settle(previous, &params, window, now, d.cost)
+        };
         st.buckets.insert(
             bucket_key,
             Bucket {
                 state: s.state,
-                expires_at: params.forget_after(window).map(|secs| now + secs),
+                expires_at: debit::forget_after(&params, window, s.state.balance)
+                    .map(|secs| now + secs),
             },
         );
         if s.allowed {
@@ -149,6 +156,7 @@ impl TokenStore for MemoryStore {
                     cost: d.cost,
                     max_tokens: params.max_tokens,
                     refunded: false,
+                    forced: d.force,
                     fingerprint: d.fingerprint.clone(),
                     expires_at: now + self.policy.idempotency_ttl.as_secs_f64(),
                 },
@@ -181,7 +189,7 @@ impl TokenStore for MemoryStore {
         else {
             return Ok(RefundOutcome::UnknownRequest);
         };
-        if record.bucket != BucketKind::Main {
+        if record.bucket != BucketKind::Main || record.forced {
             return Ok(RefundOutcome::NotRefundable);
         }
         if record.refunded {

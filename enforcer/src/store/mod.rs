@@ -7,13 +7,15 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{CLUSTER_SHARDS, DEBIT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig, slot_of};
+pub use redis::{
+    CLUSTER_SHARDS, DEBIT_LUA, HEARTBEAT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig, slot_of,
+};
 
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;
 
 /// Which of a key's buckets a debit draws from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BucketKind {
     /// The key's token budget.
     Main,
@@ -36,6 +38,11 @@ pub struct Debit {
     /// What the request id is bound to (see [`Fingerprint`]): the same id with another
     /// fingerprint is a [`DebitOutcome::Conflict`], never a free replay.
     pub fingerprint: Fingerprint,
+    /// A forced debit: charged even when the balance cannot pay (it may go below zero), for
+    /// spending that already happened (fail-soft local decisions debited back,
+    /// [`crate::decision::local`]). Remembered under its request id like any allowed debit (a retry is a
+    /// free replay); not refundable. `lua/debit.lua` gets it as bucket kind `M` / `O`.
+    pub force: bool,
 }
 
 /// The parameters a request id is bound to, as payment APIs bind an idempotency key to its
@@ -174,6 +181,13 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Says that the daemon `node` is alive for `ttl`, and answers how many daemons are
+    /// (fail-soft local buckets split a key's budget by that count, [`crate::decision::local`]). A
+    /// store only this process uses answers 1.
+    async fn heartbeat(&self, node: &str, ttl: std::time::Duration) -> Result<u32, StoreError> {
+        let _ = (node, ttl);
+        Ok(1)
+    }
     /// A short name for logs and `/readyz` ("redis", "redis-cluster", "memory").
     fn backend(&self) -> &'static str;
     /// How many independent failure domains the store has: each gets its own circuit breaker

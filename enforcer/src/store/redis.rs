@@ -42,6 +42,10 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 pub const DEBIT_LUA: &str = include_str!("../../../lua/debit.lua");
 /// The refund script, embedded at build time.
 pub const REFUND_LUA: &str = include_str!("../../../lua/refund.lua");
+/// The heartbeat script (fail-soft node count), embedded at build time.
+pub const HEARTBEAT_LUA: &str = include_str!("../../../lua/heartbeat.lua");
+/// The sorted set of live daemons (`lua/heartbeat.lua`); its own hash tag, one slot.
+const LIVE_NODES: &str = "ptb:{nodes}:live";
 
 /// Most script calls written as one pipeline.
 const MAX_BATCH: usize = 256;
@@ -78,7 +82,7 @@ struct Pool {
     connect_timeout: Duration,
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
-    scripts: [Script; 2],
+    scripts: [Script; 3],
     /// `WAIT n timeout` at the end of every pipeline, when `wait_replicas > 0` (it waits for
     /// every write the connection made before it).
     wait: Option<Cmd>,
@@ -108,7 +112,7 @@ enum Backend {
 struct ClusterPool {
     client: ClusterClient,
     conn: OnceCell<ClusterConnection>,
-    scripts: [Script; 2],
+    scripts: [Script; 3],
     /// `WAIT n timeout` after each debit, when `wait_replicas > 0`.
     wait: Option<Cmd>,
     wait_replicas: u32,
@@ -128,18 +132,26 @@ pub struct RedisStore {
 
 const DEBIT: usize = 0;
 const REFUND: usize = 1;
+const HEARTBEAT: usize = 2;
 
 impl RedisStore {
     /// A store for `policy` on the Redis at `config.url`, or on the cluster of
     /// `config.cluster`. Does not connect yet.
     pub fn new(config: &RedisStoreConfig, policy: &BudgetPolicy) -> Result<Self, StoreError> {
-        let scripts = [Script::new(DEBIT_LUA), Script::new(REFUND_LUA)];
+        let scripts = [
+            Script::new(DEBIT_LUA),
+            Script::new(REFUND_LUA),
+            Script::new(HEARTBEAT_LUA),
+        ];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
-            // Three quarters of the call's bound: a short acknowledgement is answered (and
-            // counted) before the decider gives up on the call.
+            // The call's bound less 150 ms: Redis checks WAIT timeouts on its 100 ms server
+            // timer, so a short acknowledgement comes up to a tick late, and it must still be
+            // answered (and counted) before the decider gives up on the call. The config
+            // requires timeout_ms >= 300 with wait_replicas.
+            let bound = config.response_timeout.as_millis() as u64;
             c.arg(config.wait_replicas)
-                .arg((config.response_timeout.as_millis() * 3 / 4).max(1) as u64);
+                .arg(bound.saturating_sub(150).max(1));
             c
         });
         let backend = if config.cluster.is_empty() {
@@ -414,7 +426,7 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         }
         Err(e) => return fail_all(batch, classify(e)),
     };
-    let mut reloaded = [false; 2];
+    let mut reloaded = [false; 3];
     for (call, answer) in batch.into_iter().zip(answers) {
         let result = match answer {
             Value::ServerError(e) => {
@@ -436,7 +448,7 @@ async fn retry_after_reload(
     pool: &Pool,
     conn: &mut ConnectionManager,
     call: &Call,
-    reloaded: &mut [bool; 2],
+    reloaded: &mut [bool; 3],
 ) -> Result<Value, StoreError> {
     if !reloaded[call.script] {
         tracing::warn!("redis lost a script (NOSCRIPT): reloading it");
@@ -583,6 +595,13 @@ impl TokenStore for RedisStore {
         args.push(&self.record_ttl_ms);
         args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
+        if d.force {
+            // ARGV[6], the bucket kind: upper case charges whatever the balance.
+            args[5] = match d.bucket {
+                BucketKind::Main => "M",
+                BucketKind::Operational => "O",
+            };
+        }
         let (status, allowed, remaining, retry, tier, cost, replayed, at): (
             String,
             i64,
@@ -665,6 +684,14 @@ impl TokenStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.query::<String>(&redis::cmd("PING")).await.map(drop)
+    }
+
+    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
+        let ttl = ttl.as_millis().max(1).to_string();
+        let live: i64 = self
+            .eval(HEARTBEAT, &[LIVE_NODES.to_owned()], &[node, &ttl])
+            .await?;
+        u32::try_from(live.max(1)).map_err(|_| StoreError::Protocol(format!("{live} live nodes")))
     }
 
     fn backend(&self) -> &'static str {
