@@ -419,7 +419,8 @@ struct Failover {
 async fn failover_under_load(wait_replicas: u32) -> Failover {
     let mut cluster = PrivateCluster::start();
     let seeds = cluster.seeds();
-    let timeout_ms = 200;
+    // The least store.timeout_ms allows with wait_replicas (WAIT gets 150 ms less).
+    let timeout_ms = 300;
     let store = format!(
         "timeout_ms = {timeout_ms}\non_store_failure = \"fail-closed\"\nwait_replicas = {wait_replicas}"
     );
@@ -744,15 +745,15 @@ async fn slots_moved_under_load_keep_every_bound_without_errors() {
 /// debit is answered and counted as a short acknowledgement (`/readyz` `short_waits`), so the
 /// slots keep deciding (as after a failover, until the dead node is back as a replica).
 ///
-/// `timeout_ms = 200`, the failover tests' bound. Redis ends a blocked `WAIT` on its event
-/// loop's timer (`hz` 10: up to 100 ms late; `WAIT 1 150` returns after ~200 ms here), so a
-/// `WAIT` given three quarters of the bound still outlives the call at this bound.
+/// `timeout_ms = 300`, the least the config allows with `wait_replicas`: Redis ends a blocked
+/// `WAIT` on its event loop's timer (`hz` 10: up to 100 ms late; `WAIT 1 150` returns after
+/// ~200 ms here), so `WAIT` gets 150 ms less than the call's bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_replicas_a_primary_without_replica_still_decides() {
     let mut cluster = PrivateCluster::start();
     let seeds = cluster.seeds();
     let tiers = "[tiers.test]\nmax_tokens = 1e9\nrefill_per_sec = 0\nidle_cap = 1.0\ninitial_tokens = 1e9\n";
-    let store = "timeout_ms = 200\non_store_failure = \"fail-closed\"\nwait_replicas = 1";
+    let store = "timeout_ms = 300\non_store_failure = \"fail-closed\"\nwait_replicas = 1";
     let d = daemon(&seeds, store, tiers, 1.0).await;
     let key = unique("lonely");
     let primary = cluster.primary_of(api_key_slot(&key));
@@ -822,4 +823,20 @@ fn redis_url_and_redis_cluster_together_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("store.redis_cluster[1]"), "{err}");
+}
+
+/// `wait_replicas` with a store bound too short for Redis's `WAIT` timer is refused at start.
+#[test]
+fn wait_replicas_with_a_short_timeout_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("enforcer.toml");
+    std::fs::write(&config, "[store]\ntimeout_ms = 200\nwait_replicas = 1\n").expect("write");
+    let out = Command::new(enforcer_bin())
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run enforcer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("store.timeout_ms"), "{err}");
 }
