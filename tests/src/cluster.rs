@@ -139,17 +139,25 @@ pub struct PrivateCluster {
     // Before `dir`: the servers stop before their directory goes.
     nodes: Vec<Option<Process>>,
     dir: tempfile::TempDir,
+    /// `cluster-node-timeout`, milliseconds.
+    node_timeout_ms: u64,
 }
 
 impl PrivateCluster {
     /// Starts six nodes, creates the cluster and waits until every node says
     /// `cluster_state:ok` and every replica is in sync with its primary.
     pub fn start() -> Self {
+        Self::start_with_node_timeout(2000)
+    }
+
+    /// The same with another `cluster-node-timeout`: a long one keeps a cluster that is frozen
+    /// as a whole (every node paused, then resumed) from failing over when it runs again.
+    pub fn start_with_node_timeout(node_timeout_ms: u64) -> Self {
         // Another test's servers may take a port between our check and our bind: try again
         // on other ports.
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(node_timeout_ms) {
                 Ok(c) => return c,
                 Err(e) => last = e,
             }
@@ -157,17 +165,18 @@ impl PrivateCluster {
         panic!("could not start a private Redis Cluster: {last}")
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(node_timeout_ms: u64) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let ports = cluster_ports(6);
         let mut cluster = Self {
             nodes: Vec::new(),
             ports: ports.clone(),
             dir,
+            node_timeout_ms,
         };
         for &port in &ports {
             let child = Command::new("redis-server")
-                .args(node_args(port, cluster.dir.path()))
+                .args(node_args(port, cluster.dir.path(), node_timeout_ms))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -296,12 +305,33 @@ impl PrivateCluster {
             .unwrap_or_else(|| panic!("no node on {port}"));
         assert!(self.nodes[i].is_none(), "node on {port} is running");
         let child = Command::new("redis-server")
-            .args(node_args(port, self.dir.path()))
+            .args(node_args(port, self.dir.path(), self.node_timeout_ms))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server");
         self.nodes[i] = Some(Process(child));
+    }
+
+    /// Freezes every live node (SIGSTOP): the whole cluster stops answering, connections stay
+    /// open, what clients send waits.
+    pub fn pause_all(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Lets every node run again (SIGCONT); they then also run what was sent meanwhile.
+    pub fn resume_all(&self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        for node in self.nodes.iter().flatten() {
+            let status = Command::new("kill")
+                .args([signal, &node.0.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal} of a cluster node");
+        }
     }
 
     /// The directory holding the nodes' files.
@@ -326,8 +356,9 @@ fn agreed(view: &[NodeInfo]) -> bool {
 }
 
 /// `redis-server` arguments of one cluster node.
-fn node_args(port: u16, dir: &std::path::Path) -> Vec<String> {
+fn node_args(port: u16, dir: &std::path::Path, node_timeout_ms: u64) -> Vec<String> {
     let p = port.to_string();
+    let timeout = node_timeout_ms.to_string();
     [
         "--port",
         &p,
@@ -336,7 +367,7 @@ fn node_args(port: u16, dir: &std::path::Path) -> Vec<String> {
         "--cluster-enabled",
         "yes",
         "--cluster-node-timeout",
-        "2000",
+        &timeout,
         // Replicas sync at once instead of after the default 5 s delay.
         "--repl-diskless-sync-delay",
         "0",

@@ -1,13 +1,16 @@
-//! Fail-soft (`on_store_failure = "local"`, issue 12 scenario 4) against a real Redis and two
-//! daemons: the Redis is frozen for 5 s under load; each daemon admits within its local share;
-//! after Redis is back the shared bucket holds what it held minus everything admitted, locally
-//! and through the store; a replayed debit-back charges nothing.
+//! Fail-soft (`on_store_failure = "local"`, issue 12 scenario 4) against a real Redis, and a
+//! real Redis Cluster, and two daemons: the store is frozen for 5 s under load (every node of
+//! the cluster at once); each daemon admits within its local share; after the store is back the
+//! shared bucket holds what it held minus everything admitted, locally and through the store; a
+//! replayed debit-back charges nothing.
 use enforcer::config::{Config, OnStoreFailure, TierConfig};
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, RedisStore, RedisStoreConfig, TokenStore,
 };
+use enforcer_tests::cluster::PrivateCluster;
 use enforcer_tests::{PrivateRedis, TestDaemon, check, metric, redis_conn, unique};
+use redis::aio::ConnectionLike;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,6 +20,86 @@ use std::time::{Duration, Instant};
 const COST: f64 = 100.0;
 /// The tier's capacity and starting balance; no refill, so every number is exact.
 const CAPACITY: f64 = 1000.0;
+
+/// The store under test: one Redis, or a cluster.
+enum Store {
+    One(PrivateRedis),
+    Cluster(PrivateCluster),
+}
+
+impl Store {
+    fn config(&self, local_nodes: u32, node: &str) -> Config {
+        match self {
+            Store::One(redis) => config(&redis.url(), local_nodes, node),
+            Store::Cluster(cluster) => {
+                let mut c = config("", local_nodes, node);
+                c.store.redis_cluster = cluster.seeds();
+                c
+            }
+        }
+    }
+
+    fn pause(&self) {
+        match self {
+            Store::One(redis) => redis.pause(),
+            Store::Cluster(cluster) => cluster.pause_all(),
+        }
+    }
+
+    fn resume(&self) {
+        match self {
+            Store::One(redis) => redis.resume(),
+            Store::Cluster(cluster) => cluster.resume_all(),
+        }
+    }
+
+    async fn conn(&self) -> Conn {
+        match self {
+            Store::One(redis) => Conn::One(redis_conn(&redis.url()).await),
+            Store::Cluster(cluster) => Conn::Cluster(
+                redis::cluster::ClusterClient::new(cluster.seeds())
+                    .expect("cluster client")
+                    .get_async_connection()
+                    .await
+                    .expect("cluster connection"),
+            ),
+        }
+    }
+}
+
+/// A connection to either store, for reading what the daemons wrote.
+enum Conn {
+    One(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
 
 fn config(redis_url: &str, local_nodes: u32, node: &str) -> Config {
     let mut config = enforcer_tests::example_config(redis_url);
@@ -88,7 +171,7 @@ fn ledger_rows(d: &TestDaemon) -> Vec<serde_json::Value> {
 }
 
 /// Request records of a key in Redis that are charged (not refunded): request id → cost.
-async fn records(conn: &mut redis::aio::MultiplexedConnection, hex: &str) -> HashMap<String, f64> {
+async fn records(conn: &mut Conn, hex: &str) -> HashMap<String, f64> {
     let prefix = format!("ptb:{{{hex}}}:r:");
     let names: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
@@ -113,7 +196,7 @@ async fn records(conn: &mut redis::aio::MultiplexedConnection, hex: &str) -> Has
     out
 }
 
-async fn balance(conn: &mut redis::aio::MultiplexedConnection, hex: &str) -> f64 {
+async fn balance(conn: &mut Conn, hex: &str) -> f64 {
     let bucket: String = redis::cmd("GET")
         .arg(format!("ptb:{{{hex}}}:b"))
         .query_async(conn)
@@ -128,14 +211,23 @@ async fn balance(conn: &mut redis::aio::MultiplexedConnection, hex: &str) -> f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_store_is_survived_within_shares_and_paid_back_once() {
-    frozen_store_under_load(2).await;
+    frozen_store_under_load(Store::One(PrivateRedis::start()), 2).await;
+}
+
+/// The same against a Redis Cluster whose six nodes all freeze for 5 s. Its node timeout is
+/// longer than the outage: the scenario is the store going away and coming back, not a
+/// failover (the cluster tests cover that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_cluster_is_survived_within_shares_and_paid_back_once() {
+    let cluster = PrivateCluster::start_with_node_timeout(15_000);
+    frozen_store_under_load(Store::Cluster(cluster), 2).await;
 }
 
 /// The same with the node count from the heartbeat set: the count read before the outage (2)
 /// is kept through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_heartbeat_count_is_kept_through_an_outage() {
-    frozen_store_under_load(0).await;
+    frozen_store_under_load(Store::One(PrivateRedis::start()), 0).await;
 }
 
 async fn wait_for_nodes(addr: SocketAddr, want: f64) {
@@ -153,18 +245,17 @@ async fn wait_for_nodes(addr: SocketAddr, want: f64) {
     }
 }
 
-async fn frozen_store_under_load(local_nodes: u32) {
-    let redis = PrivateRedis::start();
+async fn frozen_store_under_load(redis: Store, local_nodes: u32) {
     let daemons = [
-        TestDaemon::start(config(&redis.url(), local_nodes, "node-a")).await,
-        TestDaemon::start(config(&redis.url(), local_nodes, "node-b")).await,
+        TestDaemon::start(redis.config(local_nodes, "node-a")).await,
+        TestDaemon::start(redis.config(local_nodes, "node-b")).await,
     ];
     for d in &daemons {
         wait_for_nodes(d.addr, 2.0).await;
     }
     let key = unique("failsoft-key");
     let hex = ApiKey::parse(&key).expect("key").hash().to_hex();
-    let mut conn = redis_conn(&redis.url()).await;
+    let mut conn = redis.conn().await;
     redis::cmd("SET")
         .arg(format!("ptb:{{{hex}}}:tier"))
         .arg("failsoft")
@@ -332,15 +423,17 @@ async fn frozen_store_under_load(local_nodes: u32) {
     }
 
     // The ledger: one row per local decision (decided_by local), one per debit-back.
+    let inspect = redis.config(2, "test");
     let store = RedisStore::new(
         &RedisStoreConfig {
-            url: redis.url(),
+            url: inspect.store.redis_url.clone(),
+            cluster: inspect.store.redis_cluster.clone(),
             connections: 1,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
             ..RedisStoreConfig::default()
         },
-        &config(&redis.url(), 2, "test").budget_policy(),
+        &inspect.budget_policy(),
     )
     .expect("redis store");
     for (i, d) in daemons.iter().enumerate() {
