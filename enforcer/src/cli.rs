@@ -50,9 +50,10 @@ pub enum Command {
     Audit(AuditCommand),
     /// Every endpoint's price now, from a running daemon (`GET /v1/costs`), as a table.
     Costs {
-        /// The daemon's HTTP API address.
+        /// The daemon's HTTP API address, `host:port` (a name such as `localhost:8080` is
+        /// resolved).
         #[arg(long, default_value = "127.0.0.1:8080", env = "ENFORCER_ADDR")]
-        addr: SocketAddr,
+        addr: String,
         /// Print the JSON as the daemon sends it.
         #[arg(long)]
         json: bool,
@@ -387,7 +388,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Costs { addr, json } => {
-            let body = http_get(addr, "/v1/costs")?;
+            let body = http_get(&addr, "/v1/costs")?;
             if json {
                 println!("{body}");
                 return Ok(ExitCode::SUCCESS);
@@ -464,10 +465,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// A plain HTTP/1.1 GET to the daemon; the body, or an error with the status.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to the daemon at {addr}"))?;
+    use std::net::ToSocketAddrs as _;
+    // Every address the name has, in order (`localhost` may be ::1 first while the daemon
+    // listens on 127.0.0.1).
+    let mut last = None;
+    let mut connected = None;
+    for candidate in addr
+        .to_socket_addrs()
+        .with_context(|| format!("--addr {addr:?} is not host:port"))?
+    {
+        match std::net::TcpStream::connect_timeout(&candidate, Duration::from_secs(2)) {
+            Ok(s) => {
+                connected = Some(s);
+                break;
+            }
+            Err(e) => last = Some(format!("{candidate}: {e}")),
+        }
+    }
+    let mut stream = connected.with_context(|| {
+        format!(
+            "connecting to the daemon at {addr}: {}",
+            last.unwrap_or_else(|| "the name resolves to no address".to_owned())
+        )
+    })?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,

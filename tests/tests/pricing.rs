@@ -352,9 +352,9 @@ async fn prices_rise_with_node_cpu_and_fall_back_after() {
     )
     .await;
 
-    // The CLI prints the same table.
+    // The CLI prints the same table; `--addr` takes a host name as the README writes it.
     let out = std::process::Command::new(enforcer_bin())
-        .args(["costs", "--addr", &addr.to_string()])
+        .args(["costs", "--addr", &format!("localhost:{}", addr.port())])
         .output()
         .expect("enforcer costs");
     assert!(

@@ -146,9 +146,9 @@ pub fn block(
     pinned_gate(pin_dir)?.block(key.kernel_id(), duration)?;
     writeln!(
         out,
-        "key {} blocked in this node's kernel gate for {}s",
+        "key {} blocked in this node's kernel gate for {}",
         key.hash(),
-        duration.as_secs()
+        human_duration(duration)
     )?;
     Ok(())
 }
@@ -197,5 +197,33 @@ mod tests {
             .context("writing the status");
         assert!(is_broken_pipe(&e));
         assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
+    }
+}
+
+/// A duration as an operator wrote it: `500ms`, `30s`, `1.5s`, never a rounded-down `0s`.
+fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!(
+            "{}s",
+            format!("{:.3}", d.as_secs_f64()).trim_end_matches('0')
+        )
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn block_durations_print_as_written() {
+        assert_eq!(human_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(human_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human_duration(Duration::from_millis(1250)), "1.25s");
     }
 }
