@@ -583,13 +583,7 @@ impl Decider {
             decision.denial = None;
         }
         if !allowed {
-            decision.retry_after_ms = Some(
-                self.breakers[0]
-                    .open_for()
-                    .as_millis()
-                    .try_into()
-                    .unwrap_or(u64::MAX),
-            );
+            decision.retry_after_ms = Some(self.breaker_retry_ms());
         }
         decision
     }
@@ -612,13 +606,7 @@ impl Decider {
                     debit.request_id.clone(),
                     endpoint,
                 );
-                decision.retry_after_ms = Some(
-                    self.breakers[0]
-                        .open_for()
-                        .as_millis()
-                        .try_into()
-                        .unwrap_or(u64::MAX),
-                );
+                decision.retry_after_ms = Some(self.breaker_retry_ms());
                 return decision;
             }
         };
@@ -693,6 +681,15 @@ impl Decider {
             }));
         }
         outcome
+    }
+
+    /// How long a caller refused without the store should wait: until its breaker may probe.
+    fn breaker_retry_ms(&self) -> u64 {
+        self.breakers[0]
+            .open_for()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX)
     }
 
     /// The breakers' position for the `enforcer_store_breaker_state` and

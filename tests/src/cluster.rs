@@ -24,35 +24,10 @@ pub fn redis_cluster_seeds() -> Vec<String> {
         .collect()
 }
 
-/// The cluster slot of a Redis key name: CRC16 (XMODEM) of its hash tag (the part between the
-/// first `{` and the next `}`, when not empty), else of the whole name, modulo 16384.
+/// The cluster slot of a Redis key name: the daemon's own computation (unit-tested against
+/// `CLUSTER KEYSLOT` in `enforcer::store`).
 pub fn key_slot(name: &str) -> u16 {
-    let bytes = name.as_bytes();
-    let hashed = bytes
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &bytes[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(bytes);
-    crc16(hashed) % SLOTS
-}
-
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    enforcer::store::slot_of(name.as_bytes())
 }
 
 /// The slot of an API key's buckets (its Redis names carry the key hash as hash tag).

@@ -280,13 +280,7 @@ impl ClusterPool {
                     .map_err(unavailable)?;
                 // SCRIPT LOAD goes to every primary; a primary that appears later (failover,
                 // a node added) gets the script on its first NOSCRIPT.
-                for script in &self.scripts {
-                    script
-                        .prepare_invoke()
-                        .load_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                load_scripts(&self.scripts, &mut conn).await?;
                 Ok::<_, StoreError>(conn)
             })
             .await?;
@@ -353,18 +347,27 @@ impl Pool {
                     .await
                     .map_err(unavailable)?;
                 // Load the scripts up front; EVALSHA then never sends a script body.
-                for script in &self.scripts {
-                    script
-                        .prepare_invoke()
-                        .load_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                load_scripts(&self.scripts, &mut conn).await?;
                 Ok::<_, StoreError>(conn)
             })
             .await?;
         Ok(conn.clone())
     }
+}
+
+/// `SCRIPT LOAD`s every script on a new connection (on a cluster: on every primary).
+async fn load_scripts(
+    scripts: &[Script],
+    conn: &mut impl redis::aio::ConnectionLike,
+) -> Result<(), StoreError> {
+    for script in scripts {
+        script
+            .prepare_invoke()
+            .load_async(conn)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// The batching task: drains the queue into pipelines until every sender is gone.
