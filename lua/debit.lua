@@ -136,7 +136,9 @@ elseif rate > 0 and cost <= max_tokens then
 end
 
 local remaining = fmt(balance)
-if rate > 0 then
+-- A balance above what refill reaches (an operator's grant) is kept: forgetting restarts at
+-- initial_tokens and would take the granted credits away.
+if rate > 0 and balance <= max_tokens * idle_cap then
   -- Forgotten once refill alone would have brought it to the idle ceiling (from below zero,
   -- after a forced debit, that takes longer: forgetting earlier would forgive the debt).
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now),

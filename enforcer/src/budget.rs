@@ -43,6 +43,8 @@ pub struct Tier {
     pub bucket: BucketParams,
     /// Shadow mode for this tier: decide and record, but always allow.
     pub shadow: bool,
+    /// Highest balance an operator's grant may bring a key to (at least `max_tokens`).
+    pub grant_ceiling: f64,
 }
 
 /// What happens to keys that have no tier assignment.

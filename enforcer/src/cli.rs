@@ -2,9 +2,7 @@
 //!
 //! The kernel gate's commands (`kernel …`, `keys block|unblock`) are in [`kernel`].
 use crate::config::Config;
-use crate::key::ApiKey;
 use crate::server::{Server, shutdown_signal};
-use crate::store::{RedisStore, RedisStoreConfig, TokenStore};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -12,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub mod admin;
 pub mod kernel;
 
 /// enforcer: cost-weighted API token budgets, debited atomically in Redis, enforced down to the
@@ -32,9 +31,37 @@ pub enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Work with API keys.
+    /// A running daemon's state, through its admin socket: version, config generation, store,
+    /// breakers, kernel gate, ledger backlog.
+    Status {
+        #[command(flatten)]
+        socket: admin::SocketArg,
+        /// Print the daemon's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with API keys (a running daemon's, through its admin socket). Keys are read from
+    /// stdin or --key-file, never from the command line.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Shadow mode of a running daemon, global or one tier's: decide and record, always allow.
+    /// Lasts until the next reload or restart (which read the config file).
+    Shadow {
+        /// on or off.
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Only this tier (default: global shadow mode, `budget.shadow`).
+        #[arg(long)]
+        tier: Option<String>,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+    },
+    /// Make a running daemon read its config file again (as SIGHUP does). The file is
+    /// validated first: on any error the daemon keeps its config and the errors are printed.
+    Reload {
+        #[command(flatten)]
+        socket: admin::SocketArg,
+    },
     /// Inspect, detach or re-attach the kernel gate of this node (root; works on the pinned
     /// maps and the kernel's links).
     #[command(subcommand)]
@@ -80,18 +107,12 @@ pub enum AuditCommand {
         #[arg(long)]
         quarantine: Option<PathBuf>,
     },
-    /// A key's usage: decisions, allowed decisions, refunds and tokens charged net of refunds.
+    /// A key's usage: decisions, allowed decisions, refunds, tokens charged net of refunds,
+    /// and tokens granted. The key is read from stdin or --key-file (and hashed here, as in
+    /// the ledger), or named by --key-hash.
     Usage {
-        /// The API key (hashed here, the same way as in the ledger; never sent anywhere).
-        #[arg(
-            long,
-            conflicts_with = "key_hash",
-            required_unless_present = "key_hash"
-        )]
-        key: Option<String>,
-        /// Or the key's SHA-256 (`enforcer keys hash`).
-        #[arg(long)]
-        key_hash: Option<String>,
+        #[command(flatten)]
+        key: admin::KeyArg,
         /// How far back: `90s`, `10m`, `24h`, `30d`.
         #[arg(long, value_parser = parse_duration, default_value = "24h")]
         since: Duration,
@@ -132,6 +153,15 @@ pub enum PartitionsCommand {
         #[arg(long, env = "ENFORCER_DATABASE_URL")]
         database_url: String,
     },
+}
+
+/// `on` / `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// `--by` of `enforcer audit usage`.
@@ -198,6 +228,10 @@ pub struct RunArgs {
     /// default 127.0.0.1:8081); "" serves no gRPC.
     #[arg(long, env = "ENFORCER_GRPC_LISTEN", value_name = "ADDR")]
     pub grpc_listen: Option<String>,
+    /// The admin API's Unix socket (overrides server.admin_socket; default
+    /// /run/enforcer/admin.sock); "" serves none.
+    #[arg(long, env = "ENFORCER_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<String>,
     /// Redis URL (overrides store.redis_url); empty or absent: the embedded in-process store.
     #[arg(long, env = "ENFORCER_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -247,49 +281,81 @@ pub enum ConfigCommand {
 /// `enforcer keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Print the SHA-256 of a key: its name in Redis (`ptb:{<hash>}:…`) and in audit rows.
+    /// Print the SHA-256 of a key (read from stdin or --key-file): its name in Redis
+    /// (`ptb:{<hash>}:…`) and in audit rows.
     Hash {
-        /// The API key.
-        key: String,
+        /// Read the key from this file (its one line); default: stdin.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
-    /// Block a key in this node's kernel gate for a while (e.g. `--for 10m`; s, m, h, d).
-    Block {
-        /// The API key.
-        key: String,
-        /// How long: `90s`, `10m`, `2h`, `1d`.
-        #[arg(long = "for", value_parser = parse_duration)]
-        duration: Duration,
-        /// Where the daemon pinned the gate's maps.
-        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
-        pin_dir: PathBuf,
+    /// A key's tier, balance now, operational bucket, and this node's kernel snapshot and
+    /// block.
+    Show {
+        #[command(flatten)]
+        key: admin::KeyArg,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+        /// Print the daemon's JSON answer.
+        #[arg(long)]
+        json: bool,
     },
-    /// Lift a key's block in this node's kernel gate.
-    Unblock {
-        /// The API key.
-        key: String,
-        /// Where the daemon pinned the gate's maps.
-        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-    /// Assign a key to a tier (in Redis), or remove its assignment with --clear. The key's
-    /// snapshot in this node's kernel gate, if any, is lifted: its next decision writes one
-    /// under the new tier (run it on every node whose gate may hold the key).
+    /// Assign a key to a tier of the config the daemon serves, or remove its assignment with
+    /// --clear (the key then falls back to budget.unknown_keys). Works on every store; this
+    /// node's kernel gate follows at once (other nodes' at the key's next decision there).
     SetTier {
-        /// The API key.
-        key: String,
-        /// Tier name, as in the config's [tiers] (checked when --config is given).
+        /// Tier name, as in the daemon's [tiers] (checked by the daemon).
         #[arg(required_unless_present = "clear")]
         tier: Option<String>,
-        /// Remove the assignment: the key falls back to budget.unknown_keys.
+        /// Remove the assignment.
         #[arg(long, conflicts_with = "tier")]
         clear: bool,
-        /// Redis URL.
-        #[arg(long, env = "ENFORCER_REDIS_URL")]
-        redis_url: String,
-        /// Config file to check the tier name against.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Where this node's daemon pinned the gate's maps.
+        #[command(flatten)]
+        key: admin::KeyArg,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+    },
+    /// Grant tokens to a key (a prepaid top-up, a goodwill credit): added to its balance
+    /// atomically, up to its tier's grant_ceiling (else nothing is granted), recorded in the
+    /// audit ledger with the note and your uid.
+    Grant {
+        /// Tokens to add.
+        tokens: f64,
+        /// Why (the audit row's note; required).
+        #[arg(long)]
+        note: String,
+        /// Id of this grant: the same id again is a replay, never a second grant (default: a
+        /// new one, printed, to retry with if the answer was lost).
+        #[arg(long)]
+        grant_id: Option<String>,
+        #[command(flatten)]
+        key: admin::KeyArg,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+    },
+    /// Block a key in this node's kernel gate for a while (e.g. `--for 10m`; ms, s, m, h, d).
+    /// Through the daemon; when no daemon answers, in the pinned maps directly.
+    Block {
+        /// How long: `500ms`, `90s`, `10m`, `2h`, `1d`.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Duration,
+        /// Read the key from this file (its one line); default: stdin.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+        /// Where the gate's maps are pinned (used when no daemon answers).
+        #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Lift a key's block in this node's kernel gate (through the daemon, else in the pinned
+    /// maps directly).
+    Unblock {
+        /// Read the key from this file (its one line); default: stdin.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        socket: admin::SocketArg,
+        /// Where the gate's maps are pinned (used when no daemon answers).
         #[arg(long, default_value = enforcer_common::names::PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -365,18 +431,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             kernel::attach(&pin_dir, iface.as_deref(), &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys(KeysCommand::Block {
-            key,
-            duration,
-            pin_dir,
-        }) => {
-            kernel::block(&key, duration, &pin_dir, &mut std::io::stdout().lock())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Keys(KeysCommand::Unblock { key, pin_dir }) => {
-            kernel::unblock(&key, &pin_dir, &mut std::io::stdout().lock())?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Keys(command) => admin::keys(command),
+        Command::Status { socket, json } => admin::status(&socket.socket, json),
+        Command::Shadow {
+            state,
+            tier,
+            socket,
+        } => admin::shadow(&socket.socket, state == OnOff::On, tier.as_deref()),
+        Command::Reload { socket } => admin::reload(&socket.socket),
         Command::Migrate { database_url } => {
             runtime()?.block_on(async {
                 let pool = ledger_pool(&database_url)?;
@@ -415,50 +477,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit(command) => {
             runtime()?.block_on(audit(command))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Keys(KeysCommand::Hash { key }) => {
-            println!("{}", ApiKey::parse(&key)?.hash());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Keys(KeysCommand::SetTier {
-            key,
-            tier,
-            clear,
-            redis_url,
-            config,
-            pin_dir,
-        }) => {
-            let config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
-            let tier = if clear { None } else { tier };
-            if let Some(name) = &tier
-                && !config.tiers.contains_key(name)
-            {
-                bail!(
-                    "unknown tier {name:?}; the config has: {}",
-                    config.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-            let key = ApiKey::parse(&key)?;
-            let store = RedisStore::new(
-                &RedisStoreConfig {
-                    url: redis_url,
-                    connections: 1,
-                    connect_timeout: Duration::from_secs(2),
-                    response_timeout: Duration::from_secs(2),
-                    ..RedisStoreConfig::default()
-                },
-                &config.budget_policy(),
-            )?;
-            runtime()?.block_on(store.assign_tier(&key.hash(), tier.as_deref()))?;
-            match tier {
-                Some(t) => println!("key {} is now in tier {t}", key.hash()),
-                None => println!("key {} has no tier assignment", key.hash()),
-            }
-            kernel::lift(&pin_dir, &key, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -575,21 +593,11 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Usage {
             key,
-            key_hash,
             since,
             by,
             database_url,
         } => {
-            let hash = match (key, key_hash) {
-                (Some(k), _) => ApiKey::parse(&k)?.hash().to_hex(),
-                (None, Some(h)) => {
-                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        bail!("--key-hash must be 64 hex digits (enforcer keys hash KEY)");
-                    }
-                    h.to_ascii_lowercase()
-                }
-                (None, None) => bail!("give --key or --key-hash"),
-            };
+            let hash = key.read()?.hash_hex();
             let by = match by {
                 None => postgres::UsageBy::Total,
                 Some(UsageGroup::Endpoint) => postgres::UsageBy::Endpoint,
@@ -603,13 +611,13 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
             println!(
-                "{label:<32} {:>10} {:>10} {:>10} {:>14}",
-                "decisions", "allowed", "refunds", "tokens charged"
+                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14}",
+                "decisions", "allowed", "refunds", "tokens charged", "tokens granted"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>10} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.refunds, u.cost
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted
                 );
             }
         }
@@ -707,6 +715,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(grpc) = args.grpc_listen {
         config.server.grpc_listen = grpc;
+    }
+    if let Some(socket) = args.admin_socket {
+        config.server.admin_socket = socket;
     }
     if let Some(url) = args.redis_url {
         config.store.redis_url = url;

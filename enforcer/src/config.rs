@@ -120,7 +120,14 @@ pub struct ServerConfig {
     /// Address of Envoy's rate-limit service API (gRPC, RLS v3) and of `grpc.health.v1`;
     /// `""` serves no gRPC.
     pub grpc_listen: String,
+    /// The admin API's Unix socket (`enforcer status`, `keys …`, `shadow`, `reload`): created
+    /// mode 0600 in a directory made 0700, owned by the daemon's user; `""` serves none.
+    /// Nothing administrative is served on the TCP listeners.
+    pub admin_socket: String,
 }
+
+/// Where the admin API listens by default (`[server] admin_socket`).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/enforcer/admin.sock";
 
 impl ServerConfig {
     /// The gRPC address; `None` when gRPC is off (or the value is invalid: validation says so).
@@ -260,6 +267,9 @@ pub struct TierConfig {
     /// Shadow mode for this tier.
     #[serde(default)]
     pub shadow: bool,
+    /// Highest balance an operator's grant (`enforcer keys grant`) may bring a key of this
+    /// tier to; default `max_tokens`. A grant that would pass it is refused whole.
+    pub grant_ceiling: Option<f64>,
 }
 
 /// `[pricing]`: the cost matrix, and the engine that moves it with telemetry.
@@ -614,6 +624,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
             grpc_listen: "127.0.0.1:8081".to_owned(),
+            admin_socket: DEFAULT_ADMIN_SOCKET.to_owned(),
         }
     }
 }
@@ -693,6 +704,7 @@ impl Default for Config {
                 idle_cap: default_idle_cap(),
                 initial_tokens: None,
                 shadow: false,
+                grant_ceiling: None,
             },
         );
         Self {
@@ -922,6 +934,11 @@ impl Config {
             {
                 err(p("initial_tokens"), "must be between 0 and max_tokens");
             }
+            if let Some(ceiling) = tier.grant_ceiling
+                && !(ceiling.is_finite() && ceiling >= tier.max_tokens && ceiling <= 1e15)
+            {
+                err(p("grant_ceiling"), "must be between max_tokens and 1e15");
+            }
         }
         if !positive(self.pricing.default_cost) {
             err("pricing.default_cost".into(), "must be > 0");
@@ -969,6 +986,14 @@ impl Config {
             err(
                 "envoy.key_entries".into(),
                 "must name at least one descriptor entry, none empty",
+            );
+        }
+        if !self.server.admin_socket.is_empty()
+            && !std::path::Path::new(&self.server.admin_socket).is_absolute()
+        {
+            err(
+                "server.admin_socket".into(),
+                "must be an absolute path (or \"\" for no admin socket)",
             );
         }
         if !self.server.grpc_listen.is_empty() && self.server.grpc_addr().is_none() {
@@ -1138,6 +1163,7 @@ impl Config {
                     initial_tokens: t.initial_tokens.unwrap_or(t.idle_cap * t.max_tokens),
                 },
                 shadow: t.shadow,
+                grant_ceiling: t.grant_ceiling.unwrap_or(t.max_tokens),
             })
             .collect();
         let ops = &self.budget.operational;

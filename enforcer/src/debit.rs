@@ -92,10 +92,47 @@ pub fn force(
 /// Seconds after which a bucket holding `balance` may be forgotten (see
 /// [`BucketParams::forget_after`]); a balance below zero (a forced debit) is kept until refill
 /// has paid the debt too, so forgetting never forgives it.
+///
+/// A balance above what refill can reach (`idle_cap × max_tokens`: an operator's grant) is
+/// never forgotten: a forgotten bucket starts again at `initial_tokens`, which would take the
+/// granted credits away.
 pub fn forget_after(params: &BucketParams, active_window: f64, balance: f64) -> Option<f64> {
+    if balance > params.max_tokens * params.idle_cap {
+        return None;
+    }
     params
         .forget_after(active_window)
         .map(|secs| secs + (-balance).max(0.0) / params.refill_per_sec)
+}
+
+/// Why a grant was refused (nothing changed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverCeiling {
+    /// The balance now (after refill).
+    pub balance: f64,
+    /// The tier's `grant_ceiling`.
+    pub ceiling: f64,
+}
+
+/// Adds an operator's grant of `tokens` at `now`: refill is applied first (so the grant is on
+/// top of what the key earned), then the tokens are added whole, or, when the balance would
+/// pass `ceiling`, refused whole (a partial grant would be a silent loss for whoever paid).
+pub fn grant(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+    tokens: f64,
+    ceiling: f64,
+) -> Result<BucketState, OverCeiling> {
+    let balance = refilled(state, params, active_window, now);
+    if balance + tokens > ceiling {
+        return Err(OverCeiling { balance, ceiling });
+    }
+    Ok(BucketState {
+        balance: balance + tokens,
+        updated_at: now,
+    })
 }
 
 /// The balance at `now` after refill and the idle cap (steps 1 and 2).

@@ -308,6 +308,11 @@ impl Decider {
         &self.prices
     }
 
+    /// The names of the tiers decisions are made with, in config order.
+    pub fn tier_names(&self) -> Vec<String> {
+        self.policy.tiers.iter().map(|t| t.name.clone()).collect()
+    }
+
     /// The token store (for readiness probes).
     pub fn store(&self) -> &Arc<dyn TokenStore> {
         &self.store
@@ -803,6 +808,7 @@ mod tests {
                     tier: r.tier.to_owned(),
                 },
                 Event::DebitBack(b) => Seen::DebitBack { amount: b.amount },
+                Event::Grant(_) | Event::TierChanged(_) => return,
             });
         }
     }
@@ -917,6 +923,20 @@ mod tests {
             tier: Option<&str>,
         ) -> Result<(), StoreError> {
             self.0.assign_tier(key, tier).await
+        }
+        async fn grant(
+            &self,
+            key: &crate::key::KeyHash,
+            tokens: f64,
+            id: &RequestId,
+        ) -> Result<crate::store::GrantOutcome, StoreError> {
+            self.0.grant(key, tokens, id).await
+        }
+        async fn inspect(
+            &self,
+            key: &crate::key::KeyHash,
+        ) -> Result<crate::store::KeyState, StoreError> {
+            self.0.inspect(key).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())

@@ -53,6 +53,12 @@ impl ApiKey {
         enforcer_common::key_id(self.0.as_bytes())
     }
 
+    /// The raw key, for the one place it is sent on: the CLI to the daemon, over the admin
+    /// socket ([`crate::cli::admin`]). Never log or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// The key's SHA-256, the only form of it that leaves the request.
     pub fn hash(&self) -> KeyHash {
         KeyHash(Sha256::digest(self.0.as_bytes()).into())

@@ -27,6 +27,7 @@
 // (the bpf(2) link commands aya does not wrap), each block with a `// SAFETY:` note.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod breaker;
 pub mod budget;

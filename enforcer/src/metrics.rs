@@ -37,6 +37,9 @@ pub struct Metrics {
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
     pub refunds: IntCounterVec,
+    /// `enforcer_admin_actions_total{action, result}`: admin API calls (status, show,
+    /// set_tier, grant, block, unblock, shadow, reload) by result (ok, refused, error).
+    pub admin_actions: IntCounterVec,
     /// `enforcer_client_addresses_total{outcome}`: client addresses requests offered (used,
     /// untrusted_peer, unusable).
     pub client_addresses: IntCounterVec,
@@ -345,6 +348,12 @@ impl Metrics {
             "Refund requests by outcome",
             &["outcome"],
         );
+        let admin_actions = counter_vec(
+            &registry,
+            "enforcer_admin_actions_total",
+            "Admin API calls (the Unix socket) by action and result (ok, refused, error)",
+            &["action", "result"],
+        );
         let client_addresses = counter_vec(
             &registry,
             "enforcer_client_addresses_total",
@@ -468,6 +477,7 @@ impl Metrics {
             local_nodes,
             bad_requests,
             refunds,
+            admin_actions,
             client_addresses,
             replays,
             kernel_attached,

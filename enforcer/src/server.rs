@@ -39,6 +39,9 @@ pub enum ServerError {
     /// The audit ledger could not be opened.
     #[error("audit ledger")]
     Ledger(#[from] crate::ledger::LedgerError),
+    /// The admin API's socket could not be created.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// A config value the HTTP layer cannot use (validation should have caught it).
     #[error("invalid config: {0}")]
     Config(String),
@@ -74,6 +77,12 @@ pub struct Server {
     writer: crate::ledger::Writer,
     /// Envoy's rate-limit API and gRPC health, when `server.grpc_listen` is set.
     grpc: Option<(TcpListener, crate::config::EnvoyConfig)>,
+    /// The admin API's socket, when `server.admin_socket` is set.
+    admin: Option<(
+        tokio::net::UnixListener,
+        std::path::PathBuf,
+        Arc<crate::admin::Admin>,
+    )>,
 }
 
 impl Server {
@@ -206,6 +215,30 @@ impl Server {
             )),
             None => None,
         };
+        let admin = if config.server.admin_socket.is_empty() {
+            None
+        } else {
+            let path = std::path::PathBuf::from(&config.server.admin_socket);
+            match crate::admin::bind(&path).await {
+                Ok(listener) => {
+                    tracing::info!(socket = %path.display(), "admin API listening");
+                    let admin = Arc::new(crate::admin::Admin {
+                        app: app.clone(),
+                        pin_dir: (!config.kernel.interfaces.is_empty())
+                            .then(|| std::path::PathBuf::from(&config.kernel.pin_dir)),
+                        started: std::time::Instant::now(),
+                    });
+                    Some((listener, path, admin))
+                }
+                // The default path needs root (/run): a user who did not ask for the admin
+                // API still gets a daemon. A path the config names must work.
+                Err(e) if config.server.admin_socket == crate::config::DEFAULT_ADMIN_SOCKET => {
+                    tracing::warn!(error = %e, "admin API off: set [server] admin_socket (or --admin-socket) to a path this user may create");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         raise_file_limit(limits.max_connections);
         Ok(Self {
             listener,
@@ -215,7 +248,13 @@ impl Server {
             workers,
             writer,
             grpc,
+            admin,
         })
+    }
+
+    /// The admin API's socket, if it is served.
+    pub fn admin_socket(&self) -> Option<&std::path::Path> {
+        self.admin.as_ref().map(|(_, path, _)| path.as_path())
     }
 
     /// The bound address (useful with port 0).
@@ -244,6 +283,7 @@ impl Server {
             workers,
             writer,
             grpc,
+            admin,
         } = self;
         // One signal for both listeners.
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -265,6 +305,9 @@ impl Server {
                 signal(),
             ))
         });
+        let admin = admin.map(|(listener, path, admin)| {
+            tokio::spawn(crate::admin::serve(listener, path, admin, signal()))
+        });
         let metrics = app.metrics.http.clone();
         let router = api::router(app, max_body_bytes);
         crate::listener::serve(listener, router, limits, metrics, signal()).await;
@@ -274,6 +317,9 @@ impl Server {
                 Ok(Err(e)) => tracing::error!(error = %e, "gRPC server failed"),
                 Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
             }
+        }
+        if let Some(admin) = admin {
+            let _ = admin.await;
         }
         tracing::info!(workers = ?workers.names(), "requests drained; stopping the workers");
         workers.stop().await;

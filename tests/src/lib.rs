@@ -88,10 +88,14 @@ pub struct TestDaemon {
     pub ledger_file: PathBuf,
     /// Envoy's rate-limit API (gRPC), unless the config turned it off.
     pub grpc: Option<SocketAddr>,
+    /// The admin API's Unix socket, unless the config turned it off.
+    pub admin_socket: Option<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Holds the audit ledger file unless the config names one.
     _ledger_dir: Option<tempfile::TempDir>,
+    /// Holds the admin socket unless the config names one.
+    _admin_dir: Option<tempfile::TempDir>,
 }
 
 impl TestDaemon {
@@ -107,12 +111,19 @@ impl TestDaemon {
         if let Some(dir) = &ledger_dir {
             config.ledger.file = dir.path().join("ledger.jsonl").display().to_string();
         }
+        // Each daemon its own admin socket (the default path is one per machine).
+        let admin_dir = (config.server.admin_socket == enforcer::config::DEFAULT_ADMIN_SOCKET)
+            .then(|| tempfile::tempdir().expect("tempdir"));
+        if let Some(dir) = &admin_dir {
+            config.server.admin_socket = dir.path().join("admin/admin.sock").display().to_string();
+        }
         let errors = config.validate();
         assert!(errors.is_empty(), "test config invalid: {errors:?}");
         let ledger_file = PathBuf::from(&config.ledger.file);
         let server = Server::bind(&config).await.expect("daemon binds");
         let addr = server.local_addr().expect("local addr");
         let grpc = server.grpc_addr();
+        let admin_socket = server.admin_socket().map(Path::to_path_buf);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -126,9 +137,11 @@ impl TestDaemon {
             addr,
             ledger_file,
             grpc,
+            admin_socket,
             stop: Some(stop),
             task: Some(task),
             _ledger_dir: ledger_dir,
+            _admin_dir: admin_dir,
         }
     }
 

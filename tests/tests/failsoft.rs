@@ -111,6 +111,7 @@ fn config(redis_url: &str, local_nodes: u32, node: &str) -> Config {
             idle_cap: 1.0,
             initial_tokens: Some(CAPACITY),
             shadow: false,
+            grant_ceiling: None,
         },
     );
     config.store.on_store_failure = OnStoreFailure::Local;

@@ -280,6 +280,8 @@ fn row(at_us: i64) -> Entry {
         node: "test-node".into(),
         kind: enforcer::ledger::RowKind::Debit,
         client_ip: None,
+        note: None,
+        operator: None,
     })
 }
 
@@ -705,6 +707,8 @@ fn decision(endpoint: &str) -> AuditRow {
         node: "test-node".into(),
         kind: enforcer::ledger::RowKind::Debit,
         client_ip: None,
+        note: None,
+        operator: None,
     }
 }
 

@@ -62,6 +62,7 @@ fn fixed_tier(config: &mut Config) {
             idle_cap: 1.0,
             initial_tokens: Some(1000.0),
             shadow: false,
+            grant_ceiling: None,
         },
     );
     config.budget.default_tier = "fixed".into();

@@ -6,8 +6,8 @@ use enforcer::clock::ManualClock;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, MemoryStore, RedisStore, RedisStoreConfig,
-    RefundOutcome, Settled, TokenStore,
+    BucketKind, Debit, DebitOutcome, Fingerprint, GrantOutcome, MemoryStore, RedisStore,
+    RedisStoreConfig, RefundOutcome, Settled, TokenStore,
 };
 use enforcer_tests::cluster::redis_cluster_seeds;
 use enforcer_tests::{redis_url, unique};
@@ -28,6 +28,19 @@ fn policy() -> BudgetPolicy {
             idle_cap: 0.8,
             initial_tokens: Some(800.0),
             shadow: false,
+            grant_ceiling: None,
+        },
+    );
+    // Refill, and grants allowed far above capacity.
+    config.tiers.insert(
+        "topup".into(),
+        enforcer::config::TierConfig {
+            max_tokens: 1000.0,
+            refill_per_sec: 10.0,
+            idle_cap: 0.8,
+            initial_tokens: Some(800.0),
+            shadow: false,
+            grant_ceiling: Some(10_000.0),
         },
     );
     assert!(config.validate().is_empty());
@@ -554,4 +567,161 @@ async fn memory_store_refills_by_its_clock_like_the_script() {
         "expired buckets are swept: {}",
         store.bucket_count()
     );
+}
+
+fn granted(out: GrantOutcome, b: &str) -> (f64, bool) {
+    match out {
+        GrantOutcome::Granted {
+            balance, replayed, ..
+        } => (balance, replayed),
+        other => panic!("{b}: grant not applied: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_grant_adds_whole_up_to_the_ceiling_once_per_id_and_is_spent() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("grant")).expect("key");
+        let h = key.hash();
+        // Unknown keys (refused by this policy) have no budget to grant to.
+        assert_eq!(
+            store
+                .grant(&h, 10.0, &RequestId::generate())
+                .await
+                .expect("grant"),
+            GrantOutcome::UnknownKey,
+            "{b}"
+        );
+        store
+            .assign_tier(&h, Some("norefill"))
+            .await
+            .expect("assign");
+        // A fresh key: nothing stored, what a first request would start at.
+        let fresh = store.inspect(&h).await.expect("inspect");
+        assert_eq!(fresh.tier.as_deref(), Some("norefill"), "{b}");
+        assert_eq!(fresh.assigned.as_deref(), Some("norefill"), "{b}");
+        assert_eq!(fresh.balance, Some(800.0), "{b}");
+        assert!(!fresh.stored, "{b}");
+        assert_eq!(fresh.operational, 10.0, "{b}");
+        let first = RequestId::generate();
+        assert_eq!(
+            granted(store.grant(&h, 150.0, &first).await.expect("grant"), b),
+            (950.0, false),
+            "{b}: on top of the initial 800"
+        );
+        // Past the ceiling (max_tokens 1000 by default): refused whole, nothing changed.
+        match store
+            .grant(&h, 100.0, &RequestId::generate())
+            .await
+            .expect("grant")
+        {
+            GrantOutcome::OverCeiling {
+                balance,
+                ceiling,
+                tier,
+            } => {
+                assert_eq!(
+                    (balance, ceiling, tier.as_str()),
+                    (950.0, 1000.0, "norefill"),
+                    "{b}"
+                );
+            }
+            other => panic!("{b}: {other:?}"),
+        }
+        let now = store.inspect(&h).await.expect("inspect");
+        assert_eq!(now.balance, Some(950.0), "{b}");
+        assert!(now.stored, "{b}");
+        // The grant is spendable: 950 pays 950, then nothing is left.
+        let spent = settle(&*store, &debit(&key, BucketKind::Main, 950.0)).await;
+        assert!(spent.allowed, "{b}");
+        assert_eq!(spent.remaining, 0.0, "{b}");
+        // The same grant id again is a replay: nothing added.
+        let (_, replayed) = granted(store.grant(&h, 150.0, &first).await.expect("grant"), b);
+        assert!(replayed, "{b}");
+        assert_eq!(
+            store.inspect(&h).await.expect("inspect").balance,
+            Some(0.0),
+            "{b}"
+        );
+        // Bad amounts are refused by the store too, nothing written.
+        for bad in [0.0, -5.0, f64::NAN, f64::INFINITY, 1e16] {
+            assert!(
+                store.grant(&h, bad, &RequestId::generate()).await.is_err(),
+                "{b}: {bad}"
+            );
+        }
+        assert_eq!(
+            store.inspect(&h).await.expect("inspect").balance,
+            Some(0.0),
+            "{b}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_prepaid_key_topped_up_by_a_grant_can_spend_it() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("prepaid-grant")).expect("key");
+        let h = key.hash();
+        store
+            .assign_tier(&h, Some("prepaid"))
+            .await
+            .expect("assign");
+        assert!(
+            !settle(&*store, &debit(&key, BucketKind::Main, 1.0))
+                .await
+                .allowed,
+            "{b}"
+        );
+        assert_eq!(
+            granted(
+                store
+                    .grant(&h, 300.0, &RequestId::generate())
+                    .await
+                    .expect("grant"),
+                b
+            )
+            .0,
+            300.0,
+            "{b}"
+        );
+        let s = settle(&*store, &debit(&key, BucketKind::Main, 120.0)).await;
+        assert!(s.allowed, "{b}");
+        assert_eq!(s.remaining, 180.0, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn credits_granted_above_what_refill_reaches_are_never_forgotten_or_capped() {
+    let url = redis_url();
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("topup")).expect("key");
+        let h = key.hash();
+        store.assign_tier(&h, Some("topup")).await.expect("assign");
+        let (balance, _) = granted(
+            store
+                .grant(&h, 4000.0, &RequestId::generate())
+                .await
+                .expect("grant"),
+            b,
+        );
+        assert!(near(balance, 4800.0), "{b}: {balance}");
+        // Refill does not cap a balance above capacity: a debit takes only its cost.
+        let s = settle(&*store, &debit(&key, BucketKind::Main, 100.0)).await;
+        assert!(s.allowed && near(s.remaining, 4700.0), "{b}: {s:?}");
+        if b == "redis" {
+            // Forgetting an idle bucket restarts it at initial_tokens: one holding granted
+            // credits must not expire.
+            use redis::AsyncCommands as _;
+            let mut conn = enforcer_tests::redis_conn(&url).await;
+            let ttl: i64 = conn
+                .pttl(format!("ptb:{{{}}}:b", h.to_hex()))
+                .await
+                .expect("pttl");
+            assert_eq!(ttl, -1, "a bucket above what refill reaches has no expiry");
+        }
+    }
 }

@@ -161,6 +161,7 @@ refill_per_sec = 1e9
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .arg("run")
+                .env("ENFORCER_ADMIN_SOCKET", "")
                 .arg("--grpc-listen")
                 .arg(grpc_addr.to_string())
                 .arg("--config")
@@ -411,6 +412,7 @@ fn cluster(clients: usize, seconds: u64) -> Result<()> {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .arg("run")
+                .env("ENFORCER_ADMIN_SOCKET", "")
                 .arg("--config")
                 .arg(&config)
                 .arg("--ledger-file")

@@ -110,6 +110,9 @@ fn test(extra: &[String]) -> Result<()> {
     // Every daemon a test starts serves gRPC on a port of its own, never the default 8081
     // (taken by a daemon the developer runs, or by the previous test's).
     env.push(("ENFORCER_GRPC_LISTEN".into(), "127.0.0.1:0".into()));
+    // And no admin socket unless a test asks for one at a path of its own (the default,
+    // /run/enforcer/admin.sock, is one per machine: the node's daemon's).
+    env.push(("ENFORCER_ADMIN_SOCKET".into(), String::new()));
     // `harness` goes to the test binaries, before the caller's extra arguments (a filter).
     let run = |args: &[&str], harness: &[&str]| {
         let mut cmd = Command::new("cargo");

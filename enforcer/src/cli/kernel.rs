@@ -137,12 +137,11 @@ pub fn attach(pin_dir: &Path, iface: Option<&str>, out: &mut impl Write) -> anyh
 
 /// `enforcer keys block KEY --for D`.
 pub fn block(
-    key: &str,
+    key: &ApiKey,
     duration: Duration,
     pin_dir: &Path,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let key = ApiKey::parse(key)?;
     pinned_gate(pin_dir)?.block(key.kernel_id(), duration)?;
     writeln!(
         out,
@@ -173,8 +172,7 @@ pub fn lift(pin_dir: &Path, key: &ApiKey, out: &mut impl Write) -> anyhow::Resul
 }
 
 /// `enforcer keys unblock KEY`; a key that was not blocked is said so, not an error.
-pub fn unblock(key: &str, pin_dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
-    let key = ApiKey::parse(key)?;
+pub fn unblock(key: &ApiKey, pin_dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     if pinned_gate(pin_dir)?.unblock(key.kernel_id())? {
         writeln!(out, "key {} unblocked", key.hash())?;
     } else {
@@ -201,7 +199,7 @@ mod tests {
 }
 
 /// A duration as an operator wrote it: `500ms`, `30s`, `1.5s`, never a rounded-down `0s`.
-fn human_duration(d: Duration) -> String {
+pub fn human_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         format!("{ms}ms")

@@ -32,6 +32,50 @@ pub enum Event<'a> {
     /// Tokens spent by fail-soft local decisions while the store was unreachable, charged
     /// back into the key's shared bucket once it answered (`crate::decision::local`).
     DebitBack(DebitedBack<'a>),
+    /// Tokens an operator granted to a key (`enforcer keys grant`, [`crate::admin`]).
+    Grant(Granted<'a>),
+    /// An operator assigned a key to a tier, or removed its assignment: the key's balance
+    /// now follows other rules, so what the kernel holds for it is void.
+    TierChanged(TierChanged<'a>),
+}
+
+/// An operator's grant, applied by the store.
+#[derive(Debug)]
+pub struct Granted<'a> {
+    /// The key, when the operator gave it (stdin, `--key-file`); `None` with `--key-hash`
+    /// (the kernel gate, which identifies keys by the raw key, then lifts instead).
+    pub key: Option<&'a ApiKey>,
+    /// Its SHA-256.
+    pub key_hash: &'a KeyHash,
+    /// The grant's id (a retried grant with it is a replay, never published again).
+    pub grant_id: &'a RequestId,
+    /// Tokens granted.
+    pub tokens: f64,
+    /// The balance afterwards.
+    pub balance: f64,
+    /// The key's tier.
+    pub tier: &'a str,
+    /// When the store settled the balance.
+    pub settled: Settled,
+    /// Why (the operator's note).
+    pub note: &'a str,
+    /// Who: `uid:<n>` of the admin socket's peer.
+    pub operator: &'a str,
+    /// Id of the grant's audit row (UUIDv7).
+    pub id: uuid::Uuid,
+    /// The store that made it (`redis`, `memory`).
+    pub store: &'static str,
+}
+
+/// An operator's tier change.
+#[derive(Debug)]
+pub struct TierChanged<'a> {
+    /// The key, when the operator gave it; `None` with `--key-hash`.
+    pub key: Option<&'a ApiKey>,
+    /// Its SHA-256.
+    pub key_hash: &'a KeyHash,
+    /// The new assignment; `None`: removed.
+    pub tier: Option<&'a str>,
 }
 
 /// Local spending debited back into a shared bucket.

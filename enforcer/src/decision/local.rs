@@ -775,6 +775,7 @@ mod tests {
                 idle_cap: 0.8,
                 initial_tokens: None,
                 shadow: false,
+                grant_ceiling: None,
             },
         );
         let local = LocalBudget::new(

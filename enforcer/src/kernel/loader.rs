@@ -539,6 +539,17 @@ impl Gate {
         Ok(())
     }
 
+    /// When a key's block ends (`CLOCK_MONOTONIC` ns), if the map holds one (it may have
+    /// ended already: the kernel compares it with the clock).
+    pub fn blocked_until(&self, key_id: u64) -> Result<Option<u64>, KernelError> {
+        let map = HashMap::<&MapData, u64, u64>::try_from(self.map(names::BLOCKS_MAP)?)?;
+        match map.get(&key_id, 0) {
+            Ok(until) => Ok(Some(until)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Lifts a key's block; true if there was one.
     pub fn unblock(&mut self, key_id: u64) -> Result<bool, KernelError> {
         let mut map =

@@ -34,6 +34,7 @@ use crate::kernel::binding::{Bindings, Change};
 use crate::kernel::loader::{Counters, Gate, InterfaceState, KernelError, monotonic_ns};
 use crate::kernel::plan::{KernelPlan, plan};
 use crate::kernel::rollup::{ROLLUP_EVERY, Rollup};
+use crate::key::KeyHash;
 use crate::ledger::{Entry, Ledger};
 use crate::lifecycle::{Shutdown, Workers};
 use crate::metrics::Metrics;
@@ -60,6 +61,8 @@ pub struct KernelReport {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Balance {
     pub key_id: u64,
+    /// The key's SHA-256: what an operator with only the hash names it by.
+    pub key_hash: KeyHash,
     /// Tokens, as of `at`.
     pub balance: f64,
     /// The store's clock when `balance` was true (orders a key's updates).
@@ -81,6 +84,10 @@ pub(crate) enum Update {
     /// A key's balance is no longer known (a refund of a forgotten bucket, an unknown key):
     /// remove its snapshot, so it passes until its next decision. `at`: the store's clock then.
     Lift { key_id: u64, at: Option<f64> },
+    /// An operator changed a key known only by its SHA-256 (`--key-hash`): lift its
+    /// snapshot, or, when the hash is not known here, every snapshot this daemon cannot
+    /// attribute to a hash (adopted from the pinned map at start).
+    LiftHash(KeyHash),
     /// A decision carried the client's address.
     Client { key_id: u64, ip: IpAddr },
     /// New exact-path prices from the pricing engine: `(method, path, price)`; `applied` is
@@ -153,6 +160,7 @@ impl GateLink {
     fn balance(
         &self,
         key_id: u64,
+        key_hash: &KeyHash,
         tier: &str,
         balance: f64,
         settled: &event::Settled,
@@ -175,6 +183,7 @@ impl GateLink {
         };
         Some(Update::Balance(Balance {
             key_id,
+            key_hash: *key_hash,
             balance,
             at: settled.at,
             stamp,
@@ -200,7 +209,7 @@ impl Subscriber for GateLink {
                         // No budget any more: nothing for the kernel to judge it by.
                         (Some(Denial::UnknownKey), ..) => Some(Update::Lift { key_id, at: None }),
                         (_, Some(s), Some(remaining), Some(tier)) => {
-                            self.balance(key_id, tier, remaining, s, false)
+                            self.balance(key_id, d.key_hash, tier, remaining, s, false)
                         }
                         _ => None,
                     };
@@ -224,7 +233,9 @@ impl Subscriber for GateLink {
             Event::Refund(r) => {
                 let key_id = r.key.kernel_id();
                 let update = match r.balance {
-                    Some(balance) => self.balance(key_id, r.tier, balance, &r.settled, true),
+                    Some(balance) => {
+                        self.balance(key_id, r.key_hash, r.tier, balance, &r.settled, true)
+                    }
                     None => Some(Update::Lift {
                         key_id,
                         at: Some(r.settled.at),
@@ -237,6 +248,41 @@ impl Subscriber for GateLink {
             // Only the key's hash is known here, not its kernel id: the key's next decision
             // brings the map its balance after the debit-back.
             Event::DebitBack(_) => {}
+            // A grant raises the balance: the kernel learns it at once (with the raw key);
+            // with only the key's hash the gate cannot find the key's entry, so every entry it
+            // cannot attribute is lifted (it passes until its next decision writes it again).
+            Event::Grant(g) => {
+                let update = match g.key {
+                    Some(key) => self
+                        .balance(
+                            key.kernel_id(),
+                            g.key_hash,
+                            g.tier,
+                            g.balance,
+                            &g.settled,
+                            true,
+                        )
+                        .or(Some(Update::Lift {
+                            key_id: key.kernel_id(),
+                            at: Some(g.settled.at),
+                        })),
+                    None => Some(Update::LiftHash(*g.key_hash)),
+                };
+                if let Some(u) = update {
+                    self.try_send(u);
+                }
+            }
+            // Another tier: another refill rate and budget; the next decision writes a
+            // snapshot under it.
+            Event::TierChanged(t) => {
+                self.try_send(match t.key {
+                    Some(key) => Update::Lift {
+                        key_id: key.kernel_id(),
+                        at: None,
+                    },
+                    None => Update::LiftHash(*t.key_hash),
+                });
+            }
         }
     }
 }
@@ -450,6 +496,9 @@ struct Snapshots {
     tracked: HashMap<u64, Tracked>,
     /// Store time of the last raise of keys (which may have no snapshot), and when it came.
     raised: HashMap<u64, (f64, Instant)>,
+    /// The kernel id of tracked keys by SHA-256 (entries of keys no longer tracked are
+    /// dropped at the next refresh).
+    ids: HashMap<KeyHash, u64>,
 }
 
 impl Snapshots {
@@ -459,6 +508,7 @@ impl Snapshots {
             max_staleness: plan.settings.max_staleness,
             tracked,
             raised: HashMap::new(),
+            ids: HashMap::new(),
         }
     }
 
@@ -522,6 +572,7 @@ impl Snapshots {
             }
         }
         self.tracked.insert(b.key_id, t);
+        self.ids.insert(b.key_hash, b.key_id);
         Some(Write::Put(
             b.key_id,
             snapshot(t.balance, t.refill_per_sec, t.stamp),
@@ -540,10 +591,40 @@ impl Snapshots {
         Some(Write::Remove(key_id))
     }
 
+    /// An operator changed the key with this hash: its snapshot goes; unknown here (a key
+    /// adopted at start, whose hash the map does not hold), every snapshot whose hash is
+    /// unknown goes (lifting lets traffic pass to the daemon, which decides exactly).
+    fn lift_hash(&mut self, key_hash: &KeyHash) -> Vec<Write> {
+        if let Some(key_id) = self.ids.remove(key_hash) {
+            return self
+                .tracked
+                .remove(&key_id)
+                .map(|_| Write::Remove(key_id))
+                .into_iter()
+                .collect();
+        }
+        let known: std::collections::HashSet<u64> = self.ids.values().copied().collect();
+        let unknown: Vec<u64> = self
+            .tracked
+            .keys()
+            .filter(|id| !known.contains(id))
+            .copied()
+            .collect();
+        unknown
+            .into_iter()
+            .map(|key_id| {
+                self.tracked.remove(&key_id);
+                Write::Remove(key_id)
+            })
+            .collect()
+    }
+
     /// Every `max_staleness / 3`: re-stamp what is still low, drop what refill made able to
     /// pay everything.
     fn refresh(&mut self, now: Instant) -> Vec<Write> {
         self.forget_raises(now, RAISE_MEMORY);
+        let tracked = &self.tracked;
+        self.ids.retain(|_, id| tracked.contains_key(id));
         let max_price = self.max_price;
         let mut writes = Vec::with_capacity(self.tracked.len());
         self.tracked.retain(|key_id, t| {
@@ -704,6 +785,12 @@ fn handle(
             snapshots.balance(b, now)
         }
         Update::Lift { key_id, at } => snapshots.lift(key_id, at, now),
+        Update::LiftHash(key_hash) => {
+            for write in snapshots.lift_hash(&key_hash) {
+                apply(gate, snapshots, write);
+            }
+            None
+        }
         Update::Client { key_id, ip } => {
             if let Err(e) = addresses.client(gate, key_id, ip) {
                 tracing::warn!(error = %e, "kernel binding update failed");
@@ -803,6 +890,7 @@ mod tests {
     fn balance(balance: f64, at: f64, raises: bool, stamp: Instant) -> Balance {
         Balance {
             key_id: 7,
+            key_hash: KeyHash([7; 32]),
             balance,
             at,
             stamp,

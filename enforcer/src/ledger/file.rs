@@ -452,6 +452,8 @@ mod tests {
             node: "n".into(),
             kind: crate::ledger::RowKind::Debit,
             client_ip: None,
+            note: None,
+            operator: None,
         })
     }
 

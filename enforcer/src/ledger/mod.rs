@@ -107,7 +107,9 @@ pub enum RowKind {
     /// Tokens given back for a request the upstream failed (`POST /v1/refund`): `cost` is the
     /// tokens credited, `request_id` the refunded request's.
     Refund,
-    /// Tokens granted by an operator (not recorded yet: no grants exist yet).
+    /// Tokens granted by an operator (`enforcer keys grant`): `cost` is the tokens granted,
+    /// `remaining` the balance after, `request_id` the grant id, `note` and `operator` say why
+    /// and who.
     Grant,
 }
 
@@ -165,6 +167,12 @@ pub struct AuditRow {
     /// peer named one, for refunds, and in lines written before the field existed.
     #[serde(default)]
     pub client_ip: Option<IpAddr>,
+    /// An operator's note (grants): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Who made an operator's change (grants): `uid:<n>` of the admin socket's peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).

@@ -17,7 +17,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
-                       kind, client_ip";
+                       kind, client_ip, note, operator";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -232,7 +232,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(18);
+        b.put_i16(20);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -255,6 +255,8 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
         text(&mut b, Some(&r.node));
         text(&mut b, Some(r.kind.as_str()));
         inet(&mut b, r.client_ip);
+        text(&mut b, r.note.as_deref());
+        text(&mut b, r.operator.as_deref());
     }
     b.put_i16(-1);
     b
@@ -455,6 +457,8 @@ pub struct Usage {
     pub refunds: i64,
     /// Tokens charged (see [`CHARGED`]) less the tokens refunded.
     pub cost: f64,
+    /// Tokens granted by operators (`enforcer keys grant`).
+    pub granted: f64,
 }
 
 /// How usage is grouped.
@@ -494,6 +498,7 @@ pub async fn usage(
                                AND d.recorded_at >= now() - make_interval(secs => $2) \
                          ORDER BY d.recorded_at DESC LIMIT 1), \
                         '(refunds)') \
+                    WHEN t.kind = 'grant' THEN '(grants)' \
                     ELSE t.endpoint END AS endpoint \
              FROM token_transactions t \
              WHERE t.key_prefix = $3 AND t.key_hash = $1 \
@@ -502,7 +507,8 @@ pub async fn usage(
                 count(*) FILTER (WHERE kind = 'debit' AND allowed)::int8, \
                 count(*) FILTER (WHERE kind = 'refund')::int8, \
                 (coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0) \
-                 - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0))::float8 \
+                 - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0))::float8, \
+                coalesce(sum(cost) FILTER (WHERE kind = 'grant'), 0)::float8 \
          FROM r GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
@@ -518,6 +524,7 @@ pub async fn usage(
                 allowed: r.try_get(2)?,
                 refunds: r.try_get(3)?,
                 cost: r.try_get(4)?,
+                granted: r.try_get(5)?,
             })
         })
         .collect()
@@ -534,7 +541,7 @@ pub async fn export(
         "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
                 allowed::text, remaining::text, decided_by, denial, request_id, node, \
-                host(client_ip), kind \
+                host(client_ip), kind, note, operator \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -555,7 +562,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 17] = [
+pub const EXPORT_COLUMNS: [&str; 19] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -573,6 +580,8 @@ pub const EXPORT_COLUMNS: [&str; 17] = [
     "node",
     "client_ip",
     "kind",
+    "note",
+    "operator",
 ];
 
 /// What [`import`] did.

@@ -150,6 +150,8 @@ mod tests {
             node: "n".into(),
             kind: crate::ledger::RowKind::Debit,
             client_ip: None,
+            note: None,
+            operator: None,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

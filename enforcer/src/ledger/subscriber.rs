@@ -2,7 +2,7 @@
 //! every decision becomes one row, and so does every refund (`kind = refund`); what a row holds
 //! is decided here, not on the decision path.
 use super::{AuditRow, Entry, Ledger, RowKind};
-use crate::decision::event::{DebitedBack, Decided, Event, Refunded, Subscriber};
+use crate::decision::event::{DebitedBack, Decided, Event, Granted, Refunded, Subscriber};
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
@@ -10,6 +10,9 @@ impl Subscriber for Ledger {
             Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
             Event::Refund(r) => self.refund_row(r),
             Event::DebitBack(b) => self.debit_back_row(b),
+            Event::Grant(g) => self.grant_row(g),
+            // Not a change of tokens: the admin API logs and counts it.
+            Event::TierChanged(_) => return,
         };
         self.record(Entry::Decision(row));
     }
@@ -40,6 +43,8 @@ impl Ledger {
             kind: RowKind::Debit,
             // Whose request it was, for a dispute: only ever an address a trusted proxy named.
             client_ip: d.check.client_ip,
+            note: None,
+            operator: None,
         }
     }
 
@@ -64,6 +69,8 @@ impl Ledger {
             node: self.node().to_owned(),
             kind: RowKind::Refund,
             client_ip: None,
+            note: None,
+            operator: None,
         }
     }
 
@@ -89,6 +96,34 @@ impl Ledger {
             node: self.node().to_owned(),
             kind: RowKind::Debit,
             client_ip: None,
+            note: None,
+            operator: None,
+        }
+    }
+
+    /// The audit row of an operator's grant: the tokens granted, the balance after, the grant
+    /// id as `request_id`, and the operator's note and uid.
+    fn grant_row(&self, g: &Granted<'_>) -> AuditRow {
+        AuditRow {
+            id: g.id,
+            at_us: super::now_us(),
+            key_hash: g.key_hash.to_hex(),
+            tier: Some(g.tier.to_owned()),
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            units: 0.0,
+            cost: g.tokens,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: Some(g.balance),
+            decided_by: g.store.to_owned(),
+            denial: None,
+            request_id: Some(g.grant_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Grant,
+            client_ip: None,
+            note: Some(g.note.to_owned()),
+            operator: Some(g.operator.to_owned()),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The in-process token store: the embedded single-node default, with the semantics of
 //! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
 //! buckets and request records once they expire, like their Redis TTLs.
-use super::{BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore};
+use super::{
+    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, Settled, StoreError,
+    TokenStore,
+};
 use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
 use crate::debit::{self, BucketState};
@@ -38,6 +41,8 @@ struct State {
     buckets: HashMap<(KeyHash, u8), Bucket>,
     tiers: HashMap<KeyHash, String>,
     records: HashMap<(KeyHash, String), Record>,
+    /// Applied grants by id: (balance left, tier, expiry), so a retried grant is a replay.
+    grants: HashMap<(KeyHash, String), (f64, String, f64)>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -86,7 +91,8 @@ impl State {
         self.buckets
             .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
         self.records.retain(|_, r| r.expires_at > now);
-        self.size_after_sweep = self.buckets.len() + self.records.len();
+        self.grants.retain(|_, g| g.2 > now);
+        self.size_after_sweep = self.buckets.len() + self.records.len() + self.grants.len();
     }
 }
 
@@ -230,6 +236,107 @@ impl TokenStore for MemoryStore {
             None => st.tiers.remove(key),
         };
         Ok(())
+    }
+
+    async fn grant(
+        &self,
+        key: &KeyHash,
+        tokens: f64,
+        grant_id: &RequestId,
+    ) -> Result<GrantOutcome, StoreError> {
+        super::check_cost(tokens)?;
+        let now = self.clock.now();
+        let mut st = self.state.lock();
+        st.sweep(now);
+        let grant_key = (*key, grant_id.as_str().to_owned());
+        if let Some((balance, tier, _)) = st.grants.get(&grant_key).filter(|g| g.2 > now) {
+            return Ok(GrantOutcome::Granted {
+                balance: *balance,
+                tier: tier.clone(),
+                at: now,
+                replayed: true,
+            });
+        }
+        let Some(tier) = self
+            .policy
+            .resolve(st.tiers.get(key).map(String::as_str))
+            .cloned()
+        else {
+            return Ok(GrantOutcome::UnknownKey);
+        };
+        let window = self.policy.active_window.as_secs_f64();
+        let bucket_key = (*key, slot(BucketKind::Main));
+        let previous = st
+            .buckets
+            .get(&bucket_key)
+            .filter(|b| b.expires_at.is_none_or(|at| at > now))
+            .map(|b| b.state);
+        match debit::grant(
+            previous,
+            &tier.bucket,
+            window,
+            now,
+            tokens,
+            tier.grant_ceiling,
+        ) {
+            Err(over) => Ok(GrantOutcome::OverCeiling {
+                balance: over.balance,
+                ceiling: over.ceiling,
+                tier: tier.name,
+            }),
+            Ok(state) => {
+                st.buckets.insert(
+                    bucket_key,
+                    Bucket {
+                        state,
+                        expires_at: debit::forget_after(&tier.bucket, window, state.balance)
+                            .map(|secs| now + secs),
+                    },
+                );
+                st.grants.insert(
+                    grant_key,
+                    (
+                        state.balance,
+                        tier.name.clone(),
+                        now + self.policy.idempotency_ttl.as_secs_f64(),
+                    ),
+                );
+                Ok(GrantOutcome::Granted {
+                    balance: state.balance,
+                    tier: tier.name,
+                    at: now,
+                    replayed: false,
+                })
+            }
+        }
+    }
+
+    async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
+        let now = self.clock.now();
+        let st = self.state.lock();
+        let window = self.policy.active_window.as_secs_f64();
+        let bucket = |kind| {
+            st.buckets
+                .get(&(*key, slot(kind)))
+                .filter(|b| b.expires_at.is_none_or(|at| at > now))
+                .map(|b| b.state)
+        };
+        let assigned = st.tiers.get(key).cloned();
+        let tier = self.policy.resolve(assigned.as_deref());
+        let main = bucket(BucketKind::Main);
+        Ok(KeyState {
+            tier: tier.map(|t| t.name.clone()),
+            balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
+            stored: main.is_some(),
+            operational: debit::refilled(
+                bucket(BucketKind::Operational),
+                &self.policy.operational,
+                window,
+                now,
+            ),
+            assigned,
+            at: now,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

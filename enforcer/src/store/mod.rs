@@ -8,7 +8,8 @@ mod redis;
 
 pub use memory::MemoryStore;
 pub use redis::{
-    CLUSTER_SHARDS, DEBIT_LUA, HEARTBEAT_LUA, REFUND_LUA, RedisStore, RedisStoreConfig, slot_of,
+    CLUSTER_SHARDS, DEBIT_LUA, GRANT_LUA, HEARTBEAT_LUA, INSPECT_LUA, REFUND_LUA, RedisStore,
+    RedisStoreConfig, slot_of,
 };
 
 use crate::key::{KeyHash, RequestId};
@@ -152,6 +153,52 @@ pub enum RefundOutcome {
     NotRefundable,
 }
 
+/// What an operator's grant did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrantOutcome {
+    /// The tokens were added to the key's main bucket.
+    Granted {
+        /// The balance afterwards.
+        balance: f64,
+        /// The tier the key is in.
+        tier: String,
+        /// The store's clock when the balance was settled (Redis `TIME`).
+        at: f64,
+        /// True when this grant id was applied before: nothing added now, `balance` is what
+        /// the first application left.
+        replayed: bool,
+    },
+    /// The key has no tier and unknown keys are refused: there is no budget to grant to.
+    UnknownKey,
+    /// The balance would pass the tier's `grant_ceiling`: nothing added.
+    OverCeiling {
+        /// The balance now.
+        balance: f64,
+        /// The ceiling.
+        ceiling: f64,
+        /// The tier.
+        tier: String,
+    },
+}
+
+/// A key's state now, as `enforcer keys show` reports it. Reading it changes nothing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyState {
+    /// The tier assignment stored for the key, if any (it may name a tier the config no
+    /// longer has).
+    pub assigned: Option<String>,
+    /// The tier the key is charged under now; `None`: an unknown key that is refused.
+    pub tier: Option<String>,
+    /// The main bucket's balance now (refill applied), or what a first request would start at.
+    pub balance: Option<f64>,
+    /// Whether the main bucket exists in the store (false: never used, or forgotten).
+    pub stored: bool,
+    /// The operational bucket's balance now.
+    pub operational: f64,
+    /// The store's clock at the reading, seconds since the Unix epoch.
+    pub at: f64,
+}
+
 /// Errors of a token store.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -179,6 +226,17 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     ) -> Result<RefundOutcome, StoreError>;
     /// Assigns a key to a tier (or removes the assignment with `None`).
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
+    /// Adds an operator's grant of `tokens` to the key's main bucket, atomically with its
+    /// debits, at most up to its tier's `grant_ceiling` (else nothing). `grant_id` makes a
+    /// retried grant a replay.
+    async fn grant(
+        &self,
+        key: &KeyHash,
+        tokens: f64,
+        grant_id: &RequestId,
+    ) -> Result<GrantOutcome, StoreError>;
+    /// The key's tier and balances now; writes nothing.
+    async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError>;
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Says that the daemon `node` is alive for `ttl`, and answers how many daemons are

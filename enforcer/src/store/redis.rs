@@ -23,7 +23,8 @@
 //! the same primary: the answer then waits until `n` replicas have the write (what an
 //! asynchronous failover would otherwise lose).
 use super::{
-    BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore, check_cost,
+    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, Settled, StoreError,
+    TokenStore, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
@@ -44,6 +45,10 @@ pub const DEBIT_LUA: &str = include_str!("../../../lua/debit.lua");
 pub const REFUND_LUA: &str = include_str!("../../../lua/refund.lua");
 /// The heartbeat script (fail-soft node count), embedded at build time.
 pub const HEARTBEAT_LUA: &str = include_str!("../../../lua/heartbeat.lua");
+/// The operator's grant script, embedded at build time.
+pub const GRANT_LUA: &str = include_str!("../../../lua/grant.lua");
+/// The read-only key inspection script (`enforcer keys show`), embedded at build time.
+pub const INSPECT_LUA: &str = include_str!("../../../lua/inspect.lua");
 /// The sorted set of live daemons (`lua/heartbeat.lua`); its own hash tag, one slot.
 const LIVE_NODES: &str = "ptb:{nodes}:live";
 
@@ -82,7 +87,7 @@ struct Pool {
     connect_timeout: Duration,
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
-    scripts: [Script; 3],
+    scripts: [Script; 5],
     /// `WAIT n timeout` at the end of every pipeline, when `wait_replicas > 0` (it waits for
     /// every write the connection made before it).
     wait: Option<Cmd>,
@@ -112,7 +117,7 @@ enum Backend {
 struct ClusterPool {
     client: ClusterClient,
     conn: OnceCell<ClusterConnection>,
-    scripts: [Script; 3],
+    scripts: [Script; 5],
     /// `WAIT n timeout` after each debit, when `wait_replicas > 0`.
     wait: Option<Cmd>,
     wait_replicas: u32,
@@ -127,12 +132,18 @@ pub struct RedisStore {
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
     ops_args: Vec<String>,
+    /// `ARGV[3..]` of the grant script: window, default tier, tiers with their ceilings.
+    grant_args: Vec<String>,
+    /// `ARGV` of the inspect script: the main debit tail, then the operational bucket.
+    inspect_args: Vec<String>,
     record_ttl_ms: String,
 }
 
 const DEBIT: usize = 0;
 const REFUND: usize = 1;
 const HEARTBEAT: usize = 2;
+const GRANT: usize = 3;
+const INSPECT: usize = 4;
 
 impl RedisStore {
     /// A store for `policy` on the Redis at `config.url`, or on the cluster of
@@ -142,6 +153,8 @@ impl RedisStore {
             Script::new(DEBIT_LUA),
             Script::new(REFUND_LUA),
             Script::new(HEARTBEAT_LUA),
+            Script::new(GRANT_LUA),
+            Script::new(INSPECT_LUA),
         ];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
@@ -197,6 +210,8 @@ impl RedisStore {
             backend,
             main_args: script_args(policy, BucketKind::Main),
             ops_args: script_args(policy, BucketKind::Operational),
+            grant_args: grant_args(policy),
+            inspect_args: inspect_args(policy),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
         })
     }
@@ -566,6 +581,27 @@ fn script_args(policy: &BudgetPolicy, kind: BucketKind) -> Vec<String> {
     args
 }
 
+/// The tier part of the grant script's `ARGV`: like the debit's, with each tier's ceiling.
+fn grant_args(policy: &BudgetPolicy) -> Vec<String> {
+    let mut args = script_args(policy, BucketKind::Main);
+    // window, default tier, (no kind), n, then six values per tier.
+    args.remove(2);
+    let mut out = args[..3].to_vec();
+    for (tier, chunk) in policy.tiers.iter().zip(args[3..].chunks(5)) {
+        out.extend_from_slice(chunk);
+        out.push(tier.grant_ceiling.to_string());
+    }
+    out
+}
+
+/// The inspect script's `ARGV`: the debit tail of main buckets, then the operational bucket.
+fn inspect_args(policy: &BudgetPolicy) -> Vec<String> {
+    let mut args = script_args(policy, BucketKind::Main);
+    args.push(policy.operational.max_tokens.to_string());
+    args.push(policy.operational.refill_per_sec.to_string());
+    args
+}
+
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -683,6 +719,71 @@ impl TokenStore for RedisStore {
             }
         };
         self.query::<()>(&cmd).await
+    }
+
+    async fn grant(
+        &self,
+        key: &KeyHash,
+        tokens: f64,
+        grant_id: &RequestId,
+    ) -> Result<GrantOutcome, StoreError> {
+        check_cost(tokens)?;
+        let h = key.to_hex();
+        let keys = [
+            format!("ptb:{{{h}}}:b"),
+            format!("ptb:{{{h}}}:tier"),
+            format!("ptb:{{{h}}}:g:{}", grant_id.as_str()),
+        ];
+        let tokens = tokens.to_string();
+        let mut args: Vec<&str> = Vec::with_capacity(2 + self.grant_args.len());
+        args.push(&tokens);
+        args.push(&self.record_ttl_ms);
+        args.extend(self.grant_args.iter().map(String::as_str));
+        let (status, balance, tier, at, ceiling): (String, String, String, String, String) =
+            self.eval(GRANT, &keys, &args).await?;
+        match status.as_str() {
+            "ok" | "replay" => Ok(GrantOutcome::Granted {
+                balance: number(&balance)?,
+                tier,
+                at: number(&at)?,
+                replayed: status == "replay",
+            }),
+            "unknown_key" => Ok(GrantOutcome::UnknownKey),
+            "over_ceiling" => Ok(GrantOutcome::OverCeiling {
+                balance: number(&balance)?,
+                ceiling: number(&ceiling)?,
+                tier,
+            }),
+            other => Err(StoreError::Protocol(format!("grant status {other:?}"))),
+        }
+    }
+
+    async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
+        let h = key.to_hex();
+        let keys = [
+            format!("ptb:{{{h}}}:b"),
+            format!("ptb:{{{h}}}:ops"),
+            format!("ptb:{{{h}}}:tier"),
+        ];
+        let args: Vec<&str> = self.inspect_args.iter().map(String::as_str).collect();
+        let (assigned, tier, balance, stored, ops, _ops_stored, at): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = self.eval(INSPECT, &keys, &args).await?;
+        let known = !tier.is_empty();
+        Ok(KeyState {
+            assigned: (!assigned.is_empty()).then_some(assigned),
+            tier: known.then_some(tier),
+            balance: if known { Some(number(&balance)?) } else { None },
+            stored: stored == "1",
+            operational: number(&ops)?,
+            at: number(&at)?,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
