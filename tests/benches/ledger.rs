@@ -40,6 +40,8 @@ fn rows(n: usize) -> Vec<Entry> {
                 node: "bench-node".into(),
                 kind: enforcer::ledger::RowKind::Debit,
                 client_ip: None,
+                note: None,
+                operator: None,
             })
         })
         .collect()

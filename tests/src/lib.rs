@@ -59,6 +59,34 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("connect to test redis")
 }
 
+/// `enforcer ARGS` as an operator runs it, with `stdin` piped in (an API key: the CLI never
+/// takes one from its arguments); (exit code, stdout, stderr).
+pub fn enforcer_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(enforcer_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run enforcer");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("enforcer ran");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The workspace's `target/<profile>` directory, where the `enforcer` binary is.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

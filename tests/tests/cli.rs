@@ -85,10 +85,47 @@ fn run_refuses_a_bad_config_without_starting() {
 
 #[test]
 fn keys_hash_prints_the_redis_name_of_a_key() {
-    let (code, out, _) = enforcer(&["keys", "hash", "abc"]);
-    assert_eq!(code, 0);
+    let (code, out, err) = enforcer_tests::enforcer_cli(&["keys", "hash"], Some("abc\n"));
+    assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
+    // From a file too (its one line, with or without the line end).
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("key");
+    std::fs::write(&file, "abc").expect("write");
+    let (code, out, _) = enforcer_tests::enforcer_cli(
+        &["keys", "hash", "--key-file", file.to_str().expect("path")],
+        None,
+    );
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ba7816bf"), "{out}");
+}
+
+#[test]
+fn api_keys_are_never_taken_from_the_command_line() {
+    // Shell history and `ps` would keep them: every key command refuses a key argument.
+    for args in [
+        &["keys", "hash", "abc"][..],
+        &["keys", "show", "abc"],
+        &["keys", "grant", "10", "--note", "x", "abc"],
+        &["keys", "block", "abc", "--for", "1m"],
+        &["keys", "unblock", "abc"],
+        &["audit", "usage", "--key", "abc"],
+    ] {
+        let (code, _, err) = enforcer_tests::enforcer_cli(args, Some(""));
+        assert_eq!(code, 2, "{args:?} must be a usage error: {err}");
+        assert!(err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+    // Two lines, an empty input, a key with a space: refused before anything is sent.
+    for (input, says) in [
+        ("k1\nk2\n", "more than one line"),
+        ("", "empty"),
+        ("a b\n", "whitespace"),
+    ] {
+        let (code, _, err) = enforcer_tests::enforcer_cli(&["keys", "hash"], Some(input));
+        assert_eq!(code, 1, "{input:?}");
+        assert!(err.contains(says), "{input:?}: {err}");
+    }
 }

@@ -130,6 +130,7 @@ fn daemon_logging_to(
         .args(["run", "--config", config, "--listen", API])
         .args(["--iface", &link.a_if, "--protect-port", &port])
         .args(["--pin-dir", &pin.path()])
+        .args(["--admin-socket", &admin_socket(pin)])
         .env("ENFORCER_REDIS_URL", "")
         .stderr(Stdio::null());
     if let Some(file) = ledger {
@@ -145,6 +146,26 @@ fn daemon_logging_to(
         std::thread::sleep(Duration::from_millis(100));
     }
     daemon
+}
+
+/// The admin socket of the daemon of `pin` (one per test: the default is one per machine).
+fn admin_socket(pin: &PinDir) -> String {
+    let pin = pin.path();
+    let name = std::path::Path::new(&pin)
+        .file_name()
+        .expect("pin dir name")
+        .to_string_lossy()
+        .into_owned();
+    format!("/tmp/enforcer-admin-{name}/admin.sock")
+}
+
+/// `enforcer ARGS --socket <the daemon's>` with `key` on stdin; (exit code, stdout + stderr).
+fn admin(pin: &PinDir, args: &[&str], key: &str) -> (i32, String) {
+    let socket = admin_socket(pin);
+    let mut all = args.to_vec();
+    all.extend(["--socket", &socket]);
+    let (code, out, err) = enforcer_tests::enforcer_cli(&all, Some(&format!("{key}\n")));
+    (code, out + &err)
 }
 
 fn metrics(server: &NetNs) -> String {
@@ -320,17 +341,21 @@ fn operators_block_inspect_and_detach_from_the_cli() {
     let dir = pin.path();
     assert!(call(&link.b, "cli-key"), "not blocked yet");
 
-    let block = [
-        "keys",
-        "block",
-        "cli-key",
-        "--for",
-        "10m",
-        "--pin-dir",
-        &dir,
-    ];
-    let (code, out) = enforcer(&block);
+    // Through the daemon's admin socket, the key on stdin.
+    let block = ["keys", "block", "--for", "10m", "--pin-dir", &dir];
+    let (code, out) = admin(&pin, &block, "cli-key");
     assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("blocked in this node's kernel gate for 10m"),
+        "{out}"
+    );
+    let (code, shown) = admin(&pin, &["keys", "show"], "cli-key");
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("block:       "), "{shown}");
+    assert!(
+        !shown.contains("block:       none"),
+        "the block shows: {shown}"
+    );
     assert!(!call(&link.b, "cli-key"), "blocked in the kernel");
     assert!(call(&link.b, "cli-other"), "other keys pass");
 
@@ -347,11 +372,12 @@ fn operators_block_inspect_and_detach_from_the_cli() {
         "the blocked packets are counted: {status}"
     );
 
-    let (code, out) = enforcer(&["keys", "unblock", "cli-key", "--pin-dir", &dir]);
+    let (code, out) = admin(&pin, &["keys", "unblock", "--pin-dir", &dir], "cli-key");
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains("unblocked"), "{out}");
     assert!(call(&link.b, "cli-key"), "unblocked");
 
-    assert_eq!(enforcer(&block).0, 0);
+    assert_eq!(admin(&pin, &block, "cli-key").0, 0);
     assert!(!call(&link.b, "cli-key"));
     let (code, out) = enforcer(&["kernel", "detach", "--pin-dir", &dir]);
     assert_eq!(code, 0);
@@ -623,23 +649,16 @@ fn set_tier_lifts_the_keys_snapshot_on_this_node() {
     wait_for_snapshot(&pin, &key);
     assert!(!call(&link.b, &key), "drained: rejected in the kernel");
 
-    // The operator moves the key to another tier (in Redis); this node's gate forgets the
-    // snapshot of the old tier, and the daemon's refresh does not bring it back.
-    let pin_dir = pin.path();
-    let (code, out) = enforcer(&[
-        "keys",
-        "set-tier",
-        &key,
-        "prepaid",
-        "--config",
-        &config,
-        "--redis-url",
-        &enforcer_tests::redis_url(),
-        "--pin-dir",
-        &pin_dir,
-    ]);
+    // The operator moves the key to another tier (through the daemon, on its embedded
+    // store); this node's gate forgets the snapshot of the old tier, and the daemon's refresh
+    // does not bring it back.
+    let (code, out) = admin(&pin, &["keys", "set-tier", "prepaid"], &key);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("lifted"), "{out}");
+    assert!(out.contains("follows at once"), "{out}");
+    let start = Instant::now();
+    while !call(&link.b, &key) {
+        assert!(start.elapsed() < Duration::from_secs(5), "never lifted");
+    }
     assert!(call(&link.b, &key), "passes once lifted");
     // Past several refresh steps (max_staleness / 3) and max_staleness itself.
     std::thread::sleep(Duration::from_millis(2500));
@@ -651,6 +670,80 @@ fn set_tier_lifts_the_keys_snapshot_on_this_node() {
     assert_eq!(check(&link.a, &key), 429);
     wait_for_snapshot(&pin, &key);
     assert!(!call(&link.b, &key));
+}
+
+#[test]
+fn a_grant_reaches_the_kernel_at_once_and_shows_in_the_ledger() {
+    let link = Link::new("grant");
+    let pin = PinDir::new();
+    let _upstream = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    // Prepaid: 240.5 tokens, reports cost 120, grants up to 1000.
+    let config = prepaid_config(dir.path(), "grant.toml", 240.5, REPORT_120);
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        "initial_tokens = 240.5",
+        "initial_tokens = 240.5\ngrant_ceiling = 1000",
+    );
+    std::fs::write(&config, text).expect("write");
+    let ledger = dir.path().join("ledger.jsonl");
+    let _daemon = daemon_logging_to(&link, &pin, &config, Some(&ledger));
+    let key = enforcer_tests::unique("grant-drained");
+    let statuses: Vec<u16> = (0..3).map(|_| check(&link.a, &key)).collect();
+    assert_eq!(statuses, [200, 200, 429], "0.5 left");
+    wait_for_snapshot(&pin, &key);
+    assert!(!call(&link.b, &key), "drained: rejected in the kernel");
+
+    let (code, out) = admin(
+        &pin,
+        &["keys", "grant", "500", "--note", "invoice 42 paid"],
+        &key,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("balance now 500.500"), "{out}");
+    // No decision in between: the grant itself reaches the gate.
+    let start = Instant::now();
+    while !call(&link.b, &key) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the granted key is still rejected in the kernel"
+        );
+    }
+    // And it is spendable: four reports of 120 from 500.5.
+    let statuses: Vec<u16> = (0..5).map(|_| check(&link.a, &key)).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 429]);
+    let (code, shown) = admin(&pin, &["keys", "show"], &key);
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("balance:     20.500"), "{shown}");
+    assert!(shown.contains("tier:        prepaid"), "{shown}");
+    // Past the ceiling: refused whole.
+    let (code, out) = admin(&pin, &["keys", "grant", "990", "--note", "too much"], &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("grant_ceiling"), "{out}");
+    // The grant's audit row: kind, tokens, balance after, note and operator.
+    let start = Instant::now();
+    let row = loop {
+        let found = std::fs::read_to_string(&ledger)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "grant");
+        if let Some(row) = found {
+            break row;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no grant row");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(row["cost"], 500.0);
+    assert_eq!(row["remaining"], 500.5);
+    assert_eq!(row["note"], "invoice 42 paid");
+    assert_eq!(row["operator"], "uid:0");
+    assert_eq!(
+        row["key_hash"],
+        enforcer::key::ApiKey::parse(&key)
+            .expect("key")
+            .hash()
+            .to_hex()
+    );
 }
 
 #[test]

@@ -512,6 +512,14 @@ async fn times_are_utc_whatever_the_server_and_client_time_zones() {
     assert_eq!(line["allowed"], true);
 }
 
+/// The SHA-256 of a key, as `audit usage --key-hash` takes it.
+fn hash_of(key: &str) -> String {
+    enforcer::key::ApiKey::parse(key)
+        .expect("key")
+        .hash()
+        .to_hex()
+}
+
 fn cli(args: &[&str]) -> String {
     let out = Command::new(enforcer_bin())
         .args(args)
@@ -559,8 +567,8 @@ async fn the_embedded_file_imports_once_and_answers_usage_and_exports() {
     let total = cli(&[
         "audit",
         "usage",
-        "--key",
-        "k-file-secret",
+        "--key-hash",
+        &hash_of("k-file-secret"),
         "--since",
         "1h",
         "--database-url",
@@ -578,8 +586,8 @@ async fn the_embedded_file_imports_once_and_answers_usage_and_exports() {
     let by_endpoint = cli(&[
         "audit",
         "usage",
-        "--key",
-        "k-file-secret",
+        "--key-hash",
+        &hash_of("k-file-secret"),
         "--since",
         "1h",
         "--by",
@@ -646,12 +654,13 @@ async fn refunds_are_rows_and_usage_nets_them() {
         "--database-url",
         &url,
     ]);
+    let key_hash = hash_of(key);
     let usage = |by: Option<&str>| {
         let mut args = vec![
             "audit",
             "usage",
-            "--key",
-            key,
+            "--key-hash",
+            &key_hash,
             "--since",
             "1h",
             "--database-url",
@@ -666,22 +675,25 @@ async fn refunds_are_rows_and_usage_nets_them() {
             .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .collect::<Vec<_>>()
     };
-    // group, decisions, allowed, refunds, tokens charged: 3 × 4 charged, 4 given back.
-    assert_eq!(usage(None), [["total", "3", "3", "1", "8.000"]]);
+    // group, decisions, allowed, refunds, tokens charged, tokens granted: 3 × 4 charged, 4
+    // given back.
+    assert_eq!(usage(None), [["total", "3", "3", "1", "8.000", "0.000"]]);
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "1", "4.000"],
-            ["/y", "1", "1", "0", "4.000"]
+            ["/x", "2", "2", "1", "4.000", "0.000"],
+            ["/y", "1", "1", "0", "4.000", "0.000"]
         ],
         "the refund counts where the refunded request was"
     );
     let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
     assert!(
-        csv.lines().next().is_some_and(|h| h.ends_with(",kind")),
+        csv.lines()
+            .next()
+            .is_some_and(|h| h.ends_with(",kind,note,operator")),
         "{csv}"
     );
-    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund")).count(), 1);
+    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund,,")).count(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1163,8 +1175,8 @@ async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
     let total = cli(&[
         "audit",
         "usage",
-        "--key",
-        &key,
+        "--key-hash",
+        &hash_of(&key),
         "--since",
         "1h",
         "--database-url",
@@ -1178,5 +1190,9 @@ async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
         .collect();
     // total, decisions, allowed, refunds, tokens charged: both rows are decisions; the tokens
     // once (without the debit-back's exclusion it would say 200).
-    assert_eq!(numbers, ["total", "2", "2", "0", "100.000"], "{total}");
+    assert_eq!(
+        numbers,
+        ["total", "2", "2", "0", "100.000", "0.000"],
+        "{total}"
+    );
 }

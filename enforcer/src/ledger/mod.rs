@@ -195,6 +195,10 @@ pub struct KernelRejections {
 /// What the ledger records; one JSON object per line in the file, tagged by `t`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "decisions are nearly every entry: boxing them would allocate once more per row"
+)]
 pub enum Entry {
     /// A decision.
     Decision(AuditRow),
