@@ -18,9 +18,28 @@ pub mod kernel;
 #[derive(Debug, Parser)]
 #[command(name = "enforcer", version, about, long_about = None)]
 pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for log pipelines (one JSON object per
+    /// line: timestamp, level, fields, target). RUST_LOG filters either.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ENFORCER_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON formatter).
+    Json,
 }
 
 /// Subcommands.
@@ -94,8 +113,9 @@ pub enum AuditCommand {
     #[command(subcommand)]
     Partitions(PartitionsCommand),
     /// Load a ledger file (the embedded default's, or a spill file) into PostgreSQL. Rows
-    /// already there are skipped, so importing twice adds nothing. Rows PostgreSQL refuses for
-    /// their data are written to a quarantine file, the rest imported; the command then fails.
+    /// already there are skipped, so importing twice adds nothing; it prints the rows read,
+    /// inserted and already present. Rows PostgreSQL refuses for their data are written to a
+    /// quarantine file, the rest imported; the command then fails.
     Import {
         /// The JSON-lines ledger file.
         file: PathBuf,
@@ -364,25 +384,51 @@ pub enum KeysCommand {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let format = cli.log_format;
+    init_tracing(format);
     match dispatch(cli) {
         Ok(code) => code,
         // `enforcer kernel status | head`: the reader is gone, nobody is left to tell.
         Err(e) if kernel::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match format {
+                LogFormat::Text => eprintln!("error: {e:#}"),
+                // A log pipeline reads stderr line by line as JSON: the last word too.
+                LogFormat::Json => tracing::error!(error = format!("{e:#}"), "enforcer failed"),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let _ = builder.try_init();
+        }
+        LogFormat::Json => {
+            let _ = builder.json().try_init();
+            // A panic's default message is plain text on stderr: make it one JSON line as well.
+            std::panic::set_hook(Box::new(|info| {
+                let location = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                let payload = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = payload, location, "panicked");
+            }));
+        }
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -570,11 +616,18 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 quarantine.unwrap_or_else(|| crate::ledger::quarantine::path_for(&file));
             let mut q = crate::ledger::quarantine::Quarantine::new(quarantine.clone(), true);
             let done = postgres::import(&pool, &file, &mut q).await?;
-            println!(
-                "{}: {} rows imported (rows already present skipped)",
+            // PostgreSQL's own counts: what this import added, and what was there already.
+            let mut summary = format!(
+                "{}: {} read: {} inserted, {} already present",
                 file.display(),
-                done.read - done.quarantined
+                rows(done.read),
+                done.inserted,
+                done.already_present()
             );
+            if done.quarantined > 0 {
+                summary.push_str(&format!(", {} refused", done.quarantined));
+            }
+            println!("{summary}");
             let mut problems = Vec::new();
             if done.quarantined > 0 {
                 problems.push(format!(

@@ -157,6 +157,19 @@ impl Decision {
     }
 }
 
+/// The `outcome` label of `enforcer_decisions_total`. Shadow mode allows what it would have
+/// denied: that is `would_deny`, not `allowed`, so a denial-ratio alert sees it before shadow
+/// mode is switched off.
+fn outcome_label(d: &Decision) -> &'static str {
+    match (d.allowed, d.denial) {
+        (false, Some(Denial::UnknownKey)) => "rejected_unknown_key",
+        (false, Some(Denial::RequestIdConflict)) => "request_id_conflict",
+        (true, Some(_)) if d.mode == Mode::Shadow => "would_deny",
+        (true, _) => "allowed",
+        (false, _) => "denied",
+    }
+}
+
 /// Bad input: refused before anything is debited.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -491,16 +504,10 @@ impl Decider {
         } else {
             Event::Debit(decided)
         });
-        let outcome = match (decision.allowed, decision.denial) {
-            (false, Some(Denial::UnknownKey)) => "rejected_unknown_key",
-            (false, Some(Denial::RequestIdConflict)) => "request_id_conflict",
-            (true, _) => "allowed",
-            (false, _) => "denied",
-        };
         self.metrics
             .decisions
             .with_label_values(&[
-                outcome,
+                outcome_label(&decision),
                 decision.tier.as_deref().unwrap_or("unknown"),
                 decision.mode.as_str(),
             ])

@@ -1,10 +1,17 @@
 //! The rate-limit fields of a decision, as the gateway passes them to the client: `RateLimit`
 //! and `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers) and `Retry-After`. One
 //! computation for the HTTP API and Envoy's rate-limit API, so both answer alike.
+//!
+//! `RateLimit`'s `t` is, as the draft defines it, the seconds until more quota is made
+//! available: refill is what does that. A bucket without refill (a prepaid tier) gets more only
+//! from an operator's grant, at no time anyone can name, so its `RateLimit` has no `t` (the
+//! parameter is optional; `t=0` would say "available now") and Envoy gets no
+//! `duration_until_reset`. `Retry-After` is never earlier than `t` (the draft's rule).
 use crate::decision::{Decision, Denial};
 
 /// `Retry-After` when refill never covers the cost (a prepaid key, a cost above capacity): the
-/// client should not retry soon, and an operator grant is what helps.
+/// client should not retry soon, and an operator grant is what helps. (When the bucket takes
+/// longer than this to fill, the time until full: never earlier than `RateLimit`'s `t`.)
 pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
 
 /// The fields of one decision.
@@ -12,10 +19,11 @@ pub const RETRY_AFTER_NEVER_SECS: u64 = 3600;
 pub struct RateLimitFields {
     /// `RateLimit-Policy`: `"tier";q=<capacity>[;w=<seconds to refill from empty>]`.
     pub policy: Option<String>,
-    /// `RateLimit`: `"tier";r=<remaining>;t=<seconds until reset>`.
+    /// `RateLimit`: `"tier";r=<remaining>[;t=<seconds until reset>]`.
     pub limit: Option<String>,
     /// Seconds until the bucket is full again, or (denied) until the cost is affordable:
-    /// `t` of `RateLimit` (Envoy's `duration_until_reset`).
+    /// `t` of `RateLimit` (Envoy's `duration_until_reset`); `None` without refill, when only
+    /// a grant adds tokens.
     pub reset_secs: Option<u64>,
     /// `Retry-After` in seconds, on a denial the client can retry (not an unknown key).
     pub retry_after: Option<u64>,
@@ -41,29 +49,113 @@ impl RateLimitFields {
             if let Some(w) = bucket.window_secs() {
                 policy.push_str(&format!(";w={w}"));
             }
-            let reset = if d.allowed || d.retry_after_ms.is_none() {
-                if bucket.refill_per_sec > 0.0 {
-                    ((bucket.max_tokens - remaining).max(0.0) / bucket.refill_per_sec).ceil() as u64
-                } else {
-                    0
-                }
-            } else {
-                d.retry_after_ms.map(header_secs).unwrap_or(0)
+            let reset = match d.retry_after_ms {
+                Some(ms) if !d.allowed => Some(header_secs(ms)),
+                _ if bucket.refill_per_sec > 0.0 => Some(
+                    ((bucket.max_tokens - remaining).max(0.0) / bucket.refill_per_sec).ceil()
+                        as u64,
+                ),
+                // No refill: no time at which more quota comes, only a grant.
+                _ => None,
             };
-            fields.limit = Some(format!(
-                "\"{tier}\";r={};t={reset}",
-                remaining.max(0.0).floor() as u64
-            ));
+            let mut limit = format!("\"{tier}\";r={}", remaining.max(0.0).floor() as u64);
+            if let Some(t) = reset {
+                limit.push_str(&format!(";t={t}"));
+            }
+            fields.limit = Some(limit);
             fields.policy = Some(policy);
-            fields.reset_secs = Some(reset);
+            fields.reset_secs = reset;
         }
         if !d.allowed && d.denial != Some(Denial::UnknownKey) {
-            fields.retry_after = Some(
-                d.retry_after_ms
-                    .map(header_secs)
-                    .unwrap_or(RETRY_AFTER_NEVER_SECS),
-            );
+            fields.retry_after = Some(match d.retry_after_ms {
+                Some(ms) => header_secs(ms),
+                None => RETRY_AFTER_NEVER_SECS.max(fields.reset_secs.unwrap_or(0)),
+            });
         }
         fields
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BucketParams;
+    use crate::decision::Mode;
+    use crate::key::RequestId;
+
+    fn bucket(max_tokens: f64, refill_per_sec: f64) -> BucketParams {
+        BucketParams {
+            max_tokens,
+            refill_per_sec,
+            idle_cap: 1.0,
+            initial_tokens: max_tokens,
+        }
+    }
+
+    fn decision(
+        allowed: bool,
+        remaining: f64,
+        retry_after_ms: Option<u64>,
+        b: BucketParams,
+    ) -> Decision {
+        Decision {
+            allowed,
+            denial: (!allowed).then_some(Denial::Exhausted),
+            cost: 10.0,
+            remaining: Some(remaining),
+            retry_after_ms,
+            tier: Some("t".to_owned()),
+            bucket: Some(b),
+            mode: Mode::Enforce,
+            request_id: RequestId::generate(),
+            replayed: false,
+            decision_id: uuid::Uuid::now_v7(),
+            endpoint: "/x".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_denial_refill_pays_says_the_same_time_in_both_headers() {
+        let f = RateLimitFields::of(&decision(false, 6.0, Some(3500), bucket(100.0, 1.0)));
+        assert_eq!(f.limit.as_deref(), Some("\"t\";r=6;t=4"));
+        assert_eq!(f.reset_secs, Some(4));
+        assert_eq!(f.retry_after, Some(4));
+        assert_eq!(f.policy.as_deref(), Some("\"t\";q=100;w=100"));
+    }
+
+    #[test]
+    fn without_refill_there_is_no_reset_time_and_retry_after_says_not_soon() {
+        // A prepaid key with no credit: nothing but an operator grant makes quota available,
+        // so `RateLimit` names no time (the draft's `t` is optional) rather than claiming 0,
+        // and `Retry-After` asks the client to stay away, never earlier than a reset.
+        let drained = RateLimitFields::of(&decision(false, 0.0, None, bucket(10.0, 0.0)));
+        assert_eq!(drained.limit.as_deref(), Some("\"t\";r=0"));
+        assert_eq!(drained.reset_secs, None);
+        assert_eq!(drained.retry_after, Some(RETRY_AFTER_NEVER_SECS));
+        assert_eq!(drained.policy.as_deref(), Some("\"t\";q=10"));
+        // Allowed: the same, no time at which more comes.
+        let allowed = RateLimitFields::of(&decision(true, 4.0, Some(0), bucket(10.0, 0.0)));
+        assert_eq!(allowed.limit.as_deref(), Some("\"t\";r=4"));
+        assert_eq!(allowed.reset_secs, None);
+        assert_eq!(allowed.retry_after, None);
+    }
+
+    #[test]
+    fn a_cost_above_capacity_never_retries_before_the_reset() {
+        // Refill comes back (full in 50 s), but never enough for this cost.
+        let f = RateLimitFields::of(&decision(false, 50.0, None, bucket(100.0, 1.0)));
+        assert_eq!(f.limit.as_deref(), Some("\"t\";r=50;t=50"));
+        assert_eq!(f.retry_after, Some(RETRY_AFTER_NEVER_SECS));
+        // A bucket that takes longer than an hour to fill: Retry-After is not earlier than t.
+        let slow = RateLimitFields::of(&decision(false, 0.0, None, bucket(10_000.0, 1.0)));
+        assert_eq!(slow.reset_secs, Some(10_000));
+        assert_eq!(slow.retry_after, Some(10_000));
+    }
+
+    #[test]
+    fn an_allowed_request_names_the_time_until_full() {
+        let f = RateLimitFields::of(&decision(true, 40.0, Some(0), bucket(100.0, 2.0)));
+        assert_eq!(f.limit.as_deref(), Some("\"t\";r=40;t=30"));
+        assert_eq!(f.retry_after, None);
     }
 }

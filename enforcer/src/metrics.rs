@@ -255,7 +255,8 @@ impl Metrics {
         let decisions = counter_vec(
             &registry,
             "enforcer_decisions_total",
-            "Decisions by outcome (allowed, denied, rejected_unknown_key, request_id_conflict), tier and mode",
+            "Decisions by outcome (allowed, denied, rejected_unknown_key, request_id_conflict, \
+             would_deny: allowed by shadow mode, would have been denied), tier and mode",
             &["outcome", "tier", "mode"],
         );
         let debit_duration = register(

@@ -88,6 +88,52 @@ async fn allowed_then_exhausted_with_retry_after_and_ratelimit_headers() {
     d.stop().await;
 }
 
+/// A prepaid key (a tier without refill) with no credit: `Retry-After` and `RateLimit` must
+/// not contradict each other. No time brings more tokens (only an operator grant does), so
+/// `RateLimit` names no `t` (a `t=0` would say "available now"), and `Retry-After` says "not
+/// soon", on `/v1/check` and `/v1/auth` alike.
+#[tokio::test]
+async fn a_prepaid_key_without_credit_names_no_reset_and_asks_for_no_early_retry() {
+    let mut config = example_config(&redis_url());
+    config.budget.default_tier = "prepaid".to_owned();
+    let d = TestDaemon::start(config).await;
+    let key = unique("prepaid");
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST"}),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.json());
+    let j = r.json();
+    assert_eq!(j["tier"], "prepaid");
+    assert_eq!(j["reason"], "exhausted");
+    assert_eq!(
+        j["retry_after_ms"],
+        serde_json::Value::Null,
+        "never by refill"
+    );
+    assert_eq!(r.header("ratelimit"), Some("\"prepaid\";r=0"));
+    assert_eq!(r.header("ratelimit-policy"), Some("\"prepaid\";q=5000"));
+    assert_eq!(r.header("retry-after"), Some("3600"));
+
+    let auth = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[
+            ("x-api-key", &key),
+            ("x-original-uri", "/generate-report"),
+            ("x-original-method", "POST"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(auth.status, 429);
+    assert_eq!(auth.header("ratelimit"), Some("\"prepaid\";r=0"));
+    assert_eq!(auth.header("retry-after"), Some("3600"));
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_debits_nothing() {
     let d = no_refill_daemon().await;
@@ -331,28 +377,89 @@ async fn unknown_keys_can_be_refused() {
     d.stop().await;
 }
 
+/// In shadow mode an unknown key that `unknown_keys = "reject"` would refuse passes, and is
+/// counted as a would-be denial, not as allowed.
+#[tokio::test]
+async fn shadow_mode_counts_an_unknown_key_as_would_deny() {
+    let mut config = example_config(&redis_url());
+    config.budget.unknown_keys = enforcer::config::UnknownKeyPolicy::Reject;
+    config.budget.shadow = true;
+    let d = TestDaemon::start(config).await;
+    let r = check(d.addr, json!({"key": unique("stranger"), "endpoint": "/x"})).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["reason"], "unknown_key");
+    let m = metrics(d.addr).await;
+    assert_eq!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"would_deny\",tier=\"unknown\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"allowed\""
+        ),
+        0.0,
+        "{m}"
+    );
+    d.stop().await;
+}
+
+/// Shadow mode allows everything, and counts what it would have denied as `would_deny`
+/// (mode `shadow`), so a denial-ratio alert sees them; only what the budget paid is `allowed`.
 #[tokio::test]
 async fn shadow_mode_decides_but_always_allows() {
     let mut config = example_config(&redis_url());
     config.budget.shadow = true;
+    // No refill: exactly 6 of 8 fit in the 800 tokens a new key starts with, however slow
+    // the machine.
+    if let Some(free) = config.tiers.get_mut("free") {
+        free.refill_per_sec = 0.0;
+    }
     let d = TestDaemon::start(config).await;
     let key = unique("shadow");
     let body = json!({"key": key, "endpoint": "/generate-report", "method": "POST"});
+    let mut would_deny = 0;
     let mut last = None;
     for _ in 0..8 {
-        last = Some(check(d.addr, body.clone()).await);
+        let r = check(d.addr, body.clone()).await;
+        assert_eq!(r.status, 200, "shadow mode never denies");
+        if r.json()["reason"] == "exhausted" {
+            would_deny += 1;
+        }
+        last = Some(r);
     }
     let r = last.expect("responses");
-    assert_eq!(r.status, 200);
     let j = r.json();
     assert_eq!(j["mode"], "shadow");
     assert_eq!(j["reason"], "exhausted", "it would have been denied");
+    assert_eq!(would_deny, 2, "800 tokens pay for 6 reports at 120");
     let m = metrics(d.addr).await;
-    assert!(
+    assert_eq!(
         metric(
             &m,
-            "enforcer_decisions_total{mode=\"shadow\",outcome=\"allowed\""
-        ) >= 8.0,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"would_deny\",tier=\"free\"}"
+        ),
+        f64::from(would_deny),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"allowed\",tier=\"free\"}"
+        ),
+        f64::from(8 - would_deny),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "enforcer_decisions_total{mode=\"shadow\",outcome=\"denied\""
+        ),
+        0.0,
         "{m}"
     );
     d.stop().await;

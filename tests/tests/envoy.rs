@@ -135,10 +135,12 @@ async fn a_key_drains_to_over_limit_with_statuses_and_headers() {
         assert_eq!(limit.requests_per_unit, 10);
         assert_eq!(limit.unit, Unit::Unknown as i32);
         assert_eq!(header(&r, "ratelimit-policy"), Some("\"metered\";q=10"));
+        // No refill: no time at which more quota comes (no `t`, no duration until reset).
         assert_eq!(
             header(&r, "ratelimit"),
-            Some(format!("\"metered\";r={want};t=0").as_str())
+            Some(format!("\"metered\";r={want}").as_str())
         );
+        assert_eq!(s.duration_until_reset, None);
         assert_eq!(header(&r, "x-envoy-ratelimited"), None);
         assert_eq!(header(&r, "retry-after"), None);
     }
@@ -147,9 +149,11 @@ async fn a_key_drains_to_over_limit_with_statuses_and_headers() {
     assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
     assert_eq!(r.statuses[0].limit_remaining, 1);
     assert_eq!(header(&r, "x-envoy-ratelimited"), Some("true"));
-    // Refill never covers it: "not soon", as the HTTP API says.
+    // Refill never covers it: "not soon", as the HTTP API says, and no reset time that would
+    // contradict it.
     assert_eq!(header(&r, "retry-after"), Some("3600"));
-    assert_eq!(header(&r, "ratelimit"), Some("\"metered\";r=1;t=0"));
+    assert_eq!(header(&r, "ratelimit"), Some("\"metered\";r=1"));
+    assert_eq!(r.statuses[0].duration_until_reset, None);
     // Every decision is a ledger row: three allowed, one denied (plus none for nothing else).
     let rows = rows_of(&d, &key, 4).await;
     assert_eq!(rows.len(), 4, "{rows:?}");

@@ -918,7 +918,7 @@ async fn audit_import_quarantines_a_refused_line_and_imports_the_rest() {
     );
     let quarantine = dir.path().join("ledger.quarantine.jsonl");
     assert!(
-        stdout.contains("60 rows imported")
+        stdout.contains("61 rows read: 60 inserted, 0 already present, 1 refused")
             && stderr.contains("1 row")
             && stderr.contains(&quarantine.display().to_string()),
         "{stdout} {stderr}"
@@ -931,8 +931,60 @@ async fn audit_import_quarantines_a_refused_line_and_imports_the_rest() {
     assert!(lines[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
     // Importing again adds nothing, and quarantines the row again (ids tell the copies apart
     // from other rows; see docs/ledger.md).
-    let _ = import();
+    let again = String::from_utf8_lossy(&import().stdout).into_owned();
+    assert!(
+        again.contains("61 rows read: 0 inserted, 60 already present, 1 refused"),
+        "{again}"
+    );
     assert_exactly_once(&url, &good).await;
+}
+
+/// `enforcer audit import` reports what PostgreSQL did, not what it read: rows inserted and
+/// rows already there (its `INSERT … ON CONFLICT DO NOTHING` counts), kernel rollups included.
+#[tokio::test]
+async fn audit_import_reports_rows_inserted_and_rows_already_present() {
+    let url = pg::fresh_database().await;
+    cli(&["migrate", "--database-url", &url]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("ledger.jsonl");
+    let file_arg = file.display().to_string();
+    let mut entries: Vec<Entry> = (0..9).map(|_| Entry::Decision(decision("/x"))).collect();
+    entries.push(Entry::Kernel(enforcer::ledger::KernelRejections {
+        id: uuid::Uuid::now_v7(),
+        minute_us: enforcer::ledger::now_us() / 60_000_000 * 60_000_000,
+        node: "test-node".into(),
+        key_id: -7,
+        reason: "l7".into(),
+        count: 3,
+    }));
+    std::fs::write(&file, spill_lines(&entries)).expect("file");
+    let import = || cli(&["audit", "import", &file_arg, "--database-url", &url]);
+
+    let out = import();
+    assert!(
+        out.contains("10 rows read: 10 inserted, 0 already present"),
+        "{out}"
+    );
+    let out = import();
+    assert!(
+        out.contains("10 rows read: 0 inserted, 10 already present"),
+        "importing twice adds nothing, and says so: {out}"
+    );
+    // The file grows (a spill file written on): only the new rows are inserted.
+    let more: Vec<Entry> = (0..2).map(|_| Entry::Decision(decision("/y"))).collect();
+    entries.extend(more);
+    std::fs::write(&file, spill_lines(&entries)).expect("file");
+    let out = import();
+    assert!(
+        out.contains("12 rows read: 2 inserted, 10 already present"),
+        "{out}"
+    );
+    let decisions: Vec<String> = entries
+        .iter()
+        .filter(|e| matches!(e, Entry::Decision(_)))
+        .map(id_of)
+        .collect();
+    assert_exactly_once(&url, &decisions).await;
 }
 
 /// `POST /v1/check` on a fresh connection that tolerates a daemon that is gone: the status and

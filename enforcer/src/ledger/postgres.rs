@@ -80,20 +80,20 @@ impl PgSink {
     pub async fn write(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
         let parts = self.parallel.min(batch.len() / MIN_PART).max(1);
         if parts == 1 {
-            return copy(&self.pool, batch, false).await;
+            return copy(&self.pool, batch, false).await.map(drop);
         }
         let size = batch.len().div_ceil(parts);
         let results = futures_util::future::join_all(
             batch.chunks(size).map(|part| copy(&self.pool, part, false)),
         )
         .await;
-        results.into_iter().collect()
+        results.into_iter().try_for_each(|r| r.map(drop))
     }
 
     /// Writes rows that may be there already (a replay after a crash, an import): `COPY` into
     /// a temporary staging table, then `INSERT … ON CONFLICT DO NOTHING`.
     pub async fn write_idempotent(&mut self, batch: &[Entry]) -> Result<(), LedgerError> {
-        copy(&self.pool, batch, true).await
+        copy(&self.pool, batch, true).await.map(drop)
     }
 
     /// Writes `batch` idempotently and returns the rows PostgreSQL refused for their data
@@ -108,7 +108,18 @@ impl PgSink {
         batch: &[Entry],
         timeout: Duration,
     ) -> Result<Vec<Refused>, LedgerError> {
+        Ok(self.write_isolating_counted(batch, timeout).await?.refused)
+    }
+
+    /// [`Self::write_isolating`], also counting the rows PostgreSQL inserted (those not there
+    /// already), from the committed transactions' own counts.
+    pub async fn write_isolating_counted(
+        &mut self,
+        batch: &[Entry],
+        timeout: Duration,
+    ) -> Result<Isolated, LedgerError> {
         let mut refused = Vec::new();
+        let mut inserted = 0;
         // Depth first, left half first: refused rows come back in batch order.
         let mut parts = vec![batch];
         while let Some(part) = parts.pop() {
@@ -117,7 +128,8 @@ impl PgSink {
             }
             match tokio::time::timeout(timeout, copy(&self.pool, part, true)).await {
                 Err(_) => return Err(LedgerError::Timeout),
-                Ok(Ok(())) => {}
+                // Committed: its count stands (a rolled-back attempt's never did).
+                Ok(Ok(n)) => inserted += n,
                 Ok(Err(e)) if e.is_data_error() => {
                     if let [entry] = part {
                         refused.push(Refused::new(entry.clone(), &e));
@@ -130,15 +142,26 @@ impl PgSink {
                 Ok(Err(e)) => return Err(e),
             }
         }
-        Ok(refused)
+        Ok(Isolated { refused, inserted })
     }
 }
 
-/// One `COPY` of `batch` in one transaction.
-async fn copy(pool: &PgPool, batch: &[Entry], idempotent: bool) -> Result<(), LedgerError> {
+/// What [`PgSink::write_isolating_counted`] did.
+#[derive(Debug, Default)]
+pub struct Isolated {
+    /// The rows PostgreSQL refused for their data.
+    pub refused: Vec<Refused>,
+    /// Rows and rollups inserted; the others were there already (or refused).
+    pub inserted: u64,
+}
+
+/// One `COPY` of `batch` in one transaction; returns the rows (and rollups) inserted, as
+/// PostgreSQL counted them: with `idempotent`, those that were not there already.
+async fn copy(pool: &PgPool, batch: &[Entry], idempotent: bool) -> Result<u64, LedgerError> {
     let (rows, kernel) = split(batch);
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    let mut inserted = 0;
     if !rows.is_empty() {
         let data = encode_rows(&rows);
         if idempotent {
@@ -149,36 +172,37 @@ async fn copy(pool: &PgPool, batch: &[Entry], idempotent: bool) -> Result<(), Le
             .execute(&mut *tx)
             .await?;
             copy_in(&mut tx, "ledger_stage", data).await?;
-            sqlx::query(
+            inserted += sqlx::query(
                 "INSERT INTO token_transactions SELECT * FROM ledger_stage \
                      ON CONFLICT DO NOTHING",
             )
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         } else {
-            copy_in(&mut tx, "token_transactions", data).await?;
+            inserted += copy_in(&mut tx, "token_transactions", data).await?;
         }
     }
     if !kernel.is_empty() {
-        insert_kernel(&mut tx, &kernel).await?;
+        inserted += insert_kernel(&mut tx, &kernel).await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(inserted)
 }
 
+/// Returns the rows copied.
 async fn copy_in(
     conn: &mut sqlx::PgConnection,
     table: &str,
     data: BytesMut,
-) -> Result<(), LedgerError> {
+) -> Result<u64, LedgerError> {
     let mut copy = conn
         .copy_in_raw(&format!(
             "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
         ))
         .await?;
     copy.send(data).await?;
-    copy.finish().await?;
-    Ok(())
+    Ok(copy.finish().await?)
 }
 
 fn split(batch: &[Entry]) -> (Vec<&AuditRow>, Vec<&KernelRejections>) {
@@ -194,17 +218,18 @@ fn split(batch: &[Entry]) -> (Vec<&AuditRow>, Vec<&KernelRejections>) {
 }
 
 /// Rollups are few (one per rejected key and reason per minute): a plain idempotent insert.
+/// Returns the rollups inserted (not there already).
 async fn insert_kernel(
     conn: &mut sqlx::PgConnection,
     kernel: &[&KernelRejections],
-) -> Result<(), LedgerError> {
+) -> Result<u64, LedgerError> {
     let ids: Vec<uuid::Uuid> = kernel.iter().map(|k| k.id).collect();
     let minutes: Vec<i64> = kernel.iter().map(|k| k.minute_us).collect();
     let nodes: Vec<&str> = kernel.iter().map(|k| k.node.as_str()).collect();
     let key_ids: Vec<i64> = kernel.iter().map(|k| k.key_id).collect();
     let reasons: Vec<&str> = kernel.iter().map(|k| k.reason.as_str()).collect();
     let counts: Vec<i64> = kernel.iter().map(|k| k.count).collect();
-    sqlx::query(
+    Ok(sqlx::query(
         "INSERT INTO kernel_rejections (id, minute, node, key_id, reason, count) \
          SELECT id, to_timestamp(m / 1e6), n, k, r, c \
          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::int8[]) \
@@ -218,8 +243,8 @@ async fn insert_kernel(
     .bind(&reasons)
     .bind(&counts)
     .execute(conn)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected())
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
@@ -589,10 +614,20 @@ pub const EXPORT_COLUMNS: [&str; 19] = [
 pub struct Imported {
     /// Entries read from the file (rows and rollups).
     pub read: u64,
+    /// Entries PostgreSQL inserted (its own count: those not there already).
+    pub inserted: u64,
     /// Lines that did not parse (skipped).
     pub corrupt: u64,
     /// Entries PostgreSQL refused for their data: written to the quarantine file instead.
     pub quarantined: u64,
+}
+
+impl Imported {
+    /// Entries read that were in PostgreSQL already (an earlier import, or the daemon's own
+    /// writes), or repeated in the file: neither inserted nor refused.
+    pub fn already_present(&self) -> u64 {
+        self.read.saturating_sub(self.inserted + self.quarantined)
+    }
 }
 
 /// Loads a ledger file into PostgreSQL, idempotently (importing twice adds nothing). Rows
@@ -618,9 +653,12 @@ pub async fn import(
             break;
         }
         if !chunk.entries.is_empty() {
-            let refused = sink.write_isolating(&chunk.entries, IMPORT_TIMEOUT).await?;
-            quarantine.append(&refused)?;
-            done.quarantined += refused.len() as u64;
+            let written = sink
+                .write_isolating_counted(&chunk.entries, IMPORT_TIMEOUT)
+                .await?;
+            quarantine.append(&written.refused)?;
+            done.quarantined += written.refused.len() as u64;
+            done.inserted += written.inserted;
         }
         done.read += chunk.entries.len() as u64;
         offset = chunk.next_offset;
