@@ -346,7 +346,7 @@ fn operators_block_inspect_and_detach_from_the_cli() {
     let (code, out) = admin(&pin, &block, "cli-key");
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("blocked in this node's kernel gate for 10m"),
+        out.contains("blocked in this node's kernel gate for 600s"),
         "{out}"
     );
     let (code, shown) = admin(&pin, &["keys", "show"], "cli-key");
@@ -678,11 +678,11 @@ fn a_grant_reaches_the_kernel_at_once_and_shows_in_the_ledger() {
     let pin = PinDir::new();
     let _upstream = upstream(&link.a);
     let dir = tempfile::tempdir().expect("tmp");
-    // Prepaid: 240.5 tokens, reports cost 120, grants up to 1000.
+    // Prepaid: 240.5 tokens, reports cost 120, grants up to 6000.
     let config = prepaid_config(dir.path(), "grant.toml", 240.5, REPORT_120);
     let text = std::fs::read_to_string(&config).expect("read").replace(
         "initial_tokens = 240.5",
-        "initial_tokens = 240.5\ngrant_ceiling = 1000",
+        "initial_tokens = 240.5\ngrant_ceiling = 6000",
     );
     std::fs::write(&config, text).expect("write");
     let ledger = dir.path().join("ledger.jsonl");
@@ -716,7 +716,7 @@ fn a_grant_reaches_the_kernel_at_once_and_shows_in_the_ledger() {
     assert!(shown.contains("balance:     20.500"), "{shown}");
     assert!(shown.contains("tier:        prepaid"), "{shown}");
     // Past the ceiling: refused whole.
-    let (code, out) = admin(&pin, &["keys", "grant", "990", "--note", "too much"], &key);
+    let (code, out) = admin(&pin, &["keys", "grant", "5990", "--note", "too much"], &key);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("grant_ceiling"), "{out}");
     // The grant's audit row: kind, tokens, balance after, note and operator.
