@@ -249,7 +249,10 @@ async fn units_multiply_the_price_and_request_ids_make_retries_free() {
 
 #[tokio::test]
 async fn operational_endpoints_never_touch_the_main_budget() {
-    let d = daemon().await;
+    // A refill slow enough that a busy machine's loop cannot earn a token back in between.
+    let mut config = example_config(&redis_url());
+    config.budget.operational.refill_per_sec = 0.01;
+    let d = TestDaemon::start(config).await;
     let key = unique("health");
     let mut statuses = Vec::new();
     for _ in 0..12 {
