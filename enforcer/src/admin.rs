@@ -37,6 +37,8 @@ use tokio::net::{UnixListener, UnixStream};
 pub const MAX_NOTE_LEN: usize = 500;
 /// How long an admin call waits for the store.
 const STORE_WAIT: Duration = Duration::from_secs(5);
+/// Longest an admin connection may stay open.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(120);
 /// Largest admin request body.
 const MAX_BODY: usize = 16 * 1024;
 
@@ -183,9 +185,13 @@ pub async fn serve(
         let service = router.clone().layer(Extension(operator));
         tokio::spawn(async move {
             let service = hyper_util::service::TowerToHyperService::new(service);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            // A client that hangs (a stuck script) does not hold a task forever.
+            let _ = tokio::time::timeout(
+                CONNECTION_LIMIT,
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            )
+            .await;
         });
     }
     let _ = std::fs::remove_file(&path);
