@@ -3,15 +3,18 @@
 //! Labels are low-cardinality by construction (seed pitfall 4): tiers and endpoint classes come
 //! from the config, outcomes and modes are fixed sets. No key, key hash, path or client address
 //! is ever a label.
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// All metrics, registered in one registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    registry: Registry,
+    registry: Families,
     /// `enforcer_decisions_total{outcome, tier, mode}`.
     pub decisions: IntCounterVec,
     /// `enforcer_debit_duration_seconds{backend}`: store round trip of a debit.
@@ -64,6 +67,9 @@ pub struct Metrics {
     /// `enforcer_price{endpoint, method}`: tokens per unit now, per configured endpoint (the
     /// configured path pattern or `default`: bounded by the config, not by traffic).
     pub price: prometheus::GaugeVec,
+    /// `enforcer_price_multiplier{endpoint, method}`: what the pricing engine multiplies the
+    /// endpoint's `base_cost` by now (`enforcer_price` is the product).
+    pub price_multiplier: prometheus::GaugeVec,
     /// `enforcer_telemetry_errors_total{source, kind}`: failed or nonsensical readings.
     pub telemetry_errors: IntCounterVec,
     /// `enforcer_pricing_seconds`: one engine round (telemetry reads and recompute).
@@ -99,7 +105,7 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
-    fn new(registry: &Registry) -> Self {
+    fn new(registry: &Families) -> Self {
         let rejected = counter_vec(
             registry,
             "enforcer_http_connections_rejected_total",
@@ -163,10 +169,16 @@ pub struct LedgerMetrics {
     /// `enforcer_ledger_errors_total{op}`: failed writes, spills, replays, quarantine writes,
     /// maintenance.
     pub errors: IntCounterVec,
+    /// `enforcer_tokens_charged_total{tier}`: tokens debited from main buckets, by the store
+    /// (allowed decisions it settled) or by a debit-back of fail-soft spending; counted where
+    /// the audit rows are made, so it is what the ledger records.
+    pub tokens_charged: prometheus::CounterVec,
+    /// `enforcer_tokens_refunded_total{tier}`: tokens credited back by refunds.
+    pub tokens_refunded: prometheus::CounterVec,
 }
 
 impl LedgerMetrics {
-    fn new(registry: &Registry) -> Self {
+    fn new(registry: &Families) -> Self {
         let counter = |name: &str, help: &str| {
             register(
                 registry,
@@ -221,27 +233,69 @@ impl LedgerMetrics {
                 "Ledger failures by operation (write, spill, replay, quarantine, maintain)",
                 &["op"],
             ),
+            tokens_charged: float_counter_vec(
+                registry,
+                "enforcer_tokens_charged_total",
+                "Tokens debited from main buckets (allowed decisions the store settled, and \
+                 debit-backs of fail-soft spending), by tier",
+                &["tier"],
+            ),
+            tokens_refunded: float_counter_vec(
+                registry,
+                "enforcer_tokens_refunded_total",
+                "Tokens credited back to main buckets by refunds, by tier",
+                &["tier"],
+            ),
         }
     }
 }
 
+/// The registry, and the name and type of every family registered in it. `Registry::gather`
+/// leaves out a vector with no children yet (a label set never used), so what the daemon
+/// exports is recorded here at registration: `Metrics::exported_names` lists it for the
+/// dashboard and alert checks (`tests/tests/deploy.rs`).
+#[derive(Debug, Clone, Default)]
+struct Families {
+    registry: Registry,
+    registered: Arc<parking_lot::Mutex<BTreeMap<String, MetricType>>>,
+}
+
 /// Registers a metric and hands it back. The definitions are static, so a failure here is a
 /// programming error that every test building the daemon would catch.
-fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Families, metric: M) -> M {
+    // A vector's `collect` names its family (and its type) even without children.
+    let mut registered = registry.registered.lock();
+    for family in metric.collect() {
+        registered.insert(family.name().to_owned(), family.get_field_type());
+    }
     registry
+        .registry
         .register(Box::new(metric.clone()))
         .expect("valid and unique metric definition");
     metric
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+fn counter_vec(registry: &Families, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(
         registry,
         IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
     )
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+fn float_counter_vec(
+    registry: &Families,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::CounterVec {
+    register(
+        registry,
+        prometheus::CounterVec::new(Opts::new(name, help), labels)
+            .expect("valid metric definition"),
+    )
+}
+
+fn gauge(registry: &Families, name: &str, help: &str) -> IntGauge {
     register(
         registry,
         IntGauge::new(name, help).expect("valid metric definition"),
@@ -251,7 +305,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = Families::default();
         let decisions = counter_vec(
             &registry,
             "enforcer_decisions_total",
@@ -435,6 +489,17 @@ impl Metrics {
             )
             .expect("valid metric definition"),
         );
+        let price_multiplier = register(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "enforcer_price_multiplier",
+                    "The pricing engine's multiplier of each configured endpoint's base cost now",
+                ),
+                &["endpoint", "method"],
+            )
+            .expect("valid metric definition"),
+        );
         let telemetry_errors = counter_vec(
             &registry,
             "enforcer_telemetry_errors_total",
@@ -490,6 +555,7 @@ impl Metrics {
             kernel_tracked_keys,
             ledger,
             price,
+            price_multiplier,
             telemetry_errors,
             pricing_seconds,
             node_telemetry,
@@ -503,15 +569,67 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+        if let Err(e) = encoder.encode(&self.registry.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(buf).unwrap_or_default()
     }
 }
 
+impl Metrics {
+    /// Every sample name the daemon can export, whether or not a series exists yet: counters
+    /// and gauges by their name, histograms as `_bucket`, `_sum` and `_count`, summaries as the
+    /// name, `_sum` and `_count`. What a dashboard or an alert may query.
+    pub fn exported_names(&self) -> BTreeSet<String> {
+        let registered = self.registry.registered.lock();
+        let mut names = BTreeSet::new();
+        for (name, kind) in registered.iter() {
+            let suffixes: &[&str] = match kind {
+                MetricType::HISTOGRAM => &["_bucket", "_sum", "_count"],
+                MetricType::SUMMARY => &["", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        names
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn exported_names_list_families_gather_leaves_out() {
+        let metrics = Metrics::new();
+        let names = metrics.exported_names();
+        // A vector nobody used yet is not in the exposition, but it is exported.
+        assert!(!metrics.render().contains("enforcer_decisions_total"));
+        assert!(names.contains("enforcer_decisions_total"));
+        assert!(names.contains("enforcer_tokens_charged_total"));
+        // Histograms are queried through their three sample names, never the bare one.
+        for suffix in ["_bucket", "_sum", "_count"] {
+            assert!(names.contains(&format!("enforcer_debit_duration_seconds{suffix}")));
+        }
+        assert!(!names.contains("enforcer_debit_duration_seconds"));
+        // Every sample the daemon renders, once each vector has a series, is in the list.
+        metrics
+            .decisions
+            .with_label_values(&["allowed", "free", "enforce"])
+            .inc();
+        metrics
+            .debit_duration
+            .with_label_values(&["redis"])
+            .observe(0.001);
+        for line in metrics.render().lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(names.contains(name), "{name} is rendered but not listed");
+        }
     }
 }

@@ -3,8 +3,9 @@ use anyhow::{Context as _, Result, bail};
 use std::process::{Command, Stdio};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the kernel side,
-/// Redis, PostgreSQL and Prometheus for the tests and benchmarks, nginx (`nginx-light` has
-/// `auth_request`) and Caddy (`forward_auth`) for the gateway tests (`tests/tests/gateways.rs`).
+/// Redis, PostgreSQL and Prometheus (its `promtool` checks `deploy/prometheus`) for the tests
+/// and benchmarks, nginx (`nginx-light` has `auth_request`) and Caddy (`forward_auth`) for the
+/// gateway tests (`tests/tests/gateways.rs`), Python's venv for the Python tools below.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
@@ -17,6 +18,28 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "nginx-light",
     "caddy",
+    "python3-venv",
+];
+
+/// Where the Python tools live, under the workspace root (`tests/tests/deploy.rs` finds them
+/// there): a venv of their own, since Debian's python3 refuses `pip install` outside one.
+pub const TOOLS_VENV: &str = "target/tools/venv";
+
+/// The Python tools the tests run, each with its whole dependency tree pinned (installed with
+/// `--no-deps`, so a new release of a dependency changes nothing): `kubernetes-validate`
+/// validates `deploy/kubernetes` against the Kubernetes API schemas it bundles (offline), and
+/// its PyYAML reads the manifests for the test's own checks.
+const PIP_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "PyYAML==6.0.4",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "packaging==26.4",
+    "typing_extensions==4.16.0",
 ];
 
 /// What Debian's `invoke-rc.d` (and `deb-systemd-invoke`) ask before a maintainer script
@@ -75,6 +98,7 @@ pub fn ensure() -> Result<()> {
         stop_started_services(nginx_before, caddy_before)?;
     }
 
+    ensure_python_tools()?;
     ensure_ebpf_toolchain()?;
     ensure_bpf_linker()?;
     check_llvm_majors()?;
@@ -147,6 +171,46 @@ fn stop_started_services(nginx_before: Option<u32>, caddy_before: bool) -> Resul
         crate::status(Command::new("caddy").args(["stop", "--address", "127.0.0.1:2019"]))?;
     }
     Ok(())
+}
+
+/// The venv of [`TOOLS_VENV`] with exactly [`PIP_PACKAGES`]; quick when `pip freeze` already
+/// lists them all. Debian's python3 makes it (not whichever `python3` comes first on `PATH`).
+fn ensure_python_tools() -> Result<()> {
+    let venv = std::path::Path::new(TOOLS_VENV);
+    let pip = venv.join("bin/pip");
+    let frozen = Command::new(&pip)
+        .args(["freeze", "--all"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_lowercase())
+        .unwrap_or_default();
+    let normal = |p: &str| p.to_lowercase().replace('_', "-");
+    let frozen: Vec<String> = frozen.lines().map(normal).collect();
+    if PIP_PACKAGES
+        .iter()
+        .all(|p| frozen.iter().any(|f| *f == normal(p)))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {PIP_PACKAGES:?} into {TOOLS_VENV}");
+    if !venv.join("bin/python").exists() {
+        crate::status(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(venv),
+        )
+        .context("creating the Python tools' venv (Debian package python3-venv)")?;
+    }
+    crate::status(
+        Command::new(&pip)
+            .args([
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
+            .args(PIP_PACKAGES),
+    )
+    .context("installing the Python tools")
 }
 
 /// Installs exactly the pinned toolchain with `rust-src` (`-Z build-std=core` needs it). Whatever

@@ -360,8 +360,27 @@ impl Gate {
             // The filter goes with the interface; nothing else removes it but `tc`.
             Some(Attached::Netlink(_)) => attachment::interface_exists(iface),
             Some(Attached::Pinned | Attached::Tcx(_)) => {
-                SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
-                    .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == self.prog_id))
+                // The pinned link's own info says whether it still runs (its ifindex is 0 once
+                // it is detached or its device deleted), with no privilege beyond the pin's.
+                // Asking the interface instead (`query_tcx`) opens every program attached
+                // there by id, which the kernel allows only with CAP_SYS_ADMIN: a daemon with
+                // just CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (deploy/kubernetes) would take
+                // the refusal for an ended link and let go of a working gate.
+                if let Some(stale) = self
+                    .pin_dir
+                    .as_deref()
+                    .and_then(|dir| attachment::pinned_link_is_stale(dir, iface))
+                {
+                    return !stale;
+                }
+                match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+                    Ok((_, progs)) => progs.iter().any(|p| p.id() == self.prog_id),
+                    // Unknown is not ended: an operator's detach is seen through its marker.
+                    Err(e) => {
+                        tracing::debug!(iface, error = %e, "querying the interface's TCX programs failed");
+                        true
+                    }
+                }
             }
         }
     }

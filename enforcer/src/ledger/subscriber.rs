@@ -3,9 +3,11 @@
 //! is decided here, not on the decision path.
 use super::{AuditRow, Entry, Ledger, RowKind};
 use crate::decision::event::{DebitedBack, Decided, Event, Granted, Refunded, Subscriber};
+use crate::store::BucketKind;
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
+        self.count_tokens(event);
         let row = match event {
             Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
             Event::Refund(r) => self.refund_row(r),
@@ -19,6 +21,37 @@ impl Subscriber for Ledger {
 }
 
 impl Ledger {
+    /// `enforcer_tokens_charged_total` and `enforcer_tokens_refunded_total`: what the rows
+    /// below say moved in main buckets. A debit counts only when the store settled it and
+    /// allowed it (a denial, shadow mode's would-be denial, a fail-open or fail-closed answer
+    /// charge nothing, a replay charged the first time); a fail-soft decision is charged when
+    /// its debit-back reaches the store, so it is not counted twice.
+    fn count_tokens(&self, event: &Event<'_>) {
+        let (counter, tier, tokens) = match event {
+            Event::Debit(d)
+                if d.bucket == BucketKind::Main
+                    && d.settled.is_some()
+                    && d.decision.allowed
+                    && d.decision.denial.is_none() =>
+            {
+                let Some(tier) = d.decision.tier.as_deref() else {
+                    return;
+                };
+                (&self.metrics.tokens_charged, tier, d.decision.cost)
+            }
+            Event::DebitBack(b) if b.bucket == BucketKind::Main => {
+                (&self.metrics.tokens_charged, b.tier, b.amount)
+            }
+            Event::Refund(r) => (&self.metrics.tokens_refunded, r.tier, r.credited),
+            _ => return,
+        };
+        // A counter only grows (the prometheus crate asserts it in debug builds): an amount
+        // that is not a positive number is left out, never a panic.
+        if tokens.is_finite() && tokens > 0.0 {
+            counter.with_label_values(&[tier]).inc_by(tokens);
+        }
+    }
+
     /// The audit row of a decision.
     fn decision_row(&self, d: &Decided<'_>) -> AuditRow {
         let decision = d.decision;

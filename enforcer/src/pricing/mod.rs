@@ -190,6 +190,8 @@ struct Slot {
     /// A lower multiplier userspace charges only once the kernel has it.
     pending: Option<f64>,
     gauge: prometheus::Gauge,
+    /// `enforcer_price_multiplier` of this endpoint: the price is `base_cost` times it.
+    multiplier_gauge: prometheus::Gauge,
 }
 
 /// The engine: owns the telemetry sources and the per-endpoint state.
@@ -267,6 +269,9 @@ impl Engine {
                 };
                 Slot {
                     gauge: metrics.price.with_label_values(&[&p.class, &p.method]),
+                    multiplier_gauge: metrics
+                        .price_multiplier
+                        .with_label_values(&[&p.class, &p.method]),
                     price: p.clone(),
                     cpu_query: query(e.map(|e| &e.cpu_query)),
                     cpu_reference: e.map_or(1.0, |e| e.cpu_reference),
@@ -512,6 +517,7 @@ impl Engine {
             }
             let m = s.price.multiplier();
             s.gauge.set(s.price.base_cost * m);
+            s.multiplier_gauge.set(m);
             costs.push(Cost::of(&s.price, m, &now, s.source));
         }
         self.costs.set(costs);
