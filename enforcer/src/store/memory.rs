@@ -6,6 +6,7 @@ use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
 use crate::debit::{self, BucketState};
 use crate::key::{KeyHash, RequestId};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -47,7 +48,8 @@ struct State {
 /// In-process [`TokenStore`].
 #[derive(Debug)]
 pub struct MemoryStore {
-    policy: BudgetPolicy,
+    /// Swapped whole by a config reload; read once per call.
+    policy: ArcSwap<BudgetPolicy>,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
@@ -63,7 +65,7 @@ impl MemoryStore {
     /// A store applying `policy`, reading time from `clock`.
     pub fn new(policy: BudgetPolicy, clock: Arc<dyn Clock>) -> Self {
         Self {
-            policy,
+            policy: ArcSwap::from_pointee(policy),
             clock,
             state: Mutex::new(State::default()),
         }
@@ -95,6 +97,7 @@ impl TokenStore for MemoryStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
         super::check_cost(d.cost)?;
         let now = self.clock.now();
+        let policy = self.policy.load();
         let mut st = self.state.lock();
         st.sweep(now);
         let record_key = (d.key, d.request_id.as_str().to_owned());
@@ -116,17 +119,15 @@ impl TokenStore for MemoryStore {
                 }));
             }
         }
-        let Some(tier) = self
-            .policy
-            .resolve(st.tiers.get(&d.key).map(String::as_str))
+        let Some(tier) = policy.resolve(st.tiers.get(&d.key).map(String::as_str))
         else {
             return Ok(DebitOutcome::UnknownKey);
         };
         let params = match d.bucket {
             BucketKind::Main => tier.bucket,
-            BucketKind::Operational => self.policy.operational,
+            BucketKind::Operational => policy.operational,
         };
-        let window = self.policy.active_window.as_secs_f64();
+        let window = policy.active_window.as_secs_f64();
         let bucket_key = (d.key, slot(d.bucket));
         let previous = st
             .buckets
@@ -158,7 +159,7 @@ impl TokenStore for MemoryStore {
                     refunded: false,
                     forced: d.force,
                     fingerprint: d.fingerprint.clone(),
-                    expires_at: now + self.policy.idempotency_ttl.as_secs_f64(),
+                    expires_at: now + policy.idempotency_ttl.as_secs_f64(),
                 },
             );
         }
@@ -238,5 +239,10 @@ impl TokenStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn set_policy(&self, policy: &BudgetPolicy) -> Result<(), StoreError> {
+        self.policy.store(Arc::new(policy.clone()));
+        Ok(())
     }
 }

@@ -26,6 +26,7 @@ use super::{
     BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
+use arc_swap::ArcSwap;
 use crate::key::{KeyHash, RequestId};
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike as _, ConnectionManager, ConnectionManagerConfig};
@@ -123,11 +124,29 @@ struct ClusterPool {
 /// [`TokenStore`] backed by Redis.
 pub struct RedisStore {
     backend: Backend,
+    /// The policy as script arguments: swapped whole by a config reload, read once per call
+    /// (the script gets every tier's parameters in `ARGV`, so nothing in Redis changes).
+    args: ArcSwap<PolicyArgs>,
+}
+
+/// The budget policy as the debit script's arguments, computed once per policy.
+#[derive(Debug)]
+struct PolicyArgs {
     /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
     ops_args: Vec<String>,
     record_ttl_ms: String,
+}
+
+impl PolicyArgs {
+    fn of(policy: &BudgetPolicy) -> Self {
+        Self {
+            main_args: script_args(policy, BucketKind::Main),
+            ops_args: script_args(policy, BucketKind::Operational),
+            record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
+        }
+    }
 }
 
 const DEBIT: usize = 0;
@@ -195,9 +214,7 @@ impl RedisStore {
         };
         Ok(Self {
             backend,
-            main_args: script_args(policy, BucketKind::Main),
-            ops_args: script_args(policy, BucketKind::Operational),
-            record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
+            args: ArcSwap::from_pointee(PolicyArgs::of(policy)),
         })
     }
 
@@ -589,13 +606,14 @@ impl TokenStore for RedisStore {
         check_cost(d.cost)?;
         let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
         let cost = d.cost.to_string();
+        let policy = self.args.load();
         let tail = match d.bucket {
-            BucketKind::Main => &self.main_args,
-            BucketKind::Operational => &self.ops_args,
+            BucketKind::Main => &policy.main_args,
+            BucketKind::Operational => &policy.ops_args,
         };
         let mut args: Vec<&str> = Vec::with_capacity(3 + tail.len());
         args.push(&cost);
-        args.push(&self.record_ttl_ms);
+        args.push(&policy.record_ttl_ms);
         args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
         if d.force {
@@ -702,6 +720,11 @@ impl TokenStore for RedisStore {
             Backend::Single { .. } => "redis",
             Backend::Cluster(_) => "redis-cluster",
         }
+    }
+
+    fn set_policy(&self, policy: &BudgetPolicy) -> Result<(), StoreError> {
+        self.args.store(Arc::new(PolicyArgs::of(policy)));
+        Ok(())
     }
 
     fn shards(&self) -> usize {
