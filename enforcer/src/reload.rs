@@ -89,7 +89,10 @@ impl Overrides {
         if !self.redis_cluster.is_empty() {
             config.store.redis_cluster.clone_from(&self.redis_cluster);
         }
-        config.kernel.interfaces.extend(self.interfaces.iter().cloned());
+        config
+            .kernel
+            .interfaces
+            .extend(self.interfaces.iter().cloned());
         config
             .kernel
             .protect_ports

@@ -127,7 +127,10 @@ impl Conn {
 
     /// A check of `POST /work` for `key`: the status and the body, or what went wrong.
     async fn work(&mut self, key: &str) -> Result<(u16, serde_json::Value), String> {
-        self.0.ready().await.map_err(|e| format!("connection: {e}"))?;
+        self.0
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
         let body = json!({"key": key, "endpoint": "/work", "method": "POST"}).to_string();
         let req = hyper::Request::builder()
             .method("POST")
@@ -287,7 +290,11 @@ async fn a_broken_file_changes_nothing_and_is_counted() {
     assert_eq!(d.reloader.generation(), 1, "nothing applied");
     assert_eq!(d.reloader.current().pricing.endpoints[0].base_cost, 2.0);
     assert_eq!(price(d.addr).await, 2.0);
-    assert_eq!(work(d.addr, &key).await["cost"], 2.0, "still charged the old price");
+    assert_eq!(
+        work(d.addr, &key).await["cost"],
+        2.0,
+        "still charged the old price"
+    );
     assert_eq!(
         metric(d.addr, "enforcer_config_reload_total{result=\"error\"}").await,
         3.0
@@ -367,7 +374,10 @@ async fn the_shadow_switch_turns_denials_into_shadow_and_back() {
         assert_eq!(work(d.addr, &key).await["status"], 200);
     }
     let denied = work(d.addr, &key).await;
-    assert_eq!((denied["status"].clone(), denied["mode"].clone()), (json!(429), json!("enforce")));
+    assert_eq!(
+        (denied["status"].clone(), denied["mode"].clone()),
+        (json!(429), json!("enforce"))
+    );
 
     let report = d.reloader.set_shadow(None, true).await.expect("switch");
     assert_eq!(report.changed, ["budget.shadow"]);
@@ -383,7 +393,11 @@ async fn the_shadow_switch_turns_denials_into_shadow_and_back() {
     assert_eq!(work(d.addr, &key).await["status"], 429);
 
     // One tier's.
-    let report = d.reloader.set_shadow(Some("tight"), true).await.expect("switch");
+    let report = d
+        .reloader
+        .set_shadow(Some("tight"), true)
+        .await
+        .expect("switch");
     assert_eq!(report.changed, ["tiers.tight.shadow"]);
     assert_eq!(work(d.addr, &key).await["mode"], "shadow");
     let e = d
@@ -391,10 +405,20 @@ async fn the_shadow_switch_turns_denials_into_shadow_and_back() {
         .set_shadow(Some("nope"), false)
         .await
         .expect_err("no such tier");
-    assert!(e.to_string().contains("nope") && e.to_string().contains("tight"), "{e}");
-    assert_eq!(d.reloader.generation(), 4, "the unknown tier changed nothing");
+    assert!(
+        e.to_string().contains("nope") && e.to_string().contains("tight"),
+        "{e}"
+    );
+    assert_eq!(
+        d.reloader.generation(),
+        4,
+        "the unknown tier changed nothing"
+    );
     assert_eq!(work(d.addr, &key).await["mode"], "shadow");
-    d.reloader.set_shadow(Some("tight"), false).await.expect("switch");
+    d.reloader
+        .set_shadow(Some("tight"), false)
+        .await
+        .expect("switch");
     assert_eq!(work(d.addr, &key).await["status"], 429);
     // Counted: 4 switches, 2 errors (the reload without a file, the unknown tier).
     assert_eq!(
@@ -480,7 +504,11 @@ impl Daemon {
         let series = format!("enforcer_config_reload_total{{result=\"{result}\"}}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while metric(self.addr, &series).await < n {
-            assert!(Instant::now() < deadline, "no reload counted: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no reload counted: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -1192,8 +1192,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reloaded_plan_is_followed_only_once_the_kernel_has_it() {
-        let base = Config::parse("[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n")
-            .expect("valid");
+        let base =
+            Config::parse("[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n").expect("valid");
         let (link, mut rx) = test_link(&base, &Metrics::new());
         let old = link.plan().settings.generation;
         let mut faster = base.clone();
@@ -1202,7 +1202,10 @@ mod tests {
         }
         let new = plan(&faster);
         let generation = new.settings.generation;
-        assert_ne!(generation, old, "a tier's refill rate is part of the generation");
+        assert_ne!(
+            generation, old,
+            "a tier's refill rate is part of the generation"
+        );
         let refill = |link: &GateLink| {
             let settled = Settled {
                 at: 1.0,
@@ -1222,9 +1225,14 @@ mod tests {
             assert_eq!(refill(&link), 10.0, "not before the kernel has it");
             let _ = applied.send(Ok(plan.settings.generation));
         };
-        let (applied, ()) = tokio::join!(link.apply_plan(new.clone(), Duration::from_secs(5)), kernel);
+        let (applied, ()) =
+            tokio::join!(link.apply_plan(new.clone(), Duration::from_secs(5)), kernel);
         assert_eq!(applied.expect("applied"), generation);
-        assert_eq!(link.clone().plan().settings.generation, generation, "every clone");
+        assert_eq!(
+            link.clone().plan().settings.generation,
+            generation,
+            "every clone"
+        );
         assert_eq!(refill(&link), 50.0);
 
         // Refused by the kernel: the plan in force stays.
@@ -1234,7 +1242,8 @@ mod tests {
             };
             let _ = applied.send(Err("map full".into()));
         };
-        let (refused, ()) = tokio::join!(link.apply_plan(plan(&base), Duration::from_secs(5)), kernel);
+        let (refused, ()) =
+            tokio::join!(link.apply_plan(plan(&base), Duration::from_secs(5)), kernel);
         assert!(matches!(refused, Err(PlanError::Refused(m)) if m == "map full"));
         assert_eq!(link.plan().settings.generation, generation);
         // Nobody answers: a timeout, nothing changed.

@@ -640,9 +640,7 @@ pub struct Pricing {
 }
 
 /// The engine's telemetry sources for `config`.
-fn sources(
-    config: &PricingConfig,
-) -> (Arc<dyn TelemetrySource>, Option<Arc<dyn TelemetrySource>>) {
+fn sources(config: &PricingConfig) -> (Arc<dyn TelemetrySource>, Option<Arc<dyn TelemetrySource>>) {
     let prometheus = (!config.prometheus.url.is_empty()).then(|| {
         Arc::new(telemetry::Prometheus::new(
             &config.prometheus.url,

@@ -119,8 +119,7 @@ impl TokenStore for MemoryStore {
                 }));
             }
         }
-        let Some(tier) = policy.resolve(st.tiers.get(&d.key).map(String::as_str))
-        else {
+        let Some(tier) = policy.resolve(st.tiers.get(&d.key).map(String::as_str)) else {
             return Ok(DebitOutcome::UnknownKey);
         };
         let params = match d.bucket {

@@ -26,8 +26,8 @@ use super::{
     BucketKind, Debit, DebitOutcome, RefundOutcome, Settled, StoreError, TokenStore, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
-use arc_swap::ArcSwap;
 use crate::key::{KeyHash, RequestId};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike as _, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
