@@ -538,3 +538,65 @@ async fn sighup_reloads_a_running_daemon() {
     assert_eq!(metric(d.addr, "enforcer_config_generation").await, 2.0);
     assert!(matches!(d.child.0.try_wait(), Ok(None)), "still running");
 }
+
+/// The `/v1/costs` line of `method path`.
+async fn cost_line(addr: SocketAddr, method: &str, path: &str) -> serde_json::Value {
+    let costs = http(addr, "GET", "/v1/costs", &[], String::new()).await;
+    costs
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|c| c["endpoint"] == path && c["method"] == method)
+        .cloned()
+        .unwrap_or_else(|| panic!("{method} {path} is not priced"))
+}
+
+#[tokio::test]
+async fn the_engines_multipliers_survive_a_reload_and_a_new_endpoint_starts_at_one() {
+    // The engine on, its next round an hour away: what a reload does to the multipliers is
+    // all that moves them here.
+    let dynamic = |cost: f64, on: bool, extra: &str| {
+        config_text(cost, "free").replace(
+            "default_cost = 1\n",
+            &format!("default_cost = 1\ndynamic = {on}\ninterval_ms = 3600000\n{extra}"),
+        )
+    };
+    let (d, file, _dir) = daemon_from(&dynamic(2.0, true, "")).await;
+    let before = cost_line(d.addr, "POST", "/work").await;
+    let m = before["multiplier"].as_f64().expect("multiplier");
+    assert_ne!(
+        m, 1.0,
+        "the first round moved it (node telemetry): {before}"
+    );
+    assert_eq!(before["source"], "node");
+
+    let new_endpoint = "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/new\"\nbase_cost = 3\n";
+    write(&file, &(dynamic(5.0, true, "") + new_endpoint));
+    let report = d.reloader.reload().await.expect("valid");
+    assert_eq!(report.changed, ["pricing"]);
+    let after = cost_line(d.addr, "POST", "/work").await;
+    assert_eq!(
+        after["multiplier"], m,
+        "an endpoint that stays keeps its multiplier"
+    );
+    assert_eq!(after["price"], 5.0 * m);
+    assert_eq!(cost_line(d.addr, "GET", "/new").await["multiplier"], 1.0);
+    let charged = work(d.addr, &unique("reload-engine")).await;
+    assert_eq!(charged["cost"], 5.0 * m, "charged what /v1/costs says");
+
+    // The engine off: static prices.
+    write(&file, &dynamic(5.0, false, ""));
+    d.reloader.reload().await.expect("valid");
+    let off = cost_line(d.addr, "POST", "/work").await;
+    assert_eq!(
+        (off["multiplier"].clone(), off["source"].clone()),
+        (json!(1.0), json!("static"))
+    );
+    assert_eq!(work(d.addr, &unique("reload-static")).await["cost"], 5.0);
+    // And on again: a first round runs at once.
+    write(&file, &dynamic(5.0, true, ""));
+    d.reloader.reload().await.expect("valid");
+    assert_eq!(cost_line(d.addr, "POST", "/work").await["source"], "node");
+    d.stop().await;
+}
