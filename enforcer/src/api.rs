@@ -494,6 +494,7 @@ mod tests {
                     pricing: None,
                     costs: costs.clone(),
                     gate: None,
+                    ledger: None,
                     metrics: metrics.clone(),
                 },
             ));

@@ -7,12 +7,14 @@
 //! - **live**: prices (the cost matrix, per-domain tables, `trailing_slash`), tiers, shadow
 //!   (global and per tier), the rest of `[budget]`, `store.idempotency_ttl_secs`, every
 //!   pricing-engine setting (the engine is rebuilt over the new book; an endpoint that stays
-//!   keeps its multiplier and telemetry, a new one starts at 1) and the kernel gate's plan
+//!   keeps its multiplier and telemetry, a new one starts at 1), the kernel gate's plan
 //!   (`[kernel]` but its interfaces and pin dir): a new config generation, as
-//!   docs/kernel-gate.md describes;
+//!   docs/kernel-gate.md describes, and the ledger writers' `batch_rows`, `flush_ms`,
+//!   `write_timeout_ms`, `retry_ms`, `partitions_ahead`, `retention_months`;
 //! - **restart required**: `[server]` (listener addresses and limits, key header, trusted
 //!   proxies), `[store]` but the idempotency TTL (the store URL or cluster, timeouts, breaker,
-//!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, `[ledger]` and `[envoy]`. A
+//!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, the rest of `[ledger]` (the
+//!   database URL, the file, journal, fsync, the queue, the pool, the node name) and `[envoy]`. A
 //!   reload that changes them keeps the running values, lists them in
 //!   [`ReloadReport::restart_required`] and logs a warning: never half-applied.
 //!
@@ -26,7 +28,7 @@
 //!
 //! [`Reloader::set_shadow`] is the runtime shadow switch: a reload of the config now serving
 //! with that one change. It lasts until the next reload or restart, which read the file.
-use crate::config::{Config, ConfigError, FieldError};
+use crate::config::{Config, ConfigError, FieldError, LedgerConfig};
 use crate::decision::Rules;
 use crate::decision::local::LocalBudget;
 use crate::kernel::{GateLink, PlanError};
@@ -210,6 +212,8 @@ pub struct Parts {
     pub costs: CostTable,
     /// The kernel gate, when it runs.
     pub gate: Option<GateLink>,
+    /// The audit ledger (its writers' batch size, flush and PostgreSQL timings).
+    pub ledger: Option<crate::ledger::Ledger>,
     /// The daemon's metrics.
     pub metrics: Metrics,
 }
@@ -267,13 +271,7 @@ fn restart_fields(a: &Config, b: &Config) -> Vec<String> {
         ledger.fsync,
         ledger.journal,
         ledger.queue_capacity,
-        ledger.batch_rows,
         ledger.connections,
-        ledger.flush_ms,
-        ledger.write_timeout_ms,
-        ledger.retry_ms,
-        ledger.partitions_ahead,
-        ledger.retention_months,
         ledger.node,
     );
     if a.envoy != b.envoy {
@@ -290,7 +288,15 @@ fn effective(running: &Config, file: &Config) -> Config {
     next.store.idempotency_ttl_secs = file.store.idempotency_ttl_secs;
     next.kernel.interfaces = running.kernel.interfaces.clone();
     next.kernel.pin_dir = running.kernel.pin_dir.clone();
-    next.ledger = running.ledger.clone();
+    next.ledger = LedgerConfig {
+        batch_rows: file.ledger.batch_rows,
+        flush_ms: file.ledger.flush_ms,
+        write_timeout_ms: file.ledger.write_timeout_ms,
+        retry_ms: file.ledger.retry_ms,
+        partitions_ahead: file.ledger.partitions_ahead,
+        retention_months: file.ledger.retention_months,
+        ..running.ledger.clone()
+    };
     next.envoy = running.envoy.clone();
     next
 }
@@ -340,6 +346,12 @@ fn live_changes(a: &Config, b: &Config) -> Vec<String> {
         kernel.key_header,
         kernel.value_prefix,
         kernel.bind_after,
+        ledger.batch_rows,
+        ledger.flush_ms,
+        ledger.write_timeout_ms,
+        ledger.retry_ms,
+        ledger.partitions_ahead,
+        ledger.retention_months,
     );
     out
 }
@@ -520,11 +532,14 @@ impl Reloader {
                 None => p.costs.set_static(&book),
             }
         }
-        // 4. The decisions: one swap.
+        // 4. The decisions: one swap; the ledger's writers from their next turn.
         if let Some(local) = &p.local
             && policy_changed
         {
             local.set_policy(&policy);
+        }
+        if let Some(ledger) = &p.ledger {
+            ledger.retune(&next.ledger);
         }
         p.rules.store(Arc::new(Rules::with_prices(&next, book)));
         self.current.store(Arc::new(next));
@@ -571,12 +586,14 @@ mod tests {
         file.kernel.pin_dir = "/elsewhere".into();
         file.kernel.bind_after = 7;
         file.ledger.flush_ms = 5;
+        file.ledger.fsync = !running.ledger.fsync;
         file.budget.shadow = true;
         let next = effective(&running, &file);
         assert_eq!(next.server.listen, running.server.listen);
         assert_eq!(next.store.redis_url, running.store.redis_url);
         assert_eq!(next.kernel.pin_dir, running.kernel.pin_dir);
-        assert_eq!(next.ledger.flush_ms, running.ledger.flush_ms);
+        assert_eq!(next.ledger.fsync, running.ledger.fsync);
+        assert_eq!(next.ledger.flush_ms, 5, "live");
         assert_eq!(next.store.idempotency_ttl_secs, 60, "live");
         assert_eq!(next.kernel.bind_after, 7, "live");
         assert!(next.budget.shadow, "live");
@@ -586,7 +603,7 @@ mod tests {
                 "server.listen",
                 "store.redis_url",
                 "kernel.pin_dir",
-                "ledger.flush_ms"
+                "ledger.fsync"
             ]
         );
         assert_eq!(
@@ -594,7 +611,8 @@ mod tests {
             [
                 "budget.shadow",
                 "store.idempotency_ttl_secs",
-                "kernel.bind_after"
+                "kernel.bind_after",
+                "ledger.flush_ms"
             ]
         );
     }

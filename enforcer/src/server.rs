@@ -128,7 +128,7 @@ impl Server {
             tracing::info!(spill = %config.ledger.file, "audit ledger: PostgreSQL");
         }
         // The ledger first: its row is written before the caller gets the answer.
-        let mut events = Outbox::new().with(Arc::new(ledger) as Arc<dyn Subscriber>);
+        let mut events = Outbox::new().with(Arc::new(ledger.clone()) as Arc<dyn Subscriber>);
         if let Some(gate) = &gate {
             events = events.with(Arc::new(gate.clone()) as Arc<dyn Subscriber>);
         }
@@ -155,6 +155,7 @@ impl Server {
                 pricing: Some(repricing),
                 costs: costs.clone(),
                 gate,
+                ledger: Some(ledger),
                 metrics: metrics.clone(),
             },
         ));

@@ -308,15 +308,19 @@ async fn a_broken_file_changes_nothing_and_is_counted() {
     // Fixed: it applies, and what needs a restart is named, not applied.
     write(
         &file,
-        &(config_text(3.0, "free") + "[server]\nmax_connections = 7\n[ledger]\nflush_ms = 9\n"),
+        &(config_text(3.0, "free")
+            + "[server]\nmax_connections = 7\n[ledger]\nflush_ms = 9\nfsync = false\n"),
     );
     let report = d.reloader.reload().await.expect("valid again");
-    assert_eq!(report.changed, ["pricing"]);
+    assert_eq!(report.changed, ["pricing", "ledger.flush_ms"]);
     assert_eq!(
         report.restart_required,
-        ["server.max_connections", "ledger.flush_ms"]
+        ["server.max_connections", "ledger.fsync"]
     );
-    assert_ne!(d.reloader.current().server.max_connections, 7);
+    let now = d.reloader.current();
+    assert_ne!(now.server.max_connections, 7);
+    assert!(now.ledger.fsync, "the running value stays");
+    assert_eq!(now.ledger.flush_ms, 9);
     assert_eq!(work(d.addr, &key).await["cost"], 3.0);
     d.stop().await;
 }
