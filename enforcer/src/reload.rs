@@ -639,6 +639,115 @@ mod tests {
         );
     }
 
+    /// A store that cannot change its policy (the trait's default).
+    #[derive(Debug)]
+    struct Fixed(crate::store::MemoryStore);
+
+    #[async_trait::async_trait]
+    impl TokenStore for Fixed {
+        async fn debit(
+            &self,
+            d: &crate::store::Debit,
+        ) -> Result<crate::store::DebitOutcome, StoreError> {
+            self.0.debit(d).await
+        }
+        async fn refund(
+            &self,
+            key: &crate::key::KeyHash,
+            id: &crate::key::RequestId,
+        ) -> Result<crate::store::RefundOutcome, StoreError> {
+            self.0.refund(key, id).await
+        }
+        async fn assign_tier(
+            &self,
+            key: &crate::key::KeyHash,
+            tier: Option<&str>,
+        ) -> Result<(), StoreError> {
+            self.0.assign_tier(key, tier).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn backend(&self) -> &'static str {
+            "fixed"
+        }
+    }
+
+    fn reloader(store: Arc<dyn TokenStore>) -> (Reloader, crate::decision::Decider, Metrics) {
+        let config = Config::default();
+        let metrics = Metrics::new();
+        let decider = crate::decision::Decider::new(
+            &config,
+            store,
+            metrics.clone(),
+            crate::decision::event::Outbox::new(),
+        );
+        let costs = crate::pricing::static_costs(&decider.prices());
+        let reloader = Reloader::new(
+            None,
+            &config,
+            Parts {
+                rules: decider.rules_switch(),
+                store: decider.store().clone(),
+                local: None,
+                pricing: None,
+                costs,
+                gate: None,
+                ledger: None,
+                metrics: metrics.clone(),
+            },
+        );
+        (reloader, decider, metrics)
+    }
+
+    #[test]
+    fn the_reloader_and_its_futures_can_be_shared_across_tasks() {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: &T) {}
+        let store = Arc::new(crate::store::MemoryStore::new(
+            Config::default().budget_policy(),
+            Arc::new(crate::clock::SystemClock),
+        ));
+        let (r, _decider, _) = reloader(store);
+        send_sync(&r);
+        send(&r.reload());
+        send(&r.set_shadow(None, true));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_refuses_the_policy_changes_nothing() {
+        let store = Arc::new(Fixed(crate::store::MemoryStore::new(
+            Config::default().budget_policy(),
+            Arc::new(crate::clock::SystemClock),
+        )));
+        let (r, decider, metrics) = reloader(store);
+        // A tier's shadow mode is part of the budget policy: the store must take it.
+        let e = r
+            .set_shadow(Some("free"), true)
+            .await
+            .expect_err("the store refuses");
+        assert!(matches!(e, ReloadError::Store(_)), "{e}");
+        assert_eq!(r.generation(), 1);
+        assert!(!r.current().tiers["free"].shadow);
+        assert!(
+            !decider.rules().policy.tiers[0].shadow,
+            "the decisions' rules stay"
+        );
+        assert_eq!(
+            metrics.config.reloads.with_label_values(&["error"]).get(),
+            1
+        );
+        // Global shadow mode is the decider's alone.
+        let report = r.set_shadow(None, true).await.expect("applied");
+        assert_eq!(report.changed, ["budget.shadow"]);
+        assert!(decider.rules().shadow);
+        assert_eq!(metrics.config.generation.get(), 2);
+        // Switching it to what it is already changes nothing: no new generation.
+        let report = r.set_shadow(None, true).await.expect("applied");
+        assert!(report.changed.is_empty());
+        assert_eq!(report.generation, 2);
+    }
+
     #[test]
     fn the_overrides_are_applied_like_at_start() {
         let o = Overrides {
