@@ -84,10 +84,13 @@ pub(crate) enum Update {
     /// A decision carried the client's address.
     Client { key_id: u64, ip: IpAddr },
     /// New exact-path prices from the pricing engine: `(method, path, price)`; `applied` is
-    /// told once they are in the map.
+    /// told once they are in the map. With `replace`, the map is rebuilt to exactly the plan's
+    /// prices with these instead of the plan's where they name the same entry (after a
+    /// reload: no push of the engine before it can survive).
     Prices {
         prices: Vec<(Option<String>, String, f64)>,
         applied: Option<oneshot::Sender<()>>,
+        replace: bool,
     },
     /// A config reload's plan ([`GateLink::apply_plan`]): `applied` is told the generation
     /// in force, or why the plan could not be written (the previous one is then back).
@@ -173,6 +176,7 @@ impl GateLink {
         self.try_send(Update::Prices {
             prices,
             applied: None,
+            replace: false,
         })
     }
 
@@ -188,10 +192,33 @@ impl GateLink {
         if !self.try_send(Update::Prices {
             prices,
             applied: Some(tx),
+            replace: false,
         }) {
             return false;
         }
         matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
+    }
+
+    /// After a reload, the pricing engine's prices for a price map rebuilt to exactly the
+    /// plan's with these in place of the plan's: a price the engine pushed for the old config
+    /// (after the plan was written, before the engine was rebuilt) cannot survive. Waits (at
+    /// most `wait`); false when not applied in time.
+    pub async fn prices_replaced(
+        &self,
+        prices: Vec<(Option<String>, String, f64)>,
+        wait: Duration,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let update = Update::Prices {
+            prices,
+            applied: Some(tx),
+            replace: true,
+        };
+        let sent = tokio::time::timeout(wait, async {
+            self.tx.send(update).await.is_ok() && rx.await.is_ok()
+        })
+        .await;
+        matches!(sent, Ok(true))
     }
 
     fn try_send(&self, update: Update) -> bool {
@@ -778,10 +805,28 @@ fn handle(
             }
             None
         }
-        Update::Prices { prices, applied } => {
-            let result = prices.iter().try_for_each(|(method, path, price)| {
-                gate.set_price(method.as_deref(), path, *price)
-            });
+        Update::Prices {
+            prices,
+            applied,
+            replace,
+        } => {
+            let result = if replace {
+                let mut merged = plan.prices.clone();
+                for (method, path, price) in prices {
+                    match merged
+                        .iter_mut()
+                        .find(|(m, p, _)| *m == method && *p == path)
+                    {
+                        Some(entry) => entry.2 = price,
+                        None => merged.push((method, path, price)),
+                    }
+                }
+                gate.replace_prices(&merged)
+            } else {
+                prices.iter().try_for_each(|(method, path, price)| {
+                    gate.set_price(method.as_deref(), path, *price)
+                })
+            };
             match result {
                 Ok(()) => {
                     if let Some(applied) = applied {

@@ -518,6 +518,12 @@ impl Engine {
     /// Hands the kernel its prices (a fall first, and waits for it), then userspace's falls,
     /// then the cost table and gauges.
     async fn publish(&mut self) {
+        self.publish_with(false).await;
+    }
+
+    /// [`Engine::publish`]; with `replace` (after a reload), the kernel's price map is rebuilt
+    /// to the plan's with these prices, and waited for.
+    async fn publish_with(&mut self, replace: bool) {
         let mut kernel = Vec::new();
         let mut falls = false;
         for (idx, s) in self.slots.iter().enumerate() {
@@ -535,13 +541,15 @@ impl Engine {
             }
         }
         if let Some(gate) = &self.gate
-            && !kernel.is_empty()
+            && (replace || !kernel.is_empty())
         {
             let sent: Vec<(usize, f64)> = kernel.iter().map(|(i, m, _)| (*i, *m)).collect();
             let prices = kernel.into_iter().map(|(_, _, p)| p).collect();
             // Marked as sent only once queued (or, for a fall, applied): a dropped update is
             // sent again next round.
-            let delivered = if falls {
+            let delivered = if replace {
+                gate.prices_replaced(prices, KERNEL_ACK_WAIT).await
+            } else if falls {
                 gate.prices_applied(prices, KERNEL_ACK_WAIT).await
             } else {
                 gate.prices(prices)
@@ -725,6 +733,13 @@ impl Pricing {
             if old.is_some() {
                 // Static prices have no gauges: none of the engine's may linger.
                 self.metrics.price.reset();
+                // Nor may a price the engine pushed into the kernel: the map goes back to
+                // exactly the plan's.
+                if let Some(gate) = &self.gate
+                    && !gate.prices_replaced(Vec::new(), KERNEL_ACK_WAIT).await
+                {
+                    tracing::warn!("the kernel gate did not take the static prices in time");
+                }
                 tracing::info!("pricing engine stopped (pricing.dynamic = false)");
             }
             self.costs.set_static(book);
@@ -743,9 +758,10 @@ impl Pricing {
         match old {
             Some(old) => {
                 engine.carry(old);
-                // The cost table and the kernel's prices follow the new book now; the
-                // multipliers move at the next round.
-                engine.publish().await;
+                // The cost table and the kernel's prices follow the new book now (the map
+                // rebuilt, so no push of the old engine survives); the multipliers move at the
+                // next round.
+                engine.publish_with(true).await;
             }
             None => {
                 engine.tick().await;
@@ -871,6 +887,7 @@ mod tests {
             let Some(crate::kernel::sync::Update::Prices {
                 prices,
                 applied: Some(applied),
+                ..
             }) = events.recv().await
             else {
                 panic!("a fall waits for the kernel")
@@ -898,6 +915,120 @@ mod tests {
         let health_path = book.endpoint("/health").expect("normal form");
         let health = book.price(Some("GET"), &health_path).expect("priced");
         assert_eq!(health.multiplier(), 1.0, "operational endpoints never move");
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_engine_carries_what_stays_and_rebuilds_the_kernels_price_map() {
+        let text = |report: f64, extra: &str| {
+            Config::parse(&format!(
+                r#"
+                [pricing]
+                dynamic = true
+                alpha = 0.5
+                [[pricing.endpoints]]
+                method = "POST"
+                path = "/generate-report"
+                base_cost = {report}
+                {extra}
+                "#
+            ))
+            .expect("valid")
+        };
+        let (old_config, new_config) = (
+            text(100.0, ""),
+            text(
+                50.0,
+                "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/new\"\nbase_cost = 3",
+            ),
+        );
+        let metrics = Metrics::new();
+        let (link, mut events) = crate::kernel::sync::test_link(&old_config, &metrics);
+        let node = Arc::new(Node(parking_lot::Mutex::new((1.0, 1.0, 1.0))));
+        let old_book = PriceBook::new(&old_config.pricing);
+        let mut old = Engine::new(
+            &old_config.pricing,
+            &old_book,
+            node.clone(),
+            None,
+            metrics.clone(),
+            Some(link.clone()),
+        );
+        *node.0.lock() = (2.0, 2.0, 0.5);
+        old.tick().await;
+        while events.try_recv().is_ok() {}
+        let path = old_book.endpoint("/generate-report").expect("normal form");
+        let m = old_book
+            .price(Some("POST"), &path)
+            .expect("priced")
+            .multiplier();
+        assert!(m > 1.0, "{m}");
+        let ema = old.slots[0].ema;
+
+        // The reload's book keeps the multiplier; the engine keeps the score.
+        let new_book = PriceBook::new(&new_config.pricing);
+        new_book.carry_multipliers(&old_book);
+        let report = new_book.price(Some("POST"), &path).expect("priced");
+        assert_eq!(report.multiplier(), m);
+        let new_path = new_book.endpoint("/new").expect("normal form");
+        assert_eq!(
+            new_book
+                .price(Some("GET"), &new_path)
+                .expect("priced")
+                .multiplier(),
+            1.0
+        );
+        let mut new = Engine::new(
+            &new_config.pricing,
+            &new_book,
+            node.clone(),
+            None,
+            metrics,
+            Some(link),
+        );
+        new.carry(old);
+        let carried = new
+            .slots
+            .iter()
+            .find(|s| s.price.class == "/generate-report")
+            .expect("slot");
+        assert_eq!(carried.ema, ema);
+        let kernel = async {
+            let Some(crate::kernel::sync::Update::Prices {
+                prices,
+                applied: Some(applied),
+                replace: true,
+            }) = events.recv().await
+            else {
+                panic!("the map is rebuilt")
+            };
+            let _ = applied.send(());
+            prices
+        };
+        let ((), pushed) = tokio::join!(new.publish_with(true), kernel);
+        // Every exact path of the new book, at its lowest recent multiplier: the report's is
+        // carried (only one round: m), the new endpoint has none yet (the plan's price).
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        assert_eq!(pushed[0].1, "/generate-report");
+        assert!((pushed[0].2 - 50.0 * m).abs() < 1e-9, "{pushed:?}");
+        let costs = new.costs().get();
+        let line = costs
+            .iter()
+            .find(|c| c.endpoint == "/generate-report")
+            .expect("line");
+        assert_eq!((line.base_cost, line.multiplier), (50.0, m));
+        // The next round goes on from the carried score, not from 1.
+        new.tick().await;
+        let f = Formula::new(&new_config.pricing);
+        let refs = &new_config.pricing.node;
+        let load_n = f.normalise(0.5, refs.load);
+        let score = f.score(
+            f.normalise(2.0, refs.cpu),
+            f.normalise(2.0, refs.memory),
+            load_n,
+        );
+        let expected = f.multiplier(f.ema(ema, score), load_n);
+        assert!(expected > m, "a rise: applied at once");
+        assert!((report.multiplier() - expected).abs() < 1e-12);
     }
 
     #[test]
