@@ -493,12 +493,18 @@ impl Reloader {
         let p = &self.parts;
         let old_rules = p.rules.load_full();
         let policy = next.budget_policy();
-        // The new book, with the multipliers of the endpoints that stay (static prices have
+        // Unchanged prices: the same book (a clone shares the multipliers the engine moves).
+        // Else a new book, with the multipliers of the endpoints that stay (static prices have
         // none to keep).
-        let book = PriceBook::new(&next.pricing);
-        if next.pricing.dynamic && running.pricing.dynamic {
-            book.carry_multipliers(&old_rules.prices);
-        }
+        let book = if running.pricing == next.pricing {
+            old_rules.prices.clone()
+        } else {
+            let book = PriceBook::new(&next.pricing);
+            if next.pricing.dynamic && running.pricing.dynamic {
+                book.carry_multipliers(&old_rules.prices);
+            }
+            book
+        };
 
         // 1. The store's policy (a store that cannot take one refuses: nothing changed yet).
         let policy_changed = policy != old_rules.policy;
@@ -738,9 +744,19 @@ mod tests {
             1
         );
         // Global shadow mode is the decider's alone.
+        let book = decider.prices();
         let report = r.set_shadow(None, true).await.expect("applied");
         assert_eq!(report.changed, ["budget.shadow"]);
         assert!(decider.rules().shadow);
+        // Prices did not change: the decisions keep the book whose multipliers the pricing
+        // engine moves.
+        let path = book.endpoint("/x").expect("normal form");
+        book.price(None, &path).expect("priced").set_multiplier(1.5);
+        let now = decider.rules();
+        assert_eq!(
+            now.prices.price(None, &path).expect("priced").multiplier(),
+            1.5
+        );
         assert_eq!(metrics.config.generation.get(), 2);
         // Switching it to what it is already changes nothing: no new generation.
         let report = r.set_shadow(None, true).await.expect("applied");
