@@ -606,7 +606,9 @@ impl TokenStore for RedisStore {
         check_cost(d.cost)?;
         let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
         let cost = d.cost.to_string();
-        let policy = self.args.load();
+        // Held for the whole call (its arguments borrow from it): an `Arc`, not a short-lived
+        // guard.
+        let policy = self.args.load_full();
         let tail = match d.bucket {
             BucketKind::Main => &policy.main_args,
             BucketKind::Operational => &policy.ops_args,
