@@ -811,17 +811,7 @@ fn handle(
             replace,
         } => {
             let result = if replace {
-                let mut merged = plan.prices.clone();
-                for (method, path, price) in prices {
-                    match merged
-                        .iter_mut()
-                        .find(|(m, p, _)| *m == method && *p == path)
-                    {
-                        Some(entry) => entry.2 = price,
-                        None => merged.push((method, path, price)),
-                    }
-                }
-                gate.replace_prices(&merged)
+                gate.replace_prices(&merged_prices(plan, prices))
             } else {
                 prices.iter().try_for_each(|(method, path, price)| {
                     gate.set_price(method.as_deref(), path, *price)
@@ -846,6 +836,25 @@ fn handle(
     if let Some(write) = write {
         apply(gate, snapshots, write);
     }
+}
+
+/// The price map after a reload with the pricing engine: the plan's prices, with the engine's
+/// in place of the plan's where they name the same entry (and any the plan lacks).
+fn merged_prices(
+    plan: &KernelPlan,
+    engine: Vec<(Option<String>, String, f64)>,
+) -> Vec<(Option<String>, String, f64)> {
+    let mut merged = plan.prices.clone();
+    for (method, path, price) in engine {
+        match merged
+            .iter_mut()
+            .find(|(m, p, _)| *m == method && *p == path)
+        {
+            Some(entry) => entry.2 = price,
+            None => merged.push((method, path, price)),
+        }
+    }
+    merged
 }
 
 /// Writes a reload's plan into the gate. A new generation goes first (every snapshot and
@@ -1296,6 +1305,36 @@ mod tests {
         let silent = link.apply_plan(plan(&base), Duration::from_secs(5)).await;
         assert!(matches!(silent, Err(PlanError::Timeout(_))), "{silent:?}");
         assert_eq!(link.plan().settings.generation, generation);
+    }
+
+    #[test]
+    fn a_rebuilt_price_map_is_the_plans_with_the_engines_prices() {
+        let config = Config::parse(
+            r#"
+            [pricing]
+            dynamic = true
+            floor = 0.5
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/a"
+            base_cost = 100
+            [[pricing.endpoints]]
+            path = "/b"
+            base_cost = 10
+            "#,
+        )
+        .expect("valid");
+        let p = plan(&config);
+        let merged = merged_prices(&p, vec![(Some("POST".into()), "/a".into(), 80.0)]);
+        assert_eq!(
+            merged,
+            [
+                (Some("POST".into()), "/a".into(), 80.0),
+                (None, "/b".into(), 5.0)
+            ],
+            "the engine's price for /a, the plan's (floor x base) for /b, nothing else"
+        );
+        assert_eq!(merged_prices(&p, Vec::new()), p.prices);
     }
 
     #[test]
