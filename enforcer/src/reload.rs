@@ -128,9 +128,9 @@ impl ConfigSource {
     /// Reads the file (or the defaults), applies the overrides and validates the result.
     pub fn load(&self) -> Result<Config, ReloadError> {
         let mut config = match &self.path {
-            Some(path) => Config::load(path).map_err(|source| ReloadError::File {
+            Some(path) => Config::load(path).map_err(|error| ReloadError::File {
                 path: path.clone(),
-                source,
+                error,
             })?,
             None => Config::default(),
         };
@@ -154,12 +154,13 @@ pub enum ReloadError {
     NoFile,
     /// The file cannot be read, is not TOML of the schema, or has invalid values (every one
     /// with its path, one per line).
-    #[error("config {}: {source}", path.display())]
+    // Not a `source`: the message says it all, once (an error chain would repeat it).
+    #[error("config {}: {error}", path.display())]
     File {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: ConfigError,
+        error: ConfigError,
     },
     /// The settings with the command line's overrides (or with the running values of what
     /// needs a restart) are invalid; one per line, with its path.
