@@ -205,6 +205,8 @@ fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/keys/grant", post(grant))
         .route("/v1/keys/block", post(block))
         .route("/v1/keys/unblock", post(unblock))
+        .route("/v1/shadow", post(shadow))
+        .route("/v1/reload", post(reload))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "not_found", "no such admin route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
@@ -337,6 +339,7 @@ async fn status(State(admin): State<Arc<Admin>>, Extension(op): Extension<Operat
     let ledger = &app.metrics.ledger;
     let body = json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "generation": app.reloader.generation(),
         "uptime_secs": admin.started.elapsed().as_secs(),
         "store": {
             "backend": store.backend(),
@@ -707,4 +710,62 @@ async fn unblock(
     }
     .await;
     done(&admin, op, "unblock", hash.as_ref(), answer)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowRequest {
+    on: bool,
+    /// One tier's shadow mode; absent: global.
+    tier: Option<String>,
+}
+
+/// `POST /v1/shadow`: shadow mode on or off, global or one tier's, until the next reload.
+async fn shadow(
+    State(admin): State<Arc<Admin>>,
+    Extension(op): Extension<Operator>,
+    payload: Result<Json<ShadowRequest>, JsonRejection>,
+) -> Response {
+    let answer = async {
+        let r = body(payload)?;
+        let report = admin
+            .app
+            .reloader
+            .set_shadow(r.tier.as_deref(), r.on)
+            .await
+            .map_err(|e| {
+                refuse(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "shadow_refused",
+                    &e.to_string(),
+                )
+            })?;
+        tracing::info!(target: "enforcer::admin", on = r.on, tier = r.tier.as_deref(), generation = report.generation, "shadow switch");
+        serde_json::to_value(&report)
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()))
+    }
+    .await;
+    done(&admin, op, "shadow", None, answer)
+}
+
+/// `POST /v1/reload`: as SIGHUP; the errors of a refused file come back whole.
+async fn reload(State(admin): State<Arc<Admin>>, Extension(op): Extension<Operator>) -> Response {
+    let answer = async {
+        let report = admin.app.reloader.reload().await.map_err(|e| {
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_refused",
+                &format!("the config was not applied (the old one keeps serving): {e}"),
+            )
+        })?;
+        serde_json::to_value(&report).map_err(|e| {
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            )
+        })
+    }
+    .await;
+    done(&admin, op, "reload", None, answer)
 }

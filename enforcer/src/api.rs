@@ -50,6 +50,8 @@ pub struct App {
     pub costs: crate::pricing::CostTable,
     /// `[server] trusted_proxies`: whose word on the client's address is taken.
     pub trusted_proxies: TrustedProxies,
+    /// Config reloads and shadow switches (the admin socket, SIGHUP).
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// The HTTP peer of a request, as the listener recorded it (absent: never trusted).
@@ -481,8 +483,24 @@ mod tests {
                 metrics.clone(),
                 crate::decision::event::Outbox::new().with(Arc::new(link)),
             );
+            let costs = crate::pricing::static_costs(&decider.prices());
+            let reloader = Arc::new(crate::reload::Reloader::new(
+                None,
+                &config,
+                crate::reload::Parts {
+                    rules: decider.rules_switch(),
+                    store: decider.store().clone(),
+                    local: None,
+                    pricing: None,
+                    costs: costs.clone(),
+                    gate: None,
+                    ledger: None,
+                    metrics: metrics.clone(),
+                },
+            ));
             let app = Arc::new(App {
-                costs: crate::pricing::static_costs(decider.prices()),
+                costs,
+                reloader,
                 decider,
                 metrics: metrics.clone(),
                 key_header: HeaderName::from_static("x-api-key"),

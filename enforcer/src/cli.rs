@@ -2,6 +2,7 @@
 //!
 //! The kernel gate's commands (`kernel …`, `keys block|unblock`) are in [`kernel`].
 use crate::config::Config;
+use crate::reload::{ConfigSource, Overrides};
 use crate::server::{Server, shutdown_signal};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -756,58 +757,39 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => {
-            Config::load(path).with_context(|| format!("config {} is not valid", path.display()))?
+impl RunArgs {
+    /// The config's source: the file and the overrides of this command line, applied at start
+    /// and again at every reload (SIGHUP, `enforcer reload`).
+    pub fn source(&self) -> ConfigSource {
+        ConfigSource {
+            path: self.config.clone(),
+            overrides: Overrides {
+                listen: self.listen,
+                grpc_listen: self.grpc_listen.clone(),
+                admin_socket: self.admin_socket.clone(),
+                redis_url: self.redis_url.clone(),
+                redis_cluster: self.redis_cluster.clone(),
+                interfaces: self.interfaces.clone(),
+                protect_ports: self.protect_ports.clone(),
+                pin_dir: self.pin_dir.clone(),
+                database_url: self.database_url.clone(),
+                migrate: self.migrate,
+                ledger_file: self.ledger_file.clone(),
+            },
         }
-        None => Config::default(),
-    };
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
     }
-    if let Some(grpc) = args.grpc_listen {
-        config.server.grpc_listen = grpc;
-    }
-    if let Some(socket) = args.admin_socket {
-        config.server.admin_socket = socket;
-    }
-    if let Some(url) = args.redis_url {
-        config.store.redis_url = url;
-    }
-    if !args.redis_cluster.is_empty() {
-        config.store.redis_cluster = args.redis_cluster;
-    }
-    config.kernel.interfaces.extend(args.interfaces);
-    config.kernel.protect_ports.extend(args.protect_ports);
-    if let Some(dir) = args.pin_dir {
-        config.kernel.pin_dir = dir;
-    }
-    if let Some(url) = args.database_url {
-        config.ledger.database_url = url;
-    }
-    if args.migrate {
-        config.ledger.migrate = true;
-    }
-    if let Some(file) = args.ledger_file {
-        config.ledger.file = file;
-    }
-    let errors = config.validate();
-    if !errors.is_empty() {
-        bail!(
-            "invalid settings:\n{}",
-            errors
-                .iter()
-                .map(|e| format!("  {e}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = args.source();
+    // Every error of the file and the overrides, before a runtime starts.
+    source.load()?;
     // The daemon runs as a spawned task: a future driven by `block_on` itself would run on the
     // main thread, beside the worker threads, instead of on them.
     runtime_with(args.workers)?.block_on(async {
         tokio::spawn(async move {
-            let server = Server::bind(&config).await?;
+            let server = Server::bind_from(source).await?;
+            let config = server.config();
             let addr = server.local_addr()?;
             let backend = if !config.store.redis_cluster.is_empty() {
                 "redis cluster"

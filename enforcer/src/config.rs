@@ -71,7 +71,7 @@ pub enum UnknownKeyPolicy {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[server]`
@@ -93,7 +93,7 @@ pub struct Config {
 }
 
 /// `[server]`: the HTTP decision API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address of the HTTP API.
@@ -138,7 +138,7 @@ impl ServerConfig {
 
 /// `[envoy]`: which entries of an Envoy rate-limit descriptor carry what (see
 /// `docs/gateways.md`). Entries not named here are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnvoyConfig {
     /// Entries that carry the API key, first present wins (e.g. `api_key`, or the
@@ -183,7 +183,7 @@ impl Default for EnvoyConfig {
 }
 
 /// `[store]`: where buckets live.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Redis URL; empty means the embedded in-process store (unless `redis_cluster` is set).
@@ -220,7 +220,7 @@ pub struct StoreConfig {
 }
 
 /// `[budget]`: rules shared by all tiers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
     /// Keys without an assignment: `default-tier` or `reject`.
@@ -242,7 +242,7 @@ pub struct BudgetConfig {
 }
 
 /// `[budget.operational]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OperationalConfig {
     /// Burst of operational requests per key.
@@ -252,7 +252,7 @@ pub struct OperationalConfig {
 }
 
 /// `[tiers.<name>]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierConfig {
     /// Capacity of the bucket.
@@ -273,7 +273,7 @@ pub struct TierConfig {
 }
 
 /// `[pricing]`: the cost matrix, and the engine that moves it with telemetry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricingConfig {
     /// Cost of an endpoint not listed.
@@ -312,7 +312,7 @@ pub struct PricingConfig {
 /// `[pricing.domains.NAME]`: a cost table for one Envoy rate-limit domain. Its prices move
 /// with the global table's multipliers (the entry of the same method and path, else the global
 /// default), so the pricing engine needs no queries of its own for it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DomainPricing {
     /// Cost of an endpoint this table does not list (default: `pricing.default_cost`).
@@ -322,7 +322,7 @@ pub struct DomainPricing {
 }
 
 /// `[pricing.weights]`: how the score weighs its inputs (normalised to sum 1).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WeightsConfig {
     /// The endpoint's CPU.
@@ -344,7 +344,7 @@ impl Default for WeightsConfig {
 }
 
 /// `[pricing.surge]`: `base^((load − threshold) / span)` above `threshold`, at most `max`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SurgeConfig {
     /// Normalised node load above which the surge applies.
@@ -369,7 +369,7 @@ impl Default for SurgeConfig {
 }
 
 /// `[pricing.node]`: what counts as a reference (normalised 1.0) node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeReferences {
     /// Node CPU utilisation (0-1) that is the reference, for endpoints without a CPU query.
@@ -392,7 +392,7 @@ impl Default for NodeReferences {
 }
 
 /// `[pricing.prometheus]`: where per-endpoint CPU and memory come from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusConfig {
     /// Base URL of the Prometheus HTTP API (e.g. `http://prometheus:9090`); empty: none.
@@ -411,7 +411,7 @@ impl Default for PrometheusConfig {
 }
 
 /// `[[pricing.endpoints]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// HTTP method, or `*` (default) for any.
@@ -503,7 +503,7 @@ fn one_gib() -> f64 {
 }
 
 /// `[kernel]`: the TC eBPF gate.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelConfig {
     /// Interfaces to attach the gate to (ingress). Empty: userspace only.
@@ -541,7 +541,7 @@ impl Default for KernelConfig {
 }
 
 /// `[ledger]`: the audit ledger (one row per decision).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// PostgreSQL URL; empty: no database, rows go to `file` (the embedded default).

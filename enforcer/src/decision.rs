@@ -230,20 +230,52 @@ pub enum RefundError {
     Unavailable(String),
 }
 
+/// What a config reload may change about decisions ([`crate::reload`]): the prices, the
+/// budget policy, shadow mode and the bounds of `units`. A decision reads them once (one
+/// atomic load), so it is priced and judged by one config from start to end.
+#[derive(Debug)]
+pub struct Rules {
+    /// The cost matrix (its multipliers are shared with the pricing engine).
+    pub prices: PriceBook,
+    /// Tiers, unknown keys, the operational bucket.
+    pub policy: BudgetPolicy,
+    /// Global shadow mode (`budget.shadow`).
+    pub shadow: bool,
+    /// `budget.max_units`.
+    pub max_units: f64,
+    /// `budget.min_units`.
+    pub min_units: f64,
+}
+
+impl Rules {
+    /// The rules of `config`, with a fresh price book (every multiplier 1).
+    pub fn new(config: &Config) -> Self {
+        Self::with_prices(config, PriceBook::new(&config.pricing))
+    }
+
+    /// The rules of `config` with this price book (built from `config.pricing`).
+    pub fn with_prices(config: &Config, prices: PriceBook) -> Self {
+        Self {
+            prices,
+            policy: config.budget_policy(),
+            shadow: config.budget.shadow,
+            max_units: config.budget.max_units,
+            min_units: config.budget.min_units,
+        }
+    }
+}
+
 /// Decides checks. Shared by every request handler.
 #[derive(Debug)]
 pub struct Decider {
     store: Arc<dyn TokenStore>,
-    prices: PriceBook,
-    policy: BudgetPolicy,
+    /// Swapped whole by a config reload ([`crate::reload`]).
+    rules: Arc<arc_swap::ArcSwap<Rules>>,
     /// One circuit breaker per failure domain of the store ([`TokenStore::shards`]): a cluster
     /// primary that is down opens the breakers of its slots only.
     breakers: Vec<Breaker>,
     timeout: Duration,
     on_failure: OnStoreFailure,
-    shadow: bool,
-    max_units: f64,
-    min_units: f64,
     metrics: Metrics,
     /// `enforcer_debit_duration_seconds{backend=…}`, looked up once instead of per decision.
     debit_duration: prometheus::Histogram,
@@ -283,8 +315,7 @@ impl Decider {
         });
         Self {
             store,
-            prices: PriceBook::new(&config.pricing),
-            policy: config.budget_policy(),
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(Rules::new(config))),
             breakers: (0..shards)
                 .map(|_| {
                     Breaker::new(
@@ -295,9 +326,6 @@ impl Decider {
                 .collect(),
             timeout: Duration::from_millis(config.store.timeout_ms),
             on_failure: config.store.on_store_failure,
-            shadow: config.budget.shadow,
-            max_units: config.budget.max_units,
-            min_units: config.budget.min_units,
             debit_duration,
             metrics,
             events,
@@ -316,14 +344,36 @@ impl Decider {
         &self.events
     }
 
-    /// The price book (the pricing engine moves its multipliers).
-    pub fn prices(&self) -> &PriceBook {
-        &self.prices
+    /// The price book now (a clone sharing the multipliers, which the pricing engine moves).
+    pub fn prices(&self) -> PriceBook {
+        self.rules.load().prices.clone()
+    }
+
+    /// The rules decisions follow now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Decisions from now on follow `rules`; decisions in flight finish under the rules they
+    /// started with.
+    pub fn set_rules(&self, rules: Rules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// The switch a config reload swaps the rules with ([`crate::reload::Parts`]).
+    pub fn rules_switch(&self) -> Arc<arc_swap::ArcSwap<Rules>> {
+        Arc::clone(&self.rules)
     }
 
     /// The names of the tiers decisions are made with, in config order.
     pub fn tier_names(&self) -> Vec<String> {
-        self.policy.tiers.iter().map(|t| t.name.clone()).collect()
+        self.rules
+            .load()
+            .policy
+            .tiers
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// The token store (for readiness probes).
@@ -333,8 +383,7 @@ impl Decider {
 
     /// Decides one check.
     pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
-        self.decide(&self.prices, std::slice::from_mut(&mut check))
-            .await
+        self.decide(None, std::slice::from_mut(&mut check)).await
     }
 
     /// Decides several checks of one key together (Envoy's descriptors of one request): each
@@ -347,12 +396,22 @@ impl Decider {
         domain: &str,
         checks: &mut [Check],
     ) -> Result<Decision, CheckError> {
-        self.decide(self.prices.for_domain(domain), checks).await
+        self.decide(Some(domain), checks).await
     }
 
-    async fn decide(&self, book: &PriceBook, checks: &mut [Check]) -> Result<Decision, CheckError> {
+    async fn decide(
+        &self,
+        domain: Option<&str>,
+        checks: &mut [Check],
+    ) -> Result<Decision, CheckError> {
         let Some(first) = checks.first() else {
             return Err(CheckError::Empty);
+        };
+        // One config for the whole decision, even if a reload lands meanwhile.
+        let rules = self.rules.load_full();
+        let book = match domain {
+            Some(domain) => rules.prices.for_domain(domain),
+            None => &rules.prices,
         };
         let mut base = 0.0;
         let mut cost = 0.0;
@@ -371,12 +430,12 @@ impl Decider {
             let price = book.price(check.method.as_deref(), &endpoint)?;
             if !(check.units.is_finite()
                 && check.units > 0.0
-                && check.units >= self.min_units
-                && check.units <= self.max_units)
+                && check.units >= rules.min_units
+                && check.units <= rules.max_units)
             {
                 return Err(CheckError::Units {
-                    min: self.min_units,
-                    max: self.max_units,
+                    min: rules.min_units,
+                    max: rules.max_units,
                 });
             }
             multiplier = price.multiplier();
@@ -394,10 +453,10 @@ impl Decider {
             bucket = Some(kind);
             endpoints.push(String::from(endpoint));
         }
-        if units > self.max_units {
+        if units > rules.max_units {
             return Err(CheckError::Units {
-                min: self.min_units,
-                max: self.max_units,
+                min: rules.min_units,
+                max: rules.max_units,
             });
         }
         if !(cost.is_finite() && cost > 0.0 && cost <= MAX_COST) {
@@ -456,13 +515,13 @@ impl Decider {
                 if let Some(local) = &self.local {
                     local.seen(&debit.key, &settled.tier);
                 }
-                self.settled(settled, bucket, debit.request_id, &endpoint)
+                self.settled(&rules, settled, bucket, debit.request_id, &endpoint)
             }
             // Shadow mode allows unknown keys too, and records what it would have denied.
             Ok(DebitOutcome::UnknownKey) => Decision::without_balance(
-                self.shadow,
+                rules.shadow,
                 Denial::UnknownKey,
-                if self.shadow {
+                if rules.shadow {
                     Mode::Shadow
                 } else {
                     Mode::Enforce
@@ -482,7 +541,12 @@ impl Decider {
                 &endpoint,
             ),
             // A call that was sent may still land (a frozen store runs it when it runs again).
-            Err(e) => self.without_store(&debit, &endpoint, !matches!(e, CallError::BreakerOpen)),
+            Err(e) => self.without_store(
+                &rules,
+                &debit,
+                &endpoint,
+                !matches!(e, CallError::BreakerOpen),
+            ),
         };
         let decided = Decided {
             key: &check.key,
@@ -520,16 +584,17 @@ impl Decider {
 
     fn settled(
         &self,
+        rules: &Rules,
         s: Settled,
         bucket: BucketKind,
         request_id: RequestId,
         endpoint: &str,
     ) -> Decision {
-        let tier = self.policy.tier(&s.tier);
-        let shadow = self.shadow || tier.is_some_and(|t| t.shadow);
+        let tier = rules.policy.tier(&s.tier);
+        let shadow = rules.shadow || tier.is_some_and(|t| t.shadow);
         let params = match bucket {
             BucketKind::Main => tier.map(|t| t.bucket),
-            BucketKind::Operational => Some(self.policy.operational),
+            BucketKind::Operational => Some(rules.policy.operational),
         };
         Decision {
             allowed: s.allowed || shadow,
@@ -559,19 +624,19 @@ impl Decider {
         }
     }
 
-    fn without_store(&self, debit: &Debit, endpoint: &str, sent: bool) -> Decision {
+    fn without_store(&self, rules: &Rules, debit: &Debit, endpoint: &str, sent: bool) -> Decision {
         let (cost, request_id) = (debit.cost, debit.request_id.clone());
         if let Some(local) = &self.local {
             self.metrics
                 .store_failure_decisions
                 .with_label_values(&["local"])
                 .inc();
-            return self.locally(local.decide(debit, sent), debit, endpoint);
+            return self.locally(rules, local.decide(debit, sent), debit, endpoint);
         }
         let (allowed, mode, policy) = match self.on_failure {
             OnStoreFailure::FailOpen => (true, Mode::FailOpen, "fail-open"),
             // Shadow mode never denies: it records that fail-closed would have.
-            OnStoreFailure::FailClosed if self.shadow => (true, Mode::Shadow, "fail-closed"),
+            OnStoreFailure::FailClosed if rules.shadow => (true, Mode::Shadow, "fail-closed"),
             // `local` always has local buckets (above); fail closed if it ever had none.
             OnStoreFailure::FailClosed | OnStoreFailure::Local => {
                 (false, Mode::FailClosed, "fail-closed")
@@ -602,14 +667,20 @@ impl Decider {
 
     /// A decision by a local bucket (`on_store_failure = "local"`); shadow mode (global or the
     /// tier's) allows what the local bucket denies, and records it.
-    fn locally(&self, outcome: LocalOutcome, debit: &Debit, endpoint: &str) -> Decision {
+    fn locally(
+        &self,
+        rules: &Rules,
+        outcome: LocalOutcome,
+        debit: &Debit,
+        endpoint: &str,
+    ) -> Decision {
         let d = match outcome {
             LocalOutcome::Decided(d) => d,
             LocalOutcome::Unknown | LocalOutcome::Untracked => {
                 let mut decision = Decision::without_balance(
-                    self.shadow,
+                    rules.shadow,
                     Denial::StoreUnavailable,
-                    if self.shadow {
+                    if rules.shadow {
                         Mode::Shadow
                     } else {
                         Mode::Local
@@ -622,7 +693,7 @@ impl Decider {
                 return decision;
             }
         };
-        let shadow = self.shadow || self.policy.tier(&d.tier).is_some_and(|t| t.shadow);
+        let shadow = rules.shadow || rules.policy.tier(&d.tier).is_some_and(|t| t.shadow);
         Decision {
             allowed: d.allowed || shadow,
             denial: (!d.allowed).then_some(Denial::Exhausted),

@@ -18,8 +18,8 @@
 //! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
 //!   enforces (`plan`), the subscriber and task that keep its maps in step with the decisions
 //!   (`sync`) and its rejection rollups.
-//! - [`lifecycle`]: the background workers (kernel sync, pricing engine) and their one
-//!   shutdown signal.
+//! - [`lifecycle`]: the background workers (kernel sync, pricing engine, SIGHUP) and their
+//!   one shutdown signal; [`reload`]: what a config reload changes while serving, and how.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
 //!   command line).
@@ -47,6 +47,7 @@ pub mod listener;
 pub mod metrics;
 pub mod price;
 pub mod pricing;
+pub mod reload;
 pub mod rls;
 pub mod server;
 pub mod store;

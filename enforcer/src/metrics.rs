@@ -86,6 +86,43 @@ pub struct Metrics {
     /// (`keyed`: charged to a key; `keyless`: no key entry, not ours; `negative_hits`: given
     /// back by Envoy, not charged).
     pub rls_descriptors: IntCounterVec,
+    /// Config reloads and their metrics (`enforcer_config_*`).
+    pub config: ConfigMetrics,
+}
+
+/// Metrics of config reloads ([`crate::reload`]).
+#[derive(Clone, Debug)]
+pub struct ConfigMetrics {
+    /// `enforcer_config_reload_total{result}`: reloads (SIGHUP, `enforcer reload`, shadow
+    /// switches) by result, `ok` or `error` (nothing changed).
+    pub reloads: IntCounterVec,
+    /// `enforcer_config_generation`: 1 for the config the daemon started with, +1 per applied
+    /// change.
+    pub generation: IntGauge,
+}
+
+impl ConfigMetrics {
+    fn new(registry: &Families) -> Self {
+        let reloads = counter_vec(
+            registry,
+            "enforcer_config_reload_total",
+            "Config reloads (SIGHUP, enforcer reload, shadow switches) by result: ok, or error (the old config keeps serving)",
+            &["result"],
+        );
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        let generation = gauge(
+            registry,
+            "enforcer_config_generation",
+            "The config now serving: 1 at start, +1 per applied reload or shadow switch",
+        );
+        generation.set(1);
+        Self {
+            reloads,
+            generation,
+        }
+    }
 }
 
 /// Metrics of the HTTP listener (`enforcer_http_*`): connections, and the limits that bit.
@@ -529,6 +566,7 @@ impl Metrics {
             .expect("valid metric definition"),
         );
         let http = HttpMetrics::new(&registry);
+        let config = ConfigMetrics::new(&registry);
         Self {
             registry,
             decisions,
@@ -562,6 +600,7 @@ impl Metrics {
             http,
             rls_requests,
             rls_descriptors,
+            config,
         }
     }
 

@@ -191,6 +191,26 @@ impl PriceBook {
         }
     }
 
+    /// Gives this book's prices the multipliers of `from`'s entries of the same method and
+    /// path pattern (and default), for a config reload with the pricing engine: an endpoint
+    /// that stays keeps its price movement; a new one starts at 1. Operational prices never
+    /// move.
+    pub fn carry_multipliers(&self, from: &PriceBook) {
+        for p in self.entries() {
+            if p.operational {
+                continue;
+            }
+            let was = if p.class == "default" {
+                Some(&from.default)
+            } else {
+                from.same_entry(&p.method, &p.class)
+            };
+            if let Some(was) = was.filter(|w| !w.operational) {
+                p.set_multiplier(was.multiplier());
+            }
+        }
+    }
+
     /// The cost table of an Envoy rate-limit `domain`: its own when `[pricing.domains]` has
     /// one, else this (global) one.
     pub fn for_domain(&self, domain: &str) -> &PriceBook {

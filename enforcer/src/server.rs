@@ -2,8 +2,10 @@
 //! serves until shutdown (the accept loop and its connection limits: [`crate::listener`]).
 //!
 //! The decider publishes every decision to its [`Outbox`]: the audit ledger and the kernel
-//! gate's sync subscribe. The background workers (kernel sync, pricing engine) share one
-//! lifecycle ([`crate::lifecycle`]); the ledger writer is flushed after them.
+//! gate's sync subscribe. The background workers (kernel sync, pricing engine, the SIGHUP
+//! reload) share one lifecycle ([`crate::lifecycle`]); the ledger writer is flushed after them.
+//! [`Server::bind_from`] knows the config's file and overrides, so it can be reloaded
+//! ([`crate::reload`]).
 use crate::api::{self, App};
 use crate::clock::SystemClock;
 use crate::config::Config;
@@ -11,6 +13,7 @@ use crate::decision::Decider;
 use crate::decision::event::{Outbox, Subscriber};
 use crate::lifecycle::Workers;
 use crate::metrics::Metrics;
+use crate::reload::{ConfigSource, Reloader};
 use crate::store::{MemoryStore, RedisStore, RedisStoreConfig, StoreError, TokenStore};
 use axum::http::{HeaderName, StatusCode};
 use std::future::Future;
@@ -45,6 +48,9 @@ pub enum ServerError {
     /// A config value the HTTP layer cannot use (validation should have caught it).
     #[error("invalid config: {0}")]
     Config(String),
+    /// The config file could not be read, or is invalid.
+    #[error(transparent)]
+    Load(#[from] crate::reload::ReloadError),
 }
 
 /// The token store a config asks for: a Redis Cluster when `store.redis_cluster` is set, one
@@ -86,8 +92,31 @@ pub struct Server {
 }
 
 impl Server {
-    /// Builds everything from `config` and binds the listen address.
+    /// Builds everything from `config` and binds the listen address. Knowing no file, the
+    /// daemon cannot reload (shadow switches work); [`Server::bind_from`] can.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        Self::build(config, None).await
+    }
+
+    /// Loads the config from `source` (its file, or the defaults, and the command line's
+    /// overrides), builds everything and binds; SIGHUP reloads it from there.
+    pub async fn bind_from(source: ConfigSource) -> Result<Self, ServerError> {
+        let config = source.load()?;
+        Self::build(&config, Some(source)).await
+    }
+
+    /// The config now serving.
+    pub fn config(&self) -> Arc<Config> {
+        self.app.reloader.current()
+    }
+
+    /// Config reloads and shadow switches of this daemon.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.app.reloader.clone()
+    }
+
+    async fn build(config: &Config, source: Option<ConfigSource>) -> Result<Self, ServerError> {
+        let sighup = source.is_some();
         let metrics = Metrics::new();
         let store = build_store(config)?;
         // Warm the store connection so the first decision does not pay for it; failure is
@@ -108,46 +137,40 @@ impl Server {
             tracing::info!(spill = %config.ledger.file, "audit ledger: PostgreSQL");
         }
         // The ledger first: its row is written before the caller gets the answer.
-        let mut events = Outbox::new().with(Arc::new(ledger) as Arc<dyn Subscriber>);
+        let mut events = Outbox::new().with(Arc::new(ledger.clone()) as Arc<dyn Subscriber>);
         if let Some(gate) = &gate {
             events = events.with(Arc::new(gate.clone()) as Arc<dyn Subscriber>);
         }
         let decider = Decider::new(config, store, metrics.clone(), events);
-        let costs = if config.pricing.dynamic {
-            let prometheus = (!config.pricing.prometheus.url.is_empty()).then(|| {
-                Arc::new(crate::pricing::telemetry::Prometheus::new(
-                    &config.pricing.prometheus.url,
-                    Duration::from_millis(config.pricing.prometheus.timeout_ms),
-                )) as Arc<dyn crate::pricing::telemetry::TelemetrySource>
-            });
-            let mut engine = crate::pricing::Engine::new(
-                &config.pricing,
-                decider.prices(),
-                Arc::new(crate::pricing::telemetry::ProcNode::at(
-                    &config.pricing.proc_root,
-                )),
-                prometheus,
-                metrics.clone(),
+        // The pricing worker runs whether or not the engine does: a reload may turn it on.
+        // With `dynamic`, its first round runs before serving, so /v1/costs and the metrics
+        // are never empty.
+        let (pricing, repricing) = crate::pricing::Pricing::start(
+            &config.pricing,
+            &decider.prices(),
+            metrics.clone(),
+            gate.clone(),
+        )
+        .await;
+        let costs = pricing.costs();
+        workers.spawn("pricing", pricing.run(workers.shutdown()));
+        let reloader = Arc::new(Reloader::new(
+            source,
+            config,
+            crate::reload::Parts {
+                rules: decider.rules_switch(),
+                store: decider.store().clone(),
+                local: decider.local().cloned(),
+                pricing: Some(repricing),
+                costs: costs.clone(),
                 gate,
-            );
-            // A first round before serving, so /v1/costs and the metrics are never empty.
-            engine.tick().await;
-            let costs = engine.costs();
-            workers.spawn(
-                "pricing engine",
-                engine.run(
-                    Duration::from_millis(config.pricing.interval_ms),
-                    workers.shutdown(),
-                ),
-            );
-            tracing::info!(
-                interval_ms = config.pricing.interval_ms,
-                "pricing engine running"
-            );
-            costs
-        } else {
-            crate::pricing::static_costs(decider.prices())
-        };
+                ledger: Some(ledger),
+                metrics: metrics.clone(),
+            },
+        ));
+        if sighup {
+            spawn_sighup(&mut workers, reloader.clone());
+        }
         if kernel.get().attached && config.server.trusted_proxies.is_empty() {
             tracing::info!(
                 "no [server] trusted_proxies: no request names a client address, so the kernel \
@@ -166,6 +189,7 @@ impl Server {
             trusted_proxies: crate::client_addr::TrustedProxies::new(
                 config.server.trusted_proxies.clone(),
             ),
+            reloader,
         });
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -327,6 +351,35 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// SIGHUP reloads the config (a worker, so it stops with the others). A failed reload is
+/// logged and counted by the reloader; the old config keeps serving.
+fn spawn_sighup(workers: &mut Workers, reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: reload through the admin socket only");
+            return;
+        }
+    };
+    let mut shutdown = workers.shutdown();
+    workers.spawn("config reload (SIGHUP)", async move {
+        loop {
+            tokio::select! {
+                () = shutdown.requested() => break,
+                got = hangup.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    tracing::info!("SIGHUP: reloading the config");
+                    // The outcome is logged and counted by the reloader.
+                    let _ = reloader.reload().await;
+                }
+            }
+        }
+    });
 }
 
 /// Serves Envoy's rate-limit API and `grpc.health.v1.Health` until `shutdown`: health says

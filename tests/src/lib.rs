@@ -118,6 +118,8 @@ pub struct TestDaemon {
     pub grpc: Option<SocketAddr>,
     /// The admin API's Unix socket, unless the config turned it off.
     pub admin_socket: Option<PathBuf>,
+    /// The daemon's config reloads and shadow switches (what the admin socket calls).
+    pub reloader: std::sync::Arc<enforcer::reload::Reloader>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Holds the audit ledger file unless the config names one.
@@ -149,7 +151,44 @@ impl TestDaemon {
         assert!(errors.is_empty(), "test config invalid: {errors:?}");
         let ledger_file = PathBuf::from(&config.ledger.file);
         let server = Server::bind(&config).await.expect("daemon binds");
+        Self::serve(server, ledger_file, ledger_dir, admin_dir)
+    }
+
+    /// Starts a daemon from a config file and overrides, as `enforcer run --config F` does, so
+    /// that it can reload the file. Like [`TestDaemon::start`], it listens on `127.0.0.1:0`
+    /// (and gRPC too, unless the file turns it off) and records into a private ledger file
+    /// unless the file names one: both are overrides, so a reload keeps them.
+    pub async fn start_from(mut source: enforcer::reload::ConfigSource) -> Self {
+        let peek = source.load().expect("test config valid");
+        source.overrides.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        if !peek.server.grpc_listen.is_empty() {
+            source.overrides.grpc_listen = Some("127.0.0.1:0".to_owned());
+        }
+        let ledger_dir = (peek.ledger.file == enforcer::config::LedgerConfig::default().file)
+            .then(|| tempfile::tempdir().expect("tempdir"));
+        if let Some(dir) = &ledger_dir {
+            source.overrides.ledger_file =
+                Some(dir.path().join("ledger.jsonl").display().to_string());
+        }
+        let admin_dir = (peek.server.admin_socket == enforcer::config::DEFAULT_ADMIN_SOCKET)
+            .then(|| tempfile::tempdir().expect("tempdir"));
+        if let Some(dir) = &admin_dir {
+            source.overrides.admin_socket =
+                Some(dir.path().join("admin/admin.sock").display().to_string());
+        }
+        let server = Server::bind_from(source).await.expect("daemon binds");
+        let ledger_file = PathBuf::from(&server.config().ledger.file);
+        Self::serve(server, ledger_file, ledger_dir, admin_dir)
+    }
+
+    fn serve(
+        server: Server,
+        ledger_file: PathBuf,
+        ledger_dir: Option<tempfile::TempDir>,
+        admin_dir: Option<tempfile::TempDir>,
+    ) -> Self {
         let addr = server.local_addr().expect("local addr");
+        let reloader = server.reloader();
         let grpc = server.grpc_addr();
         let admin_socket = server.admin_socket().map(Path::to_path_buf);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -166,6 +205,7 @@ impl TestDaemon {
             ledger_file,
             grpc,
             admin_socket,
+            reloader,
             stop: Some(stop),
             task: Some(task),
             _ledger_dir: ledger_dir,

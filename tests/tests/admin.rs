@@ -397,3 +397,105 @@ async fn audit_usage_shows_grants_beside_charges() {
     assert_eq!(note, "welcome credit");
     assert!(operator.starts_with("uid:"), "{operator}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reloads_the_file_and_switches_shadow_mode() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("enforcer.toml");
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/enforcer.toml"),
+    )
+    .expect("example config");
+    assert!(example.contains("base_cost = 120"), "the report's price");
+    std::fs::write(&file, &example).expect("write");
+    let daemon = TestDaemon::start_from(enforcer::reload::ConfigSource {
+        path: Some(file.clone()),
+        overrides: enforcer::reload::Overrides::default(),
+    })
+    .await;
+    let key = unique("reload-cli");
+    assert_eq!(report(&daemon, &key).await.1["cost"], 120.0);
+
+    let (code, out, err) = admin(&daemon, &["reload"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("changed:  nothing"), "{out}");
+
+    std::fs::write(&file, example.replace("base_cost = 120", "base_cost = 60")).expect("write");
+    let (code, out, err) = admin(&daemon, &["reload"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("config generation 2"), "{out}");
+    assert!(out.contains("changed:  pricing"), "{out}");
+    assert_eq!(report(&daemon, &key).await.1["cost"], 60.0);
+
+    // A broken file: refused with the field, nothing changes.
+    std::fs::write(
+        &file,
+        example.replace("max_tokens = 1000", "max_tokens = -1"),
+    )
+    .expect("write");
+    let (code, _, err) = admin(&daemon, &["reload"], None);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("old one keeps serving") && err.contains("tiers.free.max_tokens"),
+        "{err}"
+    );
+    assert_eq!(report(&daemon, &key).await.1["cost"], 60.0);
+    std::fs::write(&file, example.replace("base_cost = 120", "base_cost = 60")).expect("write");
+
+    // Shadow mode of one tier: a prepaid key without credit is let through, and recorded.
+    let poor = unique("shadow-cli");
+    assert_eq!(
+        admin(&daemon, &["keys", "set-tier", "prepaid"], Some(&poor)).0,
+        0
+    );
+    assert_eq!(report(&daemon, &poor).await.0, 429);
+    let (code, out, err) = admin(&daemon, &["shadow", "on", "--tier", "prepaid"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("shadow mode of tier prepaid is on"), "{out}");
+    let (status, body) = report(&daemon, &poor).await;
+    assert_eq!(
+        (status, body["mode"].as_str()),
+        (200, Some("shadow")),
+        "{body}"
+    );
+    let (_, out, _) = admin(&daemon, &["status"], None);
+    assert!(out.contains("config:      generation 3"), "{out}");
+    assert_eq!(
+        admin(&daemon, &["shadow", "off", "--tier", "prepaid"], None).0,
+        0
+    );
+    assert_eq!(report(&daemon, &poor).await.0, 429);
+    let (code, _, err) = admin(&daemon, &["shadow", "on", "--tier", "gold"], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("gold"), "{err}");
+
+    let metrics = enforcer_tests::http(daemon.addr, "GET", "/metrics", &[], String::new())
+        .await
+        .body;
+    let text = String::from_utf8_lossy(&metrics);
+    for (series, want) in [
+        (
+            r#"enforcer_admin_actions_total{action="reload",result="ok"}"#,
+            2.0,
+        ),
+        (
+            r#"enforcer_admin_actions_total{action="reload",result="refused"}"#,
+            1.0,
+        ),
+        (
+            r#"enforcer_admin_actions_total{action="shadow",result="ok"}"#,
+            2.0,
+        ),
+        (
+            r#"enforcer_admin_actions_total{action="shadow",result="refused"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            enforcer_tests::parse_metric(&text, series),
+            want,
+            "{series}"
+        );
+    }
+    daemon.stop().await;
+}

@@ -20,11 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Metrics the dashboard and alerts use that other changes of issue 13 add to the daemon
-/// (hot reload, the admin socket). TO DELETE at their merge: the check then finds them in
-/// `Metrics::exported_names`.
-const PENDING_METRICS: &[&str] = &["enforcer_config_reload_total"];
-
 /// Prometheus' own series for every scrape target (the daemon cannot export it).
 const PROMETHEUS_METRICS: &[&str] = &["up"];
 
@@ -964,11 +959,7 @@ fn the_metric_name_check_finds_names_and_only_names() {
 #[test]
 fn the_dashboard_and_the_alerts_query_only_metrics_the_daemon_exports() {
     let exported = enforcer::metrics::Metrics::new().exported_names();
-    let known = |name: &str| {
-        exported.contains(name)
-            || PENDING_METRICS.contains(&name)
-            || PROMETHEUS_METRICS.contains(&name)
-    };
+    let known = |name: &str| exported.contains(name) || PROMETHEUS_METRICS.contains(&name);
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("deploy/grafana/enforcer.json")).expect("read"),
     )

@@ -634,6 +634,95 @@ base_cost = 250
     assert!(seen.lock().expect("lock").get(key).is_some());
 }
 
+/// A config reload (SIGHUP) that makes a price cheaper: the kernel's generation changes, so the
+/// snapshots taken under the old table stop counting at once, and its price map follows. The
+/// request the old table rejected in the kernel passes without a restart.
+#[test]
+fn a_reload_moves_the_kernel_to_a_new_generation_and_price_table() {
+    let link = Link::new("rld");
+    let pin = PinDir::new();
+    let seen = upstream(&link.a);
+    let dir = tempfile::tempdir().expect("tmp");
+    let expensive = r#"
+[[pricing.endpoints]]
+method = "POST"
+path = "/expensive"
+base_cost = 250
+"#;
+    let config = prepaid_config(
+        dir.path(),
+        "enforcer.toml",
+        300.0,
+        &format!("{REPORT_120}{expensive}"),
+    );
+    let daemon = daemon_with(&link, &pin, &config);
+    let spend = |key: &str| {
+        check_body(
+            &link.a,
+            format!(r#"{{"key":"{key}","endpoint":"/expensive","method":"POST"}}"#),
+        )
+    };
+    let key = "rld-low";
+    assert_eq!(spend(key), 200, "300 - 250: 50 left");
+    wait_for_snapshot(&pin, key);
+    assert!(
+        !call(&link.b, key),
+        "under the old table a report (120) is more than the key has"
+    );
+    let gate = enforcer::kernel::Gate::load(Some(std::path::Path::new(&pin.path())))
+        .expect("open the pinned gate");
+    let generation = |gate: &enforcer::kernel::Gate| {
+        gate.config()
+            .expect("read CONFIG")
+            .map(|c| c.generation)
+            .expect("configured")
+    };
+    let before = generation(&gate);
+    let report_key = enforcer::kernel::price_key(Some("POST"), "/generate-report");
+    let has_report = |gate: &enforcer::kernel::Gate| {
+        gate.prices()
+            .expect("read PRICES")
+            .iter()
+            .any(|(k, _)| *k == report_key)
+    };
+    assert!(has_report(&gate));
+
+    // The new table drops the report's exact price: it costs the default, 1 token.
+    prepaid_config(dir.path(), "enforcer.toml", 300.0, expensive);
+    let hup = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(daemon.0.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let started = Instant::now();
+    while generation(&gate) == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the reload did not reach the kernel"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!has_report(&gate), "the price map is the new table's");
+    assert_eq!(check(&link.a, "rld-other"), 200, "userspace: 1 token now");
+    assert!(
+        call(&link.b, key),
+        "the old snapshot stopped counting and the old price is gone"
+    );
+    assert!(seen.lock().expect("lock").get(key).is_some());
+    // The key's next decision writes a snapshot of the new generation (50 - 1 left), which
+    // still pays for a report at 1.
+    assert_eq!(check(&link.a, key), 200);
+    wait_for_snapshot(&pin, key);
+    let snapshot = gate
+        .budget(enforcer_common::key_id(key.as_bytes()))
+        .expect("read BUDGETS")
+        .expect("a snapshot");
+    assert_eq!(snapshot.generation, generation(&gate));
+    assert!(call(&link.b, key));
+    drop(daemon);
+}
+
 #[test]
 fn set_tier_lifts_the_keys_snapshot_on_this_node() {
     let link = Link::new("tier");

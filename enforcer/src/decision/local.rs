@@ -138,7 +138,8 @@ struct Tiers {
 /// The local buckets, the tiers seen and the spending owed to the shared buckets.
 #[derive(Debug)]
 pub struct LocalBudget {
-    policy: BudgetPolicy,
+    /// Swapped whole by a config reload.
+    policy: arc_swap::ArcSwap<BudgetPolicy>,
     clock: Arc<dyn Clock>,
     /// The node count in use (>= 1).
     nodes: AtomicU32,
@@ -173,7 +174,7 @@ impl LocalBudget {
         let nodes = nodes.max(1);
         metrics.local_nodes.set(i64::from(nodes));
         Self {
-            policy,
+            policy: arc_swap::ArcSwap::from_pointee(policy),
             clock,
             nodes: AtomicU32::new(nodes),
             max_keys: max_keys.max(1),
@@ -185,6 +186,12 @@ impl LocalBudget {
             seq: AtomicU64::new(0),
             metrics,
         }
+    }
+
+    /// Applies a new budget policy (a config reload): buckets made from now on use it; local
+    /// buckets already made keep their parameters until they are reconciled and dropped.
+    pub fn set_policy(&self, policy: &BudgetPolicy) {
+        self.policy.store(Arc::new(policy.clone()));
     }
 
     /// The node count in use.
@@ -229,15 +236,16 @@ impl LocalBudget {
     /// divided by the node count.
     fn share(&self, key: &KeyHash, kind: BucketKind) -> Option<(String, BucketParams)> {
         let remembered = self.tier_of(key);
-        let tier = self.policy.resolve(remembered.as_deref())?;
-        if remembered.is_none() && self.policy.unknown_keys == UnknownKeys::Reject {
+        let policy = self.policy.load();
+        let tier = policy.resolve(remembered.as_deref())?;
+        if remembered.is_none() && policy.unknown_keys == UnknownKeys::Reject {
             // Not seen recently and unknown keys are refused: an unassigned key must not get
             // in while the store (which knows the assignments) is away.
             return None;
         }
         let full = match kind {
             BucketKind::Main => tier.bucket,
-            BucketKind::Operational => self.policy.operational,
+            BucketKind::Operational => policy.operational,
         };
         let n = f64::from(self.nodes());
         Some((
@@ -257,7 +265,7 @@ impl LocalBudget {
     pub fn decide(&self, debit: &Debit, sent: bool) -> LocalOutcome {
         let (key, kind, cost) = (&debit.key, debit.bucket, debit.cost);
         let now = self.clock.now();
-        let window = self.policy.active_window.as_secs_f64();
+        let window = self.policy.load().active_window.as_secs_f64();
         let mut st = self.state.lock();
         let slot = (*key, kind);
         if !st.buckets.contains_key(&slot) {

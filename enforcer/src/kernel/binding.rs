@@ -60,6 +60,12 @@ pub struct Bindings {
 }
 
 impl Bindings {
+    /// From now on, binds after `bind_after` sightings (a config reload); sightings so far
+    /// are kept.
+    pub fn set_bind_after(&mut self, bind_after: u32) {
+        self.bind_after = bind_after;
+    }
+
     /// Binds after `bind_after` sightings with one key (0: never), with the default bounds.
     pub fn new(bind_after: u32) -> Self {
         Self::with_bounds(bind_after, MAX_CANDIDATES, MAX_SHARED)

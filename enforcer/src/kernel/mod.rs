@@ -26,4 +26,4 @@ pub use loader::{
 };
 pub use plan::{KernelPlan, TierRule, plan};
 pub use rollup::{ROLLUP_EVERY, Rollup};
-pub use sync::{GateLink, KernelReport, KernelStatus, start};
+pub use sync::{GateLink, KernelReport, KernelStatus, PlanError, start};

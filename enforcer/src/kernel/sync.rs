@@ -91,10 +91,19 @@ pub(crate) enum Update {
     /// A decision carried the client's address.
     Client { key_id: u64, ip: IpAddr },
     /// New exact-path prices from the pricing engine: `(method, path, price)`; `applied` is
-    /// told once they are in the map.
+    /// told once they are in the map. With `replace`, the map is rebuilt to exactly the plan's
+    /// prices with these instead of the plan's where they name the same entry (after a
+    /// reload: no push of the engine before it can survive).
     Prices {
         prices: Vec<(Option<String>, String, f64)>,
         applied: Option<oneshot::Sender<()>>,
+        replace: bool,
+    },
+    /// A config reload's plan ([`GateLink::apply_plan`]): `applied` is told the generation
+    /// in force, or why the plan could not be written (the previous one is then back).
+    Plan {
+        plan: Arc<KernelPlan>,
+        applied: oneshot::Sender<Result<u32, String>>,
     },
 }
 
@@ -112,13 +121,60 @@ const MAX_RAISES: usize = 262_144;
 #[derive(Debug, Clone)]
 pub struct GateLink {
     tx: mpsc::Sender<Update>,
-    plan: Arc<KernelPlan>,
+    /// The plan in force, shared by every clone; a reload swaps it once the kernel has it.
+    plan: Arc<arc_swap::ArcSwap<KernelPlan>>,
     metrics: Metrics,
+}
+
+/// Why a reload's plan did not reach the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The sync task did not take it in time (its queue was full, or it stopped).
+    #[error("the kernel sync task did not take the new plan within {0:?}")]
+    Timeout(Duration),
+    /// The sync task has stopped.
+    #[error("the kernel sync task has stopped")]
+    Stopped,
+    /// The kernel refused a write; the previous plan was written back.
+    #[error("the kernel gate refused the new plan (the previous one stays): {0}")]
+    Refused(String),
 }
 
 impl GateLink {
     fn new(tx: mpsc::Sender<Update>, plan: Arc<KernelPlan>, metrics: Metrics) -> Self {
-        Self { tx, plan, metrics }
+        Self {
+            tx,
+            plan: Arc::new(arc_swap::ArcSwap::new(plan)),
+            metrics,
+        }
+    }
+
+    /// The plan in force.
+    pub fn plan(&self) -> Arc<KernelPlan> {
+        self.plan.load_full()
+    }
+
+    /// Hands the sync task a new plan (a config reload) and waits, at most `wait`, until the
+    /// kernel has it: the new generation first (every snapshot of the old one stops counting
+    /// at once), then the price map rebuilt to exactly the plan's. Only then do the decisions'
+    /// updates follow the new plan's tiers and shadow modes. Answers the generation in force.
+    pub async fn apply_plan(&self, plan: KernelPlan, wait: Duration) -> Result<u32, PlanError> {
+        let plan = Arc::new(plan);
+        let (tx, rx) = oneshot::channel();
+        let update = Update::Plan {
+            plan: plan.clone(),
+            applied: tx,
+        };
+        // Waits for room in the queue (bounded): a reload is rare and must not be dropped.
+        let answer = tokio::time::timeout(wait, async {
+            self.tx.send(update).await.map_err(|_| PlanError::Stopped)?;
+            rx.await.map_err(|_| PlanError::Stopped)
+        })
+        .await
+        .map_err(|_| PlanError::Timeout(wait))??;
+        let generation = answer.map_err(PlanError::Refused)?;
+        self.plan.store(plan);
+        Ok(generation)
     }
 
     /// The pricing engine's prices for the kernel's price map; false when the queue was full
@@ -127,6 +183,7 @@ impl GateLink {
         self.try_send(Update::Prices {
             prices,
             applied: None,
+            replace: false,
         })
     }
 
@@ -142,10 +199,33 @@ impl GateLink {
         if !self.try_send(Update::Prices {
             prices,
             applied: Some(tx),
+            replace: false,
         }) {
             return false;
         }
         matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
+    }
+
+    /// After a reload, the pricing engine's prices for a price map rebuilt to exactly the
+    /// plan's with these in place of the plan's: a price the engine pushed for the old config
+    /// (after the plan was written, before the engine was rebuilt) cannot survive. Waits (at
+    /// most `wait`); false when not applied in time.
+    pub async fn prices_replaced(
+        &self,
+        prices: Vec<(Option<String>, String, f64)>,
+        wait: Duration,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let update = Update::Prices {
+            prices,
+            applied: Some(tx),
+            replace: true,
+        };
+        let sent = tokio::time::timeout(wait, async {
+            self.tx.send(update).await.is_ok() && rx.await.is_ok()
+        })
+        .await;
+        matches!(sent, Ok(true))
     }
 
     fn try_send(&self, update: Update) -> bool {
@@ -166,7 +246,8 @@ impl GateLink {
         settled: &event::Settled,
         raises: bool,
     ) -> Option<Update> {
-        let rule = self.plan.enforced_tier(tier)?;
+        let plan = self.plan.load();
+        let rule = plan.enforced_tier(tier)?;
         let age = settled.now - settled.at;
         let (balance, stamp) = match Duration::try_from_secs_f64(age.max(0.0))
             .ok()
@@ -512,6 +593,14 @@ impl Snapshots {
         }
     }
 
+    /// A new plan (another generation): its prices and staleness from now on; the keys
+    /// tracked so far lose their snapshots (returned, to remove from the map).
+    fn replan(&mut self, plan: &KernelPlan) -> Vec<u64> {
+        self.max_price = plan.max_price;
+        self.max_staleness = plan.settings.max_staleness;
+        self.tracked.drain().map(|(key_id, _)| key_id).collect()
+    }
+
     /// The newest store time applied for a key.
     fn last_at(&self, key_id: u64) -> f64 {
         let tracked = self
@@ -705,6 +794,7 @@ async fn sync(
     watch: Watch,
     mut shutdown: Shutdown,
 ) {
+    let mut plan = plan;
     let mut snapshots = Snapshots::new(&plan, adopt(&gate, &plan));
     let mut addresses = Addresses(Bindings::new(plan.bind_after));
     let mut tick = tokio::time::interval(plan.settings.max_staleness / 3);
@@ -729,7 +819,7 @@ async fn sync(
             () = shutdown.requested() => {
                 // What the decisions before the shutdown changed still reaches the map.
                 while let Ok(update) = rx.try_recv() {
-                    handle(&mut gate, &mut snapshots, &mut addresses, &metrics, update);
+                    handle(&mut gate, &mut snapshots, &mut addresses, &mut plan, &metrics, update);
                 }
                 record_rollups(&gate, &mut rollup);
                 break;
@@ -737,7 +827,11 @@ async fn sync(
             _ = rollup_tick.tick(), if ledger.is_some() => record_rollups(&gate, &mut rollup),
             update = rx.recv() => {
                 let Some(update) = update else { break };
-                handle(&mut gate, &mut snapshots, &mut addresses, &metrics, update);
+                let staleness = plan.settings.max_staleness;
+                handle(&mut gate, &mut snapshots, &mut addresses, &mut plan, &metrics, update);
+                if plan.settings.max_staleness != staleness {
+                    tick = tokio::time::interval(plan.settings.max_staleness / 3);
+                }
             }
             _ = tick.tick() => {
                 for write in snapshots.refresh(Instant::now()) {
@@ -773,6 +867,7 @@ fn handle(
     gate: &mut Gate,
     snapshots: &mut Snapshots,
     addresses: &mut Addresses,
+    plan: &mut Arc<KernelPlan>,
     metrics: &Metrics,
     update: Update,
 ) {
@@ -797,10 +892,18 @@ fn handle(
             }
             None
         }
-        Update::Prices { prices, applied } => {
-            let result = prices.iter().try_for_each(|(method, path, price)| {
-                gate.set_price(method.as_deref(), path, *price)
-            });
+        Update::Prices {
+            prices,
+            applied,
+            replace,
+        } => {
+            let result = if replace {
+                gate.replace_prices(&merged_prices(plan, prices))
+            } else {
+                prices.iter().try_for_each(|(method, path, price)| {
+                    gate.set_price(method.as_deref(), path, *price)
+                })
+            };
             match result {
                 Ok(()) => {
                     if let Some(applied) = applied {
@@ -811,10 +914,73 @@ fn handle(
             }
             None
         }
+        Update::Plan { plan: new, applied } => {
+            let result = replan(gate, snapshots, addresses, plan, new);
+            let _ = applied.send(result.map_err(|e| e.to_string()));
+            None
+        }
     };
     if let Some(write) = write {
         apply(gate, snapshots, write);
     }
+}
+
+/// The price map after a reload with the pricing engine: the plan's prices, with the engine's
+/// in place of the plan's where they name the same entry (and any the plan lacks).
+fn merged_prices(
+    plan: &KernelPlan,
+    engine: Vec<(Option<String>, String, f64)>,
+) -> Vec<(Option<String>, String, f64)> {
+    let mut merged = plan.prices.clone();
+    for (method, path, price) in engine {
+        match merged
+            .iter_mut()
+            .find(|(m, p, _)| *m == method && *p == path)
+        {
+            Some(entry) => entry.2 = price,
+            None => merged.push((method, path, price)),
+        }
+    }
+    merged
+}
+
+/// Writes a reload's plan into the gate. A new generation goes first (every snapshot and
+/// binding of the old one stops counting at once, so nothing is judged by a half-written price
+/// map), then the price map is rebuilt to exactly the plan's, and the snapshots of the old
+/// generation are dropped: each key gets a new one at its next decision. On a refused write
+/// the previous plan is written back (best effort) and the error returned.
+fn replan(
+    gate: &mut Gate,
+    snapshots: &mut Snapshots,
+    addresses: &mut Addresses,
+    current: &mut Arc<KernelPlan>,
+    new: Arc<KernelPlan>,
+) -> Result<u32, KernelError> {
+    if new.settings.generation != gate.generation() {
+        let written = gate
+            .configure(&new.settings)
+            .and_then(|()| gate.replace_prices(&new.prices));
+        if let Err(e) = written {
+            let restored = gate
+                .configure(&current.settings)
+                .and_then(|()| gate.replace_prices(&current.prices));
+            if let Err(again) = restored {
+                tracing::error!(error = %again, "restoring the previous kernel plan failed");
+            }
+            return Err(e);
+        }
+        for key_id in snapshots.replan(&new) {
+            let _ = gate.remove_budget(key_id);
+        }
+        tracing::info!(
+            from = current.settings.generation,
+            to = new.settings.generation,
+            "kernel gate: new config generation"
+        );
+    }
+    addresses.0.set_bind_after(new.bind_after);
+    *current = new;
+    Ok(gate.generation())
 }
 
 /// Snapshots a previous daemon left in the pinned map (same generation): keep refreshing them,
@@ -1164,6 +1330,116 @@ mod tests {
             }))
         });
         assert!(matches!(got[0], Update::Lift { at: None, .. }), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_plan_is_followed_only_once_the_kernel_has_it() {
+        let base =
+            Config::parse("[tiers.free]\nmax_tokens = 1000\nrefill_per_sec = 10\n").expect("valid");
+        let (link, mut rx) = test_link(&base, &Metrics::new());
+        let old = link.plan().settings.generation;
+        let mut faster = base.clone();
+        if let Some(t) = faster.tiers.get_mut("free") {
+            t.refill_per_sec = 50.0;
+        }
+        let new = plan(&faster);
+        let generation = new.settings.generation;
+        assert_ne!(
+            generation, old,
+            "a tier's refill rate is part of the generation"
+        );
+        let refill = |link: &GateLink| {
+            let settled = Settled {
+                at: 1.0,
+                now: 1.0,
+                sent: Instant::now(),
+            };
+            match link.balance(7, "free", 0.5, &settled, false) {
+                Some(Update::Balance(b)) => b.refill_per_sec,
+                other => panic!("a balance: {other:?}"),
+            }
+        };
+        // The sync task's side: until it answers, the decisions' updates follow the old plan.
+        let kernel = async {
+            let Some(Update::Plan { plan, applied }) = rx.recv().await else {
+                panic!("the plan goes to the sync task")
+            };
+            assert_eq!(refill(&link), 10.0, "not before the kernel has it");
+            let _ = applied.send(Ok(plan.settings.generation));
+        };
+        let (applied, ()) =
+            tokio::join!(link.apply_plan(new.clone(), Duration::from_secs(5)), kernel);
+        assert_eq!(applied.expect("applied"), generation);
+        assert_eq!(
+            link.clone().plan().settings.generation,
+            generation,
+            "every clone"
+        );
+        assert_eq!(refill(&link), 50.0);
+
+        // Refused by the kernel: the plan in force stays.
+        let kernel = async {
+            let Some(Update::Plan { applied, .. }) = rx.recv().await else {
+                panic!("the plan goes to the sync task")
+            };
+            let _ = applied.send(Err("map full".into()));
+        };
+        let (refused, ()) =
+            tokio::join!(link.apply_plan(plan(&base), Duration::from_secs(5)), kernel);
+        assert!(matches!(refused, Err(PlanError::Refused(m)) if m == "map full"));
+        assert_eq!(link.plan().settings.generation, generation);
+        // Nobody answers: a timeout, nothing changed.
+        tokio::time::pause();
+        let silent = link.apply_plan(plan(&base), Duration::from_secs(5)).await;
+        assert!(matches!(silent, Err(PlanError::Timeout(_))), "{silent:?}");
+        assert_eq!(link.plan().settings.generation, generation);
+    }
+
+    #[test]
+    fn a_rebuilt_price_map_is_the_plans_with_the_engines_prices() {
+        let config = Config::parse(
+            r#"
+            [pricing]
+            dynamic = true
+            floor = 0.5
+            [[pricing.endpoints]]
+            method = "POST"
+            path = "/a"
+            base_cost = 100
+            [[pricing.endpoints]]
+            path = "/b"
+            base_cost = 10
+            "#,
+        )
+        .expect("valid");
+        let p = plan(&config);
+        let merged = merged_prices(&p, vec![(Some("POST".into()), "/a".into(), 80.0)]);
+        assert_eq!(
+            merged,
+            [
+                (Some("POST".into()), "/a".into(), 80.0),
+                (None, "/b".into(), 5.0)
+            ],
+            "the engine's price for /a, the plan's (floor x base) for /b, nothing else"
+        );
+        assert_eq!(merged_prices(&p, Vec::new()), p.prices);
+    }
+
+    #[test]
+    fn a_new_plan_drops_the_old_generations_snapshots() {
+        let now = Instant::now();
+        let mut s = snapshots(120.0);
+        assert!(put_balance(s.balance(balance(0.5, 10.0, false, now), now)).is_some());
+        let mut config = Config::default();
+        config.pricing.default_cost = 500.0;
+        config.kernel.max_staleness_ms = 9000;
+        let p = plan(&config);
+        assert_eq!(s.replan(&p), [7], "its snapshot is removed from the map");
+        assert!(s.tracked.is_empty());
+        assert_eq!(s.max_price, 500.0);
+        assert_eq!(s.max_staleness, Duration::from_millis(9000));
+        // The key's next decision writes a snapshot of the new generation.
+        assert!(put_balance(s.balance(balance(0.25, 11.0, false, now), now)).is_some());
     }
 
     #[test]

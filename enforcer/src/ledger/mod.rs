@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -241,9 +242,85 @@ pub struct Ledger {
     journal: bool,
     metrics: LedgerMetrics,
     node: String,
+    /// What a reload may change; the writer threads read it at every turn.
+    tuning: Arc<Tuning>,
+}
+
+/// The ledger settings a config reload may change while rows flow: the writer threads read
+/// them at every turn (a sleep or a PostgreSQL call already started finishes with the old
+/// value). The file, the journal, fsync, the queue, the database and its pool, the node name
+/// are set up once: they need a restart.
+#[derive(Debug)]
+struct Tuning {
+    batch_rows: AtomicUsize,
+    flush_ms: AtomicU64,
+    write_timeout_ms: AtomicU64,
+    retry_ms: AtomicU64,
+    partitions_ahead: AtomicU32,
+    retention_months: AtomicU32,
+}
+
+impl Tuning {
+    fn new(config: &LedgerConfig) -> Self {
+        let t = Self {
+            batch_rows: AtomicUsize::new(0),
+            flush_ms: AtomicU64::new(0),
+            write_timeout_ms: AtomicU64::new(0),
+            retry_ms: AtomicU64::new(0),
+            partitions_ahead: AtomicU32::new(0),
+            retention_months: AtomicU32::new(0),
+        };
+        t.set(config);
+        t
+    }
+
+    fn set(&self, c: &LedgerConfig) {
+        self.batch_rows
+            .store(c.batch_rows.max(1), Ordering::Relaxed);
+        self.flush_ms.store(c.flush_ms, Ordering::Relaxed);
+        self.write_timeout_ms
+            .store(c.write_timeout_ms, Ordering::Relaxed);
+        self.retry_ms.store(c.retry_ms, Ordering::Relaxed);
+        self.partitions_ahead
+            .store(c.partitions_ahead, Ordering::Relaxed);
+        self.retention_months
+            .store(c.retention_months, Ordering::Relaxed);
+    }
+
+    fn batch_rows(&self) -> usize {
+        self.batch_rows.load(Ordering::Relaxed)
+    }
+
+    fn flush(&self) -> Duration {
+        Duration::from_millis(self.flush_ms.load(Ordering::Relaxed))
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn retry(&self) -> Duration {
+        Duration::from_millis(self.retry_ms.load(Ordering::Relaxed))
+    }
+
+    fn partitions_ahead(&self) -> u32 {
+        self.partitions_ahead.load(Ordering::Relaxed)
+    }
+
+    fn retention_months(&self) -> u32 {
+        self.retention_months.load(Ordering::Relaxed)
+    }
 }
 
 impl Ledger {
+    /// Applies a reload's `batch_rows`, `flush_ms`, `write_timeout_ms`, `retry_ms`,
+    /// `partitions_ahead` and `retention_months` from the writers' next turn (a new `flush_ms`
+    /// after the current interval, at most the old `flush_ms`; partitions and retention at the
+    /// next maintenance). Nothing queued or in the file is touched.
+    pub fn retune(&self, config: &LedgerConfig) {
+        self.tuning.set(config);
+    }
+
     /// Records an entry. With `journal` it is in the file when this returns (one `write`;
     /// the fsync follows within `flush_ms`); without, it is queued for the appender. Never
     /// waits for PostgreSQL.
@@ -378,7 +455,7 @@ pub async fn start(
         error,
     };
     let (tx, rx) = mpsc::channel(config.queue_capacity);
-    let flush = Duration::from_millis(config.flush_ms);
+    let tuning = Arc::new(Tuning::new(config));
     let (ship_tx, shipper, ship_stop) = match sink {
         None => (None, None, None),
         Some(sink) => {
@@ -392,14 +469,9 @@ pub async fn start(
                 file: file.clone(),
                 quarantine: Quarantine::new(quarantine::path_for(&path), config.fsync),
                 metrics: metrics.clone(),
-                batch_rows: config.batch_rows,
-                flush,
-                write_timeout: Duration::from_millis(config.write_timeout_ms),
-                retry: Duration::from_millis(config.retry_ms),
+                tuning: tuning.clone(),
                 next_try: Instant::now(),
                 next_maintenance: Instant::now(),
-                partitions_ahead: config.partitions_ahead,
-                retention_months: config.retention_months,
             };
             let thread = std::thread::Builder::new()
                 .name("ledger".into())
@@ -424,8 +496,7 @@ pub async fn start(
         file: file.clone(),
         ship: ship_tx.clone(),
         metrics: metrics.clone(),
-        batch_rows: config.batch_rows,
-        flush,
+        tuning: tuning.clone(),
         fsync: config.fsync,
     };
     let appender = std::thread::Builder::new()
@@ -440,6 +511,7 @@ pub async fn start(
             journal: config.journal,
             metrics,
             node,
+            tuning,
         },
         Writer {
             append_stop: Some(append_stop),
@@ -465,8 +537,7 @@ struct Appender {
     file: Arc<LedgerFile>,
     ship: Option<mpsc::Sender<Logged>>,
     metrics: LedgerMetrics,
-    batch_rows: usize,
-    flush: Duration,
+    tuning: Arc<Tuning>,
     fsync: bool,
 }
 
@@ -476,7 +547,7 @@ impl Appender {
             // Sleeping instead of waiting on the queue: the decision path never wakes this
             // thread row by row (a wake-up per row cost more CPU than writing the row).
             let stopping = !matches!(
-                self.stop.recv_timeout(self.flush),
+                self.stop.recv_timeout(self.tuning.flush()),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout)
             );
             if stopping {
@@ -498,7 +569,7 @@ impl Appender {
     fn append_queued(&mut self) {
         loop {
             let mut batch = Vec::new();
-            while batch.len() < self.batch_rows {
+            while batch.len() < self.tuning.batch_rows() {
                 match self.rx.try_recv() {
                     Ok(e) => batch.push(e),
                     Err(_) => break,
@@ -534,7 +605,7 @@ impl Appender {
                     tracing::error!(error = %e, rows = n, "ledger file write failed: rows lost");
                 }
             }
-            if n < self.batch_rows {
+            if n < self.tuning.batch_rows() {
                 return;
             }
         }
@@ -554,15 +625,10 @@ struct Shipper {
     /// Everything in the file before this logical position is in PostgreSQL.
     committed: u64,
     metrics: LedgerMetrics,
-    batch_rows: usize,
-    flush: Duration,
-    write_timeout: Duration,
-    retry: Duration,
+    tuning: Arc<Tuning>,
     /// PostgreSQL is not tried again (for writes or replay) before this.
     next_try: Instant,
     next_maintenance: Instant,
-    partitions_ahead: u32,
-    retention_months: u32,
 }
 
 impl Shipper {
@@ -579,7 +645,7 @@ impl Shipper {
         loop {
             let end = self.file.end();
             let mut batch = Vec::new();
-            self.drain_into(&mut batch, self.batch_rows);
+            self.drain_into(&mut batch, self.tuning.batch_rows());
             if self.committed >= end || Instant::now() < self.next_try {
                 break;
             }
@@ -594,17 +660,17 @@ impl Shipper {
         // The end before draining: every row before it was handed over (or found no room)
         // before it, as rows are handed over under the file's lock.
         let mut end = self.file.end();
-        self.drain_into(&mut batch, self.batch_rows);
+        self.drain_into(&mut batch, self.tuning.batch_rows());
         let behind = end > self.committed
             && batch.first().is_none_or(|r| r.start > self.committed)
             && Instant::now() >= self.next_try;
-        if batch.len() < self.batch_rows && !behind {
+        if batch.len() < self.tuning.batch_rows() && !behind {
             tokio::select! {
                 _ = &mut self.stop => *stopping = true,
-                () = tokio::time::sleep(self.flush) => {}
+                () = tokio::time::sleep(self.tuning.flush()) => {}
             }
             end = self.file.end();
-            self.drain_into(&mut batch, self.batch_rows);
+            self.drain_into(&mut batch, self.tuning.batch_rows());
         }
         (end, batch)
     }
@@ -661,7 +727,7 @@ impl Shipper {
     /// A failed write: the rows wait in the file; PostgreSQL is left alone for `retry`.
     fn failed(&mut self, rows: usize) {
         self.set_aside(rows);
-        self.next_try = Instant::now() + self.retry;
+        self.next_try = Instant::now() + self.tuning.retry();
     }
 
     async fn direct(&mut self, batch: Vec<Logged>) {
@@ -671,7 +737,7 @@ impl Shipper {
         let entries: Vec<Entry> = batch.into_iter().map(|r| r.entry).collect();
         let n = entries.len();
         let started = Instant::now();
-        match tokio::time::timeout(self.write_timeout, self.sink.write(&entries)).await {
+        match tokio::time::timeout(self.tuning.write_timeout(), self.sink.write(&entries)).await {
             Ok(Ok(())) => {
                 // Recorded before counted: whoever sees the count sees the file caught up.
                 self.commit(end);
@@ -686,7 +752,7 @@ impl Shipper {
                 // Idempotent: parts of the batch may be committed (parallel COPYs).
                 match self
                     .sink
-                    .write_isolating(&entries, self.write_timeout)
+                    .write_isolating(&entries, self.tuning.write_timeout())
                     .await
                 {
                     Ok(refused) => {
@@ -727,7 +793,7 @@ impl Shipper {
             Err(e) => {
                 self.metrics.errors.with_label_values(&["replay"]).inc();
                 tracing::error!(error = %e, "reading the spill file failed");
-                self.next_try = Instant::now() + self.retry;
+                self.next_try = Instant::now() + self.tuning.retry();
                 return;
             }
         };
@@ -743,7 +809,7 @@ impl Shipper {
         }
         if chunk.next_offset <= self.committed {
             // Nothing complete to read: cannot happen (appends are whole lines); do not spin.
-            self.next_try = Instant::now() + self.retry;
+            self.next_try = Instant::now() + self.tuning.retry();
             return;
         }
         if chunk.entries.is_empty() {
@@ -752,7 +818,7 @@ impl Shipper {
         }
         match self
             .sink
-            .write_isolating(&chunk.entries, self.write_timeout)
+            .write_isolating(&chunk.entries, self.tuning.write_timeout())
             .await
         {
             Ok(refused) => {
@@ -762,13 +828,13 @@ impl Shipper {
                         .replayed
                         .inc_by((chunk.entries.len() - refused.len()) as u64);
                 } else {
-                    self.next_try = Instant::now() + self.retry;
+                    self.next_try = Instant::now() + self.tuning.retry();
                 }
             }
             Err(e) => {
                 self.metrics.errors.with_label_values(&["replay"]).inc();
                 tracing::warn!(error = %e, "replaying the spill file failed; will retry");
-                self.next_try = Instant::now() + self.retry;
+                self.next_try = Instant::now() + self.tuning.retry();
             }
         }
     }
@@ -816,8 +882,8 @@ impl Shipper {
         }
         let pool = self.sink.pool();
         let work = async {
-            postgres::ensure_partitions(pool, self.partitions_ahead).await?;
-            postgres::apply_retention(pool, self.retention_months).await
+            postgres::ensure_partitions(pool, self.tuning.partitions_ahead()).await?;
+            postgres::apply_retention(pool, self.tuning.retention_months()).await
         };
         match tokio::time::timeout(Duration::from_secs(30), work).await {
             Ok(Ok(dropped)) => {
@@ -829,11 +895,11 @@ impl Shipper {
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&["maintain"]).inc();
                 tracing::warn!(error = %e, "partition maintenance failed; will retry");
-                self.next_maintenance = Instant::now() + self.retry * 10;
+                self.next_maintenance = Instant::now() + self.tuning.retry() * 10;
             }
             Err(_) => {
                 self.metrics.errors.with_label_values(&["maintain"]).inc();
-                self.next_maintenance = Instant::now() + self.retry * 10;
+                self.next_maintenance = Instant::now() + self.tuning.retry() * 10;
             }
         }
     }

@@ -22,6 +22,12 @@
 //! kernel's map (and acknowledged) **before** userspace charges it; until then userspace keeps
 //! charging the higher price. A source that fails or answers nonsense keeps
 //! its last good value and is counted in `enforcer_telemetry_errors_total`.
+//!
+//! The daemon runs the engine inside a [`Pricing`] worker, which a config reload reprices
+//! ([`PricingHandle::reprice`]): the engine is rebuilt over the new price book and settings,
+//! and an endpoint that stays keeps its telemetry, its smoothed score and its recent
+//! multipliers (so its price moves on from where it was); a new endpoint starts at 1. Turning
+//! `dynamic` on or off starts or stops the engine.
 pub mod telemetry;
 
 use crate::config::{NodeReferences, PricingConfig, SurgeConfig};
@@ -145,6 +151,24 @@ impl CostTable {
 
     fn set(&self, costs: Vec<Cost>) {
         *self.0.write() = costs;
+    }
+
+    /// Static prices of `book` (the engine off).
+    pub(crate) fn set_static(&self, book: &PriceBook) {
+        let now = now_rfc3339();
+        self.set(
+            book.entries()
+                .into_iter()
+                .map(|p| {
+                    let source = if p.operational {
+                        "operational"
+                    } else {
+                        "static"
+                    };
+                    Cost::of(p, p.multiplier(), &now, source)
+                })
+                .collect(),
+        );
     }
 }
 
@@ -311,6 +335,38 @@ impl Engine {
         self.costs.clone()
     }
 
+    /// Takes over what `old` knew of the endpoints that stay (same path pattern and method):
+    /// their telemetry, smoothed score and recent multipliers, so a reload does not restart
+    /// their prices from 1. The kernel's price map was rebuilt by the reload, so every price is
+    /// sent to it again; the gauges of endpoints that are gone are removed.
+    fn carry(&mut self, old: Engine) {
+        self.node_reading = old.node_reading;
+        let mut before: std::collections::HashMap<(String, String), Slot> = old
+            .slots
+            .into_iter()
+            .map(|s| ((s.price.class.clone(), s.price.method.clone()), s))
+            .collect();
+        for slot in &mut self.slots {
+            let key = (slot.price.class.clone(), slot.price.method.clone());
+            if let Some(was) = before
+                .remove(&key)
+                .filter(|was| was.price.operational == slot.price.operational)
+            {
+                slot.reading = was.reading;
+                slot.fresh = was.fresh;
+                slot.ema = was.ema;
+                slot.source = was.source;
+                slot.recent = was.recent;
+                while slot.recent.len() > self.kernel_window {
+                    slot.recent.pop_front();
+                }
+            }
+        }
+        for (class, method) in before.keys() {
+            let _ = self.metrics.price.remove_label_values(&[class, method]);
+        }
+    }
+
     /// Runs every `interval` until `shutdown`.
     pub async fn run(mut self, interval: Duration, mut shutdown: Shutdown) {
         // `Server::bind` ran the first round: the next one is an interval later (an immediate
@@ -467,6 +523,12 @@ impl Engine {
     /// Hands the kernel its prices (a fall first, and waits for it), then userspace's falls,
     /// then the cost table and gauges.
     async fn publish(&mut self) {
+        self.publish_with(false).await;
+    }
+
+    /// [`Engine::publish`]; with `replace` (after a reload), the kernel's price map is rebuilt
+    /// to the plan's with these prices, and waited for.
+    async fn publish_with(&mut self, replace: bool) {
         let mut kernel = Vec::new();
         let mut falls = false;
         for (idx, s) in self.slots.iter().enumerate() {
@@ -484,13 +546,15 @@ impl Engine {
             }
         }
         if let Some(gate) = &self.gate
-            && !kernel.is_empty()
+            && (replace || !kernel.is_empty())
         {
             let sent: Vec<(usize, f64)> = kernel.iter().map(|(i, m, _)| (*i, *m)).collect();
             let prices = kernel.into_iter().map(|(_, _, p)| p).collect();
             // Marked as sent only once queued (or, for a fall, applied): a dropped update is
             // sent again next round.
-            let delivered = if falls {
+            let delivered = if replace {
+                gate.prices_replaced(prices, KERNEL_ACK_WAIT).await
+            } else if falls {
                 gate.prices_applied(prices, KERNEL_ACK_WAIT).await
             } else {
                 gate.prices(prices)
@@ -526,22 +590,192 @@ impl Engine {
 
 /// The cost table of a book with the engine off (static prices).
 pub fn static_costs(book: &PriceBook) -> CostTable {
-    let now = now_rfc3339();
     let table = CostTable::default();
-    table.set(
-        book.entries()
-            .into_iter()
-            .map(|p| {
-                let source = if p.operational {
-                    "operational"
-                } else {
-                    "static"
-                };
-                Cost::of(p, p.multiplier(), &now, source)
-            })
-            .collect(),
-    );
+    table.set_static(book);
     table
+}
+
+/// A config reload's prices for the [`Pricing`] worker.
+#[derive(Debug)]
+pub struct Repricing {
+    config: PricingConfig,
+    book: PriceBook,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How a reload reaches the [`Pricing`] worker.
+#[derive(Debug, Clone)]
+pub struct PricingHandle(tokio::sync::mpsc::Sender<Repricing>);
+
+/// The pricing worker did not take a reload's prices.
+#[derive(Debug, thiserror::Error)]
+pub enum RepricingError {
+    /// It did not answer in time.
+    #[error("the pricing engine did not take the new prices within {0:?}")]
+    Timeout(Duration),
+    /// It has stopped (the daemon is shutting down).
+    #[error("the pricing engine has stopped")]
+    Stopped,
+}
+
+impl PricingHandle {
+    /// Hands the worker `config` and `book` (the book decisions use from now on, built from
+    /// `config` with the multipliers of the endpoints that stay carried over) and waits, at
+    /// most `wait`, until the engine runs over them and `/v1/costs` shows them.
+    pub async fn reprice(
+        &self,
+        config: PricingConfig,
+        book: PriceBook,
+        wait: Duration,
+    ) -> Result<(), RepricingError> {
+        let (done, answered) = tokio::sync::oneshot::channel();
+        tokio::time::timeout(wait, async {
+            self.0
+                .send(Repricing { config, book, done })
+                .await
+                .map_err(|_| RepricingError::Stopped)?;
+            answered.await.map_err(|_| RepricingError::Stopped)
+        })
+        .await
+        .map_err(|_| RepricingError::Timeout(wait))?
+    }
+}
+
+/// The daemon's pricing worker: runs the [`Engine`] while `pricing.dynamic` is on and keeps
+/// static prices in the cost table otherwise; takes a reload's new prices between rounds.
+#[derive(Debug)]
+pub struct Pricing {
+    engine: Option<Engine>,
+    interval: Duration,
+    costs: CostTable,
+    metrics: Metrics,
+    gate: Option<GateLink>,
+    rx: tokio::sync::mpsc::Receiver<Repricing>,
+}
+
+/// The engine's telemetry sources for `config`.
+fn sources(config: &PricingConfig) -> (Arc<dyn TelemetrySource>, Option<Arc<dyn TelemetrySource>>) {
+    let prometheus = (!config.prometheus.url.is_empty()).then(|| {
+        Arc::new(telemetry::Prometheus::new(
+            &config.prometheus.url,
+            Duration::from_millis(config.prometheus.timeout_ms),
+        )) as Arc<dyn TelemetrySource>
+    });
+    (
+        Arc::new(telemetry::ProcNode::at(&config.proc_root)) as Arc<dyn TelemetrySource>,
+        prometheus,
+    )
+}
+
+impl Pricing {
+    /// The worker over `book` (the decisions' price book) and the handle that reprices it.
+    /// With `dynamic`, the engine runs a first round before this returns, so `/v1/costs`
+    /// and the metrics are never empty.
+    pub async fn start(
+        config: &PricingConfig,
+        book: &PriceBook,
+        metrics: Metrics,
+        gate: Option<GateLink>,
+    ) -> (Self, PricingHandle) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut pricing = Self {
+            engine: None,
+            interval: Duration::from_millis(config.interval_ms.max(1)),
+            costs: CostTable::default(),
+            metrics,
+            gate,
+            rx,
+        };
+        pricing.apply(config, book).await;
+        (pricing, PricingHandle(tx))
+    }
+
+    /// The table `GET /v1/costs` serves (the same one across reloads).
+    pub fn costs(&self) -> CostTable {
+        self.costs.clone()
+    }
+
+    /// Whether the engine runs.
+    pub fn dynamic(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Runs the engine every interval (while dynamic) and takes reloads, until `shutdown`.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut tick = Self::ticker(self.interval);
+        loop {
+            tokio::select! {
+                () = shutdown.requested() => break,
+                _ = tick.tick(), if self.engine.is_some() => {
+                    if let Some(engine) = &mut self.engine {
+                        engine.tick().await;
+                    }
+                }
+                Some(r) = self.rx.recv() => {
+                    let before = self.interval;
+                    self.apply(&r.config, &r.book).await;
+                    if self.interval != before {
+                        tick = Self::ticker(self.interval);
+                    }
+                    let _ = r.done.send(());
+                }
+            }
+        }
+    }
+
+    /// The first round after a start or a reload ran already: the next one is an interval
+    /// later (an immediate one would read /proc/stat again before any CPU time elapsed).
+    fn ticker(interval: Duration) -> tokio::time::Interval {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    }
+
+    /// Runs over `config` and `book` from now on.
+    async fn apply(&mut self, config: &PricingConfig, book: &PriceBook) {
+        self.interval = Duration::from_millis(config.interval_ms.max(1));
+        let old = self.engine.take();
+        if !config.dynamic {
+            if old.is_some() {
+                // Static prices have no gauges: none of the engine's may linger.
+                self.metrics.price.reset();
+                // Nor may a price the engine pushed into the kernel: the map goes back to
+                // exactly the plan's.
+                if let Some(gate) = &self.gate
+                    && !gate.prices_replaced(Vec::new(), KERNEL_ACK_WAIT).await
+                {
+                    tracing::warn!("the kernel gate did not take the static prices in time");
+                }
+                tracing::info!("pricing engine stopped (pricing.dynamic = false)");
+            }
+            self.costs.set_static(book);
+            return;
+        }
+        let (node, prometheus) = sources(config);
+        let mut engine = Engine::new(
+            config,
+            book,
+            node,
+            prometheus,
+            self.metrics.clone(),
+            self.gate.clone(),
+        );
+        engine.costs = self.costs.clone();
+        match old {
+            Some(old) => {
+                engine.carry(old);
+                // The cost table and the kernel's prices follow the new book now (the map
+                // rebuilt, so no push of the old engine survives); the multipliers move at the
+                // next round.
+                engine.publish_with(true).await;
+            }
+            None => {
+                engine.tick().await;
+                tracing::info!(interval_ms = config.interval_ms, "pricing engine running");
+            }
+        }
+        self.engine = Some(engine);
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -659,6 +893,7 @@ mod tests {
             let Some(crate::kernel::sync::Update::Prices {
                 prices,
                 applied: Some(applied),
+                ..
             }) = events.recv().await
             else {
                 panic!("a fall waits for the kernel")
@@ -686,6 +921,120 @@ mod tests {
         let health_path = book.endpoint("/health").expect("normal form");
         let health = book.price(Some("GET"), &health_path).expect("priced");
         assert_eq!(health.multiplier(), 1.0, "operational endpoints never move");
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_engine_carries_what_stays_and_rebuilds_the_kernels_price_map() {
+        let text = |report: f64, extra: &str| {
+            Config::parse(&format!(
+                r#"
+                [pricing]
+                dynamic = true
+                alpha = 0.5
+                [[pricing.endpoints]]
+                method = "POST"
+                path = "/generate-report"
+                base_cost = {report}
+                {extra}
+                "#
+            ))
+            .expect("valid")
+        };
+        let (old_config, new_config) = (
+            text(100.0, ""),
+            text(
+                50.0,
+                "[[pricing.endpoints]]\nmethod = \"GET\"\npath = \"/new\"\nbase_cost = 3",
+            ),
+        );
+        let metrics = Metrics::new();
+        let (link, mut events) = crate::kernel::sync::test_link(&old_config, &metrics);
+        let node = Arc::new(Node(parking_lot::Mutex::new((1.0, 1.0, 1.0))));
+        let old_book = PriceBook::new(&old_config.pricing);
+        let mut old = Engine::new(
+            &old_config.pricing,
+            &old_book,
+            node.clone(),
+            None,
+            metrics.clone(),
+            Some(link.clone()),
+        );
+        *node.0.lock() = (2.0, 2.0, 0.5);
+        old.tick().await;
+        while events.try_recv().is_ok() {}
+        let path = old_book.endpoint("/generate-report").expect("normal form");
+        let m = old_book
+            .price(Some("POST"), &path)
+            .expect("priced")
+            .multiplier();
+        assert!(m > 1.0, "{m}");
+        let ema = old.slots[0].ema;
+
+        // The reload's book keeps the multiplier; the engine keeps the score.
+        let new_book = PriceBook::new(&new_config.pricing);
+        new_book.carry_multipliers(&old_book);
+        let report = new_book.price(Some("POST"), &path).expect("priced");
+        assert_eq!(report.multiplier(), m);
+        let new_path = new_book.endpoint("/new").expect("normal form");
+        assert_eq!(
+            new_book
+                .price(Some("GET"), &new_path)
+                .expect("priced")
+                .multiplier(),
+            1.0
+        );
+        let mut new = Engine::new(
+            &new_config.pricing,
+            &new_book,
+            node.clone(),
+            None,
+            metrics,
+            Some(link),
+        );
+        new.carry(old);
+        let carried = new
+            .slots
+            .iter()
+            .find(|s| s.price.class == "/generate-report")
+            .expect("slot");
+        assert_eq!(carried.ema, ema);
+        let kernel = async {
+            let Some(crate::kernel::sync::Update::Prices {
+                prices,
+                applied: Some(applied),
+                replace: true,
+            }) = events.recv().await
+            else {
+                panic!("the map is rebuilt")
+            };
+            let _ = applied.send(());
+            prices
+        };
+        let ((), pushed) = tokio::join!(new.publish_with(true), kernel);
+        // Every exact path of the new book, at its lowest recent multiplier: the report's is
+        // carried (only one round: m), the new endpoint has none yet (the plan's price).
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        assert_eq!(pushed[0].1, "/generate-report");
+        assert!((pushed[0].2 - 50.0 * m).abs() < 1e-9, "{pushed:?}");
+        let costs = new.costs().get();
+        let line = costs
+            .iter()
+            .find(|c| c.endpoint == "/generate-report")
+            .expect("line");
+        assert_eq!((line.base_cost, line.multiplier), (50.0, m));
+        // The next round goes on from the carried score, not from 1.
+        new.tick().await;
+        let f = Formula::new(&new_config.pricing);
+        let refs = &new_config.pricing.node;
+        let load_n = f.normalise(0.5, refs.load);
+        let score = f.score(
+            f.normalise(2.0, refs.cpu),
+            f.normalise(2.0, refs.memory),
+            load_n,
+        );
+        let expected = f.multiplier(f.ema(ema, score), load_n);
+        assert!(expected > m, "a rise: applied at once");
+        assert!((report.multiplier() - expected).abs() < 1e-12);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
 use crate::debit::{self, BucketState};
 use crate::key::{KeyHash, RequestId};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -52,7 +53,8 @@ struct State {
 /// In-process [`TokenStore`].
 #[derive(Debug)]
 pub struct MemoryStore {
-    policy: BudgetPolicy,
+    /// Swapped whole by a config reload; read once per call.
+    policy: ArcSwap<BudgetPolicy>,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
@@ -68,7 +70,7 @@ impl MemoryStore {
     /// A store applying `policy`, reading time from `clock`.
     pub fn new(policy: BudgetPolicy, clock: Arc<dyn Clock>) -> Self {
         Self {
-            policy,
+            policy: ArcSwap::from_pointee(policy),
             clock,
             state: Mutex::new(State::default()),
         }
@@ -101,6 +103,7 @@ impl TokenStore for MemoryStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
         super::check_cost(d.cost)?;
         let now = self.clock.now();
+        let policy = self.policy.load();
         let mut st = self.state.lock();
         st.sweep(now);
         let record_key = (d.key, d.request_id.as_str().to_owned());
@@ -122,17 +125,14 @@ impl TokenStore for MemoryStore {
                 }));
             }
         }
-        let Some(tier) = self
-            .policy
-            .resolve(st.tiers.get(&d.key).map(String::as_str))
-        else {
+        let Some(tier) = policy.resolve(st.tiers.get(&d.key).map(String::as_str)) else {
             return Ok(DebitOutcome::UnknownKey);
         };
         let params = match d.bucket {
             BucketKind::Main => tier.bucket,
-            BucketKind::Operational => self.policy.operational,
+            BucketKind::Operational => policy.operational,
         };
-        let window = self.policy.active_window.as_secs_f64();
+        let window = policy.active_window.as_secs_f64();
         let bucket_key = (d.key, slot(d.bucket));
         let previous = st
             .buckets
@@ -164,7 +164,7 @@ impl TokenStore for MemoryStore {
                     refunded: false,
                     forced: d.force,
                     fingerprint: d.fingerprint.clone(),
-                    expires_at: now + self.policy.idempotency_ttl.as_secs_f64(),
+                    expires_at: now + policy.idempotency_ttl.as_secs_f64(),
                 },
             );
         }
@@ -257,14 +257,14 @@ impl TokenStore for MemoryStore {
                 replayed: true,
             });
         }
-        let Some(tier) = self
-            .policy
+        let policy = self.policy.load();
+        let Some(tier) = policy
             .resolve(st.tiers.get(key).map(String::as_str))
             .cloned()
         else {
             return Ok(GrantOutcome::UnknownKey);
         };
-        let window = self.policy.active_window.as_secs_f64();
+        let window = policy.active_window.as_secs_f64();
         let bucket_key = (*key, slot(BucketKind::Main));
         let previous = st
             .buckets
@@ -298,7 +298,7 @@ impl TokenStore for MemoryStore {
                     (
                         state.balance,
                         tier.name.clone(),
-                        now + self.policy.idempotency_ttl.as_secs_f64(),
+                        now + policy.idempotency_ttl.as_secs_f64(),
                     ),
                 );
                 Ok(GrantOutcome::Granted {
@@ -314,7 +314,8 @@ impl TokenStore for MemoryStore {
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
         let now = self.clock.now();
         let st = self.state.lock();
-        let window = self.policy.active_window.as_secs_f64();
+        let policy = self.policy.load();
+        let window = policy.active_window.as_secs_f64();
         let bucket = |kind| {
             st.buckets
                 .get(&(*key, slot(kind)))
@@ -322,7 +323,7 @@ impl TokenStore for MemoryStore {
                 .map(|b| b.state)
         };
         let assigned = st.tiers.get(key).cloned();
-        let tier = self.policy.resolve(assigned.as_deref());
+        let tier = policy.resolve(assigned.as_deref());
         let main = bucket(BucketKind::Main);
         Ok(KeyState {
             tier: tier.map(|t| t.name.clone()),
@@ -330,7 +331,7 @@ impl TokenStore for MemoryStore {
             stored: main.is_some(),
             operational: debit::refilled(
                 bucket(BucketKind::Operational),
-                &self.policy.operational,
+                &policy.operational,
                 window,
                 now,
             ),
@@ -345,5 +346,10 @@ impl TokenStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn set_policy(&self, policy: &BudgetPolicy) -> Result<(), StoreError> {
+        self.policy.store(Arc::new(policy.clone()));
+        Ok(())
     }
 }

@@ -261,6 +261,16 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     async fn describe(&self) -> Option<serde_json::Value> {
         None
     }
+    /// Applies a new budget policy (tiers, unknown keys, windows) from the next debit on: a
+    /// config reload ([`crate::reload`]). Debits in flight finish under the policy they
+    /// started with; buckets and tier assignments are kept. A store that cannot refuses.
+    fn set_policy(&self, policy: &crate::budget::BudgetPolicy) -> Result<(), StoreError> {
+        let _ = policy;
+        Err(StoreError::Rejected(format!(
+            "the {} store cannot change its budget policy while running",
+            self.backend()
+        )))
+    }
 }
 
 /// Rejects costs no store may charge: NaN, infinite, zero or negative, absurdly large.

@@ -28,6 +28,7 @@ use super::{
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike as _, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -128,6 +129,14 @@ struct ClusterPool {
 /// [`TokenStore`] backed by Redis.
 pub struct RedisStore {
     backend: Backend,
+    /// The policy as script arguments: swapped whole by a config reload, read once per call
+    /// (the script gets every tier's parameters in `ARGV`, so nothing in Redis changes).
+    args: ArcSwap<PolicyArgs>,
+}
+
+/// The budget policy as the debit script's arguments, computed once per policy.
+#[derive(Debug)]
+struct PolicyArgs {
     /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
@@ -137,6 +146,18 @@ pub struct RedisStore {
     /// `ARGV` of the inspect script: the main debit tail, then the operational bucket.
     inspect_args: Vec<String>,
     record_ttl_ms: String,
+}
+
+impl PolicyArgs {
+    fn of(policy: &BudgetPolicy) -> Self {
+        Self {
+            main_args: script_args(policy, BucketKind::Main),
+            ops_args: script_args(policy, BucketKind::Operational),
+            grant_args: grant_args(policy),
+            inspect_args: inspect_args(policy),
+            record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
+        }
+    }
 }
 
 const DEBIT: usize = 0;
@@ -208,11 +229,7 @@ impl RedisStore {
         };
         Ok(Self {
             backend,
-            main_args: script_args(policy, BucketKind::Main),
-            ops_args: script_args(policy, BucketKind::Operational),
-            grant_args: grant_args(policy),
-            inspect_args: inspect_args(policy),
-            record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
+            args: ArcSwap::from_pointee(PolicyArgs::of(policy)),
         })
     }
 
@@ -625,13 +642,16 @@ impl TokenStore for RedisStore {
         check_cost(d.cost)?;
         let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
         let cost = d.cost.to_string();
+        // Held for the whole call (its arguments borrow from it): an `Arc`, not a short-lived
+        // guard.
+        let policy = self.args.load_full();
         let tail = match d.bucket {
-            BucketKind::Main => &self.main_args,
-            BucketKind::Operational => &self.ops_args,
+            BucketKind::Main => &policy.main_args,
+            BucketKind::Operational => &policy.ops_args,
         };
         let mut args: Vec<&str> = Vec::with_capacity(3 + tail.len());
         args.push(&cost);
-        args.push(&self.record_ttl_ms);
+        args.push(&policy.record_ttl_ms);
         args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
         if d.force {
@@ -735,10 +755,11 @@ impl TokenStore for RedisStore {
             format!("ptb:{{{h}}}:g:{}", grant_id.as_str()),
         ];
         let tokens = tokens.to_string();
-        let mut args: Vec<&str> = Vec::with_capacity(2 + self.grant_args.len());
+        let policy = self.args.load_full();
+        let mut args: Vec<&str> = Vec::with_capacity(2 + policy.grant_args.len());
         args.push(&tokens);
-        args.push(&self.record_ttl_ms);
-        args.extend(self.grant_args.iter().map(String::as_str));
+        args.push(&policy.record_ttl_ms);
+        args.extend(policy.grant_args.iter().map(String::as_str));
         let (status, balance, tier, at, ceiling): (String, String, String, String, String) =
             self.eval(GRANT, &keys, &args).await?;
         match status.as_str() {
@@ -765,7 +786,8 @@ impl TokenStore for RedisStore {
             format!("ptb:{{{h}}}:ops"),
             format!("ptb:{{{h}}}:tier"),
         ];
-        let args: Vec<&str> = self.inspect_args.iter().map(String::as_str).collect();
+        let policy = self.args.load_full();
+        let args: Vec<&str> = policy.inspect_args.iter().map(String::as_str).collect();
         let (assigned, tier, balance, stored, ops, _ops_stored, at): (
             String,
             String,
@@ -803,6 +825,11 @@ impl TokenStore for RedisStore {
             Backend::Single { .. } => "redis",
             Backend::Cluster(_) => "redis-cluster",
         }
+    }
+
+    fn set_policy(&self, policy: &BudgetPolicy) -> Result<(), StoreError> {
+        self.args.store(Arc::new(PolicyArgs::of(policy)));
+        Ok(())
     }
 
     fn shards(&self) -> usize {
