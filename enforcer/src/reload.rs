@@ -677,6 +677,20 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.0.assign_tier(key, tier).await
         }
+        async fn grant(
+            &self,
+            key: &crate::key::KeyHash,
+            tokens: f64,
+            id: &crate::key::RequestId,
+        ) -> Result<crate::store::GrantOutcome, StoreError> {
+            self.0.grant(key, tokens, id).await
+        }
+        async fn inspect(
+            &self,
+            key: &crate::key::KeyHash,
+        ) -> Result<crate::store::KeyState, StoreError> {
+            self.0.inspect(key).await
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }

@@ -1354,7 +1354,7 @@ mod tests {
                 now: 1.0,
                 sent: Instant::now(),
             };
-            match link.balance(7, "free", 0.5, &settled, false) {
+            match link.balance(7, &KeyHash([7; 32]), "free", 0.5, &settled, false) {
                 Some(Update::Balance(b)) => b.refill_per_sec,
                 other => panic!("a balance: {other:?}"),
             }
