@@ -45,6 +45,8 @@ pub struct Tier {
     pub shadow: bool,
     /// Highest balance an operator's grant may bring a key to (at least `max_tokens`).
     pub grant_ceiling: f64,
+    /// Low-balance alert thresholds, fractions of `max_tokens` ([`crate::alerts`]).
+    pub low_balance: Vec<f64>,
 }
 
 /// What happens to keys that have no tier assignment.

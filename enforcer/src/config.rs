@@ -90,6 +90,46 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// `[envoy]`: how Envoy's rate-limit descriptors map onto a check.
     pub envoy: EnvoyConfig,
+    /// `[alerts]`: where low-balance alerts go (`tiers.*.low_balance` says when).
+    pub alerts: AlertsConfig,
+}
+
+/// `[alerts]`: delivery of low-balance alerts ([`crate::alerts`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Webhook that gets each alert as a signed JSON POST (`http://` only); `""`: alerts are
+    /// ledger rows only.
+    pub webhook_url: String,
+    /// File holding the HMAC-SHA256 key the webhook's body is signed with (or the environment
+    /// variable `ENFORCER_ALERTS_HMAC_SECRET`); never the key itself in the config.
+    pub hmac_secret_file: String,
+    /// Attempts per alert (the first and the retries, with exponential backoff).
+    pub max_attempts: u32,
+    /// Wait before the first retry, milliseconds (doubled each time, at most 60 s).
+    pub retry_ms: u64,
+    /// Bound on each POST, milliseconds.
+    pub timeout_ms: u64,
+    /// Alerts waiting for delivery at most; beyond, new ones are dropped (and counted).
+    pub queue: usize,
+    /// A threshold fires again for a key only once its balance was seen above the threshold
+    /// by this fraction of `max_tokens` (a key hovering at a threshold would fire at every
+    /// request otherwise).
+    pub rearm_margin: f64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: String::new(),
+            hmac_secret_file: String::new(),
+            max_attempts: 8,
+            retry_ms: 500,
+            timeout_ms: 2_000,
+            queue: 10_000,
+            rearm_margin: 0.05,
+        }
+    }
 }
 
 /// `[server]`: the HTTP decision API.
@@ -270,6 +310,10 @@ pub struct TierConfig {
     /// Highest balance an operator's grant (`enforcer keys grant`) may bring a key of this
     /// tier to; default `max_tokens`. A grant that would pass it is refused whole.
     pub grant_ceiling: Option<f64>,
+    /// Low-balance alert thresholds, fractions of `max_tokens` (e.g. `[0.2, 0.0]`): an alert
+    /// fires when a key's balance goes from above one to at or below it ([`crate::alerts`]).
+    #[serde(default)]
+    pub low_balance: Vec<f64>,
 }
 
 /// `[pricing]`: the cost matrix, and the engine that moves it with telemetry.
@@ -705,6 +749,7 @@ impl Default for Config {
                 initial_tokens: None,
                 shadow: false,
                 grant_ceiling: None,
+                low_balance: Vec::new(),
             },
         );
         Self {
@@ -716,6 +761,7 @@ impl Default for Config {
             kernel: KernelConfig::default(),
             ledger: LedgerConfig::default(),
             envoy: EnvoyConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -939,6 +985,17 @@ impl Config {
             {
                 err(p("grant_ceiling"), "must be between max_tokens and 1e15");
             }
+            if tier.low_balance.len() > 8
+                || tier
+                    .low_balance
+                    .iter()
+                    .any(|f| !(f.is_finite() && (0.0..=1.0).contains(f)))
+            {
+                err(
+                    p("low_balance"),
+                    "at most 8 thresholds, each a fraction of max_tokens between 0 and 1",
+                );
+            }
         }
         if !positive(self.pricing.default_cost) {
             err("pricing.default_cost".into(), "must be > 0");
@@ -987,6 +1044,33 @@ impl Config {
                 "envoy.key_entries".into(),
                 "must name at least one descriptor entry, none empty",
             );
+        }
+        if !self.alerts.webhook_url.is_empty()
+            && !self
+                .alerts
+                .webhook_url
+                .parse::<axum::http::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+        {
+            err(
+                "alerts.webhook_url".into(),
+                "must be an http:// URL with a host (https is not supported: put a local relay \
+                 in front)",
+            );
+        }
+        if self.alerts.max_attempts == 0 || self.alerts.max_attempts > 100 {
+            err("alerts.max_attempts".into(), "must be between 1 and 100");
+        }
+        if self.alerts.timeout_ms == 0 || self.alerts.retry_ms == 0 || self.alerts.queue == 0 {
+            err(
+                "alerts".into(),
+                "timeout_ms, retry_ms and queue must be > 0",
+            );
+        }
+        if !(self.alerts.rearm_margin.is_finite()
+            && (0.0..=1.0).contains(&self.alerts.rearm_margin))
+        {
+            err("alerts.rearm_margin".into(), "must be between 0 and 1");
         }
         if !self.server.admin_socket.is_empty()
             && !std::path::Path::new(&self.server.admin_socket).is_absolute()
@@ -1164,6 +1248,7 @@ impl Config {
                 },
                 shadow: t.shadow,
                 grant_ceiling: t.grant_ceiling.unwrap_or(t.max_tokens),
+                low_balance: t.low_balance.clone(),
             })
             .collect();
         let ops = &self.budget.operational;

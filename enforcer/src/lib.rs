@@ -28,6 +28,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod breaker;
 pub mod budget;

@@ -43,6 +43,9 @@ pub struct Metrics {
     /// `enforcer_admin_actions_total{action, result}`: admin API calls (status, show,
     /// set_tier, grant, block, unblock, shadow, reload) by result (ok, refused, error).
     pub admin_actions: IntCounterVec,
+    /// `enforcer_alerts_total{result}`: low-balance alerts fired, and their webhook deliveries
+    /// (sent, retried, failed after every attempt, dropped: queue full or shutdown).
+    pub alerts: IntCounterVec,
     /// `enforcer_client_addresses_total{outcome}`: client addresses requests offered (used,
     /// untrusted_peer, unusable).
     pub client_addresses: IntCounterVec,
@@ -440,6 +443,12 @@ impl Metrics {
             "Refund requests by outcome",
             &["outcome"],
         );
+        let alerts = counter_vec(
+            &registry,
+            "enforcer_alerts_total",
+            "Low-balance alerts: fired, and webhook deliveries sent, retried, failed or dropped",
+            &["result"],
+        );
         let admin_actions = counter_vec(
             &registry,
             "enforcer_admin_actions_total",
@@ -582,6 +591,7 @@ impl Metrics {
             bad_requests,
             refunds,
             admin_actions,
+            alerts,
             client_addresses,
             replays,
             kernel_attached,

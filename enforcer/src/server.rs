@@ -141,7 +141,26 @@ impl Server {
         if let Some(gate) = &gate {
             events = events.with(Arc::new(gate.clone()) as Arc<dyn Subscriber>);
         }
+        // Low-balance alerts: audit rows, and the webhook's worker when one is configured.
+        let webhook = crate::alerts::Webhook::from_config(&config.alerts)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let alert_queue = webhook.map(|webhook| {
+            let (tx, rx) = tokio::sync::mpsc::channel(config.alerts.queue);
+            workers.spawn(
+                "alert webhook",
+                crate::alerts::deliver(webhook, rx, metrics.clone(), workers.shutdown()),
+            );
+            tx
+        });
+        let alerts = Arc::new(crate::alerts::Alerts::new(
+            &config.alerts,
+            Some(ledger.clone()),
+            alert_queue,
+            metrics.clone(),
+        ));
+        events = events.with(alerts.clone() as Arc<dyn Subscriber>);
         let decider = Decider::new(config, store, metrics.clone(), events);
+        alerts.follow(decider.rules_switch());
         // The pricing worker runs whether or not the engine does: a reload may turn it on.
         // With `dynamic`, its first round runs before serving, so /v1/costs and the metrics
         // are never empty.

@@ -112,6 +112,7 @@ fn config(redis_url: &str, local_nodes: u32, node: &str) -> Config {
             initial_tokens: Some(CAPACITY),
             shadow: false,
             grant_ceiling: None,
+            low_balance: Vec::new(),
         },
     );
     config.store.on_store_failure = OnStoreFailure::Local;

@@ -63,6 +63,7 @@ fn fixed_tier(config: &mut Config) {
             initial_tokens: Some(1000.0),
             shadow: false,
             grant_ceiling: None,
+            low_balance: Vec::new(),
         },
     );
     config.budget.default_tier = "fixed".into();

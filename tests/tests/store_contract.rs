@@ -29,6 +29,7 @@ fn policy() -> BudgetPolicy {
             initial_tokens: Some(800.0),
             shadow: false,
             grant_ceiling: None,
+            low_balance: Vec::new(),
         },
     );
     // Refill, and grants allowed far above capacity.
@@ -41,6 +42,7 @@ fn policy() -> BudgetPolicy {
             initial_tokens: Some(800.0),
             shadow: false,
             grant_ceiling: Some(10_000.0),
+            low_balance: Vec::new(),
         },
     );
     assert!(config.validate().is_empty());

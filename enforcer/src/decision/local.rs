@@ -784,6 +784,7 @@ mod tests {
                 initial_tokens: None,
                 shadow: false,
                 grant_ceiling: None,
+                low_balance: Vec::new(),
             },
         );
         let local = LocalBudget::new(

@@ -112,6 +112,9 @@ pub enum RowKind {
     /// `remaining` the balance after, `request_id` the grant id, `note` and `operator` say why
     /// and who.
     Grant,
+    /// A low-balance alert ([`crate::alerts`]): `cost` is the threshold in tokens,
+    /// `remaining` the balance that crossed it, `note` the threshold as a fraction.
+    Alert,
 }
 
 impl RowKind {
@@ -121,6 +124,7 @@ impl RowKind {
             RowKind::Debit => "debit",
             RowKind::Refund => "refund",
             RowKind::Grant => "grant",
+            RowKind::Alert => "alert",
         }
     }
 }
