@@ -664,14 +664,21 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Endpoint => "endpoint",
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
+            // "tokens charged" is what the checks charged (a reservation's estimate), "tokens
+            // settled" the same once settles charged the true costs.
             println!(
-                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14}",
-                "decisions", "allowed", "refunds", "tokens charged", "tokens granted"
+                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14}",
+                "decisions",
+                "allowed",
+                "refunds",
+                "tokens charged",
+                "tokens granted",
+                "tokens settled"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted, u.settled
                 );
             }
         }

@@ -206,6 +206,9 @@ pub struct StoreConfig {
     pub breaker_open_ms: u64,
     /// How long request ids are remembered (idempotent retries, refunds), seconds.
     pub idempotency_ttl_secs: u64,
+    /// How long a reservation (`reserve: true`, `settle = "after"`) waits for its settle,
+    /// seconds; unset: `idempotency_ttl_secs`. Unsettled, it keeps its estimate.
+    pub settle_ttl_secs: Option<u64>,
     /// With `on_store_failure = "local"`: the number of daemons sharing the store, which
     /// divides each key's budget into local shares; 0 (the default): counted by the
     /// heartbeat set the daemons keep in Redis.
@@ -437,6 +440,27 @@ pub struct EndpointConfig {
     /// Memory (bytes) that is the reference for `memory_query`.
     #[serde(default = "one_gib")]
     pub memory_reference: f64,
+    /// The most a settle (`POST /v1/settle`) may charge for one request of this endpoint, in
+    /// tokens; a settle above it is charged `max_cost`. Unset: no cap.
+    #[serde(default)]
+    pub max_cost: Option<f64>,
+    /// `"after"`: every check of this endpoint is a reservation, to be settled at its true
+    /// cost after the response (as `reserve: true` on `/v1/check`); `"check"` (default): the
+    /// check's cost is the charge.
+    #[serde(default)]
+    pub settle: SettleWhen,
+}
+
+/// When an endpoint's true cost is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SettleWhen {
+    /// At the check: its cost is the charge.
+    #[default]
+    Check,
+    /// After the response: the check reserves an estimate, `POST /v1/settle` charges the
+    /// true cost.
+    After,
 }
 
 /// Validates one cost table's endpoints (`[[pricing.endpoints]]` or a domain's), reporting
@@ -468,6 +492,15 @@ fn check_endpoints(
         }
         if !positive(e.base_cost) {
             err(p("base_cost"), "must be > 0");
+        }
+        if e.max_cost.is_some_and(|m| !(positive(m) && m <= 1e15)) {
+            err(p("max_cost"), "must be > 0 and <= 1e15");
+        }
+        if e.operational && (e.max_cost.is_some() || e.settle == SettleWhen::After) {
+            err(
+                p("settle"),
+                "operational endpoints are outside the token economy: nothing to settle",
+            );
         }
         if !seen.insert((e.method.clone(), e.path.clone())) {
             err(p("path"), "duplicate method and path");
@@ -642,6 +675,7 @@ impl Default for StoreConfig {
             breaker_failures: 5,
             breaker_open_ms: 1000,
             idempotency_ttl_secs: 600,
+            settle_ttl_secs: None,
             local_nodes: 0,
             heartbeat_ms: 2000,
             local_max_keys: 100_000,
@@ -860,6 +894,9 @@ impl Config {
         }
         if self.store.breaker_open_ms == 0 {
             err("store.breaker_open_ms".into(), "must be > 0");
+        }
+        if self.store.settle_ttl_secs == Some(0) {
+            err("store.settle_ttl_secs".into(), "must be > 0");
         }
         if self.store.idempotency_ttl_secs == 0 {
             err("store.idempotency_ttl_secs".into(), "must be > 0");
@@ -1177,6 +1214,11 @@ impl Config {
             },
             active_window: Duration::from_secs_f64(self.budget.active_window_secs),
             idempotency_ttl: Duration::from_secs(self.store.idempotency_ttl_secs),
+            settle_ttl: Duration::from_secs(
+                self.store
+                    .settle_ttl_secs
+                    .unwrap_or(self.store.idempotency_ttl_secs),
+            ),
             operational: BucketParams {
                 max_tokens: ops.capacity,
                 refill_per_sec: ops.refill_per_sec,

@@ -282,6 +282,7 @@ fn row(at_us: i64) -> Entry {
         client_ip: None,
         note: None,
         operator: None,
+        true_cost: None,
     })
 }
 
@@ -721,6 +722,7 @@ fn decision(endpoint: &str) -> AuditRow {
         client_ip: None,
         note: None,
         operator: None,
+        true_cost: None,
     }
 }
 

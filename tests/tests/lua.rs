@@ -37,6 +37,7 @@ fn debit(key: &ApiKey, cost: f64) -> Debit {
         request_id: RequestId::generate(),
         fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
         force: false,
+        terms: enforcer::store::SettleTerms::default(),
     }
 }
 

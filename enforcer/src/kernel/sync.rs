@@ -326,6 +326,20 @@ impl Subscriber for GateLink {
                     self.try_send(u);
                 }
             }
+            // A settle moves the balance like a debit (the store applied refill and stamped
+            // it now); one that credited tokens back raises it, as a refund does.
+            Event::Settle(st) => {
+                if let Some(u) = self.balance(
+                    st.key.kernel_id(),
+                    st.key_hash,
+                    st.tier,
+                    st.balance,
+                    &st.settled,
+                    st.charged < 0.0,
+                ) {
+                    self.try_send(u);
+                }
+            }
             // Only the key's hash is known here, not its kernel id: the key's next decision
             // brings the map its balance after the debit-back.
             Event::DebitBack(_) => {}
@@ -1200,6 +1214,7 @@ mod tests {
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: "/generate-report".into(),
+            reserved: false,
         }
     }
 
@@ -1224,6 +1239,7 @@ mod tests {
             client_ip: Some("10.0.0.9".parse().expect("ip")),
             units: 1.0,
             request_id: None,
+            reserve: false,
         };
         let sent = Instant::now();
         let settled = Settled {

@@ -112,6 +112,10 @@ pub enum RowKind {
     /// `remaining` the balance after, `request_id` the grant id, `note` and `operator` say why
     /// and who.
     Grant,
+    /// A request's true cost charged in place of its estimate (`POST /v1/settle`): `cost` is
+    /// the difference charged now (negative: credited back), `true_cost` the true cost,
+    /// `request_id` the settled request's.
+    Settle,
 }
 
 impl RowKind {
@@ -121,6 +125,7 @@ impl RowKind {
             RowKind::Debit => "debit",
             RowKind::Refund => "refund",
             RowKind::Grant => "grant",
+            RowKind::Settle => "settle",
         }
     }
 }
@@ -174,6 +179,9 @@ pub struct AuditRow {
     /// Who made an operator's change (grants): `uid:<n>` of the admin socket's peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
+    /// Settles: the true cost charged in all (`cost` is the difference charged by the settle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cost: Option<f64>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).
