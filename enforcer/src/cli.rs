@@ -725,7 +725,7 @@ fn json_value(column: &str, v: Option<&str>) -> serde_json::Value {
     use serde_json::Value;
     let Some(v) = v else { return Value::Null };
     match column {
-        "units" | "cost" | "multiplier" | "remaining" => v
+        "units" | "cost" | "multiplier" | "remaining" | "true_cost" => v
             .parse::<f64>()
             .ok()
             .and_then(serde_json::Number::from_f64)
