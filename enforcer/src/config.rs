@@ -1286,6 +1286,57 @@ mod tests {
     }
 
     #[test]
+    fn settle_terms_are_read_and_checked() {
+        let ok = Config::parse(
+            r#"
+            [store]
+            settle_ttl_secs = 30
+            [[pricing.endpoints]]
+            path = "/v1/generate"
+            settle = "after"
+            max_cost = 2000
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(ok.pricing.endpoints[0].settle, SettleWhen::After);
+        assert_eq!(ok.pricing.endpoints[0].max_cost, Some(2000.0));
+        let policy = ok.budget_policy();
+        assert_eq!(policy.settle_ttl, Duration::from_secs(30));
+        assert_eq!(
+            Config::parse("").expect("valid").budget_policy().settle_ttl,
+            Duration::from_secs(600),
+            "the idempotency ttl by default"
+        );
+        let Err(ConfigError::Invalid(errors)) = Config::parse(
+            r#"
+            [store]
+            settle_ttl_secs = 0
+            [[pricing.endpoints]]
+            path = "/a"
+            max_cost = 0
+            [[pricing.endpoints]]
+            path = "/health"
+            operational = true
+            settle = "after"
+            "#,
+        ) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.settle_ttl_secs",
+                "pricing.endpoints[0].max_cost",
+                "pricing.endpoints[1].settle"
+            ]
+        );
+        assert!(
+            Config::parse("[[pricing.endpoints]]\npath = \"/a\"\nsettle = \"later\"\n").is_err()
+        );
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_path() {
         let text = r#"
             [budget]
