@@ -236,6 +236,14 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         HeaderName::from_static("x-enforcer-mode"),
         HeaderValue::from_static(d.mode.as_str()),
     );
+    // `/v1/auth` has no body: a gateway learns from this header that the request is a
+    // reservation to settle under `X-Enforcer-Request-Id` (an endpoint's `settle = "after"`).
+    if d.reserved {
+        headers.insert(
+            HeaderName::from_static("x-enforcer-reserved"),
+            HeaderValue::from_static("true"),
+        );
+    }
     if !with_body {
         return (status, headers).into_response();
     }

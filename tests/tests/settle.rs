@@ -133,6 +133,40 @@ async fn an_llm_request_reserved_at_500_is_settled_at_the_tokens_generated_once(
         (&json!(2000.0), &json!(true), &json!(-1852.0)),
         "charged max_cost; the work is done, so the balance goes below zero"
     );
+    // Through /v1/auth (no body) the reservation is told in headers.
+    let other = unique("llm-auth");
+    let auth = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[
+            ("x-api-key", other.as_str()),
+            ("x-original-uri", "/v1/generate"),
+            ("x-original-method", "POST"),
+            ("x-request-id", "auth-1"),
+        ],
+        String::new(),
+    )
+    .await;
+    assert_eq!(auth.status, 200);
+    assert_eq!(auth.header("x-enforcer-reserved"), Some("true"));
+    assert_eq!(auth.header("x-enforcer-request-id"), Some("auth-1"));
+    let (status, body) = settle(
+        d.addr,
+        json!({"key": other, "request_id": "auth-1", "units": 3}),
+    )
+    .await;
+    assert_eq!((status, &body["charged"]), (200, &json!(2.0)), "{body}");
+    let plain = http(
+        d.addr,
+        "GET",
+        "/v1/auth",
+        &[("x-api-key", other.as_str()), ("x-original-uri", "/search")],
+        String::new(),
+    )
+    .await;
+    assert_eq!(plain.header("x-enforcer-reserved"), None);
+
     // In debt, the key waits (no refill in this tier: for a grant).
     let denied = check(
         d.addr,
