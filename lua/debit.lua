@@ -18,6 +18,9 @@
 --                             retry under its id is a free replay) and is not refundable.
 -- ARGV[7]  n                  number of tiers that follow
 -- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
+-- ARGV[8+5n]               units        the units the cost was computed for (> 0), kept in the
+--                                       request record for a settle in units (lua/settle.lua)
+-- ARGV[9+5n]               max_cost     the endpoint's cap on a settle, tokens, or "-" (none)
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at}
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
@@ -68,6 +71,14 @@ if kind ~= 'm' and kind ~= 'o' and kind ~= 'M' and kind ~= 'O' then
 end
 local forced = kind == 'M' or kind == 'O'
 local n = number(7, 'tier count', 1)
+local units = number(8 + 5 * n, 'units', 0)
+if units <= 0 then fail('units must be > 0') end
+local max_cost = ARGV[9 + 5 * n]
+if max_cost ~= '-' then
+  local m = number(9 + 5 * n, 'max_cost', 0)
+  if m <= 0 then fail('max_cost must be > 0 or -') end
+  max_cost = fmt(m)
+end
 
 -- One read for all three keys (same hash tag, so the same cluster slot).
 local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1])
@@ -147,10 +158,11 @@ else
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
 end
 if allowed == 1 then
-  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded|fingerprint
+  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
+  -- (lua/settle.lua appends what a settle did, and sets cost to the true cost)
   redis.call('SET', KEYS[3],
     table.concat({kind, '1', remaining, '0', tier_name, fmt(cost), fmt(max_tokens), '0',
-      fingerprint}, '|'),
+      fingerprint, fmt(units), max_cost}, '|'),
     'PX', ttl)
 end
 return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now)}

@@ -187,6 +187,7 @@ impl Alerts {
                     alert.threshold * 100.0
                 )),
                 operator: None,
+                true_cost: None,
             }));
         }
         if let Some(queue) = &self.webhook
@@ -228,6 +229,14 @@ impl Subscriber for Alerts {
                 }
             }
             Event::Grant(g) => self.observe(g.key_hash, g.tier, g.balance, g.balance, g.settled.at),
+            // A settle charges the difference (negative: credited back).
+            Event::Settle(s) => self.observe(
+                s.key_hash,
+                s.tier,
+                s.balance + s.charged,
+                s.balance,
+                s.settled.at,
+            ),
             _ => {}
         }
     }

@@ -3,6 +3,7 @@
 //! - `POST /v1/check`: JSON check → 200 allowed, 429 denied, 403 unknown key (when refused);
 //! - `GET /v1/auth`: the same for nginx `auth_request` and Traefik `forwardAuth` (headers in);
 //! - `POST /v1/refund`: give back the cost of a request the upstream failed;
+//! - `POST /v1/settle`: charge the true cost of a reserved request (docs/credits.md);
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`.
 //!
 //! Every decision carries `RateLimit` and `RateLimit-Policy` headers (IETF httpapi draft) and
@@ -12,11 +13,11 @@
 //! trusted proxy named it: `X-Forwarded-For` / `X-Real-IP` and `client_ip` from any other peer
 //! are ignored ([`crate::client_addr`]; the peer comes from the listener as [`ConnectInfo`]).
 use crate::client_addr::{ClientAddr, TrustedProxies};
-use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError};
+use crate::decision::{Check, CheckError, Decider, Decision, Denial, RefundError, SettleError};
 use crate::kernel::KernelStatus;
 use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
-use crate::store::RefundOutcome;
+use crate::store::{RefundOutcome, SettleOutcome, TrueCost};
 use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
@@ -78,6 +79,7 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/check", post(check))
         .route("/v1/auth", get(auth))
         .route("/v1/refund", post(refund))
+        .route("/v1/settle", post(settle))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/costs", get(costs))
@@ -133,6 +135,9 @@ struct CheckBody {
     client_ip: Option<IpAddr>,
     units: Option<f64>,
     request_id: Option<String>,
+    /// A reservation: the cost is an estimate, settled later with `POST /v1/settle`.
+    #[serde(default)]
+    reserve: bool,
 }
 
 async fn check(
@@ -165,6 +170,7 @@ async fn check(
         ),
         units: body.units.unwrap_or(1.0),
         request_id,
+        reserve: body.reserve,
     };
     match app.decider.check(check).await {
         Ok(d) if d.denial == Some(Denial::RequestIdConflict) => conflict(&d),
@@ -230,6 +236,14 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         HeaderName::from_static("x-enforcer-mode"),
         HeaderValue::from_static(d.mode.as_str()),
     );
+    // `/v1/auth` has no body: a gateway learns from this header that the request is a
+    // reservation to settle under `X-Enforcer-Request-Id` (an endpoint's `settle = "after"`).
+    if d.reserved {
+        headers.insert(
+            HeaderName::from_static("x-enforcer-reserved"),
+            HeaderValue::from_static("true"),
+        );
+    }
     if !with_body {
         return (status, headers).into_response();
     }
@@ -245,6 +259,7 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         reason: d.denial.map(Denial::as_str),
         decision_id: d.decision_id,
         endpoint: &d.endpoint,
+        reserved: d.reserved,
     };
     (status, headers, axum::Json(body)).into_response()
 }
@@ -265,6 +280,8 @@ struct DecisionBody<'a> {
     decision_id: uuid::Uuid,
     /// The endpoint as priced (normal form).
     endpoint: &'a str,
+    /// A reservation: settle it with `POST /v1/settle` under `request_id`.
+    reserved: bool,
 }
 
 /// The first of `names` that is present, as text; `Err` when its value is not (non-ASCII
@@ -341,6 +358,7 @@ async fn auth(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Re
         client_ip,
         units: 1.0,
         request_id,
+        reserve: false,
     };
     match app.decider.check(check).await {
         Ok(d) if d.denial == Some(Denial::RequestIdConflict) => conflict(&d),
@@ -393,6 +411,102 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
             "operational requests are not refundable",
         ),
         Err(RefundError::Unavailable(m)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &m)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettleBody {
+    key: String,
+    request_id: String,
+    cost: Option<f64>,
+    units: Option<f64>,
+}
+
+async fn settle(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body: SettleBody = match json_body(&app, body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let key = match ApiKey::parse(&body.key) {
+        Ok(k) => k,
+        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
+    };
+    let request_id = match RequestId::parse(&body.request_id) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    };
+    let cost = match (body.cost, body.units) {
+        (Some(c), None) => TrueCost::Tokens(c),
+        (None, Some(u)) => TrueCost::Units(u),
+        _ => {
+            return bad_request(
+                &app,
+                "bad_settle",
+                "give exactly one of cost (tokens) and units",
+            );
+        }
+    };
+    match app.decider.settle(&key, &request_id, cost).await {
+        Ok(SettleOutcome::Settled {
+            cost,
+            estimate,
+            charged,
+            capped,
+            balance,
+            tier,
+            replayed,
+            ..
+        }) => (
+            StatusCode::OK,
+            axum::Json(json!({
+                "settled": true,
+                "cost": cost,
+                "estimate": estimate,
+                "charged": charged,
+                "capped": capped,
+                "balance": balance,
+                "tier": tier,
+                "replayed": replayed,
+                "request_id": request_id.as_str(),
+            })),
+        )
+            .into_response(),
+        Ok(SettleOutcome::UnknownRequest) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_request",
+            "no allowed request with this id is remembered for this key (never seen, denied, \
+             or its reservation expired and kept its estimate)",
+        ),
+        Ok(SettleOutcome::Conflict { cost }) => error(
+            StatusCode::CONFLICT,
+            "settle_conflict",
+            &format!("this request was already settled at another true cost ({cost} tokens)"),
+        ),
+        Ok(SettleOutcome::AlreadyRefunded) => error(
+            StatusCode::CONFLICT,
+            "already_refunded",
+            "this request was refunded: there is nothing to settle",
+        ),
+        Ok(SettleOutcome::NotSettleable) => error(
+            StatusCode::CONFLICT,
+            "not_settleable",
+            "operational requests and fail-soft debit-backs are not settled",
+        ),
+        Ok(SettleOutcome::UnitsUnknown) => error(
+            StatusCode::CONFLICT,
+            "units_unknown",
+            "this request's record does not keep its units: settle it with cost",
+        ),
+        Ok(SettleOutcome::UnknownKey) => error(
+            StatusCode::FORBIDDEN,
+            "unknown_key",
+            "the key has no tier and unknown keys are refused",
+        ),
+        Err(e @ SettleError::BadAmount { .. }) => bad_request(&app, "bad_settle", &e.to_string()),
+        Err(SettleError::Unavailable(m)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &m)
         }
     }

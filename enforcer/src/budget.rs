@@ -69,6 +69,8 @@ pub struct BudgetPolicy {
     pub active_window: Duration,
     /// How long a request id is remembered (idempotent retries, refunds).
     pub idempotency_ttl: Duration,
+    /// How long a reservation's request record is kept for its settle (`store.settle_ttl_secs`).
+    pub settle_ttl: Duration,
     /// The strict per-key bucket of operational endpoints (seed pitfall 5).
     pub operational: BucketParams,
 }

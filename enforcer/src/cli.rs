@@ -664,14 +664,21 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Endpoint => "endpoint",
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
+            // "tokens charged" is what the checks charged (a reservation's estimate), "tokens
+            // settled" the same once settles charged the true costs.
             println!(
-                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14}",
-                "decisions", "allowed", "refunds", "tokens charged", "tokens granted"
+                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14}",
+                "decisions",
+                "allowed",
+                "refunds",
+                "tokens charged",
+                "tokens granted",
+                "tokens settled"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3}",
+                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted, u.settled
                 );
             }
         }
@@ -718,7 +725,7 @@ fn json_value(column: &str, v: Option<&str>) -> serde_json::Value {
     use serde_json::Value;
     let Some(v) = v else { return Value::Null };
     match column {
-        "units" | "cost" | "multiplier" | "remaining" => v
+        "units" | "cost" | "multiplier" | "remaining" | "true_cost" => v
             .parse::<f64>()
             .ok()
             .and_then(serde_json::Number::from_f64)

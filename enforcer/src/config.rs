@@ -246,6 +246,9 @@ pub struct StoreConfig {
     pub breaker_open_ms: u64,
     /// How long request ids are remembered (idempotent retries, refunds), seconds.
     pub idempotency_ttl_secs: u64,
+    /// How long a reservation (`reserve: true`, `settle = "after"`) waits for its settle,
+    /// seconds; unset: `idempotency_ttl_secs`. Unsettled, it keeps its estimate.
+    pub settle_ttl_secs: Option<u64>,
     /// With `on_store_failure = "local"`: the number of daemons sharing the store, which
     /// divides each key's budget into local shares; 0 (the default): counted by the
     /// heartbeat set the daemons keep in Redis.
@@ -481,6 +484,27 @@ pub struct EndpointConfig {
     /// Memory (bytes) that is the reference for `memory_query`.
     #[serde(default = "one_gib")]
     pub memory_reference: f64,
+    /// The most a settle (`POST /v1/settle`) may charge for one request of this endpoint, in
+    /// tokens; a settle above it is charged `max_cost`. Unset: no cap.
+    #[serde(default)]
+    pub max_cost: Option<f64>,
+    /// `"after"`: every check of this endpoint is a reservation, to be settled at its true
+    /// cost after the response (as `reserve: true` on `/v1/check`); `"check"` (default): the
+    /// check's cost is the charge.
+    #[serde(default)]
+    pub settle: SettleWhen,
+}
+
+/// When an endpoint's true cost is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SettleWhen {
+    /// At the check: its cost is the charge.
+    #[default]
+    Check,
+    /// After the response: the check reserves an estimate, `POST /v1/settle` charges the
+    /// true cost.
+    After,
 }
 
 /// Validates one cost table's endpoints (`[[pricing.endpoints]]` or a domain's), reporting
@@ -512,6 +536,15 @@ fn check_endpoints(
         }
         if !positive(e.base_cost) {
             err(p("base_cost"), "must be > 0");
+        }
+        if e.max_cost.is_some_and(|m| !(positive(m) && m <= 1e15)) {
+            err(p("max_cost"), "must be > 0 and <= 1e15");
+        }
+        if e.operational && (e.max_cost.is_some() || e.settle == SettleWhen::After) {
+            err(
+                p("settle"),
+                "operational endpoints are outside the token economy: nothing to settle",
+            );
         }
         if !seen.insert((e.method.clone(), e.path.clone())) {
             err(p("path"), "duplicate method and path");
@@ -686,6 +719,7 @@ impl Default for StoreConfig {
             breaker_failures: 5,
             breaker_open_ms: 1000,
             idempotency_ttl_secs: 600,
+            settle_ttl_secs: None,
             local_nodes: 0,
             heartbeat_ms: 2000,
             local_max_keys: 100_000,
@@ -906,6 +940,9 @@ impl Config {
         }
         if self.store.breaker_open_ms == 0 {
             err("store.breaker_open_ms".into(), "must be > 0");
+        }
+        if self.store.settle_ttl_secs == Some(0) {
+            err("store.settle_ttl_secs".into(), "must be > 0");
         }
         if self.store.idempotency_ttl_secs == 0 {
             err("store.idempotency_ttl_secs".into(), "must be > 0");
@@ -1262,6 +1299,11 @@ impl Config {
             },
             active_window: Duration::from_secs_f64(self.budget.active_window_secs),
             idempotency_ttl: Duration::from_secs(self.store.idempotency_ttl_secs),
+            settle_ttl: Duration::from_secs(
+                self.store
+                    .settle_ttl_secs
+                    .unwrap_or(self.store.idempotency_ttl_secs),
+            ),
             operational: BucketParams {
                 max_tokens: ops.capacity,
                 refill_per_sec: ops.refill_per_sec,
@@ -1325,6 +1367,57 @@ mod tests {
         assert_eq!(
             Config::default().server.grpc_addr(),
             Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
+        );
+    }
+
+    #[test]
+    fn settle_terms_are_read_and_checked() {
+        let ok = Config::parse(
+            r#"
+            [store]
+            settle_ttl_secs = 30
+            [[pricing.endpoints]]
+            path = "/v1/generate"
+            settle = "after"
+            max_cost = 2000
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(ok.pricing.endpoints[0].settle, SettleWhen::After);
+        assert_eq!(ok.pricing.endpoints[0].max_cost, Some(2000.0));
+        let policy = ok.budget_policy();
+        assert_eq!(policy.settle_ttl, Duration::from_secs(30));
+        assert_eq!(
+            Config::parse("").expect("valid").budget_policy().settle_ttl,
+            Duration::from_secs(600),
+            "the idempotency ttl by default"
+        );
+        let Err(ConfigError::Invalid(errors)) = Config::parse(
+            r#"
+            [store]
+            settle_ttl_secs = 0
+            [[pricing.endpoints]]
+            path = "/a"
+            max_cost = 0
+            [[pricing.endpoints]]
+            path = "/health"
+            operational = true
+            settle = "after"
+            "#,
+        ) else {
+            panic!("config should be invalid");
+        };
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.settle_ttl_secs",
+                "pricing.endpoints[0].max_cost",
+                "pricing.endpoints[1].settle"
+            ]
+        );
+        assert!(
+            Config::parse("[[pricing.endpoints]]\npath = \"/a\"\nsettle = \"later\"\n").is_err()
         );
     }
 

@@ -165,6 +165,32 @@ fn retry_after_ms(balance: f64, params: &BucketParams, cost: f64) -> Option<u64>
     Some(((cost - balance) / params.refill_per_sec * 1000.0).ceil() as u64)
 }
 
+/// Settles a request at its true cost at `now`: refill is applied first (as a debit does),
+/// then `difference = true cost − estimate` is charged whatever the balance (the work is done:
+/// the balance may go below zero), or, when negative, credited back capped like a refund
+/// ([`credit`]). Returns the bucket afterwards and the tokens moved (negative: credited).
+pub fn adjust(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+    difference: f64,
+) -> (BucketState, f64) {
+    let balance = refilled(state, params, active_window, now);
+    let after = if difference >= 0.0 {
+        balance - difference
+    } else {
+        credit(balance, params.max_tokens, -difference)
+    };
+    (
+        BucketState {
+            balance: after,
+            updated_at: now,
+        },
+        balance - after,
+    )
+}
+
 /// Adds a refund to a balance: capped at capacity, but never lowering a balance above it.
 pub fn credit(balance: f64, max_tokens: f64, amount: f64) -> f64 {
     if balance >= max_tokens {
@@ -260,6 +286,35 @@ mod tests {
         // 60 s window + 100 s to refill 1000 at 10/s, + 7 s to pay the 70 owed.
         assert_eq!(forget_after(&FREE, 60.0, -70.0), Some(167.0));
         assert_eq!(forget_after(&FREE, 60.0, 500.0), Some(160.0));
+    }
+
+    #[test]
+    fn a_settle_charges_the_difference_below_zero_or_credits_it_capped() {
+        let state = BucketState {
+            balance: 100.0,
+            updated_at: 100.0,
+        };
+        // Charged more than the balance holds: the work is done, the debt stays.
+        assert_eq!(
+            adjust(Some(state), &FREE, 60.0, 100.0, 250.0),
+            (
+                BucketState {
+                    balance: -150.0,
+                    updated_at: 100.0
+                },
+                250.0
+            )
+        );
+        // Refill first (1 s at 10/s), then the credit, capped at capacity.
+        let full = BucketState {
+            balance: 950.0,
+            updated_at: 99.0,
+        };
+        assert_eq!(
+            adjust(Some(full), &FREE, 60.0, 100.0, -400.0).1,
+            -40.0,
+            "960 credited up to 1000"
+        );
     }
 
     #[test]

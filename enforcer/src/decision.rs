@@ -17,9 +17,10 @@ use crate::key::{ApiKey, RequestId};
 use crate::metrics::Metrics;
 use crate::price::{PriceBook, PriceError};
 use crate::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, Settled, StoreError, TokenStore,
+    BucketKind, Debit, DebitOutcome, Fingerprint, RefundOutcome, SettleOutcome, SettleTerms,
+    Settled, StoreError, TokenStore, TrueCost,
 };
-use event::{Decided, Event, Outbox, Refunded};
+use event::{Decided, Event, Outbox, Refunded, SettledCost};
 use local::{LocalBudget, LocalOutcome};
 use std::future::Future;
 use std::net::IpAddr;
@@ -42,6 +43,9 @@ pub struct Check {
     pub units: f64,
     /// Idempotency token; one is generated when absent.
     pub request_id: Option<RequestId>,
+    /// A reservation: the cost is an estimate, settled later at the true cost
+    /// ([`Decider::settle`]); also when the endpoint says `settle = "after"`.
+    pub reserve: bool,
 }
 
 /// How a decision was reached.
@@ -126,6 +130,9 @@ pub struct Decision {
     pub decision_id: uuid::Uuid,
     /// The endpoint as priced: the request path in normal form.
     pub endpoint: String,
+    /// An allowed reservation, settled by the store: its request id waits for a settle
+    /// (`settle_ttl`) and keeps its estimate if none comes.
+    pub reserved: bool,
 }
 
 impl Decision {
@@ -153,6 +160,7 @@ impl Decision {
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
+            reserved: false,
         }
     }
 }
@@ -225,6 +233,20 @@ pub const MAX_COST: f64 = 1e15;
 /// Refund failures.
 #[derive(Debug, thiserror::Error)]
 pub enum RefundError {
+    /// The store could not be reached in time.
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Settle failures (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The true cost is not a finite number >= 0 and <= 10^15.
+    #[error("{what} must be a finite number >= 0 and <= 1e15")]
+    BadAmount {
+        /// `cost` or `units`.
+        what: &'static str,
+    },
     /// The store could not be reached in time.
     #[error("token store unavailable: {0}")]
     Unavailable(String),
@@ -420,6 +442,10 @@ impl Decider {
         // One read of each engine multiplier, so the cost and the audit row agree.
         let mut multiplier = 1.0;
         let mut endpoints = Vec::with_capacity(checks.len());
+        // A settle of checks decided together may charge at most the sum of their caps (no
+        // cap when one has none).
+        let mut max_cost = Some(0.0);
+        let mut reserve = false;
         for check in checks.iter() {
             if check.key != first.key {
                 return Err(CheckError::MixedKeys);
@@ -439,6 +465,8 @@ impl Decider {
                 });
             }
             multiplier = price.multiplier();
+            max_cost = max_cost.zip(price.max_cost).map(|(a, b)| a + b);
+            reserve |= check.reserve || price.settle_after;
             base += price.base_cost * check.units;
             cost += price.base_cost * check.units * multiplier;
             units += check.units;
@@ -498,6 +526,12 @@ impl Decider {
             fingerprint,
             request_id,
             force: false,
+            // Operational requests are outside the token economy: never a reservation.
+            terms: SettleTerms {
+                units,
+                max_cost,
+                reserve: reserve && bucket == BucketKind::Main,
+            },
         };
 
         let sent = Instant::now();
@@ -515,7 +549,16 @@ impl Decider {
                 if let Some(local) = &self.local {
                     local.seen(&debit.key, &settled.tier);
                 }
-                self.settled(&rules, settled, bucket, debit.request_id, &endpoint)
+                let mut decision =
+                    self.settled(&rules, settled, bucket, debit.request_id, &endpoint);
+                // Only what the store charged and remembered waits for a settle: a denial
+                // charged nothing, a replay answers the first decision (whose record the
+                // reservation is, if it was one).
+                decision.reserved = debit.terms.reserve
+                    && decision.allowed
+                    && decision.denial.is_none()
+                    && !decision.replayed;
+                decision
             }
             // Shadow mode allows unknown keys too, and records what it would have denied.
             Ok(DebitOutcome::UnknownKey) => Decision::without_balance(
@@ -609,6 +652,7 @@ impl Decider {
             replayed: s.replayed,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
+            reserved: false,
         }
     }
 
@@ -707,6 +751,7 @@ impl Decider {
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
+            reserved: false,
         }
     }
 
@@ -757,6 +802,84 @@ impl Decider {
                 settled: event::Settled {
                     at: as_of.unwrap_or(*now),
                     now: *now,
+                    sent,
+                },
+                id: uuid::Uuid::now_v7(),
+                store: self.store.backend(),
+            }));
+        }
+        outcome
+    }
+
+    /// Charges the true cost of an allowed request in place of its estimate, and publishes
+    /// the new balance (a settle is never decided without the store: there is no estimate to
+    /// correct locally).
+    pub async fn settle(
+        &self,
+        key: &ApiKey,
+        request_id: &RequestId,
+        cost: TrueCost,
+    ) -> Result<SettleOutcome, SettleError> {
+        if cost.check().is_err() {
+            return Err(SettleError::BadAmount {
+                what: match cost {
+                    TrueCost::Tokens(_) => "cost",
+                    TrueCost::Units(_) => "units",
+                },
+            });
+        }
+        let key_hash = key.hash();
+        let sent = Instant::now();
+        let outcome = self
+            .call(
+                self.store.shard(&key_hash),
+                self.store.settle(&key_hash, request_id, cost),
+            )
+            .await
+            .map_err(|e| {
+                SettleError::Unavailable(match e {
+                    CallError::BreakerOpen => "circuit breaker open".to_owned(),
+                    CallError::Timeout => "timed out".to_owned(),
+                    CallError::Store(e) => e.to_string(),
+                })
+            });
+        let label = match &outcome {
+            Ok(SettleOutcome::Settled {
+                replayed: false, ..
+            }) => "settled",
+            Ok(SettleOutcome::Settled { replayed: true, .. }) => "replayed",
+            Ok(SettleOutcome::Conflict { .. }) => "conflict",
+            Ok(SettleOutcome::UnknownRequest) => "unknown_request",
+            Ok(SettleOutcome::AlreadyRefunded) => "already_refunded",
+            Ok(SettleOutcome::NotSettleable | SettleOutcome::UnitsUnknown) => "not_settleable",
+            Ok(SettleOutcome::UnknownKey) => "unknown_key",
+            Err(_) => "unavailable",
+        };
+        self.metrics.settles.with_label_values(&[label]).inc();
+        if let Ok(SettleOutcome::Settled {
+            cost,
+            estimate,
+            charged,
+            capped,
+            balance,
+            tier,
+            at: Some(at),
+            replayed: false,
+        }) = &outcome
+        {
+            self.events.publish(&Event::Settle(SettledCost {
+                key,
+                key_hash: &key_hash,
+                request_id,
+                cost: *cost,
+                estimate: *estimate,
+                charged: *charged,
+                capped: *capped,
+                balance: *balance,
+                tier,
+                settled: event::Settled {
+                    at: *at,
+                    now: *at,
                     sent,
                 },
                 id: uuid::Uuid::now_v7(),
@@ -864,6 +987,11 @@ mod tests {
         DebitBack {
             amount: f64,
         },
+        Settle {
+            charged: f64,
+            balance: f64,
+            at: f64,
+        },
     }
 
     #[derive(Debug, Default)]
@@ -886,6 +1014,11 @@ mod tests {
                     tier: r.tier.to_owned(),
                 },
                 Event::DebitBack(b) => Seen::DebitBack { amount: b.amount },
+                Event::Settle(st) => Seen::Settle {
+                    charged: st.charged,
+                    balance: st.balance,
+                    at: st.settled.at,
+                },
                 Event::Grant(_) | Event::TierChanged(_) => return,
             });
         }
@@ -899,6 +1032,7 @@ mod tests {
             client_ip: None,
             units,
             request_id: Some(RequestId::parse(request_id).expect("id")),
+            reserve: false,
         }
     }
 
@@ -960,6 +1094,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reservation_is_settled_once_and_only_the_settle_is_an_event() {
+        let mut config = Config::default();
+        config
+            .pricing
+            .endpoints
+            .push(crate::config::EndpointConfig {
+                method: "*".into(),
+                path: "/llm".into(),
+                base_cost: 1.0,
+                operational: false,
+                cpu_query: String::new(),
+                cpu_reference: 1.0,
+                memory_query: String::new(),
+                memory_reference: 1e9,
+                max_cost: Some(700.0),
+                settle: crate::config::SettleWhen::After,
+            });
+        config.budget.max_units = 10_000.0;
+        let clock = ManualClock::at(1000.0);
+        let store = Arc::new(MemoryStore::new(
+            config.budget_policy(),
+            Arc::new(clock.clone()),
+        ));
+        let recorder = Arc::new(Recorder::default());
+        let decider = Decider::new(
+            &config,
+            store,
+            Metrics::new(),
+            Outbox::new().with(recorder.clone()),
+        );
+        // The endpoint reserves by itself (`settle = "after"`); `/x` only when asked.
+        let mut ask = check(500.0, "llm-1");
+        ask.endpoint = "/llm".into();
+        let d = decider.check(ask).await.expect("valid");
+        assert!(d.allowed && d.reserved, "{d:?}");
+        assert!(
+            !decider
+                .check(check(1.0, "x-1"))
+                .await
+                .expect("valid")
+                .reserved
+        );
+        let mut asked = check(1.0, "x-2");
+        asked.reserve = true;
+        assert!(decider.check(asked).await.expect("valid").reserved);
+        // 800 - 500 - 1 - 1 = 298; 900 tokens used, capped at 700: 200 more.
+        let key = ApiKey::parse("stream-key").expect("key");
+        let id = RequestId::parse("llm-1").expect("id");
+        clock.advance(1.0);
+        let out = decider
+            .settle(&key, &id, TrueCost::Units(900.0))
+            .await
+            .expect("store answers");
+        assert!(
+            matches!(out, SettleOutcome::Settled { cost, charged, capped: true, .. } if cost == 700.0 && charged == 200.0),
+            "{out:?}"
+        );
+        let again = decider
+            .settle(&key, &id, TrueCost::Units(900.0))
+            .await
+            .expect("store answers");
+        assert!(matches!(
+            again,
+            SettleOutcome::Settled { replayed: true, .. }
+        ));
+        assert!(matches!(
+            decider.settle(&key, &id, TrueCost::Tokens(-1.0)).await,
+            Err(SettleError::BadAmount { what: "cost" })
+        ));
+        let settles: Vec<Seen> = recorder
+            .0
+            .lock()
+            .iter()
+            .filter(|s| matches!(s, Seen::Settle { .. }))
+            .cloned()
+            .collect();
+        // The refill of the second that passed (10 tokens) comes first.
+        assert_eq!(
+            settles,
+            [Seen::Settle {
+                charged: 200.0,
+                balance: 108.0,
+                at: 1001.0
+            }]
+        );
+    }
+
+    #[tokio::test]
     async fn units_below_the_minimum_are_refused() {
         let mut config = Config::default();
         let store = Arc::new(MemoryStore::new(
@@ -994,6 +1216,14 @@ mod tests {
             id: &RequestId,
         ) -> Result<RefundOutcome, StoreError> {
             self.0.refund(key, id).await
+        }
+        async fn settle(
+            &self,
+            key: &crate::key::KeyHash,
+            id: &RequestId,
+            cost: TrueCost,
+        ) -> Result<SettleOutcome, StoreError> {
+            self.0.settle(key, id, cost).await
         }
         async fn assign_tier(
             &self,
@@ -1051,6 +1281,7 @@ mod tests {
             client_ip: None,
             units: 1.0,
             request_id: Some(RequestId::parse(&id).expect("id")),
+            reserve: false,
         };
         for i in 0..(config.store.breaker_failures + 3) {
             let d = decider

@@ -111,6 +111,7 @@ mod tests {
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: "/x".to_owned(),
+            reserved: false,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub bad_requests: IntCounterVec,
     /// `enforcer_refunds_total{outcome}`.
     pub refunds: IntCounterVec,
+    /// `enforcer_settles_total{outcome}`: `POST /v1/settle` by outcome (settled, replayed,
+    /// conflict, unknown_request, already_refunded, not_settleable, unknown_key, unavailable).
+    pub settles: IntCounterVec,
     /// `enforcer_admin_actions_total{action, result}`: admin API calls (status, show,
     /// set_tier, grant, block, unblock, shadow, reload) by result (ok, refused, error).
     pub admin_actions: IntCounterVec,
@@ -449,6 +452,12 @@ impl Metrics {
             "Low-balance alerts: fired, and webhook deliveries sent, retried, failed or dropped",
             &["result"],
         );
+        let settles = counter_vec(
+            &registry,
+            "enforcer_settles_total",
+            "Settle requests (true cost after the response) by outcome",
+            &["outcome"],
+        );
         let admin_actions = counter_vec(
             &registry,
             "enforcer_admin_actions_total",
@@ -590,6 +599,7 @@ impl Metrics {
             local_nodes,
             bad_requests,
             refunds,
+            settles,
             admin_actions,
             alerts,
             client_addresses,

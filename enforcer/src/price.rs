@@ -30,6 +30,10 @@ pub struct Price {
     pub class: String,
     /// The configured method, `*` for any.
     pub method: String,
+    /// The most a settle may charge for one request (`max_cost`); `None`: no cap.
+    pub max_cost: Option<f64>,
+    /// `settle = "after"`: a check is a reservation.
+    pub settle_after: bool,
 }
 
 impl Price {
@@ -56,6 +60,17 @@ impl Price {
             operational,
             class: class.to_owned(),
             method: method.to_owned(),
+            max_cost: None,
+            settle_after: false,
+        }
+    }
+
+    /// With the settle terms of its config entry.
+    fn settled_as(self, e: &crate::config::EndpointConfig) -> Self {
+        Self {
+            max_cost: e.max_cost,
+            settle_after: e.settle == crate::config::SettleWhen::After,
+            ..self
         }
     }
 
@@ -106,7 +121,7 @@ impl PriceBook {
         let mut book = Self::table(
             &config.endpoints,
             config.trailing_slash,
-            |e| Price::new(e.base_cost, e.operational, &e.path, &e.method),
+            |e| Price::new(e.base_cost, e.operational, &e.path, &e.method).settled_as(e),
             Price::new(config.default_cost, false, "default", "*"),
         );
         let domains = config
@@ -130,6 +145,7 @@ impl PriceBook {
                                 .clone()
                         };
                         Price::sharing(e.base_cost, e.operational, &e.path, &e.method, multiplier)
+                            .settled_as(e)
                     },
                     Price::sharing(
                         default_cost,

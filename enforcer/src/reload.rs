@@ -292,6 +292,7 @@ fn effective(running: &Config, file: &Config) -> Config {
     next.server = running.server.clone();
     next.store = running.store.clone();
     next.store.idempotency_ttl_secs = file.store.idempotency_ttl_secs;
+    next.store.settle_ttl_secs = file.store.settle_ttl_secs;
     next.kernel.interfaces = running.kernel.interfaces.clone();
     next.kernel.pin_dir = running.kernel.pin_dir.clone();
     next.ledger = LedgerConfig {
@@ -669,6 +670,14 @@ mod tests {
             id: &crate::key::RequestId,
         ) -> Result<crate::store::RefundOutcome, StoreError> {
             self.0.refund(key, id).await
+        }
+        async fn settle(
+            &self,
+            key: &crate::key::KeyHash,
+            id: &crate::key::RequestId,
+            cost: crate::store::TrueCost,
+        ) -> Result<crate::store::SettleOutcome, StoreError> {
+            self.0.settle(key, id, cost).await
         }
         async fn assign_tier(
             &self,

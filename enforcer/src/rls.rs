@@ -177,6 +177,9 @@ impl RateLimitApi {
                 client_ip,
                 units: hits as f64,
                 request_id: request_id.clone(),
+                // Envoy has no settle call yet (docs/credits.md): endpoints with
+                // `settle = "after"` still reserve.
+                reserve: false,
             };
             let group = match plan.groups.iter().position(|g| g[0].key == check.key) {
                 Some(i) => i,

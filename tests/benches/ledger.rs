@@ -42,6 +42,7 @@ fn rows(n: usize) -> Vec<Entry> {
                 client_ip: None,
                 note: None,
                 operator: None,
+                true_cost: None,
             })
         })
         .collect()

@@ -55,6 +55,8 @@ fn config(endpoints: usize, queries: bool) -> Config {
                 String::new()
             },
             memory_reference: 1e9,
+            max_cost: None,
+            settle: Default::default(),
         })
         .collect();
     c

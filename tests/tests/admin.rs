@@ -363,10 +363,10 @@ async fn audit_usage_shows_grants_beside_charges() {
     assert_eq!(code, 0, "{err}");
     let total = out.lines().last().expect("a line");
     let fields: Vec<&str> = total.split_whitespace().collect();
-    // total, decisions, allowed, refunds, tokens charged, tokens granted
+    // total, decisions, allowed, refunds, tokens charged, tokens granted, tokens settled
     assert_eq!(
         fields,
-        ["total", "1", "1", "0", "120.000", "250.000"],
+        ["total", "1", "1", "0", "120.000", "250.000", "120.000"],
         "{out}"
     );
     // By endpoint, the grant has a line of its own.

@@ -345,3 +345,37 @@ async fn alert_rows_land_in_postgresql() {
     assert_eq!((cost, remaining), (500.0, 400.0));
     assert!(note.contains("50 %"), "{note}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_that_crosses_a_threshold_fires() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (hook, seen) = receiver(0, 0).await;
+    let d = TestDaemon::start(config(hook, &secret_file(&dir))).await;
+    let key = unique("settle-alert");
+    // Reserve 300 (1000 → 700: nothing crossed), then settle at 700 (→ 300: crosses 50 %).
+    let r = check(
+        d.addr,
+        json!({"key": key, "endpoint": "/generate-report", "method": "POST", "units": 2.5,
+               "request_id": "job-1", "reserve": true}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(seen.lock().is_empty(), "no crossing yet");
+    let s = enforcer_tests::http(
+        d.addr,
+        "POST",
+        "/v1/settle",
+        &[("content-type", "application/json")],
+        json!({"key": key, "request_id": "job-1", "cost": 700.0}).to_string(),
+    )
+    .await;
+    assert_eq!(s.status, 200, "{:?}", s.body);
+    let got = alerts(&seen, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0]["threshold"].as_f64(), got[0]["balance"].as_f64()),
+        (Some(0.5), Some(300.0))
+    );
+    d.stop().await;
+}

@@ -491,6 +491,7 @@ async fn frozen_store_under_load(redis: Store, local_nodes: u32) {
                     request_id: id,
                     fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", COST),
                     force: true,
+                    terms: enforcer::store::SettleTerms::default(),
                 }
             };
             match store.debit(&again).await.expect("redis answers") {

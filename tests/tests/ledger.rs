@@ -282,6 +282,7 @@ fn row(at_us: i64) -> Entry {
         client_ip: None,
         note: None,
         operator: None,
+        true_cost: None,
     })
 }
 
@@ -675,14 +676,17 @@ async fn refunds_are_rows_and_usage_nets_them() {
             .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .collect::<Vec<_>>()
     };
-    // group, decisions, allowed, refunds, tokens charged, tokens granted: 3 × 4 charged, 4
-    // given back.
-    assert_eq!(usage(None), [["total", "3", "3", "1", "8.000", "0.000"]]);
+    // group, decisions, allowed, refunds, tokens charged, tokens granted, tokens settled: 3 × 4
+    // charged, 4 given back, nothing settled.
+    assert_eq!(
+        usage(None),
+        [["total", "3", "3", "1", "8.000", "0.000", "8.000"]]
+    );
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "1", "4.000", "0.000"],
-            ["/y", "1", "1", "0", "4.000", "0.000"]
+            ["/x", "2", "2", "1", "4.000", "0.000", "4.000"],
+            ["/y", "1", "1", "0", "4.000", "0.000", "4.000"]
         ],
         "the refund counts where the refunded request was"
     );
@@ -690,10 +694,140 @@ async fn refunds_are_rows_and_usage_nets_them() {
     assert!(
         csv.lines()
             .next()
-            .is_some_and(|h| h.ends_with(",kind,note,operator")),
+            .is_some_and(|h| h.ends_with(",kind,note,operator,true_cost")),
         "{csv}"
     );
-    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund,,")).count(), 1);
+    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund,,,")).count(), 1);
+}
+
+/// Reservations settled above and below their estimates, one refunded, one left alone:
+/// `audit usage` shows what the checks charged (the estimates, less the refund) beside what
+/// was charged once settled, as computed by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_are_rows_and_usage_shows_estimated_and_settled_cost_side_by_side() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let daemon = TestDaemon::start(config(None, dir.path())).await;
+    let addr = daemon.addr;
+    let key = "k-settle-secret";
+    for (i, endpoint) in ["/x", "/x", "/y", "/y"].iter().enumerate() {
+        let r = check(
+            addr,
+            json!({"key": key, "endpoint": endpoint, "method": "GET", "units": 4,
+                   "request_id": format!("req-{i}"), "reserve": true}),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["reserved"], true);
+    }
+    let post = |path: &'static str, body: serde_json::Value| async move {
+        let r = enforcer_tests::http(
+            addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    // req-0: 4 estimated, 10 true (+6); req-1: 1 unit of 4 used (-3); req-2 refunded (-4);
+    // req-3 never settled (keeps its 4).
+    let up = post(
+        "/v1/settle",
+        json!({"key": key, "request_id": "req-0", "cost": 10}),
+    )
+    .await;
+    assert_eq!(up["charged"], 6.0);
+    let down = post(
+        "/v1/settle",
+        json!({"key": key, "request_id": "req-1", "units": 1}),
+    )
+    .await;
+    assert_eq!(down["charged"], -3.0);
+    post("/v1/refund", json!({"key": key, "request_id": "req-2"})).await;
+    daemon.stop().await;
+
+    let file = dir.path().join("ledger.jsonl");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .expect("ledger file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let settles: Vec<&serde_json::Value> = rows.iter().filter(|r| r["kind"] == "settle").collect();
+    assert_eq!(settles.len(), 2, "{rows:?}");
+    assert_eq!(
+        (
+            &settles[0]["request_id"],
+            &settles[0]["cost"],
+            &settles[0]["true_cost"]
+        ),
+        (&json!("req-0"), &json!(6.0), &json!(10.0))
+    );
+    assert_eq!(
+        (
+            &settles[1]["request_id"],
+            &settles[1]["cost"],
+            &settles[1]["true_cost"]
+        ),
+        (&json!("req-1"), &json!(-3.0), &json!(1.0))
+    );
+
+    let url = pg::fresh_database().await;
+    cli(&["migrate", "--database-url", &url]);
+    cli(&[
+        "audit",
+        "import",
+        &file.display().to_string(),
+        "--database-url",
+        &url,
+    ]);
+    let key_hash = hash_of(key);
+    let usage = |by: Option<&str>| {
+        let mut args = vec![
+            "audit",
+            "usage",
+            "--key-hash",
+            &key_hash,
+            "--since",
+            "1h",
+            "--database-url",
+            &url,
+        ];
+        if let Some(by) = by {
+            args.extend(["--by", by]);
+        }
+        cli(&args)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    // Charged at the checks: 4 × 4 − 4 refunded = 12; settled: 12 + 6 − 3 = 15.
+    assert_eq!(
+        usage(None),
+        [["total", "4", "4", "1", "12.000", "0.000", "15.000"]]
+    );
+    // /x: 8 estimated, 10 + 1 true; /y: 8 estimated, 4 refunded, 4 kept unsettled.
+    assert_eq!(
+        usage(Some("endpoint")),
+        [
+            ["/x", "2", "2", "0", "8.000", "0.000", "11.000"],
+            ["/y", "2", "2", "1", "4.000", "0.000", "4.000"]
+        ],
+        "a settle counts where the settled request was"
+    );
+    let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
+    assert_eq!(
+        csv.lines().filter(|l| l.ends_with(",settle,,,10")).count(),
+        1,
+        "{csv}"
+    );
+    assert_eq!(
+        csv.lines().filter(|l| l.ends_with(",settle,,,1")).count(),
+        1,
+        "{csv}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,6 +855,7 @@ fn decision(endpoint: &str) -> AuditRow {
         client_ip: None,
         note: None,
         operator: None,
+        true_cost: None,
     }
 }
 
@@ -1240,11 +1375,11 @@ async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
         .expect("a total line")
         .split_whitespace()
         .collect();
-    // total, decisions, allowed, refunds, tokens charged: both rows are decisions; the tokens
-    // once (without the debit-back's exclusion it would say 200).
+    // total, decisions, allowed, refunds, tokens charged, granted, settled: both rows are
+    // decisions; the tokens once (without the debit-back's exclusion it would say 200).
     assert_eq!(
         numbers,
-        ["total", "2", "2", "0", "100.000", "0.000"],
+        ["total", "2", "2", "0", "100.000", "0.000", "100.000"],
         "{total}"
     );
 }

@@ -1,5 +1,6 @@
-//! `lua/debit.lua` and `lua/refund.lua` against a real Redis: atomicity under concurrency,
-//! idempotency, NOSCRIPT recovery, server time, the idle cap, argument validation, key names.
+//! `lua/debit.lua`, `lua/refund.lua` and `lua/settle.lua` against a real Redis: atomicity
+//! under concurrency, idempotency, NOSCRIPT recovery, server time, the idle cap, argument
+//! validation, key names.
 use enforcer::budget::BudgetPolicy;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
@@ -37,6 +38,7 @@ fn debit(key: &ApiKey, cost: f64) -> Debit {
         request_id: RequestId::generate(),
         fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
         force: false,
+        terms: enforcer::store::SettleTerms::default(),
     }
 }
 
@@ -266,6 +268,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .arg(
             &[
                 "1", "60000", "ab12", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
+                "1", "-",
             ][..],
         )
         .query_async(&mut conn)
@@ -310,8 +313,113 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         let err = result.expect_err(&format!("fingerprint {fingerprint:?} must be refused"));
         assert!(err.to_string().contains("fingerprint"), "{err}");
     }
+    // Units and max_cost (kept in the request record for a settle) are checked too.
+    for (units, max_cost) in [
+        ("0", "-"),
+        ("nan", "-"),
+        ("-1", "-"),
+        ("1", "0"),
+        ("1", "x"),
+    ] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys)
+            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&tier)
+            .arg(units)
+            .arg(max_cost)
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("units {units:?}, max_cost {max_cost:?}"));
+        assert!(err.to_string().contains("enforcer:"), "{err}");
+    }
     let exists: u32 = conn.exists(&keys[..]).await.expect("exists");
     assert_eq!(exists, 0, "nothing was written for bad arguments");
+}
+
+/// `lua/settle.lua` refuses bad arguments with a clear error and writes nothing: the bucket
+/// and the request record stay as the debit left them.
+#[tokio::test]
+async fn settle_refuses_bad_arguments_and_writes_nothing() {
+    let url = redis_url();
+    let mut conn = redis_conn(&url).await;
+    let key = ApiKey::parse(&unique("settle-args")).expect("key");
+    let d = debit(&key, 100.0);
+    assert!(settle(&store(&url), &d).await.allowed);
+    let h = key.hash().to_hex();
+    let keys = [
+        format!("ptb:{{{h}}}:b"),
+        format!("ptb:{{{h}}}:tier"),
+        format!("ptb:{{{h}}}:r:{}", d.request_id.as_str()),
+    ];
+    let before: (String, String) = redis::cmd("MGET")
+        .arg(&keys[0])
+        .arg(&keys[2])
+        .query_async(&mut conn)
+        .await
+        .expect("mget");
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(enforcer::store::SETTLE_LUA)
+        .query_async(&mut conn)
+        .await
+        .expect("load");
+    let tier = ["free", "1000", "10", "0.8", "800"];
+    for (mode, amount) in [
+        ("c", "-1"),
+        ("c", "nan"),
+        ("c", "inf"),
+        ("c", "1e16"),
+        ("u", "abc"),
+        ("x", "1"),
+        ("", "1"),
+    ] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys)
+            .arg(&[mode, amount, "60", "free", "m", "1"][..])
+            .arg(&tier)
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("{mode:?} {amount:?} must be refused"));
+        assert!(err.to_string().contains("enforcer:"), "{err}");
+    }
+    // A bad tier parameter, a bucket kind other than the main bucket, a wrong key count.
+    for args in [
+        [
+            "c", "1", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
+        ],
+        [
+            "c", "1", "60", "free", "o", "1", "free", "1000", "10", "0.8", "800",
+        ],
+    ] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys)
+            .arg(&args[..])
+            .query_async(&mut conn)
+            .await;
+        assert!(result.is_err(), "{args:?} refused");
+    }
+    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(2)
+        .arg(&keys[..2])
+        .arg(&["c", "1", "60", "free", "m", "1"][..])
+        .arg(&tier)
+        .query_async(&mut conn)
+        .await;
+    assert!(result.is_err(), "wrong key count refused");
+    let after: (String, String) = redis::cmd("MGET")
+        .arg(&keys[0])
+        .arg(&keys[2])
+        .query_async(&mut conn)
+        .await
+        .expect("mget");
+    assert_eq!(after, before, "nothing was written for bad arguments");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
     BucketKind, Debit, DebitOutcome, Fingerprint, GrantOutcome, MemoryStore, RedisStore,
-    RedisStoreConfig, RefundOutcome, Settled, TokenStore,
+    RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled, TokenStore, TrueCost,
 };
 use enforcer_tests::cluster::redis_cluster_seeds;
 use enforcer_tests::{redis_url, unique};
@@ -85,6 +85,7 @@ fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
         request_id: RequestId::generate(),
         fingerprint: Fingerprint::of(bucket, Some("POST"), "/generate-report", 1.0),
         force: false,
+        terms: enforcer::store::SettleTerms::default(),
     }
 }
 
@@ -298,6 +299,7 @@ async fn a_request_id_reused_for_another_request_is_a_conflict_and_charges_nothi
             request_id: id.clone(),
             fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 1.0),
             force: false,
+            terms: enforcer::store::SettleTerms::default(),
         };
         let first = settle(&*store, &cheap).await;
         assert!(first.allowed && !first.replayed, "{b}");
@@ -725,5 +727,316 @@ async fn credits_granted_above_what_refill_reaches_are_never_forgotten_or_capped
                 .expect("pttl");
             assert_eq!(ttl, -1, "a bucket above what refill reaches has no expiry");
         }
+    }
+}
+
+/// A reservation of `estimate` tokens for `units` units on a key of the `norefill` tier (its
+/// balance moves only by what the test does, so every number is exact).
+async fn reserve(
+    store: &dyn TokenStore,
+    key: &ApiKey,
+    estimate: f64,
+    units: f64,
+    max_cost: Option<f64>,
+) -> Debit {
+    let d = Debit {
+        terms: SettleTerms {
+            units,
+            max_cost,
+            reserve: true,
+        },
+        ..debit(key, BucketKind::Main, estimate)
+    };
+    let s = settle(store, &d).await;
+    assert!(s.allowed && !s.replayed, "{}: {s:?}", store.backend());
+    d
+}
+
+async fn norefill_key(store: &dyn TokenStore, name: &str) -> ApiKey {
+    let key = ApiKey::parse(&unique(name)).expect("key");
+    store
+        .assign_tier(&key.hash(), Some("norefill"))
+        .await
+        .expect("assign");
+    key
+}
+
+async fn balance(store: &dyn TokenStore, key: &ApiKey) -> f64 {
+    store
+        .inspect(&key.hash())
+        .await
+        .expect("inspect")
+        .balance
+        .expect("a known key")
+}
+
+/// `(cost, estimate, charged, capped, balance, replayed)` of a settle that must succeed.
+async fn settled(
+    store: &dyn TokenStore,
+    key: &ApiKey,
+    d: &Debit,
+    cost: TrueCost,
+) -> (f64, f64, f64, bool, f64, bool) {
+    match store
+        .settle(&key.hash(), &d.request_id, cost)
+        .await
+        .expect("settle")
+    {
+        SettleOutcome::Settled {
+            cost,
+            estimate,
+            charged,
+            capped,
+            balance,
+            tier,
+            at,
+            replayed,
+        } => {
+            assert_eq!(tier, "norefill", "{}", store.backend());
+            assert_eq!(at.is_none(), replayed, "{}", store.backend());
+            (cost, estimate, charged, capped, balance, replayed)
+        }
+        other => panic!("{}: unexpected {other:?}", store.backend()),
+    }
+}
+
+#[tokio::test]
+async fn a_settle_charges_the_difference_once_and_a_second_true_cost_is_a_conflict() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-up").await;
+        // 800 - 500 reserved.
+        let d = reserve(store, &key, 500.0, 500.0, None).await;
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Tokens(650.0)).await,
+            (650.0, 500.0, 150.0, false, 150.0, false),
+            "{b}"
+        );
+        assert_eq!(balance(store, &key).await, 150.0, "{b}");
+        // The same true cost again (in units: 1 token per unit): a replay, nothing charged.
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Units(650.0)).await,
+            (650.0, 500.0, 150.0, false, 150.0, true),
+            "{b}"
+        );
+        assert_eq!(balance(store, &key).await, 150.0, "{b}");
+        // Another true cost: refused, nothing changed.
+        let out = store
+            .settle(&key.hash(), &d.request_id, TrueCost::Tokens(700.0))
+            .await
+            .expect("settle");
+        assert_eq!(out, SettleOutcome::Conflict { cost: 650.0 }, "{b}");
+        assert_eq!(balance(store, &key).await, 150.0, "{b}");
+        // A retry of the check answers with the true cost, charges nothing.
+        let retry = settle(store, &d).await;
+        assert!(retry.replayed && retry.cost == 650.0, "{b}: {retry:?}");
+        assert_eq!(balance(store, &key).await, 150.0, "{b}");
+        // A refund afterwards gives back what was really charged.
+        let out = store
+            .refund(&key.hash(), &d.request_id)
+            .await
+            .expect("refund");
+        assert!(
+            matches!(out, RefundOutcome::Refunded { credited, balance, .. } if credited == 650.0 && balance == 800.0),
+            "{b}: {out:?}"
+        );
+        let out = store
+            .settle(&key.hash(), &d.request_id, TrueCost::Tokens(650.0))
+            .await
+            .expect("settle");
+        assert_eq!(out, SettleOutcome::AlreadyRefunded, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn a_settle_below_the_estimate_credits_back_capped_at_capacity() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-down").await;
+        let d = reserve(store, &key, 500.0, 500.0, None).await;
+        // In units, at the price the request was charged at (1 token per unit).
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Units(120.0)).await,
+            (120.0, 500.0, -380.0, false, 680.0, false),
+            "{b}"
+        );
+        // Settling to 0 is a refund: all of it back, capped at capacity (1000).
+        let key = norefill_key(store, "settle-zero").await;
+        let d = reserve(store, &key, 300.0, 3.0, None).await;
+        let grant = store
+            .grant(&key.hash(), 400.0, &RequestId::generate())
+            .await
+            .expect("grant");
+        assert!(
+            matches!(grant, GrantOutcome::Granted { balance, .. } if balance == 900.0),
+            "{b}"
+        );
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Tokens(0.0)).await,
+            (0.0, 300.0, -100.0, false, 1000.0, false),
+            "{b}: 900 + 300 credited up to 1000"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_settle_may_leave_the_bucket_below_zero_and_the_key_then_waits() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-debt").await;
+        let d = reserve(store, &key, 500.0, 10.0, None).await;
+        // 10 units at 50 tokens each were reserved; 30 were used.
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Units(30.0)).await,
+            (1500.0, 500.0, 1000.0, false, -700.0, false),
+            "{b}"
+        );
+        let next = settle(store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(!next.allowed, "{b}: a key in debt is refused");
+        assert_eq!(next.remaining, -700.0, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn a_settle_above_max_cost_is_charged_max_cost_and_says_so() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-cap").await;
+        let d = reserve(store, &key, 200.0, 1.0, Some(600.0)).await;
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Tokens(5000.0)).await,
+            (600.0, 200.0, 400.0, true, 200.0, false),
+            "{b}"
+        );
+        // The same asked-for cost is the replay (the cap applied again), not a conflict.
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Tokens(5000.0)).await,
+            (600.0, 200.0, 400.0, true, 200.0, true),
+            "{b}"
+        );
+        let out = store
+            .settle(&key.hash(), &d.request_id, TrueCost::Tokens(600.0))
+            .await
+            .expect("settle");
+        assert_eq!(out, SettleOutcome::Conflict { cost: 600.0 }, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn what_cannot_be_settled_is_refused_and_bad_amounts_change_nothing() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-refused").await;
+        let unknown = store
+            .settle(&key.hash(), &RequestId::generate(), TrueCost::Tokens(1.0))
+            .await
+            .expect("settle");
+        assert_eq!(unknown, SettleOutcome::UnknownRequest, "{b}");
+        let ops = debit(&key, BucketKind::Operational, 1.0);
+        settle(store, &ops).await;
+        let out = store
+            .settle(&key.hash(), &ops.request_id, TrueCost::Tokens(2.0))
+            .await
+            .expect("settle");
+        assert_eq!(out, SettleOutcome::NotSettleable, "{b}");
+        let forced = Debit {
+            force: true,
+            ..debit(&key, BucketKind::Main, 10.0)
+        };
+        settle(store, &forced).await;
+        let out = store
+            .settle(&key.hash(), &forced.request_id, TrueCost::Tokens(2.0))
+            .await
+            .expect("settle");
+        assert_eq!(out, SettleOutcome::NotSettleable, "{b}");
+        // Another key cannot settle this key's request.
+        let d = reserve(store, &key, 100.0, 1.0, None).await;
+        let other = norefill_key(store, "settle-thief").await;
+        let stolen = store
+            .settle(&other.hash(), &d.request_id, TrueCost::Tokens(0.0))
+            .await
+            .expect("settle");
+        assert_eq!(stolen, SettleOutcome::UnknownRequest, "{b}");
+        let before = balance(store, &key).await;
+        for bad in [
+            TrueCost::Tokens(-1.0),
+            TrueCost::Tokens(f64::NAN),
+            TrueCost::Tokens(f64::INFINITY),
+            TrueCost::Units(-0.5),
+            TrueCost::Tokens(2e15),
+        ] {
+            assert!(
+                store.settle(&key.hash(), &d.request_id, bad).await.is_err(),
+                "{b}: {bad:?}"
+            );
+        }
+        assert_eq!(balance(store, &key).await, before, "{b}");
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::Tokens(100.0)).await.2,
+            0.0,
+            "{b}: still settleable after the refusals"
+        );
+    }
+}
+
+/// Settles racing debits on one key never lose or double a token: every allowed debit and
+/// every settle's difference add up to the balance exactly (a tier without refill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settles_racing_debits_never_lose_or_double_a_token() {
+    for store in stores() {
+        let store: Arc<dyn TokenStore> = Arc::from(store);
+        let b = store.backend();
+        let key = norefill_key(&*store, "settle-race").await;
+        let mut reservations = Vec::new();
+        for _ in 0..20 {
+            reservations.push(reserve(&*store, &key, 10.0, 1.0, None).await);
+        }
+        assert_eq!(balance(&*store, &key).await, 600.0, "{b}");
+        let mut tasks = Vec::new();
+        for (i, d) in reservations.into_iter().enumerate() {
+            let (store, key) = (store.clone(), key.clone());
+            // Half settle above the estimate, half below.
+            let true_cost = if i % 2 == 0 { 17.0 } else { 4.0 };
+            tasks.push(tokio::spawn(async move {
+                match store
+                    .settle(&key.hash(), &d.request_id, TrueCost::Tokens(true_cost))
+                    .await
+                    .expect("settle")
+                {
+                    SettleOutcome::Settled { charged, .. } => (charged, 0.0),
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        for _ in 0..70 {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                match store
+                    .debit(&debit(&key, BucketKind::Main, 10.0))
+                    .await
+                    .expect("debit")
+                {
+                    DebitOutcome::Settled(s) => (0.0, if s.allowed { 10.0 } else { 0.0 }),
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        let (mut settled_sum, mut debited) = (0.0, 0.0);
+        for t in tasks {
+            let (s, d) = t.await.expect("task");
+            settled_sum += s;
+            debited += d;
+        }
+        assert_eq!(
+            settled_sum,
+            10.0 * 7.0 - 10.0 * 6.0,
+            "{b}: +7 ten times, -6 ten times"
+        );
+        assert_eq!(
+            balance(&*store, &key).await,
+            600.0 - settled_sum - debited,
+            "{b}: {debited} debited"
+        );
+        assert!(debited >= 550.0, "{b}: the balance was spent: {debited}");
     }
 }

@@ -550,8 +550,9 @@ struct Ceiling {
 }
 
 /// The script's arguments after the keys, for `redis-benchmark` and its sanity check: cost,
-/// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier.
-const DEBIT_ARGS: [&str; 12] = [
+/// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier,
+/// units, max_cost (none).
+const DEBIT_ARGS: [&str; 14] = [
     "1",
     "600000",
     "0123456789abcdef",
@@ -564,6 +565,8 @@ const DEBIT_ARGS: [&str; 12] = [
     "1e9",
     "0.8",
     "8e11",
+    "1",
+    "-",
 ];
 
 /// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.

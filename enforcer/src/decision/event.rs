@@ -29,6 +29,9 @@ pub enum Event<'a> {
     Replay(Decided<'a>),
     /// An allowed request's cost given back (`POST /v1/refund`).
     Refund(Refunded<'a>),
+    /// A request's true cost charged in place of its estimate (`POST /v1/settle`): the
+    /// difference debited, or credited back.
+    Settle(SettledCost<'a>),
     /// Tokens spent by fail-soft local decisions while the store was unreachable, charged
     /// back into the key's shared bucket once it answered (`crate::decision::local`).
     DebitBack(DebitedBack<'a>),
@@ -157,6 +160,35 @@ pub struct Refunded<'a> {
     /// balance, `at` is the store's clock at the refund.
     pub settled: Settled,
     /// Id of this refund (UUIDv7), for its audit row.
+    pub id: uuid::Uuid,
+    /// The store that made it (`redis`, `memory`).
+    pub store: &'static str,
+}
+
+/// A settle: a request's true cost charged in place of its estimate.
+#[derive(Debug)]
+pub struct SettledCost<'a> {
+    /// The caller's key.
+    pub key: &'a ApiKey,
+    /// Its SHA-256.
+    pub key_hash: &'a KeyHash,
+    /// The settled request.
+    pub request_id: &'a RequestId,
+    /// The true cost charged in all (after the endpoint's `max_cost`).
+    pub cost: f64,
+    /// The estimate charged at the check.
+    pub estimate: f64,
+    /// Tokens charged now; negative: credited back (the credit may be cut at capacity).
+    pub charged: f64,
+    /// The true cost asked for was above `max_cost`.
+    pub capped: bool,
+    /// The balance afterwards (may be below zero).
+    pub balance: f64,
+    /// The tier the bucket was charged under.
+    pub tier: &'a str,
+    /// When the store settled the balance.
+    pub settled: Settled,
+    /// Id of this settle's audit row (UUIDv7).
     pub id: uuid::Uuid,
     /// The store that made it (`redis`, `memory`).
     pub store: &'static str,

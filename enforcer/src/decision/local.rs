@@ -695,6 +695,7 @@ pub fn debit_back(key: KeyHash, bucket: BucketKind, request_id: RequestId, amoun
         fingerprint: Fingerprint::of(bucket, Some("DEBIT-BACK"), "", amount),
         request_id,
         force: true,
+        terms: crate::store::SettleTerms::default(),
     }
 }
 
@@ -736,6 +737,7 @@ mod tests {
             request_id: RequestId::parse(id).expect("id"),
             fingerprint: Fingerprint::of(bucket, Some("GET"), "/x", cost),
             force: false,
+            terms: crate::store::SettleTerms::default(),
         }
     }
 

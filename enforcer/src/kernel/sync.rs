@@ -326,6 +326,20 @@ impl Subscriber for GateLink {
                     self.try_send(u);
                 }
             }
+            // A settle moves the balance like a debit (the store applied refill and stamped
+            // it now); one that credited tokens back raises it, as a refund does.
+            Event::Settle(st) => {
+                if let Some(u) = self.balance(
+                    st.key.kernel_id(),
+                    st.key_hash,
+                    st.tier,
+                    st.balance,
+                    &st.settled,
+                    st.charged < 0.0,
+                ) {
+                    self.try_send(u);
+                }
+            }
             // Only the key's hash is known here, not its kernel id: the key's next decision
             // brings the map its balance after the debit-back.
             Event::DebitBack(_) => {}
@@ -1043,7 +1057,7 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::event::{Decided, Refunded, Settled};
+    use crate::decision::event::{Decided, Refunded, Settled, SettledCost};
     use crate::decision::{Check, Decision, Mode};
     use crate::key::{ApiKey, RequestId};
 
@@ -1200,6 +1214,7 @@ mod tests {
             replayed: false,
             decision_id: uuid::Uuid::now_v7(),
             endpoint: "/generate-report".into(),
+            reserved: false,
         }
     }
 
@@ -1224,6 +1239,7 @@ mod tests {
             client_ip: Some("10.0.0.9".parse().expect("ip")),
             units: 1.0,
             request_id: None,
+            reserve: false,
         };
         let sent = Instant::now();
         let settled = Settled {
@@ -1315,6 +1331,40 @@ mod tests {
             matches!(got.as_slice(), [Update::Lift { at: Some(at), .. }] if *at == 90.0),
             "{got:?}"
         );
+
+        // A settle's balance reaches the map as of its store time; one that credited tokens
+        // back raises it (as a refund), one that charged more does not.
+        let settle = |link: &GateLink, charged: f64| {
+            link.publish(&Event::Settle(SettledCost {
+                key: &key,
+                key_hash: &hash,
+                request_id: &request_id,
+                cost: 500.0 + charged,
+                estimate: 500.0,
+                charged,
+                capped: false,
+                balance: 40.0 - charged,
+                tier: "free",
+                settled: Settled {
+                    at: 95.0,
+                    now: 95.0,
+                    sent,
+                },
+                id: uuid::Uuid::now_v7(),
+                store: "memory",
+            }))
+        };
+        for (charged, raises) in [(-30.0, true), (30.0, false)] {
+            let got = updates(&Config::default(), |link| settle(link, charged));
+            let [Update::Balance(b)] = got.as_slice() else {
+                panic!("one balance: {got:?}")
+            };
+            assert_eq!(
+                (b.balance, b.at, b.raises, b.stamp),
+                (40.0 - charged, 95.0, raises, sent),
+                "{charged}"
+            );
+        }
 
         let unknown = decision(0.0, Some(Denial::UnknownKey));
         let got = updates(&Config::default(), |link| {

@@ -454,6 +454,7 @@ mod tests {
             client_ip: None,
             note: None,
             operator: None,
+            true_cost: None,
         })
     }
 

@@ -115,6 +115,10 @@ pub enum RowKind {
     /// A low-balance alert ([`crate::alerts`]): `cost` is the threshold in tokens,
     /// `remaining` the balance that crossed it, `note` the threshold as a fraction.
     Alert,
+    /// A request's true cost charged in place of its estimate (`POST /v1/settle`): `cost` is
+    /// the difference charged now (negative: credited back), `true_cost` the true cost,
+    /// `request_id` the settled request's.
+    Settle,
 }
 
 impl RowKind {
@@ -125,6 +129,7 @@ impl RowKind {
             RowKind::Refund => "refund",
             RowKind::Grant => "grant",
             RowKind::Alert => "alert",
+            RowKind::Settle => "settle",
         }
     }
 }
@@ -178,6 +183,9 @@ pub struct AuditRow {
     /// Who made an operator's change (grants): `uid:<n>` of the admin socket's peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
+    /// Settles: the true cost charged in all (`cost` is the difference charged by the settle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cost: Option<f64>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).

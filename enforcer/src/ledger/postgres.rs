@@ -17,7 +17,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
-                       kind, client_ip, note, operator";
+                       kind, client_ip, note, operator, true_cost";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -257,7 +257,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(20);
+        b.put_i16(21);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -282,6 +282,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
         inet(&mut b, r.client_ip);
         text(&mut b, r.note.as_deref());
         text(&mut b, r.operator.as_deref());
+        float(&mut b, r.true_cost);
     }
     b.put_i16(-1);
     b
@@ -480,10 +481,14 @@ pub struct Usage {
     pub allowed: i64,
     /// Refunds.
     pub refunds: i64,
-    /// Tokens charged (see [`CHARGED`]) less the tokens refunded.
+    /// Tokens charged at the checks (see [`CHARGED`]; a reservation's estimate) less the
+    /// tokens refunded.
     pub cost: f64,
     /// Tokens granted by operators (`enforcer keys grant`).
     pub granted: f64,
+    /// Tokens charged once settled: `cost` (the estimates charged at the checks, less
+    /// refunds) plus what settles charged (`POST /v1/settle`: negative when they credited).
+    pub settled: f64,
 }
 
 /// How usage is grouped.
@@ -516,13 +521,13 @@ pub async fn usage(
     let rows = sqlx::query(&format!(
         "WITH r AS ( \
              SELECT t.recorded_at, t.kind, t.allowed, t.denial, t.decided_by, t.cost, \
-                    CASE WHEN t.kind = 'refund' THEN coalesce( \
+                    CASE WHEN t.kind IN ('refund', 'settle') THEN coalesce( \
                         (SELECT d.endpoint FROM token_transactions d \
                          WHERE d.key_prefix = $3 AND d.key_hash = $1 AND d.kind = 'debit' \
                                AND d.allowed AND d.request_id = t.request_id \
                                AND d.recorded_at >= now() - make_interval(secs => $2) \
                          ORDER BY d.recorded_at DESC LIMIT 1), \
-                        '(refunds)') \
+                        CASE WHEN t.kind = 'refund' THEN '(refunds)' ELSE '(settles)' END) \
                     WHEN t.kind = 'grant' THEN '(grants)' \
                     ELSE t.endpoint END AS endpoint \
              FROM token_transactions t \
@@ -533,7 +538,10 @@ pub async fn usage(
                 count(*) FILTER (WHERE kind = 'refund')::int8, \
                 (coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0) \
                  - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0))::float8, \
-                coalesce(sum(cost) FILTER (WHERE kind = 'grant'), 0)::float8 \
+                coalesce(sum(cost) FILTER (WHERE kind = 'grant'), 0)::float8, \
+                (coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0) \
+                 - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0) \
+                 + coalesce(sum(cost) FILTER (WHERE kind = 'settle'), 0))::float8 \
          FROM r GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
@@ -550,6 +558,7 @@ pub async fn usage(
                 refunds: r.try_get(3)?,
                 cost: r.try_get(4)?,
                 granted: r.try_get(5)?,
+                settled: r.try_get(6)?,
             })
         })
         .collect()
@@ -566,7 +575,7 @@ pub async fn export(
         "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
                 allowed::text, remaining::text, decided_by, denial, request_id, node, \
-                host(client_ip), kind, note, operator \
+                host(client_ip), kind, note, operator, true_cost::text \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -587,7 +596,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 19] = [
+pub const EXPORT_COLUMNS: [&str; 20] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -607,6 +616,7 @@ pub const EXPORT_COLUMNS: [&str; 19] = [
     "kind",
     "note",
     "operator",
+    "true_cost",
 ];
 
 /// What [`import`] did.

@@ -152,6 +152,7 @@ mod tests {
             client_ip: None,
             note: None,
             operator: None,
+            true_cost: None,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

@@ -2,7 +2,9 @@
 //! every decision becomes one row, and so does every refund (`kind = refund`); what a row holds
 //! is decided here, not on the decision path.
 use super::{AuditRow, Entry, Ledger, RowKind};
-use crate::decision::event::{DebitedBack, Decided, Event, Granted, Refunded, Subscriber};
+use crate::decision::event::{
+    DebitedBack, Decided, Event, Granted, Refunded, SettledCost, Subscriber,
+};
 use crate::store::BucketKind;
 
 impl Subscriber for Ledger {
@@ -13,6 +15,7 @@ impl Subscriber for Ledger {
             Event::Refund(r) => self.refund_row(r),
             Event::DebitBack(b) => self.debit_back_row(b),
             Event::Grant(g) => self.grant_row(g),
+            Event::Settle(st) => self.settle_row(st),
             // Not a change of tokens: the admin API logs and counts it.
             Event::TierChanged(_) => return,
         };
@@ -43,6 +46,11 @@ impl Ledger {
                 (&self.metrics.tokens_charged, b.tier, b.amount)
             }
             Event::Refund(r) => (&self.metrics.tokens_refunded, r.tier, r.credited),
+            // A settle charges the difference, or credits it back (as a refund does).
+            Event::Settle(st) if st.charged >= 0.0 => {
+                (&self.metrics.tokens_charged, st.tier, st.charged)
+            }
+            Event::Settle(st) => (&self.metrics.tokens_refunded, st.tier, -st.charged),
             _ => return,
         };
         // A counter only grows (the prometheus crate asserts it in debug builds): an amount
@@ -78,6 +86,7 @@ impl Ledger {
             client_ip: d.check.client_ip,
             note: None,
             operator: None,
+            true_cost: None,
         }
     }
 
@@ -104,6 +113,7 @@ impl Ledger {
             client_ip: None,
             note: None,
             operator: None,
+            true_cost: None,
         }
     }
 
@@ -131,6 +141,7 @@ impl Ledger {
             client_ip: None,
             note: None,
             operator: None,
+            true_cost: None,
         }
     }
 
@@ -157,6 +168,36 @@ impl Ledger {
             client_ip: None,
             note: Some(g.note.to_owned()),
             operator: Some(g.operator.to_owned()),
+            true_cost: None,
+        }
+    }
+
+    /// The audit row of a settle: the difference charged now (negative: credited back) as
+    /// `cost`, the true cost in all as `true_cost`, under the settled request's id (its debit
+    /// row, the estimate, names the endpoint; `enforcer audit usage` attributes the settle to
+    /// it). A cost cut to the endpoint's `max_cost` says so in `note`.
+    fn settle_row(&self, st: &SettledCost<'_>) -> AuditRow {
+        AuditRow {
+            id: st.id,
+            at_us: super::now_us(),
+            key_hash: st.key_hash.to_hex(),
+            tier: Some(st.tier.to_owned()),
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            units: 0.0,
+            cost: st.charged,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: Some(st.balance),
+            decided_by: st.store.to_owned(),
+            denial: None,
+            request_id: Some(st.request_id.as_str().to_owned()),
+            node: self.node().to_owned(),
+            kind: RowKind::Settle,
+            client_ip: None,
+            note: st.capped.then(|| "capped at max_cost".to_owned()),
+            operator: None,
+            true_cost: Some(st.cost),
         }
     }
 }

@@ -2,8 +2,8 @@
 //! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
 //! buckets and request records once they expire, like their Redis TTLs.
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, Settled, StoreError,
-    TokenStore,
+    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
+    StoreError, TokenStore, TrueCost,
 };
 use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
@@ -34,7 +34,25 @@ struct Record {
     forced: bool,
     /// What the request id is bound to.
     fingerprint: super::Fingerprint,
+    /// What a settle may use: the units, the endpoint's `max_cost`.
+    terms: super::SettleTerms,
+    /// Once settled: what it was settled at.
+    settled: Option<SettledAt>,
     expires_at: f64,
+}
+
+/// A settle, as its request record keeps it (`lua/settle.lua` fields 12-16).
+#[derive(Debug, Clone, Copy)]
+struct SettledAt {
+    /// The true cost asked for (before the cap): a second settle at it is a replay.
+    requested: f64,
+    /// The estimate first charged.
+    estimate: f64,
+    /// Tokens moved (negative: credited).
+    moved: f64,
+    /// The balance afterwards.
+    balance: f64,
+    capped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -164,7 +182,15 @@ impl TokenStore for MemoryStore {
                     refunded: false,
                     forced: d.force,
                     fingerprint: d.fingerprint.clone(),
-                    expires_at: now + policy.idempotency_ttl.as_secs_f64(),
+                    terms: d.terms,
+                    settled: None,
+                    expires_at: now
+                        + if d.terms.reserve {
+                            policy.settle_ttl
+                        } else {
+                            policy.idempotency_ttl
+                        }
+                        .as_secs_f64(),
                 },
             );
         }
@@ -226,6 +252,103 @@ impl TokenStore for MemoryStore {
             tier: record.tier,
             as_of,
             now,
+        })
+    }
+
+    async fn settle(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+        cost: TrueCost,
+    ) -> Result<SettleOutcome, StoreError> {
+        cost.check()?;
+        let now = self.clock.now();
+        let policy = self.policy.load();
+        let mut st = self.state.lock();
+        st.sweep(now);
+        let record_key = (*key, request_id.as_str().to_owned());
+        // The rules of `lua/settle.lua`.
+        let Some(record) = st
+            .records
+            .get(&record_key)
+            .filter(|r| r.expires_at > now)
+            .cloned()
+        else {
+            return Ok(SettleOutcome::UnknownRequest);
+        };
+        if record.bucket != BucketKind::Main || record.forced {
+            return Ok(SettleOutcome::NotSettleable);
+        }
+        if record.refunded {
+            return Ok(SettleOutcome::AlreadyRefunded);
+        }
+        let estimate = record.settled.map_or(record.cost, |s| s.estimate);
+        let requested = match cost {
+            TrueCost::Tokens(c) => c,
+            TrueCost::Units(u) => estimate / record.terms.units * u,
+        };
+        if let Some(s) = record.settled {
+            if s.requested != requested {
+                return Ok(SettleOutcome::Conflict { cost: record.cost });
+            }
+            return Ok(SettleOutcome::Settled {
+                cost: record.cost,
+                estimate,
+                charged: s.moved,
+                capped: s.capped,
+                balance: s.balance,
+                tier: record.tier,
+                at: None,
+                replayed: true,
+            });
+        }
+        let Some(tier) = policy
+            .resolve(st.tiers.get(key).map(String::as_str))
+            .or_else(|| policy.tier(&record.tier))
+            .cloned()
+        else {
+            return Ok(SettleOutcome::UnknownKey);
+        };
+        let (charged_cost, capped) = match record.terms.max_cost {
+            Some(max) if requested > max => (max, true),
+            _ => (requested, false),
+        };
+        let window = policy.active_window.as_secs_f64();
+        let bucket_key = (*key, slot(BucketKind::Main));
+        let previous = st
+            .buckets
+            .get(&bucket_key)
+            .filter(|b| b.expires_at.is_none_or(|at| at > now))
+            .map(|b| b.state);
+        let (state, moved) =
+            debit::adjust(previous, &tier.bucket, window, now, charged_cost - estimate);
+        st.buckets.insert(
+            bucket_key,
+            Bucket {
+                state,
+                expires_at: debit::forget_after(&tier.bucket, window, state.balance)
+                    .map(|secs| now + secs),
+            },
+        );
+        if let Some(r) = st.records.get_mut(&record_key) {
+            r.cost = charged_cost;
+            r.settled = Some(SettledAt {
+                requested,
+                estimate,
+                moved,
+                balance: state.balance,
+                capped,
+            });
+        }
+        Ok(SettleOutcome::Settled {
+            cost: charged_cost,
+            estimate,
+            charged: moved,
+            capped,
+            balance: state.balance,
+            tier: tier.name,
+            at: Some(now),
+            replayed: false,
         })
     }
 

@@ -9,7 +9,7 @@ mod redis;
 pub use memory::MemoryStore;
 pub use redis::{
     CLUSTER_SHARDS, DEBIT_LUA, GRANT_LUA, HEARTBEAT_LUA, INSPECT_LUA, REFUND_LUA, RedisStore,
-    RedisStoreConfig, slot_of,
+    RedisStoreConfig, SETTLE_LUA, slot_of,
 };
 
 use crate::key::{KeyHash, RequestId};
@@ -44,6 +44,102 @@ pub struct Debit {
     /// [`crate::decision::local`]). Remembered under its request id like any allowed debit (a retry is a
     /// free replay); not refundable. `lua/debit.lua` gets it as bucket kind `M` / `O`.
     pub force: bool,
+    /// What a later settle of this request may use ([`TokenStore::settle`]), kept in its
+    /// request record.
+    pub terms: SettleTerms,
+}
+
+/// What a request's record keeps for its settle: the units it was priced for (a settle in
+/// units charges the same price per unit), the endpoint's `max_cost`, and whether it is a
+/// reservation (remembered for `settle_ttl` instead of the idempotency ttl).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SettleTerms {
+    /// Units the cost was computed for (> 0).
+    pub units: f64,
+    /// The most a settle may charge for this request; `None`: no cap.
+    pub max_cost: Option<f64>,
+    /// A reservation: the record lives for the policy's `settle_ttl`.
+    pub reserve: bool,
+}
+
+impl Default for SettleTerms {
+    /// One unit, no cap, not a reservation.
+    fn default() -> Self {
+        Self {
+            units: 1.0,
+            max_cost: None,
+            reserve: false,
+        }
+    }
+}
+
+/// The true cost of a request, as the settle gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TrueCost {
+    /// Tokens, >= 0.
+    Tokens(f64),
+    /// Units, >= 0: charged at the price per unit the request was charged at (its cost / its
+    /// units).
+    Units(f64),
+}
+
+impl TrueCost {
+    /// Rejects amounts no settle may charge: NaN, infinite, negative, above 10^15.
+    pub fn check(self) -> Result<(), StoreError> {
+        let (what, v) = match self {
+            TrueCost::Tokens(v) => ("cost", v),
+            TrueCost::Units(v) => ("units", v),
+        };
+        if v.is_finite() && (0.0..=1e15).contains(&v) {
+            Ok(())
+        } else {
+            Err(StoreError::Rejected(format!(
+                "settle {what} must be finite, >= 0 and <= 1e15, got {v}"
+            )))
+        }
+    }
+}
+
+/// What a settle did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SettleOutcome {
+    /// The difference between the true cost and the estimate was charged (or credited).
+    Settled {
+        /// The true cost charged in all (after the `max_cost` cap).
+        cost: f64,
+        /// The estimate the request was charged at first.
+        estimate: f64,
+        /// Tokens charged now: `cost − estimate` when positive; when negative, the tokens
+        /// credited back (as a negative number), which the cap at capacity may make smaller.
+        charged: f64,
+        /// True when the true cost asked for was above `max_cost` and `max_cost` was charged.
+        capped: bool,
+        /// The balance afterwards (may be below zero); for a replay, the first settle's.
+        balance: f64,
+        /// The tier the bucket was charged under.
+        tier: String,
+        /// The store's clock when the balance was settled; `None` for a replay.
+        at: Option<f64>,
+        /// True when this request was settled before at the same true cost: nothing charged
+        /// now.
+        replayed: bool,
+    },
+    /// No allowed request with this id is remembered for this key (never seen, denied, or
+    /// expired: an unsettled reservation keeps its estimate).
+    UnknownRequest,
+    /// The request was settled before at another true cost: nothing changed.
+    Conflict {
+        /// The true cost it was settled at.
+        cost: f64,
+    },
+    /// The request was refunded: there is nothing left to settle.
+    AlreadyRefunded,
+    /// Operational requests and forced debits are outside settlement.
+    NotSettleable,
+    /// A settle in units of a request whose record predates units: nothing changed.
+    UnitsUnknown,
+    /// The key has no tier now (its assignment was removed and unknown keys are refused).
+    UnknownKey,
 }
 
 /// The parameters a request id is bound to, as payment APIs bind an idempotency key to its
@@ -224,6 +320,15 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
         key: &KeyHash,
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError>;
+    /// Charges the true cost of an allowed request (by its id) in place of its estimate: the
+    /// difference is debited (the balance may go below zero) or credited (capped like a
+    /// refund), once; a second settle at the same true cost is a replay, at another a conflict.
+    async fn settle(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+        cost: TrueCost,
+    ) -> Result<SettleOutcome, StoreError>;
     /// Assigns a key to a tier (or removes the assignment with `None`).
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError>;
     /// Adds an operator's grant of `tokens` to the key's main bucket, atomically with its

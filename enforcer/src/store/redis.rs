@@ -23,8 +23,8 @@
 //! the same primary: the answer then waits until `n` replicas have the write (what an
 //! asynchronous failover would otherwise lose).
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, Settled, StoreError,
-    TokenStore, check_cost,
+    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
+    StoreError, TokenStore, TrueCost, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
@@ -48,6 +48,8 @@ pub const REFUND_LUA: &str = include_str!("../../../lua/refund.lua");
 pub const HEARTBEAT_LUA: &str = include_str!("../../../lua/heartbeat.lua");
 /// The operator's grant script, embedded at build time.
 pub const GRANT_LUA: &str = include_str!("../../../lua/grant.lua");
+/// The settle script (the true cost of a reserved request), embedded at build time.
+pub const SETTLE_LUA: &str = include_str!("../../../lua/settle.lua");
 /// The read-only key inspection script (`enforcer keys show`), embedded at build time.
 pub const INSPECT_LUA: &str = include_str!("../../../lua/inspect.lua");
 /// The sorted set of live daemons (`lua/heartbeat.lua`); its own hash tag, one slot.
@@ -88,7 +90,7 @@ struct Pool {
     connect_timeout: Duration,
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
-    scripts: [Script; 5],
+    scripts: [Script; 6],
     /// `WAIT n timeout` at the end of every pipeline, when `wait_replicas > 0` (it waits for
     /// every write the connection made before it).
     wait: Option<Cmd>,
@@ -118,7 +120,7 @@ enum Backend {
 struct ClusterPool {
     client: ClusterClient,
     conn: OnceCell<ClusterConnection>,
-    scripts: [Script; 5],
+    scripts: [Script; 6],
     /// `WAIT n timeout` after each debit, when `wait_replicas > 0`.
     wait: Option<Cmd>,
     wait_replicas: u32,
@@ -146,6 +148,8 @@ struct PolicyArgs {
     /// `ARGV` of the inspect script: the main debit tail, then the operational bucket.
     inspect_args: Vec<String>,
     record_ttl_ms: String,
+    /// The record ttl of a reservation (`settle_ttl`).
+    settle_ttl_ms: String,
 }
 
 impl PolicyArgs {
@@ -156,6 +160,7 @@ impl PolicyArgs {
             grant_args: grant_args(policy),
             inspect_args: inspect_args(policy),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
+            settle_ttl_ms: policy.settle_ttl.as_millis().max(1).to_string(),
         }
     }
 }
@@ -165,6 +170,7 @@ const REFUND: usize = 1;
 const HEARTBEAT: usize = 2;
 const GRANT: usize = 3;
 const INSPECT: usize = 4;
+const SETTLE: usize = 5;
 
 impl RedisStore {
     /// A store for `policy` on the Redis at `config.url`, or on the cluster of
@@ -176,6 +182,7 @@ impl RedisStore {
             Script::new(HEARTBEAT_LUA),
             Script::new(GRANT_LUA),
             Script::new(INSPECT_LUA),
+            Script::new(SETTLE_LUA),
         ];
         let wait = (config.wait_replicas > 0).then(|| {
             let mut c = redis::cmd("WAIT");
@@ -649,11 +656,22 @@ impl TokenStore for RedisStore {
             BucketKind::Main => &policy.main_args,
             BucketKind::Operational => &policy.ops_args,
         };
-        let mut args: Vec<&str> = Vec::with_capacity(3 + tail.len());
+        let units = d.terms.units.to_string();
+        let max_cost = d
+            .terms
+            .max_cost
+            .map_or_else(|| "-".to_owned(), |m| m.to_string());
+        let mut args: Vec<&str> = Vec::with_capacity(5 + tail.len());
         args.push(&cost);
-        args.push(&policy.record_ttl_ms);
+        args.push(if d.terms.reserve {
+            &policy.settle_ttl_ms
+        } else {
+            &policy.record_ttl_ms
+        });
         args.push(d.fingerprint.as_str());
         args.extend(tail.iter().map(String::as_str));
+        args.push(&units);
+        args.push(&max_cost);
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -721,6 +739,62 @@ impl TokenStore for RedisStore {
             "already_refunded" => Ok(RefundOutcome::AlreadyRefunded),
             "not_refundable" => Ok(RefundOutcome::NotRefundable),
             other => Err(StoreError::Protocol(format!("refund status {other:?}"))),
+        }
+    }
+
+    async fn settle(
+        &self,
+        key: &KeyHash,
+        request_id: &RequestId,
+        cost: TrueCost,
+    ) -> Result<SettleOutcome, StoreError> {
+        cost.check()?;
+        let keys = Self::key_names(key, BucketKind::Main, request_id);
+        let [bucket, tier, record] = keys;
+        let (mode, amount) = match cost {
+            TrueCost::Tokens(c) => ("c", c),
+            TrueCost::Units(u) => ("u", u),
+        };
+        let amount = amount.to_string();
+        let policy = self.args.load_full();
+        let mut args: Vec<&str> = Vec::with_capacity(2 + policy.main_args.len());
+        args.push(mode);
+        args.push(&amount);
+        args.extend(policy.main_args.iter().map(String::as_str));
+        let (status, cost, estimate, moved, balance, tier, at, capped): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = self.eval(SETTLE, &[bucket, tier, record], &args).await?;
+        match status.as_str() {
+            "ok" | "replay" => Ok(SettleOutcome::Settled {
+                cost: number(&cost)?,
+                estimate: number(&estimate)?,
+                charged: number(&moved)?,
+                capped: capped == "1",
+                balance: number(&balance)?,
+                tier,
+                at: if status == "ok" {
+                    Some(number(&at)?)
+                } else {
+                    None
+                },
+                replayed: status == "replay",
+            }),
+            "conflict" => Ok(SettleOutcome::Conflict {
+                cost: number(&cost)?,
+            }),
+            "unknown_request" => Ok(SettleOutcome::UnknownRequest),
+            "already_refunded" => Ok(SettleOutcome::AlreadyRefunded),
+            "not_settleable" => Ok(SettleOutcome::NotSettleable),
+            "units_unknown" => Ok(SettleOutcome::UnitsUnknown),
+            "unknown_key" => Ok(SettleOutcome::UnknownKey),
+            other => Err(StoreError::Protocol(format!("settle status {other:?}"))),
         }
     }
 
