@@ -253,10 +253,21 @@ fn unblocking_a_key_that_is_not_blocked_says_so() {
     let pin = PinDir::new();
     let dir = pin.path();
     let _gate = Gate::load(Some(std::path::Path::new(&dir))).expect("pinned gate");
-    // No daemon answers (no admin socket): the CLI works on the pinned maps directly.
+    // No daemon answers on the socket: the CLI works on the pinned maps directly.
     let (code, out, err) = enforcer_tests::enforcer_cli(
-        &["keys", "unblock", "--pin-dir", &dir, "--socket", ""],
+        &[
+            "keys",
+            "unblock",
+            "--pin-dir",
+            &dir,
+            "--socket",
+            "/nonexistent/enforcer/admin.sock",
+        ],
         Some("never-blocked\n"),
+    );
+    assert!(
+        err.contains("no daemon"),
+        "it says why it works on the maps: {err}"
     );
     assert_eq!(code, 0, "not an error: {out}{err}");
     assert!(out.contains("was not blocked"), "said in words: {out}");

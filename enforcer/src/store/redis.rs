@@ -218,11 +218,15 @@ impl RedisStore {
             let client = redis::cluster::ClusterClientBuilder::new(config.cluster.clone())
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.response_timeout.max(Duration::from_millis(1)))
-                // A MOVED, ASK or TRYAGAIN is retried at once; a node that is down is retried
-                // once, briefly: the decider's timeout bounds the whole call anyway.
-                .retries(2)
+                // A MOVED or ASK is retried at once. A TRYAGAIN (a script's keys caught half
+                // moved while their slot migrates) and a node that is down are retried with a
+                // short backoff, up to 6 times (about 400 ms in all): a migration of a busy
+                // slot outlasted 2 retries in a test under load. The decider's timeout bounds
+                // the whole call anyway (50 ms by default), so this only uses time a longer
+                // `store.timeout_ms` grants.
+                .retries(6)
                 .min_retry_wait(5)
-                .max_retry_wait(50)
+                .max_retry_wait(100)
                 .build()
                 .map_err(|e| StoreError::Unavailable(format!("bad redis cluster urls: {e}")))?;
             Backend::Cluster(Arc::new(ClusterPool {
