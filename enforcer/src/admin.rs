@@ -661,6 +661,21 @@ fn gate_key(admin: &Admin, r: BlockRequest) -> Result<(PathBuf, ApiKey, BlockReq
     Ok((dir, key, r))
 }
 
+/// Runs `f` on the pinned gate, off the runtime's threads (map syscalls block); a failure is
+/// the finished 500 answer.
+async fn on_pinned_gate<T: Send + 'static>(
+    dir: PathBuf,
+    f: impl FnOnce(&mut Gate) -> Result<T, crate::kernel::KernelError> + Send + 'static,
+) -> Result<T, Response> {
+    let fail = |e: &dyn std::fmt::Display| {
+        refuse(StatusCode::INTERNAL_SERVER_ERROR, "kernel", &e.to_string())
+    };
+    tokio::task::spawn_blocking(move || f(&mut Gate::load(Some(&dir))?))
+        .await
+        .map_err(|e| fail(&e))?
+        .map_err(|e| fail(&e))
+}
+
 /// `POST /v1/keys/block`: blocks a key in this node's kernel gate for a while.
 async fn block(
     State(admin): State<Arc<Admin>>,
@@ -679,12 +694,10 @@ async fn block(
             ));
         };
         let key_id = key.kernel_id();
-        tokio::task::spawn_blocking(move || {
-            Gate::load(Some(&dir))?.block(key_id, Duration::from_millis(ms))
+        on_pinned_gate(dir, move |gate| {
+            gate.block(key_id, Duration::from_millis(ms))
         })
-        .await
-        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "kernel", &e.to_string()))?
-        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "kernel", &e.to_string()))?;
+        .await?;
         Ok(json!({ "key_hash": key.hash().to_hex(), "blocked_for_ms": ms }))
     }
     .await;
@@ -702,10 +715,7 @@ async fn unblock(
         let (dir, key, _) = gate_key(&admin, body(payload)?)?;
         hash = Some(key.hash());
         let key_id = key.kernel_id();
-        let was = tokio::task::spawn_blocking(move || Gate::load(Some(&dir))?.unblock(key_id))
-            .await
-            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "kernel", &e.to_string()))?
-            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "kernel", &e.to_string()))?;
+        let was = on_pinned_gate(dir, move |gate| gate.unblock(key_id)).await?;
         Ok(json!({ "key_hash": key.hash().to_hex(), "was_blocked": was }))
     }
     .await;

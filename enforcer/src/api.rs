@@ -367,6 +367,22 @@ async fn auth(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Re
     }
 }
 
+/// The key and request id of a refund or a settle; a 400 for either that is not valid.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the finished response, built once per bad request"
+)]
+fn key_and_request_id(
+    app: &App,
+    key: &str,
+    request_id: &str,
+) -> Result<(ApiKey, RequestId), Response> {
+    let key = ApiKey::parse(key).map_err(|e| bad_request(app, "bad_key", &e.to_string()))?;
+    let request_id = RequestId::parse(request_id)
+        .map_err(|e| bad_request(app, "bad_request_id", &e.to_string()))?;
+    Ok((key, request_id))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RefundBody {
@@ -379,13 +395,9 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
         Ok(b) => b,
         Err(r) => return r,
     };
-    let key = match ApiKey::parse(&body.key) {
-        Ok(k) => k,
-        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
-    };
-    let request_id = match RequestId::parse(&body.request_id) {
-        Ok(r) => r,
-        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    let (key, request_id) = match key_and_request_id(&app, &body.key, &body.request_id) {
+        Ok(parsed) => parsed,
+        Err(r) => return r,
     };
     match app.decider.refund(&key, &request_id).await {
         Ok(RefundOutcome::Refunded {
@@ -430,13 +442,9 @@ async fn settle(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
         Ok(b) => b,
         Err(r) => return r,
     };
-    let key = match ApiKey::parse(&body.key) {
-        Ok(k) => k,
-        Err(e) => return bad_request(&app, "bad_key", &e.to_string()),
-    };
-    let request_id = match RequestId::parse(&body.request_id) {
-        Ok(r) => r,
-        Err(e) => return bad_request(&app, "bad_request_id", &e.to_string()),
+    let (key, request_id) = match key_and_request_id(&app, &body.key, &body.request_id) {
+        Ok(parsed) => parsed,
+        Err(r) => return r,
     };
     let cost = match (body.cost, body.units) {
         (Some(c), None) => TrueCost::Tokens(c),
