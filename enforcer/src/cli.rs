@@ -795,6 +795,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // main thread, beside the worker threads, instead of on them.
     runtime_with(args.workers)?.block_on(async {
         tokio::spawn(async move {
+            // Before anything is bound and "listening" is logged: see `shutdown_signal`.
+            let shutdown = shutdown_signal().context("cannot handle SIGTERM/SIGINT")?;
             let server = Server::bind_from(source).await?;
             let config = server.config();
             let addr = server.local_addr()?;
@@ -809,7 +811,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .grpc_addr()
                 .map_or_else(|| "off".to_owned(), |a| a.to_string());
             tracing::info!(%addr, %grpc, store = backend, "enforcer listening");
-            server.run(shutdown_signal()).await?;
+            server.run(shutdown).await?;
             Ok::<_, anyhow::Error>(())
         })
         .await
