@@ -4,6 +4,10 @@
 -- KEYS[1]  bucket             ptb:{<sha256 of key>}:b  (or :ops)   "<balance> <updated_at seconds>"
 -- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier           (string, set by operators)
 -- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>
+-- KEYS[4]  wallet             ptb:{<sha256 of key>}:w   grants that expire or have a priority,
+--                             one line each in spend order: "<priority> <expires_at|-> <granted_at>
+--                             <left> <grant id>" (enforcer/src/wallet.rs); read and spent only
+--                             for the main bucket
 -- ARGV[1]  cost               tokens, finite, > 0
 -- ARGV[2]  record ttl         milliseconds, integer > 0
 -- ARGV[3]  fingerprint        hex digits: what the request id is bound to (bucket, method,
@@ -22,12 +26,14 @@
 --                                       request record for a settle in units (lua/settle.lua)
 -- ARGV[9+5n]               max_cost     the endpoint's cap on a settle, tokens, or "-" (none)
 --
--- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at}
+-- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at, spent, expired}
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
 --   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
 --   when refill can never cover the cost; at: the Redis TIME of the debit (what remaining is
 --   as of: the kernel gate's snapshots are stamped and ordered with it), "" when nothing was
---   debited (a replay, an unknown key, a conflict).
+--   debited (a replay, an unknown key, a conflict); remaining counts the wallet's grants; spent:
+--   "<tokens> <grant id>" lines, what each grant paid; expired: the same for grants found expired
+--   (their tokens forfeited), both "" when none.
 --
 -- Request ids follow payment APIs' idempotency keys: an allowed request is remembered with its
 -- fingerprint for the record ttl. The same id with the same fingerprint is a retry: answered
@@ -55,7 +61,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-if #KEYS ~= 3 then fail('expected 3 keys') end
+if #KEYS ~= 4 then fail('expected 4 keys') end
 local cost = number(1, 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(2, 'record ttl', 1)
@@ -80,21 +86,22 @@ if max_cost ~= '-' then
   max_cost = fmt(m)
 end
 
--- One read for all three keys (same hash tag, so the same cluster slot).
-local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1])
-local record, assigned, bucket = got[1], got[2], got[3]
+-- One read for all four keys (same hash tag, so the same cluster slot).
+local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[4])
+local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[4]
+if kind == 'o' or kind == 'O' then stored_wallet = false end
 
 if record then
   local f = {}
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
   -- Bound to another request (a record without a fingerprint predates them: a retry).
   if f[9] ~= nil and f[9] ~= fingerprint then
-    return {'conflict', 0, f[3], -1, f[5], f[6], 0, ''}
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', ''}
   end
   -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
   -- request is charged again, as a new attempt.
   if f[8] ~= '1' then
-    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, ''}
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', ''}
   end
 end
 
@@ -108,7 +115,7 @@ for i = 0, n - 1 do
 end
 tier = tier or fallback
 if tier == nil then
-  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, ''}
+  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, '', '', ''}
 end
 local tier_name = ARGV[tier]
 local max_tokens = number(tier + 1, 'max_tokens', 0)
@@ -136,26 +143,71 @@ else
   end
 end
 
-local allowed = 0
-local retry = -1
-if balance >= cost or forced then
-  balance = balance - cost
-  allowed = 1
-  retry = 0
-elseif rate > 0 and cost <= max_tokens then
-  retry = math.ceil((cost - balance) / rate * 1000)
+-- The wallet: expired grants dropped (reported), the rest held in spend order.
+local grants, held, expired = {}, 0, {}
+if stored_wallet then
+  for line in string.gmatch(stored_wallet, '[^\n]+') do
+    local p, e, g, l, id = string.match(line, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+    local left = tonumber(l)
+    if left == nil then fail('unreadable wallet line') end
+    if e ~= '-' and tonumber(e) <= now then
+      if left > 0 then expired[#expired + 1] = l .. ' ' .. id end
+    else
+      grants[#grants + 1] = {p, e, g, left, id}
+      held = held + left
+    end
+  end
 end
 
-local remaining = fmt(balance)
+local allowed = 0
+local retry = -1
+local spent = {}
+if balance + held >= cost or forced then
+  -- Grants first, in spend order; the rest from the bucket.
+  local rest = cost
+  for _, gr in ipairs(grants) do
+    if rest <= 0 then break end
+    local take = math.min(gr[4], rest)
+    if take > 0 then
+      gr[4] = gr[4] - take
+      rest = rest - take
+      held = held - take
+      spent[#spent + 1] = fmt(take) .. ' ' .. gr[5]
+    end
+  end
+  balance = balance - rest
+  allowed = 1
+  retry = 0
+elseif rate > 0 and cost - held <= max_tokens then
+  retry = math.ceil((cost - held - balance) / rate * 1000)
+end
+if stored_wallet then
+  if #spent > 0 or #expired > 0 then
+    local lines = {}
+    for _, gr in ipairs(grants) do
+      if gr[4] > 0 then
+        lines[#lines + 1] = gr[1] .. ' ' .. gr[2] .. ' ' .. gr[3] .. ' ' .. fmt(gr[4]) .. ' ' .. gr[5]
+      end
+    end
+    if #lines > 0 then
+      redis.call('SET', KEYS[4], table.concat(lines, '\n'))
+    else
+      redis.call('DEL', KEYS[4])
+    end
+  end
+end
+
+local bucket_left = fmt(balance)
+local remaining = fmt(balance + held)
 -- A balance above what refill reaches (an operator's grant) is kept: forgetting restarts at
 -- initial_tokens and would take the granted credits away.
 if rate > 0 and balance <= max_tokens * idle_cap then
   -- Forgotten once refill alone would have brought it to the idle ceiling (from below zero,
   -- after a forced debit, that takes longer: forgetting earlier would forgive the debt).
-  redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now),
+  redis.call('SET', KEYS[1], bucket_left .. ' ' .. fmt(now),
     'PX', math.ceil((active_window + (max_tokens - math.min(0, balance)) / rate) * 1000))
 else
-  redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
+  redis.call('SET', KEYS[1], bucket_left .. ' ' .. fmt(now))
 end
 if allowed == 1 then
   -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
@@ -165,4 +217,5 @@ if allowed == 1 then
       fingerprint, fmt(units), max_cost}, '|'),
     'PX', ttl)
 end
-return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now)}
+return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now),
+  table.concat(spent, '\n'), table.concat(expired, '\n')}

@@ -16,7 +16,7 @@ use crate::api::App;
 use crate::decision::event::{self, Event, Granted, TierChanged};
 use crate::kernel::Gate;
 use crate::key::{ApiKey, KeyHash, RequestId};
-use crate::store::{GrantOutcome, StoreError};
+use crate::store::{GrantOutcome, GrantTerms, StoreError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, State};
 use axum::http::StatusCode;
@@ -398,6 +398,7 @@ async fn show(
             "balance": state.balance,
             "stored": state.stored,
             "operational": state.operational,
+            "grants": state.grants,
             "at": state.at,
             "store": admin.app.decider.store().backend(),
             "kernel": kernel,
@@ -520,6 +521,10 @@ struct GrantRequest {
     note: String,
     /// Makes a retried grant a replay; generated when absent.
     grant_id: Option<String>,
+    /// Seconds until the grant expires (a wallet grant, spent before the bucket).
+    expires_in_secs: Option<f64>,
+    /// Spend priority, higher first (a wallet grant).
+    priority: Option<i64>,
 }
 
 /// `POST /v1/keys/grant`: adds tokens to a key's main bucket, atomically, up to its tier's
@@ -555,9 +560,22 @@ async fn grant(
             Some(id) => RequestId::parse(id).map_err(|e| bad("bad_grant_id", &e.to_string()))?,
             None => RequestId::generate(),
         };
+        let terms = GrantTerms {
+            expires_in: r.expires_in_secs,
+            priority: r.priority,
+        };
+        terms
+            .check()
+            .map_err(|e| bad("bad_expiry", &e.to_string()))?;
+        if r.priority.is_some_and(|p| p.unsigned_abs() > 1_000_000) {
+            return Err(bad(
+                "bad_priority",
+                "priority must be between -1000000 and 1000000",
+            ));
+        }
         let store = admin.app.decider.store();
         let sent = Instant::now();
-        let outcome = store_call(store.grant(&key_hash, r.tokens, &grant_id))
+        let outcome = store_call(store.grant_with(&key_hash, r.tokens, &grant_id, terms))
             .await
             .map_err(|e| {
                 refuse(
@@ -589,11 +607,23 @@ async fn grant(
                     (ceiling - balance).max(0.0)
                 ),
             )),
+            GrantOutcome::TooManyGrants => Err(refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_many_grants",
+                &format!(
+                    "the key holds {} expiring or prioritised grants already (the most a \
+                     debit reads); nothing was granted: let one run out, or grant without \
+                     --expires and --priority",
+                    crate::wallet::MAX_GRANTS
+                ),
+            )),
             GrantOutcome::Granted {
                 balance,
                 tier,
                 at,
                 replayed,
+                expires_at,
+                expired,
             } => {
                 let operator = op.name();
                 if !replayed {
@@ -607,6 +637,9 @@ async fn grant(
                         settled: event::Settled { at, now: at, sent },
                         note,
                         operator: &operator,
+                        expires_at,
+                        priority: terms.in_wallet().then(|| terms.priority.unwrap_or(0)),
+                        expired: &expired,
                         id: uuid::Uuid::now_v7(),
                         store: store.backend(),
                     }));
@@ -618,6 +651,8 @@ async fn grant(
                     "tier": tier,
                     "grant_id": grant_id.as_str(),
                     "replayed": replayed,
+                    "expires_at": expires_at.map(crate::wallet::rfc3339),
+                    "priority": terms.in_wallet().then(|| terms.priority.unwrap_or(0)),
                     "kernel": kernel_follow(&admin, key.is_some()),
                 }))
             }

@@ -337,13 +337,24 @@ pub enum KeysCommand {
     },
     /// Grant tokens to a key (a prepaid top-up, a goodwill credit): added to its balance
     /// atomically, up to its tier's grant_ceiling (else nothing is granted), recorded in the
-    /// audit ledger with the note and your uid.
+    /// audit ledger with the note and your uid. Without --expires and --priority the tokens
+    /// top up the tier bucket (spent last, kept for ever); with either, the grant is kept
+    /// apart in the key's wallet and spent first: highest priority, then the one that expires
+    /// first, then the oldest. An expired grant's remaining tokens are forfeited (a
+    /// `grant_expiry` ledger row).
     Grant {
         /// Tokens to add.
         tokens: f64,
         /// Why (the audit row's note; required).
         #[arg(long)]
         note: String,
+        /// The grant expires this long after it is made (store time): `30d`, `12h`, `90m`.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<Duration>,
+        /// Spend priority among the key's wallet grants: higher is spent first (default 0
+        /// when --expires is given).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i64>,
         /// Id of this grant: the same id again is a replay, never a second grant (default: a
         /// new one, printed, to retry with if the answer was lost).
         #[arg(long)]
@@ -665,20 +676,31 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 postgres::UsageBy::Hour => "hour (UTC)",
             };
             // "tokens charged" is what the checks charged (a reservation's estimate), "tokens
-            // settled" the same once settles charged the true costs.
+            // settled" the same once settles charged the true costs; "paid by grants" is the
+            // part of the charges wallet grants paid, "grants expired" what they forfeited.
             println!(
-                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14}",
+                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14} {:>14} {:>14}",
                 "decisions",
                 "allowed",
                 "refunds",
                 "tokens charged",
                 "tokens granted",
-                "tokens settled"
+                "tokens settled",
+                "paid by grants",
+                "grants expired"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3}",
-                    u.group, u.decisions, u.allowed, u.refunds, u.cost, u.granted, u.settled
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3}",
+                    u.group,
+                    u.decisions,
+                    u.allowed,
+                    u.refunds,
+                    u.cost,
+                    u.granted,
+                    u.settled,
+                    u.from_grants,
+                    u.expired
                 );
             }
         }

@@ -89,6 +89,55 @@ pub fn force(
     }
 }
 
+/// A debit of the main bucket together with the key's wallet ([`crate::wallet`]): grants
+/// expired at `now` are dropped first; then the cost is allowed when the bucket (after refill)
+/// plus the live grants cover it (or it is forced), and is taken from the grants in spend
+/// order, the rest from the bucket. Denied: nothing is taken. `retry_after_ms` counts the
+/// grants as they are now (one that expires meanwhile makes the retry early, never late by
+/// more than the refill it then needs).
+pub fn debit_with_wallet(
+    state: Option<BucketState>,
+    params: &BucketParams,
+    active_window: f64,
+    now: f64,
+    cost: f64,
+    forced: bool,
+    wallet: &mut crate::wallet::Wallet,
+) -> (Settlement, crate::wallet::GrantMoves) {
+    let expired = wallet.expire(now);
+    let held = wallet.total();
+    let balance = refilled(state, params, active_window, now);
+    if forced || balance + held >= cost {
+        let (spent, rest) = wallet.spend(cost);
+        (
+            Settlement {
+                allowed: true,
+                state: BucketState {
+                    balance: balance - rest,
+                    updated_at: now,
+                },
+                retry_after_ms: Some(0),
+            },
+            crate::wallet::GrantMoves { spent, expired },
+        )
+    } else {
+        (
+            Settlement {
+                allowed: false,
+                state: BucketState {
+                    balance,
+                    updated_at: now,
+                },
+                retry_after_ms: retry_after_ms(balance, params, cost - held),
+            },
+            crate::wallet::GrantMoves {
+                spent: Vec::new(),
+                expired,
+            },
+        )
+    }
+}
+
 /// Seconds after which a bucket holding `balance` may be forgotten (see
 /// [`BucketParams::forget_after`]); a balance below zero (a forced debit) is kept until refill
 /// has paid the debt too, so forgetting never forgives it.
@@ -103,36 +152,6 @@ pub fn forget_after(params: &BucketParams, active_window: f64, balance: f64) -> 
     params
         .forget_after(active_window)
         .map(|secs| secs + (-balance).max(0.0) / params.refill_per_sec)
-}
-
-/// Why a grant was refused (nothing changed).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OverCeiling {
-    /// The balance now (after refill).
-    pub balance: f64,
-    /// The tier's `grant_ceiling`.
-    pub ceiling: f64,
-}
-
-/// Adds an operator's grant of `tokens` at `now`: refill is applied first (so the grant is on
-/// top of what the key earned), then the tokens are added whole, or, when the balance would
-/// pass `ceiling`, refused whole (a partial grant would be a silent loss for whoever paid).
-pub fn grant(
-    state: Option<BucketState>,
-    params: &BucketParams,
-    active_window: f64,
-    now: f64,
-    tokens: f64,
-    ceiling: f64,
-) -> Result<BucketState, OverCeiling> {
-    let balance = refilled(state, params, active_window, now);
-    if balance + tokens > ceiling {
-        return Err(OverCeiling { balance, ceiling });
-    }
-    Ok(BucketState {
-        balance: balance + tokens,
-        updated_at: now,
-    })
 }
 
 /// The balance at `now` after refill and the idle cap (steps 1 and 2).
@@ -315,6 +334,57 @@ mod tests {
             -40.0,
             "960 credited up to 1000"
         );
+    }
+
+    #[test]
+    fn grants_pay_first_and_a_denial_takes_nothing() {
+        use crate::wallet::{Wallet, WalletGrant};
+        let mut w = Wallet::default();
+        w.add(WalletGrant {
+            id: "promo".into(),
+            left: 50.0,
+            expires_at: Some(200.0),
+            priority: 0,
+            granted_at: 0.0,
+        });
+        let state = BucketState {
+            balance: 100.0,
+            updated_at: 100.0,
+        };
+        // 120 = 50 from the grant + 70 from the bucket.
+        let (s, moves) = debit_with_wallet(Some(state), &FREE, 60.0, 100.0, 120.0, false, &mut w);
+        assert!(s.allowed);
+        assert_eq!(s.state.balance, 30.0);
+        assert_eq!(moves.spent.len(), 1);
+        assert!(w.is_empty());
+        // 200 > 30 + nothing: denied, and refill alone must bring 170 (17 s at 10/s).
+        let (s, moves) = debit_with_wallet(Some(s.state), &FREE, 60.0, 100.0, 200.0, false, &mut w);
+        assert!(!s.allowed);
+        assert_eq!(s.state.balance, 30.0);
+        assert!(moves.is_empty());
+        assert_eq!(s.retry_after_ms, Some(17_000));
+    }
+
+    #[test]
+    fn an_expired_grant_pays_nothing_and_is_reported() {
+        use crate::wallet::{Wallet, WalletGrant};
+        let mut w = Wallet::default();
+        w.add(WalletGrant {
+            id: "old".into(),
+            left: 500.0,
+            expires_at: Some(100.0),
+            priority: 9,
+            granted_at: 0.0,
+        });
+        let state = BucketState {
+            balance: 10.0,
+            updated_at: 100.0,
+        };
+        let (s, moves) = debit_with_wallet(Some(state), &FREE, 60.0, 100.0, 20.0, false, &mut w);
+        assert!(!s.allowed);
+        assert_eq!(moves.expired.len(), 1);
+        assert_eq!(moves.expired[0].tokens, 500.0);
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -535,10 +535,14 @@ impl Decider {
         };
 
         let sent = Instant::now();
-        let result = self
+        let mut result = self
             .call(self.store.shard(&debit.key), self.store.debit(&debit))
             .await;
         self.debit_duration.observe(sent.elapsed().as_secs_f64());
+        let grants = match &mut result {
+            Ok(DebitOutcome::Settled(s)) => std::mem::take(&mut s.grants),
+            _ => crate::wallet::GrantMoves::default(),
+        };
 
         let settled_at = match &result {
             Ok(DebitOutcome::Settled(s)) => s.at.map(|at| event::Settled { at, now: at, sent }),
@@ -605,6 +609,7 @@ impl Decider {
             decided_by: self.decided_by(&decision),
             bucket,
             settled: settled_at,
+            grants: &grants,
         };
         self.events.publish(&if decision.replayed {
             Event::Replay(decided)
@@ -1232,13 +1237,14 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.0.assign_tier(key, tier).await
         }
-        async fn grant(
+        async fn grant_with(
             &self,
             key: &crate::key::KeyHash,
             tokens: f64,
             id: &RequestId,
+            terms: crate::store::GrantTerms,
         ) -> Result<crate::store::GrantOutcome, StoreError> {
-            self.0.grant(key, tokens, id).await
+            self.0.grant_with(key, tokens, id, terms).await
         }
         async fn inspect(
             &self,

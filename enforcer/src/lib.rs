@@ -12,7 +12,8 @@
 //!   buckets and debit-back of `decision::local`); publishes every decision and refund as one
 //!   event (`decision::event`) to its subscribers: the [`ledger`] (**records** it) and the
 //!   [`kernel`] gate's sync.
-//! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors.
+//! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors;
+//!   [`wallet`]: grants that expire or have a priority, spent before the bucket.
 //! - [`budget`]: tiers and the budget policy taken from the config.
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
 //! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
@@ -52,3 +53,4 @@ pub mod reload;
 pub mod rls;
 pub mod server;
 pub mod store;
+pub mod wallet;

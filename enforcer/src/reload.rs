@@ -686,13 +686,14 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.0.assign_tier(key, tier).await
         }
-        async fn grant(
+        async fn grant_with(
             &self,
             key: &crate::key::KeyHash,
             tokens: f64,
             id: &crate::key::RequestId,
+            terms: crate::store::GrantTerms,
         ) -> Result<crate::store::GrantOutcome, StoreError> {
-            self.0.grant(key, tokens, id).await
+            self.0.grant_with(key, tokens, id, terms).await
         }
         async fn inspect(
             &self,

@@ -363,10 +363,13 @@ async fn audit_usage_shows_grants_beside_charges() {
     assert_eq!(code, 0, "{err}");
     let total = out.lines().last().expect("a line");
     let fields: Vec<&str> = total.split_whitespace().collect();
-    // total, decisions, allowed, refunds, tokens charged, tokens granted, tokens settled
+    // total, decisions, allowed, refunds, tokens charged, tokens granted, tokens settled,
+    // paid by grants, grants expired
     assert_eq!(
         fields,
-        ["total", "1", "1", "0", "120.000", "250.000", "120.000"],
+        [
+            "total", "1", "1", "0", "120.000", "250.000", "120.000", "0.000", "0.000"
+        ],
         "{out}"
     );
     // By endpoint, the grant has a line of its own.
@@ -396,6 +399,118 @@ async fn audit_usage_shows_grants_beside_charges() {
     .expect("grant row");
     assert_eq!(note, "welcome credit");
     assert!(operator.starts_with("uid:"), "{operator}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_grant_from_the_cli_is_spent_first_shown_and_audited() {
+    let url = enforcer_tests::pg::fresh_database().await;
+    let mut config = example_config("");
+    config.ledger.database_url = url.clone();
+    config.ledger.migrate = true;
+    let daemon = TestDaemon::start(config).await;
+    let key = unique("wallet-cli");
+    let hash = ApiKey::parse(&key).expect("key").hash().to_hex();
+    assert_eq!(
+        admin(&daemon, &["keys", "set-tier", "prepaid"], Some(&key)).0,
+        0
+    );
+    let (code, out, err) = admin(
+        &daemon,
+        &[
+            "keys",
+            "grant",
+            "100",
+            "--note",
+            "promo",
+            "--expires",
+            "30d",
+            "--priority",
+            "2",
+            "--grant-id",
+            "promo-dec",
+        ],
+        Some(&key),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("held in the key's wallet, spent before its bucket: priority 2"),
+        "{out}"
+    );
+    let (code, out, err) = admin(
+        &daemon,
+        &["keys", "grant", "250", "--note", "top-up"],
+        Some(&key),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // A bad expiry is refused by clap or the daemon, nothing granted.
+    let (code, _, err) = admin(
+        &daemon,
+        &["keys", "grant", "5", "--note", "x", "--expires", "0s"],
+        Some(&key),
+    );
+    assert_ne!(code, 0, "{err}");
+    let (_, out, _) = admin(&daemon, &["keys", "show"], Some(&key));
+    assert!(
+        out.contains("grant:       100.000 left of promo-dec, priority 2"),
+        "{out}"
+    );
+    assert!(out.contains("balance:     250.000"), "{out}");
+    // 120: the grant's 100 first, then 20 of the bucket.
+    let (status, body) = report(&daemon, &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["remaining"], 230.0, "{body}");
+    let (_, out, _) = admin(&daemon, &["keys", "show"], Some(&key));
+    assert!(!out.contains("grant: "), "the emptied grant is gone: {out}");
+    daemon.stop().await;
+
+    let sql = sqlx::PgPool::connect(&url).await.expect("pg");
+    let spends: Vec<(f64, String, String)> = sqlx::query_as(
+        "SELECT cost, note, endpoint FROM token_transactions \
+         WHERE kind = 'grant_spend' AND key_hash = $1",
+    )
+    .bind(&hash)
+    .fetch_all(&sql)
+    .await
+    .expect("spend rows");
+    assert_eq!(
+        spends,
+        [(100.0, "promo-dec".to_owned(), "/generate-report".to_owned())]
+    );
+    let (note,): (String,) = sqlx::query_as(
+        "SELECT note FROM token_transactions WHERE kind = 'grant' AND request_id = 'promo-dec'",
+    )
+    .fetch_one(&sql)
+    .await
+    .expect("grant row");
+    assert!(note.starts_with("promo [expires 20"), "{note}");
+    assert!(note.ends_with(", priority 2]"), "{note}");
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        enforcer_cli(
+            &[
+                "audit",
+                "usage",
+                "--key-hash",
+                &hash,
+                "--database-url",
+                &url,
+            ],
+            None,
+        )
+    });
+    assert_eq!(code, 0, "{err}");
+    let fields: Vec<&str> = out
+        .lines()
+        .last()
+        .expect("a line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "total", "1", "1", "0", "120.000", "350.000", "120.000", "100.000", "0.000"
+        ],
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

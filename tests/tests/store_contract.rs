@@ -6,9 +6,11 @@ use enforcer::clock::ManualClock;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, GrantOutcome, MemoryStore, RedisStore,
-    RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled, TokenStore, TrueCost,
+    BucketKind, Debit, DebitOutcome, Fingerprint, GrantOutcome, GrantTerms, MemoryStore,
+    RedisStore, RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled, TokenStore,
+    TrueCost,
 };
+use enforcer::wallet::GrantMove;
 use enforcer_tests::cluster::redis_cluster_seeds;
 use enforcer_tests::{redis_url, unique};
 use std::sync::Arc;
@@ -50,6 +52,27 @@ fn policy() -> BudgetPolicy {
 }
 
 fn stores() -> Vec<Box<dyn TokenStore>> {
+    timed_stores().into_iter().map(|t| t.store).collect()
+}
+
+/// A store and how time passes for it: Redis keeps real time (`TIME`), the in-process store
+/// the test's clock.
+struct Timed {
+    store: Box<dyn TokenStore>,
+    clock: Option<Arc<ManualClock>>,
+}
+
+impl Timed {
+    /// Lets `secs` pass for the store.
+    async fn pass(&self, secs: f64) {
+        match &self.clock {
+            Some(clock) => clock.advance(secs),
+            None => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
+        }
+    }
+}
+
+fn timed_stores() -> Vec<Timed> {
     let redis = RedisStore::new(
         &RedisStoreConfig {
             url: redis_url(),
@@ -73,8 +96,22 @@ fn stores() -> Vec<Box<dyn TokenStore>> {
     )
     .expect("redis cluster store");
     assert_eq!(cluster.backend(), "redis-cluster");
-    let memory = MemoryStore::new(policy(), Arc::new(ManualClock::at(1_000_000.0)));
-    vec![Box::new(redis), Box::new(cluster), Box::new(memory)]
+    let clock = Arc::new(ManualClock::at(1_000_000.0));
+    let memory = MemoryStore::new(policy(), clock.clone());
+    vec![
+        Timed {
+            store: Box::new(redis),
+            clock: None,
+        },
+        Timed {
+            store: Box::new(cluster),
+            clock: None,
+        },
+        Timed {
+            store: Box::new(memory),
+            clock: Some(clock),
+        },
+    ]
 }
 
 fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
@@ -1038,5 +1075,322 @@ async fn settles_racing_debits_never_lose_or_double_a_token() {
             "{b}: {debited} debited"
         );
         assert!(debited >= 550.0, "{b}: the balance was spent: {debited}");
+    }
+}
+
+// ---- Wallet grants: grants that expire or have a priority (enforcer/src/wallet.rs) ----
+
+fn expiring(secs: f64, priority: Option<i64>) -> GrantTerms {
+    GrantTerms {
+        expires_in: Some(secs),
+        priority,
+    }
+}
+
+fn moves(list: &[(&str, f64)]) -> Vec<GrantMove> {
+    list.iter()
+        .map(|(id, tokens)| GrantMove {
+            grant_id: (*id).to_owned(),
+            tokens: *tokens,
+        })
+        .collect()
+}
+
+async fn grant_with(
+    store: &dyn TokenStore,
+    key: &ApiKey,
+    tokens: f64,
+    id: &str,
+    terms: GrantTerms,
+) {
+    let id = RequestId::parse(id).expect("grant id");
+    let out = store
+        .grant_with(&key.hash(), tokens, &id, terms)
+        .await
+        .expect("grant");
+    assert!(
+        matches!(
+            out,
+            GrantOutcome::Granted {
+                replayed: false,
+                ..
+            }
+        ),
+        "{}: {out:?}",
+        store.backend()
+    );
+}
+
+#[tokio::test]
+async fn wallet_grants_are_spent_first_by_priority_then_expiry_and_a_denial_takes_nothing() {
+    for store in stores() {
+        let store = &*store;
+        let b = store.backend();
+        // A norefill key: its bucket holds 800, and only what the test does moves it.
+        let key = norefill_key(store, "wallet-order").await;
+        grant_with(store, &key, 100.0, "late", expiring(7200.0, None)).await;
+        grant_with(store, &key, 50.0, "soon", expiring(3600.0, None)).await;
+        grant_with(
+            store,
+            &key,
+            30.0,
+            "vip",
+            GrantTerms {
+                expires_in: None,
+                priority: Some(5),
+            },
+        )
+        .await;
+        // No terms: tops up the bucket (spent last). The ceiling (1000) counts it all.
+        let id = RequestId::generate();
+        let (total, _) = granted(store.grant(&key.hash(), 20.0, &id).await.expect("grant"), b);
+        assert_eq!(total, 1000.0, "{b}: 800 + 100 + 50 + 30 + 20");
+        match store
+            .grant_with(
+                &key.hash(),
+                1.0,
+                &RequestId::generate(),
+                expiring(60.0, None),
+            )
+            .await
+            .expect("grant")
+        {
+            GrantOutcome::OverCeiling { balance, .. } => assert_eq!(balance, 1000.0, "{b}"),
+            other => panic!("{b}: {other:?}"),
+        }
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        let order: Vec<_> = shown.grants.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(order, ["vip", "soon", "late"], "{b}");
+        assert_eq!(shown.balance, Some(820.0), "{b}: the bucket alone");
+
+        // 100: vip's 30, then 70 of "soon"'s 50? No: soon has 50, so 30 + 50 + 20 of late.
+        let s = settle(store, &debit(&key, BucketKind::Main, 100.0)).await;
+        assert!(s.allowed, "{b}");
+        assert_eq!(s.remaining, 900.0, "{b}: remaining counts the grants left");
+        assert_eq!(
+            s.grants.spent,
+            moves(&[("vip", 30.0), ("soon", 50.0), ("late", 20.0)]),
+            "{b}"
+        );
+        assert!(s.grants.expired.is_empty(), "{b}");
+        // More than everything: denied, nothing taken anywhere.
+        let s = settle(store, &debit(&key, BucketKind::Main, 901.0)).await;
+        assert!(!s.allowed, "{b}");
+        assert_eq!(s.retry_after_ms, None, "{b}: no refill ever pays it");
+        assert!(s.grants.is_empty(), "{b}");
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(shown.grants.len(), 1, "{b}");
+        assert_eq!(shown.grants[0].left, 80.0, "{b}");
+        assert_eq!(shown.balance, Some(820.0), "{b}");
+        // The rest of "late", then the bucket.
+        let s = settle(store, &debit(&key, BucketKind::Main, 100.0)).await;
+        assert_eq!(s.grants.spent, moves(&[("late", 80.0)]), "{b}");
+        assert_eq!(s.remaining, 800.0, "{b}");
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert!(shown.grants.is_empty(), "{b}: emptied grants are gone");
+        assert_eq!(shown.balance, Some(800.0), "{b}");
+        // The operational bucket never touches the wallet.
+        grant_with(store, &key, 5.0, "ops-proof", expiring(3600.0, None)).await;
+        let s = settle(store, &debit(&key, BucketKind::Operational, 1.0)).await;
+        assert!(s.grants.is_empty(), "{b}");
+        assert_eq!(
+            store.inspect(&key.hash()).await.expect("inspect").grants[0].left,
+            5.0,
+            "{b}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expired_grant_vanishes_with_its_tokens_and_touches_nothing_else() {
+    for t in timed_stores() {
+        let store = &*t.store;
+        let b = store.backend();
+        let key = norefill_key(store, "wallet-expiry").await;
+        grant_with(store, &key, 100.0, "short", expiring(1.0, Some(9))).await;
+        grant_with(
+            store,
+            &key,
+            50.0,
+            "keeps",
+            GrantTerms {
+                expires_in: None,
+                priority: Some(1),
+            },
+        )
+        .await;
+        t.pass(1.5).await;
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(shown.grants.len(), 1, "{b}: expired grants are not shown");
+        let s = settle(store, &debit(&key, BucketKind::Main, 10.0)).await;
+        assert!(s.allowed, "{b}");
+        assert_eq!(
+            s.grants.expired,
+            moves(&[("short", 100.0)]),
+            "{b}: forfeited whole"
+        );
+        assert_eq!(s.grants.spent, moves(&[("keeps", 10.0)]), "{b}");
+        assert_eq!(s.remaining, 840.0, "{b}: 800 in the bucket + 40");
+        // Reported once: the next debit finds nothing expired.
+        let s = settle(store, &debit(&key, BucketKind::Main, 10.0)).await;
+        assert!(s.grants.expired.is_empty(), "{b}");
+        assert_eq!(s.remaining, 830.0, "{b}");
+        // A grant finds expired ones too, and says so.
+        grant_with(store, &key, 10.0, "short2", expiring(1.0, None)).await;
+        t.pass(1.5).await;
+        match store
+            .grant_with(
+                &key.hash(),
+                5.0,
+                &RequestId::generate(),
+                expiring(60.0, None),
+            )
+            .await
+            .expect("grant")
+        {
+            GrantOutcome::Granted {
+                expired, balance, ..
+            } => {
+                assert_eq!(expired, moves(&[("short2", 10.0)]), "{b}");
+                assert_eq!(balance, 835.0, "{b}");
+            }
+            other => panic!("{b}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn wallet_grants_are_bounded_replayed_by_id_and_bad_terms_change_nothing() {
+    for store in stores() {
+        let store = &*store;
+        let b = store.backend();
+        let key = norefill_key(store, "wallet-bounds").await;
+        for i in 0..enforcer::wallet::MAX_GRANTS {
+            grant_with(store, &key, 1.0, &format!("g{i}"), expiring(3600.0, None)).await;
+        }
+        assert_eq!(
+            store
+                .grant_with(
+                    &key.hash(),
+                    1.0,
+                    &RequestId::generate(),
+                    expiring(3600.0, None)
+                )
+                .await
+                .expect("grant"),
+            GrantOutcome::TooManyGrants,
+            "{b}"
+        );
+        // A retried grant id is a replay: nothing added.
+        let again = store
+            .grant_with(
+                &key.hash(),
+                1.0,
+                &RequestId::parse("g0").expect("id"),
+                expiring(3600.0, None),
+            )
+            .await
+            .expect("grant");
+        assert!(
+            matches!(again, GrantOutcome::Granted { replayed: true, .. }),
+            "{b}: {again:?}"
+        );
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e10] {
+            assert!(
+                store
+                    .grant_with(
+                        &key.hash(),
+                        1.0,
+                        &RequestId::generate(),
+                        expiring(bad, None)
+                    )
+                    .await
+                    .is_err(),
+                "{b}: expiry {bad}"
+            );
+        }
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(shown.grants.len(), enforcer::wallet::MAX_GRANTS, "{b}");
+        assert_eq!(shown.balance, Some(800.0), "{b}");
+    }
+}
+
+#[tokio::test]
+async fn grants_expiring_mid_burst_never_admit_more_than_the_grants_plus_the_bucket() {
+    for t in timed_stores() {
+        let b = t.store.backend();
+        let store: Arc<dyn TokenStore> = Arc::from(t.store);
+        let clock = t.clock.clone();
+        // Prepaid: the bucket is empty and never refills; only the grants pay.
+        let key = ApiKey::parse(&unique("wallet-burst")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("prepaid"))
+            .await
+            .expect("assign");
+        // The lasting grant is spent first; the expiring one is being spent when it expires.
+        grant_with(&*store, &key, 350.0, "expiring", expiring(1.0, Some(0))).await;
+        grant_with(
+            &*store,
+            &key,
+            150.0,
+            "lasting",
+            GrantTerms {
+                expires_in: None,
+                priority: Some(1),
+            },
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        // Debits of 5, two at a time every 50 ms of store time, for 2 s: about 200 tokens
+        // are asked for before the expiry, 150 of them from "lasting".
+        for _ in 0..40 {
+            for _ in 0..2 {
+                let (store, key) = (store.clone(), key.clone());
+                tasks.push(tokio::spawn(async move {
+                    match store
+                        .debit(&debit(&key, BucketKind::Main, 5.0))
+                        .await
+                        .expect("debit")
+                    {
+                        DebitOutcome::Settled(s) => s,
+                        other => panic!("{other:?}"),
+                    }
+                }));
+            }
+            match &clock {
+                Some(clock) => {
+                    tokio::task::yield_now().await;
+                    clock.advance(0.05);
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let (mut admitted, mut from_grants, mut forfeited) = (0.0, 0.0, 0.0);
+        for task in tasks {
+            let s = task.await.expect("task");
+            if s.allowed {
+                admitted += s.cost;
+            }
+            from_grants += s.grants.spent.iter().map(|m| m.tokens).sum::<f64>();
+            forfeited += s.grants.expired.iter().map(|m| m.tokens).sum::<f64>();
+        }
+        assert!(
+            clock.is_some() || started.elapsed() > Duration::from_secs(1),
+            "{b}: the burst outlived the grant"
+        );
+        assert_eq!(admitted, from_grants, "{b}: the empty bucket paid nothing");
+        assert_eq!(
+            admitted + forfeited,
+            500.0,
+            "{b}: every granted token was spent or forfeited, once"
+        );
+        assert!(
+            forfeited > 0.0 && admitted < 500.0,
+            "{b}: the grant expired with tokens left, mid-burst ({admitted} admitted)"
+        );
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert!(shown.grants.is_empty(), "{b}: {:?}", shown.grants);
+        assert_eq!(shown.balance, Some(0.0), "{b}");
     }
 }

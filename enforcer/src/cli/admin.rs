@@ -390,6 +390,17 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
                     " (no bucket stored: what a first request starts at)"
                 }
             );
+            for g in v["grants"].as_array().into_iter().flatten() {
+                println!(
+                    "grant:       {} left of {}, priority {}, expires {} (spent before the bucket)",
+                    num(&g["left"]),
+                    text(&g["id"]),
+                    g["priority"],
+                    g["expires_at"]
+                        .as_f64()
+                        .map_or_else(|| "never".to_owned(), crate::wallet::rfc3339)
+                );
+            }
             println!("operational: {}", num(&v["operational"]));
             let k = &v["kernel"];
             match k["gate"].as_str() {
@@ -441,6 +452,8 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
         KeysCommand::Grant {
             tokens,
             note,
+            expires,
+            priority,
             grant_id,
             key,
             socket,
@@ -452,6 +465,12 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
             body.insert("tokens".into(), json!(tokens));
             body.insert("note".into(), json!(note));
             body.insert("grant_id".into(), json!(grant_id));
+            if let Some(e) = expires {
+                body.insert("expires_in_secs".into(), json!(e.as_secs_f64()));
+            }
+            if let Some(p) = priority {
+                body.insert("priority".into(), json!(p));
+            }
             let v = answer(call(
                 &socket.socket,
                 "POST",
@@ -472,6 +491,12 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
                     text(&v["tier"]),
                     num(&v["balance"])
                 );
+                if let Some(p) = v["priority"].as_i64() {
+                    println!(
+                        "held in the key's wallet, spent before its bucket: priority {p}, expires {}",
+                        v["expires_at"].as_str().unwrap_or("never")
+                    );
+                }
             }
             println!("kernel: {}", text(&v["kernel"]));
         }

@@ -13,6 +13,7 @@
 use crate::decision::{Check, Decision};
 use crate::key::{ApiKey, KeyHash, RequestId};
 use crate::store::BucketKind;
+use crate::wallet::{GrantMove, GrantMoves};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,6 +65,12 @@ pub struct Granted<'a> {
     pub note: &'a str,
     /// Who: `uid:<n>` of the admin socket's peer.
     pub operator: &'a str,
+    /// A wallet grant's expiry (store time); `None`: never, or a bucket grant.
+    pub expires_at: Option<f64>,
+    /// A wallet grant's priority; `None`: a bucket grant.
+    pub priority: Option<i64>,
+    /// Wallet grants the store found expired while granting (their tokens forfeited).
+    pub expired: &'a [GrantMove],
     /// Id of the grant's audit row (UUIDv7).
     pub id: uuid::Uuid,
     /// The store that made it (`redis`, `memory`).
@@ -98,6 +105,8 @@ pub struct DebitedBack<'a> {
     pub balance: Option<f64>,
     /// The tier the store charged it under.
     pub tier: &'a str,
+    /// What it took from the key's wallet grants, and the grants found expired.
+    pub grants: &'a GrantMoves,
     /// Id of this debit-back's audit row (UUIDv7).
     pub id: uuid::Uuid,
     /// The store that took it (`redis`, `memory`).
@@ -124,6 +133,9 @@ pub struct Decided<'a> {
     pub bucket: BucketKind,
     /// When the store settled the balance, if it did (not for replays and store failures).
     pub settled: Option<Settled>,
+    /// What the debit took from the key's wallet grants and the grants it found expired
+    /// ([`crate::wallet`]); empty for most keys.
+    pub grants: &'a GrantMoves,
 }
 
 /// When a balance was settled in the store.

@@ -547,6 +547,7 @@ impl LocalBudget {
                     amount: d.cost,
                     balance: (!s.replayed).then_some(s.remaining),
                     tier: &s.tier,
+                    grants: &s.grants,
                     id: uuid::Uuid::now_v7(),
                     store: store.backend(),
                 }));

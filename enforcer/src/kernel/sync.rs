@@ -1258,6 +1258,7 @@ mod tests {
                 decided_by: "memory",
                 bucket: BucketKind::Main,
                 settled: Some(settled),
+                grants: &Default::default(),
             }))
         };
         let got = updates(&Config::default(), debit);
@@ -1290,6 +1291,7 @@ mod tests {
                 decided_by: "replay",
                 bucket: BucketKind::Main,
                 settled: None,
+                grants: &Default::default(),
             }))
         };
         let got = updates(&Config::default(), replay);
@@ -1377,6 +1379,7 @@ mod tests {
                 decided_by: "memory",
                 bucket: BucketKind::Main,
                 settled: None,
+                grants: &Default::default(),
             }))
         });
         assert!(matches!(got[0], Update::Lift { at: None, .. }), "{got:?}");

@@ -119,6 +119,14 @@ pub enum RowKind {
     /// the difference charged now (negative: credited back), `true_cost` the true cost,
     /// `request_id` the settled request's.
     Settle,
+    /// Part of a charge paid by a wallet grant ([`crate::wallet`]), beside its `debit` row:
+    /// `cost` the tokens taken from the grant, `note` the grant id, `request_id` and
+    /// `endpoint` the request's. Not a second charge: the debit row's cost includes it.
+    GrantSpend,
+    /// A wallet grant that expired with tokens left: `cost` the tokens forfeited, `request_id`
+    /// the grant id, `note` when it expired. Written when the store first notices it (the
+    /// key's next debit or grant).
+    GrantExpiry,
 }
 
 impl RowKind {
@@ -130,6 +138,8 @@ impl RowKind {
             RowKind::Grant => "grant",
             RowKind::Alert => "alert",
             RowKind::Settle => "settle",
+            RowKind::GrantSpend => "grant_spend",
+            RowKind::GrantExpiry => "grant_expiry",
         }
     }
 }

@@ -489,6 +489,10 @@ pub struct Usage {
     /// Tokens charged once settled: `cost` (the estimates charged at the checks, less
     /// refunds) plus what settles charged (`POST /v1/settle`: negative when they credited).
     pub settled: f64,
+    /// Of the tokens charged, how many wallet grants paid (`grant_spend` rows).
+    pub from_grants: f64,
+    /// Tokens wallet grants forfeited when they expired (`grant_expiry` rows).
+    pub expired: f64,
 }
 
 /// How usage is grouped.
@@ -528,7 +532,7 @@ pub async fn usage(
                                AND d.recorded_at >= now() - make_interval(secs => $2) \
                          ORDER BY d.recorded_at DESC LIMIT 1), \
                         CASE WHEN t.kind = 'refund' THEN '(refunds)' ELSE '(settles)' END) \
-                    WHEN t.kind = 'grant' THEN '(grants)' \
+                    WHEN t.kind IN ('grant', 'grant_expiry') THEN '(grants)' \
                     ELSE t.endpoint END AS endpoint \
              FROM token_transactions t \
              WHERE t.key_prefix = $3 AND t.key_hash = $1 \
@@ -541,7 +545,9 @@ pub async fn usage(
                 coalesce(sum(cost) FILTER (WHERE kind = 'grant'), 0)::float8, \
                 (coalesce(sum(cost) FILTER (WHERE {CHARGED}), 0) \
                  - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0) \
-                 + coalesce(sum(cost) FILTER (WHERE kind = 'settle'), 0))::float8 \
+                 + coalesce(sum(cost) FILTER (WHERE kind = 'settle'), 0))::float8, \
+                coalesce(sum(cost) FILTER (WHERE kind = 'grant_spend'), 0)::float8, \
+                coalesce(sum(cost) FILTER (WHERE kind = 'grant_expiry'), 0)::float8 \
          FROM r GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
@@ -559,6 +565,8 @@ pub async fn usage(
                 cost: r.try_get(4)?,
                 granted: r.try_get(5)?,
                 settled: r.try_get(6)?,
+                from_grants: r.try_get(7)?,
+                expired: r.try_get(8)?,
             })
         })
         .collect()

@@ -6,6 +6,7 @@ use crate::decision::event::{
     DebitedBack, Decided, Event, Granted, Refunded, SettledCost, Subscriber,
 };
 use crate::store::BucketKind;
+use crate::wallet::GrantMove;
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
@@ -19,7 +20,23 @@ impl Subscriber for Ledger {
             // Not a change of tokens: the admin API logs and counts it.
             Event::TierChanged(_) => return,
         };
+        // What wallet grants paid, and what they forfeited, each its own row after the
+        // charge's (a key without grants: none).
+        let (spent, expired): (&[GrantMove], &[GrantMove]) = match event {
+            Event::Debit(d) => (&d.grants.spent, &d.grants.expired),
+            Event::DebitBack(b) => (&b.grants.spent, &b.grants.expired),
+            Event::Grant(g) => (&[], g.expired),
+            _ => (&[], &[]),
+        };
+        let extra: Vec<AuditRow> = spent
+            .iter()
+            .map(|m| self.grant_spend_row(&row, m))
+            .chain(expired.iter().map(|m| self.grant_expiry_row(&row, m)))
+            .collect();
         self.record(Entry::Decision(row));
+        for row in extra {
+            self.record(Entry::Decision(row));
+        }
     }
 }
 
@@ -166,9 +183,59 @@ impl Ledger {
             node: self.node().to_owned(),
             kind: RowKind::Grant,
             client_ip: None,
-            note: Some(g.note.to_owned()),
+            // A wallet grant's terms follow the operator's reason.
+            note: Some(match (g.expires_at, g.priority) {
+                (None, None) => g.note.to_owned(),
+                (Some(at), p) => format!(
+                    "{} [expires {}, priority {}]",
+                    g.note,
+                    crate::wallet::rfc3339(at),
+                    p.unwrap_or(0)
+                ),
+                (None, Some(p)) => format!("{} [never expires, priority {p}]", g.note),
+            }),
             operator: Some(g.operator.to_owned()),
             true_cost: None,
+        }
+    }
+
+    /// The row of the part of `charge`'s cost that a wallet grant paid: under the request's
+    /// id and endpoint, the grant id in `note`.
+    fn grant_spend_row(&self, charge: &AuditRow, m: &GrantMove) -> AuditRow {
+        AuditRow {
+            id: uuid::Uuid::now_v7(),
+            kind: RowKind::GrantSpend,
+            cost: m.tokens,
+            units: 0.0,
+            multiplier: 1.0,
+            allowed: true,
+            denial: None,
+            note: Some(m.grant_id.clone()),
+            operator: None,
+            true_cost: None,
+            ..charge.clone()
+        }
+    }
+
+    /// The row of a wallet grant found expired (by a debit or grant: `noticed`): the tokens
+    /// forfeited, under the grant's id.
+    fn grant_expiry_row(&self, noticed: &AuditRow, m: &GrantMove) -> AuditRow {
+        AuditRow {
+            id: uuid::Uuid::now_v7(),
+            kind: RowKind::GrantExpiry,
+            cost: m.tokens,
+            units: 0.0,
+            multiplier: 1.0,
+            allowed: true,
+            denial: None,
+            endpoint: String::new(),
+            method: "*".to_owned(),
+            request_id: Some(m.grant_id.clone()),
+            client_ip: None,
+            note: Some("expired".to_owned()),
+            operator: None,
+            true_cost: None,
+            ..noticed.clone()
         }
     }
 

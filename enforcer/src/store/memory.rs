@@ -2,13 +2,14 @@
 //! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
 //! buckets and request records once they expire, like their Redis TTLs.
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
-    StoreError, TokenStore, TrueCost,
+    BucketKind, Debit, DebitOutcome, GrantOutcome, GrantTerms, KeyState, RefundOutcome,
+    SettleOutcome, Settled, StoreError, TokenStore, TrueCost,
 };
 use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
 use crate::debit::{self, BucketState};
 use crate::key::{KeyHash, RequestId};
+use crate::wallet::{GrantMoves, Wallet, WalletGrant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -55,13 +56,18 @@ struct SettledAt {
     capped: bool,
 }
 
+/// A grant, as its record keeps it: (balance left, tier, record expiry, the grant's expiry).
+type GrantRecord = (f64, String, f64, Option<f64>);
+
 #[derive(Debug, Default)]
 struct State {
     buckets: HashMap<(KeyHash, u8), Bucket>,
     tiers: HashMap<KeyHash, String>,
     records: HashMap<(KeyHash, String), Record>,
-    /// Applied grants by id: (balance left, tier, expiry), so a retried grant is a replay.
-    grants: HashMap<(KeyHash, String), (f64, String, f64)>,
+    /// Applied grants by id, so a retried grant is a replay.
+    grants: HashMap<(KeyHash, String), GrantRecord>,
+    /// Keys' wallets of expiring or prioritised grants ([`crate::wallet`]); never empty.
+    wallets: HashMap<KeyHash, Wallet>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -140,6 +146,7 @@ impl TokenStore for MemoryStore {
                     cost: r.cost,
                     replayed: true,
                     at: None,
+                    grants: GrantMoves::default(),
                 }));
             }
         }
@@ -157,11 +164,26 @@ impl TokenStore for MemoryStore {
             .get(&bucket_key)
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
             .map(|b| b.state);
-        let s = if d.force {
-            debit::force(previous, &params, window, now, d.cost)
-        } else {
-            debit::settle(previous, &params, window, now, d.cost)
+        // The main bucket pays after the key's wallet grants; the operational one alone.
+        let mut wallet = match d.bucket {
+            BucketKind::Main => st.wallets.remove(&d.key),
+            BucketKind::Operational => None,
         };
+        let (s, moves) = match wallet.as_mut() {
+            Some(w) => debit::debit_with_wallet(previous, &params, window, now, d.cost, d.force, w),
+            None if d.force => (
+                debit::force(previous, &params, window, now, d.cost),
+                GrantMoves::default(),
+            ),
+            None => (
+                debit::settle(previous, &params, window, now, d.cost),
+                GrantMoves::default(),
+            ),
+        };
+        let held = wallet.as_ref().map_or(0.0, Wallet::total);
+        if let Some(w) = wallet.filter(|w| !w.is_empty()) {
+            st.wallets.insert(d.key, w);
+        }
         st.buckets.insert(
             bucket_key,
             Bucket {
@@ -175,7 +197,7 @@ impl TokenStore for MemoryStore {
                 record_key,
                 Record {
                     bucket: d.bucket,
-                    remaining: s.state.balance,
+                    remaining: s.state.balance + held,
                     tier: tier.name.clone(),
                     cost: d.cost,
                     max_tokens: params.max_tokens,
@@ -196,12 +218,13 @@ impl TokenStore for MemoryStore {
         }
         Ok(DebitOutcome::Settled(Settled {
             allowed: s.allowed,
-            remaining: s.state.balance,
+            remaining: s.state.balance + held,
             retry_after_ms: s.retry_after_ms,
             tier: tier.name.clone(),
             cost: d.cost,
             replayed: false,
             at: Some(now),
+            grants: moves,
         }))
     }
 
@@ -361,23 +384,27 @@ impl TokenStore for MemoryStore {
         Ok(())
     }
 
-    async fn grant(
+    async fn grant_with(
         &self,
         key: &KeyHash,
         tokens: f64,
         grant_id: &RequestId,
+        terms: GrantTerms,
     ) -> Result<GrantOutcome, StoreError> {
         super::check_cost(tokens)?;
+        terms.check()?;
         let now = self.clock.now();
         let mut st = self.state.lock();
         st.sweep(now);
         let grant_key = (*key, grant_id.as_str().to_owned());
-        if let Some((balance, tier, _)) = st.grants.get(&grant_key).filter(|g| g.2 > now) {
+        if let Some(g) = st.grants.get(&grant_key).filter(|g| g.2 > now) {
             return Ok(GrantOutcome::Granted {
-                balance: *balance,
-                tier: tier.clone(),
+                balance: g.0,
+                tier: g.1.clone(),
                 at: now,
                 replayed: true,
+                expires_at: g.3,
+                expired: Vec::new(),
             });
         }
         let policy = self.policy.load();
@@ -394,44 +421,78 @@ impl TokenStore for MemoryStore {
             .get(&bucket_key)
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
             .map(|b| b.state);
-        match debit::grant(
-            previous,
-            &tier.bucket,
-            window,
-            now,
-            tokens,
-            tier.grant_ceiling,
-        ) {
-            Err(over) => Ok(GrantOutcome::OverCeiling {
-                balance: over.balance,
-                ceiling: over.ceiling,
+        // The rules of `lua/grant.lua`: refused whole (nothing changed, expired grants
+        // included) over the ceiling, which counts the bucket and the wallet.
+        let mut wallet = st.wallets.get(key).cloned().unwrap_or_default();
+        let expired = wallet.expire(now);
+        let held = wallet.total();
+        let balance = debit::refilled(previous, &tier.bucket, window, now);
+        if balance + held + tokens > tier.grant_ceiling {
+            return Ok(GrantOutcome::OverCeiling {
+                balance: balance + held,
+                ceiling: tier.grant_ceiling,
                 tier: tier.name,
-            }),
-            Ok(state) => {
-                st.buckets.insert(
-                    bucket_key,
-                    Bucket {
-                        state,
-                        expires_at: debit::forget_after(&tier.bucket, window, state.balance)
-                            .map(|secs| now + secs),
-                    },
-                );
-                st.grants.insert(
-                    grant_key,
-                    (
-                        state.balance,
-                        tier.name.clone(),
-                        now + policy.idempotency_ttl.as_secs_f64(),
-                    ),
-                );
-                Ok(GrantOutcome::Granted {
-                    balance: state.balance,
+            });
+        }
+        let expires_at = terms.expires_in.map(|s| now + s);
+        if terms.in_wallet() {
+            if wallet.contains(grant_id.as_str()) {
+                return Ok(GrantOutcome::Granted {
+                    balance: balance + held,
                     tier: tier.name,
                     at: now,
-                    replayed: false,
-                })
+                    replayed: true,
+                    expires_at,
+                    expired: Vec::new(),
+                });
             }
+            if wallet.grants().len() >= crate::wallet::MAX_GRANTS {
+                return Ok(GrantOutcome::TooManyGrants);
+            }
+            wallet.add(WalletGrant {
+                id: grant_id.as_str().to_owned(),
+                left: tokens,
+                expires_at,
+                priority: terms.priority.unwrap_or(0),
+                granted_at: now,
+            });
+        } else {
+            let state = BucketState {
+                balance: balance + tokens,
+                updated_at: now,
+            };
+            st.buckets.insert(
+                bucket_key,
+                Bucket {
+                    state,
+                    expires_at: debit::forget_after(&tier.bucket, window, state.balance)
+                        .map(|secs| now + secs),
+                },
+            );
         }
+        let after = balance + tokens + held;
+        if wallet.is_empty() {
+            st.wallets.remove(key);
+        } else {
+            st.wallets.insert(*key, wallet);
+        }
+        st.grants.insert(
+            grant_key,
+            (
+                after,
+                tier.name.clone(),
+                now + policy.idempotency_ttl.as_secs_f64(),
+                expires_at,
+            ),
+        );
+        Ok(GrantOutcome::Granted {
+            balance: after,
+            tier: tier.name,
+            at: now,
+            replayed: false,
+            expires_at,
+            expired,
+        })
     }
 
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
@@ -448,7 +509,10 @@ impl TokenStore for MemoryStore {
         let assigned = st.tiers.get(key).cloned();
         let tier = policy.resolve(assigned.as_deref());
         let main = bucket(BucketKind::Main);
+        let mut wallet = st.wallets.get(key).cloned().unwrap_or_default();
+        wallet.expire(now);
         Ok(KeyState {
+            grants: wallet.grants().to_vec(),
             tier: tier.map(|t| t.name.clone()),
             balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
             stored: main.is_some(),

@@ -221,6 +221,10 @@ pub struct Settled {
     /// settled, seconds since the Unix epoch: what `remaining` is as of. `None` for a replay
     /// (its `remaining` is the first decision's, not the balance now).
     pub at: Option<f64>,
+    /// What the debit took from the key's wallet grants, and the grants it found expired
+    /// ([`crate::wallet`]); empty for a replay and for keys without grants. `remaining` counts
+    /// the grants left.
+    pub grants: crate::wallet::GrantMoves,
 }
 
 /// What a refund did.
@@ -249,6 +253,35 @@ pub enum RefundOutcome {
     NotRefundable,
 }
 
+/// How a grant is held: in the tier bucket (no expiry, no priority: spent last, kept for
+/// ever), or in the key's wallet ([`crate::wallet`]) when it expires or has a priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GrantTerms {
+    /// Seconds from the store's clock at the grant until it expires.
+    pub expires_in: Option<f64>,
+    /// Spend priority (higher first); `None` with an expiry means 0.
+    pub priority: Option<i64>,
+}
+
+impl GrantTerms {
+    /// Whether the grant goes to the wallet (else it tops up the tier bucket).
+    pub fn in_wallet(&self) -> bool {
+        self.expires_in.is_some() || self.priority.is_some()
+    }
+
+    /// Rejects expiries no store may keep: not finite, not positive, above ten years.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match self.expires_in {
+            Some(s) if !(s.is_finite() && s > 0.0 && s <= 10.0 * 365.25 * 86_400.0) => {
+                Err(StoreError::Rejected(format!(
+                    "a grant's expiry must be > 0 s and at most 10 years, got {s} s"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What an operator's grant did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GrantOutcome {
@@ -263,12 +296,18 @@ pub enum GrantOutcome {
         /// True when this grant id was applied before: nothing added now, `balance` is what
         /// the first application left.
         replayed: bool,
+        /// When a wallet grant expires (store time); `None`: never, or a bucket grant.
+        expires_at: Option<f64>,
+        /// Wallet grants found expired while granting (their tokens are forfeited).
+        expired: Vec<crate::wallet::GrantMove>,
     },
+    /// The key's wallet holds [`crate::wallet::MAX_GRANTS`] grants already: nothing added.
+    TooManyGrants,
     /// The key has no tier and unknown keys are refused: there is no budget to grant to.
     UnknownKey,
-    /// The balance would pass the tier's `grant_ceiling`: nothing added.
+    /// The balance (bucket and wallet) would pass the tier's `grant_ceiling`: nothing added.
     OverCeiling {
-        /// The balance now.
+        /// The balance now (bucket and wallet).
         balance: f64,
         /// The ceiling.
         ceiling: f64,
@@ -287,6 +326,8 @@ pub struct KeyState {
     pub tier: Option<String>,
     /// The main bucket's balance now (refill applied), or what a first request would start at.
     pub balance: Option<f64>,
+    /// The key's live wallet grants, in spend order (spent before the bucket).
+    pub grants: Vec<crate::wallet::WalletGrant>,
     /// Whether the main bucket exists in the store (false: never used, or forgotten).
     pub stored: bool,
     /// The operational bucket's balance now.
@@ -339,6 +380,18 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
         key: &KeyHash,
         tokens: f64,
         grant_id: &RequestId,
+    ) -> Result<GrantOutcome, StoreError> {
+        self.grant_with(key, tokens, grant_id, GrantTerms::default())
+            .await
+    }
+    /// [`TokenStore::grant`] with terms: a grant that expires or has a priority goes to the
+    /// key's wallet ([`crate::wallet`]), spent before the bucket; the ceiling counts both.
+    async fn grant_with(
+        &self,
+        key: &KeyHash,
+        tokens: f64,
+        grant_id: &RequestId,
+        terms: GrantTerms,
     ) -> Result<GrantOutcome, StoreError>;
     /// The key's tier and balances now; writes nothing.
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError>;

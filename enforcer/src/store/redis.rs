@@ -23,8 +23,8 @@
 //! the same primary: the answer then waits until `n` replicas have the write (what an
 //! asynchronous failover would otherwise lose).
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
-    StoreError, TokenStore, TrueCost, check_cost,
+    BucketKind, Debit, DebitOutcome, GrantOutcome, GrantTerms, KeyState, RefundOutcome,
+    SettleOutcome, Settled, StoreError, TokenStore, TrueCost, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
 use crate::key::{KeyHash, RequestId};
@@ -245,16 +245,16 @@ impl RedisStore {
     }
 
     /// Redis key names of one API key. The hash tag keeps them in one cluster slot.
-    fn key_names(key: &KeyHash, bucket: BucketKind, request_id: &RequestId) -> [String; 3] {
-        let h = key.to_hex();
+    fn key_names(key: &KeyHash, bucket: BucketKind, request_id: &RequestId) -> [String; 4] {
         let b = match bucket {
             BucketKind::Main => "b",
             BucketKind::Operational => "ops",
         };
         [
-            format!("ptb:{{{h}}}:{b}"),
-            format!("ptb:{{{h}}}:tier"),
-            format!("ptb:{{{h}}}:r:{}", request_id.as_str()),
+            key_name(key, b),
+            key_name(key, "tier"),
+            key_name(key, &format!("r:{}", request_id.as_str())),
+            key_name(key, "w"),
         ]
     }
 
@@ -642,6 +642,30 @@ fn classify(e: RedisError) -> StoreError {
     }
 }
 
+/// One of a key's Redis keys: `ptb:{<sha256 hex>}:<suffix>`. The hash tag puts all of a
+/// key's state (buckets, tier, records, wallet) in one cluster slot, so one script may touch
+/// them together.
+fn key_name(key: &KeyHash, suffix: &str) -> String {
+    format!("ptb:{{{}}}:{suffix}", key.to_hex())
+}
+
+/// `"<tokens> <grant id>"` lines (debit.lua, grant.lua) as moves.
+fn grant_moves(lines: &str) -> Result<Vec<crate::wallet::GrantMove>, StoreError> {
+    lines
+        .split('\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (tokens, id) = l
+                .split_once(' ')
+                .ok_or_else(|| StoreError::Protocol(format!("grant move {l:?}")))?;
+            Ok(crate::wallet::GrantMove {
+                grant_id: id.to_owned(),
+                tokens: number(tokens)?,
+            })
+        })
+        .collect()
+}
+
 fn number(s: &str) -> Result<f64, StoreError> {
     s.parse::<f64>()
         .map_err(|_| StoreError::Protocol(format!("not a number: {s:?}")))
@@ -683,7 +707,7 @@ impl TokenStore for RedisStore {
                 BucketKind::Operational => "O",
             };
         }
-        let (status, allowed, remaining, retry, tier, cost, replayed, at): (
+        let (status, allowed, remaining, retry, tier, cost, replayed, at, spent, expired): (
             String,
             i64,
             String,
@@ -691,6 +715,8 @@ impl TokenStore for RedisStore {
             String,
             String,
             i64,
+            String,
+            String,
             String,
         ) = self.eval(DEBIT, &keys, &args).await?;
         match status.as_str() {
@@ -706,6 +732,10 @@ impl TokenStore for RedisStore {
                 } else {
                     Some(number(&at)?)
                 },
+                grants: crate::wallet::GrantMoves {
+                    spent: grant_moves(&spent)?,
+                    expired: grant_moves(&expired)?,
+                },
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
             "conflict" => Ok(DebitOutcome::Conflict),
@@ -718,7 +748,7 @@ impl TokenStore for RedisStore {
         key: &KeyHash,
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
-        let [bucket, _, record] = Self::key_names(key, BucketKind::Main, request_id);
+        let [bucket, _, record, _] = Self::key_names(key, BucketKind::Main, request_id);
         let (status, credited, balance, as_of, tier, now): (
             String,
             String,
@@ -753,8 +783,7 @@ impl TokenStore for RedisStore {
         cost: TrueCost,
     ) -> Result<SettleOutcome, StoreError> {
         cost.check()?;
-        let keys = Self::key_names(key, BucketKind::Main, request_id);
-        let [bucket, tier, record] = keys;
+        let [bucket, tier, record, _] = Self::key_names(key, BucketKind::Main, request_id);
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
@@ -803,7 +832,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
-        let name = format!("ptb:{{{}}}:tier", key.to_hex());
+        let name = key_name(key, "tier");
         let cmd = match tier {
             Some(tier) => {
                 let mut c = redis::cmd("SET");
@@ -819,35 +848,64 @@ impl TokenStore for RedisStore {
         self.query::<()>(&cmd).await
     }
 
-    async fn grant(
+    async fn grant_with(
         &self,
         key: &KeyHash,
         tokens: f64,
         grant_id: &RequestId,
+        terms: GrantTerms,
     ) -> Result<GrantOutcome, StoreError> {
         check_cost(tokens)?;
-        let h = key.to_hex();
+        terms.check()?;
         let keys = [
-            format!("ptb:{{{h}}}:b"),
-            format!("ptb:{{{h}}}:tier"),
-            format!("ptb:{{{h}}}:g:{}", grant_id.as_str()),
+            key_name(key, "b"),
+            key_name(key, "tier"),
+            key_name(key, &format!("g:{}", grant_id.as_str())),
+            key_name(key, "w"),
         ];
         let tokens = tokens.to_string();
+        let expires_in = terms
+            .expires_in
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let priority = terms
+            .priority
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let max_grants = crate::wallet::MAX_GRANTS.to_string();
         let policy = self.args.load_full();
-        let mut args: Vec<&str> = Vec::with_capacity(2 + policy.grant_args.len());
+        let mut args: Vec<&str> = Vec::with_capacity(6 + policy.grant_args.len());
         args.push(&tokens);
         args.push(&policy.record_ttl_ms);
         args.extend(policy.grant_args.iter().map(String::as_str));
-        let (status, balance, tier, at, ceiling): (String, String, String, String, String) =
-            self.eval(GRANT, &keys, &args).await?;
+        args.extend([
+            expires_in.as_str(),
+            &priority,
+            &max_grants,
+            grant_id.as_str(),
+        ]);
+        let (status, balance, tier, at, ceiling, expires_at, expired): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = self.eval(GRANT, &keys, &args).await?;
         match status.as_str() {
             "ok" | "replay" => Ok(GrantOutcome::Granted {
                 balance: number(&balance)?,
                 tier,
                 at: number(&at)?,
                 replayed: status == "replay",
+                expires_at: if expires_at == "-" {
+                    None
+                } else {
+                    Some(number(&expires_at)?)
+                },
+                expired: grant_moves(&expired)?,
             }),
             "unknown_key" => Ok(GrantOutcome::UnknownKey),
+            "too_many_grants" => Ok(GrantOutcome::TooManyGrants),
             "over_ceiling" => Ok(GrantOutcome::OverCeiling {
                 balance: number(&balance)?,
                 ceiling: number(&ceiling)?,
@@ -858,15 +916,16 @@ impl TokenStore for RedisStore {
     }
 
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
-        let h = key.to_hex();
         let keys = [
-            format!("ptb:{{{h}}}:b"),
-            format!("ptb:{{{h}}}:ops"),
-            format!("ptb:{{{h}}}:tier"),
+            key_name(key, "b"),
+            key_name(key, "ops"),
+            key_name(key, "tier"),
+            key_name(key, "w"),
         ];
         let policy = self.args.load_full();
         let args: Vec<&str> = policy.inspect_args.iter().map(String::as_str).collect();
-        let (assigned, tier, balance, stored, ops, _ops_stored, at): (
+        let (assigned, tier, balance, stored, ops, _ops_stored, at, wallet): (
+            String,
             String,
             String,
             String,
@@ -876,13 +935,18 @@ impl TokenStore for RedisStore {
             String,
         ) = self.eval(INSPECT, &keys, &args).await?;
         let known = !tier.is_empty();
+        let at = number(&at)?;
+        let mut wallet = crate::wallet::Wallet::decode(&wallet)
+            .map_err(|e| StoreError::Protocol(e.to_string()))?;
+        wallet.expire(at);
         Ok(KeyState {
+            grants: wallet.grants().to_vec(),
             assigned: (!assigned.is_empty()).then_some(assigned),
             tier: known.then_some(tier),
             balance: if known { Some(number(&balance)?) } else { None },
             stored: stored == "1",
             operational: number(&ops)?,
-            at: number(&at)?,
+            at,
         })
     }
 
