@@ -14,16 +14,22 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::UInt64Value;
 use serde_json::json;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 /// `/v1/generate` costs 1 token per generated token, every check of it is a reservation, and
 /// no request costs more than 2000; `/v1/cheap` costs 1 (the balance probe). The tier never
 /// refills, so balances move only by what the test does: 1000 tokens to start.
 fn config(extra: &str) -> Config {
+    config_on(&redis_url(), extra)
+}
+
+fn config_on(store: &str, extra: &str) -> Config {
     Config::parse(&format!(
         r#"
 [store]
-redis_url = "{}"
+redis_url = "{store}"
+timeout_ms = 200
 [budget]
 default_tier = "metered"
 max_units = 100000
@@ -41,8 +47,7 @@ max_cost = 2000
 path = "/v1/cheap"
 base_cost = 1
 {extra}
-"#,
-        redis_url()
+"#
     ))
     .expect("test config parses")
 }
@@ -392,5 +397,25 @@ async fn the_settle_marker_is_configurable_and_can_be_turned_off() {
     assert!(headers(&r, "x-enforcer-settle").is_empty(), "{r:?}");
     assert_eq!(headers(&r, "x-enforcer-error"), ["bad_endpoint"], "{r:?}");
     assert_eq!(balance(&mut c, &key).await, 940);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_settle_without_the_store_answers_ok_at_once_and_settles_nothing() {
+    // A Redis that is gone: a port nothing listens on.
+    let gone = format!("redis://127.0.0.1:{}", enforcer_tests::free_port());
+    let d = TestDaemon::start(config_on(&gone, "")).await;
+    let mut c = client(&d).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (outcome, _) = settle(&mut c, done(&unique("outage"), &unique("gen"), 10)).await;
+        // Never hangs (a generous bound for a busy machine; the store timeout is 200 ms).
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(outcome, "store_unavailable");
+    }
+    assert_eq!(
+        metric(&d, "enforcer_settles_total{outcome=\"unavailable\"}").await,
+        3.0
+    );
     d.stop().await;
 }
