@@ -6,7 +6,9 @@
 -- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier
 -- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
 -- ARGV[1]  mode               "c": ARGV[2] is the true cost in tokens; "u": in units, charged
---                             at the price per unit the request was charged at (cost / units)
+--                             at the price per unit the request was charged at (cost / units);
+--                             "r": units given back (Envoy's is_negative_hits): the true units
+--                             are the units checked with less ARGV[2], floored at 0, as "u"
 -- ARGV[2]  amount             finite, >= 0, <= 1e15 (0 settles to nothing: a refund)
 -- ARGV[3]  active window      seconds, >= 0        } as debit.lua's ARGV[4..]: the bucket is
 -- ARGV[4]  default tier       name, or ""          } refilled by the tier the key is charged
@@ -51,7 +53,7 @@ end
 
 if #KEYS ~= 3 then fail('expected 3 keys') end
 local mode = ARGV[1]
-if mode ~= 'c' and mode ~= 'u' then fail('mode must be c or u') end
+if mode ~= 'c' and mode ~= 'u' and mode ~= 'r' then fail('mode must be c, u or r') end
 local amount = number(2, 'amount', 0)
 if amount > 1e15 then fail('amount must be <= 1e15') end
 local active_window = number(3, 'active window', 0)
@@ -74,7 +76,11 @@ if mode == 'c' then
 else
   local units = tonumber(f[10] or '')
   if units == nil or units <= 0 then return {'units_unknown', '', '', '', '', '', '', '0'} end
-  requested = estimate / units * amount
+  if mode == 'r' then
+    requested = estimate / units * math.max(0, units - amount)
+  else
+    requested = estimate / units * amount
+  end
 end
 
 if f[12] ~= nil then

@@ -197,6 +197,10 @@ pub struct EnvoyConfig {
     /// A request none of whose descriptors carries a key: `deny` (the default, like a missing
     /// key header on `/v1/auth`) or `allow`.
     pub missing_key: MissingKeyPolicy,
+    /// `entry=value`: a descriptor carrying this entry is a settle, not a check (Envoy's
+    /// stream-done call, `apply_on_stream_done`, produced by a `generic_key` action); its
+    /// `hits_addend` is the true units. Empty: no descriptor is a settle by marker.
+    pub settle_marker: String,
 }
 
 /// What the Envoy API answers to a request that names no API key.
@@ -218,7 +222,17 @@ impl Default for EnvoyConfig {
             address_entry: "remote_address".to_owned(),
             request_id_entry: "request_id".to_owned(),
             missing_key: MissingKeyPolicy::Deny,
+            settle_marker: "enforcer_phase=done".to_owned(),
         }
+    }
+}
+
+impl EnvoyConfig {
+    /// The settle marker as (entry, value); `None` when off or malformed (validation says so).
+    pub fn settle_marker(&self) -> Option<(&str, &str)> {
+        self.settle_marker
+            .split_once('=')
+            .filter(|(entry, value)| !entry.is_empty() && !value.is_empty())
     }
 }
 
@@ -1082,6 +1096,34 @@ impl Config {
                 "must name at least one descriptor entry, none empty",
             );
         }
+        if !e.settle_marker.is_empty() {
+            match e.settle_marker() {
+                None => err(
+                    "envoy.settle_marker".into(),
+                    "must be \"entry=value\" (both not empty), or \"\" for none",
+                ),
+                // The marker's entry carrying a key, a path or an id would make ordinary checks
+                // settles (or settles unreadable).
+                Some((entry, _))
+                    if e.key_entries.iter().any(|k| k == entry)
+                        || [
+                            &e.path_entry,
+                            &e.method_entry,
+                            &e.address_entry,
+                            &e.request_id_entry,
+                        ]
+                        .iter()
+                        .any(|n| n.as_str() == entry) =>
+                {
+                    err(
+                        "envoy.settle_marker".into(),
+                        "its entry must not be one of the key, path, method, address or \
+                         request id entries",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
         if !self.alerts.webhook_url.is_empty()
             && !self
                 .alerts
@@ -1338,6 +1380,7 @@ mod tests {
             [envoy]
             key_entries = []
             path_entry = ""
+            settle_marker = "done"
             [[pricing.domains.premium.endpoints]]
             path = "/v1/x"
             base_cost = 0
@@ -1353,6 +1396,7 @@ mod tests {
             "server.grpc_listen",
             "envoy.key_entries",
             "envoy.path_entry",
+            "envoy.settle_marker",
             "pricing.domains.premium.endpoints[0].base_cost",
             "pricing.domains.premium.endpoints[1].cpu_query",
         ] {
@@ -1368,6 +1412,26 @@ mod tests {
             Config::default().server.grpc_addr(),
             Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
         );
+    }
+
+    #[test]
+    fn the_envoy_settle_marker_is_an_entry_and_a_value_apart_from_the_other_entries() {
+        assert_eq!(
+            Config::default().envoy.settle_marker(),
+            Some(("enforcer_phase", "done"))
+        );
+        let off = Config::parse("[envoy]\nsettle_marker = \"\"\n").expect("valid");
+        assert_eq!(off.envoy.settle_marker(), None);
+        for bad in ["=done", "phase=", "phase", "api_key=done", "request_id=x"] {
+            let text = format!("[envoy]\nsettle_marker = \"{bad}\"\n");
+            let Err(ConfigError::Invalid(errors)) = Config::parse(&text) else {
+                panic!("settle_marker {bad:?} should be invalid");
+            };
+            assert!(
+                errors.iter().any(|e| e.path == "envoy.settle_marker"),
+                "{bad:?}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -829,7 +829,7 @@ impl Decider {
             return Err(SettleError::BadAmount {
                 what: match cost {
                     TrueCost::Tokens(_) => "cost",
-                    TrueCost::Units(_) => "units",
+                    TrueCost::Units(_) | TrueCost::UnitsReturned(_) => "units",
                 },
             });
         }

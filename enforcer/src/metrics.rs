@@ -89,8 +89,8 @@ pub struct Metrics {
     /// (`ok`, `over_limit`).
     pub rls_requests: IntCounterVec,
     /// `enforcer_rls_descriptors_total{kind}`: Envoy descriptors by what was done with them
-    /// (`keyed`: charged to a key; `keyless`: no key entry, not ours; `negative_hits`: given
-    /// back by Envoy, not charged).
+    /// (`keyed`: charged to a key; `keyless`: no key entry, not ours; `settle`: the settle
+    /// marker, a stream-done settle; `negative_hits`: units given back, a settle).
     pub rls_descriptors: IntCounterVec,
     /// Config reloads and their metrics (`enforcer_config_*`).
     pub config: ConfigMetrics,
@@ -431,7 +431,7 @@ impl Metrics {
         let rls_descriptors = counter_vec(
             &registry,
             "enforcer_rls_descriptors_total",
-            "Envoy rate-limit descriptors by what was done with them (keyed, keyless, negative_hits)",
+            "Envoy rate-limit descriptors by what was done with them (keyed, keyless, settle, negative_hits)",
             &["kind"],
         );
         let bad_requests = counter_vec(

@@ -15,6 +15,16 @@
 //!   all or nothing, one audit row. Several keys in one request are decided concurrently, each
 //!   on its own; if any is denied, the others' charges are refunded (audited as refunds), so
 //!   the request costs nothing when Envoy rejects it.
+//! - A keyed descriptor carrying the `[envoy] settle_marker` entry (Envoy's stream-done call,
+//!   `apply_on_stream_done`) is a **settle**, not a check: the request id's reservation is
+//!   charged its true cost, `hits_addend` units ([`Decider::settle`], as `POST /v1/settle`:
+//!   once per request id, capped by `max_cost`, a `settle` ledger row). A keyed
+//!   `is_negative_hits` descriptor (units given back) settles the request at its checked units
+//!   less `hits_addend`, floored at 0 ([`TrueCost::UnitsReturned`]). Either needs a request id
+//!   and a `hits_addend` (else bad input); a call may not mix settles and checks (bad input).
+//!   A settle call answers `OK` whatever the settle's outcome (Envoy ignores the answer of a
+//!   stream-done call; giving tokens back never denies a request), the outcome in an
+//!   `x-enforcer-settle` header per settle.
 //! - A descriptor without a key entry is not ours: `OK`, no limit, as envoyproxy/ratelimit
 //!   answers a descriptor that no limit matches. A request with no keyed descriptor at all
 //!   answers `[envoy] missing_key` (deny by default, as a missing key header on `/v1/auth`).
@@ -26,9 +36,10 @@
 //!   bound), so Envoy's own failure mode applies only to a daemon that is gone.
 use crate::api::App;
 use crate::config::{EnvoyConfig, MissingKeyPolicy};
-use crate::decision::{Check, CheckError, Decision, Denial};
+use crate::decision::{Check, CheckError, Decision, Denial, SettleError};
 use crate::headers::RateLimitFields;
 use crate::key::{ApiKey, RequestId};
+use crate::store::{SettleOutcome, TrueCost};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -76,6 +87,9 @@ impl RateLimitApi {
         peer: Option<SocketAddr>,
     ) -> RateLimitResponse {
         let response = match self.plan(&request, peer) {
+            Ok(plan) if !plan.settles.is_empty() => {
+                self.settle_all(&plan, request.descriptors.len()).await
+            }
             Ok(plan) => {
                 self.run(&request.domain, plan, request.descriptors.len())
                     .await
@@ -128,17 +142,21 @@ impl RateLimitApi {
             crate::api::client_ip(&self.app, self.app.trusted_proxies.from_body(peer, offered));
         let request_hits = u64::from(request.hits_addend.max(1));
 
+        let marker = m.settle_marker();
         let mut saw_key = false;
         let mut plan = Plan {
             groups: Vec::new(),
             slots: Vec::with_capacity(request.descriptors.len()),
+            settles: Vec::new(),
         };
-        for d in &request.descriptors {
+        for (slot, d) in request.descriptors.iter().enumerate() {
             let key = m.key_entries.iter().find_map(|k| entry(d, k));
+            let marked = marker.is_some_and(|(name, value)| entry(d, name) == Some(value));
             saw_key |= key.is_some();
             let kind = match key {
                 None => "keyless",
                 Some(_) if d.is_negative_hits => "negative_hits",
+                Some(_) if marked => "settle",
                 Some(_) => "keyed",
             };
             self.app
@@ -146,13 +164,26 @@ impl RateLimitApi {
                 .rls_descriptors
                 .with_label_values(&[kind])
                 .inc();
-            let Some(raw_key) = key.filter(|_| !d.is_negative_hits) else {
-                // Not ours, or tokens Envoy gives back (settling is not supported yet: nothing
-                // is charged or credited).
+            let Some(raw_key) = key else {
+                if marked {
+                    // The operator's stream-done entry lacks its key action: say so rather
+                    // than let the reservation keep its estimate silently.
+                    return Err(Refusal::new(
+                        "missing_key",
+                        "a settle descriptor (the settle marker) needs a key entry".to_owned(),
+                    ));
+                }
+                // Not ours.
                 plan.slots.push(None);
                 continue;
             };
             let key = ApiKey::parse(raw_key).map_err(|e| Refusal::new("bad_key", e.to_string()))?;
+            if marked || d.is_negative_hits {
+                plan.settles
+                    .push(self.settle_of(d, key, request_id.as_ref(), request, slot)?);
+                plan.slots.push(None);
+                continue;
+            }
             // The descriptor's own path and method, else the request's.
             let Some(path) = entry(d, &m.path_entry).or(path) else {
                 return Err(Refusal::new(
@@ -177,8 +208,8 @@ impl RateLimitApi {
                 client_ip,
                 units: hits as f64,
                 request_id: request_id.clone(),
-                // Envoy has no settle call yet (docs/credits.md): endpoints with
-                // `settle = "after"` still reserve.
+                // The gRPC API has no reserve field: endpoints with `settle = "after"` reserve
+                // (and a check with a request id can be settled within the idempotency ttl).
                 reserve: false,
             };
             let group = match plan.groups.iter().position(|g| g[0].key == check.key) {
@@ -190,6 +221,17 @@ impl RateLimitApi {
             };
             plan.groups[group].push(check);
             plan.slots.push(Some(group));
+        }
+        if !plan.settles.is_empty() && !plan.groups.is_empty() {
+            // Envoy sends stream-done entries in a call of their own: a call mixing both is a
+            // stream-done entry without the marker (it would be charged as a new request), or
+            // a negative-hits entry on the request path. Neither is done by halves.
+            return Err(Refusal::new(
+                "mixed_settle",
+                "a call may not mix settles (settle marker, is_negative_hits) and checks: \
+                 put the settle marker on every apply_on_stream_done entry"
+                    .to_owned(),
+            ));
         }
         if !saw_key {
             if m.missing_key == MissingKeyPolicy::Allow {
@@ -204,6 +246,108 @@ impl RateLimitApi {
             ));
         }
         Ok(plan)
+    }
+
+    /// A settle descriptor's key, request id (its own entry, else the request's) and true
+    /// units; bad input refuses the call before anything is settled.
+    fn settle_of(
+        &self,
+        d: &RateLimitDescriptor,
+        key: ApiKey,
+        request_id: Option<&RequestId>,
+        request: &RateLimitRequest,
+        slot: usize,
+    ) -> Result<SettleItem, Refusal> {
+        let m = &*self.mapping;
+        let own = entry(d, &m.request_id_entry)
+            .map(RequestId::parse)
+            .transpose()
+            .map_err(|e| Refusal::new("bad_request_id", e.to_string()))?;
+        let Some(request_id) = own.or_else(|| request_id.cloned()) else {
+            return Err(Refusal::new(
+                "bad_request_id",
+                format!(
+                    "a settle needs the request id of the check it settles (a `{}` entry)",
+                    m.request_id_entry
+                ),
+            ));
+        };
+        // The descriptor's hits_addend (0 included: nothing used, or nothing given back), else
+        // the request's. Absent, the true units are unknown: Envoy's "absent means 1" would
+        // settle a guess.
+        let units = match d.hits_addend {
+            Some(h) => h.value,
+            None if request.hits_addend > 0 => u64::from(request.hits_addend),
+            None => {
+                return Err(Refusal::new(
+                    "bad_settle",
+                    "a settle needs hits_addend: the true units (settle marker) or the units \
+                     given back (is_negative_hits)"
+                        .to_owned(),
+                ));
+            }
+        } as f64;
+        let amount = if d.is_negative_hits {
+            TrueCost::UnitsReturned(units)
+        } else {
+            TrueCost::Units(units)
+        };
+        amount
+            .check()
+            .map_err(|e| Refusal::new("bad_settle", e.to_string()))?;
+        Ok(SettleItem {
+            key,
+            request_id,
+            amount,
+            slot,
+        })
+    }
+
+    /// Settles each settle descriptor in order (so a repeated one is a replay), as
+    /// `POST /v1/settle` does. Always `OK`: the outcome of each is an `x-enforcer-settle`
+    /// header, and a settled one's balance its status's `limit_remaining`.
+    async fn settle_all(&self, plan: &Plan, descriptors: usize) -> RateLimitResponse {
+        let mut response = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            statuses: vec![
+                DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                };
+                descriptors
+            ],
+            ..Default::default()
+        };
+        for s in &plan.settles {
+            let outcome = self
+                .app
+                .decider
+                .settle(&s.key, &s.request_id, s.amount)
+                .await;
+            // The HTTP API's names for the same outcomes (docs/http-api.md).
+            let label = match &outcome {
+                Ok(SettleOutcome::Settled {
+                    replayed, balance, ..
+                }) => {
+                    response.statuses[s.slot].limit_remaining =
+                        balance.max(0.0).min(f64::from(u32::MAX)).floor() as u32;
+                    if *replayed { "replayed" } else { "settled" }
+                }
+                Ok(SettleOutcome::Conflict { .. }) => "settle_conflict",
+                Ok(SettleOutcome::UnknownRequest) => "unknown_request",
+                Ok(SettleOutcome::AlreadyRefunded) => "already_refunded",
+                Ok(SettleOutcome::NotSettleable) => "not_settleable",
+                Ok(SettleOutcome::UnitsUnknown) => "units_unknown",
+                Ok(SettleOutcome::UnknownKey) => "unknown_key",
+                Err(SettleError::BadAmount { .. }) => "bad_settle",
+                Err(SettleError::Unavailable(_)) => "store_unavailable",
+            };
+            tracing::debug!(outcome = label, "envoy settle");
+            response
+                .response_headers_to_add
+                .push(header("x-enforcer-settle", label.to_owned()));
+        }
+        response
     }
 
     async fn run(&self, domain: &str, mut plan: Plan, descriptors: usize) -> RateLimitResponse {
@@ -309,11 +453,22 @@ impl RateLimitApi {
 }
 
 /// The checks of one request: one group per key, and for each descriptor the group it
-/// belongs to (`None`: not ours).
+/// belongs to (`None`: not ours, or a settle); or its settles (never both).
 #[derive(Debug)]
 struct Plan {
     groups: Vec<Vec<Check>>,
     slots: Vec<Option<usize>>,
+    settles: Vec<SettleItem>,
+}
+
+/// One settle descriptor: the request to settle and its true cost.
+#[derive(Debug)]
+struct SettleItem {
+    key: ApiKey,
+    request_id: RequestId,
+    amount: TrueCost,
+    /// The descriptor's place in the call (its status).
+    slot: usize,
 }
 
 /// A request refused as bad input: `OVER_LIMIT`, nothing charged, the reason in a header.

@@ -917,6 +917,49 @@ async fn a_settle_below_the_estimate_credits_back_capped_at_capacity() {
 }
 
 #[tokio::test]
+async fn units_given_back_settle_at_the_checked_units_less_them_floored_at_zero() {
+    for store in stores() {
+        let (b, store) = (store.backend(), &*store);
+        let key = norefill_key(store, "settle-back").await;
+        // 10 units at 50 tokens each: 800 - 500 reserved.
+        let d = reserve(store, &key, 500.0, 10.0, None).await;
+        // 4 units given back (Envoy's is_negative_hits): settled at 6 units, 200 credited.
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::UnitsReturned(4.0)).await,
+            (300.0, 500.0, -200.0, false, 500.0, false),
+            "{b}"
+        );
+        // The same again, or the same true units said directly: a replay.
+        for again in [TrueCost::UnitsReturned(4.0), TrueCost::Units(6.0)] {
+            assert_eq!(
+                settled(store, &key, &d, again).await,
+                (300.0, 500.0, -200.0, false, 500.0, true),
+                "{b}"
+            );
+        }
+        // More given back than were checked: floored at 0, all of it back (a refund).
+        let d = reserve(store, &key, 100.0, 2.0, None).await;
+        assert_eq!(
+            settled(store, &key, &d, TrueCost::UnitsReturned(7.0)).await,
+            (0.0, 100.0, -100.0, false, 500.0, false),
+            "{b}"
+        );
+        // A bad amount changes nothing.
+        let d = reserve(store, &key, 100.0, 2.0, None).await;
+        for bad in [-1.0, f64::NAN, 2e15] {
+            assert!(
+                store
+                    .settle(&key.hash(), &d.request_id, TrueCost::UnitsReturned(bad))
+                    .await
+                    .is_err(),
+                "{b}: {bad}"
+            );
+        }
+        assert_eq!(balance(store, &key).await, 400.0, "{b}");
+    }
+}
+
+#[tokio::test]
 async fn a_settle_may_leave_the_bucket_below_zero_and_the_key_then_waits() {
     for store in stores() {
         let (b, store) = (store.backend(), &*store);

@@ -309,6 +309,9 @@ impl TokenStore for MemoryStore {
         let requested = match cost {
             TrueCost::Tokens(c) => c,
             TrueCost::Units(u) => estimate / record.terms.units * u,
+            TrueCost::UnitsReturned(u) => {
+                estimate / record.terms.units * (record.terms.units - u).max(0.0)
+            }
         };
         if let Some(s) = record.settled {
             if s.requested != requested {

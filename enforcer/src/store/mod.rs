@@ -81,6 +81,9 @@ pub enum TrueCost {
     /// Units, >= 0: charged at the price per unit the request was charged at (its cost / its
     /// units).
     Units(f64),
+    /// Units given back, >= 0 (Envoy's `is_negative_hits`): the true units are the units the
+    /// request was checked with less these, floored at 0, charged as [`TrueCost::Units`].
+    UnitsReturned(f64),
 }
 
 impl TrueCost {
@@ -88,7 +91,7 @@ impl TrueCost {
     pub fn check(self) -> Result<(), StoreError> {
         let (what, v) = match self {
             TrueCost::Tokens(v) => ("cost", v),
-            TrueCost::Units(v) => ("units", v),
+            TrueCost::Units(v) | TrueCost::UnitsReturned(v) => ("units", v),
         };
         if v.is_finite() && (0.0..=1e15).contains(&v) {
             Ok(())

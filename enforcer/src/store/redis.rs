@@ -787,6 +787,7 @@ impl TokenStore for RedisStore {
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
+            TrueCost::UnitsReturned(u) => ("r", u),
         };
         let amount = amount.to_string();
         let policy = self.args.load_full();
