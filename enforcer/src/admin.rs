@@ -398,6 +398,7 @@ async fn show(
             "balance": state.balance,
             "stored": state.stored,
             "operational": state.operational,
+            "quota": state.quota,
             "at": state.at,
             "store": admin.app.decider.store().backend(),
             "kernel": kernel,

@@ -2,8 +2,8 @@
 //! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
 //! buckets and request records once they expire, like their Redis TTLs.
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
-    StoreError, TokenStore, TrueCost,
+    BucketKind, Debit, DebitOutcome, DeniedBy, GrantOutcome, KeyState, QuotaPeriods, QuotaUse,
+    RefundOutcome, SettleOutcome, Settled, StoreError, TokenStore, TrueCost,
 };
 use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
@@ -38,6 +38,8 @@ struct Record {
     terms: super::SettleTerms,
     /// Once settled: what it was settled at.
     settled: Option<SettledAt>,
+    /// The start of the calendar-quota period it was charged in (`lua/debit.lua` field 4).
+    quota_start: Option<f64>,
     expires_at: f64,
 }
 
@@ -62,6 +64,8 @@ struct State {
     records: HashMap<(KeyHash, String), Record>,
     /// Applied grants by id: (balance left, tier, expiry), so a retried grant is a replay.
     grants: HashMap<(KeyHash, String), (f64, String, f64)>,
+    /// Calendar-quota usage per key: (period start, used, expiry at the period's end).
+    quotas: HashMap<KeyHash, (f64, f64, f64)>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -94,6 +98,24 @@ impl MemoryStore {
         }
     }
 
+    /// Quota usage of `key` in the period starting at `start`, `None` when none is kept for it.
+    fn quota_used(st: &State, key: &KeyHash, now: f64) -> Option<(f64, f64)> {
+        st.quotas.get(key).filter(|q| q.2 > now).map(|q| (q.0, q.1))
+    }
+
+    /// Moves the quota usage of the period a request was charged in by `delta` (a refund, a
+    /// settle); usage of another period is left alone.
+    fn adjust_quota(st: &mut State, key: &KeyHash, record: &Record, now: f64, delta: f64) {
+        let Some(start) = record.quota_start else {
+            return;
+        };
+        if let Some((s, used)) = crate::quota::adjust(Self::quota_used(st, key, now), start, delta)
+            && let Some(q) = st.quotas.get_mut(key)
+        {
+            (q.0, q.1) = (s, used);
+        }
+    }
+
     /// Number of buckets held (for tests of the memory bound).
     pub fn bucket_count(&self) -> usize {
         self.state.lock().buckets.len()
@@ -112,13 +134,27 @@ impl State {
             .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
         self.records.retain(|_, r| r.expires_at > now);
         self.grants.retain(|_, g| g.2 > now);
-        self.size_after_sweep = self.buckets.len() + self.records.len() + self.grants.len();
+        self.quotas.retain(|_, q| q.2 > now);
+        self.size_after_sweep =
+            self.buckets.len() + self.records.len() + self.grants.len() + self.quotas.len();
     }
 }
 
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+        let periods = match d.bucket {
+            BucketKind::Main => QuotaPeriods::around(&self.policy.load(), self.clock.now()),
+            BucketKind::Operational => QuotaPeriods::default(),
+        };
+        self.debit_in_periods(d, &periods).await
+    }
+
+    async fn debit_in_periods(
+        &self,
+        d: &Debit,
+        periods: &QuotaPeriods,
+    ) -> Result<DebitOutcome, StoreError> {
         super::check_cost(d.cost)?;
         let now = self.clock.now();
         let policy = self.policy.load();
@@ -140,6 +176,8 @@ impl TokenStore for MemoryStore {
                     cost: r.cost,
                     replayed: true,
                     at: None,
+                    quota: None,
+                    denied_by: None,
                 }));
             }
         }
@@ -157,11 +195,55 @@ impl TokenStore for MemoryStore {
             .get(&bucket_key)
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
             .map(|b| b.state);
-        let s = if d.force {
+        let mut s = if d.force {
             debit::force(previous, &params, window, now, d.cost)
         } else {
             debit::settle(previous, &params, window, now, d.cost)
         };
+        // QUOTA: the rule of `lua/debit.lua`'s quota block, decided before anything is written.
+        let quota = match (d.bucket, periods.of(&tier.name)) {
+            (BucketKind::Main, Some((amount, bounds))) => {
+                let stored = Self::quota_used(&st, &d.key, now);
+                let q = crate::quota::decide(&bounds, stored, now, amount, d.cost, d.force)
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                Some((q, amount))
+            }
+            _ => None,
+        };
+        let mut denied_by = (!s.allowed).then_some(DeniedBy::Bucket);
+        if let Some((q, amount)) = quota
+            && !q.allows
+        {
+            let at_reset = crate::quota::retry_after_ms(&q, now, amount, d.cost);
+            (denied_by, s.retry_after_ms) = if s.allowed {
+                (Some(DeniedBy::Quota), at_reset)
+            } else {
+                (
+                    Some(DeniedBy::Both),
+                    s.retry_after_ms.zip(at_reset).map(|(a, b)| a.max(b)),
+                )
+            };
+            // Neither is charged: the bucket keeps its refilled balance, as any denial.
+            s.allowed = false;
+            s.state = BucketState {
+                balance: debit::refilled(previous, &params, window, now),
+                updated_at: now,
+            };
+        }
+        let quota_use = quota.map(|(q, amount)| {
+            let used = if s.allowed { q.used + d.cost } else { q.used };
+            QuotaUse {
+                used,
+                amount,
+                resets_at: q.end,
+                resets_in_ms: ((q.end - now) * 1000.0).ceil().max(0.0) as u64,
+            }
+        });
+        if s.allowed
+            && let Some((q, _)) = quota
+        {
+            st.quotas.insert(d.key, (q.start, q.used + d.cost, q.end));
+        }
         st.buckets.insert(
             bucket_key,
             Bucket {
@@ -184,6 +266,7 @@ impl TokenStore for MemoryStore {
                     fingerprint: d.fingerprint.clone(),
                     terms: d.terms,
                     settled: None,
+                    quota_start: quota.map(|(q, _)| q.start),
                     expires_at: now
                         + if d.terms.reserve {
                             policy.settle_ttl
@@ -202,6 +285,8 @@ impl TokenStore for MemoryStore {
             cost: d.cost,
             replayed: false,
             at: Some(now),
+            quota: quota_use,
+            denied_by,
         }))
     }
 
@@ -243,6 +328,7 @@ impl TokenStore for MemoryStore {
             }
             None => (0.0, 0.0, None),
         };
+        Self::adjust_quota(&mut st, key, &record, now, -record.cost);
         if let Some(r) = st.records.get_mut(&record_key) {
             r.refunded = true;
         }
@@ -330,6 +416,7 @@ impl TokenStore for MemoryStore {
                     .map(|secs| now + secs),
             },
         );
+        Self::adjust_quota(&mut st, key, &record, now, charged_cost - estimate);
         if let Some(r) = st.records.get_mut(&record_key) {
             r.cost = charged_cost;
             r.settled = Some(SettledAt {
@@ -449,6 +536,9 @@ impl TokenStore for MemoryStore {
         let tier = policy.resolve(assigned.as_deref());
         let main = bucket(BucketKind::Main);
         Ok(KeyState {
+            quota: tier.and_then(|t| {
+                super::QuotaState::of(&policy, &t.name, Self::quota_used(&st, key, now), now)
+            }),
             tier: tier.map(|t| t.name.clone()),
             balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
             stored: main.is_some(),

@@ -23,10 +23,11 @@
 //! the same primary: the answer then waits until `n` replicas have the write (what an
 //! asynchronous failover would otherwise lose).
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, KeyState, RefundOutcome, SettleOutcome, Settled,
-    StoreError, TokenStore, TrueCost, check_cost,
+    BucketKind, Debit, DebitOutcome, DeniedBy, GrantOutcome, KeyState, QuotaPeriods, QuotaState,
+    QuotaUse, RefundOutcome, SettleOutcome, Settled, StoreError, TokenStore, TrueCost, check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
+use crate::clock::Clock as _;
 use crate::key::{KeyHash, RequestId};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -150,6 +151,8 @@ struct PolicyArgs {
     record_ttl_ms: String,
     /// The record ttl of a reservation (`settle_ttl`).
     settle_ttl_ms: String,
+    /// The policy itself: its tiers' calendar quotas, whose boundaries move with the clock.
+    policy: BudgetPolicy,
 }
 
 impl PolicyArgs {
@@ -161,6 +164,7 @@ impl PolicyArgs {
             inspect_args: inspect_args(policy),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
             settle_ttl_ms: policy.settle_ttl.as_millis().max(1).to_string(),
+            policy: policy.clone(),
         }
     }
 }
@@ -256,6 +260,12 @@ impl RedisStore {
             format!("ptb:{{{h}}}:tier"),
             format!("ptb:{{{h}}}:r:{}", request_id.as_str()),
         ]
+    }
+
+    /// The grant-wallet and quota-usage keys of an API key (`lua/debit.lua`'s KEYS[4], KEYS[5]).
+    fn wallet_and_quota_keys(key: &KeyHash) -> [String; 2] {
+        let h = key.to_hex();
+        [format!("ptb:{{{h}}}:w"), format!("ptb:{{{h}}}:q")]
     }
 
     /// `EVALSHA` of `script` on `keys` (one API key's: one hash tag) with `args`: through
@@ -650,8 +660,25 @@ fn number(s: &str) -> Result<f64, StoreError> {
 #[async_trait]
 impl TokenStore for RedisStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+        // Quota boundaries around this daemon's clock; the script picks by Redis TIME. Only
+        // main-bucket debits are charged to a quota.
+        let periods = match d.bucket {
+            BucketKind::Main => {
+                QuotaPeriods::around(&self.args.load().policy, crate::clock::SystemClock.now())
+            }
+            BucketKind::Operational => QuotaPeriods::default(),
+        };
+        self.debit_in_periods(d, &periods).await
+    }
+
+    async fn debit_in_periods(
+        &self,
+        d: &Debit,
+        periods: &QuotaPeriods,
+    ) -> Result<DebitOutcome, StoreError> {
         check_cost(d.cost)?;
-        let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
+        let mut keys = Self::key_names(&d.key, d.bucket, &d.request_id).to_vec();
+        keys.extend(Self::wallet_and_quota_keys(&d.key));
         let cost = d.cost.to_string();
         // Held for the whole call (its arguments borrow from it): an `Arc`, not a short-lived
         // guard.
@@ -676,6 +703,15 @@ impl TokenStore for RedisStore {
         args.extend(tail.iter().map(String::as_str));
         args.push(&units);
         args.push(&max_cost);
+        // QUOTA: the count, then name, amount and four period starts per quota tier.
+        let quota_args: Vec<String> = std::iter::once(periods.tiers.len().to_string())
+            .chain(periods.tiers.iter().flat_map(|(name, amount, b)| {
+                [name.clone(), amount.to_string()]
+                    .into_iter()
+                    .chain(b.iter().map(|v| v.to_string()))
+            }))
+            .collect();
+        args.extend(quota_args.iter().map(String::as_str));
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -683,7 +719,20 @@ impl TokenStore for RedisStore {
                 BucketKind::Operational => "O",
             };
         }
-        let (status, allowed, remaining, retry, tier, cost, replayed, at): (
+        let (
+            status,
+            allowed,
+            remaining,
+            retry,
+            tier,
+            cost,
+            replayed,
+            at,
+            denied_by,
+            q_used,
+            q_amount,
+            q_resets,
+        ): (
             String,
             i64,
             String,
@@ -691,8 +740,23 @@ impl TokenStore for RedisStore {
             String,
             String,
             i64,
+            String,
+            String,
+            String,
+            String,
             String,
         ) = self.eval(DEBIT, &keys, &args).await?;
+        let quota = if q_used.is_empty() {
+            None
+        } else {
+            let resets_at = number(&q_resets)?;
+            Some(QuotaUse {
+                used: number(&q_used)?,
+                amount: number(&q_amount)?,
+                resets_at,
+                resets_in_ms: ((resets_at - number(&at)?) * 1000.0).ceil().max(0.0) as u64,
+            })
+        };
         match status.as_str() {
             "ok" => Ok(DebitOutcome::Settled(Settled {
                 allowed: allowed == 1,
@@ -706,6 +770,8 @@ impl TokenStore for RedisStore {
                 } else {
                     Some(number(&at)?)
                 },
+                quota,
+                denied_by: DeniedBy::parse(&denied_by),
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
             "conflict" => Ok(DebitOutcome::Conflict),
@@ -719,6 +785,7 @@ impl TokenStore for RedisStore {
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
         let [bucket, _, record] = Self::key_names(key, BucketKind::Main, request_id);
+        let [_, quota] = Self::wallet_and_quota_keys(key);
         let (status, credited, balance, as_of, tier, now): (
             String,
             String,
@@ -726,7 +793,7 @@ impl TokenStore for RedisStore {
             String,
             String,
             String,
-        ) = self.eval(REFUND, &[bucket, record], &[]).await?;
+        ) = self.eval(REFUND, &[bucket, record, quota], &[]).await?;
         match status.as_str() {
             "ok" => Ok(RefundOutcome::Refunded {
                 credited: number(&credited)?,
@@ -755,6 +822,7 @@ impl TokenStore for RedisStore {
         cost.check()?;
         let keys = Self::key_names(key, BucketKind::Main, request_id);
         let [bucket, tier, record] = keys;
+        let [_, quota] = Self::wallet_and_quota_keys(key);
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
@@ -774,7 +842,9 @@ impl TokenStore for RedisStore {
             String,
             String,
             String,
-        ) = self.eval(SETTLE, &[bucket, tier, record], &args).await?;
+        ) = self
+            .eval(SETTLE, &[bucket, tier, record, quota], &args)
+            .await?;
         match status.as_str() {
             "ok" | "replay" => Ok(SettleOutcome::Settled {
                 cost: number(&cost)?,
@@ -863,10 +933,12 @@ impl TokenStore for RedisStore {
             format!("ptb:{{{h}}}:b"),
             format!("ptb:{{{h}}}:ops"),
             format!("ptb:{{{h}}}:tier"),
+            format!("ptb:{{{h}}}:q"),
         ];
         let policy = self.args.load_full();
         let args: Vec<&str> = policy.inspect_args.iter().map(String::as_str).collect();
-        let (assigned, tier, balance, stored, ops, _ops_stored, at): (
+        let (assigned, tier, balance, stored, ops, _ops_stored, at, quota): (
+            String,
             String,
             String,
             String,
@@ -876,13 +948,16 @@ impl TokenStore for RedisStore {
             String,
         ) = self.eval(INSPECT, &keys, &args).await?;
         let known = !tier.is_empty();
+        let at = number(&at)?;
         Ok(KeyState {
+            // Boundaries at Redis TIME: the period the next debit would be charged in.
+            quota: QuotaState::of(&policy.policy, &tier, QuotaState::parse_stored(&quota), at),
             assigned: (!assigned.is_empty()).then_some(assigned),
             tier: known.then_some(tier),
             balance: if known { Some(number(&balance)?) } else { None },
             stored: stored == "1",
             operational: number(&ops)?,
-            at: number(&at)?,
+            at,
         })
     }
 
