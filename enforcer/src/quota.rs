@@ -485,6 +485,47 @@ mod tests {
     }
 
     #[test]
+    fn the_config_file_names_every_bad_quota_field() {
+        use crate::config::{Config, ConfigError};
+        let tier = |quota: &str| {
+            format!("[tiers.free]\nmax_tokens = 100\nrefill_per_sec = 1\nquota = {quota}\n")
+        };
+        let ok = Config::parse(&tier(
+            r#"{ amount = 1_000_000, period = "month", anchor_day = 1, timezone = "UTC" }"#,
+        ))
+        .expect("valid");
+        let q = ok.budget_policy().tiers[0].quota.expect("built");
+        assert_eq!((q.amount, q.period, q.tz), (1e6, Period::Month, Tz::UTC));
+        // Semantic errors, each with its path.
+        let Err(ConfigError::Invalid(errors)) = Config::parse(&tier(
+            r#"{ amount = -5, period = "week", anchor_day = 0, timezone = "Europe/Nowhere" }"#,
+        )) else {
+            panic!("invalid");
+        };
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "tiers.free.quota.amount",
+                "tiers.free.quota.anchor_day",
+                "tiers.free.quota.timezone"
+            ]
+        );
+        // Unknown periods and fields are refused by the parser, with the path.
+        for (quota, says) in [
+            (r#"{ amount = 5, period = "year" }"#, "year"),
+            (r#"{ amount = 5, period = "day", reset = "cron" }"#, "reset"),
+            (r#"{ period = "day" }"#, "amount"),
+        ] {
+            let e = Config::parse(&tier(quota)).expect_err(quota).to_string();
+            assert!(
+                e.contains("tiers.free.quota") && e.contains(says),
+                "{quota}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_rule_picks_the_period_of_the_store_clock_and_resets_usage() {
         let b = [0.0, 100.0, 200.0, 300.0];
         // Usage of the current period counts.

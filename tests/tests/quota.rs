@@ -150,6 +150,25 @@ async fn a_quota_denial_charges_nothing_and_every_header_names_the_reset() {
         "01 00:00:00",
         "{local}"
     );
+    // The usage key expires when its period ends (no cron, no leftover keys).
+    let mut conn = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let hash = enforcer::key::ApiKey::parse(&key)
+        .expect("key")
+        .hash()
+        .to_hex();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("ptb:{{{hash}}}:q"))
+        .query_async(&mut conn)
+        .await
+        .expect("pttl");
+    assert!(
+        pttl > 0 && pttl as u64 <= reset_ms,
+        "expires at the reset: pttl {pttl}, reset in {reset_ms}"
+    );
     let text = show_text(&d, &key, false);
     assert!(
         text.contains("quota:       300.000 used, 0.000 left of 300.000 this period; resets at "),
