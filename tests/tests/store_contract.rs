@@ -1332,3 +1332,77 @@ async fn a_store_clock_outside_the_periods_passed_is_an_error_and_writes_nothing
         assert_eq!(after.quota.map(|q| q.used), Some(100.0), "{b}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_debits_and_refunds_never_pass_the_quota() {
+    for store in stores() {
+        let store: Arc<dyn TokenStore> = Arc::from(store);
+        let b = store.backend();
+        let key = quota_key(&*store, "qrace").await;
+        // 40 debits of 30 race 10 refunds of debits already made: the bucket (800) could pay
+        // 26 of them, the quota (500) no more than its 500 plus what the refunds give back.
+        let mut first = Vec::new();
+        for _ in 0..10 {
+            let d = debit(&key, BucketKind::Main, 10.0);
+            assert!(settle(&*store, &d).await.allowed, "{b}");
+            first.push(d);
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let d = debit(&key, BucketKind::Main, 30.0);
+                match store.debit(&d).await.expect("debit") {
+                    DebitOutcome::Settled(s) => (s.allowed, s.denied_by),
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        let mut refunds = Vec::new();
+        for d in first {
+            let (store, key) = (store.clone(), key.clone());
+            refunds.push(tokio::spawn(async move {
+                store
+                    .refund(&key.hash(), &d.request_id)
+                    .await
+                    .expect("refund")
+            }));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            let (ok, denied_by) = t.await.expect("task");
+            if ok {
+                allowed += 1;
+            } else {
+                assert_eq!(
+                    denied_by,
+                    Some(DeniedBy::Quota),
+                    "{b}: the bucket had enough"
+                );
+            }
+        }
+        for r in refunds {
+            assert!(matches!(
+                r.await.expect("task"),
+                RefundOutcome::Refunded { .. }
+            ));
+        }
+        // Usage is exactly what was charged and kept: never above the allowance.
+        let used = quota_used(&*store, &key).await;
+        assert_eq!(used, 30.0 * f64::from(allowed), "{b}: {allowed} allowed");
+        assert!(used <= 500.0, "{b}: {used}");
+        // The 100 of the first debits were all given back, so at least 13 fitted: 400/30.
+        assert!(allowed >= 13, "{b}: {allowed}");
+        let balance = store
+            .inspect(&key.hash())
+            .await
+            .expect("inspect")
+            .balance
+            .expect("known");
+        assert_eq!(
+            balance,
+            800.0 - used,
+            "{b}: the bucket was charged what the quota was"
+        );
+    }
+}
