@@ -8,6 +8,7 @@
 --                             one line each in spend order: "<priority> <expires_at|-> <granted_at>
 --                             <left> <grant id>" (enforcer/src/wallet.rs); read and spent only
 --                             for the main bucket
+-- KEYS[5]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>" (calendar quotas)
 -- ARGV[1]  cost               tokens, finite, > 0
 -- ARGV[2]  record ttl         milliseconds, integer > 0
 -- ARGV[3]  fingerprint        hex digits: what the request id is bound to (bucket, method,
@@ -25,15 +26,33 @@
 -- ARGV[8+5n]               units        the units the cost was computed for (> 0), kept in the
 --                                       request record for a settle in units (lua/settle.lua)
 -- ARGV[9+5n]               max_cost     the endpoint's cap on a settle, tokens, or "-" (none)
+-- ARGV[10+5n]              m            number of tiers with a calendar quota that follow
+-- ARGV[11+5n+6j .. 16+5n+6j]            name, amount, b0, b1, b2, b3: four consecutive period
+--                                       starts the daemon computed around its clock (Lua has
+--                                       no time zones); the period containing Redis TIME counts
 --
--- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at, spent, expired}
+-- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
+--          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
 --   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
 --   when refill can never cover the cost; at: the Redis TIME of the debit (what remaining is
 --   as of: the kernel gate's snapshots are stamped and ordered with it), "" when nothing was
---   debited (a replay, an unknown key, a conflict); remaining counts the wallet's grants; spent:
---   "<tokens> <grant id>" lines, what each grant paid; expired: the same for grants found expired
---   (their tokens forfeited), both "" when none.
+--   debited (a replay, an unknown key, a conflict). denied_by: "bucket", "quota", "both" or
+--   "" (allowed); the quota fields "" when the tier has no quota (or a main bucket was not
+--   debited). remaining counts the wallet's grants. grant_moves: one line per wallet grant
+--   touched, "s <tokens> <grant id>" for what it paid, "x <tokens> <grant id>" for one found
+--   expired (its tokens forfeited); "" when none.
+--
+-- Wallet (the WALLET blocks): expired grants are dropped first; the bucket's part of the
+-- decision is "bucket plus live grants cover the cost"; an allowed cost is taken from the
+-- grants in their stored (spend) order, the rest from the bucket; a denial takes nothing.
+--
+-- Calendar quota (the QUOTA block below): the bucket and the quota must both allow, and a
+-- denial charges neither (the bucket is still written with its refill, as any denial). Usage
+-- stored for another period start is over: the period starts at 0. A forced debit counts
+-- against the quota too. Redis TIME in none of the periods passed: an error, nothing written.
+-- The request record keeps the period start charged (field 4) so a refund or a settle moves
+-- the usage of that period only.
 --
 -- Request ids follow payment APIs' idempotency keys: an allowed request is remembered with its
 -- fingerprint for the record ttl. The same id with the same fingerprint is a retry: answered
@@ -61,7 +80,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-if #KEYS ~= 4 then fail('expected 4 keys') end
+if #KEYS ~= 5 then fail('expected 5 keys') end
 local cost = number(1, 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(2, 'record ttl', 1)
@@ -86,9 +105,9 @@ if max_cost ~= '-' then
   max_cost = fmt(m)
 end
 
--- One read for all four keys (same hash tag, so the same cluster slot).
-local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[4])
-local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[4]
+-- One read for all five keys (same hash tag, so the same cluster slot).
+local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[5], KEYS[4])
+local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[5]
 if kind == 'o' or kind == 'O' then stored_wallet = false end
 
 if record then
@@ -96,12 +115,12 @@ if record then
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
   -- Bound to another request (a record without a fingerprint predates them: a retry).
   if f[9] ~= nil and f[9] ~= fingerprint then
-    return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', ''}
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', '', '', '', ''}
   end
   -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
   -- request is charged again, as a new attempt.
   if f[8] ~= '1' then
-    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', ''}
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', '', '', '', ''}
   end
 end
 
@@ -115,7 +134,7 @@ for i = 0, n - 1 do
 end
 tier = tier or fallback
 if tier == nil then
-  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, '', '', ''}
+  return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, '', '', '', '', '', ''}
 end
 local tier_name = ARGV[tier]
 local max_tokens = number(tier + 1, 'max_tokens', 0)
@@ -143,27 +162,61 @@ else
   end
 end
 
--- The wallet: expired grants dropped (reported), the rest held in spend order.
-local grants, held, expired = {}, 0, {}
+-- >>> WALLET: expired grants dropped (reported), the rest held in spend order.
+local grants, held, moves = {}, 0, {}
 if stored_wallet then
   for line in string.gmatch(stored_wallet, '[^\n]+') do
     local p, e, g, l, id = string.match(line, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
     local left = tonumber(l)
     if left == nil then fail('unreadable wallet line') end
     if e ~= '-' and tonumber(e) <= now then
-      if left > 0 then expired[#expired + 1] = l .. ' ' .. id end
+      if left > 0 then moves[#moves + 1] = 'x ' .. l .. ' ' .. id end
     else
       grants[#grants + 1] = {p, e, g, left, id}
       held = held + left
     end
   end
 end
+-- <<< WALLET
+
+local bucket_ok = balance + held >= cost or forced
+
+-- >>> QUOTA: calendar quota of the tier (enforcer/src/quota.rs `decide` is the same rule).
+-- Decided before anything is written, so a bad period argument writes nothing.
+local quota_ok, q_amount, q_start, q_end, q_used = true, nil, nil, nil, nil
+if kind == 'm' or kind == 'M' then
+  local qbase = 10 + 5 * n
+  local m = number(qbase, 'quota tier count', 0)
+  for j = 0, m - 1 do
+    local b = qbase + 1 + 6 * j
+    if ARGV[b] == nil then fail('missing quota parameters') end
+    if ARGV[b] == tier_name then
+      q_amount = number(b + 1, 'quota amount', 0)
+      for i = 0, 2 do
+        local lo, hi = number(b + 2 + i, 'quota boundary', 0), number(b + 3 + i, 'quota boundary', 0)
+        if lo <= now and now < hi then q_start, q_end = lo, hi end
+      end
+      if q_start == nil then
+        fail('Redis TIME ' .. fmt(now) .. ' is outside the quota periods passed (' .. ARGV[b + 2] ..
+          ' .. ' .. ARGV[b + 5] .. '): daemon and Redis clocks disagree by more than a period')
+      end
+      q_used = 0
+      local stored = got[4]
+      if stored then
+        local s, u = string.match(stored, '^(%S+) (%S+)$')
+        if tonumber(s) == q_start and tonumber(u) ~= nil then q_used = tonumber(u) end
+      end
+      quota_ok = forced or q_used + cost <= q_amount
+    end
+  end
+end
+-- <<< QUOTA
 
 local allowed = 0
 local retry = -1
-local spent = {}
-if balance + held >= cost or forced then
-  -- Grants first, in spend order; the rest from the bucket.
+local denied_by = ''
+if bucket_ok and quota_ok then
+  -- >>> WALLET: grants first, in spend order; the rest from the bucket.
   local rest = cost
   for _, gr in ipairs(grants) do
     if rest <= 0 then break end
@@ -172,30 +225,56 @@ if balance + held >= cost or forced then
       gr[4] = gr[4] - take
       rest = rest - take
       held = held - take
-      spent[#spent + 1] = fmt(take) .. ' ' .. gr[5]
+      moves[#moves + 1] = 's ' .. fmt(take) .. ' ' .. gr[5]
     end
   end
+  -- <<< WALLET
   balance = balance - rest
   allowed = 1
   retry = 0
-elseif rate > 0 and cost - held <= max_tokens then
-  retry = math.ceil((cost - held - balance) / rate * 1000)
-end
-if stored_wallet then
-  if #spent > 0 or #expired > 0 then
-    local lines = {}
-    for _, gr in ipairs(grants) do
-      if gr[4] > 0 then
-        lines[#lines + 1] = gr[1] .. ' ' .. gr[2] .. ' ' .. gr[3] .. ' ' .. fmt(gr[4]) .. ' ' .. gr[5]
-      end
-    end
-    if #lines > 0 then
-      redis.call('SET', KEYS[4], table.concat(lines, '\n'))
+  -- >>> QUOTA: charged with the bucket; kept until its period is over.
+  if q_start ~= nil then
+    q_used = q_used + cost
+    redis.call('SET', KEYS[5], fmt(q_start) .. ' ' .. fmt(q_used),
+      'PX', math.max(1, math.ceil((q_end - now) * 1000)))
+  end
+  -- <<< QUOTA
+else
+  if not bucket_ok and rate > 0 and cost - held <= max_tokens then
+    retry = math.ceil((cost - held - balance) / rate * 1000)
+  end
+  if bucket_ok then denied_by = 'quota' elseif quota_ok then denied_by = 'bucket' else denied_by = 'both' end
+  -- >>> QUOTA: the reset; never (-1) for a cost above the allowance, or when the bucket never
+  -- will. Both refusing: the later of the two.
+  if not quota_ok then
+    local at_reset = -1
+    if cost <= q_amount then at_reset = math.ceil((q_end - now) * 1000) end
+    if bucket_ok then
+      retry = at_reset
+    elseif retry >= 0 and at_reset >= 0 then
+      retry = math.max(retry, at_reset)
     else
-      redis.call('DEL', KEYS[4])
+      retry = -1
     end
   end
+  -- <<< QUOTA
 end
+
+-- >>> WALLET: written back only when a grant was spent or found expired.
+if stored_wallet and #moves > 0 then
+  local lines = {}
+  for _, gr in ipairs(grants) do
+    if gr[4] > 0 then
+      lines[#lines + 1] = gr[1] .. ' ' .. gr[2] .. ' ' .. gr[3] .. ' ' .. fmt(gr[4]) .. ' ' .. gr[5]
+    end
+  end
+  if #lines > 0 then
+    redis.call('SET', KEYS[4], table.concat(lines, '\n'))
+  else
+    redis.call('DEL', KEYS[4])
+  end
+end
+-- <<< WALLET
 
 local bucket_left = fmt(balance)
 local remaining = fmt(balance + held)
@@ -210,12 +289,18 @@ else
   redis.call('SET', KEYS[1], bucket_left .. ' ' .. fmt(now))
 end
 if allowed == 1 then
-  -- kind|allowed|remaining|retry|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
-  -- (lua/settle.lua appends what a settle did, and sets cost to the true cost)
+  -- kind|allowed|remaining|quota start|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
+  -- (lua/settle.lua appends what a settle did, and sets cost to the true cost; field 4 was the
+  -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
   redis.call('SET', KEYS[3],
-    table.concat({kind, '1', remaining, '0', tier_name, fmt(cost), fmt(max_tokens), '0',
-      fingerprint, fmt(units), max_cost}, '|'),
+    table.concat({kind, '1', remaining, q_start and fmt(q_start) or '0', tier_name, fmt(cost),
+      fmt(max_tokens), '0', fingerprint, fmt(units), max_cost}, '|'),
     'PX', ttl)
 end
-return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now),
-  table.concat(spent, '\n'), table.concat(expired, '\n')}
+local grant_moves = table.concat(moves, '\n')
+if q_start ~= nil then
+  return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by,
+    fmt(q_used), fmt(q_amount), fmt(q_end), grant_moves}
+end
+return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by, '', '', '',
+  grant_moves}

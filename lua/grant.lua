@@ -30,7 +30,7 @@
 -- (this grant id was applied before: balance is the balance it left), "unknown_key",
 -- "over_ceiling" (balance: the balance now) or "too_many_grants"; numbers as strings; at: Redis
 -- TIME; balance counts bucket and wallet; expires_at: the wallet grant's, or "-"; expired:
--- "<tokens> <grant id>" lines of wallet grants found expired (dropped, only when "ok").
+-- "x <tokens> <grant id>" lines of wallet grants found expired (dropped, only when "ok").
 -- Bad arguments are an error reply starting with "ERR enforcer:"; nothing is written then.
 
 local function fail(msg)
@@ -126,7 +126,7 @@ if stored_wallet then
     local left = tonumber(l)
     if left == nil then fail('unreadable wallet line') end
     if e ~= '-' and tonumber(e) <= now then
-      if left > 0 then expired[#expired + 1] = l .. ' ' .. id end
+      if left > 0 then expired[#expired + 1] = 'x ' .. l .. ' ' .. id end
     else
       grants[#grants + 1] = {tonumber(p), e, tonumber(g), left, id, line}
       held = held + left

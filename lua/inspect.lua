@@ -4,15 +4,17 @@
 -- KEYS[1]  main bucket        ptb:{<sha256 of key>}:b
 -- KEYS[2]  operational bucket ptb:{<sha256 of key>}:ops
 -- KEYS[3]  tier assignment    ptb:{<sha256 of key>}:tier
--- KEYS[4]  wallet             ptb:{<sha256 of key>}:w   (returned as stored: the daemon
+-- KEYS[4]  quota usage        ptb:{<sha256 of key>}:q  (returned raw: the daemon knows the
+--                             calendar, and reads it against the period containing `now`)
+-- KEYS[5]  wallet             ptb:{<sha256 of key>}:w   (returned as stored: the daemon
 --                             parses it and leaves out what expired by now)
 -- ARGV     as debit.lua's ARGV[4..]: active window, default tier, kind (ignored), n, tiers
 --          (5 per tier), then the operational bucket's max_tokens and refill_per_sec.
 --
--- Returns {assigned, tier, main balance, main stored, ops balance, ops stored, now}: assigned
+-- Returns {assigned, tier, main balance, main stored, ops balance, ops stored, now, quota}: assigned
 -- the raw assignment ("" none); tier the tier charged ("" unknown key); balances as strings;
 -- "stored" "1" when the bucket exists in Redis, "0" when a first request would start it fresh.
--- Then the wallet as stored ("" none): {…, now, wallet}.
+-- Then the wallet as stored ("" none): {…, now, quota, wallet}.
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -21,8 +23,8 @@ end
 local window = tonumber(ARGV[1])
 local default_tier = ARGV[2]
 local n = tonumber(ARGV[4])
-local got = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-local main, ops, assigned, wallet = got[1], got[2], got[3], got[4]
+local got = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local main, ops, assigned = got[1], got[2], got[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
@@ -56,5 +58,5 @@ end
 local ops_max = tonumber(ARGV[5 + 5 * n])
 local ops_rate = tonumber(ARGV[6 + 5 * n])
 local ob, os = refilled(ops, ops_max, ops_rate, 1, ops_max)
-return {assigned or '', tier_name, main_balance, main_stored, fmt(ob), os, fmt(now),
-  wallet or ''}
+return {assigned or '', tier_name, main_balance, main_stored, fmt(ob), os, fmt(now), got[4] or '',
+  got[5] or ''}

@@ -3,6 +3,9 @@
 --
 -- KEYS[1]  main bucket        ptb:{<sha256 of key>}:b   "<balance> <updated_at>"
 -- KEYS[2]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
+-- KEYS[3]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>": the cost is
+--                             given back to the calendar quota too, only while the usage kept
+--                             is that of the period the request was charged in (record field 4)
 --
 -- Returns {status, credited, balance, as_of, tier, now}: status "ok", "unknown_request",
 -- "already_refunded" or "not_refundable" (operational requests); credited and balance as
@@ -10,7 +13,7 @@
 -- "" when the bucket was forgotten (its balance is unknown); tier: the tier the request was
 -- charged under; now: Redis TIME. The daemon tells its kernel gate the new balance with them.
 
-if #KEYS ~= 2 then error({err = 'ERR enforcer: expected 2 keys'}) end
+if #KEYS ~= 3 then error({err = 'ERR enforcer: expected 3 keys'}) end
 
 local record = redis.call('GET', KEYS[2])
 if not record then return {'unknown_request', '0', '0', '', '', '0'} end
@@ -42,6 +45,18 @@ else
   balance = 0
   updated = ''
 end
+-- >>> QUOTA: the usage of the period charged gets the cost back (never below 0).
+if f[4] ~= nil and f[4] ~= '0' then
+  local q = redis.call('GET', KEYS[3])
+  if q then
+    local s, u = string.match(q, '^(%S+) (%S+)$')
+    if s == f[4] and tonumber(u) ~= nil then
+      redis.call('SET', KEYS[3], s .. ' ' .. string.format('%.17g', math.max(0, tonumber(u) - cost)),
+        'KEEPTTL')
+    end
+  end
+end
+-- <<< QUOTA
 f[8] = '1'
 redis.call('SET', KEYS[2], table.concat(f, '|'), 'KEEPTTL')
 local t = redis.call('TIME')

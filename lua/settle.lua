@@ -5,6 +5,9 @@
 -- KEYS[1]  main bucket        ptb:{<sha256 of key>}:b   "<balance> <updated_at seconds>"
 -- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier
 -- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>  (written by debit.lua)
+-- KEYS[4]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>": charged the
+--                             difference too (credited when negative, never below 0), only
+--                             while it is the usage of the period the request was charged in
 -- ARGV[1]  mode               "c": ARGV[2] is the true cost in tokens; "u": in units, charged
 --                             at the price per unit the request was charged at (cost / units);
 --                             "r": units given back (Envoy's is_negative_hits): the true units
@@ -51,7 +54,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-if #KEYS ~= 3 then fail('expected 3 keys') end
+if #KEYS ~= 4 then fail('expected 4 keys') end
 local mode = ARGV[1]
 if mode ~= 'c' and mode ~= 'u' and mode ~= 'r' then fail('mode must be c, u or r') end
 local amount = number(2, 'amount', 0)
@@ -149,6 +152,18 @@ if rate > 0 and balance <= max_tokens * idle_cap then
 else
   redis.call('SET', KEYS[1], remaining .. ' ' .. fmt(now))
 end
+-- >>> QUOTA: the calendar quota of the period charged (record field 4) moves by the same
+-- difference of true cost and estimate; another period's usage is left alone.
+if f[4] ~= nil and f[4] ~= '0' then
+  local q = redis.call('GET', KEYS[4])
+  if q then
+    local s, u = string.match(q, '^(%S+) (%S+)$')
+    if s == f[4] and tonumber(u) ~= nil then
+      redis.call('SET', KEYS[4], s .. ' ' .. fmt(math.max(0, tonumber(u) + difference)), 'KEEPTTL')
+    end
+  end
+end
+-- <<< QUOTA
 -- A record from before a field existed: the gaps filled, so the fields keep their places.
 for i = 9, 11 do
   if f[i] == nil then f[i] = '-' end

@@ -399,6 +399,7 @@ async fn show(
             "stored": state.stored,
             "operational": state.operational,
             "grants": state.grants,
+            "quota": state.quota,
             "at": state.at,
             "store": admin.app.decider.store().backend(),
             "kernel": kernel,

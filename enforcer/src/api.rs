@@ -260,6 +260,7 @@ fn decision_response(d: &Decision, status: StatusCode, with_body: bool) -> Respo
         decision_id: d.decision_id,
         endpoint: &d.endpoint,
         reserved: d.reserved,
+        quota: d.quota,
     };
     (status, headers, axum::Json(body)).into_response()
 }
@@ -282,6 +283,9 @@ struct DecisionBody<'a> {
     endpoint: &'a str,
     /// A reservation: settle it with `POST /v1/settle` under `request_id`.
     reserved: bool,
+    /// The tier's calendar quota after the decision; left out when the tier has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<crate::store::QuotaUse>,
 }
 
 /// The first of `names` that is present, as text; `Err` when its value is not (non-ASCII

@@ -47,6 +47,8 @@ pub struct Tier {
     pub grant_ceiling: f64,
     /// Low-balance alert thresholds, fractions of `max_tokens` ([`crate::alerts`]).
     pub low_balance: Vec<f64>,
+    /// A calendar quota charged beside the bucket ([`crate::quota`]).
+    pub quota: Option<crate::quota::Quota>,
 }
 
 /// What happens to keys that have no tier assignment.

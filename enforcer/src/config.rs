@@ -331,6 +331,10 @@ pub struct TierConfig {
     /// fires when a key's balance goes from above one to at or below it ([`crate::alerts`]).
     #[serde(default)]
     pub low_balance: Vec<f64>,
+    /// A calendar quota beside the bucket: `{ amount, period, anchor_day, timezone }`
+    /// ([`crate::quota`]); both must allow a request, and a denial charges neither.
+    #[serde(default)]
+    pub quota: Option<crate::quota::QuotaConfig>,
 }
 
 /// `[pricing]`: the cost matrix, and the engine that moves it with telemetry.
@@ -798,6 +802,7 @@ impl Default for Config {
                 shadow: false,
                 grant_ceiling: None,
                 low_balance: Vec::new(),
+                quota: None,
             },
         );
         Self {
@@ -1046,6 +1051,11 @@ impl Config {
                     p("low_balance"),
                     "at most 8 thresholds, each a fraction of max_tokens between 0 and 1",
                 );
+            }
+            if let Some(Err(errors)) = tier.quota.as_ref().map(|q| q.build()) {
+                for e in errors {
+                    err(p(&format!("quota.{}", e.field)), &e.message);
+                }
             }
         }
         if !positive(self.pricing.default_cost) {
@@ -1328,6 +1338,8 @@ impl Config {
                 shadow: t.shadow,
                 grant_ceiling: t.grant_ceiling.unwrap_or(t.max_tokens),
                 low_balance: t.low_balance.clone(),
+                // validate() refused a quota that does not build.
+                quota: t.quota.as_ref().and_then(|q| q.build().ok()),
             })
             .collect();
         let ops = &self.budget.operational;

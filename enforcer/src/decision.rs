@@ -82,6 +82,8 @@ impl Mode {
 pub enum Denial {
     /// The key's bucket cannot pay the cost.
     Exhausted,
+    /// The tier's calendar quota cannot pay it (until the period resets).
+    QuotaExhausted,
     /// The key has no tier and unknown keys are refused.
     UnknownKey,
     /// The store is unreachable and the policy is fail-closed.
@@ -96,6 +98,7 @@ impl Denial {
     pub fn as_str(self) -> &'static str {
         match self {
             Denial::Exhausted => "exhausted",
+            Denial::QuotaExhausted => "quota_exhausted",
             Denial::UnknownKey => "unknown_key",
             Denial::StoreUnavailable => "store_unavailable",
             Denial::RequestIdConflict => "request_id_conflict",
@@ -133,6 +136,8 @@ pub struct Decision {
     /// An allowed reservation, settled by the store: its request id waits for a settle
     /// (`settle_ttl`) and keeps its estimate if none comes.
     pub reserved: bool,
+    /// The tier's calendar quota after the decision (`RateLimit` names it beside the bucket).
+    pub quota: Option<crate::store::QuotaUse>,
 }
 
 impl Decision {
@@ -161,6 +166,7 @@ impl Decision {
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
             reserved: false,
+            quota: None,
         }
     }
 }
@@ -646,7 +652,12 @@ impl Decider {
         };
         Decision {
             allowed: s.allowed || shadow,
-            denial: (!s.allowed).then_some(Denial::Exhausted),
+            denial: (!s.allowed).then_some(if s.denied_by.is_some_and(|d| d.quota()) {
+                Denial::QuotaExhausted
+            } else {
+                Denial::Exhausted
+            }),
+            quota: s.quota,
             cost: s.cost,
             remaining: Some(s.remaining),
             retry_after_ms: if s.allowed { Some(0) } else { s.retry_after_ms },
@@ -746,6 +757,7 @@ impl Decider {
         Decision {
             allowed: d.allowed || shadow,
             denial: (!d.allowed).then_some(Denial::Exhausted),
+            quota: None,
             cost: debit.cost,
             remaining: Some(d.remaining),
             retry_after_ms: if d.allowed { Some(0) } else { d.retry_after_ms },

@@ -62,6 +62,16 @@ impl RateLimitFields {
             if let Some(t) = reset {
                 limit.push_str(&format!(";t={t}"));
             }
+            // A calendar quota is a second policy of the same key: `"<tier>-quota";q=<amount>`
+            // and `"<tier>-quota";r=<left>;t=<seconds until the period resets>`.
+            if let Some(q) = d.quota {
+                policy.push_str(&format!(", \"{tier}-quota\";q={}", q.amount.floor() as u64));
+                limit.push_str(&format!(
+                    ", \"{tier}-quota\";r={};t={}",
+                    (q.amount - q.used).max(0.0).floor() as u64,
+                    header_secs(q.resets_in_ms)
+                ));
+            }
             fields.limit = Some(limit);
             fields.policy = Some(policy);
             fields.reset_secs = reset;
@@ -112,7 +122,34 @@ mod tests {
             decision_id: uuid::Uuid::now_v7(),
             endpoint: "/x".to_owned(),
             reserved: false,
+            quota: None,
         }
+    }
+
+    #[test]
+    fn a_quota_denial_names_the_reset_in_every_header() {
+        // The bucket could pay; the monthly quota cannot until it resets in 10 days.
+        let reset_ms = 10 * 86_400_000 + 1;
+        let mut d = decision(false, 60.0, Some(reset_ms), bucket(100.0, 1.0));
+        d.denial = Some(Denial::QuotaExhausted);
+        d.quota = Some(crate::store::QuotaUse {
+            used: 995.0,
+            amount: 1000.0,
+            resets_at: 0.0,
+            resets_in_ms: reset_ms,
+        });
+        let f = RateLimitFields::of(&d);
+        let secs = header_secs(reset_ms);
+        assert_eq!(f.retry_after, Some(secs));
+        assert_eq!(f.reset_secs, Some(secs));
+        assert_eq!(
+            f.limit.as_deref(),
+            Some(format!("\"t\";r=60;t={secs}, \"t-quota\";r=5;t={secs}").as_str())
+        );
+        assert_eq!(
+            f.policy.as_deref(),
+            Some("\"t\";q=100;w=100, \"t-quota\";q=1000")
+        );
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod listener;
 pub mod metrics;
 pub mod price;
 pub mod pricing;
+pub mod quota;
 pub mod reload;
 pub mod rls;
 pub mod server;

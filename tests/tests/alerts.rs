@@ -60,6 +60,7 @@ fn config(hook: SocketAddr, secret_file: &std::path::Path) -> Config {
             shadow: false,
             grant_ceiling: Some(5000.0),
             low_balance: vec![0.5, 0.2],
+            quota: None,
         },
     );
     config.budget.default_tier = "alerted".into();

@@ -113,6 +113,7 @@ fn config(redis_url: &str, local_nodes: u32, node: &str) -> Config {
             shadow: false,
             grant_ceiling: None,
             low_balance: Vec::new(),
+            quota: None,
         },
     );
     config.store.on_store_failure = OnStoreFailure::Local;

@@ -237,12 +237,14 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         format!("ptb:{{{tag}}}:b"),
         format!("ptb:{{{tag}}}:tier"),
         format!("ptb:{{{tag}}}:r:1"),
+        format!("ptb:{{{tag}}}:w"),
+        format!("ptb:{{{tag}}}:q"),
     ];
     let tier = ["free", "1000", "10", "0.8", "800"];
     for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(3)
+            .arg(5)
             .arg(&keys)
             .arg(cost)
             .arg("60000")
@@ -263,7 +265,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     // A bad tier parameter is refused too, and so is a wrong key count.
     let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
         .arg(&sha)
-        .arg(3)
+        .arg(5)
         .arg(&keys)
         .arg(
             &[
@@ -290,7 +292,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     for fingerprint in ["", "a|b", "xyz"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(3)
+            .arg(5)
             .arg(&keys)
             .arg(
                 &[
@@ -323,7 +325,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(3)
+            .arg(5)
             .arg(&keys)
             .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
             .arg(&tier)
@@ -333,6 +335,41 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .await;
         let err = result.expect_err(&format!("units {units:?}, max_cost {max_cost:?}"));
         assert!(err.to_string().contains("enforcer:"), "{err}");
+    }
+    // The calendar-quota block: a bad count, amount or boundary, a missing tier entry, and
+    // Redis TIME outside every period passed (the daemon's clock far off) are refused.
+    let now = redis_now(&mut conn).await;
+    let (past, far) = ((now - 86_400.0).to_string(), (now - 3600.0).to_string());
+    let (start, end) = ((now - 60.0).to_string(), (now + 3600.0).to_string());
+    let later = (now + 7200.0).to_string();
+    for (quota, what) in [
+        (vec!["x"], "quota tier count"),
+        (vec!["1"], "missing quota"),
+        (
+            vec!["1", "free", "nan", &past, &start, &end, &later],
+            "quota amount",
+        ),
+        (
+            vec!["1", "free", "100", &past, "abc", &end, &later],
+            "quota boundary",
+        ),
+        (
+            vec!["1", "free", "100", &past, &past, &far, &far],
+            "outside the quota periods",
+        ),
+    ] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(5)
+            .arg(&keys)
+            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&tier)
+            .arg(&["1", "-"][..])
+            .arg(&quota)
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("quota arguments {quota:?}"));
+        assert!(err.to_string().contains(what), "{what}: {err}");
     }
     let exists: u32 = conn.exists(&keys[..]).await.expect("exists");
     assert_eq!(exists, 0, "nothing was written for bad arguments");
@@ -352,6 +389,7 @@ async fn settle_refuses_bad_arguments_and_writes_nothing() {
         format!("ptb:{{{h}}}:b"),
         format!("ptb:{{{h}}}:tier"),
         format!("ptb:{{{h}}}:r:{}", d.request_id.as_str()),
+        format!("ptb:{{{h}}}:q"),
     ];
     let before: (String, String) = redis::cmd("MGET")
         .arg(&keys[0])
@@ -377,7 +415,7 @@ async fn settle_refuses_bad_arguments_and_writes_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(3)
+            .arg(4)
             .arg(&keys)
             .arg(&[mode, amount, "60", "free", "m", "1"][..])
             .arg(&tier)
@@ -397,7 +435,7 @@ async fn settle_refuses_bad_arguments_and_writes_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(3)
+            .arg(4)
             .arg(&keys)
             .arg(&args[..])
             .query_async(&mut conn)

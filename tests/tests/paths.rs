@@ -64,6 +64,7 @@ fn fixed_tier(config: &mut Config) {
             shadow: false,
             grant_ceiling: None,
             low_balance: Vec::new(),
+            quota: None,
         },
     );
     config.budget.default_tier = "fixed".into();

@@ -35,6 +35,7 @@ fn config() -> Config {
             shadow: false,
             grant_ceiling: None,
             low_balance: Vec::new(),
+            quota: None,
         },
     );
     config.budget.default_tier = "metered".into();

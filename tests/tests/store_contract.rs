@@ -6,9 +6,9 @@ use enforcer::clock::ManualClock;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, GrantOutcome, GrantTerms, MemoryStore,
-    RedisStore, RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled, TokenStore,
-    TrueCost,
+    BucketKind, Debit, DebitOutcome, DeniedBy, Fingerprint, GrantOutcome, GrantTerms, MemoryStore,
+    QuotaPeriods, RedisStore, RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled,
+    TokenStore, TrueCost,
 };
 use enforcer::wallet::GrantMove;
 use enforcer_tests::cluster::redis_cluster_seeds;
@@ -32,6 +32,7 @@ fn policy() -> BudgetPolicy {
             shadow: false,
             grant_ceiling: None,
             low_balance: Vec::new(),
+            quota: None,
         },
     );
     // Refill, and grants allowed far above capacity.
@@ -45,8 +46,36 @@ fn policy() -> BudgetPolicy {
             shadow: false,
             grant_ceiling: Some(10_000.0),
             low_balance: Vec::new(),
+            quota: None,
         },
     );
+    // No refill (exact balances), and a monthly quota of 500 beside the bucket of 1000.
+    config.tiers.insert(
+        "quota".into(),
+        enforcer::config::TierConfig {
+            max_tokens: 1000.0,
+            refill_per_sec: 0.0,
+            idle_cap: 0.8,
+            initial_tokens: Some(800.0),
+            shadow: false,
+            grant_ceiling: None,
+            low_balance: Vec::new(),
+            quota: Some(enforcer::quota::QuotaConfig {
+                amount: 500.0,
+                period: enforcer::quota::Period::Month,
+                anchor_day: Some(1),
+                timezone: Some("Europe/Berlin".into()),
+            }),
+        },
+    );
+    let mut big = config.tiers["quota"].clone();
+    big.quota = Some(enforcer::quota::QuotaConfig {
+        amount: 5000.0,
+        period: enforcer::quota::Period::Day,
+        anchor_day: None,
+        timezone: Some("Asia/Kolkata".into()),
+    });
+    config.tiers.insert("quota_big".into(), big);
     assert!(config.validate().is_empty());
     config.budget_policy()
 }
@@ -1435,5 +1464,341 @@ async fn grants_expiring_mid_burst_never_admit_more_than_the_grants_plus_the_buc
         let shown = store.inspect(&key.hash()).await.expect("inspect");
         assert!(shown.grants.is_empty(), "{b}: {:?}", shown.grants);
         assert_eq!(shown.balance, Some(0.0), "{b}");
+    }
+}
+
+// ---- Calendar quotas (enforcer/src/quota.rs, the QUOTA blocks of lua/debit.lua, refund.lua,
+// settle.lua): the bucket and the quota both must allow; a denial charges neither.
+
+async fn quota_key(store: &dyn TokenStore, prefix: &str) -> ApiKey {
+    let key = ApiKey::parse(&unique(prefix)).expect("key");
+    store
+        .assign_tier(&key.hash(), Some("quota"))
+        .await
+        .expect("assign");
+    key
+}
+
+async fn quota_used(store: &dyn TokenStore, key: &ApiKey) -> f64 {
+    let state = store.inspect(&key.hash()).await.expect("inspect");
+    state.quota.expect("the quota tier has a quota").used
+}
+
+#[tokio::test]
+async fn a_quota_that_denies_charges_neither_and_says_when_it_resets() {
+    for store in stores() {
+        let b = store.backend();
+        let key = quota_key(&*store, "qdeny").await;
+        let first = settle(&*store, &debit(&key, BucketKind::Main, 300.0)).await;
+        assert!(first.allowed, "{b}");
+        let q = first.quota.expect("quota answered");
+        assert_eq!((q.used, q.amount), (300.0, 500.0), "{b}");
+        // The bucket holds 500 and could pay 300 more; the quota has 200 left: denied.
+        let denied = settle(&*store, &debit(&key, BucketKind::Main, 300.0)).await;
+        assert!(!denied.allowed, "{b}");
+        assert_eq!(denied.denied_by, Some(DeniedBy::Quota), "{b}");
+        assert_eq!(denied.remaining, 500.0, "{b}: the bucket was not charged");
+        let q = denied.quota.expect("quota answered");
+        assert_eq!(q.used, 300.0, "{b}: the quota was not charged");
+        assert_eq!(
+            denied.retry_after_ms,
+            Some(q.resets_in_ms),
+            "{b}: retry at the reset"
+        );
+        assert!(
+            q.resets_in_ms > 0 && q.resets_in_ms <= 31 * 86_400_000,
+            "{b}: a monthly period ends within 31 days: {}",
+            q.resets_in_ms
+        );
+        // What both can pay still goes through, and fills the quota exactly.
+        let last = settle(&*store, &debit(&key, BucketKind::Main, 200.0)).await;
+        assert!(last.allowed, "{b}");
+        assert_eq!(last.remaining, 300.0, "{b}");
+        assert_eq!(quota_used(&*store, &key).await, 500.0, "{b}");
+        // A cost above the whole allowance never fits: no retry time.
+        let never = settle(&*store, &debit(&key, BucketKind::Main, 501.0)).await;
+        assert_eq!(never.denied_by, Some(DeniedBy::Both), "{b}");
+        assert_eq!(never.retry_after_ms, None, "{b}");
+        // Operational requests are outside the token economy and its quota.
+        assert!(
+            settle(&*store, &debit(&key, BucketKind::Operational, 1.0))
+                .await
+                .quota
+                .is_none(),
+            "{b}"
+        );
+        assert_eq!(quota_used(&*store, &key).await, 500.0, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn a_bucket_that_denies_charges_no_quota_and_forced_debits_count() {
+    for store in stores() {
+        let b = store.backend();
+        // Bucket 800 (no refill), daily quota 5000: the bucket is the tighter one.
+        let key = ApiKey::parse(&unique("qbucket")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("quota_big"))
+            .await
+            .expect("assign");
+        assert!(
+            settle(&*store, &debit(&key, BucketKind::Main, 700.0))
+                .await
+                .allowed,
+            "{b}"
+        );
+        let denied = settle(&*store, &debit(&key, BucketKind::Main, 200.0)).await;
+        assert!(!denied.allowed, "{b}");
+        assert_eq!(denied.denied_by, Some(DeniedBy::Bucket), "{b}");
+        assert_eq!(denied.remaining, 100.0, "{b}");
+        assert_eq!(
+            denied.quota.map(|q| q.used),
+            Some(700.0),
+            "{b}: the quota was not charged"
+        );
+        assert_eq!(
+            denied.retry_after_ms, None,
+            "{b}: no refill, no quota reset helps"
+        );
+        // A forced debit is charged to both, whatever either holds.
+        let mut forced = debit(&key, BucketKind::Main, 300.0);
+        forced.force = true;
+        let f = settle(&*store, &forced).await;
+        assert!(f.allowed, "{b}");
+        assert_eq!(f.remaining, -200.0, "{b}");
+        assert_eq!(f.quota.map(|q| q.used), Some(1000.0), "{b}");
+        let state = store.inspect(&key.hash()).await.expect("inspect");
+        let q = state.quota.expect("quota");
+        assert_eq!((q.used, q.left, q.amount), (1000.0, 4000.0, 5000.0), "{b}");
+        assert!(
+            q.period_start <= state.at && state.at < q.resets_at,
+            "{b}: {q:?}"
+        );
+        assert!(
+            q.resets_at - q.period_start <= 25.0 * 3600.0,
+            "{b}: a day: {q:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn refunds_and_settles_move_the_quota_of_the_period_charged() {
+    for store in stores() {
+        let b = store.backend();
+        let key = quota_key(&*store, "qrefund").await;
+        let first = debit(&key, BucketKind::Main, 400.0);
+        assert!(settle(&*store, &first).await.allowed, "{b}");
+        assert!(
+            !settle(&*store, &debit(&key, BucketKind::Main, 200.0))
+                .await
+                .allowed,
+            "{b}: 100 left"
+        );
+        assert!(matches!(
+            store
+                .refund(&key.hash(), &first.request_id)
+                .await
+                .expect("refund"),
+            RefundOutcome::Refunded { .. }
+        ));
+        assert_eq!(
+            quota_used(&*store, &key).await,
+            0.0,
+            "{b}: the quota got it back"
+        );
+        // A reservation of 100 settled at 250 charges the quota 150 more; at 50, 200 back.
+        let mut reserve = debit(&key, BucketKind::Main, 100.0);
+        reserve.terms = SettleTerms {
+            reserve: true,
+            ..SettleTerms::default()
+        };
+        assert!(settle(&*store, &reserve).await.allowed, "{b}");
+        assert_eq!(quota_used(&*store, &key).await, 100.0, "{b}");
+        let out = store
+            .settle(&key.hash(), &reserve.request_id, TrueCost::Tokens(250.0))
+            .await
+            .expect("settle");
+        assert!(matches!(out, SettleOutcome::Settled { .. }), "{b}: {out:?}");
+        assert_eq!(quota_used(&*store, &key).await, 250.0, "{b}");
+        // The refund after a settle gives back the true cost charged.
+        store
+            .refund(&key.hash(), &reserve.request_id)
+            .await
+            .expect("refund");
+        assert_eq!(quota_used(&*store, &key).await, 0.0, "{b}");
+    }
+}
+
+/// Periods as a daemon would pass them, relative to the store's clock `now`: the current one
+/// starting `since` seconds ago.
+fn periods_at(now: f64, since: f64) -> QuotaPeriods {
+    let start = now - since;
+    QuotaPeriods {
+        tiers: vec![(
+            "quota".to_owned(),
+            500.0,
+            [start - 5000.0, start, now + 3600.0, now + 7200.0],
+        )],
+    }
+}
+
+async fn debit_in(store: &dyn TokenStore, d: &Debit, p: &QuotaPeriods) -> Settled {
+    match store.debit_in_periods(d, p).await.expect("debit") {
+        DebitOutcome::Settled(s) => s,
+        other => panic!("{}: unexpected {other:?}", store.backend()),
+    }
+}
+
+#[tokio::test]
+async fn usage_resets_at_the_period_boundary_and_old_refunds_stay_in_their_period() {
+    for store in stores() {
+        let b = store.backend();
+        let key = quota_key(&*store, "qreset").await;
+        let now = store.inspect(&key.hash()).await.expect("inspect").at;
+        // A period that started an hour ago: use 450 of 500.
+        let old = periods_at(now, 3600.0);
+        let first = debit(&key, BucketKind::Main, 450.0);
+        assert!(debit_in(&*store, &first, &old).await.allowed, "{b}");
+        assert!(
+            !debit_in(&*store, &debit(&key, BucketKind::Main, 100.0), &old)
+                .await
+                .allowed,
+            "{b}"
+        );
+        // The boundary passed: the period containing the store's clock starts 10 s ago.
+        let new = periods_at(now, 10.0);
+        let second = debit_in(&*store, &debit(&key, BucketKind::Main, 300.0), &new).await;
+        assert!(second.allowed, "{b}: a new period starts at 0");
+        assert_eq!(second.quota.map(|q| q.used), Some(300.0), "{b}");
+        // Refunding the request of the old period gives the bucket back, not the new
+        // period's quota.
+        store
+            .refund(&key.hash(), &first.request_id)
+            .await
+            .expect("refund");
+        let after = debit_in(&*store, &debit(&key, BucketKind::Main, 250.0), &new).await;
+        assert_eq!(
+            after.denied_by,
+            Some(DeniedBy::Quota),
+            "{b}: 300 + 250 > 500"
+        );
+        assert_eq!(after.quota.map(|q| q.used), Some(300.0), "{b}");
+    }
+}
+
+#[tokio::test]
+async fn a_store_clock_outside_the_periods_passed_is_an_error_and_writes_nothing() {
+    for store in stores() {
+        let b = store.backend();
+        let key = quota_key(&*store, "qskew").await;
+        assert!(
+            settle(&*store, &debit(&key, BucketKind::Main, 100.0))
+                .await
+                .allowed
+        );
+        let before = store.inspect(&key.hash()).await.expect("inspect");
+        // All periods ended a day before the store's clock: the daemon's clock is far off.
+        let now = before.at;
+        let stale = QuotaPeriods {
+            tiers: vec![(
+                "quota".to_owned(),
+                500.0,
+                [
+                    now - 4.0 * 86_400.0,
+                    now - 3.0 * 86_400.0,
+                    now - 2.0 * 86_400.0,
+                    now - 86_400.0,
+                ],
+            )],
+        };
+        let err = store
+            .debit_in_periods(&debit(&key, BucketKind::Main, 100.0), &stale)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, enforcer::store::StoreError::Rejected(_)),
+            "{b}: {err}"
+        );
+        assert!(
+            err.to_string().contains("outside the quota periods"),
+            "{b}: {err}"
+        );
+        let after = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(after.balance, before.balance, "{b}: nothing charged");
+        assert_eq!(after.quota.map(|q| q.used), Some(100.0), "{b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_debits_and_refunds_never_pass_the_quota() {
+    for store in stores() {
+        let store: Arc<dyn TokenStore> = Arc::from(store);
+        let b = store.backend();
+        let key = quota_key(&*store, "qrace").await;
+        // 40 debits of 30 race 10 refunds of debits already made: the bucket (800) could pay
+        // 26 of them, the quota (500) no more than its 500 plus what the refunds give back.
+        let mut first = Vec::new();
+        for _ in 0..10 {
+            let d = debit(&key, BucketKind::Main, 10.0);
+            assert!(settle(&*store, &d).await.allowed, "{b}");
+            first.push(d);
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let d = debit(&key, BucketKind::Main, 30.0);
+                match store.debit(&d).await.expect("debit") {
+                    DebitOutcome::Settled(s) => (s.allowed, s.denied_by),
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        let mut refunds = Vec::new();
+        for d in first {
+            let (store, key) = (store.clone(), key.clone());
+            refunds.push(tokio::spawn(async move {
+                store
+                    .refund(&key.hash(), &d.request_id)
+                    .await
+                    .expect("refund")
+            }));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            let (ok, denied_by) = t.await.expect("task");
+            if ok {
+                allowed += 1;
+            } else {
+                assert_eq!(
+                    denied_by,
+                    Some(DeniedBy::Quota),
+                    "{b}: the bucket had enough"
+                );
+            }
+        }
+        for r in refunds {
+            assert!(matches!(
+                r.await.expect("task"),
+                RefundOutcome::Refunded { .. }
+            ));
+        }
+        // Usage is exactly what was charged and kept: never above the allowance.
+        let used = quota_used(&*store, &key).await;
+        assert_eq!(used, 30.0 * f64::from(allowed), "{b}: {allowed} allowed");
+        assert!(used <= 500.0, "{b}: {used}");
+        // The 100 of the first debits were all given back, so at least 13 fitted: 400/30.
+        assert!(allowed >= 13, "{b}: {allowed}");
+        let balance = store
+            .inspect(&key.hash())
+            .await
+            .expect("inspect")
+            .balance
+            .expect("known");
+        assert_eq!(
+            balance,
+            800.0 - used,
+            "{b}: the bucket was charged what the quota was"
+        );
     }
 }

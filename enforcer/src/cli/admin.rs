@@ -402,6 +402,18 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
                 );
             }
             println!("operational: {}", num(&v["operational"]));
+            if let Some(q) = v["quota"].as_object() {
+                println!(
+                    "quota:       {} used, {} left of {} this period; resets at {}",
+                    num(&q["used"]),
+                    num(&q["left"]),
+                    num(&q["amount"]),
+                    q["resets_at"]
+                        .as_f64()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+                        .map_or_else(|| "?".to_owned(), |t| t.to_rfc3339())
+                );
+            }
             let k = &v["kernel"];
             match k["gate"].as_str() {
                 Some("running") => {

@@ -788,6 +788,7 @@ mod tests {
                 shadow: false,
                 grant_ceiling: None,
                 low_balance: Vec::new(),
+                quota: None,
             },
         );
         let local = LocalBudget::new(

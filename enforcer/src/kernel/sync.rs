@@ -1215,6 +1215,7 @@ mod tests {
             decision_id: uuid::Uuid::now_v7(),
             endpoint: "/generate-report".into(),
             reserved: false,
+            quota: None,
         }
     }
 

@@ -2,8 +2,8 @@
 //! `lua/debit.lua` (both call the arithmetic in `debit.rs`). Memory is bounded by forgetting
 //! buckets and request records once they expire, like their Redis TTLs.
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, GrantTerms, KeyState, RefundOutcome,
-    SettleOutcome, Settled, StoreError, TokenStore, TrueCost,
+    BucketKind, Debit, DebitOutcome, DeniedBy, GrantOutcome, GrantTerms, KeyState, QuotaPeriods,
+    QuotaUse, RefundOutcome, SettleOutcome, Settled, StoreError, TokenStore, TrueCost,
 };
 use crate::budget::BudgetPolicy;
 use crate::clock::Clock;
@@ -39,6 +39,8 @@ struct Record {
     terms: super::SettleTerms,
     /// Once settled: what it was settled at.
     settled: Option<SettledAt>,
+    /// The start of the calendar-quota period it was charged in (`lua/debit.lua` field 4).
+    quota_start: Option<f64>,
     expires_at: f64,
 }
 
@@ -68,6 +70,8 @@ struct State {
     grants: HashMap<(KeyHash, String), GrantRecord>,
     /// Keys' wallets of expiring or prioritised grants ([`crate::wallet`]); never empty.
     wallets: HashMap<KeyHash, Wallet>,
+    /// Calendar-quota usage per key: (period start, used, expiry at the period's end).
+    quotas: HashMap<KeyHash, (f64, f64, f64)>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -100,6 +104,24 @@ impl MemoryStore {
         }
     }
 
+    /// Quota usage of `key` in the period starting at `start`, `None` when none is kept for it.
+    fn quota_used(st: &State, key: &KeyHash, now: f64) -> Option<(f64, f64)> {
+        st.quotas.get(key).filter(|q| q.2 > now).map(|q| (q.0, q.1))
+    }
+
+    /// Moves the quota usage of the period a request was charged in by `delta` (a refund, a
+    /// settle); usage of another period is left alone.
+    fn adjust_quota(st: &mut State, key: &KeyHash, record: &Record, now: f64, delta: f64) {
+        let Some(start) = record.quota_start else {
+            return;
+        };
+        if let Some((s, used)) = crate::quota::adjust(Self::quota_used(st, key, now), start, delta)
+            && let Some(q) = st.quotas.get_mut(key)
+        {
+            (q.0, q.1) = (s, used);
+        }
+    }
+
     /// Number of buckets held (for tests of the memory bound).
     pub fn bucket_count(&self) -> usize {
         self.state.lock().buckets.len()
@@ -118,13 +140,27 @@ impl State {
             .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
         self.records.retain(|_, r| r.expires_at > now);
         self.grants.retain(|_, g| g.2 > now);
-        self.size_after_sweep = self.buckets.len() + self.records.len() + self.grants.len();
+        self.quotas.retain(|_, q| q.2 > now);
+        self.size_after_sweep =
+            self.buckets.len() + self.records.len() + self.grants.len() + self.quotas.len();
     }
 }
 
 #[async_trait]
 impl TokenStore for MemoryStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+        let periods = match d.bucket {
+            BucketKind::Main => QuotaPeriods::around(&self.policy.load(), self.clock.now()),
+            BucketKind::Operational => QuotaPeriods::default(),
+        };
+        self.debit_in_periods(d, &periods).await
+    }
+
+    async fn debit_in_periods(
+        &self,
+        d: &Debit,
+        periods: &QuotaPeriods,
+    ) -> Result<DebitOutcome, StoreError> {
         super::check_cost(d.cost)?;
         let now = self.clock.now();
         let policy = self.policy.load();
@@ -147,6 +183,8 @@ impl TokenStore for MemoryStore {
                     replayed: true,
                     at: None,
                     grants: GrantMoves::default(),
+                    quota: None,
+                    denied_by: None,
                 }));
             }
         }
@@ -165,11 +203,12 @@ impl TokenStore for MemoryStore {
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
             .map(|b| b.state);
         // The main bucket pays after the key's wallet grants; the operational one alone.
-        let mut wallet = match d.bucket {
-            BucketKind::Main => st.wallets.remove(&d.key),
+        let stored_wallet = match d.bucket {
+            BucketKind::Main => st.wallets.get(&d.key).cloned(),
             BucketKind::Operational => None,
         };
-        let (s, moves) = match wallet.as_mut() {
+        let mut wallet = stored_wallet.clone();
+        let (mut s, mut moves) = match wallet.as_mut() {
             Some(w) => debit::debit_with_wallet(previous, &params, window, now, d.cost, d.force, w),
             None if d.force => (
                 debit::force(previous, &params, window, now, d.cost),
@@ -180,9 +219,65 @@ impl TokenStore for MemoryStore {
                 GrantMoves::default(),
             ),
         };
+        // QUOTA: the rule of `lua/debit.lua`'s quota block, decided before anything is written.
+        let quota = match (d.bucket, periods.of(&tier.name)) {
+            (BucketKind::Main, Some((amount, bounds))) => {
+                let stored = Self::quota_used(&st, &d.key, now);
+                let q = crate::quota::decide(&bounds, stored, now, amount, d.cost, d.force)
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                Some((q, amount))
+            }
+            _ => None,
+        };
+        let mut denied_by = (!s.allowed).then_some(DeniedBy::Bucket);
+        if let Some((q, amount)) = quota
+            && !q.allows
+        {
+            let at_reset = crate::quota::retry_after_ms(&q, now, amount, d.cost);
+            (denied_by, s.retry_after_ms) = if s.allowed {
+                (Some(DeniedBy::Quota), at_reset)
+            } else {
+                (
+                    Some(DeniedBy::Both),
+                    s.retry_after_ms.zip(at_reset).map(|(a, b)| a.max(b)),
+                )
+            };
+            // Neither is charged: the bucket keeps its refilled balance, as any denial, and
+            // the wallet loses only what expired.
+            s.allowed = false;
+            s.state = BucketState {
+                balance: debit::refilled(previous, &params, window, now),
+                updated_at: now,
+            };
+            wallet = stored_wallet.map(|mut w| {
+                w.expire(now);
+                w
+            });
+            moves.spent.clear();
+        }
+        let quota_use = quota.map(|(q, amount)| {
+            let used = if s.allowed { q.used + d.cost } else { q.used };
+            QuotaUse {
+                used,
+                amount,
+                resets_at: q.end,
+                resets_in_ms: ((q.end - now) * 1000.0).ceil().max(0.0) as u64,
+            }
+        });
+        if s.allowed
+            && let Some((q, _)) = quota
+        {
+            st.quotas.insert(d.key, (q.start, q.used + d.cost, q.end));
+        }
         let held = wallet.as_ref().map_or(0.0, Wallet::total);
-        if let Some(w) = wallet.filter(|w| !w.is_empty()) {
-            st.wallets.insert(d.key, w);
+        match wallet {
+            Some(w) if !w.is_empty() => {
+                st.wallets.insert(d.key, w);
+            }
+            Some(_) => {
+                st.wallets.remove(&d.key);
+            }
+            None => {}
         }
         st.buckets.insert(
             bucket_key,
@@ -206,6 +301,7 @@ impl TokenStore for MemoryStore {
                     fingerprint: d.fingerprint.clone(),
                     terms: d.terms,
                     settled: None,
+                    quota_start: quota.map(|(q, _)| q.start),
                     expires_at: now
                         + if d.terms.reserve {
                             policy.settle_ttl
@@ -225,6 +321,8 @@ impl TokenStore for MemoryStore {
             replayed: false,
             at: Some(now),
             grants: moves,
+            quota: quota_use,
+            denied_by,
         }))
     }
 
@@ -266,6 +364,7 @@ impl TokenStore for MemoryStore {
             }
             None => (0.0, 0.0, None),
         };
+        Self::adjust_quota(&mut st, key, &record, now, -record.cost);
         if let Some(r) = st.records.get_mut(&record_key) {
             r.refunded = true;
         }
@@ -356,6 +455,7 @@ impl TokenStore for MemoryStore {
                     .map(|secs| now + secs),
             },
         );
+        Self::adjust_quota(&mut st, key, &record, now, charged_cost - estimate);
         if let Some(r) = st.records.get_mut(&record_key) {
             r.cost = charged_cost;
             r.settled = Some(SettledAt {
@@ -516,6 +616,9 @@ impl TokenStore for MemoryStore {
         wallet.expire(now);
         Ok(KeyState {
             grants: wallet.grants().to_vec(),
+            quota: tier.and_then(|t| {
+                super::QuotaState::of(&policy, &t.name, Self::quota_used(&st, key, now), now)
+            }),
             tier: tier.map(|t| t.name.clone()),
             balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
             stored: main.is_some(),

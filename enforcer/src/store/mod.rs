@@ -228,6 +228,85 @@ pub struct Settled {
     /// ([`crate::wallet`]); empty for a replay and for keys without grants. `remaining` counts
     /// the grants left.
     pub grants: crate::wallet::GrantMoves,
+    /// The tier's calendar quota as this debit left it; `None` when the tier has none, for
+    /// the operational bucket, and for a replay.
+    pub quota: Option<QuotaUse>,
+    /// When denied: which limit refused (a denial charges neither).
+    pub denied_by: Option<DeniedBy>,
+}
+
+/// A calendar quota after a debit ([`crate::quota`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct QuotaUse {
+    /// Tokens used in the current period (after the debit when it was allowed).
+    pub used: f64,
+    /// The allowance per period.
+    pub amount: f64,
+    /// When the period ends and usage starts again at 0, seconds since the Unix epoch.
+    pub resets_at: f64,
+    /// Milliseconds from the store's clock at the debit to `resets_at`.
+    pub resets_in_ms: u64,
+}
+
+/// Which limit refused a debit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeniedBy {
+    /// The token bucket cannot pay the cost.
+    Bucket,
+    /// The calendar quota cannot pay it.
+    Quota,
+    /// Neither can.
+    Both,
+}
+
+impl DeniedBy {
+    /// `lua/debit.lua`'s name of it.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bucket" => Some(Self::Bucket),
+            "quota" => Some(Self::Quota),
+            "both" => Some(Self::Both),
+            _ => None,
+        }
+    }
+
+    /// Whether the quota is among the refusers.
+    pub fn quota(self) -> bool {
+        matches!(self, Self::Quota | Self::Both)
+    }
+}
+
+/// The period boundaries of every tier with a calendar quota, computed by the daemon at one
+/// moment of its clock ([`crate::quota::Quota::boundaries`]). The store picks the period that
+/// contains its own clock (Redis `TIME`), so the daemon's skew cannot pick a wrong one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuotaPeriods {
+    /// (tier, amount, four consecutive period starts)
+    pub tiers: Vec<(String, f64, [f64; 4])>,
+}
+
+impl QuotaPeriods {
+    /// The boundaries around `now` (seconds since the Unix epoch) of every quota in `policy`.
+    pub fn around(policy: &crate::budget::BudgetPolicy, now: f64) -> Self {
+        Self {
+            tiers: policy
+                .tiers
+                .iter()
+                .filter_map(|t| {
+                    t.quota
+                        .map(|q| (t.name.clone(), q.amount, q.boundaries(now)))
+                })
+                .collect(),
+        }
+    }
+
+    /// The amount and boundaries of `tier`'s quota, if it has one.
+    pub fn of(&self, tier: &str) -> Option<(f64, [f64; 4])> {
+        self.tiers
+            .iter()
+            .find(|(name, _, _)| name == tier)
+            .map(|(_, amount, b)| (*amount, *b))
+    }
 }
 
 /// What a refund did.
@@ -337,6 +416,51 @@ pub struct KeyState {
     pub operational: f64,
     /// The store's clock at the reading, seconds since the Unix epoch.
     pub at: f64,
+    /// The tier's calendar quota now; `None` when the tier has none.
+    pub quota: Option<QuotaState>,
+}
+
+/// A key's calendar quota now, as `enforcer keys show` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct QuotaState {
+    /// Tokens used in the current period.
+    pub used: f64,
+    /// Tokens left in it (never below 0; a settle or a forced debit may overrun the amount).
+    pub left: f64,
+    /// The allowance per period.
+    pub amount: f64,
+    /// When the current period started, seconds since the Unix epoch.
+    pub period_start: f64,
+    /// When it ends and usage starts again at 0.
+    pub resets_at: f64,
+}
+
+impl QuotaState {
+    /// The quota of `tier` in `policy` at the store's `now`, from the usage kept (`(period
+    /// start, used)`; usage of another period counts as 0). `None` when the tier has none.
+    pub fn of(
+        policy: &crate::budget::BudgetPolicy,
+        tier: &str,
+        stored: Option<(f64, f64)>,
+        now: f64,
+    ) -> Option<Self> {
+        let quota = policy.tier(tier)?.quota?;
+        let d = crate::quota::decide(&quota.boundaries(now), stored, now, quota.amount, 0.0, true)
+            .ok()?;
+        Some(Self {
+            used: d.used,
+            left: (quota.amount - d.used).max(0.0),
+            amount: quota.amount,
+            period_start: d.start,
+            resets_at: d.end,
+        })
+    }
+
+    /// Parses the quota usage key's value (`"<period start> <used>"`).
+    pub fn parse_stored(value: &str) -> Option<(f64, f64)> {
+        let (start, used) = value.split_once(' ')?;
+        Some((start.parse().ok()?, used.parse().ok()?))
+    }
 }
 
 /// Errors of a token store.
@@ -357,7 +481,23 @@ pub enum StoreError {
 #[async_trait]
 pub trait TokenStore: Send + Sync + std::fmt::Debug {
     /// Debits one request, atomically: concurrent debits of one key never spend a token twice.
+    /// Calendar quotas are decided with the periods around the daemon's clock now.
     async fn debit(&self, debit: &Debit) -> Result<DebitOutcome, StoreError>;
+    /// [`TokenStore::debit`] with the quota periods given (the lower-level call: tests pass
+    /// periods computed for a clock near a boundary). When the store's clock is in none of a
+    /// quota's periods, an error and nothing written.
+    /// A store without quotas (a test double) refuses.
+    async fn debit_in_periods(
+        &self,
+        debit: &Debit,
+        periods: &QuotaPeriods,
+    ) -> Result<DebitOutcome, StoreError> {
+        let _ = (debit, periods);
+        Err(StoreError::Rejected(format!(
+            "the {} store does not take quota periods",
+            self.backend()
+        )))
+    }
     /// Gives back the cost of an allowed request (by its id), at most once.
     async fn refund(
         &self,

@@ -23,10 +23,12 @@
 //! the same primary: the answer then waits until `n` replicas have the write (what an
 //! asynchronous failover would otherwise lose).
 use super::{
-    BucketKind, Debit, DebitOutcome, GrantOutcome, GrantTerms, KeyState, RefundOutcome,
-    SettleOutcome, Settled, StoreError, TokenStore, TrueCost, check_cost,
+    BucketKind, Debit, DebitOutcome, DeniedBy, GrantOutcome, GrantTerms, KeyState, QuotaPeriods,
+    QuotaState, QuotaUse, RefundOutcome, SettleOutcome, Settled, StoreError, TokenStore, TrueCost,
+    check_cost,
 };
 use crate::budget::{BudgetPolicy, UnknownKeys};
+use crate::clock::Clock as _;
 use crate::key::{KeyHash, RequestId};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -150,6 +152,8 @@ struct PolicyArgs {
     record_ttl_ms: String,
     /// The record ttl of a reservation (`settle_ttl`).
     settle_ttl_ms: String,
+    /// The policy itself: its tiers' calendar quotas, whose boundaries move with the clock.
+    policy: BudgetPolicy,
 }
 
 impl PolicyArgs {
@@ -161,6 +165,7 @@ impl PolicyArgs {
             inspect_args: inspect_args(policy),
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
             settle_ttl_ms: policy.settle_ttl.as_millis().max(1).to_string(),
+            policy: policy.clone(),
         }
     }
 }
@@ -245,7 +250,7 @@ impl RedisStore {
     }
 
     /// Redis key names of one API key. The hash tag keeps them in one cluster slot.
-    fn key_names(key: &KeyHash, bucket: BucketKind, request_id: &RequestId) -> [String; 4] {
+    fn key_names(key: &KeyHash, bucket: BucketKind, request_id: &RequestId) -> [String; 5] {
         let b = match bucket {
             BucketKind::Main => "b",
             BucketKind::Operational => "ops",
@@ -255,6 +260,7 @@ impl RedisStore {
             key_name(key, "tier"),
             key_name(key, &format!("r:{}", request_id.as_str())),
             key_name(key, "w"),
+            key_name(key, "q"),
         ]
     }
 
@@ -649,21 +655,27 @@ fn key_name(key: &KeyHash, suffix: &str) -> String {
     format!("ptb:{{{}}}:{suffix}", key.to_hex())
 }
 
-/// `"<tokens> <grant id>"` lines (debit.lua, grant.lua) as moves.
-fn grant_moves(lines: &str) -> Result<Vec<crate::wallet::GrantMove>, StoreError> {
-    lines
-        .split('\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (tokens, id) = l
-                .split_once(' ')
-                .ok_or_else(|| StoreError::Protocol(format!("grant move {l:?}")))?;
-            Ok(crate::wallet::GrantMove {
-                grant_id: id.to_owned(),
-                tokens: number(tokens)?,
-            })
-        })
-        .collect()
+/// `"s <tokens> <grant id>"` (spent) and `"x <tokens> <grant id>"` (expired) lines, as
+/// debit.lua and grant.lua report what they did to a wallet.
+fn grant_moves(lines: &str) -> Result<crate::wallet::GrantMoves, StoreError> {
+    let mut moves = crate::wallet::GrantMoves::default();
+    for line in lines.split('\n').filter(|l| !l.is_empty()) {
+        let bad = || StoreError::Protocol(format!("grant move {line:?}"));
+        let mut f = line.splitn(3, ' ');
+        let (Some(tag), Some(tokens), Some(id)) = (f.next(), f.next(), f.next()) else {
+            return Err(bad());
+        };
+        let m = crate::wallet::GrantMove {
+            grant_id: id.to_owned(),
+            tokens: number(tokens)?,
+        };
+        match tag {
+            "s" => moves.spent.push(m),
+            "x" => moves.expired.push(m),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(moves)
 }
 
 fn number(s: &str) -> Result<f64, StoreError> {
@@ -674,6 +686,22 @@ fn number(s: &str) -> Result<f64, StoreError> {
 #[async_trait]
 impl TokenStore for RedisStore {
     async fn debit(&self, d: &Debit) -> Result<DebitOutcome, StoreError> {
+        // Quota boundaries around this daemon's clock; the script picks by Redis TIME. Only
+        // main-bucket debits are charged to a quota.
+        let periods = match d.bucket {
+            BucketKind::Main => {
+                QuotaPeriods::around(&self.args.load().policy, crate::clock::SystemClock.now())
+            }
+            BucketKind::Operational => QuotaPeriods::default(),
+        };
+        self.debit_in_periods(d, &periods).await
+    }
+
+    async fn debit_in_periods(
+        &self,
+        d: &Debit,
+        periods: &QuotaPeriods,
+    ) -> Result<DebitOutcome, StoreError> {
         check_cost(d.cost)?;
         let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
         let cost = d.cost.to_string();
@@ -700,6 +728,15 @@ impl TokenStore for RedisStore {
         args.extend(tail.iter().map(String::as_str));
         args.push(&units);
         args.push(&max_cost);
+        // QUOTA: the count, then name, amount and four period starts per quota tier.
+        let quota_args: Vec<String> = std::iter::once(periods.tiers.len().to_string())
+            .chain(periods.tiers.iter().flat_map(|(name, amount, b)| {
+                [name.clone(), amount.to_string()]
+                    .into_iter()
+                    .chain(b.iter().map(|v| v.to_string()))
+            }))
+            .collect();
+        args.extend(quota_args.iter().map(String::as_str));
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -707,18 +744,43 @@ impl TokenStore for RedisStore {
                 BucketKind::Operational => "O",
             };
         }
-        let (status, allowed, remaining, retry, tier, cost, replayed, at, spent, expired): (
-            String,
-            i64,
-            String,
-            i64,
-            String,
-            String,
-            i64,
-            String,
-            String,
-            String,
-        ) = self.eval(DEBIT, &keys, &args).await?;
+        // 13 fields: more than redis-rs reads into a tuple.
+        let reply: Vec<redis::Value> = self.eval(DEBIT, &keys, &args).await?;
+        let field = |i: usize| -> Result<String, StoreError> {
+            let v = reply.get(i).ok_or_else(|| {
+                StoreError::Protocol(format!("debit answered {} fields", reply.len()))
+            })?;
+            redis::from_redis_value::<String>(v)
+                .map_err(|e| StoreError::Protocol(format!("debit field {i}: {e}")))
+        };
+        let int = |i: usize| -> Result<i64, StoreError> {
+            field(i)?
+                .parse::<i64>()
+                .map_err(|_| StoreError::Protocol(format!("debit field {i} is not an integer")))
+        };
+        let (status, allowed, remaining, retry, tier, cost, replayed, at) = (
+            field(0)?,
+            int(1)?,
+            field(2)?,
+            int(3)?,
+            field(4)?,
+            field(5)?,
+            int(6)?,
+            field(7)?,
+        );
+        let (denied_by, q_used, q_amount, q_resets, moves) =
+            (field(8)?, field(9)?, field(10)?, field(11)?, field(12)?);
+        let quota = if q_used.is_empty() {
+            None
+        } else {
+            let resets_at = number(&q_resets)?;
+            Some(QuotaUse {
+                used: number(&q_used)?,
+                amount: number(&q_amount)?,
+                resets_at,
+                resets_in_ms: ((resets_at - number(&at)?) * 1000.0).ceil().max(0.0) as u64,
+            })
+        };
         match status.as_str() {
             "ok" => Ok(DebitOutcome::Settled(Settled {
                 allowed: allowed == 1,
@@ -732,10 +794,9 @@ impl TokenStore for RedisStore {
                 } else {
                     Some(number(&at)?)
                 },
-                grants: crate::wallet::GrantMoves {
-                    spent: grant_moves(&spent)?,
-                    expired: grant_moves(&expired)?,
-                },
+                grants: grant_moves(&moves)?,
+                quota,
+                denied_by: DeniedBy::parse(&denied_by),
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
             "conflict" => Ok(DebitOutcome::Conflict),
@@ -748,7 +809,7 @@ impl TokenStore for RedisStore {
         key: &KeyHash,
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
-        let [bucket, _, record, _] = Self::key_names(key, BucketKind::Main, request_id);
+        let [bucket, _, record, _, quota] = Self::key_names(key, BucketKind::Main, request_id);
         let (status, credited, balance, as_of, tier, now): (
             String,
             String,
@@ -756,7 +817,7 @@ impl TokenStore for RedisStore {
             String,
             String,
             String,
-        ) = self.eval(REFUND, &[bucket, record], &[]).await?;
+        ) = self.eval(REFUND, &[bucket, record, quota], &[]).await?;
         match status.as_str() {
             "ok" => Ok(RefundOutcome::Refunded {
                 credited: number(&credited)?,
@@ -783,7 +844,7 @@ impl TokenStore for RedisStore {
         cost: TrueCost,
     ) -> Result<SettleOutcome, StoreError> {
         cost.check()?;
-        let [bucket, tier, record, _] = Self::key_names(key, BucketKind::Main, request_id);
+        let [bucket, tier, record, _, quota] = Self::key_names(key, BucketKind::Main, request_id);
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
@@ -804,7 +865,9 @@ impl TokenStore for RedisStore {
             String,
             String,
             String,
-        ) = self.eval(SETTLE, &[bucket, tier, record], &args).await?;
+        ) = self
+            .eval(SETTLE, &[bucket, tier, record, quota], &args)
+            .await?;
         match status.as_str() {
             "ok" | "replay" => Ok(SettleOutcome::Settled {
                 cost: number(&cost)?,
@@ -903,7 +966,7 @@ impl TokenStore for RedisStore {
                 } else {
                     Some(number(&expires_at)?)
                 },
-                expired: grant_moves(&expired)?,
+                expired: grant_moves(&expired)?.expired,
             }),
             "unknown_key" => Ok(GrantOutcome::UnknownKey),
             "too_many_grants" => Ok(GrantOutcome::TooManyGrants),
@@ -921,11 +984,13 @@ impl TokenStore for RedisStore {
             key_name(key, "b"),
             key_name(key, "ops"),
             key_name(key, "tier"),
+            key_name(key, "q"),
             key_name(key, "w"),
         ];
         let policy = self.args.load_full();
         let args: Vec<&str> = policy.inspect_args.iter().map(String::as_str).collect();
-        let (assigned, tier, balance, stored, ops, _ops_stored, at, wallet): (
+        let (assigned, tier, balance, stored, ops, _ops_stored, at, quota, wallet): (
+            String,
             String,
             String,
             String,
@@ -942,6 +1007,8 @@ impl TokenStore for RedisStore {
         wallet.expire(at);
         Ok(KeyState {
             grants: wallet.grants().to_vec(),
+            // Boundaries at Redis TIME: the period the next debit would be charged in.
+            quota: QuotaState::of(&policy.policy, &tier, QuotaState::parse_stored(&quota), at),
             assigned: (!assigned.is_empty()).then_some(assigned),
             tier: known.then_some(tier),
             balance: if known { Some(number(&balance)?) } else { None },
