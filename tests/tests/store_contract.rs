@@ -1802,3 +1802,38 @@ async fn racing_debits_and_refunds_never_pass_the_quota() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_quota_denial_takes_nothing_from_the_wallet_grants_either() {
+    for store in stores() {
+        let store = &*store;
+        let b = store.backend();
+        // Bucket 800 (no refill), quota 500 a month.
+        let key = quota_key(store, "quota-wallet").await;
+        assert!(
+            settle(store, &debit(&key, BucketKind::Main, 490.0))
+                .await
+                .allowed,
+            "{b}"
+        );
+        grant_with(store, &key, 50.0, "promo", expiring(3600.0, None)).await;
+        // The grant and the bucket could pay 20; the quota cannot.
+        let s = settle(store, &debit(&key, BucketKind::Main, 20.0)).await;
+        assert!(!s.allowed, "{b}");
+        assert_eq!(s.denied_by, Some(DeniedBy::Quota), "{b}");
+        assert!(s.grants.spent.is_empty(), "{b}: {:?}", s.grants);
+        let shown = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(shown.grants.len(), 1, "{b}");
+        assert_eq!(shown.grants[0].left, 50.0, "{b}");
+        assert_eq!(shown.balance, Some(310.0), "{b}");
+        // Within the quota, the grant pays first.
+        let s = settle(store, &debit(&key, BucketKind::Main, 10.0)).await;
+        assert!(s.allowed, "{b}");
+        assert_eq!(s.grants.spent, moves(&[("promo", 10.0)]), "{b}");
+        assert_eq!(
+            s.remaining, 350.0,
+            "{b}: 310 in the bucket + 40 in the grant"
+        );
+        assert_eq!(quota_used(store, &key).await, 500.0, "{b}");
+    }
+}
