@@ -9,6 +9,13 @@
 --                             <left> <grant id>" (enforcer/src/wallet.rs); read and spent only
 --                             for the main bucket
 -- KEYS[5]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>" (calendar quotas)
+-- KEYS[6]  key limit          a shared budget member's own bucket, ptb:{budget:<name>}:k:<sha256>
+--                             "<balance> <updated_at>" (read only when ARGV gives a key limit)
+--
+-- For a member of a shared budget (enforcer/src/budget.rs) the daemon names the budget's keys
+-- instead of the key's own: ptb:{budget:<name>}:b, :tier, :w, :q, and the request record
+-- ptb:{budget:<name>}:r:<sha256 of key>:<request id> (request ids stay per key), and passes the
+-- budget's tier as the default tier.
 -- ARGV[1]  cost               tokens, finite, > 0
 -- ARGV[2]  record ttl         milliseconds, integer > 0
 -- ARGV[3]  fingerprint        hex digits: what the request id is bound to (bucket, method,
@@ -30,6 +37,8 @@
 -- ARGV[11+5n+6j .. 16+5n+6j]            name, amount, b0, b1, b2, b3: four consecutive period
 --                                       starts the daemon computed around its clock (Lua has
 --                                       no time zones); the period containing Redis TIME counts
+-- ARGV[11+5n+6m], ARGV[12+5n+6m]        key limit: max_tokens and refill_per_sec of KEYS[6], or
+--                                       "-" "-": none
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
 --          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}
@@ -80,7 +89,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-if #KEYS ~= 5 then fail('expected 5 keys') end
+if #KEYS ~= 6 then fail('expected 6 keys') end
 local cost = number(1, 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(2, 'record ttl', 1)
@@ -212,10 +221,29 @@ if kind == 'm' or kind == 'M' then
 end
 -- <<< QUOTA
 
+-- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
+local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
+local lbase = 11 + 5 * n + 6 * number(10 + 5 * n, 'quota tier count', 0)
+if (kind == 'm' or kind == 'M') and ARGV[lbase] ~= '-' then
+  l_max = number(lbase, 'key limit max_tokens', 0)
+  l_rate = number(lbase + 1, 'key limit refill_per_sec', 0)
+  if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
+  l_balance = l_max
+  local stored = redis.call('GET', KEYS[6])
+  if stored then
+    local b, u = string.match(stored, '^(%S+) (%S+)$')
+    if tonumber(b) ~= nil and tonumber(u) ~= nil then
+      l_balance = math.min(l_max, tonumber(b) + math.max(0, now - tonumber(u)) * l_rate)
+    end
+  end
+  limit_ok = forced or l_balance >= cost
+end
+-- <<< KEY LIMIT
+
 local allowed = 0
 local retry = -1
 local denied_by = ''
-if bucket_ok and quota_ok then
+if bucket_ok and quota_ok and limit_ok then
   -- >>> WALLET: grants first, in spend order; the rest from the bucket.
   local rest = cost
   for _, gr in ipairs(grants) do
@@ -239,6 +267,18 @@ if bucket_ok and quota_ok then
       'PX', math.max(1, math.ceil((q_end - now) * 1000)))
   end
   -- <<< QUOTA
+  -- >>> KEY LIMIT: charged with the budget; forgotten once it has refilled.
+  if l_balance ~= nil then
+    l_balance = l_balance - cost
+    redis.call('SET', KEYS[6], fmt(l_balance) .. ' ' .. fmt(now),
+      'PX', math.ceil((l_max - l_balance) / l_rate * 1000) + 1000)
+  end
+  -- <<< KEY LIMIT
+elseif bucket_ok and quota_ok then
+  -- >>> KEY LIMIT: only the member's own limit refuses; it refills at its own rate.
+  denied_by = 'key_limit'
+  if cost <= l_max then retry = math.ceil((cost - l_balance) / l_rate * 1000) end
+  -- <<< KEY LIMIT
 else
   if not bucket_ok and rate > 0 and cost - held <= max_tokens then
     retry = math.ceil((cost - held - balance) / rate * 1000)

@@ -300,9 +300,7 @@ fn named_key(
 
 /// A SHA-256 in hex.
 pub fn parse_hash(hex_digits: &str) -> Option<KeyHash> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_digits.trim(), &mut out).ok()?;
-    Some(KeyHash(out))
+    KeyHash::from_hex(hex_digits.trim())
 }
 
 fn store_failed(e: &StoreError) -> Response {

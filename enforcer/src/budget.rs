@@ -75,6 +75,73 @@ pub struct BudgetPolicy {
     pub settle_ttl: Duration,
     /// The strict per-key bucket of operational endpoints (seed pitfall 5).
     pub operational: BucketParams,
+    /// Budgets that several keys spend from (`[shared_budgets.*]`).
+    pub shared: SharedBudgets,
+}
+
+/// One budget several keys are charged against (an organisation's, a project's).
+///
+/// Its state lives under its own Redis hash tag, `ptb:{budget:<name>}:…`, so one script call
+/// touches the budget, the member's request record and its sub-limit in one slot. A member's
+/// debits, refunds, settles and grants go to the budget; its request ids stay its own
+/// (`ptb:{budget:<name>}:r:<key hash>:<request id>`). The budget's tier is fixed by the
+/// config (a tier assignment of a member key does not apply while it is a member).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedBudget {
+    /// Its name (`[a-z0-9_-]+`, validated by the config).
+    pub name: String,
+    /// The tier whose bucket, quota and grant ceiling it has.
+    pub tier: String,
+    /// The member keys.
+    pub keys: Vec<crate::key::KeyHash>,
+    /// Each member's own bucket beside the budget, when set: a debit needs both.
+    pub key_limit: Option<BucketParams>,
+}
+
+impl SharedBudget {
+    /// The budget's account: the hash its state is kept under in the in-process store
+    /// (never the hash of a real key: SHA-256 of a prefix no API key can start with).
+    pub fn account(&self) -> crate::key::KeyHash {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"\0enforcer shared budget\0");
+        h.update(self.name.as_bytes());
+        crate::key::KeyHash(h.finalize().into())
+    }
+}
+
+/// The shared budgets, and which budget each member key belongs to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SharedBudgets {
+    budgets: Vec<std::sync::Arc<SharedBudget>>,
+    members: std::collections::HashMap<crate::key::KeyHash, usize>,
+}
+
+impl SharedBudgets {
+    /// Indexes `budgets` by member key (a key in two budgets: the config refuses it; the
+    /// first wins here).
+    pub fn new(budgets: Vec<SharedBudget>) -> Self {
+        let mut members = std::collections::HashMap::new();
+        for (i, b) in budgets.iter().enumerate() {
+            for k in &b.keys {
+                members.entry(*k).or_insert(i);
+            }
+        }
+        Self {
+            budgets: budgets.into_iter().map(std::sync::Arc::new).collect(),
+            members,
+        }
+    }
+
+    /// The budget `key` is charged against, if it is a member of one.
+    pub fn of(&self, key: &crate::key::KeyHash) -> Option<&std::sync::Arc<SharedBudget>> {
+        self.members.get(key).map(|&i| &self.budgets[i])
+    }
+
+    /// All of them, in config order.
+    pub fn all(&self) -> &[std::sync::Arc<SharedBudget>] {
+        &self.budgets
+    }
 }
 
 impl BudgetPolicy {

@@ -82,6 +82,8 @@ pub struct Config {
     pub budget: BudgetConfig,
     /// `[tiers.<name>]`
     pub tiers: BTreeMap<String, TierConfig>,
+    /// `[shared_budgets.<name>]`: several keys charged against one budget.
+    pub shared_budgets: BTreeMap<String, SharedBudgetConfig>,
     /// `[pricing]`
     pub pricing: PricingConfig,
     /// `[kernel]`
@@ -305,6 +307,31 @@ pub struct OperationalConfig {
     /// Burst of operational requests per key.
     pub capacity: f64,
     /// Operational requests per second per key.
+    pub refill_per_sec: f64,
+}
+
+/// `[shared_budgets.<name>]`: one budget (an organisation's, a project's) that several keys
+/// spend from ([`crate::budget::SharedBudget`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedBudgetConfig {
+    /// The tier whose bucket, quota and grant ceiling the budget has.
+    pub tier: String,
+    /// The member keys, by SHA-256 (hex, as `enforcer keys hash` prints it): raw keys never go
+    /// into a config file. A key is in at most one shared budget.
+    pub keys: Vec<String>,
+    /// An optional per-key sub-limit: each member's own bucket beside the budget; a debit
+    /// needs both (all or nothing).
+    pub key_limit: Option<KeyLimitConfig>,
+}
+
+/// `[shared_budgets.<name>.key_limit]`
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitConfig {
+    /// The member's bucket capacity (and what it starts at).
+    pub max_tokens: f64,
+    /// Tokens per second it earns back (> 0: a sub-limit is a rate guard, not credit).
     pub refill_per_sec: f64,
 }
 
@@ -810,6 +837,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             budget: BudgetConfig::default(),
             tiers,
+            shared_budgets: BTreeMap::new(),
             pricing: PricingConfig::default(),
             kernel: KernelConfig::default(),
             ledger: LedgerConfig::default(),
@@ -1011,6 +1039,54 @@ impl Config {
         }
         if self.tiers.is_empty() {
             err("tiers".into(), "at least one tier is required");
+        }
+        let mut members: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for (name, shared) in &self.shared_budgets {
+            let p = |field: &str| format!("shared_budgets.{name}.{field}");
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !name_ok {
+                err(
+                    format!("shared_budgets.{name}"),
+                    "shared budget names are 1-64 of [a-z0-9_-]",
+                );
+            }
+            if !self.tiers.contains_key(&shared.tier) {
+                err(p("tier"), &format!("no tier {:?} in [tiers]", shared.tier));
+            }
+            if shared.keys.is_empty() || shared.keys.len() > 100_000 {
+                err(p("keys"), "1 to 100000 key hashes");
+            }
+            for k in &shared.keys {
+                if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    err(
+                        p("keys"),
+                        &format!(
+                            "{k:?} is not a SHA-256 in hex (64 digits; `enforcer keys hash` \
+                             prints it): raw keys never go into the config"
+                        ),
+                    );
+                } else if let Some(other) = members.insert(k.as_str(), name.as_str()) {
+                    err(
+                        p("keys"),
+                        &format!("key {k} is in shared budget {other:?} already"),
+                    );
+                }
+            }
+            if let Some(l) = shared.key_limit
+                && !(positive(l.max_tokens)
+                    && l.max_tokens <= 1e15
+                    && positive(l.refill_per_sec)
+                    && l.refill_per_sec <= 1e15)
+            {
+                err(
+                    p("key_limit"),
+                    "max_tokens and refill_per_sec must be > 0 and <= 1e15",
+                );
+            }
         }
         for (name, tier) in &self.tiers {
             let p = |field: &str| format!("tiers.{name}.{field}");
@@ -1364,6 +1440,27 @@ impl Config {
                 idle_cap: 1.0,
                 initial_tokens: ops.capacity,
             },
+            shared: crate::budget::SharedBudgets::new(
+                self.shared_budgets
+                    .iter()
+                    .map(|(name, b)| crate::budget::SharedBudget {
+                        name: name.clone(),
+                        tier: b.tier.clone(),
+                        key_limit: b.key_limit.map(|l| BucketParams {
+                            max_tokens: l.max_tokens,
+                            refill_per_sec: l.refill_per_sec,
+                            idle_cap: 1.0,
+                            initial_tokens: l.max_tokens,
+                        }),
+                        // validate() refused keys that are not hex SHA-256s.
+                        keys: b
+                            .keys
+                            .iter()
+                            .filter_map(|k| crate::key::KeyHash::from_hex(k))
+                            .collect(),
+                    })
+                    .collect(),
+            ),
         }
     }
 }
@@ -1371,6 +1468,34 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_budgets_name_a_tier_hashed_keys_each_once_and_a_sane_key_limit() {
+        let h = "ab".repeat(32);
+        let ok = Config::parse(&format!(
+            "[shared_budgets.acme]\ntier = \"free\"\nkeys = [\"{h}\"]\n\
+             key_limit = {{ max_tokens = 100, refill_per_sec = 2 }}\n"
+        ))
+        .expect("valid");
+        let policy = ok.budget_policy();
+        let member = crate::key::KeyHash::from_hex(&h).expect("hash");
+        assert_eq!(policy.shared.of(&member).map(|b| b.name.as_str()), Some("acme"));
+        let bad = Config::parse(&format!(
+            "[shared_budgets.acme]\ntier = \"gold\"\nkeys = [\"raw-api-key\", \"{h}\"]\n\
+             key_limit = {{ max_tokens = 0, refill_per_sec = 2 }}\n\
+             [shared_budgets.other]\ntier = \"free\"\nkeys = [\"{h}\"]\n"
+        ))
+        .expect_err("invalid");
+        let text = bad.to_string();
+        for what in [
+            "shared_budgets.acme.tier",
+            "raw keys never go into the config",
+            "shared_budgets.acme.key_limit",
+            "is in shared budget \"acme\" already",
+        ] {
+            assert!(text.contains(what), "{what}: {text}");
+        }
+    }
 
     #[test]
     fn empty_file_is_a_working_config() {

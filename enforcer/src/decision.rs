@@ -84,6 +84,8 @@ pub enum Denial {
     Exhausted,
     /// The tier's calendar quota cannot pay it (until the period resets).
     QuotaExhausted,
+    /// The key's shared budget could pay, its own `key_limit` cannot (until it refills).
+    KeyLimit,
     /// The key has no tier and unknown keys are refused.
     UnknownKey,
     /// The store is unreachable and the policy is fail-closed.
@@ -99,6 +101,7 @@ impl Denial {
         match self {
             Denial::Exhausted => "exhausted",
             Denial::QuotaExhausted => "quota_exhausted",
+            Denial::KeyLimit => "key_limit",
             Denial::UnknownKey => "unknown_key",
             Denial::StoreUnavailable => "store_unavailable",
             Denial::RequestIdConflict => "request_id_conflict",
@@ -652,10 +655,10 @@ impl Decider {
         };
         Decision {
             allowed: s.allowed || shadow,
-            denial: (!s.allowed).then_some(if s.denied_by.is_some_and(|d| d.quota()) {
-                Denial::QuotaExhausted
-            } else {
-                Denial::Exhausted
+            denial: (!s.allowed).then_some(match s.denied_by {
+                Some(d) if d.quota() => Denial::QuotaExhausted,
+                Some(crate::store::DeniedBy::KeyLimit) => Denial::KeyLimit,
+                _ => Denial::Exhausted,
             }),
             quota: s.quota,
             cost: s.cost,

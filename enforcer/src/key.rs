@@ -76,6 +76,13 @@ impl fmt::Debug for ApiKey {
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
+    /// Parses 64 hex digits (either case); `None` for anything else.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
+
     /// Lower-case hex, as used in Redis key names and audit rows.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

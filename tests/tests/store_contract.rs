@@ -102,6 +102,11 @@ impl Timed {
 }
 
 fn timed_stores() -> Vec<Timed> {
+    timed_stores_with(&policy())
+}
+
+/// The three stores under `policy`.
+fn timed_stores_with(policy: &BudgetPolicy) -> Vec<Timed> {
     let redis = RedisStore::new(
         &RedisStoreConfig {
             url: redis_url(),
@@ -110,7 +115,7 @@ fn timed_stores() -> Vec<Timed> {
             response_timeout: Duration::from_secs(2),
             ..RedisStoreConfig::default()
         },
-        &policy(),
+        policy,
     )
     .expect("redis store");
     // The cluster `cargo xtask test` started: every script call routed by its key's slot.
@@ -121,12 +126,12 @@ fn timed_stores() -> Vec<Timed> {
             response_timeout: Duration::from_secs(2),
             ..RedisStoreConfig::default()
         },
-        &policy(),
+        policy,
     )
     .expect("redis cluster store");
     assert_eq!(cluster.backend(), "redis-cluster");
     let clock = Arc::new(ManualClock::at(1_000_000.0));
-    let memory = MemoryStore::new(policy(), clock.clone());
+    let memory = MemoryStore::new(policy.clone(), clock.clone());
     vec![
         Timed {
             store: Box::new(redis),
@@ -1835,5 +1840,162 @@ async fn a_quota_denial_takes_nothing_from_the_wallet_grants_either() {
             "{b}: 310 in the bucket + 40 in the grant"
         );
         assert_eq!(quota_used(store, &key).await, 500.0, "{b}");
+    }
+}
+
+// ---- Shared budgets: several keys charged against one budget (enforcer/src/budget.rs) ----
+
+/// Two member keys of one fresh shared budget on the `norefill` tier (800 to start, no
+/// refill), each with a key limit of `limit` tokens (refilling 1/s) when given, and the
+/// policy that says so.
+fn shared_policy(limit: Option<f64>) -> (BudgetPolicy, String, ApiKey, ApiKey) {
+    let a = ApiKey::parse(&unique("member-a")).expect("key");
+    let b = ApiKey::parse(&unique("member-b")).expect("key");
+    let name = unique("acme");
+    let mut config = enforcer_tests::example_config("");
+    config.budget.unknown_keys = enforcer::config::UnknownKeyPolicy::Reject;
+    config.tiers.insert(
+        "norefill".into(),
+        enforcer::config::TierConfig {
+            max_tokens: 1000.0,
+            refill_per_sec: 0.0,
+            idle_cap: 0.8,
+            initial_tokens: Some(800.0),
+            shadow: false,
+            grant_ceiling: Some(5000.0),
+            low_balance: Vec::new(),
+            quota: None,
+        },
+    );
+    config.shared_budgets.insert(
+        name.clone(),
+        enforcer::config::SharedBudgetConfig {
+            tier: "norefill".into(),
+            keys: vec![a.hash().to_hex(), b.hash().to_hex()],
+            key_limit: limit.map(|max_tokens| enforcer::config::KeyLimitConfig {
+                max_tokens,
+                refill_per_sec: 1.0,
+            }),
+        },
+    );
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    (config.budget_policy(), name, a, b)
+}
+
+#[tokio::test]
+async fn members_of_a_shared_budget_spend_one_balance_with_their_own_request_ids() {
+    let (policy, name, a, b) = shared_policy(None);
+    for t in timed_stores_with(&policy) {
+        let store = &*t.store;
+        let bk = store.backend();
+        // Unknown keys are refused by this policy, but members need no tier assignment: the
+        // budget's tier applies.
+        let first = settle(store, &debit(&a, BucketKind::Main, 300.0)).await;
+        assert!(first.allowed, "{bk}");
+        assert_eq!(
+            (first.tier.as_str(), first.remaining),
+            ("norefill", 500.0),
+            "{bk}"
+        );
+        let second = settle(store, &debit(&b, BucketKind::Main, 200.0)).await;
+        assert_eq!(second.remaining, 300.0, "{bk}: b spends what a left");
+        // The same request id on each key: two requests, not a replay of the other's.
+        let mut da = debit(&a, BucketKind::Main, 100.0);
+        let mut db = debit(&b, BucketKind::Main, 100.0);
+        let shared_id = RequestId::generate();
+        da.request_id = shared_id.clone();
+        db.request_id = shared_id.clone();
+        assert!(!settle(store, &da).await.replayed, "{bk}");
+        let s = settle(store, &db).await;
+        assert!(!s.replayed && s.allowed, "{bk}: {s:?}");
+        assert_eq!(s.remaining, 100.0, "{bk}");
+        // A retry of a's is a replay, free.
+        assert!(settle(store, &da).await.replayed, "{bk}");
+        // Refunds are per key and go back to the budget.
+        match store.refund(&b.hash(), &shared_id).await.expect("refund") {
+            RefundOutcome::Refunded {
+                credited, balance, ..
+            } => {
+                assert_eq!((credited, balance), (100.0, 200.0), "{bk}");
+            }
+            other => panic!("{bk}: {other:?}"),
+        }
+        assert_eq!(
+            store.refund(&b.hash(), &shared_id).await.expect("refund"),
+            RefundOutcome::AlreadyRefunded,
+            "{bk}"
+        );
+        // A request id of one member cannot be refunded through the other.
+        let only_a = debit(&a, BucketKind::Main, 10.0);
+        settle(store, &only_a).await;
+        assert_eq!(
+            store
+                .refund(&b.hash(), &only_a.request_id)
+                .await
+                .expect("refund"),
+            RefundOutcome::UnknownRequest,
+            "{bk}"
+        );
+        // A grant through either member tops up the budget; both see it.
+        let (after, _) = granted(
+            store
+                .grant(&a.hash(), 400.0, &RequestId::generate())
+                .await
+                .expect("grant"),
+            bk,
+        );
+        assert_eq!(after, 590.0, "{bk}");
+        let shown = store.inspect(&b.hash()).await.expect("inspect");
+        assert_eq!(shown.balance, Some(590.0), "{bk}");
+        assert_eq!(shown.shared_budget.as_deref(), Some(name.as_str()), "{bk}");
+        // Operational buckets stay per key.
+        let ops = settle(store, &debit(&a, BucketKind::Operational, 1.0)).await;
+        assert_eq!(ops.remaining, 9.0, "{bk}");
+        assert_eq!(
+            store.inspect(&b.hash()).await.expect("inspect").operational,
+            10.0,
+            "{bk}"
+        );
+        // More than the budget holds: denied for either member.
+        let s = settle(store, &debit(&b, BucketKind::Main, 600.0)).await;
+        assert!(!s.allowed, "{bk}");
+        assert_eq!(s.denied_by, Some(DeniedBy::Bucket), "{bk}");
+    }
+}
+
+#[tokio::test]
+async fn a_member_key_limit_refuses_that_key_alone_and_charges_nothing() {
+    let (policy, _, a, b) = shared_policy(Some(100.0));
+    for t in timed_stores_with(&policy) {
+        let store = &*t.store;
+        let bk = store.backend();
+        let s = settle(store, &debit(&a, BucketKind::Main, 80.0)).await;
+        assert!(s.allowed, "{bk}");
+        // 80 of a's 100 used: 30 more is over a's own limit, though the budget has 720.
+        let s = settle(store, &debit(&a, BucketKind::Main, 30.0)).await;
+        assert!(!s.allowed, "{bk}");
+        assert_eq!(s.denied_by, Some(DeniedBy::KeyLimit), "{bk}");
+        // It refills at 1/s: about 10 s (less the time the test took).
+        let retry = s.retry_after_ms.expect("a key limit refills");
+        assert!((1..=10_000).contains(&retry), "{bk}: {retry}");
+        assert_eq!(s.remaining, 720.0, "{bk}: nothing charged");
+        // b has its own limit.
+        let s = settle(store, &debit(&b, BucketKind::Main, 100.0)).await;
+        assert!(s.allowed, "{bk}");
+        assert_eq!(s.remaining, 620.0, "{bk}");
+        // Above the limit itself: never.
+        let s = settle(store, &debit(&b, BucketKind::Main, 101.0)).await;
+        assert!(!s.allowed, "{bk}");
+        assert_eq!(s.retry_after_ms, None, "{bk}");
+        // The in-process store's clock moves on demand: 15 s later a may spend 30 again.
+        if let Some(clock) = &t.clock {
+            clock.advance(15.0);
+            assert!(
+                settle(store, &debit(&a, BucketKind::Main, 30.0))
+                    .await
+                    .allowed,
+                "{bk}"
+            );
+        }
     }
 }

@@ -26,6 +26,10 @@ pub struct KernelPlan {
     /// Decisions of one key that must carry an address before it is bound to the key
     /// (`kernel.bind_after`; [`crate::kernel::binding`]).
     pub bind_after: u32,
+    /// Members of shared budgets: never a snapshot. Their balance moves with every other
+    /// member's debits, refunds and grants, which a member's snapshot would not see, so it
+    /// could be too low: the kernel would reject a key its budget can pay for.
+    pub shared_members: std::collections::HashSet<crate::key::KeyHash>,
 }
 
 /// What a tier means for the kernel.
@@ -144,6 +148,12 @@ pub fn plan(config: &Config) -> KernelPlan {
         tiers,
         shadow,
         bind_after: config.kernel.bind_after,
+        shared_members: config
+            .shared_budgets
+            .values()
+            .flat_map(|b| b.keys.iter())
+            .filter_map(|k| crate::key::KeyHash::from_hex(k))
+            .collect(),
     }
 }
 

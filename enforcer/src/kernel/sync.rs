@@ -247,6 +247,14 @@ impl GateLink {
         raises: bool,
     ) -> Option<Update> {
         let plan = self.plan.load();
+        if plan.shared_members.contains(key_hash) {
+            // Never judged in the kernel (see `KernelPlan::shared_members`): whatever the map
+            // holds for it goes.
+            return Some(Update::Lift {
+                key_id,
+                at: Some(settled.at),
+            });
+        }
         let rule = plan.enforced_tier(tier)?;
         let age = settled.now - settled.at;
         let (balance, stamp) = match Duration::try_from_secs_f64(age.max(0.0))
@@ -1273,6 +1281,27 @@ mod tests {
         );
         assert_eq!(b.stamp, sent);
         assert!(matches!(got[1], Update::Client { key_id, .. } if key_id == key.kernel_id()));
+
+        // A member of a shared budget: its balance moves with the other members', so the
+        // kernel never judges it by a snapshot: whatever it holds is lifted.
+        let mut shared = Config::default();
+        shared.shared_budgets.insert(
+            "acme".into(),
+            crate::config::SharedBudgetConfig {
+                tier: "free".into(),
+                keys: vec![hash.to_hex()],
+                key_limit: None,
+            },
+        );
+        let got = updates(&shared, debit);
+        assert!(
+            matches!(got[0], Update::Lift { key_id, at: Some(_) } if key_id == key.kernel_id()),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter().any(|u| matches!(u, Update::Balance(_))),
+            "{got:?}"
+        );
 
         let mut shadow = Config::default();
         shadow.budget.shadow = true;

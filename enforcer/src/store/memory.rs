@@ -72,6 +72,8 @@ struct State {
     wallets: HashMap<KeyHash, Wallet>,
     /// Calendar-quota usage per key: (period start, used, expiry at the period's end).
     quotas: HashMap<KeyHash, (f64, f64, f64)>,
+    /// Shared budget members' own buckets (`key_limit`), by member key.
+    limits: HashMap<KeyHash, Bucket>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -85,6 +87,57 @@ pub struct MemoryStore {
     policy: ArcSwap<BudgetPolicy>,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+}
+
+/// Whose state a call about one key touches: the key's own, or its shared budget's
+/// ([`crate::budget::SharedBudget`]; its state is kept under the budget's account hash, a
+/// member's request records under "<member hash>:<request id>").
+struct Account {
+    hash: KeyHash,
+    shared: Option<Arc<crate::budget::SharedBudget>>,
+}
+
+impl Account {
+    /// The account a call about `key` touches under `policy`: a member's main bucket is its
+    /// budget's; its operational bucket its own, under the budget's tier.
+    fn of(policy: &BudgetPolicy, key: &KeyHash, bucket: BucketKind) -> Self {
+        match policy.shared.of(key) {
+            Some(b) => Self {
+                hash: match bucket {
+                    BucketKind::Main => b.account(),
+                    BucketKind::Operational => *key,
+                },
+                shared: Some(b.clone()),
+            },
+            None => Self {
+                hash: *key,
+                shared: None,
+            },
+        }
+    }
+
+    /// The request record's id: per key, also in a shared budget.
+    fn record(&self, key: &KeyHash, request_id: &RequestId) -> (KeyHash, String) {
+        match self.shared {
+            Some(_) => (
+                self.hash,
+                format!("{}:{}", key.to_hex(), request_id.as_str()),
+            ),
+            None => (self.hash, request_id.as_str().to_owned()),
+        }
+    }
+
+    /// The tier the account is charged under: a shared budget's own, else the key's.
+    fn tier<'p>(
+        &self,
+        policy: &'p BudgetPolicy,
+        tiers: &HashMap<KeyHash, String>,
+    ) -> Option<&'p crate::budget::Tier> {
+        match &self.shared {
+            Some(b) => policy.tier(&b.tier),
+            None => policy.resolve(tiers.get(&self.hash).map(String::as_str)),
+        }
+    }
 }
 
 fn slot(kind: BucketKind) -> u8 {
@@ -141,6 +194,8 @@ impl State {
         self.records.retain(|_, r| r.expires_at > now);
         self.grants.retain(|_, g| g.2 > now);
         self.quotas.retain(|_, q| q.2 > now);
+        self.limits
+            .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
         self.size_after_sweep =
             self.buckets.len() + self.records.len() + self.grants.len() + self.quotas.len();
     }
@@ -166,7 +221,8 @@ impl TokenStore for MemoryStore {
         let policy = self.policy.load();
         let mut st = self.state.lock();
         st.sweep(now);
-        let record_key = (d.key, d.request_id.as_str().to_owned());
+        let account = Account::of(&policy, &d.key, d.bucket);
+        let record_key = account.record(&d.key, &d.request_id);
         // The rules of `lua/debit.lua`: another request under this id is a conflict, a retry
         // is answered from the record, a refunded request is charged again.
         if let Some(r) = st.records.get(&record_key).filter(|r| r.expires_at > now) {
@@ -188,7 +244,7 @@ impl TokenStore for MemoryStore {
                 }));
             }
         }
-        let Some(tier) = policy.resolve(st.tiers.get(&d.key).map(String::as_str)) else {
+        let Some(tier) = account.tier(&policy, &st.tiers) else {
             return Ok(DebitOutcome::UnknownKey);
         };
         let params = match d.bucket {
@@ -196,7 +252,7 @@ impl TokenStore for MemoryStore {
             BucketKind::Operational => policy.operational,
         };
         let window = policy.active_window.as_secs_f64();
-        let bucket_key = (d.key, slot(d.bucket));
+        let bucket_key = (account.hash, slot(d.bucket));
         let previous = st
             .buckets
             .get(&bucket_key)
@@ -204,7 +260,7 @@ impl TokenStore for MemoryStore {
             .map(|b| b.state);
         // The main bucket pays after the key's wallet grants; the operational one alone.
         let stored_wallet = match d.bucket {
-            BucketKind::Main => st.wallets.get(&d.key).cloned(),
+            BucketKind::Main => st.wallets.get(&account.hash).cloned(),
             BucketKind::Operational => None,
         };
         let mut wallet = stored_wallet.clone();
@@ -222,7 +278,7 @@ impl TokenStore for MemoryStore {
         // QUOTA: the rule of `lua/debit.lua`'s quota block, decided before anything is written.
         let quota = match (d.bucket, periods.of(&tier.name)) {
             (BucketKind::Main, Some((amount, bounds))) => {
-                let stored = Self::quota_used(&st, &d.key, now);
+                let stored = Self::quota_used(&st, &account.hash, now);
                 let q = crate::quota::decide(&bounds, stored, now, amount, d.cost, d.force)
                     .map_err(|e| StoreError::Rejected(e.to_string()))?;
                 Some((q, amount))
@@ -249,11 +305,57 @@ impl TokenStore for MemoryStore {
                 balance: debit::refilled(previous, &params, window, now),
                 updated_at: now,
             };
+            wallet = stored_wallet.clone().map(|mut w| {
+                w.expire(now);
+                w
+            });
+            moves.spent.clear();
+        }
+        // KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
+        let limit = account
+            .shared
+            .as_ref()
+            .and_then(|b| b.key_limit)
+            .filter(|_| d.bucket == BucketKind::Main);
+        let limit_balance = limit.map(|l| {
+            let stored = st
+                .limits
+                .get(&d.key)
+                .filter(|b| b.expires_at.is_none_or(|at| at > now));
+            debit::refilled(stored.map(|b| b.state), &l, f64::INFINITY, now)
+        });
+        if let (Some(l), Some(lb)) = (limit, limit_balance)
+            && s.allowed
+            && !(d.force || lb >= d.cost)
+        {
+            denied_by = Some(DeniedBy::KeyLimit);
+            s.retry_after_ms = (d.cost <= l.max_tokens)
+                .then(|| ((d.cost - lb) / l.refill_per_sec * 1000.0).ceil() as u64);
+            s.allowed = false;
+            s.state = BucketState {
+                balance: debit::refilled(previous, &params, window, now),
+                updated_at: now,
+            };
             wallet = stored_wallet.map(|mut w| {
                 w.expire(now);
                 w
             });
             moves.spent.clear();
+        }
+        if let (Some(l), Some(lb)) = (limit, limit_balance)
+            && s.allowed
+        {
+            let left = lb - d.cost;
+            st.limits.insert(
+                d.key,
+                Bucket {
+                    state: BucketState {
+                        balance: left,
+                        updated_at: now,
+                    },
+                    expires_at: Some(now + (l.max_tokens - left) / l.refill_per_sec + 1.0),
+                },
+            );
         }
         let quota_use = quota.map(|(q, amount)| {
             let used = if s.allowed { q.used + d.cost } else { q.used };
@@ -267,15 +369,16 @@ impl TokenStore for MemoryStore {
         if s.allowed
             && let Some((q, _)) = quota
         {
-            st.quotas.insert(d.key, (q.start, q.used + d.cost, q.end));
+            st.quotas
+                .insert(account.hash, (q.start, q.used + d.cost, q.end));
         }
         let held = wallet.as_ref().map_or(0.0, Wallet::total);
         match wallet {
             Some(w) if !w.is_empty() => {
-                st.wallets.insert(d.key, w);
+                st.wallets.insert(account.hash, w);
             }
             Some(_) => {
-                st.wallets.remove(&d.key);
+                st.wallets.remove(&account.hash);
             }
             None => {}
         }
@@ -332,8 +435,10 @@ impl TokenStore for MemoryStore {
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
         let now = self.clock.now();
+        let policy = self.policy.load();
         let mut st = self.state.lock();
-        let record_key = (*key, request_id.as_str().to_owned());
+        let account = Account::of(&policy, key, BucketKind::Main);
+        let record_key = account.record(key, request_id);
         let Some(record) = st
             .records
             .get(&record_key)
@@ -350,7 +455,7 @@ impl TokenStore for MemoryStore {
         }
         let (credited, balance, as_of) = match st
             .buckets
-            .get_mut(&(*key, slot(BucketKind::Main)))
+            .get_mut(&(account.hash, slot(BucketKind::Main)))
             .filter(|b| b.expires_at.is_none_or(|at| at > now))
         {
             Some(bucket) => {
@@ -364,7 +469,7 @@ impl TokenStore for MemoryStore {
             }
             None => (0.0, 0.0, None),
         };
-        Self::adjust_quota(&mut st, key, &record, now, -record.cost);
+        Self::adjust_quota(&mut st, &account.hash, &record, now, -record.cost);
         if let Some(r) = st.records.get_mut(&record_key) {
             r.refunded = true;
         }
@@ -388,7 +493,8 @@ impl TokenStore for MemoryStore {
         let policy = self.policy.load();
         let mut st = self.state.lock();
         st.sweep(now);
-        let record_key = (*key, request_id.as_str().to_owned());
+        let account = Account::of(&policy, key, BucketKind::Main);
+        let record_key = account.record(key, request_id);
         // The rules of `lua/settle.lua`.
         let Some(record) = st
             .records
@@ -427,8 +533,8 @@ impl TokenStore for MemoryStore {
                 replayed: true,
             });
         }
-        let Some(tier) = policy
-            .resolve(st.tiers.get(key).map(String::as_str))
+        let Some(tier) = account
+            .tier(&policy, &st.tiers)
             .or_else(|| policy.tier(&record.tier))
             .cloned()
         else {
@@ -439,7 +545,7 @@ impl TokenStore for MemoryStore {
             _ => (requested, false),
         };
         let window = policy.active_window.as_secs_f64();
-        let bucket_key = (*key, slot(BucketKind::Main));
+        let bucket_key = (account.hash, slot(BucketKind::Main));
         let previous = st
             .buckets
             .get(&bucket_key)
@@ -455,7 +561,13 @@ impl TokenStore for MemoryStore {
                     .map(|secs| now + secs),
             },
         );
-        Self::adjust_quota(&mut st, key, &record, now, charged_cost - estimate);
+        Self::adjust_quota(
+            &mut st,
+            &account.hash,
+            &record,
+            now,
+            charged_cost - estimate,
+        );
         if let Some(r) = st.records.get_mut(&record_key) {
             r.cost = charged_cost;
             r.settled = Some(SettledAt {
@@ -499,7 +611,10 @@ impl TokenStore for MemoryStore {
         let now = self.clock.now();
         let mut st = self.state.lock();
         st.sweep(now);
-        let grant_key = (*key, grant_id.as_str().to_owned());
+        let policy = self.policy.load();
+        // A grant to a member of a shared budget tops up the budget.
+        let account = Account::of(&policy, key, BucketKind::Main);
+        let grant_key = (account.hash, grant_id.as_str().to_owned());
         if let Some(g) = st.grants.get(&grant_key).filter(|g| g.2 > now) {
             return Ok(GrantOutcome::Granted {
                 balance: g.0,
@@ -510,15 +625,11 @@ impl TokenStore for MemoryStore {
                 expired: Vec::new(),
             });
         }
-        let policy = self.policy.load();
-        let Some(tier) = policy
-            .resolve(st.tiers.get(key).map(String::as_str))
-            .cloned()
-        else {
+        let Some(tier) = account.tier(&policy, &st.tiers).cloned() else {
             return Ok(GrantOutcome::UnknownKey);
         };
         let window = policy.active_window.as_secs_f64();
-        let bucket_key = (*key, slot(BucketKind::Main));
+        let bucket_key = (account.hash, slot(BucketKind::Main));
         let previous = st
             .buckets
             .get(&bucket_key)
@@ -526,7 +637,7 @@ impl TokenStore for MemoryStore {
             .map(|b| b.state);
         // The rules of `lua/grant.lua`: refused whole (nothing changed, expired grants
         // included) over the ceiling, which counts the bucket and the wallet.
-        let mut wallet = st.wallets.get(key).cloned().unwrap_or_default();
+        let mut wallet = st.wallets.get(&account.hash).cloned().unwrap_or_default();
         let expired = wallet.expire(now);
         let held = wallet.total();
         let balance = debit::refilled(previous, &tier.bucket, window, now);
@@ -575,9 +686,9 @@ impl TokenStore for MemoryStore {
         }
         let after = balance + tokens + held;
         if wallet.is_empty() {
-            st.wallets.remove(key);
+            st.wallets.remove(&account.hash);
         } else {
-            st.wallets.insert(*key, wallet);
+            st.wallets.insert(account.hash, wallet);
         }
         st.grants.insert(
             grant_key,
@@ -603,31 +714,40 @@ impl TokenStore for MemoryStore {
         let st = self.state.lock();
         let policy = self.policy.load();
         let window = policy.active_window.as_secs_f64();
-        let bucket = |kind| {
+        // A member's balance, grants and quota are its shared budget's; its operational
+        // bucket its own.
+        let account = Account::of(&policy, key, BucketKind::Main);
+        let bucket = |owner: &KeyHash, kind| {
             st.buckets
-                .get(&(*key, slot(kind)))
+                .get(&(*owner, slot(kind)))
                 .filter(|b| b.expires_at.is_none_or(|at| at > now))
                 .map(|b| b.state)
         };
-        let assigned = st.tiers.get(key).cloned();
-        let tier = policy.resolve(assigned.as_deref());
-        let main = bucket(BucketKind::Main);
-        let mut wallet = st.wallets.get(key).cloned().unwrap_or_default();
+        let assigned = st.tiers.get(&account.hash).cloned();
+        let tier = account.tier(&policy, &st.tiers);
+        let main = bucket(&account.hash, BucketKind::Main);
+        let mut wallet = st.wallets.get(&account.hash).cloned().unwrap_or_default();
         wallet.expire(now);
         Ok(KeyState {
             grants: wallet.grants().to_vec(),
             quota: tier.and_then(|t| {
-                super::QuotaState::of(&policy, &t.name, Self::quota_used(&st, key, now), now)
+                super::QuotaState::of(
+                    &policy,
+                    &t.name,
+                    Self::quota_used(&st, &account.hash, now),
+                    now,
+                )
             }),
             tier: tier.map(|t| t.name.clone()),
             balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
             stored: main.is_some(),
             operational: debit::refilled(
-                bucket(BucketKind::Operational),
+                bucket(key, BucketKind::Operational),
                 &policy.operational,
                 window,
                 now,
             ),
+            shared_budget: account.shared.as_ref().map(|b| b.name.clone()),
             assigned,
             at: now,
         })

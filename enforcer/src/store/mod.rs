@@ -257,6 +257,9 @@ pub enum DeniedBy {
     Quota,
     /// Neither can.
     Both,
+    /// The budget and its quota could pay; the shared budget member's own `key_limit`
+    /// cannot.
+    KeyLimit,
 }
 
 impl DeniedBy {
@@ -266,6 +269,7 @@ impl DeniedBy {
             "bucket" => Some(Self::Bucket),
             "quota" => Some(Self::Quota),
             "both" => Some(Self::Both),
+            "key_limit" => Some(Self::KeyLimit),
             _ => None,
         }
     }
@@ -414,6 +418,9 @@ pub struct KeyState {
     pub stored: bool,
     /// The operational bucket's balance now.
     pub operational: f64,
+    /// The shared budget the key spends from (its balance, grants and quota are the
+    /// budget's), if it is a member of one.
+    pub shared_budget: Option<String>,
     /// The store's clock at the reading, seconds since the Unix epoch.
     pub at: f64,
     /// The tier's calendar quota now; `None` when the tier has none.

@@ -37,6 +37,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, Script, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -138,9 +139,10 @@ pub struct RedisStore {
     args: ArcSwap<PolicyArgs>,
 }
 
-/// The budget policy as the debit script's arguments, computed once per policy.
+/// The script arguments of one account: a key's own budget, or a shared budget (whose tier is
+/// the default tier of its arguments).
 #[derive(Debug)]
-struct PolicyArgs {
+struct AccountArgs {
     /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
     main_args: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
@@ -149,6 +151,76 @@ struct PolicyArgs {
     grant_args: Vec<String>,
     /// `ARGV` of the inspect script: the main debit tail, then the operational bucket.
     inspect_args: Vec<String>,
+    /// The debit script's key limit: `max_tokens refill_per_sec`, or `- -`.
+    key_limit: [String; 2],
+}
+
+impl AccountArgs {
+    fn of(policy: &BudgetPolicy, key_limit: Option<crate::budget::BucketParams>) -> Self {
+        Self {
+            main_args: script_args(policy, BucketKind::Main),
+            ops_args: script_args(policy, BucketKind::Operational),
+            grant_args: grant_args(policy),
+            inspect_args: inspect_args(policy),
+            key_limit: key_limit.map_or_else(
+                || ["-".to_owned(), "-".to_owned()],
+                |l| [l.max_tokens.to_string(), l.refill_per_sec.to_string()],
+            ),
+        }
+    }
+}
+
+/// Whose state a call about one key touches: the key's own (`ptb:{<sha256>}:…`) or its shared
+/// budget's (`ptb:{budget:<name>}:…`, [`crate::budget::SharedBudget`]).
+struct Account<'a> {
+    /// The hash tag.
+    tag: String,
+    /// For a shared budget: the member key's hash, which names its request records and its key
+    /// limit.
+    member: Option<String>,
+    args: &'a AccountArgs,
+}
+
+impl Account<'_> {
+    fn name(&self, suffix: &str) -> String {
+        format!("ptb:{{{}}}:{suffix}", self.tag)
+    }
+
+    /// A request record: per key, also in a shared budget.
+    fn record(&self, request_id: &RequestId) -> String {
+        match &self.member {
+            Some(member) => self.name(&format!("r:{member}:{}", request_id.as_str())),
+            None => self.name(&format!("r:{}", request_id.as_str())),
+        }
+    }
+
+    /// The debit script's keys: bucket, tier, record, wallet, quota, key limit.
+    fn debit_keys(&self, bucket: BucketKind, request_id: &RequestId) -> [String; 6] {
+        let b = match bucket {
+            BucketKind::Main => "b",
+            BucketKind::Operational => "ops",
+        };
+        [
+            self.name(b),
+            self.name("tier"),
+            self.record(request_id),
+            self.name("w"),
+            self.name("q"),
+            match &self.member {
+                Some(member) => self.name(&format!("k:{member}")),
+                None => self.name("k"),
+            },
+        ]
+    }
+}
+
+/// The budget policy as the scripts' arguments, computed once per policy.
+#[derive(Debug)]
+struct PolicyArgs {
+    /// Keys' own accounts.
+    own: AccountArgs,
+    /// Members of shared budgets: the budget's tag and arguments.
+    shared: HashMap<KeyHash, Arc<(String, AccountArgs)>>,
     record_ttl_ms: String,
     /// The record ttl of a reservation (`settle_ttl`).
     settle_ttl_ms: String,
@@ -158,14 +230,49 @@ struct PolicyArgs {
 
 impl PolicyArgs {
     fn of(policy: &BudgetPolicy) -> Self {
+        let mut shared = HashMap::new();
+        for budget in policy.shared.all() {
+            // The budget's tier is its default tier: nobody assigns one to the budget.
+            let mut p = policy.clone();
+            p.unknown_keys = crate::budget::UnknownKeys::DefaultTier(budget.tier.clone());
+            let args = Arc::new((
+                format!("budget:{}", budget.name),
+                AccountArgs::of(&p, budget.key_limit),
+            ));
+            for key in &budget.keys {
+                shared.insert(*key, args.clone());
+            }
+        }
         Self {
-            main_args: script_args(policy, BucketKind::Main),
-            ops_args: script_args(policy, BucketKind::Operational),
-            grant_args: grant_args(policy),
-            inspect_args: inspect_args(policy),
+            own: AccountArgs::of(policy, None),
+            shared,
             record_ttl_ms: policy.idempotency_ttl.as_millis().max(1).to_string(),
             settle_ttl_ms: policy.settle_ttl.as_millis().max(1).to_string(),
             policy: policy.clone(),
+        }
+    }
+}
+
+impl PolicyArgs {
+    /// The account a main-bucket call about `key` touches.
+    fn account(&self, key: &KeyHash) -> Account<'_> {
+        match self.shared.get(key) {
+            Some(shared) => Account {
+                tag: shared.0.clone(),
+                member: Some(key.to_hex()),
+                args: &shared.1,
+            },
+            None => self.own_account(key),
+        }
+    }
+
+    /// The key's own account (its operational bucket, its tier assignment); a member of a
+    /// shared budget is charged its operational requests there under the budget's tier.
+    fn own_account(&self, key: &KeyHash) -> Account<'_> {
+        Account {
+            tag: key.to_hex(),
+            member: None,
+            args: self.shared.get(key).map_or(&self.own, |s| &s.1),
         }
     }
 }
@@ -249,19 +356,34 @@ impl RedisStore {
         })
     }
 
-    /// Redis key names of one API key. The hash tag keeps them in one cluster slot.
-    fn key_names(key: &KeyHash, bucket: BucketKind, request_id: &RequestId) -> [String; 5] {
-        let b = match bucket {
-            BucketKind::Main => "b",
-            BucketKind::Operational => "ops",
-        };
-        [
-            key_name(key, b),
-            key_name(key, "tier"),
-            key_name(key, &format!("r:{}", request_id.as_str())),
-            key_name(key, "w"),
-            key_name(key, "q"),
-        ]
+    /// `lua/inspect.lua` on one account: {assigned, tier, balance, stored, ops, ops stored,
+    /// now, quota, wallet}.
+    async fn inspect_account(&self, account: &Account<'_>) -> Result<[String; 9], StoreError> {
+        let keys = [
+            account.name("b"),
+            account.name("ops"),
+            account.name("tier"),
+            account.name("q"),
+            account.name("w"),
+        ];
+        let args: Vec<&str> = account
+            .args
+            .inspect_args
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let (a, t, b, s, o, os, at, q, w): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        ) = self.eval(INSPECT, &keys, &args).await?;
+        Ok([a, t, b, s, o, os, at, q, w])
     }
 
     /// `EVALSHA` of `script` on `keys` (one API key's: one hash tag) with `args`: through
@@ -648,13 +770,6 @@ fn classify(e: RedisError) -> StoreError {
     }
 }
 
-/// One of a key's Redis keys: `ptb:{<sha256 hex>}:<suffix>`. The hash tag puts all of a
-/// key's state (buckets, tier, records, wallet) in one cluster slot, so one script may touch
-/// them together.
-fn key_name(key: &KeyHash, suffix: &str) -> String {
-    format!("ptb:{{{}}}:{suffix}", key.to_hex())
-}
-
 /// `"s <tokens> <grant id>"` (spent) and `"x <tokens> <grant id>"` (expired) lines, as
 /// debit.lua and grant.lua report what they did to a wallet.
 fn grant_moves(lines: &str) -> Result<crate::wallet::GrantMoves, StoreError> {
@@ -703,14 +818,20 @@ impl TokenStore for RedisStore {
         periods: &QuotaPeriods,
     ) -> Result<DebitOutcome, StoreError> {
         check_cost(d.cost)?;
-        let keys = Self::key_names(&d.key, d.bucket, &d.request_id);
         let cost = d.cost.to_string();
         // Held for the whole call (its arguments borrow from it): an `Arc`, not a short-lived
         // guard.
         let policy = self.args.load_full();
+        // A shared budget pays for its members' main buckets; operational buckets are always
+        // the key's own.
+        let account = match d.bucket {
+            BucketKind::Main => policy.account(&d.key),
+            BucketKind::Operational => policy.own_account(&d.key),
+        };
+        let keys = account.debit_keys(d.bucket, &d.request_id);
         let tail = match d.bucket {
-            BucketKind::Main => &policy.main_args,
-            BucketKind::Operational => &policy.ops_args,
+            BucketKind::Main => &account.args.main_args,
+            BucketKind::Operational => &account.args.ops_args,
         };
         let units = d.terms.units.to_string();
         let max_cost = d
@@ -737,6 +858,7 @@ impl TokenStore for RedisStore {
             }))
             .collect();
         args.extend(quota_args.iter().map(String::as_str));
+        args.extend(account.args.key_limit.iter().map(String::as_str));
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -809,7 +931,9 @@ impl TokenStore for RedisStore {
         key: &KeyHash,
         request_id: &RequestId,
     ) -> Result<RefundOutcome, StoreError> {
-        let [bucket, _, record, _, quota] = Self::key_names(key, BucketKind::Main, request_id);
+        let policy = self.args.load_full();
+        let account = policy.account(key);
+        let [bucket, _, record, _, quota, _] = account.debit_keys(BucketKind::Main, request_id);
         let (status, credited, balance, as_of, tier, now): (
             String,
             String,
@@ -844,18 +968,19 @@ impl TokenStore for RedisStore {
         cost: TrueCost,
     ) -> Result<SettleOutcome, StoreError> {
         cost.check()?;
-        let [bucket, tier, record, _, quota] = Self::key_names(key, BucketKind::Main, request_id);
+        let policy = self.args.load_full();
+        let account = policy.account(key);
+        let [bucket, tier, record, _, quota, _] = account.debit_keys(BucketKind::Main, request_id);
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
             TrueCost::UnitsReturned(u) => ("r", u),
         };
         let amount = amount.to_string();
-        let policy = self.args.load_full();
-        let mut args: Vec<&str> = Vec::with_capacity(2 + policy.main_args.len());
+        let mut args: Vec<&str> = Vec::with_capacity(2 + account.args.main_args.len());
         args.push(mode);
         args.push(&amount);
-        args.extend(policy.main_args.iter().map(String::as_str));
+        args.extend(account.args.main_args.iter().map(String::as_str));
         let (status, cost, estimate, moved, balance, tier, at, capped): (
             String,
             String,
@@ -896,7 +1021,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
-        let name = key_name(key, "tier");
+        let name = self.args.load().own_account(key).name("tier");
         let cmd = match tier {
             Some(tier) => {
                 let mut c = redis::cmd("SET");
@@ -921,11 +1046,14 @@ impl TokenStore for RedisStore {
     ) -> Result<GrantOutcome, StoreError> {
         check_cost(tokens)?;
         terms.check()?;
+        let policy = self.args.load_full();
+        // A grant to a member of a shared budget tops up the budget.
+        let account = policy.account(key);
         let keys = [
-            key_name(key, "b"),
-            key_name(key, "tier"),
-            key_name(key, &format!("g:{}", grant_id.as_str())),
-            key_name(key, "w"),
+            account.name("b"),
+            account.name("tier"),
+            account.name(&format!("g:{}", grant_id.as_str())),
+            account.name("w"),
         ];
         let tokens = tokens.to_string();
         let expires_in = terms
@@ -935,11 +1063,10 @@ impl TokenStore for RedisStore {
             .priority
             .map_or_else(|| "-".to_owned(), |p| p.to_string());
         let max_grants = crate::wallet::MAX_GRANTS.to_string();
-        let policy = self.args.load_full();
-        let mut args: Vec<&str> = Vec::with_capacity(6 + policy.grant_args.len());
+        let mut args: Vec<&str> = Vec::with_capacity(6 + account.args.grant_args.len());
         args.push(&tokens);
         args.push(&policy.record_ttl_ms);
-        args.extend(policy.grant_args.iter().map(String::as_str));
+        args.extend(account.args.grant_args.iter().map(String::as_str));
         args.extend([
             expires_in.as_str(),
             &priority,
@@ -980,26 +1107,24 @@ impl TokenStore for RedisStore {
     }
 
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
-        let keys = [
-            key_name(key, "b"),
-            key_name(key, "ops"),
-            key_name(key, "tier"),
-            key_name(key, "q"),
-            key_name(key, "w"),
-        ];
         let policy = self.args.load_full();
-        let args: Vec<&str> = policy.inspect_args.iter().map(String::as_str).collect();
-        let (assigned, tier, balance, stored, ops, _ops_stored, at, quota, wallet): (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-        ) = self.eval(INSPECT, &keys, &args).await?;
+        let account = policy.account(key);
+        let [
+            assigned,
+            tier,
+            balance,
+            stored,
+            mut ops,
+            _ops_stored,
+            at,
+            quota,
+            wallet,
+        ] = self.inspect_account(&account).await?;
+        if account.member.is_some() {
+            // A member's balance is its shared budget's; its operational bucket its own, in
+            // its own slot: a second read.
+            ops = self.inspect_account(&policy.own_account(key)).await?[4].clone();
+        }
         let known = !tier.is_empty();
         let at = number(&at)?;
         let mut wallet = crate::wallet::Wallet::decode(&wallet)
@@ -1014,6 +1139,7 @@ impl TokenStore for RedisStore {
             balance: if known { Some(number(&balance)?) } else { None },
             stored: stored == "1",
             operational: number(&ops)?,
+            shared_budget: policy.policy.shared.of(key).map(|b| b.name.clone()),
             at,
         })
     }
