@@ -397,6 +397,7 @@ async fn show(
             "stored": state.stored,
             "operational": state.operational,
             "grants": state.grants,
+            "shared_budget": state.shared_budget,
             "quota": state.quota,
             "at": state.at,
             "store": admin.app.decider.store().backend(),

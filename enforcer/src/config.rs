@@ -1479,7 +1479,10 @@ mod tests {
         .expect("valid");
         let policy = ok.budget_policy();
         let member = crate::key::KeyHash::from_hex(&h).expect("hash");
-        assert_eq!(policy.shared.of(&member).map(|b| b.name.as_str()), Some("acme"));
+        assert_eq!(
+            policy.shared.of(&member).map(|b| b.name.as_str()),
+            Some("acme")
+        );
         let bad = Config::parse(&format!(
             "[shared_budgets.acme]\ntier = \"gold\"\nkeys = [\"raw-api-key\", \"{h}\"]\n\
              key_limit = {{ max_tokens = 0, refill_per_sec = 2 }}\n\

@@ -614,3 +614,51 @@ async fn the_cli_reloads_the_file_and_switches_shadow_mode() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_shared_budget_spend_one_balance_through_the_daemon() {
+    for url in [String::new(), redis_url()] {
+        let (a, b, outsider) = (unique("org-a"), unique("org-b"), unique("solo"));
+        let hash = |k: &str| ApiKey::parse(k).expect("key").hash().to_hex();
+        let mut config = example_config(&url);
+        config.shared_budgets.insert(
+            unique("acme"),
+            enforcer::config::SharedBudgetConfig {
+                tier: "pro".into(),
+                keys: vec![hash(&a), hash(&b)],
+                key_limit: Some(enforcer::config::KeyLimitConfig {
+                    max_tokens: 250.0,
+                    refill_per_sec: 0.001,
+                }),
+            },
+        );
+        let daemon = TestDaemon::start(config).await;
+        // pro starts at 8000 (idle_cap 0.8 × 10000); the report costs 120.
+        let (status, first) = report(&daemon, &a).await;
+        assert_eq!(status, 200, "{first}");
+        let (_, second) = report(&daemon, &b).await;
+        let spent = first["remaining"].as_f64().expect("remaining")
+            - second["remaining"].as_f64().expect("remaining");
+        assert!(
+            (119.0..=120.0).contains(&spent),
+            "{url}: b's check sees a's spending: {first} {second}"
+        );
+        // Another key is on its own.
+        let (_, solo) = report(&daemon, &outsider).await;
+        assert!(
+            solo["remaining"].as_f64() < Some(1000.0),
+            "{url}: free: {solo}"
+        );
+        // a's own limit (250) allows a second report, not a third.
+        assert_eq!(report(&daemon, &a).await.0, 200, "{url}");
+        let (status, third) = report(&daemon, &a).await;
+        assert_eq!(status, 429, "{url}: {third}");
+        assert_eq!(third["reason"], "key_limit", "{url}: {third}");
+        // b still may.
+        assert_eq!(report(&daemon, &b).await.0, 200, "{url}");
+        let (code, out, err) = admin(&daemon, &["keys", "show"], Some(&b));
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("budget:      shared budget acme-"), "{out}");
+        daemon.stop().await;
+    }
+}

@@ -680,13 +680,19 @@ async fn refunds_are_rows_and_usage_nets_them() {
     // charged, 4 given back, nothing settled.
     assert_eq!(
         usage(None),
-        [["total", "3", "3", "1", "8.000", "0.000", "8.000"]]
+        [[
+            "total", "3", "3", "1", "8.000", "0.000", "8.000", "0.000", "0.000"
+        ]]
     );
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "1", "4.000", "0.000", "4.000"],
-            ["/y", "1", "1", "0", "4.000", "0.000", "4.000"]
+            [
+                "/x", "2", "2", "1", "4.000", "0.000", "4.000", "0.000", "0.000"
+            ],
+            [
+                "/y", "1", "1", "0", "4.000", "0.000", "4.000", "0.000", "0.000"
+            ]
         ],
         "the refund counts where the refunded request was"
     );
@@ -806,14 +812,20 @@ async fn settles_are_rows_and_usage_shows_estimated_and_settled_cost_side_by_sid
     // Charged at the checks: 4 × 4 − 4 refunded = 12; settled: 12 + 6 − 3 = 15.
     assert_eq!(
         usage(None),
-        [["total", "4", "4", "1", "12.000", "0.000", "15.000"]]
+        [[
+            "total", "4", "4", "1", "12.000", "0.000", "15.000", "0.000", "0.000"
+        ]]
     );
     // /x: 8 estimated, 10 + 1 true; /y: 8 estimated, 4 refunded, 4 kept unsettled.
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "0", "8.000", "0.000", "11.000"],
-            ["/y", "2", "2", "1", "4.000", "0.000", "4.000"]
+            [
+                "/x", "2", "2", "0", "8.000", "0.000", "11.000", "0.000", "0.000"
+            ],
+            [
+                "/y", "2", "2", "1", "4.000", "0.000", "4.000", "0.000", "0.000"
+            ]
         ],
         "a settle counts where the settled request was"
     );
@@ -1375,11 +1387,14 @@ async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
         .expect("a total line")
         .split_whitespace()
         .collect();
-    // total, decisions, allowed, refunds, tokens charged, granted, settled: both rows are
+    // total, decisions, allowed, refunds, tokens charged, granted, settled, paid by grants,
+    // grants expired: both rows are
     // decisions; the tokens once (without the debit-back's exclusion it would say 200).
     assert_eq!(
         numbers,
-        ["total", "2", "2", "0", "100.000", "0.000", "100.000"],
+        [
+            "total", "2", "2", "0", "100.000", "0.000", "100.000", "0.000", "0.000"
+        ],
         "{total}"
     );
 }

@@ -239,12 +239,13 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         format!("ptb:{{{tag}}}:r:1"),
         format!("ptb:{{{tag}}}:w"),
         format!("ptb:{{{tag}}}:q"),
+        format!("ptb:{{{tag}}}:k"),
     ];
     let tier = ["free", "1000", "10", "0.8", "800"];
     for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(5)
+            .arg(6)
             .arg(&keys)
             .arg(cost)
             .arg("60000")
@@ -265,7 +266,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     // A bad tier parameter is refused too, and so is a wrong key count.
     let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
         .arg(&sha)
-        .arg(5)
+        .arg(6)
         .arg(&keys)
         .arg(
             &[
@@ -292,7 +293,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     for fingerprint in ["", "a|b", "xyz"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(5)
+            .arg(6)
             .arg(&keys)
             .arg(
                 &[
@@ -325,7 +326,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(5)
+            .arg(6)
             .arg(&keys)
             .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
             .arg(&tier)
@@ -360,7 +361,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(5)
+            .arg(6)
             .arg(&keys)
             .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
             .arg(&tier)
@@ -369,6 +370,26 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .query_async(&mut conn)
             .await;
         let err = result.expect_err(&format!("quota arguments {quota:?}"));
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+    // A shared budget member's key limit (after the quota block): positive numbers or "-".
+    for (limit, what) in [
+        (["x", "1"], "key limit max_tokens"),
+        (["0", "1"], "key limit must be > 0"),
+        (["10", "0"], "key limit must be > 0"),
+        (["10", "nan"], "key limit refill_per_sec"),
+    ] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(6)
+            .arg(&keys)
+            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&tier)
+            .arg(&["1", "-", "0"][..])
+            .arg(&limit[..])
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("key limit {limit:?}"));
         assert!(err.to_string().contains(what), "{what}: {err}");
     }
     let exists: u32 = conn.exists(&keys[..]).await.expect("exists");

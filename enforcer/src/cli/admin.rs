@@ -381,6 +381,11 @@ pub fn keys(command: super::KeysCommand) -> anyhow::Result<std::process::ExitCod
                 ),
                 None => println!("tier:        none: unknown keys are refused"),
             }
+            if let Some(b) = v["shared_budget"].as_str() {
+                println!(
+                    "budget:      shared budget {b} (balance, grants and quota are the budget's)"
+                );
+            }
             println!(
                 "balance:     {}{}",
                 num(&v["balance"]),

@@ -137,9 +137,18 @@ pub fn plan(config: &Config) -> KernelPlan {
         })
         .collect();
     let shadow = config.budget.shadow;
+    let shared_members: std::collections::HashSet<crate::key::KeyHash> = config
+        .shared_budgets
+        .values()
+        .flat_map(|b| b.keys.iter())
+        .filter_map(|k| crate::key::KeyHash::from_hex(k))
+        .collect();
+    let mut members: Vec<String> = shared_members.iter().map(|k| k.to_hex()).collect();
+    members.sort_unstable();
     // Snapshots carry a tier's refill rate and exist only outside shadow mode: a change of
-    // either must invalidate them, like a change of price.
-    let fingerprint = format!("{settings:?}{prices:?}{tiers:?}{shadow}");
+    // either must invalidate them, like a change of price. So must a change of shared-budget
+    // membership: a key's own old snapshot says nothing about the budget it now spends.
+    let fingerprint = format!("{settings:?}{prices:?}{tiers:?}{shadow}{members:?}");
     settings.generation = (enforcer_common::fnv(fingerprint.as_bytes()) as u32) | 1;
     KernelPlan {
         settings,
@@ -148,12 +157,7 @@ pub fn plan(config: &Config) -> KernelPlan {
         tiers,
         shadow,
         bind_after: config.kernel.bind_after,
-        shared_members: config
-            .shared_budgets
-            .values()
-            .flat_map(|b| b.keys.iter())
-            .filter_map(|k| crate::key::KeyHash::from_hex(k))
-            .collect(),
+        shared_members,
     }
 }
 
