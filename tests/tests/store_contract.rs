@@ -1936,6 +1936,25 @@ async fn members_of_a_shared_budget_spend_one_balance_with_their_own_request_ids
             RefundOutcome::UnknownRequest,
             "{bk}"
         );
+        // A settle is per key too, and charges the budget: 30 for a's 10.
+        match store
+            .settle(&a.hash(), &only_a.request_id, TrueCost::Tokens(30.0))
+            .await
+            .expect("settle")
+        {
+            SettleOutcome::Settled {
+                charged, balance, ..
+            } => assert_eq!((charged, balance), (20.0, 170.0), "{bk}"),
+            other => panic!("{bk}: {other:?}"),
+        }
+        assert_eq!(
+            store
+                .settle(&b.hash(), &only_a.request_id, TrueCost::Tokens(30.0))
+                .await
+                .expect("settle"),
+            SettleOutcome::UnknownRequest,
+            "{bk}"
+        );
         // A grant through either member tops up the budget; both see it.
         let (after, _) = granted(
             store
@@ -1944,9 +1963,9 @@ async fn members_of_a_shared_budget_spend_one_balance_with_their_own_request_ids
                 .expect("grant"),
             bk,
         );
-        assert_eq!(after, 590.0, "{bk}");
+        assert_eq!(after, 570.0, "{bk}");
         let shown = store.inspect(&b.hash()).await.expect("inspect");
-        assert_eq!(shown.balance, Some(590.0), "{bk}");
+        assert_eq!(shown.balance, Some(570.0), "{bk}");
         assert_eq!(shown.shared_budget.as_deref(), Some(name.as_str()), "{bk}");
         // Operational buckets stay per key.
         let ops = settle(store, &debit(&a, BucketKind::Operational, 1.0)).await;
