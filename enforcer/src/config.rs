@@ -310,6 +310,16 @@ pub struct OperationalConfig {
     pub refill_per_sec: f64,
 }
 
+/// A tier's or shared budget's name: 1-64 of `[a-z0-9_-]` (it goes into Redis keys, metric
+/// labels and ledger rows as it is).
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// `[shared_budgets.<name>]`: one budget (an organisation's, a project's) that several keys
 /// spend from ([`crate::budget::SharedBudget`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -1043,12 +1053,7 @@ impl Config {
         let mut members: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
         for (name, shared) in &self.shared_budgets {
             let p = |field: &str| format!("shared_budgets.{name}.{field}");
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                });
-            if !name_ok {
+            if !is_name(name) {
                 err(
                     format!("shared_budgets.{name}"),
                     "shared budget names are 1-64 of [a-z0-9_-]",
@@ -1090,12 +1095,7 @@ impl Config {
         }
         for (name, tier) in &self.tiers {
             let p = |field: &str| format!("tiers.{name}.{field}");
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                });
-            if !name_ok {
+            if !is_name(name) {
                 err(format!("tiers.{name}"), "tier names are 1-64 of [a-z0-9_-]");
             }
             if !positive(tier.max_tokens) || tier.max_tokens > 1e15 {
