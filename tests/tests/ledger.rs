@@ -283,6 +283,7 @@ fn row(at_us: i64) -> Entry {
         note: None,
         operator: None,
         true_cost: None,
+        settle_by_us: None,
     })
 }
 
@@ -680,13 +681,19 @@ async fn refunds_are_rows_and_usage_nets_them() {
     // charged, 4 given back, nothing settled.
     assert_eq!(
         usage(None),
-        [["total", "3", "3", "1", "8.000", "0.000", "8.000"]]
+        [[
+            "total", "3", "3", "1", "8.000", "0.000", "8.000", "0.000", "0.000", "0", "0"
+        ]]
     );
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "1", "4.000", "0.000", "4.000"],
-            ["/y", "1", "1", "0", "4.000", "0.000", "4.000"]
+            [
+                "/x", "2", "2", "1", "4.000", "0.000", "4.000", "0.000", "0.000", "0", "0"
+            ],
+            [
+                "/y", "1", "1", "0", "4.000", "0.000", "4.000", "0.000", "0.000", "0", "0"
+            ]
         ],
         "the refund counts where the refunded request was"
     );
@@ -694,7 +701,7 @@ async fn refunds_are_rows_and_usage_nets_them() {
     assert!(
         csv.lines()
             .next()
-            .is_some_and(|h| h.ends_with(",kind,note,operator,true_cost")),
+            .is_some_and(|h| h.ends_with(",kind,note,operator,true_cost,settle_by")),
         "{csv}"
     );
     assert_eq!(csv.lines().filter(|l| l.ends_with(",refund,,,")).count(), 1);
@@ -803,17 +810,25 @@ async fn settles_are_rows_and_usage_shows_estimated_and_settled_cost_side_by_sid
             .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .collect::<Vec<_>>()
     };
-    // Charged at the checks: 4 × 4 − 4 refunded = 12; settled: 12 + 6 − 3 = 15.
+    // Charged at the checks: 4 × 4 − 4 refunded = 12; settled: 12 + 6 − 3 = 15. Four
+    // reservations; none expired (a daemon without a database runs no expiry job, and the
+    // import was the only one on this database).
     assert_eq!(
         usage(None),
-        [["total", "4", "4", "1", "12.000", "0.000", "15.000"]]
+        [[
+            "total", "4", "4", "1", "12.000", "0.000", "15.000", "0.000", "0.000", "4", "0"
+        ]]
     );
     // /x: 8 estimated, 10 + 1 true; /y: 8 estimated, 4 refunded, 4 kept unsettled.
     assert_eq!(
         usage(Some("endpoint")),
         [
-            ["/x", "2", "2", "0", "8.000", "0.000", "11.000"],
-            ["/y", "2", "2", "1", "4.000", "0.000", "4.000"]
+            [
+                "/x", "2", "2", "0", "8.000", "0.000", "11.000", "0.000", "0.000", "2", "0"
+            ],
+            [
+                "/y", "2", "2", "1", "4.000", "0.000", "4.000", "0.000", "0.000", "2", "0"
+            ]
         ],
         "a settle counts where the settled request was"
     );
@@ -856,6 +871,7 @@ fn decision(endpoint: &str) -> AuditRow {
         note: None,
         operator: None,
         true_cost: None,
+        settle_by_us: None,
     }
 }
 
@@ -1379,7 +1395,9 @@ async fn local_decisions_count_in_usage_and_their_debit_backs_do_not() {
     // decisions; the tokens once (without the debit-back's exclusion it would say 200).
     assert_eq!(
         numbers,
-        ["total", "2", "2", "0", "100.000", "0.000", "100.000"],
+        [
+            "total", "2", "2", "0", "100.000", "0.000", "100.000", "0.000", "0.000", "0", "0"
+        ],
         "{total}"
     );
 }

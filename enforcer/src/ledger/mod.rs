@@ -127,6 +127,12 @@ pub enum RowKind {
     /// the grant id, `note` when it expired. Written when the store first notices it (the
     /// key's next debit or grant).
     GrantExpiry,
+    /// A reservation that was neither settled nor refunded by its `settle_by`: `cost` the
+    /// estimate it kept, `request_id`, `endpoint`, `tier` the reservation's, `note` the id of
+    /// its debit row. Written by the expiry job from the ledger in PostgreSQL
+    /// ([`postgres::expire_reservations`]), never by the decision path. Not a charge: the
+    /// debit row counts the estimate already.
+    ReservationExpiry,
 }
 
 impl RowKind {
@@ -140,6 +146,7 @@ impl RowKind {
             RowKind::Settle => "settle",
             RowKind::GrantSpend => "grant_spend",
             RowKind::GrantExpiry => "grant_expiry",
+            RowKind::ReservationExpiry => "reservation_expiry",
         }
     }
 }
@@ -196,6 +203,11 @@ pub struct AuditRow {
     /// Settles: the true cost charged in all (`cost` is the difference charged by the settle).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub true_cost: Option<f64>,
+    /// A reservation's debit row: when its request record expires unsettled (`at_us` plus
+    /// `store.settle_ttl_secs`), microseconds since the Unix epoch; `None` on every other row.
+    /// What marks the row as a reservation, and what the expiry job reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_by_us: Option<i64>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).
@@ -280,6 +292,13 @@ struct Tuning {
     retry_ms: AtomicU64,
     partitions_ahead: AtomicU32,
     retention_months: AtomicU32,
+    expiry_interval_ms: AtomicU64,
+    expiry_grace_ms: AtomicU64,
+    expiry_lookback_secs: AtomicU64,
+    expiry_batch: AtomicU32,
+    /// `store.settle_ttl_secs` in milliseconds (0 until the daemon sets it): a reservation's
+    /// row says when it expires.
+    settle_ttl_ms: AtomicU64,
 }
 
 impl Tuning {
@@ -291,6 +310,11 @@ impl Tuning {
             retry_ms: AtomicU64::new(0),
             partitions_ahead: AtomicU32::new(0),
             retention_months: AtomicU32::new(0),
+            expiry_interval_ms: AtomicU64::new(0),
+            expiry_grace_ms: AtomicU64::new(0),
+            expiry_lookback_secs: AtomicU64::new(0),
+            expiry_batch: AtomicU32::new(0),
+            settle_ttl_ms: AtomicU64::new(0),
         };
         t.set(config);
         t
@@ -307,6 +331,14 @@ impl Tuning {
             .store(c.partitions_ahead, Ordering::Relaxed);
         self.retention_months
             .store(c.retention_months, Ordering::Relaxed);
+        self.expiry_interval_ms
+            .store(c.expiry_interval_ms, Ordering::Relaxed);
+        self.expiry_grace_ms
+            .store(c.expiry_grace_ms, Ordering::Relaxed);
+        self.expiry_lookback_secs
+            .store(c.expiry_lookback_secs, Ordering::Relaxed);
+        self.expiry_batch
+            .store(c.expiry_batch.max(1), Ordering::Relaxed);
     }
 
     fn batch_rows(&self) -> usize {
@@ -332,6 +364,22 @@ impl Tuning {
     fn retention_months(&self) -> u32 {
         self.retention_months.load(Ordering::Relaxed)
     }
+
+    /// `None`: the expiry job is off.
+    fn expiry_interval(&self) -> Option<Duration> {
+        match self.expiry_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    fn expiry(&self) -> postgres::ExpiryWindow {
+        postgres::ExpiryWindow {
+            grace: Duration::from_millis(self.expiry_grace_ms.load(Ordering::Relaxed)),
+            lookback: Duration::from_secs(self.expiry_lookback_secs.load(Ordering::Relaxed)),
+            limit: self.expiry_batch.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Ledger {
@@ -341,6 +389,26 @@ impl Ledger {
     /// next maintenance). Nothing queued or in the file is touched.
     pub fn retune(&self, config: &LedgerConfig) {
         self.tuning.set(config);
+    }
+
+    /// How long a reservation waits for its settle (`store.settle_ttl_secs`): the rows of the
+    /// reservations recorded from now on say so (`settle_by`).
+    pub fn set_settle_ttl(&self, ttl: Duration) {
+        self.tuning.settle_ttl_ms.store(
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The `settle_by` of a reservation recorded at `at_us`; `None` before the daemon set the
+    /// settle ttl (a reservation's row then carries no deadline, and no expiry row follows).
+    pub(crate) fn settle_by_us(&self, at_us: i64) -> Option<i64> {
+        match self.tuning.settle_ttl_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                at_us.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX).saturating_mul(1000)),
+            ),
+        }
     }
 
     /// Records an entry. With `journal` it is in the file when this returns (one `write`;
@@ -494,6 +562,7 @@ pub async fn start(
                 tuning: tuning.clone(),
                 next_try: Instant::now(),
                 next_maintenance: Instant::now(),
+                next_expiry: Instant::now(),
             };
             let thread = std::thread::Builder::new()
                 .name("ledger".into())
@@ -651,6 +720,8 @@ struct Shipper {
     /// PostgreSQL is not tried again (for writes or replay) before this.
     next_try: Instant,
     next_maintenance: Instant,
+    /// The reservation expiry job's next run.
+    next_expiry: Instant,
 }
 
 impl Shipper {
@@ -660,6 +731,7 @@ impl Shipper {
             let (end, batch) = self.collect(&mut stopping).await;
             self.ship(end, batch).await;
             self.maintain().await;
+            self.expire_reservations().await;
         }
         // The appender has stopped: whatever is left (handed over or only in the file) is
         // written now, as far as PostgreSQL answers, so a clean shutdown leaves as little
@@ -922,6 +994,48 @@ impl Shipper {
             Err(_) => {
                 self.metrics.errors.with_label_values(&["maintain"]).inc();
                 self.next_maintenance = Instant::now() + self.tuning.retry() * 10;
+            }
+        }
+    }
+}
+
+impl Shipper {
+    /// The reservation expiry job: once per `expiry_interval_ms`, one idempotent statement
+    /// inserts the `reservation_expiry` rows of reservations past their `settle_by` (and the
+    /// grace) with no settle or refund ([`postgres::expire_reservations`]). It runs only when
+    /// this daemon's own rows are all in PostgreSQL (a settle of ours still in the spill file
+    /// would otherwise look missing) and PostgreSQL is not failing; a failed or timed-out run
+    /// is retried at the next interval, and what it did commit is not written again.
+    async fn expire_reservations(&mut self) {
+        let Some(interval) = self.tuning.expiry_interval() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.next_expiry || now < self.next_try || self.committed < self.file.end() {
+            return;
+        }
+        self.next_expiry = now + interval;
+        let window = self.tuning.expiry();
+        let run = postgres::expire_reservations(self.sink.pool(), &window);
+        match tokio::time::timeout(
+            self.tuning.write_timeout().max(Duration::from_secs(30)),
+            run,
+        )
+        .await
+        {
+            Ok(Ok(n)) => {
+                self.metrics.reservation_expiries.inc_by(n);
+                if n > 0 {
+                    tracing::debug!(rows = n, "reservation expiry rows written");
+                }
+            }
+            Ok(Err(e)) => {
+                self.metrics.errors.with_label_values(&["expire"]).inc();
+                tracing::warn!(error = %e, "reservation expiry job failed; will retry");
+            }
+            Err(_) => {
+                self.metrics.errors.with_label_values(&["expire"]).inc();
+                tracing::warn!("reservation expiry job timed out; will retry");
             }
         }
     }
