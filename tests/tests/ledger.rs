@@ -712,7 +712,10 @@ async fn refunds_are_rows_and_usage_nets_them() {
             .is_some_and(|h| h.ends_with(",kind,note,operator,true_cost,settle_by")),
         "{csv}"
     );
-    assert_eq!(csv.lines().filter(|l| l.ends_with(",refund,,,,")).count(), 1);
+    assert_eq!(
+        csv.lines().filter(|l| l.ends_with(",refund,,,,")).count(),
+        1
+    );
 }
 
 /// Reservations settled above and below their estimates, one refunded, one left alone:

@@ -1048,3 +1048,60 @@ fn entry_id(e: &Entry) -> Uuid {
         Entry::Kernel(k) => k.id,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn expiry_settings_out_of_range_are_refused_by_name() {
+        for (text, field) in [
+            ("expiry_lookback_secs = 0", "ledger.expiry_lookback_secs"),
+            (
+                "expiry_lookback_secs = 99999999",
+                "ledger.expiry_lookback_secs",
+            ),
+            ("expiry_batch = 0", "ledger.expiry_batch"),
+            ("expiry_batch = 2000000", "ledger.expiry_batch"),
+        ] {
+            let Err(ConfigError::Invalid(errors)) = Config::parse(&format!("[ledger]\n{text}\n"))
+            else {
+                panic!("{text} should be invalid");
+            };
+            assert!(errors.iter().any(|e| e.path == field), "{text}: {errors:?}");
+        }
+        let ok = Config::parse("[ledger]\nexpiry_interval_ms = 0\nexpiry_grace_ms = 0\n")
+            .expect("0 turns the job off, and no grace is allowed");
+        assert!(Tuning::new(&ok.ledger).expiry_interval().is_none());
+        let window = Tuning::new(&Config::default().ledger).expiry();
+        assert_eq!(
+            (window.grace, window.lookback, window.limit),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 86_400),
+                10_000
+            )
+        );
+    }
+
+    #[test]
+    fn settle_by_is_in_the_file_only_for_reservations_and_old_lines_have_none() {
+        let line = r#"{"t":"decision","id":"0193d0c4-0000-7000-8000-000000000000","at_us":1,"key_hash":"ab","tier":null,"endpoint":"/x","method":"*","units":1.0,"cost":1.0,"multiplier":1.0,"allowed":true,"remaining":null,"decided_by":"redis","denial":null,"request_id":"r","node":"n"}"#;
+        let Entry::Decision(mut row) = serde_json::from_str::<Entry>(line).expect("old line")
+        else {
+            panic!("a decision");
+        };
+        assert_eq!(row.settle_by_us, None);
+        let plain = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(!plain.contains("settle_by_us"), "{plain}");
+        row.settle_by_us = Some(2_000_001);
+        let reserved = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(reserved.contains(r#""settle_by_us":2000001"#), "{reserved}");
+        assert_eq!(
+            serde_json::from_str::<Entry>(&reserved).expect("back"),
+            Entry::Decision(row)
+        );
+        assert_eq!(RowKind::ReservationExpiry.as_str(), "reservation_expiry");
+    }
+}
