@@ -563,6 +563,8 @@ pub async fn start(
                 next_try: Instant::now(),
                 next_maintenance: Instant::now(),
                 next_expiry: Instant::now(),
+                expiry_done_at: None,
+                next_expiry_sweep: Instant::now(),
             };
             let thread = std::thread::Builder::new()
                 .name("ledger".into())
@@ -615,6 +617,12 @@ pub async fn start(
 
 /// Rows replayed from the file per PostgreSQL transaction.
 const REPLAY_CHUNK: usize = 10_000;
+/// How often the expiry job looks back its whole `expiry_lookback_secs` (between, it looks
+/// back to a little before its last finished run).
+const EXPIRY_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How much before its last finished run the expiry job looks back: rows that reach
+/// PostgreSQL at most this late are looked at by the next run, later ones by the hourly sweep.
+const EXPIRY_SLACK: Duration = Duration::from_secs(600);
 /// Partition maintenance (create ahead, retention) interval.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -722,6 +730,11 @@ struct Shipper {
     next_maintenance: Instant,
     /// The reservation expiry job's next run.
     next_expiry: Instant,
+    /// When the last run that finished everything due began (it wrote fewer rows than its
+    /// limit): the next runs need look back only a little before it.
+    expiry_done_at: Option<Instant>,
+    /// The next run over the whole lookback.
+    next_expiry_sweep: Instant,
 }
 
 impl Shipper {
@@ -1015,7 +1028,16 @@ impl Shipper {
             return;
         }
         self.next_expiry = now + interval;
-        let window = self.tuning.expiry();
+        let mut window = self.tuning.expiry();
+        // Most runs look back only to a little before the last run that finished everything
+        // due (what was due then was looked at then); once per EXPIRY_SWEEP_EVERY, and until a
+        // run finishes, a run looks back the whole lookback, for the rows that reached
+        // PostgreSQL later than EXPIRY_SLACK (another daemon's spill file after an outage).
+        let sweep = now >= self.next_expiry_sweep;
+        if !sweep && let Some(done) = self.expiry_done_at {
+            let since = now.duration_since(done) + window.grace + EXPIRY_SLACK;
+            window.lookback = window.lookback.min(since);
+        }
         let run = postgres::expire_reservations(self.sink.pool(), &window);
         match tokio::time::timeout(
             self.tuning.write_timeout().max(Duration::from_secs(30)),
@@ -1025,6 +1047,12 @@ impl Shipper {
         {
             Ok(Ok(n)) => {
                 self.metrics.reservation_expiries.inc_by(n);
+                if n < u64::from(window.limit) {
+                    self.expiry_done_at = Some(now);
+                    if sweep {
+                        self.next_expiry_sweep = now + EXPIRY_SWEEP_EVERY;
+                    }
+                }
                 if n > 0 {
                     tracing::debug!(rows = n, "reservation expiry rows written");
                 }
