@@ -188,6 +188,7 @@ impl Alerts {
                 )),
                 operator: None,
                 true_cost: None,
+                settle_by_us: None,
             }));
         }
         if let Some(queue) = &self.webhook

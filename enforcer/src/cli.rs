@@ -677,9 +677,11 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             };
             // "tokens charged" is what the checks charged (a reservation's estimate), "tokens
             // settled" the same once settles charged the true costs; "paid by grants" is the
-            // part of the charges wallet grants paid, "grants expired" what they forfeited.
+            // part of the charges wallet grants paid, "grants expired" what they forfeited;
+            // "reservations" counts the checks that waited for a settle, "unsettled" those of
+            // them that expired without one (keeping their estimates).
             println!(
-                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14} {:>14} {:>14}",
+                "{label:<32} {:>10} {:>10} {:>10} {:>14} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
                 "decisions",
                 "allowed",
                 "refunds",
@@ -687,11 +689,13 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 "tokens granted",
                 "tokens settled",
                 "paid by grants",
-                "grants expired"
+                "grants expired",
+                "reservations",
+                "unsettled"
             );
             for u in lines {
                 println!(
-                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3}",
+                    "{:<32} {:>10} {:>10} {:>10} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>12} {:>10}",
                     u.group,
                     u.decisions,
                     u.allowed,
@@ -700,7 +704,9 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                     u.granted,
                     u.settled,
                     u.from_grants,
-                    u.expired
+                    u.expired,
+                    u.reservations,
+                    u.reservations_expired
                 );
             }
         }

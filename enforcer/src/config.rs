@@ -711,6 +711,17 @@ pub struct LedgerConfig {
     pub retention_months: u32,
     /// This node's name in audit rows; empty: `$NODE_NAME`, else the host name.
     pub node: String,
+    /// How often the reservation expiry job runs (with a database), milliseconds; 0: never
+    /// (another daemon on the same database runs it).
+    pub expiry_interval_ms: u64,
+    /// A reservation's expiry row is written once its `settle_by` is this long past,
+    /// milliseconds: time for a settle or refund row still on its way (another daemon's spill
+    /// file) to reach PostgreSQL.
+    pub expiry_grace_ms: u64,
+    /// Reservations whose `settle_by` is older than this are no longer looked at, seconds.
+    pub expiry_lookback_secs: u64,
+    /// Most expiry rows one run writes (the rest: the next runs).
+    pub expiry_batch: u32,
 }
 
 impl Default for LedgerConfig {
@@ -730,6 +741,10 @@ impl Default for LedgerConfig {
             partitions_ahead: 2,
             retention_months: 0,
             node: String::new(),
+            expiry_interval_ms: 60_000,
+            expiry_grace_ms: 60_000,
+            expiry_lookback_secs: 7 * 86_400,
+            expiry_batch: 10_000,
         }
     }
 }
@@ -1385,6 +1400,18 @@ impl Config {
         }
         if l.partitions_ahead > 24 {
             err("ledger.partitions_ahead".into(), "must be at most 24");
+        }
+        if l.expiry_lookback_secs == 0 || l.expiry_lookback_secs > 366 * 86_400 {
+            err(
+                "ledger.expiry_lookback_secs".into(),
+                "must be between 1 and 31622400 (366 days)",
+            );
+        }
+        if !(1..=1_000_000).contains(&l.expiry_batch) {
+            err(
+                "ledger.expiry_batch".into(),
+                "must be between 1 and 1000000",
+            );
         }
         errors
     }

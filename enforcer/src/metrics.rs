@@ -218,6 +218,9 @@ pub struct LedgerMetrics {
     pub tokens_charged: prometheus::CounterVec,
     /// `enforcer_tokens_refunded_total{tier}`: tokens credited back by refunds.
     pub tokens_refunded: prometheus::CounterVec,
+    /// `enforcer_ledger_reservation_expiries_total`: `reservation_expiry` rows this daemon's
+    /// expiry job inserted (rows another daemon inserted first are not counted).
+    pub reservation_expiries: IntCounter,
 }
 
 impl LedgerMetrics {
@@ -288,6 +291,10 @@ impl LedgerMetrics {
                 "enforcer_tokens_refunded_total",
                 "Tokens credited back to main buckets by refunds, by tier",
                 &["tier"],
+            ),
+            reservation_expiries: counter(
+                "enforcer_ledger_reservation_expiries_total",
+                "reservation_expiry rows the expiry job inserted (unsettled reservations)",
             ),
         }
     }

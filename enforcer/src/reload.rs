@@ -10,7 +10,8 @@
 //!   keeps its multiplier and telemetry, a new one starts at 1), the kernel gate's plan
 //!   (`[kernel]` but its interfaces and pin dir): a new config generation, as
 //!   docs/kernel-gate.md describes, and the ledger writers' `batch_rows`, `flush_ms`,
-//!   `write_timeout_ms`, `retry_ms`, `partitions_ahead`, `retention_months`;
+//!   `write_timeout_ms`, `retry_ms`, `partitions_ahead`, `retention_months` and the
+//!   reservation expiry job's `expiry_*` settings;
 //! - **restart required**: `[server]` (listener addresses and limits, key header, trusted
 //!   proxies), `[store]` but the idempotency TTL (the store URL or cluster, timeouts, breaker,
 //!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, the rest of `[ledger]` (the
@@ -302,6 +303,10 @@ fn effective(running: &Config, file: &Config) -> Config {
         retry_ms: file.ledger.retry_ms,
         partitions_ahead: file.ledger.partitions_ahead,
         retention_months: file.ledger.retention_months,
+        expiry_interval_ms: file.ledger.expiry_interval_ms,
+        expiry_grace_ms: file.ledger.expiry_grace_ms,
+        expiry_lookback_secs: file.ledger.expiry_lookback_secs,
+        expiry_batch: file.ledger.expiry_batch,
         ..running.ledger.clone()
     };
     next.envoy = running.envoy.clone();
@@ -359,6 +364,10 @@ fn live_changes(a: &Config, b: &Config) -> Vec<String> {
         ledger.retry_ms,
         ledger.partitions_ahead,
         ledger.retention_months,
+        ledger.expiry_interval_ms,
+        ledger.expiry_grace_ms,
+        ledger.expiry_lookback_secs,
+        ledger.expiry_batch,
     );
     out
 }
@@ -553,6 +562,8 @@ impl Reloader {
         }
         if let Some(ledger) = &p.ledger {
             ledger.retune(&next.ledger);
+            // Reservations from now on carry the new deadline.
+            ledger.set_settle_ttl(policy.settle_ttl);
         }
         p.rules.store(Arc::new(Rules::with_prices(&next, book)));
         self.current.store(Arc::new(next));

@@ -128,6 +128,8 @@ impl Server {
             tracing::warn!(error = %e, backend = store.backend(), "token store not reachable at start");
         }
         let (ledger, writer) = crate::ledger::start(&config.ledger, metrics.ledger.clone()).await?;
+        // A reservation's row says when its record expires unsettled (`settle_by`).
+        ledger.set_settle_ttl(config.budget_policy().settle_ttl);
         let mut workers = Workers::new();
         let (gate, kernel) =
             crate::kernel::start(config, &metrics, Some(ledger.clone()), &mut workers);

@@ -43,6 +43,7 @@ fn rows(n: usize) -> Vec<Entry> {
                 note: None,
                 operator: None,
                 true_cost: None,
+                settle_by_us: None,
             })
         })
         .collect()

@@ -364,11 +364,11 @@ async fn audit_usage_shows_grants_beside_charges() {
     let total = out.lines().last().expect("a line");
     let fields: Vec<&str> = total.split_whitespace().collect();
     // total, decisions, allowed, refunds, tokens charged, tokens granted, tokens settled,
-    // paid by grants, grants expired
+    // paid by grants, grants expired, reservations, unsettled
     assert_eq!(
         fields,
         [
-            "total", "1", "1", "0", "120.000", "250.000", "120.000", "0.000", "0.000"
+            "total", "1", "1", "0", "120.000", "250.000", "120.000", "0.000", "0.000", "0", "0"
         ],
         "{out}"
     );
@@ -507,7 +507,7 @@ async fn an_expiring_grant_from_the_cli_is_spent_first_shown_and_audited() {
     assert_eq!(
         fields,
         [
-            "total", "1", "1", "0", "120.000", "350.000", "120.000", "100.000", "0.000"
+            "total", "1", "1", "0", "120.000", "350.000", "120.000", "100.000", "0.000", "0", "0"
         ],
         "{out}"
     );

@@ -455,6 +455,7 @@ mod tests {
             note: None,
             operator: None,
             true_cost: None,
+            settle_by_us: None,
         })
     }
 

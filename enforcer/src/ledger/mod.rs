@@ -127,6 +127,12 @@ pub enum RowKind {
     /// the grant id, `note` when it expired. Written when the store first notices it (the
     /// key's next debit or grant).
     GrantExpiry,
+    /// A reservation that was neither settled nor refunded by its `settle_by`: `cost` the
+    /// estimate it kept, `request_id`, `endpoint`, `tier` the reservation's, `note` the id of
+    /// its debit row. Written by the expiry job from the ledger in PostgreSQL
+    /// ([`postgres::expire_reservations`]), never by the decision path. Not a charge: the
+    /// debit row counts the estimate already.
+    ReservationExpiry,
 }
 
 impl RowKind {
@@ -140,6 +146,7 @@ impl RowKind {
             RowKind::Settle => "settle",
             RowKind::GrantSpend => "grant_spend",
             RowKind::GrantExpiry => "grant_expiry",
+            RowKind::ReservationExpiry => "reservation_expiry",
         }
     }
 }
@@ -196,6 +203,11 @@ pub struct AuditRow {
     /// Settles: the true cost charged in all (`cost` is the difference charged by the settle).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub true_cost: Option<f64>,
+    /// A reservation's debit row: when its request record expires unsettled (`at_us` plus
+    /// `store.settle_ttl_secs`), microseconds since the Unix epoch; `None` on every other row.
+    /// What marks the row as a reservation, and what the expiry job reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_by_us: Option<i64>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).
@@ -280,6 +292,13 @@ struct Tuning {
     retry_ms: AtomicU64,
     partitions_ahead: AtomicU32,
     retention_months: AtomicU32,
+    expiry_interval_ms: AtomicU64,
+    expiry_grace_ms: AtomicU64,
+    expiry_lookback_secs: AtomicU64,
+    expiry_batch: AtomicU32,
+    /// `store.settle_ttl_secs` in milliseconds (0 until the daemon sets it): a reservation's
+    /// row says when it expires.
+    settle_ttl_ms: AtomicU64,
 }
 
 impl Tuning {
@@ -291,6 +310,11 @@ impl Tuning {
             retry_ms: AtomicU64::new(0),
             partitions_ahead: AtomicU32::new(0),
             retention_months: AtomicU32::new(0),
+            expiry_interval_ms: AtomicU64::new(0),
+            expiry_grace_ms: AtomicU64::new(0),
+            expiry_lookback_secs: AtomicU64::new(0),
+            expiry_batch: AtomicU32::new(0),
+            settle_ttl_ms: AtomicU64::new(0),
         };
         t.set(config);
         t
@@ -307,6 +331,14 @@ impl Tuning {
             .store(c.partitions_ahead, Ordering::Relaxed);
         self.retention_months
             .store(c.retention_months, Ordering::Relaxed);
+        self.expiry_interval_ms
+            .store(c.expiry_interval_ms, Ordering::Relaxed);
+        self.expiry_grace_ms
+            .store(c.expiry_grace_ms, Ordering::Relaxed);
+        self.expiry_lookback_secs
+            .store(c.expiry_lookback_secs, Ordering::Relaxed);
+        self.expiry_batch
+            .store(c.expiry_batch.max(1), Ordering::Relaxed);
     }
 
     fn batch_rows(&self) -> usize {
@@ -332,6 +364,22 @@ impl Tuning {
     fn retention_months(&self) -> u32 {
         self.retention_months.load(Ordering::Relaxed)
     }
+
+    /// `None`: the expiry job is off.
+    fn expiry_interval(&self) -> Option<Duration> {
+        match self.expiry_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    fn expiry(&self) -> postgres::ExpiryWindow {
+        postgres::ExpiryWindow {
+            grace: Duration::from_millis(self.expiry_grace_ms.load(Ordering::Relaxed)),
+            lookback: Duration::from_secs(self.expiry_lookback_secs.load(Ordering::Relaxed)),
+            limit: self.expiry_batch.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Ledger {
@@ -341,6 +389,26 @@ impl Ledger {
     /// next maintenance). Nothing queued or in the file is touched.
     pub fn retune(&self, config: &LedgerConfig) {
         self.tuning.set(config);
+    }
+
+    /// How long a reservation waits for its settle (`store.settle_ttl_secs`): the rows of the
+    /// reservations recorded from now on say so (`settle_by`).
+    pub fn set_settle_ttl(&self, ttl: Duration) {
+        self.tuning.settle_ttl_ms.store(
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The `settle_by` of a reservation recorded at `at_us`; `None` before the daemon set the
+    /// settle ttl (a reservation's row then carries no deadline, and no expiry row follows).
+    pub(crate) fn settle_by_us(&self, at_us: i64) -> Option<i64> {
+        match self.tuning.settle_ttl_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                at_us.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX).saturating_mul(1000)),
+            ),
+        }
     }
 
     /// Records an entry. With `journal` it is in the file when this returns (one `write`;
@@ -494,6 +562,9 @@ pub async fn start(
                 tuning: tuning.clone(),
                 next_try: Instant::now(),
                 next_maintenance: Instant::now(),
+                next_expiry: Instant::now(),
+                expiry_done_at: None,
+                next_expiry_sweep: Instant::now(),
             };
             let thread = std::thread::Builder::new()
                 .name("ledger".into())
@@ -546,6 +617,12 @@ pub async fn start(
 
 /// Rows replayed from the file per PostgreSQL transaction.
 const REPLAY_CHUNK: usize = 10_000;
+/// How often the expiry job looks back its whole `expiry_lookback_secs` (between, it looks
+/// back to a little before its last finished run).
+const EXPIRY_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How much before its last finished run the expiry job looks back: rows that reach
+/// PostgreSQL at most this late are looked at by the next run, later ones by the hourly sweep.
+const EXPIRY_SLACK: Duration = Duration::from_secs(600);
 /// Partition maintenance (create ahead, retention) interval.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -651,6 +728,13 @@ struct Shipper {
     /// PostgreSQL is not tried again (for writes or replay) before this.
     next_try: Instant,
     next_maintenance: Instant,
+    /// The reservation expiry job's next run.
+    next_expiry: Instant,
+    /// When the last run that finished everything due began (it wrote fewer rows than its
+    /// limit): the next runs need look back only a little before it.
+    expiry_done_at: Option<Instant>,
+    /// The next run over the whole lookback.
+    next_expiry_sweep: Instant,
 }
 
 impl Shipper {
@@ -660,6 +744,7 @@ impl Shipper {
             let (end, batch) = self.collect(&mut stopping).await;
             self.ship(end, batch).await;
             self.maintain().await;
+            self.expire_reservations().await;
         }
         // The appender has stopped: whatever is left (handed over or only in the file) is
         // written now, as far as PostgreSQL answers, so a clean shutdown leaves as little
@@ -927,10 +1012,124 @@ impl Shipper {
     }
 }
 
+impl Shipper {
+    /// The reservation expiry job: once per `expiry_interval_ms`, one idempotent statement
+    /// inserts the `reservation_expiry` rows of reservations past their `settle_by` (and the
+    /// grace) with no settle or refund ([`postgres::expire_reservations`]). It runs only when
+    /// this daemon's own rows are all in PostgreSQL (a settle of ours still in the spill file
+    /// would otherwise look missing) and PostgreSQL is not failing; a failed or timed-out run
+    /// is retried at the next interval, and what it did commit is not written again.
+    async fn expire_reservations(&mut self) {
+        let Some(interval) = self.tuning.expiry_interval() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.next_expiry || now < self.next_try || self.committed < self.file.end() {
+            return;
+        }
+        self.next_expiry = now + interval;
+        let mut window = self.tuning.expiry();
+        // Most runs look back only to a little before the last run that finished everything
+        // due (what was due then was looked at then); once per EXPIRY_SWEEP_EVERY, and until a
+        // run finishes, a run looks back the whole lookback, for the rows that reached
+        // PostgreSQL later than EXPIRY_SLACK (another daemon's spill file after an outage).
+        let sweep = now >= self.next_expiry_sweep;
+        if !sweep && let Some(done) = self.expiry_done_at {
+            let since = now.duration_since(done) + window.grace + EXPIRY_SLACK;
+            window.lookback = window.lookback.min(since);
+        }
+        let run = postgres::expire_reservations(self.sink.pool(), &window);
+        match tokio::time::timeout(
+            self.tuning.write_timeout().max(Duration::from_secs(30)),
+            run,
+        )
+        .await
+        {
+            Ok(Ok(n)) => {
+                self.metrics.reservation_expiries.inc_by(n);
+                if n < u64::from(window.limit) {
+                    self.expiry_done_at = Some(now);
+                    if sweep {
+                        self.next_expiry_sweep = now + EXPIRY_SWEEP_EVERY;
+                    }
+                }
+                if n > 0 {
+                    tracing::debug!(rows = n, "reservation expiry rows written");
+                }
+            }
+            Ok(Err(e)) => {
+                self.metrics.errors.with_label_values(&["expire"]).inc();
+                tracing::warn!(error = %e, "reservation expiry job failed; will retry");
+            }
+            Err(_) => {
+                self.metrics.errors.with_label_values(&["expire"]).inc();
+                tracing::warn!("reservation expiry job timed out; will retry");
+            }
+        }
+    }
+}
+
 /// An entry's id (for logs: never a key, an endpoint or other row content).
 fn entry_id(e: &Entry) -> Uuid {
     match e {
         Entry::Decision(r) => r.id,
         Entry::Kernel(k) => k.id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn expiry_settings_out_of_range_are_refused_by_name() {
+        for (text, field) in [
+            ("expiry_lookback_secs = 0", "ledger.expiry_lookback_secs"),
+            (
+                "expiry_lookback_secs = 99999999",
+                "ledger.expiry_lookback_secs",
+            ),
+            ("expiry_batch = 0", "ledger.expiry_batch"),
+            ("expiry_batch = 2000000", "ledger.expiry_batch"),
+        ] {
+            let Err(ConfigError::Invalid(errors)) = Config::parse(&format!("[ledger]\n{text}\n"))
+            else {
+                panic!("{text} should be invalid");
+            };
+            assert!(errors.iter().any(|e| e.path == field), "{text}: {errors:?}");
+        }
+        let ok = Config::parse("[ledger]\nexpiry_interval_ms = 0\nexpiry_grace_ms = 0\n")
+            .expect("0 turns the job off, and no grace is allowed");
+        assert!(Tuning::new(&ok.ledger).expiry_interval().is_none());
+        let window = Tuning::new(&Config::default().ledger).expiry();
+        assert_eq!(
+            (window.grace, window.lookback, window.limit),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 86_400),
+                10_000
+            )
+        );
+    }
+
+    #[test]
+    fn settle_by_is_in_the_file_only_for_reservations_and_old_lines_have_none() {
+        let line = r#"{"t":"decision","id":"0193d0c4-0000-7000-8000-000000000000","at_us":1,"key_hash":"ab","tier":null,"endpoint":"/x","method":"*","units":1.0,"cost":1.0,"multiplier":1.0,"allowed":true,"remaining":null,"decided_by":"redis","denial":null,"request_id":"r","node":"n"}"#;
+        let Entry::Decision(mut row) = serde_json::from_str::<Entry>(line).expect("old line")
+        else {
+            panic!("a decision");
+        };
+        assert_eq!(row.settle_by_us, None);
+        let plain = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(!plain.contains("settle_by_us"), "{plain}");
+        row.settle_by_us = Some(2_000_001);
+        let reserved = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(reserved.contains(r#""settle_by_us":2000001"#), "{reserved}");
+        assert_eq!(
+            serde_json::from_str::<Entry>(&reserved).expect("back"),
+            Entry::Decision(row)
+        );
+        assert_eq!(RowKind::ReservationExpiry.as_str(), "reservation_expiry");
     }
 }

@@ -17,7 +17,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
-                       kind, client_ip, note, operator, true_cost";
+                       kind, client_ip, note, operator, true_cost, settle_by";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -257,7 +257,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(21);
+        b.put_i16(22);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -283,6 +283,13 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
         text(&mut b, r.note.as_deref());
         text(&mut b, r.operator.as_deref());
         float(&mut b, r.true_cost);
+        match r.settle_by_us {
+            Some(us) => {
+                b.put_i32(8);
+                b.put_i64(us - PG_EPOCH_US);
+            }
+            None => b.put_i32(-1),
+        }
     }
     b.put_i16(-1);
     b
@@ -493,6 +500,12 @@ pub struct Usage {
     pub from_grants: f64,
     /// Tokens wallet grants forfeited when they expired (`grant_expiry` rows).
     pub expired: f64,
+    /// Reservations: the charged decisions that waited for a settle (debit rows with a
+    /// `settle_by`).
+    pub reservations: i64,
+    /// Reservations that expired unsettled (`reservation_expiry` rows): their estimates are
+    /// in `cost` and `settled` as charged.
+    pub reservations_expired: i64,
 }
 
 /// How usage is grouped.
@@ -524,7 +537,7 @@ pub async fn usage(
     // request's debit row is (or under `(refunds)` when the debit is not in the window).
     let rows = sqlx::query(&format!(
         "WITH r AS ( \
-             SELECT t.recorded_at, t.kind, t.allowed, t.denial, t.decided_by, t.cost, \
+             SELECT t.recorded_at, t.kind, t.allowed, t.denial, t.decided_by, t.cost, t.settle_by, \
                     CASE WHEN t.kind IN ('refund', 'settle') THEN coalesce( \
                         (SELECT d.endpoint FROM token_transactions d \
                          WHERE d.key_prefix = $3 AND d.key_hash = $1 AND d.kind = 'debit' \
@@ -547,7 +560,9 @@ pub async fn usage(
                  - coalesce(sum(cost) FILTER (WHERE kind = 'refund'), 0) \
                  + coalesce(sum(cost) FILTER (WHERE kind = 'settle'), 0))::float8, \
                 coalesce(sum(cost) FILTER (WHERE kind = 'grant_spend'), 0)::float8, \
-                coalesce(sum(cost) FILTER (WHERE kind = 'grant_expiry'), 0)::float8 \
+                coalesce(sum(cost) FILTER (WHERE kind = 'grant_expiry'), 0)::float8, \
+                count(*) FILTER (WHERE {CHARGED} AND settle_by IS NOT NULL)::int8, \
+                count(*) FILTER (WHERE kind = 'reservation_expiry')::int8 \
          FROM r GROUP BY 1 ORDER BY 1"
     ))
     .bind(key_hash)
@@ -567,10 +582,78 @@ pub async fn usage(
                 settled: r.try_get(6)?,
                 from_grants: r.try_get(7)?,
                 expired: r.try_get(8)?,
+                reservations: r.try_get(9)?,
+                reservations_expired: r.try_get(10)?,
             })
         })
         .collect()
 }
+
+/// The bounds of one run of the reservation expiry job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryWindow {
+    /// Only reservations whose `settle_by` is at least this far past: a settle or refund row
+    /// may still be on its way (another daemon's spill file).
+    pub grace: Duration,
+    /// Reservations whose `settle_by` is further back than this are not looked at.
+    pub lookback: Duration,
+    /// Most rows one run inserts.
+    pub limit: u32,
+}
+
+/// The `reservation_expiry` rows of reservations that were neither settled nor refunded by
+/// their `settle_by`: one statement, idempotent, so any number of daemons may run it at
+/// once, and a run cut short commits all of its rows or none. Returns the rows inserted.
+///
+/// - A reservation is a `debit` row with a `settle_by` (the daemon writes one only for an
+///   allowed reservation the store charged and remembered).
+/// - It expired when no `settle` or `refund` row of the same key and request id was recorded
+///   from a minute before it to a minute after its `settle_by` (the minute: the clocks of the
+///   daemons that wrote the rows may differ a little; a settle after the record expired is
+///   refused and writes no row, and one much earlier is an older request's).
+/// - The expiry row's id is derived from the reservation row's id (the MD5 of
+///   `reservation_expiry/<id>`, as a UUID) and its `recorded_at` is the `settle_by`: the same
+///   reservation always gives the same primary key, in the same partition, so a second insert
+///   of it, by a second daemon or a repeated run, is a conflict that `ON CONFLICT DO NOTHING`
+///   skips; the `NOT EXISTS` on that key keeps the scan from counting done ones against the
+///   limit.
+/// - `cost`, `units`, `tier`, `endpoint`, `method`, `request_id` and `node` are the
+///   reservation's, `note` its row id, `decided_by` `expiry`.
+/// - Bounded: reservations whose `settle_by` lies between `lookback` and `grace` ago, oldest
+///   first, at most `limit` rows per run (the partial index on `settle_by` finds them).
+pub async fn expire_reservations(pool: &PgPool, window: &ExpiryWindow) -> Result<u64, LedgerError> {
+    Ok(sqlx::query(&format!(
+        "WITH due AS ( \
+             SELECT r.* FROM token_transactions r \
+             WHERE r.settle_by IS NOT NULL AND r.kind = 'debit' \
+                   AND r.settle_by >= now() - make_interval(secs => $1) \
+                   AND r.settle_by < now() - make_interval(secs => $2) \
+                   AND NOT EXISTS (SELECT 1 FROM token_transactions e \
+                       WHERE e.id = {EXPIRY_ID} AND e.recorded_at = r.settle_by) \
+                   AND NOT EXISTS (SELECT 1 FROM token_transactions s \
+                       WHERE s.key_prefix = r.key_prefix AND s.key_hash = r.key_hash \
+                             AND s.kind IN ('settle', 'refund') \
+                             AND s.request_id = r.request_id \
+                             AND s.recorded_at >= r.recorded_at - interval '1 minute' \
+                             AND s.recorded_at <= r.settle_by + interval '1 minute') \
+             ORDER BY r.settle_by LIMIT $3) \
+         INSERT INTO token_transactions ({COLUMNS}) \
+         SELECT {EXPIRY_ID}, r.settle_by, r.key_hash, r.key_prefix, r.tier, r.endpoint, \
+                r.method, r.units, r.cost, r.multiplier, true, NULL, 'expiry', NULL, \
+                r.request_id, r.node, 'reservation_expiry', NULL, r.id::text, NULL, NULL, NULL \
+         FROM due r \
+         ON CONFLICT DO NOTHING"
+    ))
+    .bind(window.lookback.as_secs_f64())
+    .bind(window.grace.as_secs_f64())
+    .bind(i64::from(window.limit))
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// The id of the expiry row of reservation row `r` (SQL): the same for every run and daemon.
+const EXPIRY_ID: &str = "md5('reservation_expiry/' || r.id::text)::uuid";
 
 /// Every row since `since` ago, oldest first, as (column names, text values) with UTC times.
 pub async fn export(
@@ -583,7 +666,8 @@ pub async fn export(
         "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
                 allowed::text, remaining::text, decided_by, denial, request_id, node, \
-                host(client_ip), kind, note, operator, true_cost::text \
+                host(client_ip), kind, note, operator, true_cost::text, \
+                to_char(settle_by AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -604,7 +688,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 20] = [
+pub const EXPORT_COLUMNS: [&str; 21] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -625,6 +709,7 @@ pub const EXPORT_COLUMNS: [&str; 20] = [
     "note",
     "operator",
     "true_cost",
+    "settle_by",
 ];
 
 /// What [`import`] did.

@@ -153,6 +153,7 @@ mod tests {
             note: None,
             operator: None,
             true_cost: None,
+            settle_by_us: None,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

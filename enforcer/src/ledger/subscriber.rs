@@ -80,9 +80,10 @@ impl Ledger {
     /// The audit row of a decision.
     fn decision_row(&self, d: &Decided<'_>) -> AuditRow {
         let decision = d.decision;
+        let at_us = super::now_us();
         AuditRow {
             id: decision.decision_id,
-            at_us: super::now_us(),
+            at_us,
             key_hash: d.key_hash.to_hex(),
             tier: decision.tier.clone(),
             // The path as priced (normal form, without the query string, which may carry
@@ -104,6 +105,12 @@ impl Ledger {
             note: None,
             operator: None,
             true_cost: None,
+            // A reservation says so, and when it expires unsettled (the expiry job's input).
+            settle_by_us: if decision.reserved {
+                self.settle_by_us(at_us)
+            } else {
+                None
+            },
         }
     }
 
@@ -131,6 +138,7 @@ impl Ledger {
             note: None,
             operator: None,
             true_cost: None,
+            settle_by_us: None,
         }
     }
 
@@ -159,6 +167,7 @@ impl Ledger {
             note: None,
             operator: None,
             true_cost: None,
+            settle_by_us: None,
         }
     }
 
@@ -196,6 +205,7 @@ impl Ledger {
             }),
             operator: Some(g.operator.to_owned()),
             true_cost: None,
+            settle_by_us: None,
         }
     }
 
@@ -213,6 +223,7 @@ impl Ledger {
             note: Some(m.grant_id.clone()),
             operator: None,
             true_cost: None,
+            settle_by_us: None,
             ..charge.clone()
         }
     }
@@ -235,6 +246,7 @@ impl Ledger {
             note: Some("expired".to_owned()),
             operator: None,
             true_cost: None,
+            settle_by_us: None,
             ..noticed.clone()
         }
     }
@@ -265,6 +277,7 @@ impl Ledger {
             note: st.capped.then(|| "capped at max_cost".to_owned()),
             operator: None,
             true_cost: Some(st.cost),
+            settle_by_us: None,
         }
     }
 }
