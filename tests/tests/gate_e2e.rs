@@ -1545,7 +1545,16 @@ fn detach_switches_the_gate_off_while_the_daemon_runs() {
         call(&link.b, key),
         "once detached, the drained key's request reaches the upstream"
     );
-    assert_eq!(seen.lock().expect("lock").get(key), Some(&1));
+    // At least this one. The gate drops (action "drop"): the rejected calls above were closed
+    // by the client after its read timeout, but the client's kernel keeps retransmitting an
+    // orphaned socket's unacknowledged request for a while, and once the gate is off such a
+    // retransmission reaches the upstream too (seen on a slow CI run: 2). Exactly none got
+    // through while attached is checked above.
+    assert!(
+        seen.lock().expect("lock").get(key).is_some_and(|n| *n >= 1),
+        "{:?}",
+        seen.lock().expect("lock").get(key)
+    );
     let ready = wait_attached(&link.a, false);
     assert!(ready.contains("detached by an operator"), "{ready}");
     let (_, status) = enforcer_in(&link.a, &["kernel", "status", "--pin-dir", &dir]);
