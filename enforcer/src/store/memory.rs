@@ -140,6 +140,28 @@ impl Account {
     }
 }
 
+/// Turns an allowed debit into a denial that charges nothing (another limit refused it): the
+/// bucket keeps its refilled balance, as any denial, and the wallet loses only what expired.
+/// Returns the wallet to write back.
+fn refuse(
+    s: &mut debit::Settlement,
+    moves: &mut GrantMoves,
+    stored_wallet: Option<Wallet>,
+    refilled: f64,
+    now: f64,
+) -> Option<Wallet> {
+    s.allowed = false;
+    s.state = BucketState {
+        balance: refilled,
+        updated_at: now,
+    };
+    moves.spent.clear();
+    stored_wallet.map(|mut w| {
+        w.expire(now);
+        w
+    })
+}
+
 fn slot(kind: BucketKind) -> u8 {
     match kind {
         BucketKind::Main => 0,
@@ -275,6 +297,7 @@ impl TokenStore for MemoryStore {
                 GrantMoves::default(),
             ),
         };
+        let refilled = || debit::refilled(previous, &params, window, now);
         // QUOTA: the rule of `lua/debit.lua`'s quota block, decided before anything is written.
         let quota = match (d.bucket, periods.of(&tier.name)) {
             (BucketKind::Main, Some((amount, bounds))) => {
@@ -298,18 +321,8 @@ impl TokenStore for MemoryStore {
                     s.retry_after_ms.zip(at_reset).map(|(a, b)| a.max(b)),
                 )
             };
-            // Neither is charged: the bucket keeps its refilled balance, as any denial, and
-            // the wallet loses only what expired.
-            s.allowed = false;
-            s.state = BucketState {
-                balance: debit::refilled(previous, &params, window, now),
-                updated_at: now,
-            };
-            wallet = stored_wallet.clone().map(|mut w| {
-                w.expire(now);
-                w
-            });
-            moves.spent.clear();
+            // Neither is charged.
+            wallet = refuse(&mut s, &mut moves, stored_wallet.clone(), refilled(), now);
         }
         // KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
         let limit = account
@@ -331,16 +344,7 @@ impl TokenStore for MemoryStore {
             denied_by = Some(DeniedBy::KeyLimit);
             s.retry_after_ms = (d.cost <= l.max_tokens)
                 .then(|| ((d.cost - lb) / l.refill_per_sec * 1000.0).ceil() as u64);
-            s.allowed = false;
-            s.state = BucketState {
-                balance: debit::refilled(previous, &params, window, now),
-                updated_at: now,
-            };
-            wallet = stored_wallet.map(|mut w| {
-                w.expire(now);
-                w
-            });
-            moves.spent.clear();
+            wallet = refuse(&mut s, &mut moves, stored_wallet, refilled(), now);
         }
         if let (Some(l), Some(lb)) = (limit, limit_balance)
             && s.allowed
