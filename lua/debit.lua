@@ -11,6 +11,10 @@
 -- KEYS[5]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>" (calendar quotas)
 -- KEYS[6]  key limit          a shared budget member's own bucket, ptb:{budget:<name>}:k:<sha256>
 --                             "<balance> <updated_at>" (read only when ARGV gives a key limit)
+-- KEYS[7]  candidate bucket   optional: the shadow candidate policy's bucket (enforcer/src/
+--                             shadow.rs), ptc:{<sha256 of key>}:b (ptc:{budget:<name>}:b for a
+--                             shared budget), "<balance> <updated_at>"; given only for a main
+--                             bucket's unforced debit when a candidate is configured
 --
 -- For a member of a shared budget (enforcer/src/budget.rs) the daemon names the budget's keys
 -- instead of the key's own: ptb:{budget:<name>}:b, :tier, :w, :q, and the request record
@@ -39,9 +43,16 @@
 --                                       no time zones); the period containing Redis TIME counts
 -- ARGV[11+5n+6m], ARGV[12+5n+6m]        key limit: max_tokens and refill_per_sec of KEYS[6], or
 --                                       "-" "-": none
+-- With KEYS[7] only (the CANDIDATE block below), c = 13+5n+6m:
+-- ARGV[c]                  candidate cost         tokens, finite, > 0
+-- ARGV[c+1+4i .. c+4+4i]   candidate tier i       max_tokens, refill_per_sec, idle_cap,
+--                                                 initial_tokens of the candidate bucket of
+--                                                 the i-th tier above (same order)
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
---          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}
+--          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}, and with KEYS[7],
+--          when the key's debit was decided (status ok, not a replay), two more:
+--          candidate_allowed ("1" or "0") and candidate_remaining (a string)
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
 --   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
 --   when refill can never cover the cost; at: the Redis TIME of the debit (what remaining is
@@ -62,6 +73,13 @@
 -- against the quota too. Redis TIME in none of the periods passed: an error, nothing written.
 -- The request record keeps the period start charged (field 4) so a refund or a settle moves
 -- the usage of that period only.
+--
+-- Candidate (the CANDIDATE blocks): a plain PTB-CWD bucket of its own (refill, idle cap,
+-- initial tokens, expiry as the main bucket's, with the candidate tier's numbers), charged the
+-- candidate cost when it can pay it. It reads nothing the real decision wrote and the real
+-- decision reads nothing of it: it never changes the real outcome. Wallet grants, quotas and
+-- key limits do not apply to it. Replays, conflicts and unknown keys return before it, so a
+-- retried request id never debits it twice.
 --
 -- Request ids follow payment APIs' idempotency keys: an allowed request is remembered with its
 -- fingerprint for the record ttl. The same id with the same fingerprint is a retry: answered
@@ -89,7 +107,28 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-if #KEYS ~= 6 then fail('expected 6 keys') end
+-- A bucket's balance now, from its stored "<balance> <updated_at>" (or `initial` when it has
+-- none): refilled at `rate` since `updated`, up to `max_tokens`, or to `max_tokens * idle_cap`
+-- once it has been idle longer than `window`; a balance above that (credits) is kept.
+local function refilled(raw, now, window, initial, max_tokens, idle_cap, rate)
+  local balance, updated
+  if raw then
+    local b, u = string.match(raw, '^(%S+) (%S+)$')
+    balance, updated = tonumber(b), tonumber(u)
+  end
+  if balance == nil or updated == nil then
+    return initial
+  end
+  local elapsed = math.max(0, now - updated)
+  local ceiling = max_tokens
+  if elapsed > window then ceiling = max_tokens * idle_cap end
+  if balance < ceiling then
+    balance = math.min(ceiling, balance + elapsed * rate)
+  end
+  return balance
+end
+
+if #KEYS ~= 6 and #KEYS ~= 7 then fail('expected 6 keys (7 with a candidate)') end
 local cost = number(1, 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(2, 'record ttl', 1)
@@ -114,8 +153,13 @@ if max_cost ~= '-' then
   max_cost = fmt(m)
 end
 
--- One read for all five keys (same hash tag, so the same cluster slot).
-local got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[5], KEYS[4])
+-- One read for all five keys (six with a candidate; same hash tag, so the same cluster slot).
+local got
+if #KEYS == 7 then
+  got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[5], KEYS[4], KEYS[7])
+else
+  got = redis.call('MGET', KEYS[3], KEYS[2], KEYS[1], KEYS[5], KEYS[4])
+end
 local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[5]
 if kind == 'o' or kind == 'O' then stored_wallet = false end
 
@@ -155,21 +199,7 @@ local initial = number(tier + 4, 'initial_tokens', 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
-local balance, updated
-if bucket then
-  local b, u = string.match(bucket, '^(%S+) (%S+)$')
-  balance, updated = tonumber(b), tonumber(u)
-end
-if balance == nil or updated == nil then
-  balance = initial
-else
-  local elapsed = math.max(0, now - updated)
-  local ceiling = max_tokens
-  if elapsed > active_window then ceiling = max_tokens * idle_cap end
-  if balance < ceiling then
-    balance = math.min(ceiling, balance + elapsed * rate)
-  end
-end
+local balance = refilled(bucket, now, active_window, initial, max_tokens, idle_cap, rate)
 
 -- >>> WALLET: expired grants dropped (reported), the rest held in spend order.
 local grants, held, moves = {}, 0, {}
@@ -239,6 +269,21 @@ if (kind == 'm' or kind == 'M') and ARGV[lbase] ~= '-' then
   limit_ok = forced or l_balance >= cost
 end
 -- <<< KEY LIMIT
+
+-- >>> CANDIDATE: its arguments, checked before anything is written.
+local c_cost, c_max, c_rate, c_idle, c_initial
+if #KEYS == 7 then
+  if kind ~= 'm' then fail('a candidate is evaluated for unforced main-bucket debits only') end
+  local cbase = lbase + 2
+  c_cost = number(cbase, 'candidate cost', 0)
+  if c_cost <= 0 or c_cost > 1e15 then fail('candidate cost must be > 0 and <= 1e15') end
+  local ci = cbase + 1 + 4 * ((tier - 8) / 5)
+  c_max = number(ci, 'candidate max_tokens', 0)
+  c_rate = number(ci + 1, 'candidate refill_per_sec', 0)
+  c_idle = number(ci + 2, 'candidate idle_cap', 0)
+  c_initial = number(ci + 3, 'candidate initial_tokens', 0)
+end
+-- <<< CANDIDATE
 
 local allowed = 0
 local retry = -1
@@ -338,9 +383,31 @@ if allowed == 1 then
     'PX', ttl)
 end
 local grant_moves = table.concat(moves, '\n')
+local reply
 if q_start ~= nil then
-  return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by,
+  reply = {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by,
     fmt(q_used), fmt(q_amount), fmt(q_end), grant_moves}
+else
+  reply = {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by, '', '',
+    '', grant_moves}
 end
-return {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by, '', '', '',
-  grant_moves}
+
+-- >>> CANDIDATE: the same rule as the main bucket above (enforcer/src/debit.rs `settle`).
+if c_cost ~= nil then
+  local c_balance = refilled(got[6], now, active_window, c_initial, c_max, c_idle, c_rate)
+  local c_allowed = '0'
+  if c_balance >= c_cost then
+    c_balance = c_balance - c_cost
+    c_allowed = '1'
+  end
+  if c_rate > 0 and c_balance <= c_max * c_idle then
+    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. fmt(now),
+      'PX', math.ceil((active_window + (c_max - math.min(0, c_balance)) / c_rate) * 1000))
+  else
+    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. fmt(now))
+  end
+  reply[14] = c_allowed
+  reply[15] = fmt(c_balance)
+end
+-- <<< CANDIDATE
+return reply

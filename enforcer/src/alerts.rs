@@ -189,6 +189,8 @@ impl Alerts {
                 operator: None,
                 true_cost: None,
                 settle_by_us: None,
+                candidate_allowed: None,
+                candidate_cost: None,
             }));
         }
         if let Some(queue) = &self.webhook
@@ -246,7 +248,7 @@ impl Subscriber for Alerts {
 /// Where and how the webhook worker delivers.
 #[derive(Debug, Clone)]
 pub struct Webhook {
-    url: hyper::Uri,
+    url: String,
     secret: Vec<u8>,
     max_attempts: u32,
     retry: Duration,
@@ -275,10 +277,7 @@ impl Webhook {
             return Err(AlertsError::NoSecret);
         }
         Ok(Some(Self {
-            url: config
-                .webhook_url
-                .parse()
-                .map_err(|e: hyper::http::uri::InvalidUri| AlertsError::Url(e.to_string()))?,
+            url: config.webhook_url.clone(),
             secret,
             max_attempts: config.max_attempts.max(1),
             retry: Duration::from_millis(config.retry_ms),
@@ -308,8 +307,14 @@ pub async fn deliver(
     metrics: Metrics,
     mut shutdown: Shutdown,
 ) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
+    // https:// receivers are verified against the system's roots.
+    let client = match crate::http_client::remote(None, webhook.timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(target: "enforcer::alerts", error = %e, "no HTTP client: low-balance alerts are not delivered (their audit rows are written)");
+            return;
+        }
+    };
     let count = |result: &str| metrics.alerts.with_label_values(&[result]).inc();
     'alerts: loop {
         let alert = tokio::select! {
@@ -326,7 +331,8 @@ pub async fn deliver(
         let mut wait = webhook.retry;
         for attempt in 1..=webhook.max_attempts {
             let timestamp = (crate::ledger::now_us() / 1_000_000).to_string();
-            let request = hyper::Request::post(webhook.url.clone())
+            let request = client
+                .post(&webhook.url)
                 .header("content-type", "application/json")
                 .header("x-enforcer-alert-id", alert.id.to_string())
                 .header("x-enforcer-timestamp", &timestamp)
@@ -334,19 +340,16 @@ pub async fn deliver(
                     "x-enforcer-signature",
                     signature(&webhook.secret, &timestamp, &body),
                 )
-                .body(http_body_util::Full::new(body.clone()));
-            let Ok(request) = request else {
-                continue 'alerts;
-            };
+                .body(body.clone());
             // Shutdown does not wait for a slow receiver.
             let answer = tokio::select! {
                 () = shutdown.requested() => {
                     count("dropped");
                     break 'alerts;
                 }
-                answer = tokio::time::timeout(webhook.timeout, client.request(request)) => answer,
+                answer = request.send() => answer,
             };
-            let ok = matches!(answer, Ok(Ok(response)) if response.status().is_success());
+            let ok = matches!(answer, Ok(response) if response.status().is_success());
             if ok {
                 count("sent");
                 continue 'alerts;

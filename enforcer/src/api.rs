@@ -31,6 +31,7 @@ use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 pub use crate::headers::RETRY_AFTER_NEVER_SECS;
 
@@ -75,7 +76,7 @@ pub(crate) fn client_ip(app: &App, addr: ClientAddr) -> Option<IpAddr> {
 
 /// The router, with the body limit applied.
 pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/check", post(check))
         .route("/v1/auth", get(auth))
         .route("/v1/refund", post(refund))
@@ -84,7 +85,14 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/costs", get(costs))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") });
+    // With traces on, a gateway's `traceparent` makes its request's spans children of its own.
+    let router = if crate::trace::on() {
+        router.layer(axum::middleware::from_fn(crate::trace::http_parent))
+    } else {
+        router
+    };
+    router
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(app)
 }
@@ -403,7 +411,12 @@ async fn refund(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
         Ok(parsed) => parsed,
         Err(r) => return r,
     };
-    match app.decider.refund(&key, &request_id).await {
+    match app
+        .decider
+        .refund(&key, &request_id)
+        .instrument(crate::trace::refund())
+        .await
+    {
         Ok(RefundOutcome::Refunded {
             credited, balance, ..
         }) => (
@@ -461,7 +474,12 @@ async fn settle(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>
             );
         }
     };
-    match app.decider.settle(&key, &request_id, cost).await {
+    match app
+        .decider
+        .settle(&key, &request_id, cost)
+        .instrument(crate::trace::settle())
+        .await
+    {
         Ok(SettleOutcome::Settled {
             cost,
             estimate,
@@ -565,6 +583,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     let (worst, open) = app.decider.breaker_summary();
     app.metrics.breaker_state.set(worst as i64);
     app.metrics.breakers_open.set(open as i64);
+    // The store counts its evictions itself; the counter catches up at each scrape.
+    let evicted = app.decider.store().records_evicted();
+    let counted = app.metrics.store_records_evicted.get();
+    if evicted > counted {
+        app.metrics.store_records_evicted.inc_by(evicted - counted);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -77,6 +77,9 @@ pub struct BudgetPolicy {
     pub operational: BucketParams,
     /// Budgets that several keys spend from (`[shared_budgets.*]`).
     pub shared: SharedBudgets,
+    /// The shadow candidate policy's bucket of each tier, in the order of `tiers`
+    /// (`[shadow]`, [`crate::shadow`]); `None`: no candidate is evaluated.
+    pub candidate: Option<Vec<BucketParams>>,
 }
 
 /// One budget several keys are charged against (an organisation's, a project's).
@@ -148,6 +151,12 @@ impl BudgetPolicy {
     /// The tier called `name`.
     pub fn tier(&self, name: &str) -> Option<&Tier> {
         self.tiers.iter().find(|t| t.name == name)
+    }
+
+    /// The candidate policy's bucket of tier `name`, when a candidate is configured.
+    pub fn candidate_bucket(&self, name: &str) -> Option<BucketParams> {
+        let i = self.tiers.iter().position(|t| t.name == name)?;
+        self.candidate.as_ref()?.get(i).copied()
     }
 
     /// The tier a key with this assignment (or none) is charged under, or `None` when the key

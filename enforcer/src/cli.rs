@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::reload::{ConfigSource, Overrides};
 use crate::server::{Server, shutdown_signal};
+use crate::trace::Traces;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 pub mod admin;
 pub mod kernel;
+pub mod shadow_report;
 
 /// enforcer: cost-weighted API token budgets, debited atomically in Redis, enforced down to the
 /// kernel.
@@ -144,6 +146,11 @@ pub enum AuditCommand {
         #[arg(long, env = "ENFORCER_DATABASE_URL")]
         database_url: String,
     },
+    /// Are prices proportional to cost? Compares each endpoint's tokens charged (the ledger)
+    /// with the CPU-seconds its backends spent (Prometheus) over the window, prints tokens per
+    /// CPU-second, their spread, the calibration error and a proposed base_cost per endpoint.
+    /// Changes nothing; with --write, saves the proposal as a diff of the config to review.
+    Calibrate(CalibrateArgs),
     /// Every decision since a time, oldest first, to stdout (times in UTC).
     Export {
         /// How far back: `90s`, `10m`, `24h`, `30d`.
@@ -156,6 +163,11 @@ pub enum AuditCommand {
         #[arg(long, env = "ENFORCER_DATABASE_URL")]
         database_url: String,
     },
+    /// The shadow candidate policy (`[shadow]`) against the enforced one, over the decisions
+    /// both decided: per tier and endpoint, requests, tokens charged and denials old vs new,
+    /// the keys the candidate would newly deny (top N, by hashed key), and the estimated
+    /// change in denials per hour (per hour of the span the rows cover).
+    ShadowReport(shadow_report::ShadowReportArgs),
 }
 
 /// `enforcer audit partitions …`
@@ -192,6 +204,59 @@ pub enum UsageGroup {
     Endpoint,
     /// One line per hour (UTC).
     Hour,
+}
+
+/// `enforcer audit calibrate`
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// The config whose cost matrix is calibrated (its endpoints, `[pricing.calibration]`
+    /// and `[pricing.prometheus]`).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// How far back: `90s`, `10m`, `24h`, `30d`.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub since: Duration,
+    /// Prometheus base URL (http:// or https://); default: `[pricing.prometheus] url`.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
+    /// PEM CA file trusted for Prometheus (default: `[pricing.prometheus] ca_file`).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token file for Prometheus (default: the config's auth).
+    #[arg(long)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Basic-auth user for Prometheus, with --password-file (default: the config's auth).
+    #[arg(long, requires = "password_file")]
+    pub username: Option<String>,
+    /// Basic-auth password file for Prometheus.
+    #[arg(long, requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// PromQL of an endpoint's CPU-seconds over `$window` (`$method`, `$path` replaced);
+    /// default: `[pricing.calibration] cpu_seconds_query`, or the endpoint's own.
+    #[arg(long, value_name = "PROMQL")]
+    pub query: Option<String>,
+    /// Bound on each Prometheus query, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// Write the proposal as a unified diff to CONFIG.calibration.diff (apply it with
+    /// `patch CONFIG < CONFIG.calibration.diff` after review, then `enforcer reload`).
+    #[arg(long)]
+    pub write: bool,
+    /// PostgreSQL URL.
+    #[arg(long, env = "ENFORCER_DATABASE_URL")]
+    pub database_url: String,
+}
+
+/// `--format` of reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document.
+    Json,
 }
 
 /// `--format` of `enforcer audit export`.
@@ -287,6 +352,10 @@ pub struct RunArgs {
     /// The local ledger / spill file (overrides ledger.file).
     #[arg(long, env = "ENFORCER_LEDGER_FILE")]
     pub ledger_file: Option<String>,
+    /// OTLP/HTTP receiver of the daemon's traces (overrides telemetry.otlp_endpoint); ""
+    /// exports none.
+    #[arg(long, env = "ENFORCER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `enforcer config …`
@@ -397,8 +466,17 @@ pub enum KeysCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
-    init_tracing(format);
-    match dispatch(cli) {
+    // The daemon's traces go out through the tracing subscriber: set up with it, from the
+    // config the daemon will run with.
+    let traces = match &cli.command {
+        Command::Run(args) => daemon_traces(args),
+        _ => Ok(None),
+    };
+    init_tracing(format, traces.as_ref().ok().and_then(Option::as_ref));
+    let result = traces
+        .context("traces ([telemetry])")
+        .and_then(|traces| dispatch(cli, traces));
+    match result {
         Ok(code) => code,
         // `enforcer kernel status | head`: the reader is gone, nobody is left to tell.
         Err(e) if kernel::is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -413,18 +491,38 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// The traces `enforcer run` will export, if its config (file and overrides) names a
+/// receiver. A config that does not load has none: `run` reports its errors.
+fn daemon_traces(args: &RunArgs) -> Result<Option<Traces>, crate::trace::TraceError> {
+    match args.source().load() {
+        Ok(config) => Traces::new(&config.telemetry),
+        Err(_) => Ok(None),
+    }
+}
+
+fn init_tracing(format: LogFormat, traces: Option<&Traces>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // The trace spans exist only when they are exported (crate::trace).
+    if let Some(directive) = crate::trace::directive(traces.is_some()) {
+        filter = filter.add_directive(directive);
+    }
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces.map(Traces::layer))
+        .try_init();
     match format {
-        LogFormat::Text => {
-            let _ = builder.try_init();
-        }
+        LogFormat::Text => {}
         LogFormat::Json => {
-            let _ = builder.json().try_init();
             // A panic's default message is plain text on stderr: make it one JSON line as well.
             std::panic::set_hook(Box::new(|info| {
                 let location = info
@@ -458,10 +556,10 @@ fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
         .context("starting the tokio runtime")
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli, traces: Option<Traces>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            run(args)?;
+            run(args, traces)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
@@ -540,48 +638,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A plain HTTP/1.1 GET to the daemon; the body, or an error with the status.
+/// A GET of the daemon's HTTP API at `addr` (`host:port`); the body, or an error with the
+/// status.
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    use std::net::ToSocketAddrs as _;
-    // Every address the name has, in order (`localhost` may be ::1 first while the daemon
-    // listens on 127.0.0.1).
-    let mut last = None;
-    let mut connected = None;
-    for candidate in addr
-        .to_socket_addrs()
-        .with_context(|| format!("--addr {addr:?} is not host:port"))?
-    {
-        match std::net::TcpStream::connect_timeout(&candidate, Duration::from_secs(2)) {
-            Ok(s) => {
-                connected = Some(s);
-                break;
-            }
-            Err(e) => last = Some(format!("{candidate}: {e}")),
-        }
-    }
-    let mut stream = connected.with_context(|| {
-        format!(
+    let client = crate::http_client::remote(None, Duration::from_secs(5))?;
+    let url = format!("http://{addr}{path}");
+    let request = async {
+        let response = client.get(&url).send().await?;
+        let status = response.status();
+        Ok::<_, reqwest::Error>((status, response.text().await?))
+    };
+    let (status, body) = crate::http_client::block_on(request)?.map_err(|e| {
+        anyhow::anyhow!(
             "connecting to the daemon at {addr}: {}",
-            last.unwrap_or_else(|| "the name resolves to no address".to_owned())
+            crate::http_client::error_chain(&e)
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no HTTP answer from the daemon")?;
-    let status = head.split(' ').nth(1).unwrap_or("?");
-    if status != "200" {
-        bail!("{path}: HTTP {status}: {body}");
+    if !status.is_success() {
+        bail!("{path}: HTTP {}: {body}", status.as_u16());
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// `1 row`, `2 rows`.
@@ -590,6 +666,133 @@ fn rows(n: u64) -> String {
         "1 row".to_owned()
     } else {
         format!("{n} rows")
+    }
+}
+
+/// `enforcer audit calibrate`.
+async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    use crate::http_client::{Auth, Secret};
+    use crate::pricing::calibrate;
+    let config =
+        Config::load(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let prom = &config.pricing.prometheus;
+    let url = args.prometheus.clone().unwrap_or_else(|| prom.url.clone());
+    if url.is_empty() {
+        bail!("no Prometheus: give --prometheus URL, or set [pricing.prometheus] url");
+    }
+    let ca_file = args
+        .ca_file
+        .clone()
+        .or_else(|| (!prom.ca_file.is_empty()).then(|| PathBuf::from(&prom.ca_file)));
+    let auth = match (&args.bearer_token_file, &args.username, &args.password_file) {
+        (Some(token), _, _) => Auth::Bearer(Secret::File(token.clone())),
+        (None, Some(username), Some(password)) => Auth::Basic {
+            username: username.clone(),
+            password: Secret::File(password.clone()),
+        },
+        _ => prom.auth(),
+    };
+    let prometheus = crate::pricing::telemetry::Prometheus::with(
+        &url,
+        ca_file.as_deref(),
+        auth,
+        Duration::from_secs(args.timeout_secs.max(1)),
+    );
+    let template = args
+        .query
+        .clone()
+        .unwrap_or_else(|| config.pricing.calibration.cpu_seconds_query.clone());
+    let pool = ledger_pool(&args.database_url)?;
+    let to_us = crate::ledger::now_us();
+    let from_us = to_us - i64::try_from(args.since.as_micros()).unwrap_or(i64::MAX / 2);
+    let result = calibrate::Calibrator {
+        config: &config,
+        pool: &pool,
+        prometheus: &prometheus,
+        template: &template,
+    }
+    .run(from_us, to_us)
+    .await?;
+    match args.format {
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+        ReportFormat::Table => print_calibration(&result),
+    }
+    if args.write {
+        let path = args.config.display().to_string();
+        let text =
+            std::fs::read_to_string(&args.config).with_context(|| format!("reading {path}"))?;
+        let new = calibrate::rewrite_config(&text, &result)?;
+        let diff_path = PathBuf::from(format!("{path}.calibration.diff"));
+        if new == text {
+            eprintln!("the proposal changes nothing in {path}: no diff written");
+        } else {
+            let diff = calibrate::proposal_diff(&path, &text, &new);
+            std::fs::write(&diff_path, &diff)
+                .with_context(|| format!("writing {}", diff_path.display()))?;
+            eprint!("{diff}");
+            eprintln!(
+                "proposal written to {} ({path} is unchanged): review it, then \
+                 `patch {path} < {}` and `enforcer reload`",
+                diff_path.display(),
+                diff_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The table of `enforcer audit calibrate`.
+fn print_calibration(c: &crate::pricing::calibrate::Calibration) {
+    let pct = |v: f64| format!("{:+.1}%", v * 100.0);
+    println!(
+        "{:<8} {:<32} {:>10} {:>10} {:>14} {:>12} {:>14} {:>9} {:>10} {:>9}",
+        "method",
+        "endpoint",
+        "requests",
+        "base_cost",
+        "tokens",
+        "cpu seconds",
+        "tokens/cpu-s",
+        "error",
+        "proposed",
+        "after"
+    );
+    for e in &c.endpoints {
+        println!(
+            "{:<8} {:<32} {:>10} {:>10} {:>14.3} {:>12.3} {:>14.3} {:>9} {:>10} {:>9}",
+            e.method,
+            e.path,
+            e.requests,
+            e.base_cost,
+            e.tokens,
+            e.cpu_seconds,
+            e.tokens_per_cpu_second,
+            pct(e.error),
+            e.proposed_base_cost,
+            pct(e.error_after)
+        );
+    }
+    for s in &c.skipped {
+        println!("{:<8} {:<32} skipped: {}", s.method, s.path, s.reason);
+    }
+    println!(
+        "reference: {:.3} tokens per CPU-second; spread (highest / lowest): {:.2}x",
+        c.reference_tokens_per_cpu_second, c.spread
+    );
+    let summary = |name: &str, e: &crate::pricing::calibrate::ErrorSummary| {
+        println!(
+            "calibration error {name}: max ±{:.1}%, CPU-weighted mean {:.1}%",
+            e.max_abs * 100.0,
+            e.weighted_mean_abs * 100.0
+        );
+    };
+    summary("now", &c.error_before);
+    summary("with the proposal (same window)", &c.error_after);
+    match &c.error_out_of_sample {
+        Some(e) => summary("out of sample (fitted on the first half, on the second)", e),
+        None => println!(
+            "calibration error out of sample: not enough data in both halves of the window"
+        ),
     }
 }
 
@@ -710,6 +913,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        AuditCommand::Calibrate(args) => calibrate(args).await?,
         AuditCommand::Export {
             since,
             format,
@@ -744,6 +948,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             out.flush()?;
             eprintln!("{n} rows");
         }
+        AuditCommand::ShadowReport(args) => shadow_report::run(args).await?,
     }
     Ok(())
 }
@@ -753,12 +958,12 @@ fn json_value(column: &str, v: Option<&str>) -> serde_json::Value {
     use serde_json::Value;
     let Some(v) = v else { return Value::Null };
     match column {
-        "units" | "cost" | "multiplier" | "remaining" | "true_cost" => v
+        "units" | "cost" | "multiplier" | "remaining" | "true_cost" | "candidate_cost" => v
             .parse::<f64>()
             .ok()
             .and_then(serde_json::Number::from_f64)
             .map_or_else(|| Value::String(v.to_owned()), Value::Number),
-        "allowed" => Value::Bool(v == "true"),
+        "allowed" | "candidate_allowed" => Value::Bool(v == "true"),
         _ => Value::String(v.to_owned()),
     }
 }
@@ -810,19 +1015,32 @@ impl RunArgs {
                 database_url: self.database_url.clone(),
                 migrate: self.migrate,
                 ledger_file: self.ledger_file.clone(),
+                otlp_endpoint: self.otlp_endpoint.clone(),
             },
         }
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: RunArgs, mut traces: Option<Traces>) -> anyhow::Result<()> {
     let source = args.source();
     // Every error of the file and the overrides, before a runtime starts.
-    source.load()?;
+    let config = source.load()?;
+    if traces.is_some() {
+        let t = &config.telemetry;
+        tracing::info!(
+            endpoint = %t.otlp_endpoint,
+            sample_ratio = t.sample_ratio,
+            service = %t.service_name,
+            "traces: exporting over OTLP/HTTP"
+        );
+    }
     // The daemon runs as a spawned task: a future driven by `block_on` itself would run on the
     // main thread, beside the worker threads, instead of on them.
     runtime_with(args.workers)?.block_on(async {
         tokio::spawn(async move {
+            if let Some(traces) = &mut traces {
+                traces.start();
+            }
             // Before anything is bound and "listening" is logged: see `shutdown_signal`.
             let shutdown = shutdown_signal().context("cannot handle SIGTERM/SIGINT")?;
             let server = Server::bind_from(source).await?;
@@ -839,7 +1057,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .grpc_addr()
                 .map_or_else(|| "off".to_owned(), |a| a.to_string());
             tracing::info!(%addr, %grpc, store = backend, "enforcer listening");
-            server.run(shutdown).await?;
+            let served = server.run(shutdown).await;
+            // After the workers stopped (the last spans are theirs); bounded, whatever the
+            // receiver does.
+            if let Some(traces) = traces {
+                traces.shutdown().await;
+            }
+            served?;
             Ok::<_, anyhow::Error>(())
         })
         .await

@@ -94,6 +94,48 @@ pub struct Config {
     pub envoy: EnvoyConfig,
     /// `[alerts]`: where low-balance alerts go (`tiers.*.low_balance` says when).
     pub alerts: AlertsConfig,
+    /// `[shadow]`: a candidate policy evaluated beside the enforced one ([`crate::shadow`]);
+    /// absent: none.
+    pub shadow: Option<crate::shadow::ShadowConfig>,
+    /// `[telemetry]`: OpenTelemetry traces of decisions and pricing rounds.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: where traces go ([`crate::trace`]); read at start only.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP (protobuf) receiver, `http://` or `https://`: a URL without a path gets
+    /// `/v1/traces` (as `OTEL_EXPORTER_OTLP_ENDPOINT`), one with a path is used as it is.
+    /// `""`: no traces (the default), and the spans cost nothing.
+    pub otlp_endpoint: String,
+    /// Share of decisions without a caller's `traceparent` that are traced, 0-1. A caller's
+    /// `traceparent` decides for its own requests (parent-based sampling).
+    pub sample_ratio: f64,
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// Ended spans waiting for export at most; beyond, spans are dropped (and counted).
+    pub max_queue_size: usize,
+    /// Most spans per export request.
+    pub max_export_batch_size: usize,
+    /// A batch is sent at the latest this long after its first span, milliseconds.
+    pub export_interval_ms: u64,
+    /// Bound on one export request (retries included), milliseconds.
+    pub export_timeout_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            service_name: "enforcer".to_owned(),
+            max_queue_size: 4096,
+            max_export_batch_size: 512,
+            export_interval_ms: 1000,
+            export_timeout_ms: 5000,
+        }
+    }
 }
 
 /// `[alerts]`: delivery of low-balance alerts ([`crate::alerts`]).
@@ -254,6 +296,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// Bound on establishing a connection, milliseconds.
     pub connect_timeout_ms: u64,
+    /// How often the Redis servers' `busy-reply-threshold` and script times are read
+    /// ([`crate::store::redis_watch`]), milliseconds.
+    pub watch_interval_ms: u64,
     /// Policy while the store is unreachable.
     pub on_store_failure: OnStoreFailure,
     /// Consecutive failures that open the circuit breaker.
@@ -276,6 +321,10 @@ pub struct StoreConfig {
     /// With `on_store_failure = "local"`: most keys (and bucket kinds) tracked locally; keys
     /// beyond are denied while the store is unreachable.
     pub local_max_keys: usize,
+    /// The embedded store (no Redis): most request records (idempotency, refunds, settles)
+    /// kept; beyond it the soonest-expiring of a small sample is dropped and counted
+    /// (`enforcer_store_records_evicted_total`).
+    pub memory_max_records: usize,
 }
 
 /// `[budget]`: rules shared by all tiers.
@@ -406,9 +455,21 @@ pub struct PricingConfig {
     pub proc_root: String,
     /// `[pricing.prometheus]`
     pub prometheus: PrometheusConfig,
+    /// `[pricing.calibration]`: how `enforcer audit calibrate` measures each endpoint's cost.
+    pub calibration: CalibrationConfig,
     /// `[pricing.domains.NAME]`: per-domain cost tables for the Envoy API (the request's
     /// `domain` picks one; any other domain is priced by the global table).
     pub domains: BTreeMap<String, DomainPricing>,
+}
+
+/// `[pricing.calibration]`: what `enforcer audit calibrate` compares the tokens charged with.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibrationConfig {
+    /// PromQL giving the CPU-seconds one endpoint's backends spent over a window: one series.
+    /// `$method`, `$path` and `$window` (e.g. `86400s`) are replaced per endpoint; an
+    /// endpoint's own `calibration_query` takes precedence. Empty: only those.
+    pub cpu_seconds_query: String,
 }
 
 /// `[pricing.domains.NAME]`: a cost table for one Envoy rate-limit domain. Its prices move
@@ -497,10 +558,28 @@ impl Default for NodeReferences {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusConfig {
-    /// Base URL of the Prometheus HTTP API (e.g. `http://prometheus:9090`); empty: none.
+    /// Base URL of the Prometheus HTTP API (`http://…` or `https://…`, e.g.
+    /// `https://prometheus:9090`); empty: none.
     pub url: String,
     /// Per-query timeout, milliseconds.
     pub timeout_ms: u64,
+    /// PEM file of the CA that signed the server's certificate (the only root trusted then);
+    /// empty: the system's roots.
+    pub ca_file: String,
+    /// `Authorization: Bearer`: the token's file (re-read at each query, so rotation works).
+    pub bearer_token_file: String,
+    /// `Authorization: Bearer`: the environment variable holding the token.
+    pub bearer_token_env: String,
+    /// Basic auth: the user name (with `password_file` or `password_env`).
+    pub username: String,
+    /// Basic auth: the password's file (re-read at each query).
+    pub password_file: String,
+    /// Basic auth: the environment variable holding the password.
+    pub password_env: String,
+    /// Refused with an explanation: secrets never go in the config text.
+    pub bearer_token: Option<toml::Value>,
+    /// Refused with an explanation: secrets never go in the config text.
+    pub password: Option<toml::Value>,
 }
 
 impl Default for PrometheusConfig {
@@ -508,7 +587,95 @@ impl Default for PrometheusConfig {
         Self {
             url: String::new(),
             timeout_ms: 500,
+            ca_file: String::new(),
+            bearer_token_file: String::new(),
+            bearer_token_env: String::new(),
+            username: String::new(),
+            password_file: String::new(),
+            password_env: String::new(),
+            bearer_token: None,
+            password: None,
         }
+    }
+}
+
+impl PrometheusConfig {
+    /// How queries authenticate (the config is valid: at most one way).
+    pub fn auth(&self) -> crate::http_client::Auth {
+        use crate::http_client::{Auth, Secret};
+        if let Some(token) = Secret::from_pair(&self.bearer_token_file, &self.bearer_token_env) {
+            Auth::Bearer(token)
+        } else if let Some(password) = Secret::from_pair(&self.password_file, &self.password_env) {
+            Auth::Basic {
+                username: self.username.clone(),
+                password,
+            }
+        } else {
+            Auth::None
+        }
+    }
+
+    /// Every problem of these settings, as `(field, message)` under `at` (`pricing.prometheus`).
+    pub fn problems(&self, at: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut err = |field: &str, msg: &str| out.push((format!("{at}.{field}"), msg.to_owned()));
+        if !(self.url.is_empty()
+            || self.url.starts_with("http://")
+            || self.url.starts_with("https://"))
+        {
+            err("url", "must be an http:// or https:// URL");
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            err("timeout_ms", "must be between 1 and 60000");
+        }
+        if self.bearer_token.is_some() {
+            err(
+                "bearer_token",
+                "secrets never go in the config text: use bearer_token_file or bearer_token_env",
+            );
+        }
+        if self.password.is_some() {
+            err(
+                "password",
+                "secrets never go in the config text: use password_file or password_env",
+            );
+        }
+        let bearer = !self.bearer_token_file.is_empty() || !self.bearer_token_env.is_empty();
+        let basic = !self.password_file.is_empty() || !self.password_env.is_empty();
+        if !self.bearer_token_file.is_empty() && !self.bearer_token_env.is_empty() {
+            err(
+                "bearer_token_env",
+                "give bearer_token_file or bearer_token_env, not both",
+            );
+        }
+        if !self.password_file.is_empty() && !self.password_env.is_empty() {
+            err(
+                "password_env",
+                "give password_file or password_env, not both",
+            );
+        }
+        if bearer && (basic || !self.username.is_empty()) {
+            err("username", "bearer token and basic auth exclude each other");
+        }
+        // Basic auth is a user name and a password, or neither.
+        if basic == self.username.is_empty() {
+            err(
+                "username",
+                "basic auth needs both username and password_file (or password_env)",
+            );
+        }
+        for (field, name) in [
+            ("bearer_token_env", &self.bearer_token_env),
+            ("password_env", &self.password_env),
+        ] {
+            if !name.is_empty() && !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                err(field, "is not an environment variable name");
+            }
+        }
+        if (bearer || basic || !self.ca_file.is_empty()) && self.url.is_empty() {
+            err("url", "TLS and auth settings need a url");
+        }
+        out
     }
 }
 
@@ -530,6 +697,10 @@ pub struct EndpointConfig {
     /// PromQL of the CPU (cores) the endpoint's backends use; one series expected.
     #[serde(default)]
     pub cpu_query: String,
+    /// `enforcer audit calibrate`: PromQL of the CPU-seconds this endpoint's backends spent
+    /// over `$window` (one series); default: `[pricing.calibration] cpu_seconds_query`.
+    #[serde(default)]
+    pub calibration_query: String,
     /// CPU (cores) that is the reference (normalised 1.0) for `cpu_query`.
     #[serde(default = "one")]
     pub cpu_reference: f64,
@@ -785,6 +956,7 @@ impl Default for StoreConfig {
             connections: 2,
             timeout_ms: 50,
             connect_timeout_ms: 1000,
+            watch_interval_ms: 10_000,
             on_store_failure: OnStoreFailure::FailOpen,
             breaker_failures: 5,
             breaker_open_ms: 1000,
@@ -793,6 +965,7 @@ impl Default for StoreConfig {
             local_nodes: 0,
             heartbeat_ms: 2000,
             local_max_keys: 100_000,
+            memory_max_records: 4_000_000,
         }
     }
 }
@@ -836,6 +1009,7 @@ impl Default for PricingConfig {
             node: NodeReferences::default(),
             proc_root: "/proc".to_owned(),
             prometheus: PrometheusConfig::default(),
+            calibration: CalibrationConfig::default(),
             domains: BTreeMap::new(),
         }
     }
@@ -868,6 +1042,56 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             envoy: EnvoyConfig::default(),
             alerts: AlertsConfig::default(),
+            shadow: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The errors of `[telemetry]`, reported through `err`.
+    fn check(&self, err: &mut impl FnMut(String, &str)) {
+        let t = self;
+        if !t.otlp_endpoint.is_empty()
+            && !t.otlp_endpoint.parse::<axum::http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            })
+        {
+            err(
+                "telemetry.otlp_endpoint".into(),
+                "must be an http:// or https:// URL with a host (an OTLP/HTTP receiver, e.g. \
+                 http://otel-collector:4318), or \"\" for no traces",
+            );
+        }
+        if !(t.sample_ratio.is_finite() && (0.0..=1.0).contains(&t.sample_ratio)) {
+            err("telemetry.sample_ratio".into(), "must be between 0 and 1");
+        }
+        if t.service_name.is_empty() {
+            err("telemetry.service_name".into(), "must not be empty");
+        }
+        if !(1..=1_000_000).contains(&t.max_queue_size) {
+            err(
+                "telemetry.max_queue_size".into(),
+                "must be between 1 and 1000000",
+            );
+        }
+        if t.max_export_batch_size == 0 || t.max_export_batch_size > t.max_queue_size {
+            err(
+                "telemetry.max_export_batch_size".into(),
+                "must be > 0 and <= telemetry.max_queue_size",
+            );
+        }
+        if !(1..=600_000).contains(&t.export_interval_ms) {
+            err(
+                "telemetry.export_interval_ms".into(),
+                "must be between 1 and 600000",
+            );
+        }
+        if !(1..=600_000).contains(&t.export_timeout_ms) {
+            err(
+                "telemetry.export_timeout_ms".into(),
+                "must be between 1 and 600000",
+            );
         }
     }
 }
@@ -978,6 +1202,9 @@ impl Config {
         if self.store.timeout_ms == 0 {
             err("store.timeout_ms".into(), "must be > 0");
         }
+        if self.store.watch_interval_ms < 100 {
+            err("store.watch_interval_ms".into(), "must be at least 100");
+        }
         if self.store.connect_timeout_ms == 0 {
             err("store.connect_timeout_ms".into(), "must be > 0");
         }
@@ -1026,6 +1253,13 @@ impl Config {
             err(
                 "store.heartbeat_ms".into(),
                 "must be between 100 and 600000",
+            );
+        }
+        // At least one record per shard of the embedded store (`store::memory::SHARDS`).
+        if !(64..=1_000_000_000).contains(&self.store.memory_max_records) {
+            err(
+                "store.memory_max_records".into(),
+                "must be between 64 and 1000000000",
             );
         }
         if !(1..=10_000_000).contains(&self.store.local_max_keys) {
@@ -1230,12 +1464,13 @@ impl Config {
                 .alerts
                 .webhook_url
                 .parse::<axum::http::Uri>()
-                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+                .is_ok_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                })
         {
             err(
                 "alerts.webhook_url".into(),
-                "must be an http:// URL with a host (https is not supported: put a local relay \
-                 in front)",
+                "must be an http:// or https:// URL with a host",
             );
         }
         if self.alerts.max_attempts == 0 || self.alerts.max_attempts > 100 {
@@ -1313,14 +1548,8 @@ impl Config {
                 "must be a directory laid out like /proc",
             );
         }
-        if !pr.prometheus.url.is_empty() && !(pr.prometheus.url.starts_with("http://")) {
-            err("pricing.prometheus.url".into(), "must be an http:// URL");
-        }
-        if pr.prometheus.timeout_ms == 0 || pr.prometheus.timeout_ms > 60_000 {
-            err(
-                "pricing.prometheus.timeout_ms".into(),
-                "must be between 1 and 60000",
-            );
+        for (field, msg) in pr.prometheus.problems("pricing.prometheus") {
+            err(field, &msg);
         }
         for (i, iface) in self.kernel.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
@@ -1413,6 +1642,8 @@ impl Config {
                 "must be between 1 and 1000000",
             );
         }
+        self.telemetry.check(&mut err);
+        errors.extend(crate::shadow::validate(self));
         errors
     }
 
@@ -1488,6 +1719,7 @@ impl Config {
                     })
                     .collect(),
             ),
+            candidate: crate::shadow::candidate_buckets(self),
         }
     }
 }

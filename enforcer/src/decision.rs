@@ -9,6 +9,7 @@
 //! ledger and the kernel gate subscribe to it. This module imports neither.
 pub mod event;
 pub mod local;
+mod trace;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::budget::{BucketParams, BudgetPolicy};
@@ -141,6 +142,18 @@ pub struct Decision {
     pub reserved: bool,
     /// The tier's calendar quota after the decision (`RateLimit` names it beside the bucket).
     pub quota: Option<crate::store::QuotaUse>,
+    /// What the shadow candidate policy would have decided ([`crate::shadow`]); recorded in
+    /// the ledger, never answered. `None` when none was evaluated.
+    pub candidate: Option<CandidateDecision>,
+}
+
+/// The shadow candidate policy's would-be decision of a request ([`crate::shadow`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateDecision {
+    /// Whether the candidate would have allowed it.
+    pub allowed: bool,
+    /// What the candidate prices it at (charged to its bucket when allowed).
+    pub cost: f64,
 }
 
 impl Decision {
@@ -170,6 +183,7 @@ impl Decision {
             endpoint: endpoint.to_owned(),
             reserved: false,
             quota: None,
+            candidate: None,
         }
     }
 }
@@ -276,6 +290,8 @@ pub struct Rules {
     pub max_units: f64,
     /// `budget.min_units`.
     pub min_units: f64,
+    /// The shadow candidate's prices (`[shadow]`); its buckets are in `policy.candidate`.
+    pub candidate: Option<crate::shadow::CandidatePrices>,
 }
 
 impl Rules {
@@ -292,6 +308,7 @@ impl Rules {
             shadow: config.budget.shadow,
             max_units: config.budget.max_units,
             min_units: config.budget.min_units,
+            candidate: crate::shadow::CandidatePrices::of(config),
         }
     }
 }
@@ -414,7 +431,7 @@ impl Decider {
 
     /// Decides one check.
     pub async fn check(&self, mut check: Check) -> Result<Decision, CheckError> {
-        self.decide(None, std::slice::from_mut(&mut check)).await
+        trace::decision(1, self.decide(None, std::slice::from_mut(&mut check))).await
     }
 
     /// Decides several checks of one key together (Envoy's descriptors of one request): each
@@ -427,7 +444,7 @@ impl Decider {
         domain: &str,
         checks: &mut [Check],
     ) -> Result<Decision, CheckError> {
-        self.decide(Some(domain), checks).await
+        trace::decision(checks.len(), self.decide(Some(domain), checks)).await
     }
 
     async fn decide(
@@ -446,6 +463,8 @@ impl Decider {
         };
         let mut base = 0.0;
         let mut cost = 0.0;
+        // The shadow candidate's price of the same checks (its factor on each enforced price).
+        let mut candidate_cost = 0.0;
         let mut units = 0.0;
         let mut bucket = None;
         // One read of each engine multiplier, so the cost and the audit row agree.
@@ -455,6 +474,8 @@ impl Decider {
         // cap when one has none).
         let mut max_cost = Some(0.0);
         let mut reserve = false;
+        let price_span = trace::price();
+        let pricing = price_span.enter();
         for check in checks.iter() {
             if check.key != first.key {
                 return Err(CheckError::MixedKeys);
@@ -478,6 +499,9 @@ impl Decider {
             reserve |= check.reserve || price.settle_after;
             base += price.base_cost * check.units;
             cost += price.base_cost * check.units * multiplier;
+            if let Some(c) = &rules.candidate {
+                candidate_cost += price.base_cost * c.ratio(price) * check.units * multiplier;
+            }
             units += check.units;
             let kind = if price.operational {
                 BucketKind::Operational
@@ -535,6 +559,14 @@ impl Decider {
             fingerprint,
             request_id,
             force: false,
+            // The candidate is evaluated for the main bucket only, and never refuses a request
+            // of its own: a candidate price out of range is left unevaluated.
+            candidate: (rules.candidate.is_some()
+                && bucket == BucketKind::Main
+                && candidate_cost.is_finite()
+                && candidate_cost > 0.0
+                && candidate_cost <= MAX_COST)
+                .then_some(candidate_cost),
             // Operational requests are outside the token economy: never a reservation.
             terms: SettleTerms {
                 units,
@@ -542,11 +574,16 @@ impl Decider {
                 reserve: reserve && bucket == BucketKind::Main,
             },
         };
+        drop(pricing);
+        trace::priced(&price_span, &endpoint, multiplier, cost, &debit.key);
 
         let sent = Instant::now();
-        let mut result = self
-            .call(self.store.shard(&debit.key), self.store.debit(&debit))
-            .await;
+        let mut result = trace::store(
+            "debit",
+            self.store.backend(),
+            self.call(self.store.shard(&debit.key), self.store.debit(&debit)),
+        )
+        .await;
         self.debit_duration.observe(sent.elapsed().as_secs_f64());
         let grants = match &mut result {
             Ok(DebitOutcome::Settled(s)) => std::mem::take(&mut s.grants),
@@ -562,8 +599,19 @@ impl Decider {
                 if let Some(local) = &self.local {
                     local.seen(&debit.key, &settled.tier);
                 }
+                let candidate = settled.candidate;
                 let mut decision =
                     self.settled(&rules, settled, bucket, debit.request_id, &endpoint);
+                decision.candidate = candidate.zip(debit.candidate).map(|(c, cost)| {
+                    self.metrics
+                        .shadow_candidate_decisions
+                        .with_label_values(&[if c.allowed { "allow" } else { "deny" }])
+                        .inc();
+                    CandidateDecision {
+                        allowed: c.allowed,
+                        cost,
+                    }
+                });
                 // Only what the store charged and remembered waits for a settle: a denial
                 // charged nothing, a replay answers the first decision (whose record the
                 // reservation is, if it was one).
@@ -672,6 +720,7 @@ impl Decider {
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
             reserved: false,
+            candidate: None,
         }
     }
 
@@ -772,6 +821,7 @@ impl Decider {
             decision_id: uuid::Uuid::now_v7(),
             endpoint: endpoint.to_owned(),
             reserved: false,
+            candidate: None,
         }
     }
 
@@ -782,20 +832,24 @@ impl Decider {
         request_id: &RequestId,
     ) -> Result<RefundOutcome, RefundError> {
         let key_hash = key.hash();
+        trace::key(&key_hash);
         let sent = Instant::now();
-        let outcome = self
-            .call(
+        let outcome = trace::store(
+            "refund",
+            self.store.backend(),
+            self.call(
                 self.store.shard(&key_hash),
                 self.store.refund(&key_hash, request_id),
-            )
-            .await
-            .map_err(|e| {
-                RefundError::Unavailable(match e {
-                    CallError::BreakerOpen => "circuit breaker open".to_owned(),
-                    CallError::Timeout => "timed out".to_owned(),
-                    CallError::Store(e) => e.to_string(),
-                })
-            });
+            ),
+        )
+        .await
+        .map_err(|e| {
+            RefundError::Unavailable(match e {
+                CallError::BreakerOpen => "circuit breaker open".to_owned(),
+                CallError::Timeout => "timed out".to_owned(),
+                CallError::Store(e) => e.to_string(),
+            })
+        });
         let label = match &outcome {
             Ok(RefundOutcome::Refunded { .. }) => "refunded",
             Ok(RefundOutcome::UnknownRequest) => "unknown_request",
@@ -849,20 +903,24 @@ impl Decider {
             });
         }
         let key_hash = key.hash();
+        trace::key(&key_hash);
         let sent = Instant::now();
-        let outcome = self
-            .call(
+        let outcome = trace::store(
+            "settle",
+            self.store.backend(),
+            self.call(
                 self.store.shard(&key_hash),
                 self.store.settle(&key_hash, request_id, cost),
-            )
-            .await
-            .map_err(|e| {
-                SettleError::Unavailable(match e {
-                    CallError::BreakerOpen => "circuit breaker open".to_owned(),
-                    CallError::Timeout => "timed out".to_owned(),
-                    CallError::Store(e) => e.to_string(),
-                })
-            });
+            ),
+        )
+        .await
+        .map_err(|e| {
+            SettleError::Unavailable(match e {
+                CallError::BreakerOpen => "circuit breaker open".to_owned(),
+                CallError::Timeout => "timed out".to_owned(),
+                CallError::Store(e) => e.to_string(),
+            })
+        });
         let label = match &outcome {
             Ok(SettleOutcome::Settled {
                 replayed: false, ..
@@ -1124,6 +1182,7 @@ mod tests {
                 path: "/llm".into(),
                 base_cost: 1.0,
                 operational: false,
+                calibration_query: String::new(),
                 cpu_query: String::new(),
                 cpu_reference: 1.0,
                 memory_query: String::new(),

@@ -123,6 +123,7 @@ mod tests {
             endpoint: "/x".to_owned(),
             reserved: false,
             quota: None,
+            candidate: None,
         }
     }
 

@@ -14,16 +14,20 @@
 //!   [`kernel`] gate's sync.
 //! - [`debit`]: the PTB-CWD bucket arithmetic, the reference that `lua/debit.lua` mirrors;
 //!   [`wallet`]: grants that expire or have a priority, spent before the bucket.
-//! - [`budget`]: tiers and the budget policy taken from the config.
+//! - [`budget`]: tiers and the budget policy taken from the config; [`shadow`]: a candidate
+//!   policy evaluated beside it, deciding nothing (`enforcer audit shadow-report`).
 //! - [`store`]: the token store boundary (trait) with the Redis and in-process backends.
 //! - [`kernel`]: the TC eBPF `gate` that **rejects** in the kernel: its loader, what it
 //!   enforces (`plan`), the subscriber and task that keep its maps in step with the decisions
 //!   (`sync`) and its rejection rollups.
 //! - [`lifecycle`]: the background workers (kernel sync, pricing engine, SIGHUP) and their
 //!   one shutdown signal; [`reload`]: what a config reload changes while serving, and how.
+//! - [`trace`]: OpenTelemetry spans of decisions and pricing rounds, exported over OTLP/HTTP
+//!   without ever holding up a decision.
 //! - [`metrics`], [`config`], [`key`] (API-key hashing), [`clock`], [`server`] (wiring),
 //!   [`listener`] (accepting connections, their timeouts and cap), [`cli`] (the `enforcer`
-//!   command line).
+//!   command line), [`http_client`] (every outbound HTTP request: Prometheus, the admin
+//!   socket, OTLP).
 // Denied, not forbidden: one module may opt out with a reason, `kernel::attachment`'s `sys`
 // (the bpf(2) link commands aya does not wrap), each block with a `// SAFETY:` note.
 #![deny(unsafe_code)]
@@ -41,6 +45,7 @@ pub mod debit;
 pub mod decision;
 pub mod endpoint;
 pub mod headers;
+pub mod http_client;
 pub mod kernel;
 pub mod key;
 pub mod ledger;
@@ -53,5 +58,7 @@ pub mod quota;
 pub mod reload;
 pub mod rls;
 pub mod server;
+pub mod shadow;
 pub mod store;
+pub mod trace;
 pub mod wallet;

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub client_addresses: IntCounterVec,
     /// `enforcer_idempotent_replays_total`.
     pub replays: IntCounter,
+    /// `enforcer_shadow_candidate_decisions_total{outcome}`: the shadow candidate policy's
+    /// would-be decisions (`allow`, `deny`; [`crate::shadow`]).
+    pub shadow_candidate_decisions: IntCounterVec,
     /// `enforcer_kernel_attached`: 1 when the kernel gate is attached.
     pub kernel_attached: IntGauge,
     /// `enforcer_kernel_passed_total`: packets the kernel gate passed.
@@ -83,6 +86,15 @@ pub struct Metrics {
     /// `enforcer_node_telemetry{signal}`: the node readings the engine uses (cpu and memory
     /// utilisation 0-1, load per CPU).
     pub node_telemetry: prometheus::GaugeVec,
+    /// `enforcer_redis_busy_reply_threshold_seconds`: how long a script may block the store's
+    /// Redis before others get BUSY (+Inf: unlimited; NaN: CONFIG refused or not read yet).
+    pub redis_busy_reply_threshold: prometheus::Gauge,
+    /// `enforcer_redis_lua_execution_seconds`: mean server-side time of one script call on the
+    /// store's Redis over the last watch interval (`INFO commandstats`, every client).
+    pub redis_lua_execution: prometheus::Gauge,
+    /// `enforcer_store_records_evicted_total`: request records the embedded store dropped
+    /// before their time for `store.memory_max_records` (a retry of one is charged again).
+    pub store_records_evicted: IntCounter,
     /// The HTTP listener's metrics.
     pub http: HttpMetrics,
     /// `enforcer_rls_requests_total{code}`: Envoy rate-limit calls by overall answer
@@ -480,6 +492,12 @@ impl Metrics {
              that disagree)",
             &["outcome"],
         );
+        let shadow_candidate_decisions = counter_vec(
+            &registry,
+            "enforcer_shadow_candidate_decisions_total",
+            "The shadow candidate policy's would-be decisions ([shadow]) by outcome (allow, deny)",
+            &["outcome"],
+        );
         let replays = register(
             &registry,
             IntCounter::new(
@@ -590,8 +608,41 @@ impl Metrics {
             )
             .expect("valid metric definition"),
         );
+        let redis_busy_reply_threshold = register(
+            &registry,
+            prometheus::Gauge::new(
+                "enforcer_redis_busy_reply_threshold_seconds",
+                "The store's Redis busy-reply-threshold (lua-time-limit): how long a script may \
+                 block it; +Inf unlimited, NaN unknown",
+            )
+            .expect("valid metric definition"),
+        );
+        redis_busy_reply_threshold.set(f64::NAN);
+        let redis_lua_execution = register(
+            &registry,
+            prometheus::Gauge::new(
+                "enforcer_redis_lua_execution_seconds",
+                "Mean server-side time of one script call on the store's Redis over the last \
+                 watch interval (INFO commandstats, all clients)",
+            )
+            .expect("valid metric definition"),
+        );
+        let store_records_evicted = register(
+            &registry,
+            IntCounter::new(
+                "enforcer_store_records_evicted_total",
+                "Request records the embedded store dropped before their time for \
+                 store.memory_max_records (a retry of such a request is charged again)",
+            )
+            .expect("valid metric definition"),
+        );
         let http = HttpMetrics::new(&registry);
         let config = ConfigMetrics::new(&registry);
+        // The trace exporter's counters are process-wide (it is set up before any registry).
+        let traces = crate::trace::metrics();
+        register(&registry, traces.spans_dropped.clone());
+        register(&registry, traces.spans_exported.clone());
+        register(&registry, traces.exports.clone());
         Self {
             registry,
             decisions,
@@ -611,6 +662,7 @@ impl Metrics {
             alerts,
             client_addresses,
             replays,
+            shadow_candidate_decisions,
             kernel_attached,
             kernel_passed,
             kernel_rejected,
@@ -624,6 +676,9 @@ impl Metrics {
             telemetry_errors,
             pricing_seconds,
             node_telemetry,
+            redis_busy_reply_threshold,
+            redis_lua_execution,
+            store_records_evicted,
             http,
             rls_requests,
             rls_descriptors,

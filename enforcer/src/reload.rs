@@ -5,7 +5,7 @@
 //! start), validates the result and applies what may change while serving:
 //!
 //! - **live**: prices (the cost matrix, per-domain tables, `trailing_slash`), tiers, shadow
-//!   (global and per tier), the rest of `[budget]`, `store.idempotency_ttl_secs`, every
+//!   (global and per tier), the shadow candidate policy (`[shadow]`), the rest of `[budget]`, `store.idempotency_ttl_secs`, every
 //!   pricing-engine setting (the engine is rebuilt over the new book; an endpoint that stays
 //!   keeps its multiplier and telemetry, a new one starts at 1), the kernel gate's plan
 //!   (`[kernel]` but its interfaces and pin dir): a new config generation, as
@@ -15,7 +15,8 @@
 //! - **restart required**: `[server]` (listener addresses and limits, key header, trusted
 //!   proxies), `[store]` but the idempotency TTL (the store URL or cluster, timeouts, breaker,
 //!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, the rest of `[ledger]` (the
-//!   database URL, the file, journal, fsync, the queue, the pool, the node name) and `[envoy]`. A
+//!   database URL, the file, journal, fsync, the queue, the pool, the node name), `[envoy]` and
+//!   `[telemetry]` (the trace exporter is set up with the logs, before the daemon starts). A
 //!   reload that changes them keeps the running values, lists them in
 //!   [`ReloadReport::restart_required`] and logs a warning: never half-applied.
 //!
@@ -77,6 +78,8 @@ pub struct Overrides {
     pub migrate: bool,
     /// `--ledger-file`: `ledger.file`.
     pub ledger_file: Option<String>,
+    /// `--otlp-endpoint` (`ENFORCER_OTLP_ENDPOINT`): `telemetry.otlp_endpoint`.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Overrides {
@@ -116,6 +119,9 @@ impl Overrides {
         }
         if let Some(file) = &self.ledger_file {
             config.ledger.file.clone_from(file);
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            config.telemetry.otlp_endpoint.clone_from(endpoint);
         }
     }
 }
@@ -284,6 +290,10 @@ fn restart_fields(a: &Config, b: &Config) -> Vec<String> {
     if a.envoy != b.envoy {
         out.push("envoy".to_owned());
     }
+    // The exporter and the tracing subscriber are set up once, before the daemon starts.
+    if a.telemetry != b.telemetry {
+        out.push("telemetry".to_owned());
+    }
     out
 }
 
@@ -310,6 +320,7 @@ fn effective(running: &Config, file: &Config) -> Config {
         ..running.ledger.clone()
     };
     next.envoy = running.envoy.clone();
+    next.telemetry = running.telemetry.clone();
     next
 }
 
@@ -318,6 +329,10 @@ fn live_changes(a: &Config, b: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if a.pricing != b.pricing {
         out.push("pricing".to_owned());
+    }
+    // The shadow candidate policy: its prices in the rules, its buckets in the store's policy.
+    if a.shadow != b.shadow {
+        out.push("shadow".to_owned());
     }
     let names: std::collections::BTreeSet<&String> = a.tiers.keys().chain(b.tiers.keys()).collect();
     for name in names {
@@ -642,6 +657,18 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_needs_a_restart() {
+        let running = Config::default();
+        let mut file = Config::default();
+        file.telemetry.otlp_endpoint = "http://collector:4318".into();
+        file.telemetry.sample_ratio = 0.5;
+        let next = effective(&running, &file);
+        assert_eq!(next.telemetry, running.telemetry);
+        assert_eq!(restart_fields(&file, &next), ["telemetry"]);
+        assert!(live_changes(&running, &next).is_empty());
+    }
+
+    #[test]
     fn tier_changes_are_named_by_tier_and_shadow() {
         let a = Config::parse(
             "[tiers.free]\nmax_tokens = 100\nrefill_per_sec = 1\n\
@@ -813,10 +840,12 @@ mod tests {
             interfaces: vec!["lo".into()],
             protect_ports: vec![80],
             migrate: true,
+            otlp_endpoint: Some("http://collector:4318".into()),
             ..Overrides::default()
         };
         let mut c = Config::default();
         o.apply(&mut c);
+        assert_eq!(c.telemetry.otlp_endpoint, "http://collector:4318");
         assert_eq!(c.server.listen.port(), 1);
         assert_eq!(c.store.redis_url, "redis://r:1");
         assert_eq!(c.kernel.interfaces, ["lo"]);

@@ -52,6 +52,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 /// Most descriptors one call may carry (Envoy sends one per matching `rate_limits` entry:
 /// a handful). More is refused as bad input: the work per call stays small whatever a peer
@@ -323,6 +324,7 @@ impl RateLimitApi {
                 .app
                 .decider
                 .settle(&s.key, &s.request_id, s.amount)
+                .instrument(crate::trace::settle())
                 .await;
             // The HTTP API's names for the same outcomes (docs/http-api.md).
             let label = match &outcome {
@@ -445,7 +447,8 @@ impl RateLimitApi {
                 continue;
             }
             let key = &plan.groups[i][0].key;
-            if let Err(e) = self.app.decider.refund(key, &d.request_id).await {
+            let refund = self.app.decider.refund(key, &d.request_id);
+            if let Err(e) = refund.instrument(crate::trace::refund()).await {
                 tracing::warn!(error = %e, "could not give back the charge of a key of a refused envoy request");
             }
         }
@@ -566,8 +569,10 @@ impl RateLimitService for RateLimitApi {
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
         let peer = request.remote_addr();
+        // Envoy's `traceparent` (gRPC metadata): the decisions are its span's children.
+        let parent = crate::trace::grpc_parent(request.metadata());
         Ok(tonic::Response::new(
-            self.decide(request.into_inner(), peer).await,
+            crate::trace::within(parent, self.decide(request.into_inner(), peer)).await,
         ))
     }
 }

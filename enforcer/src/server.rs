@@ -58,7 +58,10 @@ pub enum ServerError {
 pub fn build_store(config: &Config) -> Result<Arc<dyn TokenStore>, StoreError> {
     let policy = config.budget_policy();
     if config.store.redis_url.is_empty() && config.store.redis_cluster.is_empty() {
-        Ok(Arc::new(MemoryStore::new(policy, Arc::new(SystemClock))))
+        Ok(Arc::new(
+            MemoryStore::new(policy, Arc::new(SystemClock))
+                .with_max_records(config.store.memory_max_records),
+        ))
     } else {
         let redis = RedisStoreConfig {
             url: config.store.redis_url.clone(),
@@ -175,6 +178,25 @@ impl Server {
         .await;
         let costs = pricing.costs();
         workers.spawn("pricing", pricing.run(workers.shutdown()));
+        // The store's Redis: its busy-reply-threshold and script times (the seed's outage).
+        let redis_nodes = if !config.store.redis_cluster.is_empty() {
+            config.store.redis_cluster.clone()
+        } else if !config.store.redis_url.is_empty() {
+            vec![config.store.redis_url.clone()]
+        } else {
+            Vec::new()
+        };
+        if !redis_nodes.is_empty() {
+            workers.spawn(
+                "redis watch",
+                crate::store::redis_watch::watch(
+                    redis_nodes,
+                    metrics.clone(),
+                    Duration::from_millis(config.store.watch_interval_ms),
+                    workers.shutdown(),
+                ),
+            );
+        }
         let reloader = Arc::new(Reloader::new(
             source,
             config,

@@ -44,6 +44,8 @@ fn rows(n: usize) -> Vec<Entry> {
                 operator: None,
                 true_cost: None,
                 settle_by_us: None,
+                candidate_allowed: None,
+                candidate_cost: None,
             })
         })
         .collect()

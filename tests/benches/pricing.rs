@@ -43,6 +43,7 @@ fn config(endpoints: usize, queries: bool) -> Config {
             path: format!("/endpoint/{i}"),
             base_cost: 1.0 + (i % 50) as f64,
             operational: false,
+            calibration_query: String::new(),
             cpu_query: if queries {
                 format!("cpu{{e=\"{i}\"}}")
             } else {

@@ -507,3 +507,20 @@ pub fn example_config(redis_url: &str) -> Config {
     config.store.redis_url = redis_url.to_owned();
     config
 }
+
+/// An Envoy rate-limit descriptor of `entries` (key, value), as a gateway sends it.
+pub fn descriptor(
+    entries: &[(&str, &str)],
+) -> envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

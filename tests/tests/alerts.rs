@@ -309,8 +309,10 @@ fn a_webhook_without_a_signing_key_is_refused_at_start() {
         .block_on(enforcer::server::Server::bind(&config))
         .expect_err("no key");
     assert!(err.to_string().contains("HMAC key"), "{err}");
-    // And an https URL, or garbage, is a config error.
-    for url in ["https://example.com/hook", "not a url", "http:///x"] {
+    // Garbage, another scheme or no host is a config error; https is fine.
+    config.alerts.webhook_url = "https://example.com/hook".into();
+    assert!(config.validate().is_empty(), "https webhooks are allowed");
+    for url in ["ftp://example.com/hook", "not a url", "http:///x"] {
         config.alerts.webhook_url = url.into();
         assert!(
             config

@@ -528,11 +528,27 @@ async fn failover_under_load(wait_replicas: u32) -> Failover {
             );
         }
     }
-    // Before the kill, and on the healthy primary all along, the store decided.
+    // Before the kill the store decided everything; on the healthy primary, everything but
+    // what redis-rs's cluster client held back while it rebuilt its slot map. That client
+    // flushes no request at all, for any node, while it recovers (`poll_flush` returns
+    // Pending in `ConnectionState::Recover`, redis 0.32 cluster_handling/async_connection),
+    // so a check of the healthy key sent during a refresh (after the takeover, or when the
+    // old primary rejoins) may outlive `timeout_ms` and fail closed. CI saw one such, 3.7 s
+    // after the kill. It is bounded to the topology changes, and fail-closed still admits
+    // nothing (below); per-node connections would remove it (issue 16).
+    let mut healthy_held: u32 = 0;
     for a in &answers {
         // Answered before the kill.
-        if a.sent + a.latency < killed_at || a.key == 1 {
+        if a.sent + a.latency < killed_at {
             assert_eq!(a.mode, "enforce", "{a:?} (killed at {killed_at:?})");
+        }
+        if a.key == 1 && a.mode != "enforce" {
+            healthy_held += 1;
+            assert!(
+                a.sent + a.latency >= killed_at && a.sent <= resumed_at,
+                "the healthy key failed outside the topology changes: {a:?} (killed at \
+                 {killed_at:?}, resumed at {resumed_at:?})"
+            );
         }
         // The failure policy: fail-closed never admits without the store.
         if a.mode != "enforce" {
@@ -554,7 +570,19 @@ async fn failover_under_load(wait_replicas: u32) -> Failover {
         "a check waited {slowest:?} (timeout_ms {timeout_ms}); the failover took {:?}",
         promoted_at - killed_at
     );
-    let failed = answers.iter().filter(|a| a.mode != "enforce").count();
+    // The healthy key was held up at moments, not for the failover's length.
+    let healthy_in_window = answers
+        .iter()
+        .filter(|a| a.key == 1 && a.sent + a.latency >= killed_at && a.sent <= resumed_at)
+        .count();
+    assert!(
+        healthy_held as usize * 2 <= healthy_in_window,
+        "{healthy_held} of the healthy key's {healthy_in_window} checks during the failover failed"
+    );
+    let failed = answers
+        .iter()
+        .filter(|a| a.key == 0 && a.mode != "enforce")
+        .count();
     assert!(
         failed > 0,
         "no decision for the dead primary's slots failed: the failover was not under load"
@@ -571,10 +599,13 @@ async fn failover_under_load(wait_replicas: u32) -> Failover {
         .filter(|a| a.key == 1 && a.mode == "enforce")
         .filter_map(|a| a.remaining)
         .fold(f64::INFINITY, f64::min);
-    assert_eq!(
-        capacity - healthy_last,
-        acked(1),
-        "healthy key: spent tokens equal acknowledged debits"
+    // A check held back by the client's refresh may still reach Redis once the client
+    // resumes (the daemon had answered it fail-closed): at most that many more.
+    let spent = capacity - healthy_last;
+    assert!(
+        spent >= acked(1) && spent <= acked(1) + f64::from(healthy_held),
+        "healthy key: spent {spent} tokens, acknowledged {} debits, {healthy_held} held",
+        acked(1)
     );
     // The doomed key: the balance after one last probe tells how many debits survived
     // (the resume probes and the last one were charged too). A debit that timed out in the

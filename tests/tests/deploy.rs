@@ -700,14 +700,19 @@ fn the_daemonsets_capabilities_are_exactly_what_the_kernel_gate_needs() {
 #[test]
 fn promtool_checks_and_unit_tests_the_alert_rules() {
     let dir = root().join("deploy/prometheus");
-    let (ok, out, err) = run(Command::new("promtool")
-        .args(["check", "rules", "alerts.yml"])
-        .current_dir(&dir));
-    assert!(ok, "promtool check rules: {out}{err}");
-    let (ok, out, err) = run(Command::new("promtool")
-        .args(["test", "rules", "alerts_test.yml"])
-        .current_dir(&dir));
-    assert!(ok, "promtool test rules: {out}{err}");
+    // The alerts, and the seed's named series (recording rules), each unit-tested against
+    // hand-made answers.
+    for (verb, file) in [
+        ("check", "alerts.yml"),
+        ("test", "alerts_test.yml"),
+        ("check", "recording.yml"),
+        ("test", "recording_test.yml"),
+    ] {
+        let (ok, out, err) = run(Command::new("promtool")
+            .args([verb, "rules", file])
+            .current_dir(&dir));
+        assert!(ok, "promtool {verb} rules {file}: {out}{err}");
+    }
 
     // Every alert has a test case where it fires and one where it is expected silent.
     let rules = yaml_doc(&dir.join("alerts.yml"));
@@ -788,6 +793,17 @@ fn fires_only_for_some_series(tests: &Value, alert: &str) -> bool {
                     })
             })
     })
+}
+
+/// The PromQL of every rule of a rule file.
+fn rule_exprs(rules: &Value) -> Vec<String> {
+    rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["expr"].as_str().map(str::to_owned))
+        .collect()
 }
 
 fn alert_names(rules: &Value) -> Vec<String> {
@@ -967,16 +983,16 @@ fn the_dashboard_and_the_alerts_query_only_metrics_the_daemon_exports() {
     let mut queries = Vec::new();
     dashboard_queries(&dashboard, &mut queries);
     let rules = yaml_doc(&root().join("deploy/prometheus/alerts.yml"));
-    let alert_exprs: Vec<String> = rules["groups"]
-        .as_array()
-        .expect("groups")
-        .iter()
-        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
-        .filter_map(|r| r["expr"].as_str().map(str::to_owned))
-        .collect();
+    let alert_exprs = rule_exprs(&rules);
     assert!(queries.len() >= 20, "{} dashboard queries", queries.len());
     assert_eq!(alert_exprs.len(), alert_names(&rules).len());
-    for (source, exprs) in [("dashboard", &queries), ("alerts.yml", &alert_exprs)] {
+    let recording_exprs = rule_exprs(&yaml_doc(&root().join("deploy/prometheus/recording.yml")));
+    assert_eq!(recording_exprs.len(), 4, "the seed's four named series");
+    for (source, exprs) in [
+        ("dashboard", &queries),
+        ("alerts.yml", &alert_exprs),
+        ("recording.yml", &recording_exprs),
+    ] {
         for expr in exprs.iter() {
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{source}: no metric in {expr}");

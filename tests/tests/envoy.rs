@@ -2,9 +2,9 @@
 //! `envoy-types` crate sends what Envoy's `envoy.filters.http.ratelimit` filter sends, to a
 //! daemon on the real Redis store (and, for outages, to a Redis that is gone).
 use enforcer::config::Config;
+use enforcer_tests::descriptor;
 use enforcer_tests::{TestDaemon, http, redis_url, unique};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
@@ -57,20 +57,6 @@ async fn client(addr: SocketAddr) -> RateLimitServiceClient<Channel> {
     RateLimitServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("gRPC connects")
-}
-
-/// A descriptor of `entries`.
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect(),
-        ..Default::default()
-    }
 }
 
 /// What Envoy's route actions `request_headers x-api-key → api_key`, `:path → path` and

@@ -493,6 +493,7 @@ async fn frozen_store_under_load(redis: Store, local_nodes: u32) {
                     fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", COST),
                     force: true,
                     terms: enforcer::store::SettleTerms::default(),
+                    candidate: None,
                 }
             };
             match store.debit(&again).await.expect("redis answers") {

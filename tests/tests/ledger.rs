@@ -292,6 +292,8 @@ fn row(at_us: i64) -> Entry {
         operator: None,
         true_cost: None,
         settle_by_us: None,
+        candidate_allowed: None,
+        candidate_cost: None,
     })
 }
 
@@ -707,13 +709,12 @@ async fn refunds_are_rows_and_usage_nets_them() {
     );
     let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
     assert!(
-        csv.lines()
-            .next()
-            .is_some_and(|h| h.ends_with(",kind,note,operator,true_cost,settle_by")),
+        csv.lines().next().is_some_and(|h| h
+            .ends_with(",kind,note,operator,true_cost,settle_by,candidate_allowed,candidate_cost")),
         "{csv}"
     );
     assert_eq!(
-        csv.lines().filter(|l| l.ends_with(",refund,,,,")).count(),
+        csv.lines().filter(|l| l.ends_with(",refund,,,,,,")).count(),
         1
     );
 }
@@ -845,12 +846,16 @@ async fn settles_are_rows_and_usage_shows_estimated_and_settled_cost_side_by_sid
     );
     let csv = cli(&["audit", "export", "--since", "1h", "--database-url", &url]);
     assert_eq!(
-        csv.lines().filter(|l| l.ends_with(",settle,,,10,")).count(),
+        csv.lines()
+            .filter(|l| l.ends_with(",settle,,,10,,,"))
+            .count(),
         1,
         "{csv}"
     );
     assert_eq!(
-        csv.lines().filter(|l| l.ends_with(",settle,,,1,")).count(),
+        csv.lines()
+            .filter(|l| l.ends_with(",settle,,,1,,,"))
+            .count(),
         1,
         "{csv}"
     );
@@ -883,6 +888,8 @@ fn decision(endpoint: &str) -> AuditRow {
         operator: None,
         true_cost: None,
         settle_by_us: None,
+        candidate_allowed: None,
+        candidate_cost: None,
     }
 }
 

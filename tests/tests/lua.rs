@@ -39,6 +39,7 @@ fn debit(key: &ApiKey, cost: f64) -> Debit {
         fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
         force: false,
         terms: enforcer::store::SettleTerms::default(),
+        candidate: None,
     }
 }
 

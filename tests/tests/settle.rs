@@ -18,6 +18,7 @@ fn config() -> Config {
         path: "/v1/generate".into(),
         base_cost: 1.0,
         operational: false,
+        calibration_query: String::new(),
         cpu_query: String::new(),
         cpu_reference: 1.0,
         memory_query: String::new(),

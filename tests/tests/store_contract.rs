@@ -1,14 +1,14 @@
 //! One contract, three token stores: every case runs against the Redis store on one Redis and
 //! on a Redis Cluster (real servers, the Lua scripts) and the in-process store, and all must
 //! answer the same.
-use enforcer::budget::BudgetPolicy;
+use enforcer::budget::{BucketParams, BudgetPolicy};
 use enforcer::clock::ManualClock;
 use enforcer::config::Config;
 use enforcer::key::{ApiKey, RequestId};
 use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, DeniedBy, Fingerprint, GrantOutcome, GrantTerms, MemoryStore,
-    QuotaPeriods, RedisStore, RedisStoreConfig, RefundOutcome, SettleOutcome, SettleTerms, Settled,
-    TokenStore, TrueCost,
+    BucketKind, CandidateOutcome, Debit, DebitOutcome, DeniedBy, Fingerprint, GrantOutcome,
+    GrantTerms, MemoryStore, QuotaPeriods, RedisStore, RedisStoreConfig, RefundOutcome,
+    SettleOutcome, SettleTerms, Settled, TokenStore, TrueCost,
 };
 use enforcer::wallet::GrantMove;
 use enforcer_tests::cluster::redis_cluster_seeds;
@@ -157,6 +157,7 @@ fn debit(key: &ApiKey, bucket: BucketKind, cost: f64) -> Debit {
         fingerprint: Fingerprint::of(bucket, Some("POST"), "/generate-report", 1.0),
         force: false,
         terms: enforcer::store::SettleTerms::default(),
+        candidate: None,
     }
 }
 
@@ -371,6 +372,7 @@ async fn a_request_id_reused_for_another_request_is_a_conflict_and_charges_nothi
             fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/cheap", 1.0),
             force: false,
             terms: enforcer::store::SettleTerms::default(),
+            candidate: None,
         };
         let first = settle(&*store, &cheap).await;
         assert!(first.allowed && !first.replayed, "{b}");
@@ -2017,4 +2019,276 @@ async fn a_member_key_limit_refuses_that_key_alone_and_charges_nothing() {
             );
         }
     }
+}
+
+/// The contract's policy with a shadow candidate: `norefill` (1000, starting at 800, no refill)
+/// has a candidate bucket of 500 starting at 300 (no refill: exact balances); the other tiers
+/// keep their numbers.
+fn candidate_policy() -> BudgetPolicy {
+    add_candidate(policy())
+}
+
+/// `p` with the candidate of [`candidate_policy`].
+fn add_candidate(mut p: BudgetPolicy) -> BudgetPolicy {
+    p.candidate = Some(
+        p.tiers
+            .iter()
+            .map(|t| {
+                if t.name == "norefill" {
+                    BucketParams {
+                        max_tokens: 500.0,
+                        refill_per_sec: 0.0,
+                        idle_cap: 0.8,
+                        initial_tokens: 300.0,
+                    }
+                } else {
+                    t.bucket
+                }
+            })
+            .collect(),
+    );
+    p
+}
+
+fn with_candidate(d: Debit, cost: f64) -> Debit {
+    Debit {
+        candidate: Some(cost),
+        ..d
+    }
+}
+
+#[tokio::test]
+async fn the_shadow_candidate_is_debited_beside_the_real_bucket_and_never_changes_it() {
+    for t in timed_stores_with(&candidate_policy()) {
+        let store = &*t.store;
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("candidate")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("norefill"))
+            .await
+            .expect("assign");
+        let first = with_candidate(debit(&key, BucketKind::Main, 100.0), 100.0);
+        let s = settle(store, &first).await;
+        assert!(s.allowed && s.remaining == 700.0, "{b}: {s:?}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 200.0
+            }),
+            "{b}"
+        );
+        // A replay answers the first decision and debits neither bucket.
+        let again = settle(store, &first).await;
+        assert!(
+            again.replayed && again.candidate.is_none(),
+            "{b}: {again:?}"
+        );
+        // The candidate cannot pay 250: it denies, the real bucket allows.
+        let s = settle(
+            store,
+            &with_candidate(debit(&key, BucketKind::Main, 100.0), 250.0),
+        )
+        .await;
+        assert!(s.allowed && s.remaining == 600.0, "{b}: {s:?}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: false,
+                remaining: 200.0
+            }),
+            "{b}"
+        );
+        // 200 left, not 100: the replay did not debit the candidate.
+        let s = settle(
+            store,
+            &with_candidate(debit(&key, BucketKind::Main, 100.0), 150.0),
+        )
+        .await;
+        assert!(s.allowed && s.remaining == 500.0, "{b}: {s:?}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 50.0
+            }),
+            "{b}"
+        );
+        // A real denial by budget is still a candidate decision (here a cheaper candidate
+        // would allow it), and the real bucket keeps its balance.
+        let s = settle(
+            store,
+            &with_candidate(debit(&key, BucketKind::Main, 900.0), 50.0),
+        )
+        .await;
+        assert!(!s.allowed && s.remaining == 500.0, "{b}: {s:?}");
+        assert_eq!(s.denied_by, Some(DeniedBy::Bucket), "{b}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 0.0
+            }),
+            "{b}"
+        );
+        // Not evaluated: without a candidate cost, for the operational bucket, for a forced
+        // debit (spending that already happened), for an unknown key.
+        let plain = settle(store, &debit(&key, BucketKind::Main, 1.0)).await;
+        assert!(plain.allowed && plain.candidate.is_none(), "{b}: {plain:?}");
+        let ops = settle(
+            store,
+            &with_candidate(debit(&key, BucketKind::Operational, 1.0), 1.0),
+        )
+        .await;
+        assert!(ops.allowed && ops.candidate.is_none(), "{b}: {ops:?}");
+        let forced = Debit {
+            force: true,
+            ..with_candidate(debit(&key, BucketKind::Main, 1.0), 1.0)
+        };
+        let forced = settle(store, &forced).await;
+        assert!(forced.candidate.is_none(), "{b}: {forced:?}");
+        let stranger = ApiKey::parse(&unique("candidate-unknown")).expect("key");
+        assert_eq!(
+            store
+                .debit(&with_candidate(
+                    debit(&stranger, BucketKind::Main, 1.0),
+                    1.0
+                ))
+                .await
+                .expect("debit"),
+            DebitOutcome::UnknownKey,
+            "{b}"
+        );
+        // The real balance is what it is without a candidate: 800 − 3 × 100 − 2 × 1.
+        let state = store.inspect(&key.hash()).await.expect("inspect");
+        assert_eq!(state.balance, Some(498.0), "{b}");
+        // Another tier keeps its enforced numbers for the candidate (free: 1000, refill 10).
+        let free = ApiKey::parse(&unique("candidate-free")).expect("key");
+        store
+            .assign_tier(&free.hash(), Some("free"))
+            .await
+            .expect("assign");
+        let s = settle(
+            store,
+            &with_candidate(debit(&free, BucketKind::Main, 10.0), 20.0),
+        )
+        .await;
+        let c = s.candidate.expect("a candidate decision");
+        assert!(c.allowed && near(c.remaining, 780.0), "{b}: {s:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_store_without_a_candidate_ignores_a_candidate_cost() {
+    for store in stores() {
+        let b = store.backend();
+        let key = ApiKey::parse(&unique("no-candidate")).expect("key");
+        store
+            .assign_tier(&key.hash(), Some("norefill"))
+            .await
+            .expect("assign");
+        let s = settle(
+            &*store,
+            &with_candidate(debit(&key, BucketKind::Main, 100.0), 100.0),
+        )
+        .await;
+        assert!(s.allowed && s.candidate.is_none(), "{b}: {s:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_shared_budgets_members_share_its_candidate_bucket_which_ignores_key_limits() {
+    let (policy, _, a, b) = shared_policy(Some(150.0));
+    for t in timed_stores_with(&add_candidate(policy)) {
+        let store = &*t.store;
+        let bk = store.backend();
+        // The candidate bucket is the budget's (norefill's candidate: 500, starting at 300),
+        // in the budget's slot: one call on a cluster.
+        let s = settle(
+            store,
+            &with_candidate(debit(&a, BucketKind::Main, 100.0), 100.0),
+        )
+        .await;
+        assert!(s.allowed && s.remaining == 700.0, "{bk}: {s:?}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 200.0
+            }),
+            "{bk}"
+        );
+        let s = settle(
+            store,
+            &with_candidate(debit(&b, BucketKind::Main, 100.0), 150.0),
+        )
+        .await;
+        assert!(s.allowed && s.remaining == 600.0, "{bk}: {s:?}");
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 50.0
+            }),
+            "{bk}: b spends the candidate bucket a left"
+        );
+        // a's own key limit (150, 100 spent) refuses; the candidate has none and allows.
+        let s = settle(
+            store,
+            &with_candidate(debit(&a, BucketKind::Main, 100.0), 10.0),
+        )
+        .await;
+        assert_eq!(
+            (s.allowed, s.denied_by),
+            (false, Some(DeniedBy::KeyLimit)),
+            "{bk}"
+        );
+        assert_eq!(
+            s.candidate,
+            Some(CandidateOutcome {
+                allowed: true,
+                remaining: 40.0
+            }),
+            "{bk}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_memory_stores_request_records_are_capped_and_evictions_counted() {
+    // 64 records in all: one per shard. One key's records all live in its account's shard.
+    let store = MemoryStore::new(
+        Config::default().budget_policy(),
+        Arc::new(ManualClock::at(1_000.0)),
+    )
+    .with_max_records(64);
+    let key = ApiKey::parse("capped-records").expect("key");
+    let debits: Vec<Debit> = (0..200)
+        .map(|_| debit(&key, BucketKind::Main, 1.0))
+        .collect();
+    for d in &debits {
+        assert!(settle(&store, d).await.allowed);
+    }
+    assert!(store.record_count() <= 64, "{}", store.record_count());
+    assert_eq!(
+        store.records_evicted(),
+        199,
+        "each new record of a full shard drops one"
+    );
+    // The newest request is still known: its retry is a free replay.
+    let last = settle(&store, &debits[199]).await;
+    assert!(last.replayed, "{last:?}");
+    // The oldest was dropped: its retry is charged again (what the metric warns about).
+    let first = settle(&store, &debits[0]).await;
+    assert!(!first.replayed && first.allowed, "{first:?}");
+    // Without a cap worth the name, nothing is dropped.
+    let roomy = MemoryStore::new(
+        Config::default().budget_policy(),
+        Arc::new(ManualClock::at(1_000.0)),
+    );
+    for _ in 0..200 {
+        settle(&roomy, &debit(&key, BucketKind::Main, 1.0)).await;
+    }
+    assert_eq!(roomy.records_evicted(), 0);
+    assert_eq!(roomy.record_count(), 200);
 }

@@ -26,6 +26,9 @@ pub enum Which {
     /// Decisions/s and Redis CPU per decision: one Redis versus a three-primary Redis
     /// Cluster (and with `wait_replicas = 1`), beside per-node redis-benchmark ceilings.
     Cluster,
+    /// The embedded store alone from a fresh start: debits/s and the latency tail (p99,
+    /// p99.9, max, calls over 1/10/100 ms) while its maps grow.
+    Memory,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -54,9 +57,11 @@ pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
         Which::Http | Which::Kernel | Which::Cluster => "kernel",
         Which::Pricing => "pricing",
         Which::Ledger => "ledger",
+        Which::Memory => "memory_store",
     };
     let mut bench = Command::new("cargo");
     bench.args(["bench", "--package", "enforcer-tests", "--bench", name]);
+    bench.env("ENFORCER_BENCH_SECONDS", seconds.to_string());
     // The ledger bench needs PostgreSQL: a private one with fsync on, as in production (the
     // writer commits once per batch).
     let _postgres = if matches!(which, Which::Ledger) {

@@ -1,12 +1,11 @@
-//! The CLI side of the admin API ([`crate::admin`]): a small HTTP/1.1 client on the daemon's
-//! Unix socket, where API keys come from (stdin or a file, never argv), and how answers are
+//! The CLI side of the admin API ([`crate::admin`]): requests over the daemon's Unix socket
+//! (reqwest, [`crate::http_client::unix`]), where API keys come from (stdin or a file, never argv), and how answers are
 //! printed.
 use crate::key::{ApiKey, MAX_KEY_LEN};
 use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::Value;
-use std::io::{Read as _, Write as _};
-use std::os::unix::net::UnixStream;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -166,36 +165,9 @@ pub fn call(
             ),
         });
     }
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NotRunning {
-        path: socket.to_owned(),
-        source,
-    })?;
-    let io = |e: std::io::Error| {
-        ClientError::Other(anyhow::Error::from(e).context("talking to the daemon"))
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: enforcer\r\nconnection: close\r\ncontent-type: \
-         application/json\r\ncontent-length: {}\r\n\r\n{payload}",
-        payload.len()
-    )
-    .map_err(io)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no HTTP answer from the daemon"))?;
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("a malformed answer from the daemon"))?;
-    let value: Value = serde_json::from_str(body)
+    let (status, body) = crate::http_client::block_on(exchange(socket, method, path, body))
+        .map_err(|e| ClientError::Other(anyhow::anyhow!("talking to the daemon: {e}")))??;
+    let value: Value = serde_json::from_str(&body)
         .map_err(|e| anyhow::anyhow!("the daemon's answer is not JSON ({e}): {body}"))?;
     if status == 200 {
         return Ok(value);
@@ -208,8 +180,54 @@ pub fn call(
             .to_owned(),
         message: value["error"]["message"]
             .as_str()
-            .map_or_else(|| body.to_owned(), str::to_owned),
+            .map_or_else(|| body.clone(), str::to_owned),
     })
+}
+
+/// One HTTP exchange over the admin socket (reqwest's Unix-socket client): status and body.
+async fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String), ClientError> {
+    let other = |e: &dyn std::fmt::Display| {
+        ClientError::Other(anyhow::anyhow!("talking to the daemon: {e}"))
+    };
+    let client =
+        crate::http_client::unix(socket, Duration::from_secs(30)).map_err(|e| other(&e))?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| other(&e))?;
+    {
+        let mut request = client
+            .request(method, format!("http://enforcer{path}"))
+            .header("content-type", "application/json");
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                ClientError::NotRunning {
+                    path: socket.to_owned(),
+                    source: std::io::Error::other(connect_cause(&e)),
+                }
+            } else {
+                other(&e)
+            }
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().await.map_err(|e| other(&e))?;
+        Ok((status, text))
+    }
+}
+
+/// The innermost cause of a connection failure ("No such file or directory", "Connection
+/// refused"): what tells an operator why no daemon answered.
+fn connect_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// A JSON number or `-`.

@@ -697,6 +697,7 @@ pub fn debit_back(key: KeyHash, bucket: BucketKind, request_id: RequestId, amoun
         request_id,
         force: true,
         terms: crate::store::SettleTerms::default(),
+        candidate: None,
     }
 }
 
@@ -739,6 +740,7 @@ mod tests {
             fingerprint: Fingerprint::of(bucket, Some("GET"), "/x", cost),
             force: false,
             terms: crate::store::SettleTerms::default(),
+            candidate: None,
         }
     }
 

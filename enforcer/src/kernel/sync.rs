@@ -1224,6 +1224,7 @@ mod tests {
             endpoint: "/generate-report".into(),
             reserved: false,
             quota: None,
+            candidate: None,
         }
     }
 

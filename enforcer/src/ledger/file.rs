@@ -456,6 +456,8 @@ mod tests {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         })
     }
 

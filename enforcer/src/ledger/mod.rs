@@ -28,6 +28,7 @@
 pub mod file;
 pub mod postgres;
 pub mod quarantine;
+pub mod shadow;
 mod subscriber;
 
 use crate::config::LedgerConfig;
@@ -208,6 +209,15 @@ pub struct AuditRow {
     /// What marks the row as a reservation, and what the expiry job reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle_by_us: Option<i64>,
+    /// A decision's shadow candidate ([`crate::shadow`]): whether the candidate policy would
+    /// have allowed it; `None` when no candidate was evaluated, on every other row, and in
+    /// lines written before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_allowed: Option<bool>,
+    /// The candidate policy's price of the decision (charged to its own bucket when it
+    /// allowed); `None` with `candidate_allowed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_cost: Option<f64>,
 }
 
 /// Rejections of one key by the kernel gate over one interval (a rollup row).
@@ -1113,13 +1123,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn settle_by_is_in_the_file_only_for_reservations_and_old_lines_have_none() {
+    /// A decision line as written before `settle_by_us` and the candidate's fields existed.
+    fn old_decision_line() -> AuditRow {
         let line = r#"{"t":"decision","id":"0193d0c4-0000-7000-8000-000000000000","at_us":1,"key_hash":"ab","tier":null,"endpoint":"/x","method":"*","units":1.0,"cost":1.0,"multiplier":1.0,"allowed":true,"remaining":null,"decided_by":"redis","denial":null,"request_id":"r","node":"n"}"#;
-        let Entry::Decision(mut row) = serde_json::from_str::<Entry>(line).expect("old line")
-        else {
+        let Entry::Decision(row) = serde_json::from_str::<Entry>(line).expect("old line") else {
             panic!("a decision");
         };
+        row
+    }
+
+    #[test]
+    fn settle_by_is_in_the_file_only_for_reservations_and_old_lines_have_none() {
+        let mut row = old_decision_line();
         assert_eq!(row.settle_by_us, None);
         let plain = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
         assert!(!plain.contains("settle_by_us"), "{plain}");
@@ -1131,5 +1146,23 @@ mod tests {
             Entry::Decision(row)
         );
         assert_eq!(RowKind::ReservationExpiry.as_str(), "reservation_expiry");
+    }
+
+    #[test]
+    fn the_candidates_decision_is_in_the_file_only_when_there_is_one() {
+        let mut row = old_decision_line();
+        assert_eq!((row.candidate_allowed, row.candidate_cost), (None, None));
+        let plain = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(!plain.contains("candidate"), "{plain}");
+        (row.candidate_allowed, row.candidate_cost) = (Some(false), Some(1.25));
+        let with = serde_json::to_string(&Entry::Decision(row.clone())).expect("json");
+        assert!(
+            with.contains(r#""candidate_allowed":false,"candidate_cost":1.25"#),
+            "{with}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Entry>(&with).expect("back"),
+            Entry::Decision(row)
+        );
     }
 }

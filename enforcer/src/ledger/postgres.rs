@@ -17,7 +17,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
-                       kind, client_ip, note, operator, true_cost, settle_by";
+                       kind, client_ip, note, operator, true_cost, settle_by, \
+                       candidate_allowed, candidate_cost";
 
 /// The indexed `key_prefix` of a key hash: its first 8 bytes as a signed 64-bit integer
 /// (0 for a hash that is not hex, which validation never lets through).
@@ -257,7 +258,7 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
     b.put_i32(0); // flags
     b.put_i32(0); // header extension length
     for r in rows {
-        b.put_i16(22);
+        b.put_i16(24);
         b.put_i32(16);
         b.put_slice(r.id.as_bytes());
         b.put_i32(8);
@@ -290,6 +291,14 @@ pub fn encode_rows(rows: &[&AuditRow]) -> BytesMut {
             }
             None => b.put_i32(-1),
         }
+        match r.candidate_allowed {
+            Some(allowed) => {
+                b.put_i32(1);
+                b.put_u8(u8::from(allowed));
+            }
+            None => b.put_i32(-1),
+        }
+        float(&mut b, r.candidate_cost);
     }
     b.put_i16(-1);
     b
@@ -589,6 +598,65 @@ pub async fn usage(
         .collect()
 }
 
+/// Tokens charged per `(method, endpoint)` (the request path as recorded) between two times
+/// (Unix microseconds, `[from, to)`): what `enforcer audit calibrate` compares with measured
+/// cost. Charged as in [`usage`]: [`CHARGED`] debits, less refunds, plus settles; a refund or
+/// settle counts where its request's debit row is (in the window).
+pub async fn charged_by_endpoint(
+    pool: &PgPool,
+    from_us: i64,
+    to_us: i64,
+) -> Result<Vec<Charged>, LedgerError> {
+    let rows = sqlx::query(&format!(
+        "WITH w AS ( \
+             SELECT kind, method, endpoint, key_hash, request_id, cost, allowed, denial, \
+                    decided_by \
+             FROM token_transactions \
+             WHERE recorded_at >= to_timestamp($1::float8 / 1e6) \
+                   AND recorded_at < to_timestamp($2::float8 / 1e6)), \
+         d AS (SELECT method, endpoint, count(*)::int8 AS n, sum(cost)::float8 AS tokens \
+               FROM w WHERE {CHARGED} GROUP BY 1, 2), \
+         a AS (SELECT d.method, d.endpoint, \
+                      sum(CASE WHEN x.kind = 'refund' THEN -x.cost ELSE x.cost END)::float8 \
+                          AS tokens \
+               FROM w x JOIN ( \
+                   SELECT DISTINCT ON (key_hash, request_id) key_hash, request_id, method, \
+                          endpoint \
+                   FROM w WHERE kind = 'debit' AND allowed AND request_id IS NOT NULL) d \
+                   USING (key_hash, request_id) \
+               WHERE x.kind IN ('refund', 'settle') GROUP BY 1, 2) \
+         SELECT d.method, d.endpoint, d.n, d.tokens + coalesce(a.tokens, 0) \
+         FROM d LEFT JOIN a USING (method, endpoint) ORDER BY 2, 1"
+    ))
+    .bind(from_us as f64)
+    .bind(to_us as f64)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Charged {
+                method: r.try_get(0)?,
+                endpoint: r.try_get(1)?,
+                requests: r.try_get(2)?,
+                tokens: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// One line of [`charged_by_endpoint`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charged {
+    /// The request's method.
+    pub method: String,
+    /// The request path, as recorded.
+    pub endpoint: String,
+    /// Charged decisions.
+    pub requests: i64,
+    /// Tokens charged, net of refunds and settles.
+    pub tokens: f64,
+}
+
 /// The bounds of one run of the reservation expiry job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExpiryWindow {
@@ -640,7 +708,8 @@ pub async fn expire_reservations(pool: &PgPool, window: &ExpiryWindow) -> Result
          INSERT INTO token_transactions ({COLUMNS}) \
          SELECT {EXPIRY_ID}, r.settle_by, r.key_hash, r.key_prefix, r.tier, r.endpoint, \
                 r.method, r.units, r.cost, r.multiplier, true, NULL, 'expiry', NULL, \
-                r.request_id, r.node, 'reservation_expiry', NULL, r.id::text, NULL, NULL, NULL \
+                r.request_id, r.node, 'reservation_expiry', NULL, r.id::text, NULL, NULL, NULL, \
+                NULL, NULL \
          FROM due r \
          ON CONFLICT DO NOTHING"
     ))
@@ -667,7 +736,8 @@ pub async fn export(
                 key_hash, tier, endpoint, method, units::text, cost::text, multiplier::text, \
                 allowed::text, remaining::text, decided_by, denial, request_id, node, \
                 host(client_ip), kind, note, operator, true_cost::text, \
-                to_char(settle_by AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
+                to_char(settle_by AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                candidate_allowed::text, candidate_cost::text \
          FROM token_transactions WHERE recorded_at >= now() - make_interval(secs => $1) \
          ORDER BY recorded_at, id",
     )
@@ -688,7 +758,7 @@ pub async fn export(
 }
 
 /// Column names of [`export`]'s values.
-pub const EXPORT_COLUMNS: [&str; 21] = [
+pub const EXPORT_COLUMNS: [&str; 23] = [
     "id",
     "recorded_at",
     "key_hash",
@@ -710,6 +780,8 @@ pub const EXPORT_COLUMNS: [&str; 21] = [
     "operator",
     "true_cost",
     "settle_by",
+    "candidate_allowed",
+    "candidate_cost",
 ];
 
 /// What [`import`] did.

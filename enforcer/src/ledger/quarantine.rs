@@ -154,6 +154,8 @@ mod tests {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

@@ -10,6 +10,7 @@ use crate::wallet::GrantMove;
 
 impl Subscriber for Ledger {
     fn publish(&self, event: &Event<'_>) {
+        let _span = crate::trace::ledger_enqueue().entered();
         self.count_tokens(event);
         let row = match event {
             Event::Debit(d) | Event::Replay(d) => self.decision_row(d),
@@ -111,6 +112,9 @@ impl Ledger {
             } else {
                 None
             },
+            // The shadow candidate's would-be decision beside the real one.
+            candidate_allowed: decision.candidate.map(|c| c.allowed),
+            candidate_cost: decision.candidate.map(|c| c.cost),
         }
     }
 
@@ -139,6 +143,8 @@ impl Ledger {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         }
     }
 
@@ -168,6 +174,8 @@ impl Ledger {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         }
     }
 
@@ -206,6 +214,8 @@ impl Ledger {
             operator: Some(g.operator.to_owned()),
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         }
     }
 
@@ -224,6 +234,8 @@ impl Ledger {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
             ..charge.clone()
         }
     }
@@ -247,6 +259,8 @@ impl Ledger {
             operator: None,
             true_cost: None,
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
             ..noticed.clone()
         }
     }
@@ -278,6 +292,8 @@ impl Ledger {
             operator: None,
             true_cost: Some(st.cost),
             settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
         }
     }
 }

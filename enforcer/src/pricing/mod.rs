@@ -28,6 +28,7 @@
 //! and an endpoint that stays keeps its telemetry, its smoothed score and its recent
 //! multipliers (so its price moves on from where it was); a new endpoint starts at 1. Turning
 //! `dynamic` on or off starts or stops the engine.
+pub mod calibrate;
 pub mod telemetry;
 
 use crate::config::{NodeReferences, PricingConfig, SurgeConfig};
@@ -381,8 +382,13 @@ impl Engine {
         }
     }
 
-    /// One round: read telemetry, recompute, publish.
+    /// One round: read telemetry, recompute, publish; traced as a `pricing.round` span.
     pub async fn tick(&mut self) {
+        use tracing::Instrument as _;
+        self.round().instrument(crate::trace::pricing_round()).await;
+    }
+
+    async fn round(&mut self) {
         let started = Instant::now();
         self.read_node().await;
         self.read_endpoints().await;
@@ -429,18 +435,30 @@ impl Engine {
         };
         let reads = self.slots.iter().map(|s| {
             let prom = Arc::clone(&prom);
+            let endpoint = s.price.class.as_str();
             async move {
-                let read = |q: &Option<Signal>| {
+                let read = |q: &Option<Signal>, signal: &'static str| {
                     let prom = Arc::clone(&prom);
                     let q = q.clone();
                     async move {
-                        match q {
-                            Some(q) => Some(prom.read(&q).await),
+                        match &q {
+                            // Each query a child span of the round.
+                            Some(q @ Signal::Query(text)) => Some(
+                                crate::trace::prometheus_query(
+                                    endpoint,
+                                    signal,
+                                    text,
+                                    prom.read(q),
+                                    telemetry::TelemetryError::kind,
+                                )
+                                .await,
+                            ),
+                            Some(q) => Some(prom.read(q).await),
                             None => None,
                         }
                     }
                 };
-                tokio::join!(read(&s.cpu_query), read(&s.memory_query))
+                tokio::join!(read(&s.cpu_query, "cpu"), read(&s.memory_query, "memory"))
             }
         });
         let results = futures_util::future::join_all(reads).await;
@@ -656,10 +674,7 @@ pub struct Pricing {
 /// The engine's telemetry sources for `config`.
 fn sources(config: &PricingConfig) -> (Arc<dyn TelemetrySource>, Option<Arc<dyn TelemetrySource>>) {
     let prometheus = (!config.prometheus.url.is_empty()).then(|| {
-        Arc::new(telemetry::Prometheus::new(
-            &config.prometheus.url,
-            Duration::from_millis(config.prometheus.timeout_ms),
-        )) as Arc<dyn TelemetrySource>
+        Arc::new(telemetry::Prometheus::from_config(&config.prometheus)) as Arc<dyn TelemetrySource>
     });
     (
         Arc::new(telemetry::ProcNode::at(&config.proc_root)) as Arc<dyn TelemetrySource>,

@@ -4,10 +4,10 @@
 //! A source answers one [`Signal`] at a time with a finite, non-negative number, or an error.
 //! Nonsense (NaN, infinities, negative values, no series, several series) is an error too: the
 //! engine then keeps the last good value and counts the failure.
+use crate::http_client::{Auth, error_chain};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Why a reading failed.
@@ -197,68 +197,106 @@ pub fn parse_loadavg(text: &str) -> Result<f64, TelemetryError> {
         .and_then(sane)
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
+/// The largest Prometheus answer read (an instant query of one series is a few hundred bytes).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
-/// The Prometheus HTTP API (`GET /api/v1/query`).
+/// The Prometheus HTTP API (`GET /api/v1/query`), over `http://` or `https://`, with bearer
+/// or basic auth ([`crate::http_client`]).
 #[derive(Debug)]
 pub struct Prometheus {
     base: String,
-    timeout: Duration,
-    client: HttpClient,
+    auth: Auth,
+    /// The client, or why it could not be built (a CA file gone since the config was
+    /// checked): then every query fails with that reason, counted like any outage.
+    client: Result<reqwest::Client, String>,
 }
 
 impl Prometheus {
-    /// A client of the server at `base` (`http://host:port`), each query bounded by `timeout`.
+    /// A plain-HTTP client of the server at `base` (`http://host:port`), each query bounded by
+    /// `timeout`.
     pub fn new(base: &str, timeout: Duration) -> Self {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build_http();
+        Self::with(base, None, Auth::None, timeout)
+    }
+
+    /// A client of `[pricing.prometheus]` as configured.
+    pub fn from_config(config: &crate::config::PrometheusConfig) -> Self {
+        let ca = (!config.ca_file.is_empty()).then(|| Path::new(&config.ca_file));
+        Self::with(
+            &config.url,
+            ca,
+            config.auth(),
+            Duration::from_millis(config.timeout_ms),
+        )
+    }
+
+    /// A client of the server at `base` trusting only `ca_file` (when given), authenticating
+    /// with `auth`, each query bounded by `timeout`.
+    pub fn with(base: &str, ca_file: Option<&Path>, auth: Auth, timeout: Duration) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            timeout,
-            client,
+            auth,
+            client: crate::http_client::remote(ca_file, timeout).map_err(|e| e.to_string()),
         }
     }
 
-    async fn get(&self, promql: &str) -> Result<Bytes, TelemetryError> {
-        let uri = format!(
-            "{}/api/v1/query?query={}",
-            self.base,
-            percent_encode(promql)
-        );
-        let req = hyper::Request::get(uri)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| TelemetryError::Unavailable(format!("request: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| TelemetryError::Unavailable(e.to_string()))?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| TelemetryError::Unavailable(e.to_string()))?
-                .to_bytes();
-            // Prometheus answers a bad query with 400/422 and a JSON error: that is nonsense
-            // (the query), not an outage.
-            if !status.is_success() && !status.is_client_error() {
-                return Err(TelemetryError::Unavailable(format!(
-                    "HTTP {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(200)])
+    /// The answer to `GET <base><path>?<query>` (the query already encoded), or why not.
+    async fn get(&self, path_and_query: &str) -> Result<Bytes, TelemetryError> {
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| TelemetryError::Unavailable(e.clone()))?;
+        let request = self
+            .auth
+            .apply(client.get(format!("{}{path_and_query}", self.base)))
+            .map_err(|e| TelemetryError::Unavailable(e.to_string()))?;
+        let resp = request.send().await.map_err(|e| {
+            TelemetryError::Unavailable(if e.is_timeout() {
+                "timed out".to_owned()
+            } else {
+                error_chain(&e)
+            })
+        })?;
+        let status = resp.status();
+        // An instant query answers one series: a body past the cap is a wrong query (or a
+        // wrong server), not something to hold in memory.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| TelemetryError::Unavailable(error_chain(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(TelemetryError::Nonsense(format!(
+                    "answer over {MAX_ANSWER_BYTES} bytes (the query must aggregate to one series)"
                 )));
             }
-            Ok(body)
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| TelemetryError::Unavailable("timed out".into()))?
+            body.extend_from_slice(&chunk);
+        }
+        let body = Bytes::from(body);
+        // Prometheus answers a bad query with 400/422 and a JSON error: that is nonsense (the
+        // query), not an outage. 401/403 are: the credentials are wrong, nothing answers.
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(TelemetryError::Unavailable(format!(
+                "HTTP {status}: check pricing.prometheus's credentials"
+            )));
+        }
+        if !status.is_success() && !status.is_client_error() {
+            return Err(TelemetryError::Unavailable(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )));
+        }
+        Ok(body)
+    }
+
+    /// An instant query's one value; `at` (Unix seconds) evaluates it then instead of now.
+    pub async fn instant(&self, promql: &str, at: Option<f64>) -> Result<f64, TelemetryError> {
+        let mut path = format!("/api/v1/query?query={}", percent_encode(promql));
+        if let Some(at) = at {
+            path.push_str(&format!("&time={at:.3}"));
+        }
+        parse_query_response(&self.get(&path).await?)
     }
 }
 
@@ -272,7 +310,7 @@ impl TelemetrySource for Prometheus {
         let Signal::Query(promql) = signal else {
             return Err(TelemetryError::Unsupported);
         };
-        parse_query_response(&self.get(promql).await?)
+        self.instant(promql, None).await
     }
 }
 

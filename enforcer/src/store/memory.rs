@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug)]
 struct Bucket {
@@ -74,6 +75,9 @@ struct State {
     quotas: HashMap<KeyHash, (f64, f64, f64)>,
     /// Shared budget members' own buckets (`key_limit`), by member key.
     limits: HashMap<KeyHash, Bucket>,
+    /// The shadow candidate policy's buckets ([`crate::shadow`]), by account (the key's, or
+    /// its shared budget's): `lua/debit.lua`'s `ptc:{…}:b`.
+    candidates: HashMap<KeyHash, Bucket>,
     ops_since_sweep: usize,
     /// Entries left by the previous sweep: the next one comes after as many operations, so a
     /// sweep's O(n) cost is spread over at least n operations.
@@ -86,8 +90,22 @@ pub struct MemoryStore {
     /// Swapped whole by a config reload; read once per call.
     policy: ArcSwap<BudgetPolicy>,
     clock: Arc<dyn Clock>,
-    state: Mutex<State>,
+    /// The state, in [`SHARDS`] shards by account ([`MemoryStore::shard`]): a call locks
+    /// one shard, so calls about other accounts do not wait, and a shard's map growth and
+    /// expiry sweep stall only its own accounts' calls, for 1/[`SHARDS`] of the work.
+    shards: Box<[Mutex<State>]>,
+    /// Most request records one shard keeps (`store.memory_max_records` / [`SHARDS`]).
+    max_records_per_shard: usize,
+    /// Request records dropped for the cap ([`TokenStore::records_evicted`]).
+    evicted: AtomicU64,
 }
+
+/// Records looked at to choose one to drop when a shard is full: the soonest to expire of
+/// these goes (sampled, as Redis's own eviction: no O(n) scan under the lock).
+const EVICTION_SAMPLE: usize = 8;
+
+/// Shards of the embedded store's state (a power of two).
+pub const SHARDS: usize = 64;
 
 /// Whose state a call about one key touches: the key's own, or its shared budget's
 /// ([`crate::budget::SharedBudget`]; its state is kept under the budget's account hash, a
@@ -175,7 +193,9 @@ impl MemoryStore {
         Self {
             policy: ArcSwap::from_pointee(policy),
             clock,
-            state: Mutex::new(State::default()),
+            shards: (0..SHARDS).map(|_| Mutex::new(State::default())).collect(),
+            max_records_per_shard: 4_000_000 / SHARDS,
+            evicted: AtomicU64::new(0),
         }
     }
 
@@ -197,17 +217,38 @@ impl MemoryStore {
         }
     }
 
+    /// At most `max` request records in all (at least one per shard): beyond it, one is
+    /// dropped for each new one ([`TokenStore::records_evicted`] counts them).
+    pub fn with_max_records(mut self, max: usize) -> Self {
+        self.max_records_per_shard = (max / SHARDS).max(1);
+        self
+    }
+
+    /// Number of request records held (for tests of the memory bound).
+    pub fn record_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().records.len()).sum()
+    }
+
     /// Number of buckets held (for tests of the memory bound).
     pub fn bucket_count(&self) -> usize {
-        self.state.lock().buckets.len()
+        self.shards.iter().map(|s| s.lock().buckets.len()).sum()
+    }
+
+    /// The shard holding everything about `account` (its buckets, records, grants, wallet,
+    /// quota, its members' key limits, its candidate bucket, its tier assignment): what one
+    /// call touches is always in one shard. SHA-256 bytes are uniform, so the first one picks.
+    fn shard(&self, account: &KeyHash) -> &Mutex<State> {
+        &self.shards[usize::from(account.0[0]) % SHARDS]
     }
 }
 
 impl State {
-    /// Drops expired entries, every so often (O(1) amortised per operation).
+    /// Drops expired entries, every so often (O(1) amortised per operation: after as many of
+    /// the shard's own operations as it held entries; a shard is 1/SHARDS of the store, so a
+    /// sweep holds up only its accounts, for a 64th of the work).
     fn sweep(&mut self, now: f64) {
         self.ops_since_sweep += 1;
-        if self.ops_since_sweep < 1024.max(self.size_after_sweep) {
+        if self.ops_since_sweep < 16.max(self.size_after_sweep) {
             return;
         }
         self.ops_since_sweep = 0;
@@ -218,8 +259,13 @@ impl State {
         self.quotas.retain(|_, q| q.2 > now);
         self.limits
             .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
-        self.size_after_sweep =
-            self.buckets.len() + self.records.len() + self.grants.len() + self.quotas.len();
+        self.candidates
+            .retain(|_, b| b.expires_at.is_none_or(|at| at > now));
+        self.size_after_sweep = self.buckets.len()
+            + self.records.len()
+            + self.grants.len()
+            + self.quotas.len()
+            + self.candidates.len();
     }
 }
 
@@ -239,11 +285,14 @@ impl TokenStore for MemoryStore {
         periods: &QuotaPeriods,
     ) -> Result<DebitOutcome, StoreError> {
         super::check_cost(d.cost)?;
+        if let Some(c) = d.candidate {
+            super::check_cost(c)?;
+        }
         let now = self.clock.now();
         let policy = self.policy.load();
-        let mut st = self.state.lock();
-        st.sweep(now);
         let account = Account::of(&policy, &d.key, d.bucket);
+        let mut st = self.shard(&account.hash).lock();
+        st.sweep(now);
         let record_key = account.record(&d.key, &d.request_id);
         // The rules of `lua/debit.lua`: another request under this id is a conflict, a retry
         // is answered from the record, a refunded request is charged again.
@@ -263,6 +312,7 @@ impl TokenStore for MemoryStore {
                     grants: GrantMoves::default(),
                     quota: None,
                     denied_by: None,
+                    candidate: None,
                 }));
             }
         }
@@ -395,6 +445,22 @@ impl TokenStore for MemoryStore {
             },
         );
         if s.allowed {
+            if st.records.len() >= self.max_records_per_shard
+                && !st.records.contains_key(&record_key)
+            {
+                // No sweep here: a full shard of live records would make every insert an
+                // O(n) scan. Expired records go by the amortised sweep; a live one by sample.
+                let victim = st
+                    .records
+                    .iter()
+                    .take(EVICTION_SAMPLE)
+                    .min_by(|a, b| a.1.expires_at.total_cmp(&b.1.expires_at))
+                    .map(|(k, _)| k.clone());
+                if let Some(victim) = victim {
+                    st.records.remove(&victim);
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             st.records.insert(
                 record_key,
                 Record {
@@ -419,6 +485,33 @@ impl TokenStore for MemoryStore {
                 },
             );
         }
+        // CANDIDATE: the shadow candidate's own plain bucket (`lua/debit.lua`'s CANDIDATE
+        // block), decided beside the real debit, which it never changes.
+        let candidate = match (d.candidate, d.bucket, d.force) {
+            (Some(cost), BucketKind::Main, false) => {
+                policy.candidate_bucket(&tier.name).map(|params| {
+                    let previous = st
+                        .candidates
+                        .get(&account.hash)
+                        .filter(|b| b.expires_at.is_none_or(|at| at > now))
+                        .map(|b| b.state);
+                    let c = debit::settle(previous, &params, window, now, cost);
+                    st.candidates.insert(
+                        account.hash,
+                        Bucket {
+                            state: c.state,
+                            expires_at: debit::forget_after(&params, window, c.state.balance)
+                                .map(|secs| now + secs),
+                        },
+                    );
+                    super::CandidateOutcome {
+                        allowed: c.allowed,
+                        remaining: c.state.balance,
+                    }
+                })
+            }
+            _ => None,
+        };
         Ok(DebitOutcome::Settled(Settled {
             allowed: s.allowed,
             remaining: s.state.balance + held,
@@ -430,6 +523,7 @@ impl TokenStore for MemoryStore {
             grants: moves,
             quota: quota_use,
             denied_by,
+            candidate,
         }))
     }
 
@@ -440,8 +534,8 @@ impl TokenStore for MemoryStore {
     ) -> Result<RefundOutcome, StoreError> {
         let now = self.clock.now();
         let policy = self.policy.load();
-        let mut st = self.state.lock();
         let account = Account::of(&policy, key, BucketKind::Main);
+        let mut st = self.shard(&account.hash).lock();
         let record_key = account.record(key, request_id);
         let Some(record) = st
             .records
@@ -495,9 +589,9 @@ impl TokenStore for MemoryStore {
         cost.check()?;
         let now = self.clock.now();
         let policy = self.policy.load();
-        let mut st = self.state.lock();
-        st.sweep(now);
         let account = Account::of(&policy, key, BucketKind::Main);
+        let mut st = self.shard(&account.hash).lock();
+        st.sweep(now);
         let record_key = account.record(key, request_id);
         // The rules of `lua/settle.lua`.
         let Some(record) = st
@@ -595,7 +689,7 @@ impl TokenStore for MemoryStore {
     }
 
     async fn assign_tier(&self, key: &KeyHash, tier: Option<&str>) -> Result<(), StoreError> {
-        let mut st = self.state.lock();
+        let mut st = self.shard(key).lock();
         match tier {
             Some(name) => st.tiers.insert(*key, name.to_owned()),
             None => st.tiers.remove(key),
@@ -613,11 +707,11 @@ impl TokenStore for MemoryStore {
         super::check_cost(tokens)?;
         terms.check()?;
         let now = self.clock.now();
-        let mut st = self.state.lock();
-        st.sweep(now);
         let policy = self.policy.load();
         // A grant to a member of a shared budget tops up the budget.
         let account = Account::of(&policy, key, BucketKind::Main);
+        let mut st = self.shard(&account.hash).lock();
+        st.sweep(now);
         let grant_key = (account.hash, grant_id.as_str().to_owned());
         if let Some(g) = st.grants.get(&grant_key).filter(|g| g.2 > now) {
             return Ok(GrantOutcome::Granted {
@@ -715,12 +809,19 @@ impl TokenStore for MemoryStore {
 
     async fn inspect(&self, key: &KeyHash) -> Result<KeyState, StoreError> {
         let now = self.clock.now();
-        let st = self.state.lock();
         let policy = self.policy.load();
         let window = policy.active_window.as_secs_f64();
         // A member's balance, grants and quota are its shared budget's; its operational
-        // bucket its own.
+        // bucket its own (in the key's shard, read first: two shards are never held at once).
         let account = Account::of(&policy, key, BucketKind::Main);
+        let operational = self
+            .shard(key)
+            .lock()
+            .buckets
+            .get(&(*key, slot(BucketKind::Operational)))
+            .filter(|b| b.expires_at.is_none_or(|at| at > now))
+            .map(|b| b.state);
+        let st = self.shard(&account.hash).lock();
         let bucket = |owner: &KeyHash, kind| {
             st.buckets
                 .get(&(*owner, slot(kind)))
@@ -745,12 +846,7 @@ impl TokenStore for MemoryStore {
             tier: tier.map(|t| t.name.clone()),
             balance: tier.map(|t| debit::refilled(main, &t.bucket, window, now)),
             stored: main.is_some(),
-            operational: debit::refilled(
-                bucket(key, BucketKind::Operational),
-                &policy.operational,
-                window,
-                now,
-            ),
+            operational: debit::refilled(operational, &policy.operational, window, now),
             shared_budget: account.shared.as_ref().map(|b| b.name.clone()),
             assigned,
             at: now,
@@ -763,6 +859,10 @@ impl TokenStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn records_evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     fn set_policy(&self, policy: &BudgetPolicy) -> Result<(), StoreError> {

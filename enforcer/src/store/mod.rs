@@ -5,6 +5,7 @@
 //! implement [`TokenStore`]; the integration tests run one contract against both.
 mod memory;
 mod redis;
+pub mod redis_watch;
 
 pub use memory::MemoryStore;
 pub use redis::{
@@ -47,6 +48,20 @@ pub struct Debit {
     /// What a later settle of this request may use ([`TokenStore::settle`]), kept in its
     /// request record.
     pub terms: SettleTerms,
+    /// The shadow candidate policy's cost of this request ([`crate::shadow`]): debited from the
+    /// key's candidate bucket in the same call, when the store's policy has a candidate, the
+    /// bucket is the main one and the debit is not forced. It never changes the real outcome.
+    /// `None`: no candidate is evaluated.
+    pub candidate: Option<f64>,
+}
+
+/// What the shadow candidate policy would have decided ([`crate::shadow`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateOutcome {
+    /// Whether the candidate bucket could pay the candidate cost (it was charged then).
+    pub allowed: bool,
+    /// The candidate bucket's balance afterwards.
+    pub remaining: f64,
 }
 
 /// What a request's record keeps for its settle: the units it was priced for (a settle in
@@ -233,6 +248,9 @@ pub struct Settled {
     pub quota: Option<QuotaUse>,
     /// When denied: which limit refused (a denial charges neither).
     pub denied_by: Option<DeniedBy>,
+    /// The shadow candidate's decision of the same request, when one was evaluated (never for
+    /// a replay).
+    pub candidate: Option<CandidateOutcome>,
 }
 
 /// A calendar quota after a debit ([`crate::quota`]).
@@ -556,6 +574,12 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     }
     /// A short name for logs and `/readyz` ("redis", "redis-cluster", "memory").
     fn backend(&self) -> &'static str;
+    /// Request records dropped before their time because the store's cap on them was reached
+    /// (the in-process store's `store.memory_max_records`; Redis evicts by its own policy):
+    /// a retry of such a request is charged again. Counted since start.
+    fn records_evicted(&self) -> u64 {
+        0
+    }
     /// How many independent failure domains the store has: each gets its own circuit breaker
     /// (a cluster's slot groups; 1 for one Redis or the in-process store).
     fn shards(&self) -> usize {

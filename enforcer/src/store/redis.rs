@@ -153,6 +153,9 @@ struct AccountArgs {
     inspect_args: Vec<String>,
     /// The debit script's key limit: `max_tokens refill_per_sec`, or `- -`.
     key_limit: [String; 2],
+    /// The debit script's CANDIDATE tail after the candidate cost: four numbers per tier, in
+    /// the order of `main_args`' tiers; `None`: no candidate configured.
+    candidate_args: Option<Vec<String>>,
 }
 
 impl AccountArgs {
@@ -166,6 +169,15 @@ impl AccountArgs {
                 || ["-".to_owned(), "-".to_owned()],
                 |l| [l.max_tokens.to_string(), l.refill_per_sec.to_string()],
             ),
+            candidate_args: policy.candidate.as_ref().map(|buckets| {
+                buckets
+                    .iter()
+                    .flat_map(|p| {
+                        [p.max_tokens, p.refill_per_sec, p.idle_cap, p.initial_tokens]
+                            .map(|v| v.to_string())
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -192,6 +204,12 @@ impl Account<'_> {
             Some(member) => self.name(&format!("r:{member}:{}", request_id.as_str())),
             None => self.name(&format!("r:{}", request_id.as_str())),
         }
+    }
+
+    /// The shadow candidate's bucket ([`crate::shadow`]): a prefix of its own, the account's
+    /// hash tag (the same slot as the account's other keys).
+    fn candidate(&self) -> String {
+        format!("ptc:{{{}}}:b", self.tag)
     }
 
     /// The debit script's keys: bucket, tier, record, wallet, quota, key limit.
@@ -859,6 +877,25 @@ impl TokenStore for RedisStore {
             .collect();
         args.extend(quota_args.iter().map(String::as_str));
         args.extend(account.args.key_limit.iter().map(String::as_str));
+        // CANDIDATE: a seventh key and the candidate's arguments, only when one is evaluated
+        // (nothing extra otherwise).
+        let candidate = match (&account.args.candidate_args, d.candidate) {
+            (Some(tail), Some(c)) if d.bucket == BucketKind::Main && !d.force => {
+                check_cost(c)?;
+                Some((c.to_string(), tail))
+            }
+            _ => None,
+        };
+        let with_candidate: Vec<String>;
+        let keys: &[String] = match &candidate {
+            Some((c, tail)) => {
+                args.push(c);
+                args.extend(tail.iter().map(String::as_str));
+                with_candidate = keys.iter().cloned().chain([account.candidate()]).collect();
+                &with_candidate
+            }
+            None => &keys,
+        };
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -866,8 +903,8 @@ impl TokenStore for RedisStore {
                 BucketKind::Operational => "O",
             };
         }
-        // 13 fields: more than redis-rs reads into a tuple.
-        let reply: Vec<redis::Value> = self.eval(DEBIT, &keys, &args).await?;
+        // 13 fields (15 with a candidate): more than redis-rs reads into a tuple.
+        let reply: Vec<redis::Value> = self.eval(DEBIT, keys, &args).await?;
         let field = |i: usize| -> Result<String, StoreError> {
             let v = reply.get(i).ok_or_else(|| {
                 StoreError::Protocol(format!("debit answered {} fields", reply.len()))
@@ -919,6 +956,14 @@ impl TokenStore for RedisStore {
                 grants: grant_moves(&moves)?,
                 quota,
                 denied_by: DeniedBy::parse(&denied_by),
+                candidate: if reply.len() >= 15 {
+                    Some(super::CandidateOutcome {
+                        allowed: field(13)? == "1",
+                        remaining: number(&field(14)?)?,
+                    })
+                } else {
+                    None
+                },
             })),
             "unknown_key" => Ok(DebitOutcome::UnknownKey),
             "conflict" => Ok(DebitOutcome::Conflict),
