@@ -73,6 +73,10 @@ pub struct BudgetPolicy {
     pub idempotency_ttl: Duration,
     /// How long a reservation's request record is kept for its settle (`store.settle_ttl_secs`).
     pub settle_ttl: Duration,
+    /// Remember requests whose id the daemon generated (`store.remember_generated_ids`), so
+    /// that they can be refunded or settled under it; `false`: only client ids and
+    /// reservations leave a request record ([`crate::store::Debit::remembered`]).
+    pub remember_generated_ids: bool,
     /// The strict per-key bucket of operational endpoints (seed pitfall 5).
     pub operational: BucketParams,
     /// Budgets that several keys spend from (`[shared_budgets.*]`).

@@ -310,6 +310,11 @@ pub struct StoreConfig {
     /// How long a reservation (`reserve: true`, `settle = "after"`) waits for its settle,
     /// seconds; unset: `idempotency_ttl_secs`. Unsettled, it keeps its estimate.
     pub settle_ttl_secs: Option<u64>,
+    /// Remember requests that came without a request id under the id the daemon generated
+    /// (returned in the answer), so that they can be refunded or settled; `false`: only
+    /// requests with a client's id, and reservations, leave a request record (one write less
+    /// per decision in the store).
+    pub remember_generated_ids: bool,
     /// With `on_store_failure = "local"`: the number of daemons sharing the store, which
     /// divides each key's budget into local shares; 0 (the default): counted by the
     /// heartbeat set the daemons keep in Redis.
@@ -962,6 +967,7 @@ impl Default for StoreConfig {
             breaker_open_ms: 1000,
             idempotency_ttl_secs: 600,
             settle_ttl_secs: None,
+            remember_generated_ids: true,
             local_nodes: 0,
             heartbeat_ms: 2000,
             local_max_keys: 100_000,
@@ -1692,6 +1698,7 @@ impl Config {
                     .settle_ttl_secs
                     .unwrap_or(self.store.idempotency_ttl_secs),
             ),
+            remember_generated_ids: self.store.remember_generated_ids,
             operational: BucketParams {
                 max_tokens: ops.capacity,
                 refill_per_sec: ops.refill_per_sec,

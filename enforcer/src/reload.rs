@@ -5,7 +5,7 @@
 //! start), validates the result and applies what may change while serving:
 //!
 //! - **live**: prices (the cost matrix, per-domain tables, `trailing_slash`), tiers, shadow
-//!   (global and per tier), the shadow candidate policy (`[shadow]`), the rest of `[budget]`, `store.idempotency_ttl_secs`, every
+//!   (global and per tier), the shadow candidate policy (`[shadow]`), the rest of `[budget]`, `store.idempotency_ttl_secs`, `store.remember_generated_ids`, every
 //!   pricing-engine setting (the engine is rebuilt over the new book; an endpoint that stays
 //!   keeps its multiplier and telemetry, a new one starts at 1), the kernel gate's plan
 //!   (`[kernel]` but its interfaces and pin dir): a new config generation, as
@@ -304,6 +304,7 @@ fn effective(running: &Config, file: &Config) -> Config {
     next.store = running.store.clone();
     next.store.idempotency_ttl_secs = file.store.idempotency_ttl_secs;
     next.store.settle_ttl_secs = file.store.settle_ttl_secs;
+    next.store.remember_generated_ids = file.store.remember_generated_ids;
     next.kernel.interfaces = running.kernel.interfaces.clone();
     next.kernel.pin_dir = running.kernel.pin_dir.clone();
     next.ledger = LedgerConfig {
@@ -367,6 +368,7 @@ fn live_changes(a: &Config, b: &Config) -> Vec<String> {
         budget.min_units,
         budget.operational,
         store.idempotency_ttl_secs,
+        store.remember_generated_ids,
         kernel.protect_ports,
         kernel.action,
         kernel.max_staleness_ms,

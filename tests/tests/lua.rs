@@ -539,3 +539,148 @@ async fn buckets_expire_once_refill_would_have_filled_them() {
     // active window 60 s + 1000 tokens / 10 per s = 160 s.
     assert!((159_000..=160_000).contains(&ttl), "bucket ttl {ttl} ms");
 }
+
+/// Batch mode (the Redis store coalesces debits queued together into one call): each debit is
+/// decided in order, as pipelined calls would be, and a bad one is refused alone.
+#[tokio::test]
+async fn batch_mode_decides_each_debit_in_order_and_refuses_a_bad_one_alone() {
+    let url = redis_url();
+    let mut conn = redis_conn(&url).await;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(enforcer::store::DEBIT_LUA)
+        .query_async(&mut conn)
+        .await
+        .expect("load");
+    let keys_of = |tag: &str, id: &str| -> Vec<String> {
+        ["b", "tier", &format!("r:{id}"), "w", "q", "k"]
+            .iter()
+            .map(|s| format!("ptb:{{{tag}}}:{s}"))
+            .collect()
+    };
+    // free: 1000 tokens, 10/s, idle cap 0.8, starts at 800; no quota, no key limit.
+    let args_of = |cost: &str| -> Vec<String> {
+        [
+            cost, "60000", "ab12", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800", "1",
+            "-", "0", "-", "-",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let (a, b) = (unique("batch-a"), unique("batch-b"));
+    // a: 500 then 500 (the second is refused: 300 left); b: a bad cost, then 100.
+    let calls = [
+        (keys_of(&a, "1"), args_of("500")),
+        (keys_of(&b, "1"), args_of("nan")),
+        (keys_of(&a, "2"), args_of("500")),
+        (keys_of(&b, "2"), args_of("100")),
+    ];
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(&sha).arg(calls.len() * 6);
+    for (k, _) in &calls {
+        cmd.arg(k);
+    }
+    cmd.arg("*").arg(calls.len());
+    for (k, a) in &calls {
+        cmd.arg(k.len()).arg(a.len());
+    }
+    for (_, a) in &calls {
+        cmd.arg(a);
+    }
+    // Raw, as the store reads it (`query_async` would turn the one error into the answer's).
+    let replies = match redis::aio::ConnectionLike::req_packed_command(&mut conn, &cmd)
+        .await
+        .expect("batch call")
+    {
+        redis::Value::Array(v) => v,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    let reply = |i: usize| -> Vec<String> {
+        match &replies[i] {
+            redis::Value::Array(v) => v
+                .iter()
+                .map(|x| redis::from_redis_value::<String>(x).expect("field"))
+                .collect(),
+            other => panic!("debit {i}: {other:?}"),
+        }
+    };
+    assert_eq!(&reply(0)[..3], ["ok", "1", "300"], "{:?}", reply(0));
+    assert!(
+        matches!(&replies[1], redis::Value::ServerError(e) if format!("{e:?}").contains("enforcer: cost")),
+        "{:?}",
+        replies[1]
+    );
+    let refused = reply(2);
+    assert_eq!(&refused[..2], ["ok", "0"], "{refused:?}");
+    assert!(
+        refused[2].parse::<f64>().expect("remaining") < 320.0,
+        "{refused:?}"
+    );
+    let b_ok = reply(3);
+    assert_eq!(&b_ok[..2], ["ok", "1"], "{b_ok:?}");
+    assert!(
+        b_ok[2].parse::<f64>().expect("remaining") <= 701.0,
+        "{b_ok:?}"
+    );
+    // The refused debit wrote nothing under its id; the allowed ones are remembered.
+    let exists: (bool, bool, bool) = redis::pipe()
+        .exists(&keys_of(&a, "1")[2])
+        .exists(&keys_of(&a, "2")[2])
+        .exists(&keys_of(&b, "1")[2])
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, (true, false, false));
+    // A bad header is an error for the whole call, and writes nothing.
+    let bad: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(6)
+        .arg(keys_of(&unique("batch-c"), "1"))
+        .arg("*")
+        .arg("2")
+        .arg("6")
+        .arg("17")
+        .query_async(&mut conn)
+        .await;
+    assert!(bad.is_err(), "{bad:?}");
+}
+
+/// Concurrent debits through the store are coalesced into batch-mode calls, and the bucket
+/// still admits exactly what it holds.
+#[tokio::test]
+async fn coalesced_debits_admit_exactly_what_the_bucket_holds() {
+    let url = redis_url();
+    let store = Arc::new(store(&url));
+    let key = ApiKey::parse(&unique("coalesce")).expect("key");
+    let mut conn = redis_conn(&url).await;
+    // No refill to speak of while the test runs: a stored balance of 800 stamped in the future
+    // would be refused by nothing, so measure what refilled instead.
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let store = store.clone();
+            let key = key.clone();
+            tokio::spawn(async move { settle(&store, &debit(&key, 10.0)).await.allowed })
+        })
+        .collect();
+    let mut admitted = 0u32;
+    for t in tasks {
+        admitted += u32::from(t.await.expect("task"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = ((800.0 + elapsed * 10.0) / 10.0).floor() as u32;
+    assert!(
+        (80..=bound).contains(&admitted),
+        "admitted {admitted}, bound {bound}"
+    );
+    let (balance, _) = read_bucket(&mut conn, &key).await;
+    assert!(
+        balance >= 0.0 && balance < 10.0 + elapsed * 10.0,
+        "{balance}"
+    );
+    let coalesced = store.describe().await.expect("describe")["coalesced_debits"]
+        .as_u64()
+        .expect("a count");
+    assert!(coalesced >= 2, "400 concurrent debits, none coalesced");
+}

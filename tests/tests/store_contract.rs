@@ -2292,3 +2292,74 @@ async fn the_memory_stores_request_records_are_capped_and_evictions_counted() {
     assert_eq!(roomy.records_evicted(), 0);
     assert_eq!(roomy.record_count(), 200);
 }
+
+/// `store.remember_generated_ids = false`: a request that came without an id (the daemon
+/// generated one) leaves no request record, so it cannot be refunded, and the same generated id
+/// sent again is charged again (no client can do that: it never sent the id). A client's own
+/// id is remembered as always, and so is a reservation, whose settle needs its record.
+#[tokio::test]
+async fn generated_ids_leave_no_record_when_not_remembered_and_client_ids_always_do() {
+    let mut policy = policy();
+    policy.remember_generated_ids = false;
+    let mut direct = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_connection()
+        .expect("redis");
+    for timed in timed_stores_with(&policy) {
+        let (b, store) = (timed.store.backend(), &*timed.store);
+        let key = norefill_key(store, "unremembered").await;
+        let generated = debit(&key, BucketKind::Main, 100.0);
+        assert!(generated.request_id.is_generated());
+        let first = settle(store, &generated).await;
+        assert!(first.allowed && !first.replayed, "{b}: {first:?}");
+        let refund = store
+            .refund(&key.hash(), &generated.request_id)
+            .await
+            .expect("refund");
+        assert_eq!(refund, RefundOutcome::UnknownRequest, "{b}");
+        let again = settle(store, &generated).await;
+        assert!(again.allowed && !again.replayed, "{b}: {again:?}");
+        assert_eq!(
+            balance(store, &key).await,
+            600.0,
+            "{b}: charged twice, refunded never"
+        );
+        if b == "redis" {
+            let records: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("ptb:{{{}}}:r:*", key.hash().to_hex()))
+                .query(&mut direct)
+                .expect("KEYS");
+            assert!(records.is_empty(), "{b}: {records:?}");
+        }
+
+        let client = Debit {
+            request_id: RequestId::parse(&unique("client")).expect("id"),
+            ..debit(&key, BucketKind::Main, 50.0)
+        };
+        assert!(!settle(store, &client).await.replayed, "{b}");
+        assert!(
+            settle(store, &client).await.replayed,
+            "{b}: a client's retry is free"
+        );
+        assert_eq!(balance(store, &key).await, 550.0, "{b}");
+        let refund = store
+            .refund(&key.hash(), &client.request_id)
+            .await
+            .expect("refund");
+        assert!(
+            matches!(refund, RefundOutcome::Refunded { credited, .. } if credited == 50.0),
+            "{b}: {refund:?}"
+        );
+
+        // A reservation under a generated id is remembered for its settle.
+        let reservation = reserve(store, &key, 200.0, 1.0, None).await;
+        assert!(reservation.request_id.is_generated());
+        let (cost, estimate, charged, _, left, replayed) =
+            settled(store, &key, &reservation, TrueCost::Tokens(150.0)).await;
+        assert_eq!(
+            (cost, estimate, charged, left, replayed),
+            (150.0, 200.0, -50.0, 450.0, false),
+            "{b}"
+        );
+    }
+}

@@ -160,9 +160,25 @@ refill_per_sec = 1e9
         &group_config,
         std::fs::read_to_string(&config)? + "[ledger]\njournal = false\n",
     )?;
+    // Requests without a request id, not remembered (`store.remember_generated_ids = false`):
+    // no request record read or written.
+    let unremembered_config = dir.path().join("bench-unremembered.toml");
+    std::fs::write(
+        &unremembered_config,
+        std::fs::read_to_string(&config)?.replace(
+            "timeout_ms = 1000\n",
+            "timeout_ms = 1000\nremember_generated_ids = false\n",
+        ),
+    )?;
     let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut grpc_rows = Vec::new();
-    for (workers, journal) in [(1, true), (1, false), (cores, false), (cores, true)] {
+    for (workers, journal, remember) in [
+        (1, true, true),
+        (1, false, true),
+        (cores, false, true),
+        (cores, true, true),
+        (cores, true, false),
+    ] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
                 .arg("run")
@@ -170,13 +186,19 @@ refill_per_sec = 1e9
                 .arg("--grpc-listen")
                 .arg(grpc_addr.to_string())
                 .arg("--config")
-                .arg(if journal { &config } else { &group_config })
+                .arg(if !remember {
+                    &unremembered_config
+                } else if journal {
+                    &config
+                } else {
+                    &group_config
+                })
                 .args(["--workers", &workers.to_string()])
                 .arg("--ledger-file")
                 .arg(
                     ledger_dir
                         .path()
-                        .join(format!("ledger-{workers}-{journal}.jsonl")),
+                        .join(format!("ledger-{workers}-{journal}-{remember}.jsonl")),
                 )
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -208,7 +230,7 @@ refill_per_sec = 1e9
         )?;
         // The same daemon through Envoy's API (the production default: every core, journal
         // on), right after its HTTP runs: the two are compared within one daemon's life.
-        if workers == cores && journal {
+        if workers == cores && journal && remember {
             let descriptor = |i: usize| {
                 vec![
                     (
@@ -228,7 +250,7 @@ refill_per_sec = 1e9
             grpc_rows.push((workers, report, redis_used, daemon_used));
         }
         drop(daemon);
-        rows.push((workers, journal, full, full_cpu, daemon_cpu, half));
+        rows.push((workers, journal, remember, full, full_cpu, daemon_cpu, half));
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
@@ -252,8 +274,12 @@ refill_per_sec = 1e9
             c.redis_us
         );
     }
-    for (workers, journal, full, full_cpu, daemon_cpu, half) in &rows {
-        let journal = if *journal { "journal" } else { "no journal" };
+    for (workers, journal, remember, full, full_cpu, daemon_cpu, half) in &rows {
+        let journal = match (journal, remember) {
+            (true, true) => "journal",
+            (false, _) => "no journal",
+            (true, false) => "journal, ids not kept",
+        };
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
             format!("daemon, {workers} worker(s), {journal}, closed loop"),
@@ -556,8 +582,8 @@ struct Ceiling {
 
 /// The script's arguments after the keys, for `redis-benchmark` and its sanity check: cost,
 /// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier,
-/// units, max_cost (none).
-const DEBIT_ARGS: [&str; 14] = [
+/// units, max_cost (none), no quota tiers, no key limit.
+const DEBIT_ARGS: [&str; 17] = [
     "1",
     "600000",
     "0123456789abcdef",
@@ -571,6 +597,9 @@ const DEBIT_ARGS: [&str; 14] = [
     "0.8",
     "8e11",
     "1",
+    "-",
+    "0",
+    "-",
     "-",
 ];
 
@@ -589,17 +618,21 @@ fn redis_benchmarks(
     clients: usize,
     seconds: u64,
 ) -> Result<Vec<Ceiling>> {
+    // bucket, tier, request record, wallet, quota, key limit (lua/debit.lua's six keys).
     let keys = [
         format!("ptb:{{{tag}}}:b:__rand_int__"),
         format!("ptb:{{{tag}}}:tier"),
         format!("ptb:{{{tag}}}:r:__rand_int__"),
+        format!("ptb:{{{tag}}}:w"),
+        format!("ptb:{{{tag}}}:q"),
+        format!("ptb:{{{tag}}}:k"),
     ];
     // redis-benchmark counts error replies as answers: one call by hand first, so that a
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
         let probe_keys = keys.clone().map(|k| k.replace("__rand_int__", "probe"));
-        let mut probe = vec!["EVALSHA", sha, "3"];
+        let mut probe = vec!["EVALSHA", sha, "6"];
         probe.extend(probe_keys.iter().map(String::as_str));
         probe.extend(DEBIT_ARGS);
         let answer = crate::services::cli(port, &probe)?;
@@ -625,7 +658,7 @@ fn redis_benchmarks(
                     &KEY_SPACE.to_string(),
                     "--csv",
                 ])
-                .args(["EVALSHA", sha, "3"])
+                .args(["EVALSHA", sha, "6"])
                 .args(&keys)
                 .args(DEBIT_ARGS)
                 .stdout(Stdio::piped())

@@ -444,7 +444,7 @@ impl TokenStore for MemoryStore {
                     .map(|secs| now + secs),
             },
         );
-        if s.allowed {
+        if s.allowed && d.remembered(&policy) {
             if st.records.len() >= self.max_records_per_shard
                 && !st.records.contains_key(&record_key)
             {

@@ -55,6 +55,17 @@ pub struct Debit {
     pub candidate: Option<f64>,
 }
 
+impl Debit {
+    /// Whether an allowed debit leaves a request record (for retries, refunds and settles).
+    /// A request id the daemon generated cannot be retried by a client, so its record matters
+    /// only for a refund or a settle under the returned id: without
+    /// [`crate::budget::BudgetPolicy::remember_generated_ids`] it is written for reservations only, which
+    /// saves one write (and a key that lives `idempotency_ttl`) per decision.
+    pub fn remembered(&self, policy: &crate::budget::BudgetPolicy) -> bool {
+        !self.request_id.is_generated() || self.terms.reserve || policy.remember_generated_ids
+    }
+}
+
 /// What the shadow candidate policy would have decided ([`crate::shadow`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CandidateOutcome {

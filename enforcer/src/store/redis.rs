@@ -11,7 +11,10 @@
 //!   every call queued since its last turn and writes them to Redis as one pipeline (one `write`
 //!   for many decisions, and one `read` on the Redis side), on multiplexed connections that
 //!   reconnect by themselves. Nothing waits to fill a batch: under light load a batch is one
-//!   call.
+//!   call. Debits queued together are **coalesced**: up to 32 become one call of
+//!   `lua/debit.lua` in its batch mode, which decides them one after the other in one script
+//!   run (Redis pays its per-call work once, not per debit; each debit keeps its own answer,
+//!   and its own error). A cluster never coalesces: one call may touch one slot only.
 //! - **Redis Cluster** (`store.redis_cluster`): redis-rs's async cluster client routes each
 //!   script call by its keys' hash-tag slot (all of one API key's keys share the tag
 //!   `{<sha256>}`, so one call never spans slots), follows `MOVED`/`ASK` and refreshes the
@@ -60,6 +63,9 @@ const LIVE_NODES: &str = "ptb:{nodes}:live";
 
 /// Most script calls written as one pipeline.
 const MAX_BATCH: usize = 256;
+/// Most debits one batch-mode call of `lua/debit.lua` decides: Redis runs nothing else for
+/// the call's length (~32 × 10 µs), and the call's arguments are held in memory at once.
+const MAX_COALESCED: usize = 32;
 /// Calls queued for the batching task before callers wait (bounds memory under overload).
 const QUEUE: usize = 8192;
 
@@ -93,13 +99,15 @@ struct Pool {
     connect_timeout: Duration,
     connections: Vec<OnceCell<ConnectionManager>>,
     next: AtomicUsize,
-    scripts: [Script; 6],
+    scripts: [Script; SCRIPTS],
     /// `WAIT n timeout` at the end of every pipeline, when `wait_replicas > 0` (it waits for
     /// every write the connection made before it).
     wait: Option<Cmd>,
     wait_replicas: u32,
     /// Pipelines answered with fewer replica acknowledgements than asked.
     short_waits: AtomicU64,
+    /// Debits decided in a batch-mode call of the debit script (with others queued with them).
+    coalesced: AtomicU64,
 }
 
 /// One script call waiting for the batching task.
@@ -123,7 +131,7 @@ enum Backend {
 struct ClusterPool {
     client: ClusterClient,
     conn: OnceCell<ClusterConnection>,
-    scripts: [Script; 6],
+    scripts: [Script; SCRIPTS],
     /// `WAIT n timeout` after each debit, when `wait_replicas > 0`.
     wait: Option<Cmd>,
     wait_replicas: u32,
@@ -301,6 +309,8 @@ const HEARTBEAT: usize = 2;
 const GRANT: usize = 3;
 const INSPECT: usize = 4;
 const SETTLE: usize = 5;
+/// The number of scripts (indices above).
+const SCRIPTS: usize = 6;
 
 impl RedisStore {
     /// A store for `policy` on the Redis at `config.url`, or on the cluster of
@@ -341,6 +351,7 @@ impl RedisStore {
                     wait,
                     wait_replicas: config.wait_replicas,
                     short_waits: AtomicU64::new(0),
+                    coalesced: AtomicU64::new(0),
                 }),
                 queue: OnceLock::new(),
             }
@@ -591,9 +602,27 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         Ok(c) => c,
         Err(e) => return fail_all(batch, e),
     };
+    // Runs of debits become one batch-mode call of the debit script each (one script run
+    // instead of one per debit: the per-call work, most of Redis's, is paid once); everything
+    // else is sent as queued. Order is kept: a run is decided in place, in its order.
     let mut pipe = Pipeline::with_capacity(batch.len() + 1);
-    for call in &batch {
-        pipe.add_command(call.cmd.clone());
+    let mut entries: Vec<(usize, Option<Cmd>)> = Vec::with_capacity(batch.len());
+    let mut i = 0;
+    while i < batch.len() {
+        let mut j = i;
+        while j < batch.len() && batch[j].script == DEBIT && j - i < MAX_COALESCED {
+            j += 1;
+        }
+        if j - i >= 2 {
+            let cmd = coalesce(&batch[i..j]);
+            pipe.add_command(cmd.clone());
+            entries.push((j - i, Some(cmd)));
+            i = j;
+        } else {
+            pipe.add_command(batch[i].cmd.clone());
+            entries.push((1, None));
+            i += 1;
+        }
     }
     // WAIT last: it waits for every write this connection made before it, the whole batch.
     let waits = usize::from(pool.wait.is_some());
@@ -601,10 +630,10 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         pipe.add_command(wait.clone());
     }
     let answers = match conn
-        .req_packed_commands(&pipe, 0, batch.len() + waits)
+        .req_packed_commands(&pipe, 0, entries.len() + waits)
         .await
     {
-        Ok(mut a) if a.len() == batch.len() + waits => {
+        Ok(mut a) if a.len() == entries.len() + waits => {
             if waits == 1
                 && !matches!(a.pop(), Some(Value::Int(n)) if n >= i64::from(pool.wait_replicas))
             {
@@ -613,45 +642,153 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
             a
         }
         Ok(a) => {
-            let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
+            let e = format!(
+                "pipeline of {} calls got {} answers",
+                entries.len(),
+                a.len()
+            );
             return fail_all(batch, StoreError::Protocol(e));
         }
         Err(e) => return fail_all(batch, classify(e)),
     };
-    let mut reloaded = [false; 3];
-    for (call, answer) in batch.into_iter().zip(answers) {
-        let result = match answer {
+    let mut reloaded = [false; SCRIPTS];
+    let mut calls = batch.into_iter();
+    for ((count, coalesced), answer) in entries.into_iter().zip(answers) {
+        let Some(cmd) = coalesced else {
+            let Some(call) = calls.next() else { break };
+            let result = match answer {
+                Value::ServerError(e) => {
+                    let e = RedisError::from(e);
+                    if e.kind() == ErrorKind::NoScriptError {
+                        retry_after_reload(&pool, &mut conn, &call, &mut reloaded).await
+                    } else {
+                        Err(classify(e))
+                    }
+                }
+                v => Ok(v),
+            };
+            let _ = call.reply.send(result);
+            continue;
+        };
+        let run: Vec<Call> = calls.by_ref().take(count).collect();
+        pool.coalesced
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
+        let answer = match answer {
             Value::ServerError(e) => {
                 let e = RedisError::from(e);
                 if e.kind() == ErrorKind::NoScriptError {
-                    retry_after_reload(&pool, &mut conn, &call, &mut reloaded).await
+                    reload_and_retry(&pool, &mut conn, DEBIT, &cmd, &mut reloaded).await
                 } else {
                     Err(classify(e))
                 }
             }
             v => Ok(v),
         };
-        let _ = call.reply.send(result);
+        match answer {
+            Ok(Value::Array(replies)) if replies.len() == run.len() => {
+                for (call, reply) in run.into_iter().zip(replies) {
+                    let _ = call.reply.send(match reply {
+                        Value::ServerError(e) => Err(classify(RedisError::from(e))),
+                        v => Ok(v),
+                    });
+                }
+            }
+            Ok(other) => {
+                let e = format!("a batch of {count} debits was answered {other:?}");
+                fail_all(run, StoreError::Protocol(e));
+            }
+            Err(e) => fail_all(run, e),
+        }
     }
 }
 
-/// Redis lost the script (restart, flush, failover): load it again and retry the call once.
+/// One batch-mode call of the debit script for `calls` (each an `EVALSHA` of it): every
+/// call's keys, then `*`, the count, each call's key and argument counts, and every call's
+/// arguments (`lua/debit.lua`'s batch mode).
+fn coalesce(calls: &[Call]) -> Cmd {
+    let mut sha: &[u8] = &[];
+    let mut keys: Vec<&[u8]> = Vec::with_capacity(calls.len() * 7);
+    let mut args: Vec<&[u8]> = Vec::with_capacity(calls.len() * 24);
+    let mut counts: Vec<usize> = Vec::with_capacity(calls.len() * 2);
+    for call in calls {
+        // EVALSHA <sha> <key count> <keys…> <args…>, as `RedisStore::eval` built it.
+        let mut parts = call.cmd.args_iter().filter_map(|a| match a {
+            redis::Arg::Simple(d) => Some(d),
+            redis::Arg::Cursor => None,
+        });
+        parts.next();
+        sha = parts.next().unwrap_or_default();
+        let nkeys = parts
+            .next()
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        let rest: Vec<&[u8]> = parts.collect();
+        let (k, a) = rest.split_at(nkeys.min(rest.len()));
+        counts.extend([k.len(), a.len()]);
+        keys.extend_from_slice(k);
+        args.extend_from_slice(a);
+    }
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha).arg(keys.len());
+    for k in keys {
+        cmd.arg(k);
+    }
+    cmd.arg("*").arg(calls.len());
+    for n in counts {
+        cmd.arg(n);
+    }
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd
+}
+
+/// Redis lost the script (restart, flush, failover): load it again (once per pipeline) and
+/// send `cmd` again.
+async fn reload_and_retry(
+    pool: &Pool,
+    conn: &mut ConnectionManager,
+    script: usize,
+    cmd: &Cmd,
+    reloaded: &mut [bool; SCRIPTS],
+) -> Result<Value, StoreError> {
+    // A flush between the reload and the retry (another flush, a second failover) loses the
+    // script again: reload it once more, a bounded number of times.
+    for attempt in 0..3 {
+        if !reloaded[script] || attempt > 0 {
+            tracing::warn!("redis lost a script (NOSCRIPT): reloading it");
+            pool.scripts[script]
+                .prepare_invoke()
+                .load_async(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            reloaded[script] = true;
+        }
+        // Raw: a batch-mode answer holds each debit's error in place (`query_async` would
+        // make one debit's error the whole answer's).
+        match conn.req_packed_command(cmd).await.map_err(classify)? {
+            Value::ServerError(e) => {
+                let e = RedisError::from(e);
+                if e.kind() != ErrorKind::NoScriptError {
+                    return Err(classify(e));
+                }
+            }
+            v => return Ok(v),
+        }
+    }
+    Err(StoreError::Unavailable(
+        "redis lost the script again after three reloads (NOSCRIPT)".into(),
+    ))
+}
+
+/// Redis lost the script of `call`: load it again and retry the call.
 async fn retry_after_reload(
     pool: &Pool,
     conn: &mut ConnectionManager,
     call: &Call,
-    reloaded: &mut [bool; 3],
+    reloaded: &mut [bool; SCRIPTS],
 ) -> Result<Value, StoreError> {
-    if !reloaded[call.script] {
-        tracing::warn!("redis lost a script (NOSCRIPT): reloading it");
-        pool.scripts[call.script]
-            .prepare_invoke()
-            .load_async(conn)
-            .await
-            .map_err(unavailable)?;
-        reloaded[call.script] = true;
-    }
-    call.cmd.query_async::<Value>(conn).await.map_err(classify)
+    reload_and_retry(pool, conn, call.script, &call.cmd, reloaded).await
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -858,7 +995,11 @@ impl TokenStore for RedisStore {
             .map_or_else(|| "-".to_owned(), |m| m.to_string());
         let mut args: Vec<&str> = Vec::with_capacity(5 + tail.len());
         args.push(&cost);
-        args.push(if d.terms.reserve {
+        // A record ttl of 0: no request record is read or written (a generated id that is not
+        // remembered, `Debit::remembered`).
+        args.push(if !d.remembered(&policy.policy) {
+            "0"
+        } else if d.terms.reserve {
             &policy.settle_ttl_ms
         } else {
             &policy.record_ttl_ms
@@ -1230,8 +1371,12 @@ impl TokenStore for RedisStore {
     }
 
     async fn describe(&self) -> Option<serde_json::Value> {
-        let (short_waits, cluster) = match &self.backend {
-            Backend::Single { pool, .. } => (pool.short_waits.load(Ordering::Relaxed), None),
+        let (short_waits, cluster, coalesced) = match &self.backend {
+            Backend::Single { pool, .. } => (
+                pool.short_waits.load(Ordering::Relaxed),
+                None,
+                pool.coalesced.load(Ordering::Relaxed),
+            ),
             Backend::Cluster(pool) => {
                 let ask = |what: &'static str| async move {
                     let mut conn = pool.connection().await.ok()?;
@@ -1254,12 +1399,13 @@ impl TokenStore for RedisStore {
                     }
                     (None, _) => serde_json::json!({"state": "unreachable"}),
                 };
-                (pool.short_waits.load(Ordering::Relaxed), Some(state))
+                (pool.short_waits.load(Ordering::Relaxed), Some(state), 0)
             }
         };
         Some(serde_json::json!({
             "cluster": cluster,
             "short_waits": short_waits,
+            "coalesced_debits": coalesced,
         }))
     }
 }
