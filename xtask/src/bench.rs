@@ -160,24 +160,31 @@ refill_per_sec = 1e9
         &group_config,
         std::fs::read_to_string(&config)? + "[ledger]\njournal = false\n",
     )?;
-    // Requests without a request id, not remembered (`store.remember_generated_ids = false`):
-    // no request record read or written.
-    let unremembered_config = dir.path().join("bench-unremembered.toml");
-    std::fs::write(
-        &unremembered_config,
-        std::fs::read_to_string(&config)?.replace(
-            "timeout_ms = 1000\n",
-            "timeout_ms = 1000\nremember_generated_ids = false\n",
-        ),
-    )?;
+    // Variants of the production default (every core, journal on): one script call per
+    // debit (`coalesce_max_debits = 1`, as before coalescing), and requests without a request
+    // id not remembered (`remember_generated_ids = false`: no request record read or written).
+    let variant = |name: &str, line: &str| -> Result<std::path::PathBuf> {
+        let path = dir.path().join(format!("bench-{name}.toml"));
+        std::fs::write(
+            &path,
+            std::fs::read_to_string(&config)?.replace(
+                "timeout_ms = 1000\n",
+                &format!("timeout_ms = 1000\n{line}\n"),
+            ),
+        )?;
+        Ok(path)
+    };
+    let one_call_config = variant("one-call", "coalesce_max_debits = 1")?;
+    let unremembered_config = variant("unremembered", "remember_generated_ids = false")?;
     let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut grpc_rows = Vec::new();
-    for (workers, journal, remember) in [
-        (1, true, true),
-        (1, false, true),
-        (cores, false, true),
-        (cores, true, true),
-        (cores, true, false),
+    for (workers, journal, variant) in [
+        (1, true, ""),
+        (1, false, ""),
+        (cores, false, ""),
+        (cores, true, ""),
+        (cores, true, "one call per debit"),
+        (cores, true, "ids not kept"),
     ] {
         let daemon = Daemon(
             Command::new("target/release/enforcer")
@@ -186,8 +193,10 @@ refill_per_sec = 1e9
                 .arg("--grpc-listen")
                 .arg(grpc_addr.to_string())
                 .arg("--config")
-                .arg(if !remember {
+                .arg(if variant == "ids not kept" {
                     &unremembered_config
+                } else if variant == "one call per debit" {
+                    &one_call_config
                 } else if journal {
                     &config
                 } else {
@@ -195,11 +204,10 @@ refill_per_sec = 1e9
                 })
                 .args(["--workers", &workers.to_string()])
                 .arg("--ledger-file")
-                .arg(
-                    ledger_dir
-                        .path()
-                        .join(format!("ledger-{workers}-{journal}-{remember}.jsonl")),
-                )
+                .arg(ledger_dir.path().join(format!(
+                    "ledger-{workers}-{journal}-{}.jsonl",
+                    variant.len()
+                )))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
@@ -230,7 +238,7 @@ refill_per_sec = 1e9
         )?;
         // The same daemon through Envoy's API (the production default: every core, journal
         // on), right after its HTTP runs: the two are compared within one daemon's life.
-        if workers == cores && journal && remember {
+        if workers == cores && journal && variant.is_empty() {
             let descriptor = |i: usize| {
                 vec![
                     (
@@ -250,7 +258,7 @@ refill_per_sec = 1e9
             grpc_rows.push((workers, report, redis_used, daemon_used));
         }
         drop(daemon);
-        rows.push((workers, journal, remember, full, full_cpu, daemon_cpu, half));
+        rows.push((workers, journal, variant, full, full_cpu, daemon_cpu, half));
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
@@ -274,11 +282,11 @@ refill_per_sec = 1e9
             c.redis_us
         );
     }
-    for (workers, journal, remember, full, full_cpu, daemon_cpu, half) in &rows {
-        let journal = match (journal, remember) {
-            (true, true) => "journal",
-            (false, _) => "no journal",
-            (true, false) => "journal, ids not kept",
+    for (workers, journal, variant, full, full_cpu, daemon_cpu, half) in &rows {
+        let journal = match (journal, variant.is_empty()) {
+            (true, true) => "journal".to_owned(),
+            (false, _) => "no journal".to_owned(),
+            (true, false) => format!("journal, {variant}"),
         };
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
