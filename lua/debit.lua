@@ -94,11 +94,8 @@ local function fail(msg)
   error({err = 'ERR enforcer: ' .. msg})
 end
 
--- The arguments of the debit being decided (batch mode decides several in one call).
-local A
-
 local function number(i, what, min)
-  local v = tonumber(A[i])
+  local v = tonumber(ARGV[i])
   if v == nil or v ~= v or v == math.huge or v == -math.huge then
     fail(what .. ' must be a finite number')
   end
@@ -133,320 +130,289 @@ local function refilled(raw, now, window, initial, max_tokens, idle_cap, rate)
   return balance
 end
 
--- One debit: its keys K and arguments A as the header above describes; returns its reply.
-local function debit(K, args)
-  A = args
-  if #K ~= 6 and #K ~= 7 then fail('expected 6 keys (7 with a candidate)') end
-  local cost = number(1, 'cost', 0)
-  if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
-  local ttl = number(2, 'record ttl', 0)
-  local remember = ttl > 0
-  local fingerprint = A[3]
-  if fingerprint == nil or not string.match(fingerprint, '^%x+$') then
-    fail('fingerprint must be hex digits')
-  end
-  local active_window = number(4, 'active window', 0)
-  local default_tier = A[5]
-  local kind = A[6]
-  if kind ~= 'm' and kind ~= 'o' and kind ~= 'M' and kind ~= 'O' then
-    fail('bucket kind must be m, o, M or O')
-  end
-  local forced = kind == 'M' or kind == 'O'
-  local n = number(7, 'tier count', 1)
-  local units = number(8 + 5 * n, 'units', 0)
-  if units <= 0 then fail('units must be > 0') end
-  local max_cost = A[9 + 5 * n]
-  if max_cost ~= '-' then
-    local m = number(9 + 5 * n, 'max_cost', 0)
-    if m <= 0 then fail('max_cost must be > 0 or -') end
-    max_cost = fmt(m)
-  end
+if #KEYS ~= 6 and #KEYS ~= 7 then fail('expected 6 keys (7 with a candidate)') end
+local cost = number(1, 'cost', 0)
+if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
+local ttl = number(2, 'record ttl', 0)
+local remember = ttl > 0
+local fingerprint = ARGV[3]
+if fingerprint == nil or not string.match(fingerprint, '^%x+$') then
+  fail('fingerprint must be hex digits')
+end
+local active_window = number(4, 'active window', 0)
+local default_tier = ARGV[5]
+local kind = ARGV[6]
+if kind ~= 'm' and kind ~= 'o' and kind ~= 'M' and kind ~= 'O' then
+  fail('bucket kind must be m, o, M or O')
+end
+local forced = kind == 'M' or kind == 'O'
+local n = number(7, 'tier count', 1)
+local units = number(8 + 5 * n, 'units', 0)
+if units <= 0 then fail('units must be > 0') end
+local max_cost = ARGV[9 + 5 * n]
+if max_cost ~= '-' then
+  local m = number(9 + 5 * n, 'max_cost', 0)
+  if m <= 0 then fail('max_cost must be > 0 or -') end
+end
 
-  -- One read for all five keys (six with a candidate; same hash tag, so the same cluster slot),
-  -- the record left out when there is none to read (got[1] false then).
-  local reads = {K[2], K[1], K[5], K[4], K[7]}
-  if remember then table.insert(reads, 1, K[3]) end
-  local got = redis.call('MGET', unpack(reads))
-  if not remember then table.insert(got, 1, false) end
-  local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[5]
-  if kind == 'o' or kind == 'O' then stored_wallet = false end
+-- One read for all five keys (six with a candidate; same hash tag, so the same cluster slot),
+-- the record left out when there is none to read (got[1] false then).
+local reads = {KEYS[2], KEYS[1], KEYS[5], KEYS[4], KEYS[7]}
+if remember then table.insert(reads, 1, KEYS[3]) end
+local got = redis.call('MGET', unpack(reads))
+if not remember then table.insert(got, 1, false) end
+local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[5]
+if kind == 'o' or kind == 'O' then stored_wallet = false end
 
-  if record then
-    local f = {}
-    for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
-    -- Bound to another request (a record without a fingerprint predates them: a retry).
-    if f[9] ~= nil and f[9] ~= fingerprint then
-      return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', '', '', '', ''}
+if record then
+  local f = {}
+  for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
+  -- Bound to another request (a record without a fingerprint predates them: a retry).
+  if f[9] ~= nil and f[9] ~= fingerprint then
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', '', '', '', ''}
+  end
+  -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
+  -- request is charged again, as a new attempt.
+  if f[8] ~= '1' then
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', '', '', '', ''}
+  end
+end
+
+local tier, fallback
+for i = 0, n - 1 do
+  local base = 8 + 5 * i
+  local name = ARGV[base]
+  if name == nil then fail('missing tier parameters') end
+  if name == assigned then tier = base end
+  if name == default_tier then fallback = base end
+end
+tier = tier or fallback
+if tier == nil then
+  return {'unknown_key', 0, '0', -1, '', ARGV[1], 0, '', '', '', '', '', ''}
+end
+local tier_name = ARGV[tier]
+local max_tokens = number(tier + 1, 'max_tokens', 0)
+local rate = number(tier + 2, 'refill_per_sec', 0)
+local idle_cap = number(tier + 3, 'idle_cap', 0)
+local initial = number(tier + 4, 'initial_tokens', 0)
+
+-- Server time, never the caller's clock (skewed nodes would double-spend).
+local t = redis.call('TIME')
+-- Written as text without string.format (the costliest step of a short script), and read
+-- back, so that the number and the text stored and answered are the same value.
+local now_s = t[1] .. '.' .. string.sub('00000' .. t[2], -6)
+local now = tonumber(now_s)
+
+local balance = refilled(bucket, now, active_window, initial, max_tokens, idle_cap, rate)
+
+-- >>> WALLET: expired grants dropped (reported), the rest held in spend order.
+local grants, held, moves = {}, 0, {}
+if stored_wallet then
+  for line in string.gmatch(stored_wallet, '[^\n]+') do
+    local p, e, g, l, id = string.match(line, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+    local left = tonumber(l)
+    if left == nil then fail('unreadable wallet line') end
+    if e ~= '-' and tonumber(e) <= now then
+      if left > 0 then moves[#moves + 1] = 'x ' .. l .. ' ' .. id end
+    else
+      grants[#grants + 1] = {p, e, g, left, id}
+      held = held + left
     end
-    -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
-    -- request is charged again, as a new attempt.
-    if f[8] ~= '1' then
-      return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', '', '', '', ''}
-    end
   end
+end
+-- <<< WALLET
 
-  local tier, fallback
-  for i = 0, n - 1 do
-    local base = 8 + 5 * i
-    local name = A[base]
-    if name == nil then fail('missing tier parameters') end
-    if name == assigned then tier = base end
-    if name == default_tier then fallback = base end
-  end
-  tier = tier or fallback
-  if tier == nil then
-    return {'unknown_key', 0, '0', -1, '', fmt(cost), 0, '', '', '', '', '', ''}
-  end
-  local tier_name = A[tier]
-  local max_tokens = number(tier + 1, 'max_tokens', 0)
-  local rate = number(tier + 2, 'refill_per_sec', 0)
-  local idle_cap = number(tier + 3, 'idle_cap', 0)
-  local initial = number(tier + 4, 'initial_tokens', 0)
+local bucket_ok = balance + held >= cost or forced
 
-  -- Server time, never the caller's clock (skewed nodes would double-spend).
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-
-  local balance = refilled(bucket, now, active_window, initial, max_tokens, idle_cap, rate)
-
-  -- >>> WALLET: expired grants dropped (reported), the rest held in spend order.
-  local grants, held, moves = {}, 0, {}
-  if stored_wallet then
-    for line in string.gmatch(stored_wallet, '[^\n]+') do
-      local p, e, g, l, id = string.match(line, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
-      local left = tonumber(l)
-      if left == nil then fail('unreadable wallet line') end
-      if e ~= '-' and tonumber(e) <= now then
-        if left > 0 then moves[#moves + 1] = 'x ' .. l .. ' ' .. id end
-      else
-        grants[#grants + 1] = {p, e, g, left, id}
-        held = held + left
+-- >>> QUOTA: calendar quota of the tier (enforcer/src/quota.rs `decide` is the same rule).
+-- Decided before anything is written, so a bad period argument writes nothing.
+local quota_ok, q_amount, q_start, q_end, q_used = true, nil, nil, nil, nil
+if kind == 'm' or kind == 'M' then
+  local qbase = 10 + 5 * n
+  local m = number(qbase, 'quota tier count', 0)
+  for j = 0, m - 1 do
+    local b = qbase + 1 + 6 * j
+    if ARGV[b] == nil then fail('missing quota parameters') end
+    if ARGV[b] == tier_name then
+      q_amount = number(b + 1, 'quota amount', 0)
+      for i = 0, 2 do
+        local lo, hi = number(b + 2 + i, 'quota boundary', 0), number(b + 3 + i, 'quota boundary', 0)
+        if lo <= now and now < hi then q_start, q_end = lo, hi end
       end
+      if q_start == nil then
+        fail('Redis TIME ' .. now_s .. ' is outside the quota periods passed (' .. ARGV[b + 2] ..
+          ' .. ' .. ARGV[b + 5] .. '): daemon and Redis clocks disagree by more than a period')
+      end
+      q_used = 0
+      local stored = got[4]
+      if stored then
+        local s, u = string.match(stored, '^(%S+) (%S+)$')
+        if tonumber(s) == q_start and tonumber(u) ~= nil then q_used = tonumber(u) end
+      end
+      quota_ok = forced or q_used + cost <= q_amount
+    end
+  end
+end
+-- <<< QUOTA
+
+-- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
+local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
+local lbase = 11 + 5 * n + 6 * number(10 + 5 * n, 'quota tier count', 0)
+if (kind == 'm' or kind == 'M') and ARGV[lbase] ~= '-' then
+  l_max = number(lbase, 'key limit max_tokens', 0)
+  l_rate = number(lbase + 1, 'key limit refill_per_sec', 0)
+  if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
+  l_balance = l_max
+  local stored = redis.call('GET', KEYS[6])
+  if stored then
+    local b, u = string.match(stored, '^(%S+) (%S+)$')
+    if tonumber(b) ~= nil and tonumber(u) ~= nil then
+      l_balance = math.min(l_max, tonumber(b) + math.max(0, now - tonumber(u)) * l_rate)
+    end
+  end
+  limit_ok = forced or l_balance >= cost
+end
+-- <<< KEY LIMIT
+
+-- >>> CANDIDATE: its arguments, checked before anything is written.
+local c_cost, c_max, c_rate, c_idle, c_initial
+if #KEYS == 7 then
+  if kind ~= 'm' then fail('a candidate is evaluated for unforced main-bucket debits only') end
+  local cbase = lbase + 2
+  c_cost = number(cbase, 'candidate cost', 0)
+  if c_cost <= 0 or c_cost > 1e15 then fail('candidate cost must be > 0 and <= 1e15') end
+  local ci = cbase + 1 + 4 * ((tier - 8) / 5)
+  c_max = number(ci, 'candidate max_tokens', 0)
+  c_rate = number(ci + 1, 'candidate refill_per_sec', 0)
+  c_idle = number(ci + 2, 'candidate idle_cap', 0)
+  c_initial = number(ci + 3, 'candidate initial_tokens', 0)
+end
+-- <<< CANDIDATE
+
+local allowed = 0
+local retry = -1
+local denied_by = ''
+if bucket_ok and quota_ok and limit_ok then
+  -- >>> WALLET: grants first, in spend order; the rest from the bucket.
+  local rest = cost
+  for _, gr in ipairs(grants) do
+    if rest <= 0 then break end
+    local take = math.min(gr[4], rest)
+    if take > 0 then
+      gr[4] = gr[4] - take
+      rest = rest - take
+      held = held - take
+      moves[#moves + 1] = 's ' .. fmt(take) .. ' ' .. gr[5]
     end
   end
   -- <<< WALLET
-
-  local bucket_ok = balance + held >= cost or forced
-
-  -- >>> QUOTA: calendar quota of the tier (enforcer/src/quota.rs `decide` is the same rule).
-  -- Decided before anything is written, so a bad period argument writes nothing.
-  local quota_ok, q_amount, q_start, q_end, q_used = true, nil, nil, nil, nil
-  if kind == 'm' or kind == 'M' then
-    local qbase = 10 + 5 * n
-    local m = number(qbase, 'quota tier count', 0)
-    for j = 0, m - 1 do
-      local b = qbase + 1 + 6 * j
-      if A[b] == nil then fail('missing quota parameters') end
-      if A[b] == tier_name then
-        q_amount = number(b + 1, 'quota amount', 0)
-        for i = 0, 2 do
-          local lo, hi = number(b + 2 + i, 'quota boundary', 0), number(b + 3 + i, 'quota boundary', 0)
-          if lo <= now and now < hi then q_start, q_end = lo, hi end
-        end
-        if q_start == nil then
-          fail('Redis TIME ' .. fmt(now) .. ' is outside the quota periods passed (' .. A[b + 2] ..
-            ' .. ' .. A[b + 5] .. '): daemon and Redis clocks disagree by more than a period')
-        end
-        q_used = 0
-        local stored = got[4]
-        if stored then
-          local s, u = string.match(stored, '^(%S+) (%S+)$')
-          if tonumber(s) == q_start and tonumber(u) ~= nil then q_used = tonumber(u) end
-        end
-        quota_ok = forced or q_used + cost <= q_amount
-      end
+  balance = balance - rest
+  allowed = 1
+  retry = 0
+  -- >>> QUOTA: charged with the bucket; kept until its period is over.
+  if q_start ~= nil then
+    q_used = q_used + cost
+    redis.call('SET', KEYS[5], fmt(q_start) .. ' ' .. fmt(q_used),
+      'PX', math.max(1, math.ceil((q_end - now) * 1000)))
+  end
+  -- <<< QUOTA
+  -- >>> KEY LIMIT: charged with the budget; forgotten once it has refilled.
+  if l_balance ~= nil then
+    l_balance = l_balance - cost
+    redis.call('SET', KEYS[6], fmt(l_balance) .. ' ' .. now_s,
+      'PX', math.ceil((l_max - l_balance) / l_rate * 1000) + 1000)
+  end
+  -- <<< KEY LIMIT
+elseif bucket_ok and quota_ok then
+  -- >>> KEY LIMIT: only the member's own limit refuses; it refills at its own rate.
+  denied_by = 'key_limit'
+  if cost <= l_max then retry = math.ceil((cost - l_balance) / l_rate * 1000) end
+  -- <<< KEY LIMIT
+else
+  if not bucket_ok and rate > 0 and cost - held <= max_tokens then
+    retry = math.ceil((cost - held - balance) / rate * 1000)
+  end
+  if bucket_ok then denied_by = 'quota' elseif quota_ok then denied_by = 'bucket' else denied_by = 'both' end
+  -- >>> QUOTA: the reset; never (-1) for a cost above the allowance, or when the bucket never
+  -- will. Both refusing: the later of the two.
+  if not quota_ok then
+    local at_reset = -1
+    if cost <= q_amount then at_reset = math.ceil((q_end - now) * 1000) end
+    if bucket_ok then
+      retry = at_reset
+    elseif retry >= 0 and at_reset >= 0 then
+      retry = math.max(retry, at_reset)
+    else
+      retry = -1
     end
   end
   -- <<< QUOTA
-
-  -- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
-  local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
-  local lbase = 11 + 5 * n + 6 * number(10 + 5 * n, 'quota tier count', 0)
-  if (kind == 'm' or kind == 'M') and A[lbase] ~= '-' then
-    l_max = number(lbase, 'key limit max_tokens', 0)
-    l_rate = number(lbase + 1, 'key limit refill_per_sec', 0)
-    if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
-    l_balance = l_max
-    local stored = redis.call('GET', K[6])
-    if stored then
-      local b, u = string.match(stored, '^(%S+) (%S+)$')
-      if tonumber(b) ~= nil and tonumber(u) ~= nil then
-        l_balance = math.min(l_max, tonumber(b) + math.max(0, now - tonumber(u)) * l_rate)
-      end
-    end
-    limit_ok = forced or l_balance >= cost
-  end
-  -- <<< KEY LIMIT
-
-  -- >>> CANDIDATE: its arguments, checked before anything is written.
-  local c_cost, c_max, c_rate, c_idle, c_initial
-  if #K == 7 then
-    if kind ~= 'm' then fail('a candidate is evaluated for unforced main-bucket debits only') end
-    local cbase = lbase + 2
-    c_cost = number(cbase, 'candidate cost', 0)
-    if c_cost <= 0 or c_cost > 1e15 then fail('candidate cost must be > 0 and <= 1e15') end
-    local ci = cbase + 1 + 4 * ((tier - 8) / 5)
-    c_max = number(ci, 'candidate max_tokens', 0)
-    c_rate = number(ci + 1, 'candidate refill_per_sec', 0)
-    c_idle = number(ci + 2, 'candidate idle_cap', 0)
-    c_initial = number(ci + 3, 'candidate initial_tokens', 0)
-  end
-  -- <<< CANDIDATE
-
-  local allowed = 0
-  local retry = -1
-  local denied_by = ''
-  if bucket_ok and quota_ok and limit_ok then
-    -- >>> WALLET: grants first, in spend order; the rest from the bucket.
-    local rest = cost
-    for _, gr in ipairs(grants) do
-      if rest <= 0 then break end
-      local take = math.min(gr[4], rest)
-      if take > 0 then
-        gr[4] = gr[4] - take
-        rest = rest - take
-        held = held - take
-        moves[#moves + 1] = 's ' .. fmt(take) .. ' ' .. gr[5]
-      end
-    end
-    -- <<< WALLET
-    balance = balance - rest
-    allowed = 1
-    retry = 0
-    -- >>> QUOTA: charged with the bucket; kept until its period is over.
-    if q_start ~= nil then
-      q_used = q_used + cost
-      redis.call('SET', K[5], fmt(q_start) .. ' ' .. fmt(q_used),
-        'PX', math.max(1, math.ceil((q_end - now) * 1000)))
-    end
-    -- <<< QUOTA
-    -- >>> KEY LIMIT: charged with the budget; forgotten once it has refilled.
-    if l_balance ~= nil then
-      l_balance = l_balance - cost
-      redis.call('SET', K[6], fmt(l_balance) .. ' ' .. fmt(now),
-        'PX', math.ceil((l_max - l_balance) / l_rate * 1000) + 1000)
-    end
-    -- <<< KEY LIMIT
-  elseif bucket_ok and quota_ok then
-    -- >>> KEY LIMIT: only the member's own limit refuses; it refills at its own rate.
-    denied_by = 'key_limit'
-    if cost <= l_max then retry = math.ceil((cost - l_balance) / l_rate * 1000) end
-    -- <<< KEY LIMIT
-  else
-    if not bucket_ok and rate > 0 and cost - held <= max_tokens then
-      retry = math.ceil((cost - held - balance) / rate * 1000)
-    end
-    if bucket_ok then denied_by = 'quota' elseif quota_ok then denied_by = 'bucket' else denied_by = 'both' end
-    -- >>> QUOTA: the reset; never (-1) for a cost above the allowance, or when the bucket never
-    -- will. Both refusing: the later of the two.
-    if not quota_ok then
-      local at_reset = -1
-      if cost <= q_amount then at_reset = math.ceil((q_end - now) * 1000) end
-      if bucket_ok then
-        retry = at_reset
-      elseif retry >= 0 and at_reset >= 0 then
-        retry = math.max(retry, at_reset)
-      else
-        retry = -1
-      end
-    end
-    -- <<< QUOTA
-  end
-
-  -- >>> WALLET: written back only when a grant was spent or found expired.
-  if stored_wallet and #moves > 0 then
-    local lines = {}
-    for _, gr in ipairs(grants) do
-      if gr[4] > 0 then
-        lines[#lines + 1] = gr[1] .. ' ' .. gr[2] .. ' ' .. gr[3] .. ' ' .. fmt(gr[4]) .. ' ' .. gr[5]
-      end
-    end
-    if #lines > 0 then
-      redis.call('SET', K[4], table.concat(lines, '\n'))
-    else
-      redis.call('DEL', K[4])
-    end
-  end
-  -- <<< WALLET
-
-  local bucket_left = fmt(balance)
-  local remaining = fmt(balance + held)
-  -- A balance above what refill reaches (an operator's grant) is kept: forgetting restarts at
-  -- initial_tokens and would take the granted credits away.
-  if rate > 0 and balance <= max_tokens * idle_cap then
-    -- Forgotten once refill alone would have brought it to the idle ceiling (from below zero,
-    -- after a forced debit, that takes longer: forgetting earlier would forgive the debt).
-    redis.call('SET', K[1], bucket_left .. ' ' .. fmt(now),
-      'PX', math.ceil((active_window + (max_tokens - math.min(0, balance)) / rate) * 1000))
-  else
-    redis.call('SET', K[1], bucket_left .. ' ' .. fmt(now))
-  end
-  if allowed == 1 and remember then
-    -- kind|allowed|remaining|quota start|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
-    -- (lua/settle.lua appends what a settle did, and sets cost to the true cost; field 4 was the
-    -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
-    redis.call('SET', K[3],
-      table.concat({kind, '1', remaining, q_start and fmt(q_start) or '0', tier_name, fmt(cost),
-        fmt(max_tokens), '0', fingerprint, fmt(units), max_cost}, '|'),
-      'PX', ttl)
-  end
-  local grant_moves = table.concat(moves, '\n')
-  local reply
-  if q_start ~= nil then
-    reply = {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by,
-      fmt(q_used), fmt(q_amount), fmt(q_end), grant_moves}
-  else
-    reply = {'ok', allowed, remaining, retry, tier_name, fmt(cost), 0, fmt(now), denied_by, '', '',
-      '', grant_moves}
-  end
-
-  -- >>> CANDIDATE: the same rule as the main bucket above (enforcer/src/debit.rs `settle`).
-  if c_cost ~= nil then
-    local c_balance = refilled(got[6], now, active_window, c_initial, c_max, c_idle, c_rate)
-    local c_allowed = '0'
-    if c_balance >= c_cost then
-      c_balance = c_balance - c_cost
-      c_allowed = '1'
-    end
-    if c_rate > 0 and c_balance <= c_max * c_idle then
-      redis.call('SET', K[7], fmt(c_balance) .. ' ' .. fmt(now),
-        'PX', math.ceil((active_window + (c_max - math.min(0, c_balance)) / c_rate) * 1000))
-    else
-      redis.call('SET', K[7], fmt(c_balance) .. ' ' .. fmt(now))
-    end
-    reply[14] = c_allowed
-    reply[15] = fmt(c_balance)
-  end
-  -- <<< CANDIDATE
-  return reply
 end
 
--- Batch mode: enforcer/src/store/redis.rs coalesces debits queued together into one call.
--- ARGV[1] "*", ARGV[2] the count c, then each debit's key count and argument count (2c
--- numbers), then every debit's ARGV in order; KEYS holds every debit's keys in order. The
--- debits are decided one after the other, as the same calls pipelined would be. Returns one
--- reply per debit: its reply, or its error (a bad debit is refused alone, the others stand).
-if ARGV[1] == '*' then
-  local c = tonumber(ARGV[2])
-  if c == nil or c < 1 or #ARGV < 2 + 2 * c then fail('bad batch header') end
-  local replies = {}
-  local k, a = 0, 2 + 2 * c
-  for i = 1, c do
-    local nk, na = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
-    if nk == nil or na == nil or k + nk > #KEYS or a + na > #ARGV then fail('bad batch header') end
-    local keys, args = {}, {}
-    for j = 1, nk do keys[j] = KEYS[k + j] end
-    for j = 1, na do args[j] = ARGV[a + j] end
-    k, a = k + nk, a + na
-    local ok, reply = pcall(debit, keys, args)
-    if ok then
-      replies[i] = reply
-    elseif type(reply) == 'table' and reply.err then
-      replies[i] = reply
-    else
-      replies[i] = {err = 'ERR enforcer: ' .. tostring(reply)}
+-- >>> WALLET: written back only when a grant was spent or found expired.
+if stored_wallet and #moves > 0 then
+  local lines = {}
+  for _, gr in ipairs(grants) do
+    if gr[4] > 0 then
+      lines[#lines + 1] = gr[1] .. ' ' .. gr[2] .. ' ' .. gr[3] .. ' ' .. fmt(gr[4]) .. ' ' .. gr[5]
     end
   end
-  return replies
+  if #lines > 0 then
+    redis.call('SET', KEYS[4], table.concat(lines, '\n'))
+  else
+    redis.call('DEL', KEYS[4])
+  end
 end
-return debit(KEYS, ARGV)
+-- <<< WALLET
+
+local bucket_left = fmt(balance)
+local remaining = bucket_left
+if held ~= 0 then remaining = fmt(balance + held) end
+-- A balance above what refill reaches (an operator's grant) is kept: forgetting restarts at
+-- initial_tokens and would take the granted credits away.
+if rate > 0 and balance <= max_tokens * idle_cap then
+  -- Forgotten once refill alone would have brought it to the idle ceiling (from below zero,
+  -- after a forced debit, that takes longer: forgetting earlier would forgive the debt).
+  redis.call('SET', KEYS[1], bucket_left .. ' ' .. now_s,
+    'PX', math.ceil((active_window + (max_tokens - math.min(0, balance)) / rate) * 1000))
+else
+  redis.call('SET', KEYS[1], bucket_left .. ' ' .. now_s)
+end
+if allowed == 1 and remember then
+  -- kind|allowed|remaining|quota start|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
+  -- (lua/settle.lua appends what a settle did, and sets cost to the true cost; field 4 was the
+  -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
+  redis.call('SET', KEYS[3],
+    table.concat({kind, '1', remaining, q_start and fmt(q_start) or '0', tier_name, ARGV[1],
+      ARGV[tier + 1], '0', fingerprint, ARGV[8 + 5 * n], max_cost}, '|'),
+    'PX', ttl)
+end
+local grant_moves = table.concat(moves, '\n')
+local reply
+if q_start ~= nil then
+  reply = {'ok', allowed, remaining, retry, tier_name, ARGV[1], 0, now_s, denied_by,
+    fmt(q_used), fmt(q_amount), fmt(q_end), grant_moves}
+else
+  reply = {'ok', allowed, remaining, retry, tier_name, ARGV[1], 0, now_s, denied_by, '', '',
+    '', grant_moves}
+end
+
+-- >>> CANDIDATE: the same rule as the main bucket above (enforcer/src/debit.rs `settle`).
+if c_cost ~= nil then
+  local c_balance = refilled(got[6], now, active_window, c_initial, c_max, c_idle, c_rate)
+  local c_allowed = '0'
+  if c_balance >= c_cost then
+    c_balance = c_balance - c_cost
+    c_allowed = '1'
+  end
+  if c_rate > 0 and c_balance <= c_max * c_idle then
+    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. now_s,
+      'PX', math.ceil((active_window + (c_max - math.min(0, c_balance)) / c_rate) * 1000))
+  else
+    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. now_s)
+  end
+  reply[14] = c_allowed
+  reply[15] = fmt(c_balance)
+end
+-- <<< CANDIDATE
+return reply

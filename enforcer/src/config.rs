@@ -290,9 +290,6 @@ pub struct StoreConfig {
     pub redis_cluster: Vec<String>,
     /// Replicas that must acknowledge each debit before it is answered (`WAIT`); 0: none.
     pub wait_replicas: u32,
-    /// Most debits decided in one call of the debit script (one Redis): debits queued together
-    /// are coalesced; 1: one call per debit.
-    pub coalesce_max_debits: usize,
     /// Multiplexed Redis connections.
     pub connections: usize,
     /// Bound on each store call, milliseconds.
@@ -961,7 +958,6 @@ impl Default for StoreConfig {
             redis_url: String::new(),
             redis_cluster: Vec::new(),
             wait_replicas: 0,
-            coalesce_max_debits: 32,
             connections: 2,
             timeout_ms: 50,
             connect_timeout_ms: 1000,
@@ -1233,12 +1229,6 @@ impl Config {
                     "must be a redis:// or rediss:// URL of a cluster node",
                 );
             }
-        }
-        if !(1..=256).contains(&self.store.coalesce_max_debits) {
-            err(
-                "store.coalesce_max_debits".into(),
-                "must be between 1 and 256",
-            );
         }
         if self.store.wait_replicas > 16 {
             err("store.wait_replicas".into(), "must be between 0 and 16");

@@ -11,10 +11,9 @@
 //!   every call queued since its last turn and writes them to Redis as one pipeline (one `write`
 //!   for many decisions, and one `read` on the Redis side), on multiplexed connections that
 //!   reconnect by themselves. Nothing waits to fill a batch: under light load a batch is one
-//!   call. Debits queued together are **coalesced**: up to 32 become one call of
-//!   `lua/debit.lua` in its batch mode, which decides them one after the other in one script
-//!   run (Redis pays its per-call work once, not per debit; each debit keeps its own answer,
-//!   and its own error). A cluster never coalesces: one call may touch one slot only.
+//!   call. (Coalescing queued debits into one script call that decides them all was measured
+//!   and not kept: the per-call work it saves is smaller than the per-debit work it adds,
+//!   docs/benchmarks.md.)
 //! - **Redis Cluster** (`store.redis_cluster`): redis-rs's async cluster client routes each
 //!   script call by its keys' hash-tag slot (all of one API key's keys share the tag
 //!   `{<sha256>}`, so one call never spans slots), follows `MOVED`/`ASK` and refreshes the
@@ -67,7 +66,7 @@ const MAX_BATCH: usize = 256;
 const QUEUE: usize = 8192;
 
 /// Connection settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisStoreConfig {
     /// `redis://host:port/db` (or `rediss://`, `redis+unix://`) of a single Redis; ignored when
     /// `cluster` is set.
@@ -83,23 +82,6 @@ pub struct RedisStoreConfig {
     pub response_timeout: Duration,
     /// Replicas that must acknowledge a debit before it is answered (`WAIT`); 0: none.
     pub wait_replicas: u32,
-    /// Most debits coalesced into one batch-mode call (one Redis); 0 or 1: none.
-    pub coalesce_max_debits: usize,
-}
-
-impl Default for RedisStoreConfig {
-    /// No address, 1 connection, 1 s timeouts, no `WAIT`, 32 debits coalesced at most.
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            cluster: Vec::new(),
-            connections: 1,
-            connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(1),
-            wait_replicas: 0,
-            coalesce_max_debits: 32,
-        }
-    }
 }
 
 /// Slot groups of a cluster: each has its own circuit breaker, so a primary that is down opens
@@ -120,11 +102,6 @@ struct Pool {
     wait_replicas: u32,
     /// Pipelines answered with fewer replica acknowledgements than asked.
     short_waits: AtomicU64,
-    /// Debits decided in a batch-mode call of the debit script (with others queued with them).
-    coalesced: AtomicU64,
-    /// Most debits in one batch-mode call (`store.coalesce_max_debits`): Redis runs nothing
-    /// else for the call's length (~32 × 10 µs at the default).
-    max_coalesced: usize,
 }
 
 /// One script call waiting for the batching task.
@@ -368,8 +345,6 @@ impl RedisStore {
                     wait,
                     wait_replicas: config.wait_replicas,
                     short_waits: AtomicU64::new(0),
-                    coalesced: AtomicU64::new(0),
-                    max_coalesced: config.coalesce_max_debits.max(1),
                 }),
                 queue: OnceLock::new(),
             }
@@ -620,27 +595,9 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         Ok(c) => c,
         Err(e) => return fail_all(batch, e),
     };
-    // Runs of debits become one batch-mode call of the debit script each (one script run
-    // instead of one per debit: the per-call work, most of Redis's, is paid once); everything
-    // else is sent as queued. Order is kept: a run is decided in place, in its order.
     let mut pipe = Pipeline::with_capacity(batch.len() + 1);
-    let mut entries: Vec<(usize, Option<Cmd>)> = Vec::with_capacity(batch.len());
-    let mut i = 0;
-    while i < batch.len() {
-        let mut j = i;
-        while j < batch.len() && batch[j].script == DEBIT && j - i < pool.max_coalesced {
-            j += 1;
-        }
-        if j - i >= 2 {
-            let cmd = coalesce(&batch[i..j]);
-            pipe.add_command(cmd.clone());
-            entries.push((j - i, Some(cmd)));
-            i = j;
-        } else {
-            pipe.add_command(batch[i].cmd.clone());
-            entries.push((1, None));
-            i += 1;
-        }
+    for call in &batch {
+        pipe.add_command(call.cmd.clone());
     }
     // WAIT last: it waits for every write this connection made before it, the whole batch.
     let waits = usize::from(pool.wait.is_some());
@@ -648,10 +605,10 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         pipe.add_command(wait.clone());
     }
     let answers = match conn
-        .req_packed_commands(&pipe, 0, entries.len() + waits)
+        .req_packed_commands(&pipe, 0, batch.len() + waits)
         .await
     {
-        Ok(mut a) if a.len() == entries.len() + waits => {
+        Ok(mut a) if a.len() == batch.len() + waits => {
             if waits == 1
                 && !matches!(a.pop(), Some(Value::Int(n)) if n >= i64::from(pool.wait_replicas))
             {
@@ -660,105 +617,26 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
             a
         }
         Ok(a) => {
-            let e = format!(
-                "pipeline of {} calls got {} answers",
-                entries.len(),
-                a.len()
-            );
+            let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
             return fail_all(batch, StoreError::Protocol(e));
         }
         Err(e) => return fail_all(batch, classify(e)),
     };
     let mut reloaded = [false; SCRIPTS];
-    let mut calls = batch.into_iter();
-    for ((count, coalesced), answer) in entries.into_iter().zip(answers) {
-        let Some(cmd) = coalesced else {
-            let Some(call) = calls.next() else { break };
-            let result = match answer {
-                Value::ServerError(e) => {
-                    let e = RedisError::from(e);
-                    if e.kind() == ErrorKind::NoScriptError {
-                        retry_after_reload(&pool, &mut conn, &call, &mut reloaded).await
-                    } else {
-                        Err(classify(e))
-                    }
-                }
-                v => Ok(v),
-            };
-            let _ = call.reply.send(result);
-            continue;
-        };
-        let run: Vec<Call> = calls.by_ref().take(count).collect();
-        pool.coalesced
-            .fetch_add(run.len() as u64, Ordering::Relaxed);
-        let answer = match answer {
+    for (call, answer) in batch.into_iter().zip(answers) {
+        let result = match answer {
             Value::ServerError(e) => {
                 let e = RedisError::from(e);
                 if e.kind() == ErrorKind::NoScriptError {
-                    reload_and_retry(&pool, &mut conn, DEBIT, &cmd, &mut reloaded).await
+                    retry_after_reload(&pool, &mut conn, &call, &mut reloaded).await
                 } else {
                     Err(classify(e))
                 }
             }
             v => Ok(v),
         };
-        match answer {
-            Ok(Value::Array(replies)) if replies.len() == run.len() => {
-                for (call, reply) in run.into_iter().zip(replies) {
-                    let _ = call.reply.send(match reply {
-                        Value::ServerError(e) => Err(classify(RedisError::from(e))),
-                        v => Ok(v),
-                    });
-                }
-            }
-            Ok(other) => {
-                let e = format!("a batch of {count} debits was answered {other:?}");
-                fail_all(run, StoreError::Protocol(e));
-            }
-            Err(e) => fail_all(run, e),
-        }
+        let _ = call.reply.send(result);
     }
-}
-
-/// One batch-mode call of the debit script for `calls` (each an `EVALSHA` of it): every
-/// call's keys, then `*`, the count, each call's key and argument counts, and every call's
-/// arguments (`lua/debit.lua`'s batch mode).
-fn coalesce(calls: &[Call]) -> Cmd {
-    let mut sha: &[u8] = &[];
-    let mut keys: Vec<&[u8]> = Vec::with_capacity(calls.len() * 7);
-    let mut args: Vec<&[u8]> = Vec::with_capacity(calls.len() * 24);
-    let mut counts: Vec<usize> = Vec::with_capacity(calls.len() * 2);
-    for call in calls {
-        // EVALSHA <sha> <key count> <keys…> <args…>, as `RedisStore::eval` built it.
-        let mut parts = call.cmd.args_iter().filter_map(|a| match a {
-            redis::Arg::Simple(d) => Some(d),
-            redis::Arg::Cursor => None,
-        });
-        parts.next();
-        sha = parts.next().unwrap_or_default();
-        let nkeys = parts
-            .next()
-            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
-            .unwrap_or(0);
-        let rest: Vec<&[u8]> = parts.collect();
-        let (k, a) = rest.split_at(nkeys.min(rest.len()));
-        counts.extend([k.len(), a.len()]);
-        keys.extend_from_slice(k);
-        args.extend_from_slice(a);
-    }
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(keys.len());
-    for k in keys {
-        cmd.arg(k);
-    }
-    cmd.arg("*").arg(calls.len());
-    for n in counts {
-        cmd.arg(n);
-    }
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd
 }
 
 /// Redis lost the script (restart, flush, failover): load it again (once per pipeline) and
@@ -782,8 +660,6 @@ async fn reload_and_retry(
                 .map_err(unavailable)?;
             reloaded[script] = true;
         }
-        // Raw: a batch-mode answer holds each debit's error in place (`query_async` would
-        // make one debit's error the whole answer's).
         match conn.req_packed_command(cmd).await.map_err(classify)? {
             Value::ServerError(e) => {
                 let e = RedisError::from(e);
@@ -1389,12 +1265,8 @@ impl TokenStore for RedisStore {
     }
 
     async fn describe(&self) -> Option<serde_json::Value> {
-        let (short_waits, cluster, coalesced) = match &self.backend {
-            Backend::Single { pool, .. } => (
-                pool.short_waits.load(Ordering::Relaxed),
-                None,
-                pool.coalesced.load(Ordering::Relaxed),
-            ),
+        let (short_waits, cluster) = match &self.backend {
+            Backend::Single { pool, .. } => (pool.short_waits.load(Ordering::Relaxed), None),
             Backend::Cluster(pool) => {
                 let ask = |what: &'static str| async move {
                     let mut conn = pool.connection().await.ok()?;
@@ -1417,13 +1289,12 @@ impl TokenStore for RedisStore {
                     }
                     (None, _) => serde_json::json!({"state": "unreachable"}),
                 };
-                (pool.short_waits.load(Ordering::Relaxed), Some(state), 0)
+                (pool.short_waits.load(Ordering::Relaxed), Some(state))
             }
         };
         Some(serde_json::json!({
             "cluster": cluster,
             "short_waits": short_waits,
-            "coalesced_debits": coalesced,
         }))
     }
 }
