@@ -317,6 +317,9 @@ fn effective(running: &Config, file: &Config) -> Config {
         expiry_grace_ms: file.ledger.expiry_grace_ms,
         expiry_lookback_secs: file.ledger.expiry_lookback_secs,
         expiry_batch: file.ledger.expiry_batch,
+        file_max_bytes: file.ledger.file_max_bytes,
+        file_max_age_secs: file.ledger.file_max_age_secs,
+        file_keep: file.ledger.file_keep,
         ..running.ledger.clone()
     };
     next.envoy = running.envoy.clone();
