@@ -163,20 +163,32 @@ async fn record_cost(data: &[Entry], journal: bool, dir: &std::path::Path) -> (f
         queue_capacity: data.len(),
         ..LedgerConfig::default()
     };
-    record_with(data, &config).await.0
+    record_with(data, &config, false).await.0
 }
 
-/// `record_cost` for `config`; also the rotations it made.
-async fn record_with(data: &[Entry], config: &LedgerConfig) -> ((f64, f64), u64) {
+/// `record_cost` for `config`; also the rotations it made and, with `tail`, the slowest calls
+/// (each timed: a little more work per row).
+async fn record_with(
+    data: &[Entry],
+    config: &LedgerConfig,
+    tail: bool,
+) -> ((f64, f64), u64, Option<Tail>) {
     let metrics = Metrics::new().ledger;
     let (ledger, writer) = enforcer::ledger::start(config, metrics.clone())
         .await
         .expect("writer");
     let rows: Vec<Entry> = data.to_vec();
     let cpu = process_cpu();
+    let mut calls = Vec::with_capacity(if tail { rows.len() } else { 0 });
     let started = Instant::now();
     for e in rows {
-        ledger.record(e);
+        if tail {
+            let t = Instant::now();
+            ledger.record(e);
+            calls.push(t.elapsed());
+        } else {
+            ledger.record(e);
+        }
     }
     let caller = started.elapsed().as_secs_f64();
     writer.shutdown();
@@ -184,10 +196,27 @@ async fn record_with(data: &[Entry], config: &LedgerConfig) -> ((f64, f64), u64)
     assert_eq!(metrics.written.get(), data.len() as u64);
     assert_eq!(metrics.dropped.get(), 0);
     let n = data.len() as f64;
+    let tail = tail.then(|| {
+        calls.sort();
+        let at = |q: f64| calls[((calls.len() as f64 * q) as usize).min(calls.len() - 1)];
+        Tail {
+            p999: at(0.999),
+            max: calls[calls.len() - 1],
+            over_1ms: calls.iter().filter(|d| d.as_millis() >= 1).count(),
+        }
+    });
     (
         (caller / n * 1e6, cpu / n * 1e6),
         metrics.file_rotations.get(),
+        tail,
     )
+}
+
+/// The slowest `record()` calls of a run.
+struct Tail {
+    p999: Duration,
+    max: Duration,
+    over_1ms: usize,
 }
 
 /// The embedded ledger's decision path with rotation off and on (1 MiB files, checked every
@@ -206,15 +235,42 @@ async fn rotation(data: &[Entry]) {
                 file_keep: 10_000,
                 ..LedgerConfig::default()
             };
-            let ((caller, cpu), rotations) = record_with(data, &config).await;
+            let ((caller, cpu), rotations, tail) = record_with(data, &config, true).await;
+            let tail = tail.expect("timed");
             println!(
-                "record(), no database, journal on, rotation {}: {caller:>6.2} us per row in the caller, {cpu:>6.2} us of CPU per row in all ({} rows/s in the caller; {rotations} rotations)",
+                "record(), no database, journal on, rotation {}: {caller:>6.2} us per row in the caller, {cpu:>6.2} us of CPU per row in all ({} rows/s in the caller; {rotations} rotations; p99.9 {:.1} us, max {:.2} ms, {} calls >= 1 ms)",
                 if max == 0 { "off      " } else { "at 1 MiB " },
                 (1e6 / caller).round(),
+                tail.p999.as_secs_f64() * 1e6,
+                tail.max.as_secs_f64() * 1e3,
+                tail.over_1ms,
             );
         }
     }
+    // What the append lock is held for: `LedgerFile::rotate` (a rename and an open), timed
+    // alone on a file of 1 MiB each time.
     let dir = tempfile::tempdir().expect("tmp");
+    let live = dir.path().join("ledger.jsonl");
+    let file = enforcer::ledger::file::LedgerFile::open(live.clone(), true).expect("open");
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let mut batch = Vec::new();
+        while batch.len() * 400 < (1 << 20) {
+            batch.push(data[batch.len()].clone());
+        }
+        file.append(batch, |_| ()).expect("append");
+        let to = enforcer::ledger::rotate::rotated_path(&live, chrono::Utc::now()).expect("name");
+        let t = Instant::now();
+        file.rotate(&to).expect("rotate").expect("not empty");
+        held.push(t.elapsed());
+        std::fs::remove_file(&to).expect("remove");
+    }
+    held.sort();
+    println!(
+        "LedgerFile::rotate (rename + open under the append lock), 100 times: median {:.1} us, max {:.1} us",
+        held[50].as_secs_f64() * 1e6,
+        held[99].as_secs_f64() * 1e6
+    );
     let path = dir.path().join("ledger.20261203T081500Z.jsonl");
     let mut text = Vec::new();
     for e in &data[..100_000] {
