@@ -151,7 +151,10 @@ async fn the_embedded_file_rotates_keeps_file_keep_gz_files_and_they_import_exac
     let rotations = metric(addr, "enforcer_ledger_file_rotations_total").await;
     assert!(rotations >= 10.0, "{rotations} rotations");
     let live_bytes = metric(addr, "enforcer_ledger_file_bytes").await;
-    assert!(live_bytes < 600.0 * 390.0, "{live_bytes} bytes in the live file");
+    assert!(
+        live_bytes < 600.0 * 390.0,
+        "{live_bytes} bytes in the live file"
+    );
     assert_eq!(metric(addr, "enforcer_ledger_dropped_total").await, 0.0);
     stop(daemon);
 

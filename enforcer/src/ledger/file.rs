@@ -535,11 +535,7 @@ pub fn read_from(path: &Path, offset: u64, end: u64, max: usize) -> Result<Chunk
 /// Reads up to `max` entries from `reader`; `next_offset` is the bytes consumed. A last line
 /// without its newline is left alone (one still being written), unless `complete` says the
 /// input is whole (a compressed rotated file): then it is parsed like the others.
-pub fn read_lines(
-    reader: &mut impl BufRead,
-    max: usize,
-    complete: bool,
-) -> std::io::Result<Chunk> {
+pub fn read_lines(reader: &mut impl BufRead, max: usize, complete: bool) -> std::io::Result<Chunk> {
     let mut entries = Vec::new();
     let mut corrupt = 0;
     let mut next_offset = 0;

@@ -629,11 +629,9 @@ pub async fn start(
     };
     // Rotated files a crash left uncompressed are compressed in the background, in either
     // mode (a database may have been added since); old ones are pruned only without one.
-    let rotator = rotate::Rotator::start(
-        path.clone(),
-        metrics.errors.with_label_values(&["rotate"]),
-    )
-    .map_err(spawn_err)?;
+    let rotator =
+        rotate::Rotator::start(path.clone(), metrics.errors.with_label_values(&["rotate"]))
+            .map_err(spawn_err)?;
     rotator.recover(ship_tx.is_none().then(|| tuning.file_keep()));
     let (append_stop, append_stop_rx) = std::sync::mpsc::channel();
     let appender = Appender {

@@ -139,7 +139,9 @@ pub fn list(live: &Path) -> Result<BTreeMap<DateTime<Utc>, Found>, RotateError> 
 /// `20261203T081500Z` → that instant.
 fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
     // chrono accepts a few more forms than it writes (fewer digits): only its own output counts.
-    let at = chrono::NaiveDateTime::parse_from_str(s, STAMP).ok()?.and_utc();
+    let at = chrono::NaiveDateTime::parse_from_str(s, STAMP)
+        .ok()?
+        .and_utc();
     (at.format(STAMP).to_string() == s).then_some(at)
 }
 
@@ -503,7 +505,10 @@ mod tests {
         let age = |h: u64| h * 3_600_000_000;
         assert!(!f.rotation_due(0, age(1), now_us()));
         assert!(f.rotation_due(0, age(1), now_us() + hour + 1));
-        assert!(!f.rotation_due(0, 0, now_us() + 100 * hour), "0: never by age");
+        assert!(
+            !f.rotation_due(0, 0, now_us() + 100 * hour),
+            "0: never by age"
+        );
         drop(f);
         // A file whose first row is two days old, opened again: due at once by a day.
         let old = row(now_us() - 48 * hour);
