@@ -115,18 +115,22 @@ pub enum AuditCommand {
     /// Monthly partitions of `token_transactions`.
     #[command(subcommand)]
     Partitions(PartitionsCommand),
-    /// Load a ledger file (the embedded default's, or a spill file) into PostgreSQL. Rows
-    /// already there are skipped, so importing twice adds nothing; it prints the rows read,
-    /// inserted and already present. Rows PostgreSQL refuses for their data are written to a
-    /// quarantine file, the rest imported; the command then fails.
+    /// Load ledger files (the embedded default's, rotated ones compressed with gzip, or a
+    /// spill file) into PostgreSQL, one after the other. Rows already there are skipped, so
+    /// importing twice adds nothing; it prints the rows read, inserted and already present per
+    /// file. Rows PostgreSQL refuses for their data are written to a quarantine file, the rest
+    /// imported; the command then fails.
     Import {
-        /// The JSON-lines ledger file.
-        file: PathBuf,
+        /// The JSON-lines ledger files, plain or gzip (`enforcer-ledger.*.jsonl.gz
+        /// enforcer-ledger.jsonl`: oldest first).
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
         /// PostgreSQL URL.
         #[arg(long, env = "ENFORCER_DATABASE_URL")]
         database_url: String,
-        /// Where refused rows go (appended); default: FILE with the extension
-        /// `.quarantine.jsonl` (`ledger.jsonl` → `ledger.quarantine.jsonl`).
+        /// Where refused rows go (appended); default: each FILE with the extension
+        /// `.quarantine.jsonl` (`ledger.jsonl` → `ledger.quarantine.jsonl`,
+        /// `ledger.20261203T081500Z.jsonl.gz` → `ledger.20261203T081500Z.quarantine.jsonl`).
         #[arg(long)]
         quarantine: Option<PathBuf>,
     },
@@ -822,38 +826,52 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             }
         }
         AuditCommand::Import {
-            file,
+            files,
             database_url,
             quarantine,
         } => {
             let pool = ledger_pool(&database_url)?;
-            let quarantine =
-                quarantine.unwrap_or_else(|| crate::ledger::quarantine::path_for(&file));
-            let mut q = crate::ledger::quarantine::Quarantine::new(quarantine.clone(), true);
-            let done = postgres::import(&pool, &file, &mut q).await?;
-            // PostgreSQL's own counts: what this import added, and what was there already.
-            let mut summary = format!(
-                "{}: {} read: {} inserted, {} already present",
-                file.display(),
-                rows(done.read),
-                done.inserted,
-                done.already_present()
-            );
-            if done.quarantined > 0 {
-                summary.push_str(&format!(", {} refused", done.quarantined));
-            }
-            println!("{summary}");
             let mut problems = Vec::new();
-            if done.quarantined > 0 {
-                problems.push(format!(
-                    "{} refused by PostgreSQL for their data (not imported): written to {} with \
-                     PostgreSQL's error",
-                    rows(done.quarantined),
-                    quarantine.display()
-                ));
-            }
-            if done.corrupt > 0 {
-                problems.push(format!("{} unreadable lines skipped", done.corrupt));
+            for file in &files {
+                let q_path = quarantine.clone().unwrap_or_else(|| {
+                    // `x.jsonl.gz` → `x.quarantine.jsonl`, as for `x.jsonl`.
+                    let plain = if file.extension().is_some_and(|e| e == "gz") {
+                        file.with_extension("")
+                    } else {
+                        file.clone()
+                    };
+                    crate::ledger::quarantine::path_for(&plain)
+                });
+                let mut q = crate::ledger::quarantine::Quarantine::new(q_path.clone(), true);
+                let done = postgres::import(&pool, file, &mut q).await?;
+                // PostgreSQL's own counts: what this import added, and what was there already.
+                let mut summary = format!(
+                    "{}: {} read: {} inserted, {} already present",
+                    file.display(),
+                    rows(done.read),
+                    done.inserted,
+                    done.already_present()
+                );
+                if done.quarantined > 0 {
+                    summary.push_str(&format!(", {} refused", done.quarantined));
+                }
+                println!("{summary}");
+                if done.quarantined > 0 {
+                    problems.push(format!(
+                        "{}: {} refused by PostgreSQL for their data (not imported): written to \
+                         {} with PostgreSQL's error",
+                        file.display(),
+                        rows(done.quarantined),
+                        q_path.display()
+                    ));
+                }
+                if done.corrupt > 0 {
+                    problems.push(format!(
+                        "{}: {} unreadable lines skipped",
+                        file.display(),
+                        done.corrupt
+                    ));
+                }
             }
             if !problems.is_empty() {
                 bail!("{}", problems.join("; "));

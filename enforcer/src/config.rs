@@ -848,6 +848,10 @@ impl Default for KernelConfig {
     }
 }
 
+/// The smallest `ledger.file_max_bytes` other than 0: a few rows (a smaller one would rotate
+/// at every row, which only tests could want).
+const MIN_FILE_MAX_BYTES: u64 = 1024;
+
 /// `[ledger]`: the audit ledger (one row per decision).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -898,6 +902,15 @@ pub struct LedgerConfig {
     pub expiry_lookback_secs: u64,
     /// Most expiry rows one run writes (the rest: the next runs).
     pub expiry_batch: u32,
+    /// Without a database: the file is rotated once it holds this many bytes (checked every
+    /// `flush_ms`); 0: never by size. With one it is never rotated (a warning once it passes
+    /// this).
+    pub file_max_bytes: u64,
+    /// Without a database: the file is rotated once its first row is this old, seconds; 0:
+    /// never by age.
+    pub file_max_age_secs: u64,
+    /// Rotated (compressed) files kept next to the file; older ones are deleted.
+    pub file_keep: u32,
 }
 
 impl Default for LedgerConfig {
@@ -921,6 +934,9 @@ impl Default for LedgerConfig {
             expiry_grace_ms: 60_000,
             expiry_lookback_secs: 7 * 86_400,
             expiry_batch: 10_000,
+            file_max_bytes: 256 << 20,
+            file_max_age_secs: 86_400,
+            file_keep: 8,
         }
     }
 }
@@ -1647,6 +1663,21 @@ impl Config {
                 "ledger.expiry_batch".into(),
                 "must be between 1 and 1000000",
             );
+        }
+        if l.file_max_bytes != 0 && l.file_max_bytes < MIN_FILE_MAX_BYTES {
+            err(
+                "ledger.file_max_bytes".into(),
+                "must be 0 (never rotate by size) or at least 1024",
+            );
+        }
+        if l.file_max_age_secs > 366 * 86_400 {
+            err(
+                "ledger.file_max_age_secs".into(),
+                "must be at most 31622400 (366 days); 0: never rotate by age",
+            );
+        }
+        if !(1..=10_000).contains(&l.file_keep) {
+            err("ledger.file_keep".into(), "must be between 1 and 10000");
         }
         self.telemetry.check(&mut err);
         errors.extend(crate::shadow::validate(self));

@@ -233,6 +233,10 @@ pub struct LedgerMetrics {
     /// `enforcer_ledger_reservation_expiries_total`: `reservation_expiry` rows this daemon's
     /// expiry job inserted (rows another daemon inserted first are not counted).
     pub reservation_expiries: IntCounter,
+    /// `enforcer_ledger_file_rotations_total`: times the embedded ledger file was rotated.
+    pub file_rotations: IntCounter,
+    /// `enforcer_ledger_file_bytes`: bytes in the live ledger (or spill) file.
+    pub file_bytes: IntGauge,
 }
 
 impl LedgerMetrics {
@@ -288,7 +292,7 @@ impl LedgerMetrics {
             errors: counter_vec(
                 registry,
                 "enforcer_ledger_errors_total",
-                "Ledger failures by operation (write, spill, replay, quarantine, maintain)",
+                "Ledger failures by operation (write, spill, replay, quarantine, maintain, expire, rotate)",
                 &["op"],
             ),
             tokens_charged: float_counter_vec(
@@ -307,6 +311,15 @@ impl LedgerMetrics {
             reservation_expiries: counter(
                 "enforcer_ledger_reservation_expiries_total",
                 "reservation_expiry rows the expiry job inserted (unsettled reservations)",
+            ),
+            file_rotations: counter(
+                "enforcer_ledger_file_rotations_total",
+                "Times the embedded ledger file was rotated (renamed away, then compressed)",
+            ),
+            file_bytes: gauge(
+                registry,
+                "enforcer_ledger_file_bytes",
+                "Bytes in the live ledger file (the spill file with a database)",
             ),
         }
     }

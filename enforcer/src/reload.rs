@@ -10,8 +10,9 @@
 //!   keeps its multiplier and telemetry, a new one starts at 1), the kernel gate's plan
 //!   (`[kernel]` but its interfaces and pin dir): a new config generation, as
 //!   docs/kernel-gate.md describes, and the ledger writers' `batch_rows`, `flush_ms`,
-//!   `write_timeout_ms`, `retry_ms`, `partitions_ahead`, `retention_months` and the
-//!   reservation expiry job's `expiry_*` settings;
+//!   `write_timeout_ms`, `retry_ms`, `partitions_ahead`, `retention_months`, the
+//!   reservation expiry job's `expiry_*` settings and the embedded file's rotation
+//!   (`file_max_bytes`, `file_max_age_secs`, `file_keep`);
 //! - **restart required**: `[server]` (listener addresses and limits, key header, trusted
 //!   proxies), `[store]` but the idempotency TTL (the store URL or cluster, timeouts, breaker,
 //!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, the rest of `[ledger]` (the
@@ -318,6 +319,9 @@ fn effective(running: &Config, file: &Config) -> Config {
         expiry_grace_ms: file.ledger.expiry_grace_ms,
         expiry_lookback_secs: file.ledger.expiry_lookback_secs,
         expiry_batch: file.ledger.expiry_batch,
+        file_max_bytes: file.ledger.file_max_bytes,
+        file_max_age_secs: file.ledger.file_max_age_secs,
+        file_keep: file.ledger.file_keep,
         ..running.ledger.clone()
     };
     next.envoy = running.envoy.clone();
@@ -385,6 +389,9 @@ fn live_changes(a: &Config, b: &Config) -> Vec<String> {
         ledger.expiry_grace_ms,
         ledger.expiry_lookback_secs,
         ledger.expiry_batch,
+        ledger.file_max_bytes,
+        ledger.file_max_age_secs,
+        ledger.file_keep,
     );
     out
 }

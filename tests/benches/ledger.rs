@@ -2,7 +2,10 @@
 //! PostgreSQL (`Ledger::record` → local file and queue → writer → binary COPY batches), with the
 //! journal on and off, beside `psql \copy` of the same
 //! rows in the same binary format (the ceiling) and single-row INSERTs, on one server (started
-//! by xtask with fsync on). Each measurement gets a fresh database.
+//! by xtask with fsync on). Each measurement gets a fresh database. Without a database: what
+//! `Ledger::record` costs with the embedded file's rotation off and on (a tiny `file_max_bytes`),
+//! and how much gzip shrinks the file (`cargo bench --bench ledger -- rotation` runs only that,
+//! without PostgreSQL).
 use enforcer::config::LedgerConfig;
 use enforcer::ledger::postgres::{self, encode_rows};
 use enforcer::ledger::{AuditRow, Entry, now_us};
@@ -160,15 +163,32 @@ async fn record_cost(data: &[Entry], journal: bool, dir: &std::path::Path) -> (f
         queue_capacity: data.len(),
         ..LedgerConfig::default()
     };
+    record_with(data, &config, false).await.0
+}
+
+/// `record_cost` for `config`; also the rotations it made and, with `tail`, the slowest calls
+/// (each timed: a little more work per row).
+async fn record_with(
+    data: &[Entry],
+    config: &LedgerConfig,
+    tail: bool,
+) -> ((f64, f64), u64, Option<Tail>) {
     let metrics = Metrics::new().ledger;
-    let (ledger, writer) = enforcer::ledger::start(&config, metrics.clone())
+    let (ledger, writer) = enforcer::ledger::start(config, metrics.clone())
         .await
         .expect("writer");
     let rows: Vec<Entry> = data.to_vec();
     let cpu = process_cpu();
+    let mut calls = Vec::with_capacity(if tail { rows.len() } else { 0 });
     let started = Instant::now();
     for e in rows {
-        ledger.record(e);
+        if tail {
+            let t = Instant::now();
+            ledger.record(e);
+            calls.push(t.elapsed());
+        } else {
+            ledger.record(e);
+        }
     }
     let caller = started.elapsed().as_secs_f64();
     writer.shutdown();
@@ -176,10 +196,108 @@ async fn record_cost(data: &[Entry], journal: bool, dir: &std::path::Path) -> (f
     assert_eq!(metrics.written.get(), data.len() as u64);
     assert_eq!(metrics.dropped.get(), 0);
     let n = data.len() as f64;
-    (caller / n * 1e6, cpu / n * 1e6)
+    let tail = tail.then(|| {
+        calls.sort();
+        let at = |q: f64| calls[((calls.len() as f64 * q) as usize).min(calls.len() - 1)];
+        Tail {
+            p999: at(0.999),
+            max: calls[calls.len() - 1],
+            over_1ms: calls.iter().filter(|d| d.as_millis() >= 1).count(),
+        }
+    });
+    (
+        (caller / n * 1e6, cpu / n * 1e6),
+        metrics.file_rotations.get(),
+        tail,
+    )
+}
+
+/// The slowest `record()` calls of a run.
+struct Tail {
+    p999: Duration,
+    max: Duration,
+    over_1ms: usize,
+}
+
+/// The embedded ledger's decision path with rotation off and on (1 MiB files, checked every
+/// 10 ms, so that it rotates dozens of times during the run; compression on its own thread
+/// counts in the CPU, as the writer's shutdown waits for it), alternately three times; then
+/// the gzip ratio of 100 000 rows.
+async fn rotation(data: &[Entry]) {
+    for _ in 0..3 {
+        for max in [0, 1 << 20] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let config = LedgerConfig {
+                file: dir.path().join("ledger.jsonl").display().to_string(),
+                queue_capacity: data.len(),
+                flush_ms: 10,
+                file_max_bytes: max,
+                file_keep: 10_000,
+                ..LedgerConfig::default()
+            };
+            let ((caller, cpu), rotations, tail) = record_with(data, &config, true).await;
+            let tail = tail.expect("timed");
+            println!(
+                "record(), no database, journal on, rotation {}: {caller:>6.2} us per row in the caller, {cpu:>6.2} us of CPU per row in all ({} rows/s in the caller; {rotations} rotations; p99.9 {:.1} us, max {:.2} ms, {} calls >= 1 ms)",
+                if max == 0 { "off      " } else { "at 1 MiB " },
+                (1e6 / caller).round(),
+                tail.p999.as_secs_f64() * 1e6,
+                tail.max.as_secs_f64() * 1e3,
+                tail.over_1ms,
+            );
+        }
+    }
+    // What the append lock is held for: `LedgerFile::rotate` (a rename and an open), timed
+    // alone on a file of 1 MiB each time.
+    let dir = tempfile::tempdir().expect("tmp");
+    let live = dir.path().join("ledger.jsonl");
+    let file = enforcer::ledger::file::LedgerFile::open(live.clone(), true).expect("open");
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let mut batch = Vec::new();
+        while batch.len() * 400 < (1 << 20) {
+            batch.push(data[batch.len()].clone());
+        }
+        file.append(batch, |_| ()).expect("append");
+        let to = enforcer::ledger::rotate::rotated_path(&live, chrono::Utc::now()).expect("name");
+        let t = Instant::now();
+        file.rotate(&to).expect("rotate").expect("not empty");
+        held.push(t.elapsed());
+        std::fs::remove_file(&to).expect("remove");
+    }
+    held.sort();
+    println!(
+        "LedgerFile::rotate (rename + open under the append lock), 100 times: median {:.1} us, max {:.1} us",
+        held[50].as_secs_f64() * 1e6,
+        held[99].as_secs_f64() * 1e6
+    );
+    let path = dir.path().join("ledger.20261203T081500Z.jsonl");
+    let mut text = Vec::new();
+    for e in &data[..100_000] {
+        serde_json::to_writer(&mut text, e).expect("json");
+        text.push(b'\n');
+    }
+    std::fs::write(&path, &text).expect("write");
+    let started = Instant::now();
+    let (gz, size) = enforcer::ledger::rotate::compress(&path).expect("compress");
+    let took = started.elapsed().as_secs_f64();
+    assert!(gz.exists() && !path.exists());
+    println!(
+        "gzip level {} of 100000 rows: {} bytes -> {size} bytes ({:.1}x, {:.0} MB/s of input, {:.2} s)",
+        enforcer::ledger::rotate::COMPRESSION_LEVEL,
+        text.len(),
+        text.len() as f64 / size as f64,
+        text.len() as f64 / took / 1e6,
+        took
+    );
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "rotation") {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(rotation(&rows(RECORD_ROWS)));
+        return;
+    }
     let base = std::env::var("ENFORCER_TEST_DATABASE_URL")
         .expect("run through `cargo xtask bench ledger`, which starts PostgreSQL");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -200,6 +318,9 @@ fn main() {
                 );
             }
         }
+
+        // 0b. Rotation of the embedded file off and on, and the gzip ratio.
+        rotation(sample).await;
 
         // 1. The writer: rows pushed as fast as it takes them, with the journal (each row
         //    appended to the local file by `record`, the default) and without (the writer

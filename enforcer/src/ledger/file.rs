@@ -17,10 +17,15 @@
 //! the idempotent insert makes harmless; the offset is only ever written *behind* what the
 //! file holds (0 before a truncation, the new file's inode before a compaction), so no crash
 //! can make a restart skip a row. A torn last line left by a crash is cut at the next open.
-use super::{Entry, LedgerError};
+//!
+//! Without a database the file is rotated by size and age ([`LedgerFile::rotate`], driven by
+//! the appender; compression in [`super::rotate`]): renamed away whole and replaced by an
+//! empty file, which for the positions is a truncation (the logical end stays, the base moves
+//! up to it). Nothing reads positions back without a database, so nothing needs the old part.
+use super::{Entry, LedgerError, now_us};
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{BufRead, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +67,18 @@ struct State {
     dirty: bool,
     /// The file's inode (named in `<file>.offset`).
     ino: u64,
+    /// When the file's first row was appended (microseconds since the epoch); `None` while it
+    /// is empty. What rotation by age measures.
+    first_at_us: Option<i64>,
+}
+
+/// A file just rotated away: what is left to do with it outside the lock.
+#[derive(Debug)]
+pub struct Rotated {
+    /// The old file, still open: to fsync what was appended to it since the last sync.
+    pub file: Arc<File>,
+    /// Its size.
+    pub bytes: u64,
 }
 
 /// Entries read from the file.
@@ -97,6 +114,7 @@ impl LedgerFile {
         let len = repair_tail(&mut file).map_err(err)?;
         let ino = file.metadata().map_err(err)?.ino();
         let opened_committed = read_offset(&path, ino).min(len);
+        let first_at_us = (len > 0).then(|| first_row_at(&path).unwrap_or_else(now_us));
         Ok(Self {
             path,
             fsync,
@@ -107,6 +125,7 @@ impl LedgerFile {
                 base: 0,
                 dirty: false,
                 ino,
+                first_at_us,
             }),
         })
     }
@@ -125,6 +144,93 @@ impl LedgerFile {
     pub fn end(&self) -> u64 {
         let s = self.state.lock();
         s.base + s.len
+    }
+
+    /// Bytes in the file now.
+    pub fn len(&self) -> u64 {
+        self.state.lock().len
+    }
+
+    /// Whether the file holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the file is due for rotation at `now_us`: it holds at least `max_bytes` (0:
+    /// never by size), or its first row is at least `max_age_us` old (0: never by age).
+    pub fn rotation_due(&self, max_bytes: u64, max_age_us: u64, now_us: i64) -> bool {
+        let s = self.state.lock();
+        if s.len == 0 {
+            return false;
+        }
+        let by_size = max_bytes > 0 && s.len >= max_bytes;
+        let by_age = max_age_us > 0
+            && s.first_at_us.is_some_and(|first| {
+                now_us.saturating_sub(first) >= i64::try_from(max_age_us).unwrap_or(i64::MAX)
+            });
+        by_size || by_age
+    }
+
+    /// Renames the file to `to` and opens a fresh one in its place, under the lock (a rename
+    /// and an open: appends wait only for that). `None` when the file is empty. Positions go
+    /// on from where they were, as after a truncation; `<file>.offset` (meaningless without a
+    /// database, and naming an inode that may be reused) is removed. The caller fsyncs the old
+    /// file and the directory ([`Rotated`]) and compresses `to`. Only for the embedded ledger:
+    /// with a database the rows not yet in PostgreSQL must stay in this file.
+    pub fn rotate(&self, to: &Path) -> Result<Option<Rotated>, LedgerError> {
+        let mut s = self.state.lock();
+        if s.len == 0 {
+            return Ok(None);
+        }
+        if to.exists() {
+            // A rename would replace it: rows of an earlier rotation would be gone.
+            return Err(LedgerError::File {
+                path: to.to_owned(),
+                error: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        std::fs::rename(&self.path, to).map_err(|source| LedgerError::File {
+            path: to.to_owned(),
+            error: source,
+        })?;
+        let opened = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&self.path)
+            .and_then(|f| f.metadata().map(|m| (f, m.ino())));
+        let (new, ino) = match opened {
+            Ok(o) => o,
+            Err(source) => {
+                // Back where it was: appends go on into the old file, nothing is lost.
+                if let Err(back) = std::fs::rename(to, &self.path) {
+                    tracing::error!(error = %back, file = %to.display(), "ledger file: renaming a rotated file back failed; rows go on into it");
+                }
+                return Err(LedgerError::File {
+                    path: self.path.clone(),
+                    error: source,
+                });
+            }
+        };
+        let old = std::mem::replace(&mut s.file, Arc::new(new));
+        let bytes = s.len;
+        s.base += s.len;
+        s.len = 0;
+        s.dirty = false;
+        s.ino = ino;
+        s.first_at_us = None;
+        drop(s);
+        match std::fs::remove_file(offset_path(&self.path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LedgerError::File {
+                    path: offset_path(&self.path),
+                    error: source,
+                });
+            }
+        }
+        Ok(Some(Rotated { file: old, bytes }))
     }
 
     /// Appends one complete line (ending in `\n`) with one `write`, and calls `then` with its
@@ -193,6 +299,9 @@ impl LedgerFile {
             }
             return Err(err(e));
         }
+        if s.len == 0 {
+            s.first_at_us = Some(now_us());
+        }
         s.len += buf.len() as u64;
         s.dirty = true;
         Ok(())
@@ -255,6 +364,7 @@ impl LedgerFile {
                 })?;
                 s.base = upto;
                 s.len = 0;
+                s.first_at_us = None;
             }
             return Ok(());
         }
@@ -321,6 +431,19 @@ impl LedgerFile {
             "ledger file compacted"
         );
         Ok(())
+    }
+}
+
+/// When the first row of `path` was made (its `at_us`, a rollup's minute), if it parses.
+fn first_row_at(path: &Path) -> Option<i64> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .take(1 << 20)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    match serde_json::from_slice::<Entry>(&line).ok()? {
+        Entry::Decision(r) => Some(r.at_us),
+        Entry::Kernel(k) => Some(k.minute_us),
     }
 }
 
@@ -404,14 +527,23 @@ pub fn read_from(path: &Path, offset: u64, end: u64, max: usize) -> Result<Chunk
     let mut f = File::open(path).map_err(err)?;
     f.seek(SeekFrom::Start(offset)).map_err(err)?;
     let mut reader = BufReader::with_capacity(1 << 20, f.take(end.saturating_sub(offset)));
+    let mut chunk = read_lines(&mut reader, max, false).map_err(err)?;
+    chunk.next_offset += offset;
+    Ok(chunk)
+}
+
+/// Reads up to `max` entries from `reader`; `next_offset` is the bytes consumed. A last line
+/// without its newline is left alone (one still being written), unless `complete` says the
+/// input is whole (a compressed rotated file): then it is parsed like the others.
+pub fn read_lines(reader: &mut impl BufRead, max: usize, complete: bool) -> std::io::Result<Chunk> {
     let mut entries = Vec::new();
     let mut corrupt = 0;
-    let mut next_offset = offset;
+    let mut next_offset = 0;
     let mut line = Vec::new();
     while entries.len() < max {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(err)?;
-        if n == 0 || line.last() != Some(&b'\n') {
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || (line.last() != Some(&b'\n') && !complete) {
             // End, or a line still being written: stop before it.
             break;
         }

@@ -15,8 +15,8 @@
 //! straight from memory when it is caught up with the file, else by replaying the file in
 //! order, idempotently (the row id is the key). What is committed is recorded in
 //! `<file>.offset`, and the file is truncated (or compacted) behind it. Without a database
-//! (the embedded default) the file *is* the ledger; `enforcer audit import FILE` loads it into
-//! PostgreSQL later.
+//! (the embedded default) the file *is* the ledger, rotated by size and age and compressed
+//! ([`rotate`]); `enforcer audit import FILE...` loads it into PostgreSQL later.
 //!
 //! Rows PostgreSQL refuses for their data (SQLSTATE classes 22 and 23) are isolated by
 //! splitting the batch and moved to the [`quarantine`] file; the rest land. A failure to
@@ -28,6 +28,7 @@
 pub mod file;
 pub mod postgres;
 pub mod quarantine;
+pub mod rotate;
 pub mod shadow;
 mod subscriber;
 
@@ -89,6 +90,14 @@ impl LedgerError {
                 .code()
                 .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
             _ => false,
+        }
+    }
+}
+
+impl From<rotate::RotateError> for LedgerError {
+    fn from(e: rotate::RotateError) -> Self {
+        match e {
+            rotate::RotateError::File { path, error } => Self::File { path, error },
         }
     }
 }
@@ -309,6 +318,9 @@ struct Tuning {
     /// `store.settle_ttl_secs` in milliseconds (0 until the daemon sets it): a reservation's
     /// row says when it expires.
     settle_ttl_ms: AtomicU64,
+    file_max_bytes: AtomicU64,
+    file_max_age_secs: AtomicU64,
+    file_keep: AtomicU32,
 }
 
 impl Tuning {
@@ -325,6 +337,9 @@ impl Tuning {
             expiry_lookback_secs: AtomicU64::new(0),
             expiry_batch: AtomicU32::new(0),
             settle_ttl_ms: AtomicU64::new(0),
+            file_max_bytes: AtomicU64::new(0),
+            file_max_age_secs: AtomicU64::new(0),
+            file_keep: AtomicU32::new(0),
         };
         t.set(config);
         t
@@ -349,6 +364,25 @@ impl Tuning {
             .store(c.expiry_lookback_secs, Ordering::Relaxed);
         self.expiry_batch
             .store(c.expiry_batch.max(1), Ordering::Relaxed);
+        self.file_max_bytes
+            .store(c.file_max_bytes, Ordering::Relaxed);
+        self.file_max_age_secs
+            .store(c.file_max_age_secs, Ordering::Relaxed);
+        self.file_keep.store(c.file_keep.max(1), Ordering::Relaxed);
+    }
+
+    fn file_max_bytes(&self) -> u64 {
+        self.file_max_bytes.load(Ordering::Relaxed)
+    }
+
+    fn file_max_age_us(&self) -> u64 {
+        self.file_max_age_secs
+            .load(Ordering::Relaxed)
+            .saturating_mul(1_000_000)
+    }
+
+    fn file_keep(&self) -> usize {
+        self.file_keep.load(Ordering::Relaxed) as usize
     }
 
     fn batch_rows(&self) -> usize {
@@ -396,7 +430,8 @@ impl Ledger {
     /// Applies a reload's `batch_rows`, `flush_ms`, `write_timeout_ms`, `retry_ms`,
     /// `partitions_ahead` and `retention_months` from the writers' next turn (a new `flush_ms`
     /// after the current interval, at most the old `flush_ms`; partitions and retention at the
-    /// next maintenance). Nothing queued or in the file is touched.
+    /// next maintenance; the file's rotation limits at the appender's next round, `file_keep`
+    /// at the next rotation). Nothing queued or in the file is touched.
     pub fn retune(&self, config: &LedgerConfig) {
         self.tuning.set(config);
     }
@@ -592,6 +627,12 @@ pub async fn start(
             (Some(ship_tx), Some(thread), Some(stop_tx))
         }
     };
+    // Rotated files a crash left uncompressed are compressed in the background, in either
+    // mode (a database may have been added since); old ones are pruned only without one.
+    let rotator =
+        rotate::Rotator::start(path.clone(), metrics.errors.with_label_values(&["rotate"]))
+            .map_err(spawn_err)?;
+    rotator.recover(ship_tx.is_none().then(|| tuning.file_keep()));
     let (append_stop, append_stop_rx) = std::sync::mpsc::channel();
     let appender = Appender {
         rx,
@@ -601,6 +642,9 @@ pub async fn start(
         metrics: metrics.clone(),
         tuning: tuning.clone(),
         fsync: config.fsync,
+        rotator,
+        next_rotation: Instant::now(),
+        warned_large: false,
     };
     let appender = std::thread::Builder::new()
         .name("ledger-append".into())
@@ -648,6 +692,13 @@ struct Appender {
     metrics: LedgerMetrics,
     tuning: Arc<Tuning>,
     fsync: bool,
+    /// Compresses rotated files and prunes old ones; dropped (finishing its queue) when the
+    /// appender returns.
+    rotator: rotate::Rotator,
+    /// No rotation is tried before this (after a failed one).
+    next_rotation: Instant,
+    /// With a database: the spill file's size passed `file_max_bytes` and was logged.
+    warned_large: bool,
 }
 
 impl Appender {
@@ -669,10 +720,82 @@ impl Appender {
                 self.metrics.errors.with_label_values(&["spill"]).inc();
                 tracing::error!(error = %e, "syncing the ledger file failed");
             }
+            self.watch_size();
             if stopping {
                 return;
             }
         }
+    }
+
+    /// Once per round, after the sync: exports the file's size and, without a database,
+    /// rotates it when it is due. With a database the file is never rotated (its rows not yet
+    /// in PostgreSQL must stay in it; the committed part is truncated or compacted); a spill
+    /// file that grows past `file_max_bytes` (PostgreSQL down for long) is logged once.
+    fn watch_size(&mut self) {
+        let len = self.file.len();
+        self.metrics
+            .file_bytes
+            .set(i64::try_from(len).unwrap_or(i64::MAX));
+        let max_bytes = self.tuning.file_max_bytes();
+        if self.ship.is_some() {
+            let large = max_bytes > 0 && len >= max_bytes;
+            if large && !self.warned_large {
+                tracing::warn!(
+                    bytes = len,
+                    file_max_bytes = max_bytes,
+                    file = %self.file.path().display(),
+                    "the spill file passed ledger.file_max_bytes: PostgreSQL is down or behind; \
+                     with a database the file is not rotated (its rows are not in PostgreSQL yet)"
+                );
+            }
+            self.warned_large = large;
+            return;
+        }
+        if Instant::now() < self.next_rotation
+            || !self
+                .file
+                .rotation_due(max_bytes, self.tuning.file_max_age_us(), now_us())
+        {
+            return;
+        }
+        if let Err(e) = self.rotate() {
+            self.metrics.errors.with_label_values(&["rotate"]).inc();
+            tracing::error!(error = %e, "rotating the ledger file failed; appending goes on, retried later");
+            self.next_rotation = Instant::now() + self.tuning.retry() * 10;
+        }
+    }
+
+    /// Renames the file away and opens a fresh one (briefly under the append lock), makes the
+    /// old one and the rename durable here, and hands it to the rotation thread to compress.
+    fn rotate(&mut self) -> Result<(), LedgerError> {
+        let to = rotate::rotated_path(self.file.path(), chrono::Utc::now())?;
+        let Some(rotated) = self.file.rotate(&to)? else {
+            return Ok(());
+        };
+        self.metrics.file_rotations.inc();
+        self.metrics
+            .file_bytes
+            .set(i64::try_from(self.file.len()).unwrap_or(i64::MAX));
+        tracing::info!(file = %to.display(), bytes = rotated.bytes, "ledger file rotated");
+        if self.fsync {
+            // What the decision path appended since the last round is not synced yet; the
+            // compression fsyncs its output, but a power loss before it must not lose rows.
+            let synced = rotated
+                .file
+                .sync_data()
+                .map_err(|error| LedgerError::File {
+                    path: to.clone(),
+                    error,
+                })
+                .and_then(|()| Ok(rotate::sync_dir(&to)?));
+            if let Err(e) = synced {
+                self.metrics.errors.with_label_values(&["rotate"]).inc();
+                tracing::error!(error = %e, "syncing the rotated ledger file failed");
+            }
+        }
+        drop(rotated.file);
+        self.rotator.compress(to, Some(self.tuning.file_keep()));
+        Ok(())
     }
 
     fn append_queued(&mut self) {
@@ -1121,6 +1244,33 @@ mod tests {
                 10_000
             )
         );
+    }
+
+    #[test]
+    fn rotation_settings_out_of_range_are_refused_by_name() {
+        for (text, field) in [
+            ("file_max_bytes = 1", "ledger.file_max_bytes"),
+            ("file_max_bytes = 1023", "ledger.file_max_bytes"),
+            ("file_max_age_secs = 31622401", "ledger.file_max_age_secs"),
+            ("file_keep = 0", "ledger.file_keep"),
+            ("file_keep = 10001", "ledger.file_keep"),
+        ] {
+            let Err(ConfigError::Invalid(errors)) = Config::parse(&format!("[ledger]\n{text}\n"))
+            else {
+                panic!("{text} should be invalid");
+            };
+            assert!(errors.iter().any(|e| e.path == field), "{text}: {errors:?}");
+        }
+        let off = Config::parse("[ledger]\nfile_max_bytes = 0\nfile_max_age_secs = 0\n")
+            .expect("0 turns rotation by size and by age off");
+        let t = Tuning::new(&off.ledger);
+        assert_eq!((t.file_max_bytes(), t.file_max_age_us()), (0, 0));
+        let d = Tuning::new(&Config::default().ledger);
+        assert_eq!(
+            (d.file_max_bytes(), d.file_max_age_us(), d.file_keep()),
+            (256 << 20, 86_400_000_000, 8)
+        );
+        Config::parse("[ledger]\nfile_max_bytes = 1024\nfile_keep = 1\n").expect("the smallest");
     }
 
     /// A decision line as written before `settle_by_us` and the candidate's fields existed.

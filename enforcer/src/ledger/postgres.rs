@@ -806,39 +806,68 @@ impl Imported {
 }
 
 /// Loads a ledger file into PostgreSQL, idempotently (importing twice adds nothing). Rows
-/// PostgreSQL refuses for their data go to `quarantine`; the others are imported.
+/// PostgreSQL refuses for their data go to `quarantine`; the others are imported. A gzip file
+/// (a rotated ledger file, `….jsonl.gz`; told by its magic bytes, not its name) is read
+/// decompressed, whole; a plain one up to the length it had when the import began.
 pub async fn import(
     pool: &PgPool,
     path: &std::path::Path,
     quarantine: &mut Quarantine,
 ) -> Result<Imported, LedgerError> {
-    let end = std::fs::metadata(path)
-        .map_err(|source| LedgerError::File {
-            path: path.to_owned(),
-            error: source,
-        })?
-        .len();
+    let err = |source| LedgerError::File {
+        path: path.to_owned(),
+        error: source,
+    };
     let mut sink = PgSink::new(pool.clone());
-    let mut offset = 0;
     let mut done = Imported::default();
+    if super::rotate::is_gzip(path)? {
+        let file = std::fs::File::open(path).map_err(err)?;
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)),
+        );
+        loop {
+            let chunk =
+                super::file::read_lines(&mut reader, super::REPLAY_CHUNK, true).map_err(err)?;
+            if chunk.next_offset == 0 {
+                break;
+            }
+            import_chunk(&mut sink, chunk, quarantine, &mut done).await?;
+        }
+        return Ok(done);
+    }
+    let end = std::fs::metadata(path).map_err(err)?.len();
+    let mut offset = 0;
     loop {
         let chunk = super::file::read_from(path, offset, end, super::REPLAY_CHUNK)?;
-        done.corrupt += chunk.corrupt as u64;
         if chunk.entries.is_empty() && chunk.next_offset == offset {
+            done.corrupt += chunk.corrupt as u64;
             break;
         }
-        if !chunk.entries.is_empty() {
-            let written = sink
-                .write_isolating_counted(&chunk.entries, IMPORT_TIMEOUT)
-                .await?;
-            quarantine.append(&written.refused)?;
-            done.quarantined += written.refused.len() as u64;
-            done.inserted += written.inserted;
-        }
-        done.read += chunk.entries.len() as u64;
         offset = chunk.next_offset;
+        import_chunk(&mut sink, chunk, quarantine, &mut done).await?;
     }
     Ok(done)
+}
+
+/// Writes one chunk of an import, idempotently, quarantining what PostgreSQL refuses.
+async fn import_chunk(
+    sink: &mut PgSink,
+    chunk: super::file::Chunk,
+    quarantine: &mut Quarantine,
+    done: &mut Imported,
+) -> Result<(), LedgerError> {
+    done.corrupt += chunk.corrupt as u64;
+    if !chunk.entries.is_empty() {
+        let written = sink
+            .write_isolating_counted(&chunk.entries, IMPORT_TIMEOUT)
+            .await?;
+        quarantine.append(&written.refused)?;
+        done.quarantined += written.refused.len() as u64;
+        done.inserted += written.inserted;
+    }
+    done.read += chunk.entries.len() as u64;
+    Ok(())
 }
 
 /// One `COPY` of an import (a chunk, or a part of one being split).
