@@ -29,6 +29,10 @@ pub enum Which {
     /// The embedded store alone from a fresh start: debits/s and the latency tail (p99,
     /// p99.9, max, calls over 1/10/100 ms) while its maps grow.
     Memory,
+    /// Instructions Redis executes per `debit.lua` call (valgrind's callgrind on
+    /// `redis-server`: a count the machine's load does not move), beside an empty script and
+    /// a minimal TIME + MGET + SET script.
+    Script,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -50,11 +54,12 @@ pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
     match which {
         Which::Http => return http(clients, seconds),
         Which::Cluster => return cluster(clients, seconds),
+        Which::Script => return script(),
         _ => {}
     }
     println!("machine: {}", machine());
     let name = match which {
-        Which::Http | Which::Kernel | Which::Cluster => "kernel",
+        Which::Http | Which::Kernel | Which::Cluster | Which::Script => "kernel",
         Which::Pricing => "pricing",
         Which::Ledger => "ledger",
         Which::Memory => "memory_store",
@@ -793,4 +798,128 @@ fn wait_http(addr: SocketAddr) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("the daemon did not listen on {addr} within 30 s")
+}
+
+/// `bench script`: instructions per call of each script in `redis-server` under callgrind,
+/// from two runs of each (1 000 and 3 000 calls, pipelined 16 deep, new keys as the HTTP bench
+/// draws them): the difference over the 2 000 extra calls cancels the server's start and
+/// idle cost.
+fn script() -> Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        bail!("valgrind is not installed (apt-get install valgrind)");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-script-")
+        .tempdir()?;
+    let debit = std::fs::read_to_string("lua/debit.lua")?;
+    let minimal = "local t = redis.call('TIME') local v = redis.call('MGET', KEYS[1], KEYS[2]) \
+                   redis.call('SET', KEYS[1], t[1] .. ' ' .. t[2], 'PX', 60000) return 1";
+    let keys: Vec<String> = ["b", "tier", "r:__rand_int__", "w", "q", "k"]
+        .iter()
+        .map(|k| format!("ptb:{{__rand_int__}}:{k}"))
+        .collect();
+    let no_record: Vec<&str> = DEBIT_ARGS
+        .iter()
+        .enumerate()
+        .map(|(i, a)| if i == 1 { "0" } else { *a })
+        .collect();
+    let variants: [(&str, &str, &[String], Vec<&str>); 4] = [
+        (
+            "`return 1`, the debit's 6 keys and 17 arguments",
+            "return 1",
+            &keys,
+            DEBIT_ARGS.to_vec(),
+        ),
+        (
+            "minimal TIME + MGET + SET, 2 keys",
+            minimal,
+            &keys[..2],
+            Vec::new(),
+        ),
+        (
+            "debit.lua, request record written",
+            &debit,
+            &keys,
+            DEBIT_ARGS.to_vec(),
+        ),
+        (
+            "debit.lua, no request record (ttl 0)",
+            &debit,
+            &keys,
+            no_record,
+        ),
+    ];
+    println!("machine: {}", machine());
+    println!("{:<52} {:>16}", "script", "instructions/call");
+    for (label, text, keys, args) in &variants {
+        let mut counts = Vec::new();
+        for calls in [1000u64, 3000] {
+            counts.push(callgrind_run(dir.path(), text, keys, args, calls)?);
+        }
+        let per_call = (counts[1] as f64 - counts[0] as f64) / 2000.0;
+        println!("{label:<52} {per_call:>16.0}");
+    }
+    Ok(())
+}
+
+/// Total instructions of a `redis-server` under callgrind that answered `calls` calls of
+/// `text` (then shut down).
+fn callgrind_run(
+    dir: &std::path::Path,
+    text: &str,
+    keys: &[String],
+    args: &[&str],
+    calls: u64,
+) -> Result<u64> {
+    let port = free_port()?;
+    let out = dir.join(format!("callgrind.{port}"));
+    let mut server = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args([
+            "redis-server",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server under valgrind")?;
+    let started = Instant::now();
+    while crate::services::cli(port, &["PING"])?.trim() != "PONG" {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = server.kill();
+            bail!("redis-server under valgrind did not answer within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?
+        .trim()
+        .to_owned();
+    let status = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-c", "4", "-P", "16"])
+        .args(["-n", &calls.to_string(), "-r", "100000", "-q"])
+        .args(["EVALSHA", &sha, &keys.len().to_string()])
+        .args(keys)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .context("running redis-benchmark")?;
+    let _ = crate::services::cli(port, &["SHUTDOWN", "NOSAVE"]);
+    server.wait()?;
+    if !status.success() {
+        bail!("redis-benchmark failed: {status}");
+    }
+    let profile = std::fs::read_to_string(&out).context("reading callgrind's output")?;
+    profile
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .context("no instruction total in callgrind's output")
 }
