@@ -234,6 +234,15 @@ impl RateLimitApi {
                     .to_owned(),
             ));
         }
+        // Several keys: a refusal gives back the others' charges under their request id, so
+        // without a client's id the daemon makes one it remembers (`store.remember_generated_ids`
+        // may keep no record of the ids it makes up for a single key).
+        if plan.groups.len() > 1 && request_id.is_none() {
+            let id = RequestId::generate_remembered();
+            for group in &mut plan.groups {
+                group[0].request_id = Some(id.clone());
+            }
+        }
         if !saw_key {
             if m.missing_key == MissingKeyPolicy::Allow {
                 return Ok(plan);

@@ -239,7 +239,15 @@ async fn several_descriptors_of_one_key_are_charged_together_all_or_nothing() {
 
 #[tokio::test]
 async fn a_denied_key_gives_back_what_the_other_keys_of_the_request_paid() {
-    let d = daemon("").await;
+    // Also when the daemon keeps no record of the ids it generates: the refund needs one.
+    for remember in [true, false] {
+        let mut config = config(&redis_url(), "");
+        config.store.remember_generated_ids = remember;
+        gives_back(TestDaemon::start(config).await).await;
+    }
+}
+
+async fn gives_back(d: TestDaemon) {
     let mut c = client(d.grpc.expect("grpc on")).await;
     let rich = unique("rich");
     let poor = unique("poor");
