@@ -213,6 +213,7 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
     let statuses: Vec<u16> = (0..7).map(|_| check(&link.a, "e2e-drained")).collect();
     assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
     let drained = Instant::now();
+    wait_until_drained(&pin, "e2e-drained");
 
     assert!(
         !call(&link.b, "e2e-drained"),
@@ -291,6 +292,7 @@ fn the_gate_outlives_a_daemon_restart_and_passes_everything_once_stale() {
     );
     assert_eq!(check_body(&link.a, units("/items", "GET", 80)), 200);
     assert_eq!(check(&link.a, key), 429);
+    wait_until_drained(&pin, key);
     assert!(!call(&link.b, key), "rejected in the kernel");
 
     // The daemon dies: the program stays attached (pinned link) with the pinned snapshot.
@@ -509,6 +511,30 @@ fn wait_for_snapshot(pin: &PinDir, key: &str) {
     }
 }
 
+/// Waits until the pinned map holds a snapshot of `key` that cannot pay for one report (120
+/// tokens): the decision's answer does not wait for the sync task, and an earlier snapshot of the
+/// same key (taken while it could still pay) may be in the map until then.
+fn wait_until_drained(pin: &PinDir, key: &str) {
+    let gate = enforcer::kernel::Gate::load(Some(std::path::Path::new(&pin.path())))
+        .expect("open the pinned gate");
+    let id = enforcer_common::key_id(key.as_bytes());
+    let started = Instant::now();
+    loop {
+        let balance = gate
+            .budget(id)
+            .expect("read the map")
+            .map(|b| b.balance_milli);
+        if balance.is_some_and(|milli| milli < 120_000) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no drained snapshot of {key} (balance {balance:?} milli-tokens)"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Calls until one reaches the upstream or `within` passes; how long it took.
 fn passes_within(client: &NetNs, key: &str, within: Duration) -> Option<Duration> {
     let started = Instant::now();
@@ -534,7 +560,7 @@ fn a_refund_reaches_the_kernel_at_once() {
     assert_eq!(check_id(&link.a, key, "rfd-1"), 200);
     assert_eq!(check_id(&link.a, key, "rfd-2"), 200);
     assert_eq!(check_id(&link.a, key, "rfd-3"), 429);
-    wait_for_snapshot(&pin, key);
+    wait_until_drained(&pin, key);
     assert!(
         !call(&link.b, key),
         "the drained key is rejected in the kernel"
@@ -735,7 +761,7 @@ fn set_tier_lifts_the_keys_snapshot_on_this_node() {
     for _ in 0..3 {
         check(&link.a, &key);
     }
-    wait_for_snapshot(&pin, &key);
+    wait_until_drained(&pin, &key);
     assert!(!call(&link.b, &key), "drained: rejected in the kernel");
 
     // The operator moves the key to another tier (through the daemon, on its embedded
@@ -779,7 +805,7 @@ fn a_grant_reaches_the_kernel_at_once_and_shows_in_the_ledger() {
     let key = enforcer_tests::unique("grant-drained");
     let statuses: Vec<u16> = (0..3).map(|_| check(&link.a, &key)).collect();
     assert_eq!(statuses, [200, 200, 429], "0.5 left");
-    wait_for_snapshot(&pin, &key);
+    wait_until_drained(&pin, &key);
     assert!(!call(&link.b, &key), "drained: rejected in the kernel");
 
     let (code, out) = admin(
@@ -1022,6 +1048,7 @@ fn forged_client_addresses_never_bind_a_victim_to_a_drained_key() {
     let daemon = start(&no_refill, "untrusting.toml");
     assert!(call_keyless(&link.b), "the victim passes before the attack");
     drain();
+    wait_until_drained(&pin, key);
     assert!(!call(&link.b, key), "the drained key is rejected");
     for _ in 0..5 {
         assert_eq!(auth(&veth), 429);
@@ -1524,6 +1551,7 @@ fn detach_switches_the_gate_off_while_the_daemon_runs() {
     let first = daemon_with(&link, &pin, config);
     let statuses: Vec<u16> = (0..7).map(|_| check(&link.a, key)).collect();
     assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429]);
+    wait_until_drained(&pin, key);
     assert!(
         !call(&link.b, key),
         "the drained key is rejected in the kernel"
