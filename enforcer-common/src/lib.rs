@@ -196,6 +196,16 @@ pub const fn method_hash(method: &[u8]) -> u64 {
     word_hash(method)
 }
 
+/// The oldest budget snapshot the kernel takes into account, nanoseconds (a minute).
+///
+/// A snapshot holds while the daemon's heartbeat ([`GateConfig::heartbeat_ns`]) is fresh, not
+/// only while it is young: the daemon re-stamps a snapshot only when its own data changes or
+/// it has reached half this age, instead of every key at every tick. The bound keeps the
+/// kernel's refill projection in range (microseconds ≤ 2^26 times a rate ≤ 2^37 cannot
+/// overflow 64 bits) and caps how long a snapshot of a daemon that stopped re-stamping it
+/// (while still heartbeating) can count.
+pub const SNAPSHOT_MAX_AGE_NS: u64 = 60_000_000_000;
+
 /// A key's budget as the kernel sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,7 +239,8 @@ pub struct PriceKey {
 pub struct Binding {
     /// The key id.
     pub key_id: u64,
-    /// When the binding was last confirmed (`CLOCK_MONOTONIC` ns).
+    /// When the daemon bound the address (`CLOCK_MONOTONIC` ns; informational: a binding
+    /// holds while the daemon's heartbeat is fresh and its generation is current).
     pub synced_ns: u64,
     /// Config generation.
     pub generation: u32,
@@ -257,10 +268,11 @@ pub struct GateConfig {
     pub generation: u32,
     /// [`action`] for rejected packets.
     pub action: u32,
-    /// Snapshots and bindings older than this are ignored, nanoseconds.
+    /// How long the gate keeps enforcing after the daemon's last heartbeat, nanoseconds.
     pub max_staleness_ns: u64,
-    /// When the daemon last wrote this config (`CLOCK_MONOTONIC` ns). Operator blocks hold only
-    /// while it is fresh: with the daemon gone, everything passes once it is stale.
+    /// When the daemon last wrote this config (`CLOCK_MONOTONIC` ns). Snapshots, bindings and
+    /// operator blocks hold only while it is fresh (no older than `max_staleness_ns`): with the
+    /// daemon gone, everything passes once it is stale.
     pub heartbeat_ns: u64,
     /// Price of a request whose (method, path) is not in `PRICES`, milli-tokens.
     pub default_price_milli: u64,

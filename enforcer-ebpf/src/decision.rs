@@ -1,15 +1,16 @@
 //! The decision: who is calling (L7 key header, else the L4 address binding), what the request
 //! costs, and whether the key's budget snapshot proves it cannot pay.
 //!
-//! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
-//! whose balance plus the refill since the snapshot is below the price, or an operator block
-//! while the daemon's heartbeat is fresh. Everything else passes.
+//! It rejects only what is *surely* unaffordable, and only while the daemon's heartbeat is
+//! fresh: a snapshot of this config generation, at most [`SNAPSHOT_MAX_AGE_NS`] old, whose
+//! balance plus the refill since the snapshot is below the price, or an operator block.
+//! Everything else passes.
 use crate::headers::{self, Headers, tcp};
 use crate::maps::{BINDINGS, BLOCKS, BUDGETS, CONFIG, PORTS, PRICES};
 use crate::scan::{self, http};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::programs::TcContext;
-use enforcer_common::{GateConfig, PriceKey, counter};
+use enforcer_common::{GateConfig, PriceKey, SNAPSHOT_MAX_AGE_NS, counter};
 
 /// What happens to a packet.
 pub enum Verdict {
@@ -83,9 +84,7 @@ pub fn inspect(ctx: &TcContext) -> Verdict {
     let Some(binding) = (unsafe { BINDINGS.get(src) }) else {
         return Verdict::Pass;
     };
-    if binding.generation != cfg.generation
-        || now.saturating_sub(binding.synced_ns) > cfg.max_staleness_ns
-    {
+    if binding.generation != cfg.generation || !alive(now, cfg) {
         return Verdict::Stale;
     }
     decide(binding.key_id, price, now, cfg, counter::REJECTED_L4)
@@ -120,7 +119,7 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
     // SAFETY: read-only use of a map value for the duration of this program run.
     if let Some(until) = unsafe { BLOCKS.get(key_id) }
         && *until > now
-        && now.saturating_sub(cfg.heartbeat_ns) <= cfg.max_staleness_ns
+        && alive(now, cfg)
     {
         return Verdict::Reject {
             reason: counter::REJECTED_BLOCKED,
@@ -139,10 +138,10 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
         return Verdict::Stale;
     }
     let elapsed = now.saturating_sub(b.synced_ns);
-    if elapsed > cfg.max_staleness_ns {
+    if elapsed > SNAPSHOT_MAX_AGE_NS || !alive(now, cfg) {
         return Verdict::Stale;
     }
-    // Microseconds (≤ 2^26: staleness is at most a minute) times a rate clamped to 2^37
+    // Microseconds (≤ 2^26: a snapshot is at most a minute old) times a rate clamped to 2^37
     // milli-tokens/s cannot overflow; BPF has no 128-bit multiply for an overflow check.
     let micros = (elapsed / 1000).min(1 << 26);
     let refill = micros * b.refill_milli_per_sec.min(1 << 37) / 1_000_000;
@@ -154,4 +153,10 @@ fn decide(key_id: u64, price: u64, now: u64, cfg: &GateConfig, reason: u32) -> V
     } else {
         Verdict::Pass
     }
+}
+
+/// The daemon's heartbeat is fresh: what it wrote into the maps still holds.
+#[inline(always)]
+fn alive(now: u64, cfg: &GateConfig) -> bool {
+    now.saturating_sub(cfg.heartbeat_ns) <= cfg.max_staleness_ns
 }

@@ -291,9 +291,24 @@ fn tokens_of_every_length_hash_as_in_userspace() {
 fn stale_or_other_generation_snapshots_are_ignored() {
     let mut g = gate();
     let req = pkt(&request("GET", "/items", "x-api-key: k-stale\r\n"));
-    g.put_budget(key_id(b"k-stale"), budget(0.0, 0.0, Duration::from_secs(3)))
-        .expect("put");
-    assert_eq!(run(&mut g, &req), PASS, "older than max_staleness (2 s)");
+    // A snapshot holds while the daemon's heartbeat is fresh, up to SNAPSHOT_MAX_AGE_NS.
+    let max_age = Duration::from_nanos(enforcer_common::SNAPSHOT_MAX_AGE_NS);
+    g.put_budget(
+        key_id(b"k-stale"),
+        budget(0.0, 0.0, max_age + Duration::from_secs(1)),
+    )
+    .expect("put");
+    assert_eq!(run(&mut g, &req), PASS, "older than SNAPSHOT_MAX_AGE_NS");
+    g.put_budget(
+        key_id(b"k-stale"),
+        budget(0.0, 0.0, max_age - Duration::from_secs(5)),
+    )
+    .expect("put");
+    assert_eq!(
+        run(&mut g, &req),
+        DROP,
+        "older than max_staleness (2 s), but the heartbeat is fresh"
+    );
     g.put_budget(key_id(b"k-stale"), budget(0.0, 0.0, Duration::ZERO))
         .expect("put");
     assert_eq!(run(&mut g, &req), DROP);
@@ -332,7 +347,7 @@ fn blocked_keys_are_rejected_until_the_block_ends() {
 }
 
 #[test]
-fn blocks_lapse_when_the_daemon_heartbeat_is_stale() {
+fn blocks_snapshots_and_bindings_lapse_when_the_daemon_heartbeat_is_stale() {
     let mut g = Gate::load(None).expect("load");
     let mut s = settings();
     s.max_staleness = Duration::from_millis(300);
@@ -340,15 +355,47 @@ fn blocks_lapse_when_the_daemon_heartbeat_is_stale() {
     let req = pkt(&request("GET", "/items", "x-api-key: k-hb\r\n"));
     g.block(key_id(b"k-hb"), Duration::from_secs(60))
         .expect("block");
-    assert_eq!(run(&mut g, &req), DROP);
+    let drained = pkt(&request("GET", "/items", "x-api-key: k-hb-low\r\n"));
+    g.put_budget(key_id(b"k-hb-low"), budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    let client = IpAddr::from(CLIENT4);
+    g.bind(client, key_id(b"k-hb-low")).expect("bind");
+    let syn = seg(SYN, "");
+    let all = [&req, &drained, &syn];
+    for p in all {
+        assert_eq!(run(&mut g, p), DROP);
+    }
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(
-        run(&mut g, &req),
-        PASS,
-        "no heartbeat for longer than max_staleness"
-    );
+    for p in all {
+        assert_eq!(
+            run(&mut g, p),
+            PASS,
+            "no heartbeat for longer than max_staleness"
+        );
+    }
     g.heartbeat().expect("heartbeat");
-    assert_eq!(run(&mut g, &req), DROP, "the daemon is back");
+    for p in all {
+        assert_eq!(run(&mut g, p), DROP, "the daemon is back");
+    }
+}
+
+#[test]
+fn a_starting_daemon_clears_the_bindings_it_does_not_remember() {
+    let mut g = gate();
+    let k = key_id(b"k-cleared");
+    g.put_budget(k, budget(0.0, 0.0, Duration::ZERO))
+        .expect("put");
+    g.bind(IpAddr::from(CLIENT4), k).expect("bind");
+    g.bind(IpAddr::from(CLIENT6), k).expect("bind");
+    let syn = seg(SYN, "");
+    assert_eq!(run(&mut g, &syn), DROP, "bound to a drained key");
+    assert_eq!(g.clear_bindings().expect("clear"), 2);
+    assert_eq!(
+        run(&mut g, &syn),
+        PASS,
+        "nothing stands for the key any more"
+    );
+    assert_eq!(g.clear_bindings().expect("clear"), 0);
 }
 
 #[test]

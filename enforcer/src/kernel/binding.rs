@@ -57,6 +57,8 @@ pub struct Bindings {
     shared: HashSet<IpAddr>,
     /// The shared set overflowed: nothing is bound any more.
     saturated: bool,
+    /// A bound address the last sighting evicted (its kernel binding must go).
+    evicted: Option<IpAddr>,
 }
 
 impl Bindings {
@@ -82,6 +84,7 @@ impl Bindings {
             next_stamp: 0,
             shared: HashSet::new(),
             saturated: false,
+            evicted: None,
         }
     }
 
@@ -125,8 +128,12 @@ impl Bindings {
                 if self.candidates.len() >= self.max_candidates
                     && let Some((_, oldest)) = self.lru.pop_first()
                 {
-                    // Its kernel binding (if any) is no longer refreshed and lapses.
-                    self.candidates.remove(&oldest);
+                    // Its kernel binding (if any) goes too: a binding holds while the daemon's
+                    // heartbeat is fresh, and an address forgotten here could not be unbound
+                    // when another key shows up behind it.
+                    if self.candidates.remove(&oldest).is_some_and(|c| c.bound) {
+                        self.evicted = Some(oldest);
+                    }
                 }
                 self.candidates.insert(
                     ip,
@@ -150,8 +157,13 @@ impl Bindings {
         }
     }
 
-    /// The bound addresses and their keys (their kernel bindings are refreshed while the key
-    /// is tracked).
+    /// A bound address the last [`Bindings::seen`] evicted from memory: remove its kernel
+    /// binding.
+    pub fn take_evicted(&mut self) -> Option<IpAddr> {
+        self.evicted.take()
+    }
+
+    /// The bound addresses and their keys.
     pub fn bound(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
         self.candidates
             .iter()
@@ -228,6 +240,23 @@ mod tests {
             b.seen(ip(i), 9);
         }
         assert_eq!(b.seen(ip(20_000), 5), Change::Bind(ip(20_000), 5));
+    }
+
+    #[test]
+    fn a_bound_address_evicted_from_memory_is_unbound() {
+        let mut b = Bindings::with_bounds(1, 2, 100);
+        assert_eq!(b.seen(ip(1), 7), Change::Bind(ip(1), 7));
+        assert_eq!(b.seen(ip(2), 8), Change::Bind(ip(2), 8));
+        assert_eq!(b.take_evicted(), None);
+        // A third address evicts the oldest (bound) one.
+        assert_eq!(b.seen(ip(3), 9), Change::Bind(ip(3), 9));
+        assert_eq!(b.take_evicted(), Some(ip(1)));
+        assert_eq!(b.take_evicted(), None, "told once");
+        // An evicted candidate that was never bound needs no unbinding.
+        let mut b = Bindings::with_bounds(3, 1, 100);
+        b.seen(ip(1), 7);
+        b.seen(ip(2), 7);
+        assert_eq!(b.take_evicted(), None);
     }
 
     #[test]

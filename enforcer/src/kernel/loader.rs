@@ -735,6 +735,19 @@ impl Gate {
         removed(map.remove(&address_key(addr))).map(drop)
     }
 
+    /// Removes every address binding (a starting daemon: it cannot unbind what it does not
+    /// remember, and a binding holds as long as its heartbeat is fresh).
+    pub fn clear_bindings(&mut self) -> Result<usize, KernelError> {
+        let mut map = HashMap::<&mut MapData, [u8; 16], Binding>::try_from(
+            self.map_mut(names::BINDINGS_MAP)?,
+        )?;
+        let addresses: Vec<[u8; 16]> = map.keys().filter_map(Result::ok).collect();
+        for addr in &addresses {
+            removed(map.remove(addr))?;
+        }
+        Ok(addresses.len())
+    }
+
     /// Reads and sums the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, KernelError> {
         let array = PerCpuArray::<_, u64>::try_from(self.map(names::COUNTERS_MAP)?)?;

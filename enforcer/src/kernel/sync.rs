@@ -18,13 +18,15 @@
 //!   what the map holds is dropped, so a debit handled after a later refund cannot undo it.
 //!   A client address seen with one key `bind_after` times is bound to it, an address seen
 //!   with several keys is unbound for good ([`crate::kernel::binding`]).
-//! - Every `max_staleness / 3`: snapshots of tracked keys are re-stamped with their balance
-//!   projected by refill (never more than a fresh read would give: other nodes only lower it),
-//!   and dropped once refill makes them able to pay everything, or once they are gone from the
-//!   map (an operator lifted them, `enforcer keys set-tier`): a refresh never brings one back.
-//!   The work is proportional to the keys that are low, not to all keys; kernel counters go to
-//!   the metrics; every [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger
-//!   ([`crate::kernel::rollup`]).
+//! - Every `max_staleness / 3`: the heartbeat. The kernel takes snapshots, bindings and blocks
+//!   into account only while it is fresh, so a snapshot needs no re-stamping while its own data
+//!   holds: one map write per tick keeps them all alive, instead of one per tracked key. Tracked
+//!   keys are dropped once refill makes them able to pay everything; only a snapshot that
+//!   reaches half of [`SNAPSHOT_MAX_AGE_NS`] is re-stamped, with its balance projected by
+//!   refill (never more than a fresh read would give: other nodes only lower it), and only if
+//!   the map still holds it (an operator lifted it, `enforcer keys set-tier`: a refresh never
+//!   brings one back). Kernel counters go to the metrics; every [`ROLLUP_EVERY`] the per-key
+//!   rejection counts go to the ledger ([`crate::kernel::rollup`]).
 //! - At shutdown ([`crate::lifecycle`]) the task applies what is still queued, records a last
 //!   rollup, and leaves the pinned maps enforcing.
 use crate::config::Config;
@@ -39,7 +41,7 @@ use crate::ledger::{Entry, Ledger};
 use crate::lifecycle::{Shutdown, Workers};
 use crate::metrics::Metrics;
 use crate::store::BucketKind;
-use enforcer_common::{Budget, Milli};
+use enforcer_common::{Budget, Milli, SNAPSHOT_MAX_AGE_NS};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -115,6 +117,9 @@ const QUEUE: usize = 65_536;
 const RAISE_MEMORY: Duration = Duration::from_secs(30);
 /// Most raises remembered (beyond, the oldest half is forgotten).
 const MAX_RAISES: usize = 262_144;
+/// A snapshot this old is re-stamped (the kernel ignores it at [`SNAPSHOT_MAX_AGE_NS`]; a tick
+/// is at most 20 s, a third of the longest `max_staleness`).
+const RESTAMP_AFTER: Duration = Duration::from_nanos(SNAPSHOT_MAX_AGE_NS / 2);
 
 /// The kernel gate's subscriber to the decider's events, and the pricing engine's way to the
 /// price map. Cheap to clone; never blocks.
@@ -486,6 +491,9 @@ pub fn start(
     let setup = || -> Result<Gate, KernelError> {
         let mut gate = Gate::attach(interfaces, Some(Path::new(&config.kernel.pin_dir)))?;
         let adopted = gate.generation() == plan.settings.generation;
+        // Before the first heartbeat: the previous daemon's bindings, which this one does not
+        // remember and so could not unbind, never count again.
+        gate.clear_bindings()?;
         // The new generation first: snapshots of the old one stop counting at once, so nothing
         // is judged while the price map is rebuilt.
         gate.configure(&plan.settings)?;
@@ -594,8 +602,6 @@ fn snapshot(balance: f64, refill_per_sec: f64, stamp: Instant) -> Budget {
 struct Snapshots {
     /// A key below it might be unable to pay for something.
     max_price: f64,
-    /// A snapshot older than this is ignored by the kernel.
-    max_staleness: Duration,
     tracked: HashMap<u64, Tracked>,
     /// Store time of the last raise of keys (which may have no snapshot), and when it came.
     raised: HashMap<u64, (f64, Instant)>,
@@ -608,18 +614,16 @@ impl Snapshots {
     fn new(plan: &KernelPlan, tracked: HashMap<u64, Tracked>) -> Self {
         Self {
             max_price: plan.max_price,
-            max_staleness: plan.settings.max_staleness,
             tracked,
             raised: HashMap::new(),
             ids: HashMap::new(),
         }
     }
 
-    /// A new plan (another generation): its prices and staleness from now on; the keys
-    /// tracked so far lose their snapshots (returned, to remove from the map).
+    /// A new plan (another generation): its prices from now on; the keys tracked so far lose
+    /// their snapshots (returned, to remove from the map).
     fn replan(&mut self, plan: &KernelPlan) -> Vec<u64> {
         self.max_price = plan.max_price;
-        self.max_staleness = plan.settings.max_staleness;
         self.tracked.drain().map(|(key_id, _)| key_id).collect()
     }
 
@@ -670,9 +674,9 @@ impl Snapshots {
             stamp: b.stamp,
             at: b.at,
         };
-        // Nearly stale already (a refund keeps an old refill clock): the kernel would ignore
-        // it until the next refresh, so project it to now.
-        if now.saturating_duration_since(t.stamp) > self.max_staleness / 2 {
+        // Old already (a refund keeps an old refill clock): the next refresh would re-stamp it
+        // anyway, so project it to now.
+        if now.saturating_duration_since(t.stamp) > RESTAMP_AFTER {
             t.balance = t.projected(now);
             t.stamp = now;
             if t.balance >= self.max_price {
@@ -730,19 +734,23 @@ impl Snapshots {
             .collect()
     }
 
-    /// Every `max_staleness / 3`: re-stamp what is still low, drop what refill made able to
-    /// pay everything.
+    /// Every `max_staleness / 3`: drop what refill made able to pay everything, re-stamp
+    /// what is still low and has reached [`RESTAMP_AFTER`]. Nothing is written for the others:
+    /// the heartbeat keeps them valid.
     fn refresh(&mut self, now: Instant) -> Vec<Write> {
         self.forget_raises(now, RAISE_MEMORY);
         let tracked = &self.tracked;
         self.ids.retain(|_, id| tracked.contains_key(id));
         let max_price = self.max_price;
-        let mut writes = Vec::with_capacity(self.tracked.len());
+        let mut writes = Vec::new();
         self.tracked.retain(|key_id, t| {
             let balance = t.projected(now);
             if balance >= max_price {
                 writes.push(Write::Remove(*key_id));
                 return false;
+            }
+            if now.saturating_duration_since(t.stamp) < RESTAMP_AFTER {
+                return true;
             }
             t.balance = balance;
             t.stamp = now;
@@ -787,19 +795,25 @@ fn apply(gate: &mut Gate, snapshots: &mut Snapshots, write: Write) {
 struct Addresses(Bindings);
 
 impl Addresses {
+    /// A binding holds in the kernel while the heartbeat is fresh and its generation is
+    /// current, so every binding this memory forgets is removed from the map at once.
     fn client(&mut self, gate: &mut Gate, key_id: u64, ip: IpAddr) -> Result<(), KernelError> {
-        match self.0.seen(ip, key_id) {
+        let change = self.0.seen(ip, key_id);
+        if let Some(evicted) = self.0.take_evicted() {
+            gate.unbind(evicted)?;
+        }
+        match change {
             Change::Bind(ip, key_id) => gate.bind(ip, key_id),
             Change::Unbind(ip) => gate.unbind(ip),
             Change::None => Ok(()),
         }
     }
 
-    /// Re-stamps the bindings of keys that have a snapshot.
-    fn refresh(&self, gate: &mut Gate, tracked: &HashMap<u64, Tracked>) {
+    /// A new generation: the bindings are written again in it.
+    fn rebind(&self, gate: &mut Gate) {
         for (ip, key_id) in self.0.bound() {
-            if tracked.contains_key(&key_id) {
-                let _ = gate.bind(ip, key_id);
+            if let Err(e) = gate.bind(ip, key_id) {
+                tracing::warn!(error = %e, "kernel binding update failed");
             }
         }
     }
@@ -859,7 +873,6 @@ async fn sync(
                 for write in snapshots.refresh(Instant::now()) {
                     apply(&mut gate, &mut snapshots, write);
                 }
-                addresses.refresh(&mut gate, &snapshots.tracked);
                 metrics.kernel_tracked_keys.set(snapshots.tracked.len() as i64);
                 if let Err(e) = gate.heartbeat() {
                     tracing::warn!(error = %e, "kernel heartbeat failed");
@@ -994,6 +1007,7 @@ fn replan(
         for key_id in snapshots.replan(&new) {
             let _ = gate.remove_budget(key_id);
         }
+        addresses.rebind(gate);
         tracing::info!(
             from = current.settings.generation,
             to = new.settings.generation,
@@ -1013,7 +1027,9 @@ fn adopt(gate: &Gate, plan: &KernelPlan) -> HashMap<u64, Tracked> {
     let mut tracked = HashMap::new();
     for (key_id, b) in gate.budgets().unwrap_or_default() {
         let age = Duration::from_nanos(now_ns.saturating_sub(b.synced_ns));
-        if b.generation != plan.settings.generation || age > plan.settings.max_staleness {
+        if b.generation != plan.settings.generation
+            || age.as_nanos() > u128::from(SNAPSHOT_MAX_AGE_NS)
+        {
             continue;
         }
         tracked.insert(
@@ -1060,6 +1076,57 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
             .with_label_values(&[reason])
             .inc_by(delta(a, b));
     }
+}
+
+/// The sync task's map work for `keys` tracked keys that stay low (balance 0, no refill),
+/// driven over `span` of simulated ticks of `max_staleness / 3` against a real gate: what
+/// `cargo xtask bench kernel` reports as the cost of keeping snapshots alive. The keys' last
+/// changes are spread over the [`RESTAMP_AFTER`] before the start, as decisions spread them.
+/// Returns the time spent (refresh, writes, heartbeat) and the snapshot writes made.
+#[doc(hidden)]
+pub fn bench_refresh(
+    gate: &mut Gate,
+    keys: u64,
+    max_staleness: Duration,
+    span: Duration,
+) -> (Duration, u64) {
+    let start = Instant::now() + RESTAMP_AFTER;
+    let mut tracked = HashMap::with_capacity(keys as usize);
+    for k in 0..keys {
+        let stamp = start - RESTAMP_AFTER.mul_f64(k as f64 / keys as f64);
+        tracked.insert(
+            k + 1,
+            Tracked {
+                balance: 0.0,
+                refill_per_sec: 0.0,
+                max_tokens: 1000.0,
+                stamp,
+                at: 0.0,
+            },
+        );
+        let _ = gate.put_budget(k + 1, snapshot(0.0, 0.0, Instant::now()));
+    }
+    let mut snapshots = Snapshots {
+        max_price: 120.0,
+        tracked,
+        raised: HashMap::new(),
+        ids: HashMap::new(),
+    };
+    let tick = max_staleness / 3;
+    let mut busy = Duration::ZERO;
+    let mut written = 0u64;
+    let mut now = start;
+    while now < start + span {
+        let began = Instant::now();
+        for write in snapshots.refresh(now) {
+            written += 1;
+            apply(gate, &mut snapshots, write);
+        }
+        let _ = gate.heartbeat();
+        busy += began.elapsed();
+        now += tick;
+    }
+    (busy, written)
 }
 
 #[cfg(test)]
@@ -1173,18 +1240,18 @@ mod tests {
             age >= 300_000_000,
             "stamped when the store settled it, not when it was handled: {age} ns"
         );
-        // A balance older than half of max_staleness is projected to now instead.
-        let old = now.checked_sub(Duration::from_secs(5)).unwrap_or(now);
+        // A balance older than RESTAMP_AFTER is projected to now instead.
+        let old = now.checked_sub(Duration::from_secs(40)).unwrap_or(now);
         let mut b = balance(10.0, 11.0, false, old);
         b.refill_per_sec = 2.0;
         let Some(Write::Put(_, budget)) = s.balance(b, now) else {
             panic!("a snapshot")
         };
-        assert_eq!(budget.balance_milli, 20_000);
+        assert_eq!(budget.balance_milli, 90_000);
     }
 
     #[test]
-    fn refresh_restamps_low_keys_and_drops_those_refill_made_able_to_pay() {
+    fn refresh_drops_keys_refill_made_able_to_pay_and_restamps_only_old_ones() {
         let now = Instant::now();
         let mut s = snapshots(120.0);
         let mut b = balance(100.0, 10.0, false, now);
@@ -1194,18 +1261,32 @@ mod tests {
         c.key_id = 8;
         s.balance(c, now);
         let later = now + Duration::from_secs(3);
-        let mut writes = s.refresh(later);
-        writes.sort_by_key(|w| match w {
-            Write::Put(k, _) | Write::Refresh(k, _) | Write::Remove(k) => *k,
-        });
-        assert_eq!(writes.len(), 2);
-        assert_eq!(writes[0], Write::Remove(7), "100 + 3 s × 10/s ≥ 120");
-        assert!(matches!(writes[1], Write::Refresh(8, b) if b.balance_milli == 0));
+        assert_eq!(
+            s.refresh(later),
+            [Write::Remove(7)],
+            "100 + 3 s × 10/s ≥ 120; key 8 is young: the heartbeat keeps it valid, no write"
+        );
+        for tick in 1..=40 {
+            assert!(
+                s.refresh(later + Duration::from_millis(667) * tick)
+                    .is_empty(),
+                "tick {tick}: nothing to write before RESTAMP_AFTER"
+            );
+        }
+        let old = now + RESTAMP_AFTER + Duration::from_millis(1);
+        let writes = s.refresh(old);
+        assert_eq!(writes.len(), 1);
+        assert!(matches!(writes[0], Write::Refresh(8, b) if b.balance_milli == 0));
+        assert!(
+            s.refresh(old + Duration::from_secs(1)).is_empty(),
+            "re-stamped: young again"
+        );
         s.gone(8);
         assert!(
-            s.refresh(later).is_empty(),
+            s.refresh(old + RESTAMP_AFTER * 2).is_empty(),
             "a lifted snapshot is not brought back"
         );
+        assert!(s.tracked.is_empty());
     }
 
     fn decision(remaining: f64, denial: Option<Denial>) -> Decision {
@@ -1516,12 +1597,10 @@ mod tests {
         assert!(put_balance(s.balance(balance(0.5, 10.0, false, now), now)).is_some());
         let mut config = Config::default();
         config.pricing.default_cost = 500.0;
-        config.kernel.max_staleness_ms = 9000;
         let p = plan(&config);
         assert_eq!(s.replan(&p), [7], "its snapshot is removed from the map");
         assert!(s.tracked.is_empty());
         assert_eq!(s.max_price, 500.0);
-        assert_eq!(s.max_staleness, Duration::from_millis(9000));
         // The key's next decision writes a snapshot of the new generation.
         assert!(put_balance(s.balance(balance(0.25, 11.0, false, now), now)).is_some());
     }
