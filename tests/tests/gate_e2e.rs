@@ -220,11 +220,27 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
         "the drained key is rejected in the kernel"
     );
     assert!(call(&link.b, "e2e-other"), "another key passes");
-    // Past max_staleness (2 s) the snapshot still holds: the daemon re-stamps it.
+    // The last write of the drained key's decisions (settled once nothing changed for 200 ms).
+    let mut stamped = snapshot_of(&pin, "e2e-drained").synced_ns;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let again = snapshot_of(&pin, "e2e-drained").synced_ns;
+        if again == stamped {
+            break;
+        }
+        stamped = again;
+    }
+    // Past max_staleness (2 s) the snapshot still holds: the daemon's heartbeat keeps it
+    // valid, without writing it again (it is re-stamped only at 30 s).
     std::thread::sleep(Duration::from_millis(2300).saturating_sub(drained.elapsed()));
     assert!(
         !call(&link.b, "e2e-drained"),
         "still rejected after max_staleness"
+    );
+    assert_eq!(
+        snapshot_of(&pin, "e2e-drained").synced_ns,
+        stamped,
+        "three heartbeats later, the snapshot was not rewritten"
     );
     let counts = seen.lock().expect("lock").clone();
     assert_eq!(
@@ -509,6 +525,15 @@ fn wait_for_snapshot(pin: &PinDir, key: &str) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The pinned map's snapshot of `key` (there must be one).
+fn snapshot_of(pin: &PinDir, key: &str) -> enforcer_common::Budget {
+    enforcer::kernel::Gate::load(Some(std::path::Path::new(&pin.path())))
+        .expect("open the pinned gate")
+        .budget(enforcer_common::key_id(key.as_bytes()))
+        .expect("read the map")
+        .expect("a snapshot")
 }
 
 /// Waits until the pinned map holds a snapshot of `key` that cannot pay for one report (120
