@@ -21,9 +21,6 @@ fn rows(n: usize) -> Vec<Entry> {
     (0..n)
         .map(|i| {
             Entry::Decision(AuditRow {
-                id: uuid::Uuid::now_v7(),
-                at_us: start + i as i64,
-                key_hash: format!("{:064x}", (i % 10_000) as u128 * 0x9e37_79b9_7f4a_7c15),
                 tier: Some("pro".into()),
                 endpoint: if i % 3 == 0 {
                     "/generate-report"
@@ -31,24 +28,17 @@ fn rows(n: usize) -> Vec<Entry> {
                     "/items"
                 }
                 .into(),
-                method: "GET".into(),
-                units: 1.0,
                 cost: 1.5,
-                multiplier: 1.0,
                 allowed: i % 10 != 0,
                 remaining: Some(812.25),
                 decided_by: "redis".into(),
                 denial: (i % 10 == 0).then(|| "exhausted".to_owned()),
                 request_id: Some(format!("req-{i}")),
                 node: "bench-node".into(),
-                kind: enforcer::ledger::RowKind::Debit,
-                client_ip: None,
-                note: None,
-                operator: None,
-                true_cost: None,
-                settle_by_us: None,
-                candidate_allowed: None,
-                candidate_cost: None,
+                ..AuditRow::sample(
+                    start + i as i64,
+                    format!("{:064x}", (i % 10_000) as u128 * 0x9e37_79b9_7f4a_7c15),
+                )
             })
         })
         .collect()

@@ -566,31 +566,7 @@ mod tests {
     use crate::ledger::{AuditRow, now_us};
 
     fn row(i: u32) -> Entry {
-        Entry::Decision(AuditRow {
-            id: uuid::Uuid::now_v7(),
-            at_us: now_us(),
-            key_hash: format!("{i:064x}"),
-            tier: Some("free".into()),
-            endpoint: "/x".into(),
-            method: "GET".into(),
-            units: 1.0,
-            cost: 1.0,
-            multiplier: 1.0,
-            allowed: true,
-            remaining: Some(9.0),
-            decided_by: "memory".into(),
-            denial: None,
-            request_id: None,
-            node: "n".into(),
-            kind: crate::ledger::RowKind::Debit,
-            client_ip: None,
-            note: None,
-            operator: None,
-            true_cost: None,
-            settle_by_us: None,
-            candidate_allowed: None,
-            candidate_cost: None,
-        })
+        Entry::Decision(AuditRow::sample(now_us(), format!("{i:064x}")))
     }
 
     fn line(e: &Entry) -> Vec<u8> {

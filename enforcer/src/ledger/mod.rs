@@ -229,6 +229,39 @@ pub struct AuditRow {
     pub candidate_cost: Option<f64>,
 }
 
+impl AuditRow {
+    /// An allowed debit of 1 token on `GET /x` by key `key_hash` (free tier, 9 left, node
+    /// `n`): the row tests and benches start from, changing what they are about.
+    #[doc(hidden)]
+    pub fn sample(at_us: i64, key_hash: String) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            at_us,
+            key_hash,
+            tier: Some("free".into()),
+            endpoint: "/x".into(),
+            method: "GET".into(),
+            units: 1.0,
+            cost: 1.0,
+            multiplier: 1.0,
+            allowed: true,
+            remaining: Some(9.0),
+            decided_by: "memory".into(),
+            denial: None,
+            request_id: None,
+            node: "n".into(),
+            kind: RowKind::Debit,
+            client_ip: None,
+            note: None,
+            operator: None,
+            true_cost: None,
+            settle_by_us: None,
+            candidate_allowed: None,
+            candidate_cost: None,
+        }
+    }
+}
+
 /// Rejections of one key by the kernel gate over one interval (a rollup row).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelRejections {

@@ -133,29 +133,13 @@ mod tests {
         let path = path_for(&dir.path().join("spill.jsonl"));
         assert_eq!(path, dir.path().join("spill.quarantine.jsonl"));
         let row = Entry::Decision(AuditRow {
-            id: uuid::Uuid::now_v7(),
-            at_us: 1,
-            key_hash: "ab".repeat(32),
             tier: None,
             endpoint: "/a\u{0}b".into(),
-            method: "GET".into(),
-            units: 1.0,
             cost: 2.0,
-            multiplier: 1.0,
             allowed: false,
             remaining: None,
-            decided_by: "memory".into(),
             denial: Some("exhausted".into()),
-            request_id: None,
-            node: "n".into(),
-            kind: crate::ledger::RowKind::Debit,
-            client_ip: None,
-            note: None,
-            operator: None,
-            true_cost: None,
-            settle_by_us: None,
-            candidate_allowed: None,
-            candidate_cost: None,
+            ..AuditRow::sample(1, "ab".repeat(32))
         });
         let rollup = Entry::Kernel(KernelRejections {
             id: uuid::Uuid::now_v7(),

@@ -361,35 +361,11 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 mod tests {
     use super::*;
     use crate::ledger::file::LedgerFile;
-    use crate::ledger::{AuditRow, Entry, RowKind, now_us};
+    use crate::ledger::{AuditRow, Entry, now_us};
     use std::collections::BTreeSet;
 
     fn row(at_us: i64) -> Entry {
-        Entry::Decision(AuditRow {
-            id: uuid::Uuid::now_v7(),
-            at_us,
-            key_hash: "ab".repeat(32),
-            tier: Some("free".into()),
-            endpoint: "/x".into(),
-            method: "GET".into(),
-            units: 1.0,
-            cost: 1.0,
-            multiplier: 1.0,
-            allowed: true,
-            remaining: Some(9.0),
-            decided_by: "memory".into(),
-            denial: None,
-            request_id: None,
-            node: "n".into(),
-            kind: RowKind::Debit,
-            client_ip: None,
-            note: None,
-            operator: None,
-            true_cost: None,
-            settle_by_us: None,
-            candidate_allowed: None,
-            candidate_cost: None,
-        })
+        Entry::Decision(AuditRow::sample(at_us, "ab".repeat(32)))
     }
 
     fn id(e: &Entry) -> String {
