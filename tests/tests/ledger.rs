@@ -271,29 +271,11 @@ async fn a_daemon_killed_with_rows_in_its_spill_file_replays_them_after_restart(
 
 fn row(at_us: i64) -> Entry {
     Entry::Decision(AuditRow {
-        id: uuid::Uuid::now_v7(),
-        at_us,
-        key_hash: "ab".repeat(32),
-        tier: Some("free".into()),
-        endpoint: "/x".into(),
-        method: "GET".into(),
-        units: 1.0,
         cost: 2.5,
-        multiplier: 1.0,
-        allowed: true,
         remaining: Some(10.0),
-        decided_by: "memory".into(),
-        denial: None,
         request_id: Some("r-1".into()),
         node: "test-node".into(),
-        kind: enforcer::ledger::RowKind::Debit,
-        client_ip: None,
-        note: None,
-        operator: None,
-        true_cost: None,
-        settle_by_us: None,
-        candidate_allowed: None,
-        candidate_cost: None,
+        ..AuditRow::sample(at_us, "ab".repeat(32))
     })
 }
 
@@ -867,29 +849,11 @@ async fn settles_are_rows_and_usage_shows_estimated_and_settled_cost_side_by_sid
 /// A decision row for the writer tests; `endpoint` may be poison.
 fn decision(endpoint: &str) -> AuditRow {
     AuditRow {
-        id: uuid::Uuid::now_v7(),
-        at_us: enforcer::ledger::now_us(),
-        key_hash: "cd".repeat(32),
-        tier: Some("free".into()),
         endpoint: endpoint.into(),
-        method: "GET".into(),
-        units: 1.0,
-        cost: 1.0,
-        multiplier: 1.0,
-        allowed: true,
         remaining: Some(5.0),
-        decided_by: "memory".into(),
-        denial: None,
         request_id: Some(uuid::Uuid::new_v4().to_string()),
         node: "test-node".into(),
-        kind: enforcer::ledger::RowKind::Debit,
-        client_ip: None,
-        note: None,
-        operator: None,
-        true_cost: None,
-        settle_by_us: None,
-        candidate_allowed: None,
-        candidate_cost: None,
+        ..AuditRow::sample(enforcer::ledger::now_us(), "cd".repeat(32))
     }
 }
 
