@@ -294,7 +294,7 @@ fn main() {
     rt.block_on(async {
         let admin = sqlx::PgPool::connect(&base).await.expect("admin");
         let data = rows(ROWS);
-        println!("ledger, {ROWS} rows (15 columns, ~200 bytes of data each), fsync on");
+        println!("ledger, {ROWS} rows (24 columns, ~200 bytes of data each), fsync on");
 
         // 0. What the journal costs per row, without a database, alternately three times.
         let dir = tempfile::tempdir().expect("tmp");
@@ -333,9 +333,8 @@ fn main() {
         let status = std::process::Command::new("psql")
             .args([&url, "-q", "-c"])
             .arg(format!(
-                "\\copy token_transactions (id, recorded_at, key_hash, key_prefix, tier, endpoint, \
-                 method, units, cost, multiplier, allowed, remaining, decided_by, denial, \
-                 request_id, node) FROM '{}' WITH (FORMAT binary)",
+                "\\copy token_transactions ({}) FROM '{}' WITH (FORMAT binary)",
+                postgres::COLUMNS,
                 file.display()
             ))
             .status()

@@ -15,7 +15,8 @@ use std::time::Duration;
 /// The embedded migrations (`migrations/` at the workspace root).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
+/// The columns of a binary `COPY` of audit rows ([`encode_rows`]), in order.
+pub const COLUMNS: &str = "id, recorded_at, key_hash, key_prefix, tier, endpoint, method, units, \
                        cost, multiplier, allowed, remaining, decided_by, denial, request_id, node, \
                        kind, client_ip, note, operator, true_cost, settle_by, \
                        candidate_allowed, candidate_cost";
