@@ -13,9 +13,9 @@
 //!   one key; priced as that request, or at the cheapest price for the SYN. Pure ACKs, FINs,
 //!   RSTs and body segments are never judged by a binding: they may carry a paid response.
 //!
-//! It rejects only what is *surely* unaffordable: a fresh snapshot of this config generation
-//! whose balance plus the refill since the snapshot is below the price, or an operator block
-//! while the daemon's heartbeat is fresh (the guarantee: `docs/kernel-gate.md`).
+//! It rejects only what is *surely* unaffordable, and only while the daemon's heartbeat is
+//! fresh: a snapshot of this config generation whose balance plus the refill since the
+//! snapshot is below the price, or an operator block (the guarantee: `docs/kernel-gate.md`).
 //! Everything else passes (`TC_ACT_PIPE`): unknown keys, stale or missing data, packets it cannot
 //! parse, fragments, other protocols. With empty maps everything passes.
 //!
