@@ -152,7 +152,7 @@ pub struct GateSettings {
     pub key_header: String,
     /// Value prefix to skip, e.g. `"Bearer "` for `Authorization` (empty: none).
     pub value_prefix: String,
-    /// Snapshots and bindings older than this are ignored.
+    /// How long the gate keeps enforcing after the daemon's last heartbeat.
     pub max_staleness: Duration,
     /// Price of a request whose endpoint is not in the price map, tokens.
     pub default_price: f64,
