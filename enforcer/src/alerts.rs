@@ -58,6 +58,9 @@ pub enum AlertsError {
     /// The URL is not usable (validation should have said so).
     #[error("alerts.webhook_url: {0}")]
     Url(String),
+    /// The HTTP client could not be built (an unreadable `alerts.ca_file`).
+    #[error("alerts.ca_file: {0}")]
+    Client(#[from] crate::http_client::HttpClientError),
 }
 
 /// One alert.
@@ -248,11 +251,12 @@ impl Subscriber for Alerts {
 /// Where and how the webhook worker delivers.
 #[derive(Debug, Clone)]
 pub struct Webhook {
+    /// Verifies an https:// receiver against `alerts.ca_file`, or the system's roots.
+    client: reqwest::Client,
     url: String,
     secret: Vec<u8>,
     max_attempts: u32,
     retry: Duration,
-    timeout: Duration,
 }
 
 impl Webhook {
@@ -276,12 +280,14 @@ impl Webhook {
         if secret.is_empty() {
             return Err(AlertsError::NoSecret);
         }
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let ca_file = (!config.ca_file.is_empty()).then(|| std::path::Path::new(&config.ca_file));
         Ok(Some(Self {
+            client: crate::http_client::remote(ca_file, timeout)?,
             url: config.webhook_url.clone(),
             secret,
             max_attempts: config.max_attempts.max(1),
             retry: Duration::from_millis(config.retry_ms),
-            timeout: Duration::from_millis(config.timeout_ms),
         }))
     }
 }
@@ -307,14 +313,7 @@ pub async fn deliver(
     metrics: Metrics,
     mut shutdown: Shutdown,
 ) {
-    // https:// receivers are verified against the system's roots.
-    let client = match crate::http_client::remote(None, webhook.timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(target: "enforcer::alerts", error = %e, "no HTTP client: low-balance alerts are not delivered (their audit rows are written)");
-            return;
-        }
-    };
+    let client = webhook.client.clone();
     let count = |result: &str| metrics.alerts.with_label_values(&[result]).inc();
     'alerts: loop {
         let alert = tokio::select! {

@@ -142,9 +142,12 @@ impl Default for TelemetryConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
-    /// Webhook that gets each alert as a signed JSON POST (`http://` only); `""`: alerts are
-    /// ledger rows only.
+    /// Webhook that gets each alert as a signed JSON POST (`http://` or `https://`); `""`:
+    /// alerts are ledger rows only.
     pub webhook_url: String,
+    /// PEM file of the CA that signed an `https://` webhook's certificate (the only root
+    /// trusted then); empty: the system's roots.
+    pub ca_file: String,
     /// File holding the HMAC-SHA256 key the webhook's body is signed with (or the environment
     /// variable `ENFORCER_ALERTS_HMAC_SECRET`); never the key itself in the config.
     pub hmac_secret_file: String,
@@ -166,6 +169,7 @@ impl Default for AlertsConfig {
     fn default() -> Self {
         Self {
             webhook_url: String::new(),
+            ca_file: String::new(),
             hmac_secret_file: String::new(),
             max_attempts: 8,
             retry_ms: 500,
@@ -1493,6 +1497,12 @@ impl Config {
             err(
                 "alerts.webhook_url".into(),
                 "must be an http:// or https:// URL with a host",
+            );
+        }
+        if !self.alerts.ca_file.is_empty() && !self.alerts.webhook_url.starts_with("https://") {
+            err(
+                "alerts.ca_file".into(),
+                "is for an https:// alerts.webhook_url only",
             );
         }
         if self.alerts.max_attempts == 0 || self.alerts.max_attempts > 100 {

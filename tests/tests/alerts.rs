@@ -382,3 +382,159 @@ async fn a_settle_that_crosses_a_threshold_fires() {
     );
     d.stop().await;
 }
+
+/// An https receiver on 127.0.0.1 with a certificate of a fresh test CA: every request is
+/// answered 200 and kept (as [`receiver`]'s); TLS handshakes that fail (a client that does not
+/// trust the CA) are counted.
+async fn tls_receiver(ca: &enforcer_tests::prom::TestCa) -> (SocketAddr, Seen, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.cert_file)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(&ca.key_file).expect("key file");
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Seen = Arc::default();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let (s, r) = (seen.clone(), refused.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, s, r) = (acceptor.clone(), s.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                // One request: the head, then content-length bytes of body.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                let mut headers = HeaderMap::new();
+                for line in head.split("\r\n").skip(1) {
+                    if let Some((name, value)) = line.split_once(':')
+                        && let (Ok(n), Ok(v)) = (
+                            axum::http::HeaderName::from_bytes(name.trim().as_bytes()),
+                            axum::http::HeaderValue::from_str(value.trim()),
+                        )
+                    {
+                        headers.insert(n, v);
+                    }
+                }
+                let length: usize = headers
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = Bytes::copy_from_slice(&buf[head_end..head_end + length]);
+                s.lock().push((headers, body));
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, seen, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_is_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = enforcer_tests::prom::TestCa::new(dir.path());
+    let (hook, seen, refused) = tls_receiver(&ca).await;
+    let https = |config: &mut Config| {
+        config.alerts.webhook_url = format!("https://{hook}/hook");
+        config.alerts.max_attempts = 2;
+    };
+
+    // Without alerts.ca_file the receiver's certificate is checked against the system's
+    // roots, which do not hold the test CA: the handshake fails, nothing is delivered.
+    let mut untrusting = config(hook, &secret_file(&dir));
+    https(&mut untrusting);
+    let d = TestDaemon::start(untrusting).await;
+    let key = unique("tls-untrusted");
+    for _ in 0..3 {
+        assert_eq!(spend(&d, &key).await, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) >= 2,
+        "the daemon tried (twice: max_attempts) and refused the unknown CA"
+    );
+    assert!(
+        seen.lock().is_empty(),
+        "nothing delivered to an unverified receiver"
+    );
+    d.stop().await;
+
+    // With the CA: delivered, signed, over TLS.
+    let mut trusting = config(hook, &secret_file(&dir));
+    https(&mut trusting);
+    trusting.alerts.ca_file = ca.ca_file.display().to_string();
+    let d = TestDaemon::start(trusting).await;
+    let key = unique("tls-trusted");
+    for _ in 0..3 {
+        assert_eq!(spend(&d, &key).await, 200);
+    }
+    // 1000 → 700 → 400 (50 % crossed) → 100 (20 % crossed).
+    let got = alerts(&seen, 2).await;
+    assert_eq!(
+        got.iter()
+            .map(|a| a["threshold"].as_f64())
+            .collect::<Vec<_>>(),
+        [Some(0.5), Some(0.2)],
+        "{got:?}"
+    );
+    d.stop().await;
+}
+
+#[test]
+fn a_ca_file_is_for_an_https_webhook_and_must_be_readable() {
+    let mut config = example_config(&redis_url());
+    config.alerts.webhook_url = "http://127.0.0.1:9/hook".into();
+    config.alerts.ca_file = "/ca.pem".into();
+    assert!(
+        config.validate().iter().any(|e| e.path == "alerts.ca_file"),
+        "a CA file for an http:// webhook is refused by name"
+    );
+    config.alerts.webhook_url = "https://127.0.0.1:9/hook".into();
+    assert!(config.validate().is_empty());
+    config.alerts.hmac_secret_file = String::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    config.alerts.hmac_secret_file = secret_file(&dir).display().to_string();
+    config.alerts.ca_file = dir.path().join("missing.pem").display().to_string();
+    let err = enforcer::alerts::Webhook::from_config(&config.alerts)
+        .expect_err("an unreadable CA file is an error at start");
+    assert!(err.to_string().contains("alerts.ca_file"), "{err}");
+}
