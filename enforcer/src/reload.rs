@@ -16,8 +16,9 @@
 //! - **restart required**: `[server]` (listener addresses and limits, key header, trusted
 //!   proxies), `[store]` but the idempotency TTL (the store URL or cluster, timeouts, breaker,
 //!   failure policy), `kernel.interfaces`, `kernel.pin_dir`, the rest of `[ledger]` (the
-//!   database URL, the file, journal, fsync, the queue, the pool, the node name), `[envoy]` and
-//!   `[telemetry]` (the trace exporter is set up with the logs, before the daemon starts). A
+//!   database URL, the file, journal, fsync, the queue, the pool, the node name), `[envoy]`,
+//!   `[alerts]` (the webhook's worker is set up once) and `[telemetry]` (the trace exporter is
+//!   set up with the logs, before the daemon starts). A
 //!   reload that changes them keeps the running values, lists them in
 //!   [`ReloadReport::restart_required`] and logs a warning: never half-applied.
 //!
@@ -295,6 +296,10 @@ fn restart_fields(a: &Config, b: &Config) -> Vec<String> {
     if a.telemetry != b.telemetry {
         out.push("telemetry".to_owned());
     }
+    // The webhook's worker, its client and the re-arm margin are set up once, at start.
+    if a.alerts != b.alerts {
+        out.push("alerts".to_owned());
+    }
     out
 }
 
@@ -326,6 +331,7 @@ fn effective(running: &Config, file: &Config) -> Config {
     };
     next.envoy = running.envoy.clone();
     next.telemetry = running.telemetry.clone();
+    next.alerts = running.alerts.clone();
     next
 }
 
@@ -674,6 +680,19 @@ mod tests {
         let next = effective(&running, &file);
         assert_eq!(next.telemetry, running.telemetry);
         assert_eq!(restart_fields(&file, &next), ["telemetry"]);
+        assert!(live_changes(&running, &next).is_empty());
+    }
+
+    #[test]
+    fn alerts_need_a_restart() {
+        let running = Config::default();
+        let mut file = Config::default();
+        file.alerts.webhook_url = "https://hooks.example/enforcer".into();
+        file.alerts.ca_file = "/etc/enforcer/ca.pem".into();
+        file.alerts.rearm_margin = 0.1;
+        let next = effective(&running, &file);
+        assert_eq!(next.alerts, running.alerts);
+        assert_eq!(restart_fields(&file, &next), ["alerts"]);
         assert!(live_changes(&running, &next).is_empty());
     }
 
