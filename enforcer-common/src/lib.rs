@@ -199,11 +199,11 @@ pub const fn method_hash(method: &[u8]) -> u64 {
 /// The oldest budget snapshot the kernel takes into account, nanoseconds (a minute).
 ///
 /// A snapshot holds while the daemon's heartbeat ([`GateConfig::heartbeat_ns`]) is fresh, not
-/// only while it is young: the daemon re-stamps a snapshot only when its own data changes or
-/// it has reached half this age, instead of every key at every tick. The bound keeps the
-/// kernel's refill projection in range (microseconds ≤ 2^26 times a rate ≤ 2^37 cannot
-/// overflow 64 bits) and caps how long a snapshot of a daemon that stopped re-stamping it
-/// (while still heartbeating) can count.
+/// only while it is young: the daemon writes a snapshot when its key's balance changes and
+/// lifts it at half this age, instead of re-stamping every key at every tick. The bound keeps
+/// the kernel's refill projection in range (microseconds ≤ 2^26 times a rate ≤ 2^37 cannot
+/// overflow 64 bits) and caps how long a snapshot of a daemon that stopped lifting it (while
+/// still heartbeating) can count.
 pub const SNAPSHOT_MAX_AGE_NS: u64 = 60_000_000_000;
 
 /// A key's budget as the kernel sees it.

@@ -116,7 +116,8 @@ fn main() {
     let refresh = start.elapsed();
     let tick = Duration::from_secs(2) / 3;
     // The sync task as it is: snapshots hold while the heartbeat is fresh; a tick writes the
-    // heartbeat and re-stamps only the snapshots that reached half of SNAPSHOT_MAX_AGE_NS.
+    // heartbeat and lifts the snapshots that reached half of SNAPSHOT_MAX_AGE_NS, whose keys'
+    // next decisions write them again.
     // Two simulated minutes of ticks at max_staleness 2 s.
     let span = Duration::from_secs(120);
     let (sync_busy, sync_writes) =
@@ -184,7 +185,7 @@ fn main() {
         refresh.as_secs_f64() / tick.as_secs_f64() * 100.0
     );
     println!(
-        "sync task, {keys} tracked keys, heartbeat freshness: {:.1} ms of work per {:.0} s simulated ({} snapshot writes, {:.1} ms per tick), {:.2}% of one core at max_staleness 2 s",
+        "sync task, {keys} tracked keys, heartbeat freshness: {:.1} ms of work per {:.0} s simulated ({} map writes, {:.1} ms per tick), {:.2}% of one core at max_staleness 2 s",
         sync_busy.as_secs_f64() * 1e3,
         span.as_secs_f64(),
         sync_writes,

@@ -231,7 +231,7 @@ fn a_drained_key_is_rejected_in_the_kernel_until_refill() {
         stamped = again;
     }
     // Past max_staleness (2 s) the snapshot still holds: the daemon's heartbeat keeps it
-    // valid, without writing it again (it is re-stamped only at 30 s).
+    // valid, without writing it again (it is lifted at 30 s).
     std::thread::sleep(Duration::from_millis(2300).saturating_sub(drained.elapsed()));
     assert!(
         !call(&link.b, "e2e-drained"),

@@ -169,9 +169,6 @@ pub struct GateSettings {
     pub reset: bool,
 }
 
-/// `BPF_EXIST`: update an entry only if it is there.
-const BPF_EXIST: u64 = 2;
-
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
@@ -669,24 +666,6 @@ impl Gate {
             HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
         map.insert(key_id, budget, 0)?;
         Ok(())
-    }
-
-    /// Re-stamps a key's snapshot only if the map still holds one; false when it does not. An
-    /// operator (`enforcer keys set-tier`) or LRU eviction may have removed it: a refresh never
-    /// brings it back, only the key's next decision does.
-    pub fn refresh_budget(&mut self, key_id: u64, mut budget: Budget) -> Result<bool, KernelError> {
-        budget.generation = self.generation;
-        let mut map =
-            HashMap::<&mut MapData, u64, Budget>::try_from(self.map_mut(names::BUDGETS_MAP)?)?;
-        match map.insert(key_id, budget, BPF_EXIST) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// A key's snapshot, if the map holds one.

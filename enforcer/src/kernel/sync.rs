@@ -21,12 +21,12 @@
 //! - Every `max_staleness / 3`: the heartbeat. The kernel takes snapshots, bindings and blocks
 //!   into account only while it is fresh, so a snapshot needs no re-stamping while its own data
 //!   holds: one map write per tick keeps them all alive, instead of one per tracked key. Tracked
-//!   keys are dropped once refill makes them able to pay everything; only a snapshot that
-//!   reaches half of [`SNAPSHOT_MAX_AGE_NS`] is re-stamped, with its balance projected by
-//!   refill (never more than a fresh read would give: other nodes only lower it), and only if
-//!   the map still holds it (an operator lifted it, `enforcer keys set-tier`: a refresh never
-//!   brings one back). Kernel counters go to the metrics; every [`ROLLUP_EVERY`] the per-key
-//!   rejection counts go to the ledger ([`crate::kernel::rollup`]).
+//!   keys are dropped once refill makes them able to pay everything, and once their snapshot
+//!   is [`LIFT_AFTER`] old: this daemon knows only its own changes, and a refund or a grant made
+//!   through another node may have raised the balance since. The key then passes until its next
+//!   decision, which reads Redis and writes a true snapshot. Kernel counters go to the metrics;
+//!   every [`ROLLUP_EVERY`] the per-key rejection counts go to the ledger
+//!   ([`crate::kernel::rollup`]).
 //! - At shutdown ([`crate::lifecycle`]) the task applies what is still queued, records a last
 //!   rollup, and leaves the pinned maps enforcing.
 use crate::config::Config;
@@ -117,9 +117,10 @@ const QUEUE: usize = 65_536;
 const RAISE_MEMORY: Duration = Duration::from_secs(30);
 /// Most raises remembered (beyond, the oldest half is forgotten).
 const MAX_RAISES: usize = 262_144;
-/// A snapshot this old is re-stamped (the kernel ignores it at [`SNAPSHOT_MAX_AGE_NS`]; a tick
-/// is at most 20 s, a third of the longest `max_staleness`).
-const RESTAMP_AFTER: Duration = Duration::from_nanos(SNAPSHOT_MAX_AGE_NS / 2);
+/// A snapshot this old is lifted: a raise through another node is seen within it (the kernel
+/// ignores a snapshot at [`SNAPSHOT_MAX_AGE_NS`]; a tick is at most 20 s, a third of the
+/// longest `max_staleness`).
+const LIFT_AFTER: Duration = Duration::from_nanos(SNAPSHOT_MAX_AGE_NS / 2);
 
 /// The kernel gate's subscriber to the decider's events, and the pricing engine's way to the
 /// price map. Cheap to clone; never blocks.
@@ -579,8 +580,6 @@ impl Tracked {
 enum Write {
     /// Write (or overwrite) a snapshot.
     Put(u64, Budget),
-    /// Re-stamp a snapshot, only if the map still holds it.
-    Refresh(u64, Budget),
     /// Remove a snapshot.
     Remove(u64),
 }
@@ -674,9 +673,9 @@ impl Snapshots {
             stamp: b.stamp,
             at: b.at,
         };
-        // Old already (a refund keeps an old refill clock): the next refresh would re-stamp it
-        // anyway, so project it to now.
-        if now.saturating_duration_since(t.stamp) > RESTAMP_AFTER {
+        // Old already (a refund keeps an old refill clock): the next refresh would lift it,
+        // so project it to now (the balance is the store's, as of now).
+        if now.saturating_duration_since(t.stamp) > LIFT_AFTER {
             t.balance = t.projected(now);
             t.stamp = now;
             if t.balance >= self.max_price {
@@ -734,9 +733,9 @@ impl Snapshots {
             .collect()
     }
 
-    /// Every `max_staleness / 3`: drop what refill made able to pay everything, re-stamp
-    /// what is still low and has reached [`RESTAMP_AFTER`]. Nothing is written for the others:
-    /// the heartbeat keeps them valid.
+    /// Every `max_staleness / 3`: lift what refill made able to pay everything, and what is
+    /// [`LIFT_AFTER`] old (it may miss a raise through another node). Nothing is written for
+    /// the others: the heartbeat keeps them valid.
     fn refresh(&mut self, now: Instant) -> Vec<Write> {
         self.forget_raises(now, RAISE_MEMORY);
         let tracked = &self.tracked;
@@ -744,45 +743,22 @@ impl Snapshots {
         let max_price = self.max_price;
         let mut writes = Vec::new();
         self.tracked.retain(|key_id, t| {
-            let balance = t.projected(now);
-            if balance >= max_price {
+            let lift = t.projected(now) >= max_price
+                || now.saturating_duration_since(t.stamp) >= LIFT_AFTER;
+            if lift {
                 writes.push(Write::Remove(*key_id));
-                return false;
             }
-            if now.saturating_duration_since(t.stamp) < RESTAMP_AFTER {
-                return true;
-            }
-            t.balance = balance;
-            t.stamp = now;
-            writes.push(Write::Refresh(
-                *key_id,
-                snapshot(balance, t.refill_per_sec, now),
-            ));
-            true
+            !lift
         });
         writes
     }
-
-    /// The map no longer held a key's snapshot when it was refreshed: stop tracking it.
-    fn gone(&mut self, key_id: u64) {
-        self.tracked.remove(&key_id);
-    }
 }
 
-/// Applies a write to the map; what went wrong is logged, and a refresh of a snapshot that is
-/// gone stops its tracking.
-fn apply(gate: &mut Gate, snapshots: &mut Snapshots, write: Write) {
+/// Applies a write to the map; what went wrong is logged.
+fn apply(gate: &mut Gate, write: Write) {
     let result = match write {
         Write::Put(key_id, budget) => gate.put_budget(key_id, budget),
         Write::Remove(key_id) => gate.remove_budget(key_id),
-        Write::Refresh(key_id, budget) => match gate.refresh_budget(key_id, budget) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                snapshots.gone(key_id);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        },
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "kernel snapshot update failed");
@@ -871,7 +847,7 @@ async fn sync(
             }
             _ = tick.tick() => {
                 for write in snapshots.refresh(Instant::now()) {
-                    apply(&mut gate, &mut snapshots, write);
+                    apply(&mut gate, write);
                 }
                 metrics.kernel_tracked_keys.set(snapshots.tracked.len() as i64);
                 if let Err(e) = gate.heartbeat() {
@@ -917,7 +893,7 @@ fn handle(
         Update::Lift { key_id, at } => snapshots.lift(key_id, at, now),
         Update::LiftHash(key_hash) => {
             for write in snapshots.lift_hash(&key_hash) {
-                apply(gate, snapshots, write);
+                apply(gate, write);
             }
             None
         }
@@ -956,7 +932,7 @@ fn handle(
         }
     };
     if let Some(write) = write {
-        apply(gate, snapshots, write);
+        apply(gate, write);
     }
 }
 
@@ -1081,8 +1057,9 @@ fn export(metrics: &Metrics, last: &Counters, now: &Counters) {
 /// The sync task's map work for `keys` tracked keys that stay low (balance 0, no refill),
 /// driven over `span` of simulated ticks of `max_staleness / 3` against a real gate: what
 /// `cargo xtask bench kernel` reports as the cost of keeping snapshots alive. The keys' last
-/// changes are spread over the [`RESTAMP_AFTER`] before the start, as decisions spread them.
-/// Returns the time spent (refresh, writes, heartbeat) and the snapshot writes made.
+/// changes are spread over the [`LIFT_AFTER`] before the start, as decisions spread them; a
+/// lifted key's next decision (it still cannot pay) writes its snapshot again at once.
+/// Returns the time spent (refresh, writes, heartbeat) and the map writes made.
 #[doc(hidden)]
 pub fn bench_refresh(
     gate: &mut Gate,
@@ -1090,10 +1067,10 @@ pub fn bench_refresh(
     max_staleness: Duration,
     span: Duration,
 ) -> (Duration, u64) {
-    let start = Instant::now() + RESTAMP_AFTER;
+    let start = Instant::now() + LIFT_AFTER;
     let mut tracked = HashMap::with_capacity(keys as usize);
     for k in 0..keys {
-        let stamp = start - RESTAMP_AFTER.mul_f64(k as f64 / keys as f64);
+        let stamp = start - LIFT_AFTER.mul_f64(k as f64 / keys as f64);
         tracked.insert(
             k + 1,
             Tracked {
@@ -1120,7 +1097,30 @@ pub fn bench_refresh(
         let began = Instant::now();
         for write in snapshots.refresh(now) {
             written += 1;
-            apply(gate, &mut snapshots, write);
+            let lifted = match write {
+                Write::Remove(key_id) => Some(key_id),
+                Write::Put(..) => None,
+            };
+            apply(gate, write);
+            let decided = lifted.and_then(|key_id| {
+                snapshots.balance(
+                    Balance {
+                        key_id,
+                        key_hash: KeyHash([0; 32]),
+                        balance: 0.0,
+                        at: 0.0,
+                        stamp: now,
+                        refill_per_sec: 0.0,
+                        max_tokens: 1000.0,
+                        raises: false,
+                    },
+                    now,
+                )
+            });
+            if let Some(put) = decided {
+                written += 1;
+                apply(gate, put);
+            }
         }
         let _ = gate.heartbeat();
         busy += began.elapsed();
@@ -1240,7 +1240,7 @@ mod tests {
             age >= 300_000_000,
             "stamped when the store settled it, not when it was handled: {age} ns"
         );
-        // A balance older than RESTAMP_AFTER is projected to now instead.
+        // A balance older than LIFT_AFTER is projected to now instead.
         let old = now.checked_sub(Duration::from_secs(40)).unwrap_or(now);
         let mut b = balance(10.0, 11.0, false, old);
         b.refill_per_sec = 2.0;
@@ -1251,7 +1251,7 @@ mod tests {
     }
 
     #[test]
-    fn refresh_drops_keys_refill_made_able_to_pay_and_restamps_only_old_ones() {
+    fn refresh_lifts_keys_refill_made_able_to_pay_and_old_snapshots_only() {
         let now = Instant::now();
         let mut s = snapshots(120.0);
         let mut b = balance(100.0, 10.0, false, now);
@@ -1270,23 +1270,22 @@ mod tests {
             assert!(
                 s.refresh(later + Duration::from_millis(667) * tick)
                     .is_empty(),
-                "tick {tick}: nothing to write before RESTAMP_AFTER"
+                "tick {tick}: nothing to write before LIFT_AFTER"
             );
         }
-        let old = now + RESTAMP_AFTER + Duration::from_millis(1);
-        let writes = s.refresh(old);
-        assert_eq!(writes.len(), 1);
-        assert!(matches!(writes[0], Write::Refresh(8, b) if b.balance_milli == 0));
-        assert!(
-            s.refresh(old + Duration::from_secs(1)).is_empty(),
-            "re-stamped: young again"
-        );
-        s.gone(8);
-        assert!(
-            s.refresh(old + RESTAMP_AFTER * 2).is_empty(),
-            "a lifted snapshot is not brought back"
-        );
+        // Still low, but a raise through another node may be missing from it by now: lifted,
+        // so the key's next decision writes a true snapshot.
+        let old = now + LIFT_AFTER + Duration::from_millis(1);
+        assert_eq!(s.refresh(old), [Write::Remove(8)]);
         assert!(s.tracked.is_empty());
+        assert!(
+            s.refresh(old + LIFT_AFTER * 2).is_empty(),
+            "a lifted snapshot is not brought back by a refresh"
+        );
+        // Its next decision writes one again.
+        let mut again = balance(0.0, 20.0, false, old);
+        again.key_id = 8;
+        assert!(matches!(s.balance(again, old), Some(Write::Put(8, _))));
     }
 
     fn decision(remaining: f64, denial: Option<Denial>) -> Decision {
