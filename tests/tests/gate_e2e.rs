@@ -1532,13 +1532,20 @@ fn wait_attached(server: &NetNs, attached: bool) -> String {
     }
 }
 
-/// `enforcer …` run in `ns`, as an operator on the node would; (exit code, stdout).
+/// `enforcer …` run in `ns`, as an operator on the node would; (exit code, stdout). A failing
+/// command's stderr goes to the test's output, where a failed assertion shows it.
 fn enforcer_in(ns: &NetNs, args: &[&str]) -> (i32, String) {
     let out = ns
         .command(enforcer_bin().to_str().expect("path"))
         .args(args)
         .output()
         .expect("run enforcer");
+    if !out.status.success() {
+        eprintln!(
+            "enforcer {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

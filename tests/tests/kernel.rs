@@ -374,3 +374,46 @@ fn kernel_status_lists_live_links_and_stale_pins() {
         drop(held);
     });
 }
+
+/// `kernel detach` and a daemon following the operator's marker race for the same pinned link
+/// (the daemon's heartbeat sees the marker the CLI has just made): whichever unpins second finds
+/// the link detached and the pin gone, and neither fails. A CI run caught the CLI failing here.
+#[test]
+fn kernel_detach_racing_the_daemons_own_detach_succeeds_for_both() {
+    use enforcer::kernel::attachment;
+    let link = Link::new("drc");
+    let pin = PinDir::new();
+    let dir = pin.path();
+    let iface = link.a_if.clone();
+    link.a.run(move || {
+        let pin_dir = std::path::Path::new(&dir);
+        let mut gate = Gate::attach(std::slice::from_ref(&iface), Some(pin_dir)).expect("attach");
+        for round in 0..40 {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let (cli_barrier, cli_dir) = (barrier.clone(), pin_dir.to_path_buf());
+            // Threads start in the creating thread's network namespace.
+            let cli = std::thread::spawn(move || {
+                cli_barrier.wait();
+                attachment::detach(&cli_dir, None)
+            });
+            barrier.wait();
+            let daemon = gate.detach_from(&iface);
+            let cli = cli.join().expect("cli thread");
+            assert!(
+                daemon.is_ok(),
+                "round {round}: the daemon's detach: {daemon:?}"
+            );
+            assert!(cli.is_ok(), "round {round}: kernel detach: {cli:?}");
+            assert!(
+                attachment::pinned_interfaces(pin_dir)
+                    .expect("list")
+                    .is_empty(),
+                "round {round}: the pin is removed"
+            );
+            let status = attachment::status(pin_dir).expect("status");
+            assert!(status.live.is_empty(), "round {round}: {status:?}");
+            attachment::attach(pin_dir, None).expect("remove the marker");
+            gate.attach_to(&iface, Some(pin_dir)).expect("attach again");
+        }
+    });
+}

@@ -222,7 +222,13 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<Pinned>, AttachmentError> {
             what: format!("opening the pinned link {}", path.display()),
             source,
         };
-        let fd = sys::obj_get(&path).map_err(link_err)?;
+        let fd = match sys::obj_get(&path) {
+            Ok(fd) => fd,
+            // Unpinned since the listing: a daemon following the operator's marker (or another
+            // `kernel detach`) got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(link_err(e)),
+        };
         let info = sys::link_info(&fd).map_err(link_err)?;
         links.push(Pinned { iface, fd, info });
     }
@@ -356,12 +362,7 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Detachment, Attachm
             what: format!("detaching the link pinned for {}", link.iface),
             source,
         })?;
-        let path = link_pin(pin_dir, &link.iface);
-        std::fs::remove_file(&path).map_err(|source| AttachmentError::Dir {
-            what: "removing the pinned link",
-            path: path.display().to_string(),
-            source,
-        })?;
+        unpin(&link_pin(pin_dir, &link.iface))?;
         if live {
             done.detached.push(Attachment {
                 link_id: link.info.id,
@@ -453,12 +454,23 @@ pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<bool, AttachmentErro
         what: format!("detaching the link pinned for {iface}"),
         source,
     })?;
-    std::fs::remove_file(&path).map_err(|source| AttachmentError::Dir {
-        what: "removing the pinned link",
-        path: path.display().to_string(),
-        source,
-    })?;
+    unpin(&path)?;
     Ok(true)
+}
+
+/// Removes a link's pin. Already gone is fine: the daemon (following the operator's marker at
+/// its heartbeat) and `kernel detach` race for the same pin, and whichever comes second finds
+/// the link detached (`BPF_LINK_DETACH` of a detached TCX link succeeds) and the pin removed.
+fn unpin(path: &Path) -> Result<(), AttachmentError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AttachmentError::Dir {
+            what: "removing the pinned link",
+            path: path.display().to_string(),
+            source,
+        }),
+    }
 }
 
 /// Whether the link pinned for `iface` runs nothing any more (its interface was deleted, or it
