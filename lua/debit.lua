@@ -54,7 +54,10 @@
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
 --          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}, and with KEYS[7],
 --          when the key's debit was decided (status ok, not a replay), two more:
---          candidate_allowed ("1" or "0") and candidate_remaining (a string)
+--          candidate_allowed ("1" or "0") and candidate_remaining (a string). Trailing empty
+--          fields are left out: a replay, a conflict or an unknown key answers the first 7,
+--          a decision without quota, grant moves or candidate the first 9 (the reader takes a
+--          missing field as "")
 --   status "ok", "unknown_key" or "conflict" (the request id was used for another request);
 --   remaining and cost as strings (Redis truncates Lua numbers to integers); retry_after_ms -1
 --   when refill can never cover the cost; at: the Redis TIME of the debit (what remaining is
@@ -96,7 +99,8 @@ end
 
 local function number(i, what, min)
   local v = tonumber(ARGV[i])
-  if v == nil or v ~= v or v == math.huge or v == -math.huge then
+  -- NaN and both infinities, in one operation (x - x is 0 for every finite x).
+  if v == nil or v - v ~= 0 then
     fail(what .. ' must be a finite number')
   end
   if v < min then
@@ -155,26 +159,38 @@ if max_cost ~= '-' then
   if m <= 0 then fail('max_cost must be > 0 or -') end
 end
 
--- One read for all five keys (six with a candidate; same hash tag, so the same cluster slot),
--- the record left out when there is none to read (got[1] false then).
-local reads = {KEYS[2], KEYS[1], KEYS[5], KEYS[4], KEYS[7]}
-if remember then table.insert(reads, 1, KEYS[3]) end
-local got = redis.call('MGET', unpack(reads))
-if not remember then table.insert(got, 1, false) end
-local record, assigned, bucket, stored_wallet = got[1], got[2], got[3], got[5]
-if kind == 'o' or kind == 'O' then stored_wallet = false end
+local main = kind == 'm' or kind == 'M'
+-- Calendar quotas are a main bucket's only; parsed once, here, so that a key without one is
+-- not read.
+local quota_count = 0
+if main then quota_count = number(10 + 5 * n, 'quota tier count', 0) end
+
+-- One read (same hash tag, so the same cluster slot) of what this debit can use: the record
+-- only when there is one to read, the quota only when a tier has one, the wallet only for a
+-- main bucket, the candidate's bucket only with a candidate.
+local reads = {KEYS[2], KEYS[1], false, false, false, false}
+local r_record, r_wallet, r_quota, r_candidate
+local nreads = 2
+if remember then nreads = nreads + 1; reads[nreads] = KEYS[3]; r_record = nreads end
+if main then nreads = nreads + 1; reads[nreads] = KEYS[4]; r_wallet = nreads end
+if quota_count > 0 then nreads = nreads + 1; reads[nreads] = KEYS[5]; r_quota = nreads end
+if KEYS[7] then nreads = nreads + 1; reads[nreads] = KEYS[7]; r_candidate = nreads end
+local got = redis.call('MGET', unpack(reads, 1, nreads))
+local assigned, bucket = got[1], got[2]
+local record = r_record and got[r_record]
+local stored_wallet = r_wallet and got[r_wallet]
 
 if record then
   local f = {}
   for part in string.gmatch(record, '[^|]+') do f[#f + 1] = part end
   -- Bound to another request (a record without a fingerprint predates them: a retry).
   if f[9] ~= nil and f[9] ~= fingerprint then
-    return {'conflict', 0, f[3], -1, f[5], f[6], 0, '', '', '', '', '', ''}
+    return {'conflict', 0, f[3], -1, f[5], f[6], 0}
   end
   -- An idempotent retry returns the recorded outcome and charges nothing; after a refund the
   -- request is charged again, as a new attempt.
   if f[8] ~= '1' then
-    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1, '', '', '', '', '', ''}
+    return {'ok', tonumber(f[2]), f[3], 0, f[5], f[6], 1}
   end
 end
 
@@ -188,7 +204,7 @@ for i = 0, n - 1 do
 end
 tier = tier or fallback
 if tier == nil then
-  return {'unknown_key', 0, '0', -1, '', ARGV[1], 0, '', '', '', '', '', ''}
+  return {'unknown_key', 0, '0', -1, '', ARGV[1], 0}
 end
 local tier_name = ARGV[tier]
 local max_tokens = number(tier + 1, 'max_tokens', 0)
@@ -200,8 +216,9 @@ local initial = number(tier + 4, 'initial_tokens', 0)
 local t = redis.call('TIME')
 -- Written as text without string.format (the costliest step of a short script), and read
 -- back, so that the number and the text stored and answered are the same value.
-local now_s = t[1] .. '.' .. string.sub('00000' .. t[2], -6)
-local now = tonumber(now_s)
+local us = t[2]
+local now_s = t[1] .. (#us == 6 and '.' or string.sub('.00000', 1, 7 - #us)) .. us
+local now = now_s + 0
 
 local balance = refilled(bucket, now, active_window, initial, max_tokens, idle_cap, rate)
 
@@ -227,10 +244,9 @@ local bucket_ok = balance + held >= cost or forced
 -- >>> QUOTA: calendar quota of the tier (enforcer/src/quota.rs `decide` is the same rule).
 -- Decided before anything is written, so a bad period argument writes nothing.
 local quota_ok, q_amount, q_start, q_end, q_used = true, nil, nil, nil, nil
-if kind == 'm' or kind == 'M' then
+if main then
   local qbase = 10 + 5 * n
-  local m = number(qbase, 'quota tier count', 0)
-  for j = 0, m - 1 do
+  for j = 0, quota_count - 1 do
     local b = qbase + 1 + 6 * j
     if ARGV[b] == nil then fail('missing quota parameters') end
     if ARGV[b] == tier_name then
@@ -244,9 +260,9 @@ if kind == 'm' or kind == 'M' then
           ' .. ' .. ARGV[b + 5] .. '): daemon and Redis clocks disagree by more than a period')
       end
       q_used = 0
-      local stored = got[4]
-      if stored then
-        local s, u = string.match(stored, '^(%S+) (%S+)$')
+      local usage = got[r_quota]
+      if usage then
+        local s, u = string.match(usage, '^(%S+) (%S+)$')
         if tonumber(s) == q_start and tonumber(u) ~= nil then q_used = tonumber(u) end
       end
       quota_ok = forced or q_used + cost <= q_amount
@@ -257,8 +273,8 @@ end
 
 -- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
 local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
-local lbase = 11 + 5 * n + 6 * number(10 + 5 * n, 'quota tier count', 0)
-if (kind == 'm' or kind == 'M') and ARGV[lbase] ~= '-' then
+local lbase = 11 + 5 * n + 6 * quota_count
+if main and ARGV[lbase] ~= '-' then
   l_max = number(lbase, 'key limit max_tokens', 0)
   l_rate = number(lbase + 1, 'key limit refill_per_sec', 0)
   if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
@@ -383,23 +399,26 @@ if allowed == 1 and remember then
   -- (lua/settle.lua appends what a settle did, and sets cost to the true cost; field 4 was the
   -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
   redis.call('SET', KEYS[3],
-    table.concat({kind, '1', remaining, q_start and fmt(q_start) or '0', tier_name, ARGV[1],
-      ARGV[tier + 1], '0', fingerprint, ARGV[8 + 5 * n], max_cost}, '|'),
+    kind .. '|1|' .. remaining .. '|' .. (q_start and fmt(q_start) or '0') .. '|' .. tier_name ..
+      '|' .. ARGV[1] .. '|' .. ARGV[tier + 1] .. '|0|' .. fingerprint .. '|' .. ARGV[8 + 5 * n] ..
+      '|' .. max_cost,
     'PX', ttl)
 end
-local grant_moves = table.concat(moves, '\n')
-local reply
-if q_start ~= nil then
-  reply = {'ok', allowed, remaining, retry, tier_name, ARGV[1], 0, now_s, denied_by,
-    fmt(q_used), fmt(q_amount), fmt(q_end), grant_moves}
-else
-  reply = {'ok', allowed, remaining, retry, tier_name, ARGV[1], 0, now_s, denied_by, '', '',
-    '', grant_moves}
+-- The quota and grant fields only when there is something in them (each field of a reply
+-- costs Redis about as much as an argument).
+local reply = {'ok', allowed, remaining, retry, tier_name, ARGV[1], 0, now_s, denied_by}
+if q_start ~= nil or #moves > 0 or c_cost ~= nil then
+  if q_start ~= nil then
+    reply[10], reply[11], reply[12] = fmt(q_used), fmt(q_amount), fmt(q_end)
+  else
+    reply[10], reply[11], reply[12] = '', '', ''
+  end
+  reply[13] = table.concat(moves, '\n')
 end
 
 -- >>> CANDIDATE: the same rule as the main bucket above (enforcer/src/debit.rs `settle`).
 if c_cost ~= nil then
-  local c_balance = refilled(got[6], now, active_window, c_initial, c_max, c_idle, c_rate)
+  local c_balance = refilled(got[r_candidate], now, active_window, c_initial, c_max, c_idle, c_rate)
   local c_allowed = '0'
   if c_balance >= c_cost then
     c_balance = c_balance - c_cost

@@ -41,7 +41,8 @@ end
 
 local function number(i, what, min)
   local v = tonumber(ARGV[i])
-  if v == nil or v ~= v or v == math.huge or v == -math.huge then
+  -- NaN and both infinities, in one operation (x - x is 0 for every finite x).
+  if v == nil or v - v ~= 0 then
     fail(what .. ' must be a finite number')
   end
   if v < min then

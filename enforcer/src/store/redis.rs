@@ -938,12 +938,21 @@ impl TokenStore for RedisStore {
                 BucketKind::Operational => "O",
             };
         }
-        // 13 fields (15 with a candidate): more than redis-rs reads into a tuple.
+        // Up to 13 fields (15 with a candidate): more than redis-rs reads into a tuple. The
+        // script leaves trailing empty fields out (each costs Redis about as much as an
+        // argument): the first 7 are always there, a missing one after them is "".
         let reply: Vec<redis::Value> = self.eval(DEBIT, keys, &args).await?;
         let field = |i: usize| -> Result<String, StoreError> {
-            let v = reply.get(i).ok_or_else(|| {
-                StoreError::Protocol(format!("debit answered {} fields", reply.len()))
-            })?;
+            let Some(v) = reply.get(i) else {
+                return if i >= 7 && reply.len() >= 7 {
+                    Ok(String::new())
+                } else {
+                    Err(StoreError::Protocol(format!(
+                        "debit answered {} fields",
+                        reply.len()
+                    )))
+                };
+            };
             redis::from_redis_value::<String>(v)
                 .map_err(|e| StoreError::Protocol(format!("debit field {i}: {e}")))
         };
