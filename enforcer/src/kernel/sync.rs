@@ -775,14 +775,15 @@ impl Addresses {
     /// current, so every binding this memory forgets is removed from the map at once.
     fn client(&mut self, gate: &mut Gate, key_id: u64, ip: IpAddr) -> Result<(), KernelError> {
         let change = self.0.seen(ip, key_id);
-        if let Some(evicted) = self.0.take_evicted() {
-            gate.unbind(evicted)?;
-        }
-        match change {
+        // Both writes are made even when the first fails (the first error is reported): this
+        // sighting's own change must not wait for the next one.
+        let evicted = self.0.take_evicted().map_or(Ok(()), |gone| gate.unbind(gone));
+        let own = match change {
             Change::Bind(ip, key_id) => gate.bind(ip, key_id),
             Change::Unbind(ip) => gate.unbind(ip),
             Change::None => Ok(()),
-        }
+        };
+        evicted.and(own)
     }
 
     /// A new generation: the bindings are written again in it.
