@@ -34,22 +34,25 @@
 --                             happened (fail-soft local decisions debited back, enforcer/src/
 --                             decision/local.rs). A forced debit is remembered like any allowed one (a
 --                             retry under its id is a free replay) and is not refundable.
--- ARGV[7]  n                  number of tiers that follow
--- ARGV[8+5i .. 12+5i]         name, max_tokens, refill_per_sec, idle_cap, initial_tokens
--- ARGV[8+5n]               units        the units the cost was computed for (> 0), kept in the
+-- ARGV[7]  tiers              every tier in one argument, a line each, each line preceded
+--                             by "\n": "\n<name> <index> <max_tokens> <refill_per_sec>
+--                             <idle_cap> <initial_tokens>", index 0, 1, ... in order (tier
+--                             names are [a-z0-9_-], enforcer/src/config.rs). One argument: Redis
+--                             spends about as much on each argument as on a tier's lookup here.
+-- ARGV[8]                  units        the units the cost was computed for (> 0), kept in the
 --                                       request record for a settle in units (lua/settle.lua)
--- ARGV[9+5n]               max_cost     the endpoint's cap on a settle, tokens, or "-" (none)
--- ARGV[10+5n]              m            number of tiers with a calendar quota that follow
--- ARGV[11+5n+6j .. 16+5n+6j]            name, amount, b0, b1, b2, b3: four consecutive period
+-- ARGV[9]                  max_cost     the endpoint's cap on a settle, tokens, or "-" (none)
+-- ARGV[10]                 m            number of tiers with a calendar quota that follow
+-- ARGV[11+6j .. 16+6j]                  name, amount, b0, b1, b2, b3: four consecutive period
 --                                       starts the daemon computed around its clock (Lua has
 --                                       no time zones); the period containing Redis TIME counts
--- ARGV[11+5n+6m], ARGV[12+5n+6m]        key limit: max_tokens and refill_per_sec of KEYS[6], or
+-- ARGV[11+6m], ARGV[12+6m]              key limit: max_tokens and refill_per_sec of KEYS[6], or
 --                                       "-" "-": none
--- With KEYS[7] only (the CANDIDATE block below), c = 13+5n+6m:
+-- With KEYS[7] only (the CANDIDATE block below), c = 13+6m:
 -- ARGV[c]                  candidate cost         tokens, finite, > 0
 -- ARGV[c+1+4i .. c+4+4i]   candidate tier i       max_tokens, refill_per_sec, idle_cap,
 --                                                 initial_tokens of the candidate bucket of
---                                                 the i-th tier above (same order)
+--                                                 the tier of index i above
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
 --          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}, and with KEYS[7],
@@ -97,8 +100,9 @@ local function fail(msg)
   error({err = 'ERR enforcer: ' .. msg})
 end
 
-local function number(i, what, min)
-  local v = tonumber(ARGV[i])
+-- `s` as a finite number >= min, else an error naming `what` (an argument, or a field of one).
+local function number(s, what, min)
+  local v = tonumber(s)
   -- NaN and both infinities, in one operation (x - x is 0 for every finite x).
   if v == nil or v - v ~= 0 then
     fail(what .. ' must be a finite number')
@@ -135,27 +139,28 @@ local function refilled(raw, now, window, initial, max_tokens, idle_cap, rate)
 end
 
 if #KEYS ~= 6 and #KEYS ~= 7 then fail('expected 6 keys (7 with a candidate)') end
-local cost = number(1, 'cost', 0)
+local cost = number(ARGV[1], 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
-local ttl = number(2, 'record ttl', 0)
+local ttl = number(ARGV[2], 'record ttl', 0)
 local remember = ttl > 0
 local fingerprint = ARGV[3]
 if fingerprint == nil or not string.match(fingerprint, '^%x+$') then
   fail('fingerprint must be hex digits')
 end
-local active_window = number(4, 'active window', 0)
+local active_window = number(ARGV[4], 'active window', 0)
 local default_tier = ARGV[5]
 local kind = ARGV[6]
 if kind ~= 'm' and kind ~= 'o' and kind ~= 'M' and kind ~= 'O' then
   fail('bucket kind must be m, o, M or O')
 end
 local forced = kind == 'M' or kind == 'O'
-local n = number(7, 'tier count', 1)
-local units = number(8 + 5 * n, 'units', 0)
+local tiers = ARGV[7]
+if tiers == nil or string.byte(tiers, 1) ~= 10 then fail('tiers must be lines each after a "\\n"') end
+local units = number(ARGV[8], 'units', 0)
 if units <= 0 then fail('units must be > 0') end
-local max_cost = ARGV[9 + 5 * n]
+local max_cost = ARGV[9]
 if max_cost ~= '-' then
-  local m = number(9 + 5 * n, 'max_cost', 0)
+  local m = number(ARGV[9], 'max_cost', 0)
   if m <= 0 then fail('max_cost must be > 0 or -') end
 end
 
@@ -163,7 +168,7 @@ local main = kind == 'm' or kind == 'M'
 -- Calendar quotas are a main bucket's only; parsed once, here, so that a key without one is
 -- not read.
 local quota_count = 0
-if main then quota_count = number(10 + 5 * n, 'quota tier count', 0) end
+if main then quota_count = number(ARGV[10], 'quota tier count', 0) end
 
 -- One read (same hash tag, so the same cluster slot) of what this debit can use: the record
 -- only when there is one to read, the quota only when a tier has one, the wallet only for a
@@ -194,23 +199,29 @@ if record then
   end
 end
 
-local tier, fallback
-for i = 0, n - 1 do
-  local base = 8 + 5 * i
-  local name = ARGV[base]
-  if name == nil then fail('missing tier parameters') end
-  if name == assigned then tier = base end
-  if name == default_tier then fallback = base end
+-- The key's tier: its assignment when the config has that tier, else the default tier.
+local function tier_line(name)
+  if not name or name == '' then return nil end
+  local at = string.find(tiers, '\n' .. name .. ' ', 1, true)
+  if at == nil then return nil end
+  local t_name, t_index, t_max, t_rate, t_idle, t_initial = string.match(tiers,
+    '^\n([^ \n]+) ([^ \n]+) ([^ \n]+) ([^ \n]+) ([^ \n]+) ([^ \n]+)', at)
+  if t_name == nil then fail('unreadable tier line') end
+  -- Exactly this name (an assignment with a space in it must not match a longer line).
+  if t_name ~= name then return nil end
+  return t_name, t_index, t_max, t_rate, t_idle, t_initial
 end
-tier = tier or fallback
-if tier == nil then
+local tier_name, tier_index, tier_max, tier_rate, tier_idle, tier_initial = tier_line(assigned)
+if tier_name == nil then
+  tier_name, tier_index, tier_max, tier_rate, tier_idle, tier_initial = tier_line(default_tier)
+end
+if tier_name == nil then
   return {'unknown_key', 0, '0', -1, '', ARGV[1], 0}
 end
-local tier_name = ARGV[tier]
-local max_tokens = number(tier + 1, 'max_tokens', 0)
-local rate = number(tier + 2, 'refill_per_sec', 0)
-local idle_cap = number(tier + 3, 'idle_cap', 0)
-local initial = number(tier + 4, 'initial_tokens', 0)
+local max_tokens = number(tier_max, 'max_tokens', 0)
+local rate = number(tier_rate, 'refill_per_sec', 0)
+local idle_cap = number(tier_idle, 'idle_cap', 0)
+local initial = number(tier_initial, 'initial_tokens', 0)
 
 -- Server time, never the caller's clock (skewed nodes would double-spend).
 local t = redis.call('TIME')
@@ -245,14 +256,15 @@ local bucket_ok = balance + held >= cost or forced
 -- Decided before anything is written, so a bad period argument writes nothing.
 local quota_ok, q_amount, q_start, q_end, q_used = true, nil, nil, nil, nil
 if main then
-  local qbase = 10 + 5 * n
+  local qbase = 10
   for j = 0, quota_count - 1 do
     local b = qbase + 1 + 6 * j
     if ARGV[b] == nil then fail('missing quota parameters') end
     if ARGV[b] == tier_name then
-      q_amount = number(b + 1, 'quota amount', 0)
+      q_amount = number(ARGV[b + 1], 'quota amount', 0)
       for i = 0, 2 do
-        local lo, hi = number(b + 2 + i, 'quota boundary', 0), number(b + 3 + i, 'quota boundary', 0)
+        local lo = number(ARGV[b + 2 + i], 'quota boundary', 0)
+        local hi = number(ARGV[b + 3 + i], 'quota boundary', 0)
         if lo <= now and now < hi then q_start, q_end = lo, hi end
       end
       if q_start == nil then
@@ -273,10 +285,10 @@ end
 
 -- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
 local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
-local lbase = 11 + 5 * n + 6 * quota_count
+local lbase = 11 + 6 * quota_count
 if main and ARGV[lbase] ~= '-' then
-  l_max = number(lbase, 'key limit max_tokens', 0)
-  l_rate = number(lbase + 1, 'key limit refill_per_sec', 0)
+  l_max = number(ARGV[lbase], 'key limit max_tokens', 0)
+  l_rate = number(ARGV[lbase + 1], 'key limit refill_per_sec', 0)
   if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
   l_balance = l_max
   local stored = redis.call('GET', KEYS[6])
@@ -295,13 +307,13 @@ local c_cost, c_max, c_rate, c_idle, c_initial
 if #KEYS == 7 then
   if kind ~= 'm' then fail('a candidate is evaluated for unforced main-bucket debits only') end
   local cbase = lbase + 2
-  c_cost = number(cbase, 'candidate cost', 0)
+  c_cost = number(ARGV[cbase], 'candidate cost', 0)
   if c_cost <= 0 or c_cost > 1e15 then fail('candidate cost must be > 0 and <= 1e15') end
-  local ci = cbase + 1 + 4 * ((tier - 8) / 5)
-  c_max = number(ci, 'candidate max_tokens', 0)
-  c_rate = number(ci + 1, 'candidate refill_per_sec', 0)
-  c_idle = number(ci + 2, 'candidate idle_cap', 0)
-  c_initial = number(ci + 3, 'candidate initial_tokens', 0)
+  local ci = cbase + 1 + 4 * number(tier_index, 'tier index', 0)
+  c_max = number(ARGV[ci], 'candidate max_tokens', 0)
+  c_rate = number(ARGV[ci + 1], 'candidate refill_per_sec', 0)
+  c_idle = number(ARGV[ci + 2], 'candidate idle_cap', 0)
+  c_initial = number(ARGV[ci + 3], 'candidate initial_tokens', 0)
 end
 -- <<< CANDIDATE
 
@@ -400,7 +412,7 @@ if allowed == 1 and remember then
   -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
   redis.call('SET', KEYS[3],
     kind .. '|1|' .. remaining .. '|' .. (q_start and fmt(q_start) or '0') .. '|' .. tier_name ..
-      '|' .. ARGV[1] .. '|' .. ARGV[tier + 1] .. '|0|' .. fingerprint .. '|' .. ARGV[8 + 5 * n] ..
+      '|' .. ARGV[1] .. '|' .. tier_max .. '|0|' .. fingerprint .. '|' .. ARGV[8] ..
       '|' .. max_cost,
     'PX', ttl)
 end

@@ -242,7 +242,8 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         format!("ptb:{{{tag}}}:q"),
         format!("ptb:{{{tag}}}:k"),
     ];
-    let tier = ["free", "1000", "10", "0.8", "800"];
+    // Every tier in one argument (lua/debit.lua, ARGV[7]).
+    let tier = ["\nfree 0 1000 10 0.8 800"];
     for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
@@ -254,7 +255,6 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .arg("60")
             .arg("free")
             .arg("m")
-            .arg("1")
             .arg(&tier)
             .query_async(&mut conn)
             .await;
@@ -271,20 +271,53 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .arg(&keys)
         .arg(
             &[
-                "1", "60000", "ab12", "60", "free", "m", "1", "free", "nan", "10", "0.8", "800",
-                "1", "-",
+                "1",
+                "60000",
+                "ab12",
+                "60",
+                "free",
+                "m",
+                "\nfree 0 nan 10 0.8 800",
+                "1",
+                "-",
+                "0",
+                "-",
+                "-",
             ][..],
         )
         .query_async(&mut conn)
         .await;
-    assert!(result.is_err(), "NaN max_tokens refused");
+    let err = result.expect_err("NaN max_tokens refused");
+    assert!(err.to_string().contains("max_tokens"), "{err}");
+    // The tiers argument is a line per tier, each after a newline.
+    for tiers in ["free 0 1000 10 0.8 800", "", "\nfree 0 1000"] {
+        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+            .arg(&sha)
+            .arg(6)
+            .arg(&keys)
+            .arg(
+                &[
+                    "1", "60000", "ab12", "60", "free", "m", tiers, "1", "-", "0", "-", "-",
+                ][..],
+            )
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err(&format!("tiers {tiers:?} refused"));
+        assert!(err.to_string().contains("tier"), "{tiers:?}: {err}");
+    }
     let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
         .arg(&sha)
         .arg(1)
         .arg(&keys[0])
         .arg(
             &[
-                "1", "60000", "ab12", "60", "free", "m", "1", "free", "1000", "10", "0.8", "800",
+                "1",
+                "60000",
+                "ab12",
+                "60",
+                "free",
+                "m",
+                "\nfree 0 1000 10 0.8 800",
             ][..],
         )
         .query_async(&mut conn)
@@ -304,12 +337,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
                     "60",
                     "free",
                     "m",
-                    "1",
-                    "free",
-                    "1000",
-                    "10",
-                    "0.8",
-                    "800",
+                    "\nfree 0 1000 10 0.8 800",
                 ][..],
             )
             .query_async(&mut conn)
@@ -329,14 +357,15 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .arg(&sha)
             .arg(6)
             .arg(&keys)
-            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
             .arg(units)
             .arg(max_cost)
             .query_async(&mut conn)
             .await;
         let err = result.expect_err(&format!("units {units:?}, max_cost {max_cost:?}"));
-        assert!(err.to_string().contains("enforcer:"), "{err}");
+        let what = if units == "1" { "max_cost" } else { "units" };
+        assert!(err.to_string().contains(what), "{what}: {err}");
     }
     // The calendar-quota block: a bad count, amount or boundary, a missing tier entry, and
     // Redis TIME outside every period passed (the daemon's clock far off) are refused.
@@ -364,7 +393,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .arg(&sha)
             .arg(6)
             .arg(&keys)
-            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
             .arg(&["1", "-"][..])
             .arg(&quota)
@@ -384,7 +413,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             .arg(&sha)
             .arg(6)
             .arg(&keys)
-            .arg(&["1", "60000", "ab12", "60", "free", "m", "1"][..])
+            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
             .arg(&["1", "-", "0"][..])
             .arg(&limit[..])

@@ -648,21 +648,33 @@ struct Ceiling {
 }
 
 /// The script's arguments after the keys, for `redis-benchmark` and its sanity check: cost,
-/// record ttl, fingerprint, active window, default tier, bucket kind, tier count, the tier,
-/// units, max_cost (none), no quota tiers, no key limit.
-const DEBIT_ARGS: [&str; 17] = [
+/// record ttl, fingerprint, active window, default tier, bucket kind, the one tier (a line:
+/// name, index, max_tokens, refill_per_sec, idle_cap, initial_tokens), units, max_cost (none),
+/// no quota tiers, no key limit.
+const DEBIT_ARGS: [&str; 12] = [
     "1",
     "600000",
     "0123456789abcdef",
     "60",
     "bench",
     "m",
+    "\nbench 0 1e12 1e9 0.8 8e11",
     "1",
+    "-",
+    "0",
+    "-",
+    "-",
+];
+
+/// [`DEBIT_ARGS`] with the three tiers of `examples/enforcer.toml` before the bench's own.
+const DEBIT_ARGS_4_TIERS: [&str; 12] = [
+    "1",
+    "600000",
+    "0123456789abcdef",
+    "60",
     "bench",
-    "1e12",
-    "1e9",
-    "0.8",
-    "8e11",
+    "m",
+    "\nfree 0 1000 10 0.8 800\npro 1 10000 100 0.8 8000\nprepaid 2 5000 0 1 0\nbench 3 1e12 1e9 0.8 8e11",
     "1",
     "-",
     "0",
@@ -823,9 +835,9 @@ fn script() -> Result<()> {
         .enumerate()
         .map(|(i, a)| if i == 1 { "0" } else { *a })
         .collect();
-    let variants: [(&str, &str, &[String], Vec<&str>); 4] = [
+    let variants: [(&str, &str, &[String], Vec<&str>); 5] = [
         (
-            "`return 1`, the debit's 6 keys and 17 arguments",
+            "`return 1`, the debit's 6 keys and 12 arguments",
             "return 1",
             &keys,
             DEBIT_ARGS.to_vec(),
@@ -847,6 +859,12 @@ fn script() -> Result<()> {
             &debit,
             &keys,
             no_record,
+        ),
+        (
+            "debit.lua, request record, 4 tiers in the policy",
+            &debit,
+            &keys,
+            DEBIT_ARGS_4_TIERS.to_vec(),
         ),
     ];
     println!("machine: {}", machine());

@@ -777,7 +777,10 @@ impl Addresses {
         let change = self.0.seen(ip, key_id);
         // Both writes are made even when the first fails (the first error is reported): this
         // sighting's own change must not wait for the next one.
-        let evicted = self.0.take_evicted().map_or(Ok(()), |gone| gate.unbind(gone));
+        let evicted = self
+            .0
+            .take_evicted()
+            .map_or(Ok(()), |gone| gate.unbind(gone));
         let own = match change {
             Change::Bind(ip, key_id) => gate.bind(ip, key_id),
             Change::Unbind(ip) => gate.unbind(ip),

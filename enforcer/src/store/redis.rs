@@ -145,10 +145,14 @@ pub struct RedisStore {
 /// the default tier of its arguments).
 #[derive(Debug)]
 struct AccountArgs {
-    /// `ARGV[4..]` of the debit script for main buckets: window, default tier, kind, tiers.
-    main_args: Vec<String>,
+    /// `ARGV[4..=7]` of the debit script for main buckets: window, default tier, kind, and
+    /// every tier in one argument ([`debit_args`]).
+    debit_main: Vec<String>,
     /// The same for operational buckets: every tier maps to the operational bucket.
-    ops_args: Vec<String>,
+    debit_ops: Vec<String>,
+    /// `ARGV[3..]` of the settle script: window, default tier, kind, tier count, and five
+    /// arguments per tier ([`script_args`]).
+    main_args: Vec<String>,
     /// `ARGV[3..]` of the grant script: window, default tier, tiers with their ceilings.
     grant_args: Vec<String>,
     /// `ARGV` of the inspect script: the main debit tail, then the operational bucket.
@@ -156,15 +160,17 @@ struct AccountArgs {
     /// The debit script's key limit: `max_tokens refill_per_sec`, or `- -`.
     key_limit: [String; 2],
     /// The debit script's CANDIDATE tail after the candidate cost: four numbers per tier, in
-    /// the order of `main_args`' tiers; `None`: no candidate configured.
+    /// the order of the policy's tiers (the index in `debit_main`); `None`: no candidate
+    /// configured.
     candidate_args: Option<Vec<String>>,
 }
 
 impl AccountArgs {
     fn of(policy: &BudgetPolicy, key_limit: Option<crate::budget::BucketParams>) -> Self {
         Self {
+            debit_main: debit_args(policy, BucketKind::Main),
+            debit_ops: debit_args(policy, BucketKind::Operational),
             main_args: script_args(policy, BucketKind::Main),
-            ops_args: script_args(policy, BucketKind::Operational),
             grant_args: grant_args(policy),
             inspect_args: inspect_args(policy),
             key_limit: key_limit.map_or_else(
@@ -757,7 +763,8 @@ fn cluster_info(text: &str) -> serde_json::Value {
     })
 }
 
-/// The tier part of the debit script's `ARGV`, computed once.
+/// The tier part of the settle script's `ARGV` (and the base of the grant and inspect
+/// scripts'), computed once: window, default tier, kind, tier count, five arguments per tier.
 fn script_args(policy: &BudgetPolicy, kind: BucketKind) -> Vec<String> {
     let default = match &policy.unknown_keys {
         UnknownKeys::DefaultTier(name) => name.clone(),
@@ -783,6 +790,22 @@ fn script_args(policy: &BudgetPolicy, kind: BucketKind) -> Vec<String> {
             [p.max_tokens, p.refill_per_sec, p.idle_cap, p.initial_tokens].map(|v| v.to_string()),
         );
     }
+    args
+}
+
+/// The tier part of the debit script's `ARGV` (4 to 7), computed once: window, default tier,
+/// kind, then every tier in one argument, a line each after a `\n`: name, index, and the four
+/// numbers of [`script_args`]. (Redis spends about as much on each argument as the script
+/// spends on finding the key's tier in one string: one argument instead of five per tier.)
+fn debit_args(policy: &BudgetPolicy, kind: BucketKind) -> Vec<String> {
+    let mut args = script_args(policy, kind);
+    let tiers: String = args[4..]
+        .chunks(5)
+        .enumerate()
+        .map(|(i, t)| format!("\n{} {i} {}", t[0], t[1..].join(" ")))
+        .collect();
+    args.truncate(3);
+    args.push(tiers);
     args
 }
 
@@ -879,8 +902,8 @@ impl TokenStore for RedisStore {
         };
         let keys = account.debit_keys(d.bucket, &d.request_id);
         let tail = match d.bucket {
-            BucketKind::Main => &account.args.main_args,
-            BucketKind::Operational => &account.args.ops_args,
+            BucketKind::Main => &account.args.debit_main,
+            BucketKind::Operational => &account.args.debit_ops,
         };
         let units = d.terms.units.to_string();
         let max_cost = d
@@ -1321,6 +1344,43 @@ mod tests {
         assert_eq!(slot_of(b"ptb:{foo}:b"), slot_of(b"foo"));
         assert_eq!(slot_of(b"ptb:{foo}:r:anything"), 12182);
         assert_eq!(slot_of(b"a{}b"), 13694);
+    }
+
+    #[test]
+    fn the_debit_gets_every_tier_in_one_argument_with_its_index() {
+        let policy = crate::config::Config::parse(include_str!("../../../examples/enforcer.toml"))
+            .expect("the example config")
+            .budget_policy();
+        let main = debit_args(&policy, BucketKind::Main);
+        let settle = script_args(&policy, BucketKind::Main);
+        assert_eq!(main.len(), 4, "{main:?}");
+        assert_eq!(main[..3], settle[..3], "window, default tier, kind");
+        assert_eq!(main[2], "m");
+        let lines: Vec<&str> = main[3].split('\n').collect();
+        assert_eq!(lines[0], "", "every line follows a newline: {:?}", main[3]);
+        assert_eq!(lines.len() - 1, policy.tiers.len());
+        assert!(
+            policy.tiers.len() > 1,
+            "the example config has several tiers"
+        );
+        for (i, (line, tier)) in lines[1..].iter().zip(&policy.tiers).enumerate() {
+            let b = tier.bucket;
+            let want = format!(
+                "{} {i} {} {} {} {}",
+                tier.name, b.max_tokens, b.refill_per_sec, b.idle_cap, b.initial_tokens
+            );
+            assert_eq!(*line, want);
+        }
+        let ops = debit_args(&policy, BucketKind::Operational);
+        assert_eq!(ops[2], "o");
+        let first = ops[3].split('\n').nth(1).expect("a tier");
+        assert!(
+            first.ends_with(&format!(
+                " {} {}",
+                policy.operational.idle_cap, policy.operational.initial_tokens
+            )),
+            "{first}"
+        );
     }
 
     #[test]
