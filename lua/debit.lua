@@ -1,17 +1,21 @@
 -- debit.lua: the PTB-CWD debit, atomic in Redis. Mirrors enforcer/src/debit.rs (the rule is
 -- documented there and in docs/architecture.md). O(1): a fixed number of single-key commands.
 --
+-- KEYS: the bucket and the tier assignment, then, in this order, only the keys this debit uses
+-- (each key given costs Redis ~2.4 k instructions, used or not):
 -- KEYS[1]  bucket             ptb:{<sha256 of key>}:b  (or :ops)   "<balance> <updated_at seconds>"
 -- KEYS[2]  tier assignment    ptb:{<sha256 of key>}:tier           (string, set by operators)
--- KEYS[3]  request record     ptb:{<sha256 of key>}:r:<request id>
--- KEYS[4]  wallet             ptb:{<sha256 of key>}:w   grants that expire or have a priority,
---                             one line each in spend order: "<priority> <expires_at|-> <granted_at>
---                             <left> <grant id>" (enforcer/src/wallet.rs); read and spent only
---                             for the main bucket
--- KEYS[5]  quota usage        ptb:{<sha256 of key>}:q  "<period start> <used>" (calendar quotas)
--- KEYS[6]  key limit          a shared budget member's own bucket, ptb:{budget:<name>}:k:<sha256>
---                             "<balance> <updated_at>" (read only when ARGV gives a key limit)
--- KEYS[7]  candidate bucket   optional: the shadow candidate policy's bucket (enforcer/src/
+--          wallet             main bucket only (kind m or M): ptb:{<sha256 of key>}:w, grants
+--                             that expire or have a priority, one line each in spend order:
+--                             "<priority> <expires_at|-> <granted_at> <left> <grant id>"
+--                             (enforcer/src/wallet.rs)
+--          request record     record ttl > 0 only: ptb:{<sha256 of key>}:r:<request id>
+--          quota usage        main bucket with a quota tier count > 0 only:
+--                             ptb:{<sha256 of key>}:q  "<period start> <used>" (calendar quotas)
+--          key limit          main bucket with a key limit in ARGV only: a shared budget
+--                             member's own bucket, ptb:{budget:<name>}:k:<sha256>
+--                             "<balance> <updated_at>"
+--          candidate bucket   optional, last: the shadow candidate policy's bucket (enforcer/src/
 --                             shadow.rs), ptc:{<sha256 of key>}:b (ptc:{budget:<name>}:b for a
 --                             shared budget), "<balance> <updated_at>"; given only for a main
 --                             bucket's unforced debit when a candidate is configured
@@ -23,7 +27,7 @@
 -- ARGV[1]  cost               tokens, finite, > 0
 -- ARGV[2]  record ttl         milliseconds, integer >= 0; 0: no request record (a request id
 --                             the daemon generated and does not remember, store::Debit::
---                             remembered): KEYS[3] is neither read nor written
+--                             remembered): no record key is given
 -- ARGV[3]  fingerprint        hex digits: what the request id is bound to (bucket, method,
 --                             endpoint, units; see store::Fingerprint)
 -- ARGV[4]  active window      seconds, >= 0
@@ -48,14 +52,15 @@
 --                                       no time zones); the period containing Redis TIME counts
 -- ARGV[11+6m], ARGV[12+6m]              key limit: max_tokens and refill_per_sec of KEYS[6], or
 --                                       "-" "-": none
--- With KEYS[7] only (the CANDIDATE block below), c = 13+6m:
+-- With a candidate key only (the CANDIDATE block below), c = 13+6m:
 -- ARGV[c]                  candidate cost         tokens, finite, > 0
 -- ARGV[c+1+4i .. c+4+4i]   candidate tier i       max_tokens, refill_per_sec, idle_cap,
 --                                                 initial_tokens of the candidate bucket of
 --                                                 the tier of index i above
 --
 -- Returns {status, allowed, remaining, retry_after_ms, tier, cost, replayed, at,
---          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}, and with KEYS[7],
+--          denied_by, quota_used, quota_amount, quota_resets_at, grant_moves}, and with a
+--          candidate key,
 --          when the key's debit was decided (status ok, not a replay), two more:
 --          candidate_allowed ("1" or "0") and candidate_remaining (a string). Trailing empty
 --          fields are left out: a replay, a conflict or an unknown key answers the first 7,
@@ -138,7 +143,6 @@ local function refilled(raw, now, window, initial, max_tokens, idle_cap, rate)
   return balance
 end
 
-if #KEYS ~= 6 and #KEYS ~= 7 then fail('expected 6 keys (7 with a candidate)') end
 local cost = number(ARGV[1], 'cost', 0)
 if cost <= 0 or cost > 1e15 then fail('cost must be > 0 and <= 1e15') end
 local ttl = number(ARGV[2], 'record ttl', 0)
@@ -165,25 +169,33 @@ if max_cost ~= '-' then
 end
 
 local main = kind == 'm' or kind == 'M'
--- Calendar quotas are a main bucket's only; parsed once, here, so that a key without one is
--- not read.
+-- Calendar quotas and key limits are a main bucket's only.
 local quota_count = 0
 if main then quota_count = number(ARGV[10], 'quota tier count', 0) end
+local lbase = 11 + 6 * quota_count
+if main and ARGV[lbase - 1] == nil then fail('missing quota parameters') end
+if main and ARGV[lbase] == nil then fail('missing key limit arguments') end
+local limited = main and ARGV[lbase] ~= '-'
 
--- One read (same hash tag, so the same cluster slot) of what this debit can use: the record
--- only when there is one to read, the quota only when a tier has one, the wallet only for a
--- main bucket, the candidate's bucket only with a candidate.
-local reads = {KEYS[2], KEYS[1], false, false, false, false}
-local r_record, r_wallet, r_quota, r_candidate
-local nreads = 2
-if remember then nreads = nreads + 1; reads[nreads] = KEYS[3]; r_record = nreads end
-if main then nreads = nreads + 1; reads[nreads] = KEYS[4]; r_wallet = nreads end
-if quota_count > 0 then nreads = nreads + 1; reads[nreads] = KEYS[5]; r_quota = nreads end
-if KEYS[7] then nreads = nreads + 1; reads[nreads] = KEYS[7]; r_candidate = nreads end
-local got = redis.call('MGET', unpack(reads, 1, nreads))
+-- Which keys were given (see KEYS above), and one read (same hash tag, so the same cluster
+-- slot) of all of them but the bucket's: k_* is a key's place in KEYS and in the read.
+local n = 2
+local k_wallet, k_record, k_quota, k_limit, k_candidate
+if main then n = n + 1; k_wallet = n end
+if remember then n = n + 1; k_record = n end
+if quota_count > 0 then n = n + 1; k_quota = n end
+if limited then n = n + 1; k_limit = n end
+if #KEYS == n + 1 then
+  k_candidate = n + 1
+elseif #KEYS ~= n then
+  fail('expected ' .. n .. ' keys for these arguments (' .. (n + 1) .. ' with a candidate), got ' ..
+    #KEYS)
+end
+-- KEYS[2] first: got[1] is the tier assignment, got[2] the bucket, then as in KEYS.
+local got = redis.call('MGET', KEYS[2], KEYS[1], unpack(KEYS, 3))
 local assigned, bucket = got[1], got[2]
-local record = r_record and got[r_record]
-local stored_wallet = r_wallet and got[r_wallet]
+local record = k_record and got[k_record]
+local stored_wallet = k_wallet and got[k_wallet]
 
 if record then
   local f = {}
@@ -272,7 +284,7 @@ if main then
           ' .. ' .. ARGV[b + 5] .. '): daemon and Redis clocks disagree by more than a period')
       end
       q_used = 0
-      local usage = got[r_quota]
+      local usage = got[k_quota]
       if usage then
         local s, u = string.match(usage, '^(%S+) (%S+)$')
         if tonumber(s) == q_start and tonumber(u) ~= nil then q_used = tonumber(u) end
@@ -285,13 +297,12 @@ end
 
 -- >>> KEY LIMIT: a shared budget member's own bucket (no idle cap), beside the budget.
 local limit_ok, l_balance, l_max, l_rate = true, nil, nil, nil
-local lbase = 11 + 6 * quota_count
-if main and ARGV[lbase] ~= '-' then
+if limited then
   l_max = number(ARGV[lbase], 'key limit max_tokens', 0)
   l_rate = number(ARGV[lbase + 1], 'key limit refill_per_sec', 0)
   if l_max <= 0 or l_rate <= 0 then fail('key limit must be > 0') end
   l_balance = l_max
-  local stored = redis.call('GET', KEYS[6])
+  local stored = got[k_limit]
   if stored then
     local b, u = string.match(stored, '^(%S+) (%S+)$')
     if tonumber(b) ~= nil and tonumber(u) ~= nil then
@@ -304,7 +315,7 @@ end
 
 -- >>> CANDIDATE: its arguments, checked before anything is written.
 local c_cost, c_max, c_rate, c_idle, c_initial
-if #KEYS == 7 then
+if k_candidate then
   if kind ~= 'm' then fail('a candidate is evaluated for unforced main-bucket debits only') end
   local cbase = lbase + 2
   c_cost = number(ARGV[cbase], 'candidate cost', 0)
@@ -340,14 +351,14 @@ if bucket_ok and quota_ok and limit_ok then
   -- >>> QUOTA: charged with the bucket; kept until its period is over.
   if q_start ~= nil then
     q_used = q_used + cost
-    redis.call('SET', KEYS[5], fmt(q_start) .. ' ' .. fmt(q_used),
+    redis.call('SET', KEYS[k_quota], fmt(q_start) .. ' ' .. fmt(q_used),
       'PX', math.max(1, math.ceil((q_end - now) * 1000)))
   end
   -- <<< QUOTA
   -- >>> KEY LIMIT: charged with the budget; forgotten once it has refilled.
   if l_balance ~= nil then
     l_balance = l_balance - cost
-    redis.call('SET', KEYS[6], fmt(l_balance) .. ' ' .. now_s,
+    redis.call('SET', KEYS[k_limit], fmt(l_balance) .. ' ' .. now_s,
       'PX', math.ceil((l_max - l_balance) / l_rate * 1000) + 1000)
   end
   -- <<< KEY LIMIT
@@ -386,9 +397,9 @@ if stored_wallet and #moves > 0 then
     end
   end
   if #lines > 0 then
-    redis.call('SET', KEYS[4], table.concat(lines, '\n'))
+    redis.call('SET', KEYS[k_wallet], table.concat(lines, '\n'))
   else
-    redis.call('DEL', KEYS[4])
+    redis.call('DEL', KEYS[k_wallet])
   end
 end
 -- <<< WALLET
@@ -410,7 +421,7 @@ if allowed == 1 and remember then
   -- kind|allowed|remaining|quota start|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
   -- (lua/settle.lua appends what a settle did, and sets cost to the true cost; field 4 was the
   -- retry time, always '0' for an allowed request, and '0' still means no quota charged)
-  redis.call('SET', KEYS[3],
+  redis.call('SET', KEYS[k_record],
     kind .. '|1|' .. remaining .. '|' .. (q_start and fmt(q_start) or '0') .. '|' .. tier_name ..
       '|' .. ARGV[1] .. '|' .. tier_max .. '|0|' .. fingerprint .. '|' .. ARGV[8] ..
       '|' .. max_cost,
@@ -430,17 +441,17 @@ end
 
 -- >>> CANDIDATE: the same rule as the main bucket above (enforcer/src/debit.rs `settle`).
 if c_cost ~= nil then
-  local c_balance = refilled(got[r_candidate], now, active_window, c_initial, c_max, c_idle, c_rate)
+  local c_balance = refilled(got[k_candidate], now, active_window, c_initial, c_max, c_idle, c_rate)
   local c_allowed = '0'
   if c_balance >= c_cost then
     c_balance = c_balance - c_cost
     c_allowed = '1'
   end
   if c_rate > 0 and c_balance <= c_max * c_idle then
-    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. now_s,
+    redis.call('SET', KEYS[k_candidate], fmt(c_balance) .. ' ' .. now_s,
       'PX', math.ceil((active_window + (c_max - math.min(0, c_balance)) / c_rate) * 1000))
   else
-    redis.call('SET', KEYS[7], fmt(c_balance) .. ' ' .. now_s)
+    redis.call('SET', KEYS[k_candidate], fmt(c_balance) .. ' ' .. now_s)
   end
   reply[14] = c_allowed
   reply[15] = fmt(c_balance)

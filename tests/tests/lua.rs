@@ -234,20 +234,18 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .await
         .expect("load");
     let tag = unique("badargs");
-    let keys = [
-        format!("ptb:{{{tag}}}:b"),
-        format!("ptb:{{{tag}}}:tier"),
-        format!("ptb:{{{tag}}}:r:1"),
-        format!("ptb:{{{tag}}}:w"),
-        format!("ptb:{{{tag}}}:q"),
-        format!("ptb:{{{tag}}}:k"),
-    ];
+    let name = |suffix: &str| format!("ptb:{{{tag}}}:{suffix}");
+    // The keys a main-bucket debit with a record uses (lua/debit.lua's KEYS): bucket, tier,
+    // wallet, record; then the quota usage or the key limit when the arguments have one.
+    let keys = [name("b"), name("tier"), name("w"), name("r:1")];
+    let with_quota = [name("b"), name("tier"), name("w"), name("r:1"), name("q")];
+    let with_limit = [name("b"), name("tier"), name("w"), name("r:1"), name("k")];
     // Every tier in one argument (lua/debit.lua, ARGV[7]).
     let tier = ["\nfree 0 1000 10 0.8 800"];
     for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
+            .arg(4)
             .arg(&keys)
             .arg(cost)
             .arg("60000")
@@ -267,7 +265,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     // A bad tier parameter is refused too, and so is a wrong key count.
     let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
         .arg(&sha)
-        .arg(6)
+        .arg(4)
         .arg(&keys)
         .arg(
             &[
@@ -293,7 +291,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     for tiers in ["free 0 1000 10 0.8 800", "", "\nfree 0 1000"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
+            .arg(4)
             .arg(&keys)
             .arg(
                 &[
@@ -323,11 +321,34 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         .query_async(&mut conn)
         .await;
     assert!(result.is_err(), "wrong key count refused");
+    // The six keys of the layout before: one per kind of state, used or not.
+    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(&sha)
+        .arg(6)
+        .arg(
+            &[
+                name("b"),
+                name("tier"),
+                name("r:1"),
+                name("w"),
+                name("q"),
+                name("k"),
+            ][..],
+        )
+        .arg(
+            &[
+                "1", "60000", "ab12", "60", "free", "m", tier[0], "1", "-", "0", "-", "-",
+            ][..],
+        )
+        .query_async(&mut conn)
+        .await;
+    let err = result.expect_err("six keys where four are used");
+    assert!(err.to_string().contains("expected 4 keys"), "{err}");
     // A fingerprint that is not hex (it would corrupt the `|`-separated request record).
     for fingerprint in ["", "a|b", "xyz"] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
+            .arg(4)
             .arg(&keys)
             .arg(
                 &[
@@ -355,7 +376,7 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
+            .arg(4)
             .arg(&keys)
             .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
@@ -391,12 +412,14 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
-            .arg(&keys)
+            .arg(5)
+            .arg(&with_quota)
             .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
             .arg(&["1", "-"][..])
             .arg(&quota)
+            // No key limit.
+            .arg(&["-", "-"][..])
             .query_async(&mut conn)
             .await;
         let err = result.expect_err(&format!("quota arguments {quota:?}"));
@@ -411,8 +434,8 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     ] {
         let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
             .arg(&sha)
-            .arg(6)
-            .arg(&keys)
+            .arg(5)
+            .arg(&with_limit)
             .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
             .arg(&tier)
             .arg(&["1", "-", "0"][..])
@@ -422,7 +445,15 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         let err = result.expect_err(&format!("key limit {limit:?}"));
         assert!(err.to_string().contains(what), "{what}: {err}");
     }
-    let exists: u32 = conn.exists(&keys[..]).await.expect("exists");
+    let every = [
+        name("b"),
+        name("tier"),
+        name("w"),
+        name("r:1"),
+        name("q"),
+        name("k"),
+    ];
+    let exists: u32 = conn.exists(&every[..]).await.expect("exists");
     assert_eq!(exists, 0, "nothing was written for bad arguments");
 }
 

@@ -697,21 +697,20 @@ fn redis_benchmarks(
     clients: usize,
     seconds: u64,
 ) -> Result<Vec<Ceiling>> {
-    // bucket, tier, request record, wallet, quota, key limit (lua/debit.lua's six keys).
+    // bucket, tier, wallet, request record: the keys lua/debit.lua uses for these arguments
+    // (no quota, no key limit).
     let keys = [
         format!("ptb:{{{tag}}}:b:__rand_int__"),
         format!("ptb:{{{tag}}}:tier"),
-        format!("ptb:{{{tag}}}:r:__rand_int__"),
         format!("ptb:{{{tag}}}:w"),
-        format!("ptb:{{{tag}}}:q"),
-        format!("ptb:{{{tag}}}:k"),
+        format!("ptb:{{{tag}}}:r:__rand_int__"),
     ];
     // redis-benchmark counts error replies as answers: one call by hand first, so that a
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
         let probe_keys = keys.clone().map(|k| k.replace("__rand_int__", "probe"));
-        let mut probe = vec!["EVALSHA", sha, "6"];
+        let mut probe = vec!["EVALSHA", sha, "4"];
         probe.extend(probe_keys.iter().map(String::as_str));
         probe.extend(DEBIT_ARGS);
         let answer = crate::services::cli(port, &probe)?;
@@ -737,7 +736,7 @@ fn redis_benchmarks(
                     &KEY_SPACE.to_string(),
                     "--csv",
                 ])
-                .args(["EVALSHA", sha, "6"])
+                .args(["EVALSHA", sha, "4"])
                 .args(&keys)
                 .args(DEBIT_ARGS)
                 .stdout(Stdio::piped())
@@ -826,7 +825,8 @@ fn script() -> Result<()> {
     let debit = std::fs::read_to_string("lua/debit.lua")?;
     let minimal = "local t = redis.call('TIME') local v = redis.call('MGET', KEYS[1], KEYS[2]) \
                    redis.call('SET', KEYS[1], t[1] .. ' ' .. t[2], 'PX', 60000) return 1";
-    let keys: Vec<String> = ["b", "tier", "r:__rand_int__", "w", "q", "k"]
+    // The keys lua/debit.lua uses for DEBIT_ARGS: bucket, tier, wallet, request record.
+    let keys: Vec<String> = ["b", "tier", "w", "r:__rand_int__"]
         .iter()
         .map(|k| format!("ptb:{{__rand_int__}}:{k}"))
         .collect();
@@ -837,7 +837,7 @@ fn script() -> Result<()> {
         .collect();
     let variants: [(&str, &str, &[String], Vec<&str>); 5] = [
         (
-            "`return 1`, the debit's 6 keys and 12 arguments",
+            "`return 1`, the debit's 4 keys and 12 arguments",
             "return 1",
             &keys,
             DEBIT_ARGS.to_vec(),
@@ -857,7 +857,7 @@ fn script() -> Result<()> {
         (
             "debit.lua, no request record (ttl 0)",
             &debit,
-            &keys,
+            &keys[..3],
             no_record,
         ),
         (
@@ -917,6 +917,22 @@ fn callgrind_run(
     let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?
         .trim()
         .to_owned();
+    // An error reply is cheap: one call by hand first, so that arguments the script refuses
+    // fail here instead of being measured (one call more in every run cancels out).
+    let probe_keys: Vec<String> = keys
+        .iter()
+        .map(|k| k.replace("__rand_int__", "probe"))
+        .collect();
+    let count = keys.len().to_string();
+    let mut probe = vec!["EVALSHA", sha.as_str(), count.as_str()];
+    probe.extend(probe_keys.iter().map(String::as_str));
+    probe.extend(args);
+    let answer = crate::services::cli(port, &probe)?;
+    if answer.contains("ERR") {
+        let _ = crate::services::cli(port, &["SHUTDOWN", "NOSAVE"]);
+        let _ = server.wait();
+        bail!("the script refused the benchmark's call: {answer}");
+    }
     let status = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-c", "4", "-P", "16"])
         .args(["-n", &calls.to_string(), "-r", "100000", "-q"])

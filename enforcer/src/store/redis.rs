@@ -900,7 +900,26 @@ impl TokenStore for RedisStore {
             BucketKind::Main => policy.account(&d.key),
             BucketKind::Operational => policy.own_account(&d.key),
         };
-        let keys = account.debit_keys(d.bucket, &d.request_id);
+        let remembered = d.remembered(&policy.policy);
+        let main = d.bucket == BucketKind::Main;
+        // Only the keys this debit uses (lua/debit.lua's KEYS): each key costs Redis about
+        // as much as an argument.
+        let [bucket, tier, record, wallet, quota, limit] =
+            account.debit_keys(d.bucket, &d.request_id);
+        let mut keys = Vec::with_capacity(7);
+        keys.extend([bucket, tier]);
+        if main {
+            keys.push(wallet);
+        }
+        if remembered {
+            keys.push(record);
+        }
+        if main && !periods.tiers.is_empty() {
+            keys.push(quota);
+        }
+        if main && account.args.key_limit[0] != "-" {
+            keys.push(limit);
+        }
         let tail = match d.bucket {
             BucketKind::Main => &account.args.debit_main,
             BucketKind::Operational => &account.args.debit_ops,
@@ -914,7 +933,7 @@ impl TokenStore for RedisStore {
         args.push(&cost);
         // A record ttl of 0: no request record is read or written (a generated id that is not
         // remembered, `Debit::remembered`).
-        args.push(if !d.remembered(&policy.policy) {
+        args.push(if !remembered {
             "0"
         } else if d.terms.reserve {
             &policy.settle_ttl_ms
@@ -935,7 +954,7 @@ impl TokenStore for RedisStore {
             .collect();
         args.extend(quota_args.iter().map(String::as_str));
         args.extend(account.args.key_limit.iter().map(String::as_str));
-        // CANDIDATE: a seventh key and the candidate's arguments, only when one is evaluated
+        // CANDIDATE: a last key and the candidate's arguments, only when one is evaluated
         // (nothing extra otherwise).
         let candidate = match (&account.args.candidate_args, d.candidate) {
             (Some(tail), Some(c)) if d.bucket == BucketKind::Main && !d.force => {
@@ -944,16 +963,11 @@ impl TokenStore for RedisStore {
             }
             _ => None,
         };
-        let with_candidate: Vec<String>;
-        let keys: &[String] = match &candidate {
-            Some((c, tail)) => {
-                args.push(c);
-                args.extend(tail.iter().map(String::as_str));
-                with_candidate = keys.iter().cloned().chain([account.candidate()]).collect();
-                &with_candidate
-            }
-            None => &keys,
-        };
+        if let Some((c, tail)) = &candidate {
+            args.push(c);
+            args.extend(tail.iter().map(String::as_str));
+            keys.push(account.candidate());
+        }
         if d.force {
             // ARGV[6], the bucket kind: upper case charges whatever the balance.
             args[5] = match d.bucket {
@@ -964,7 +978,7 @@ impl TokenStore for RedisStore {
         // Up to 13 fields (15 with a candidate): more than redis-rs reads into a tuple. The
         // script leaves trailing empty fields out (each costs Redis about as much as an
         // argument): the first 7 are always there, a missing one after them is "".
-        let reply: Vec<redis::Value> = self.eval(DEBIT, keys, &args).await?;
+        let reply: Vec<redis::Value> = self.eval(DEBIT, &keys, &args).await?;
         let field = |i: usize| -> Result<String, StoreError> {
             let Some(v) = reply.get(i) else {
                 return if i >= 7 && reply.len() >= 7 {
