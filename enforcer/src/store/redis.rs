@@ -220,23 +220,20 @@ impl Account<'_> {
         format!("ptc:{{{}}}:b", self.tag)
     }
 
-    /// The debit script's keys: bucket, tier, record, wallet, quota, key limit.
-    fn debit_keys(&self, bucket: BucketKind, request_id: &RequestId) -> [String; 6] {
-        let b = match bucket {
+    /// The bucket of this kind.
+    fn bucket(&self, kind: BucketKind) -> String {
+        self.name(match kind {
             BucketKind::Main => "b",
             BucketKind::Operational => "ops",
-        };
-        [
-            self.name(b),
-            self.name("tier"),
-            self.record(request_id),
-            self.name("w"),
-            self.name("q"),
-            match &self.member {
-                Some(member) => self.name(&format!("k:{member}")),
-                None => self.name("k"),
-            },
-        ]
+        })
+    }
+
+    /// The key limit: a shared budget member's own bucket beside the budget.
+    fn key_limit(&self) -> String {
+        match &self.member {
+            Some(member) => self.name(&format!("k:{member}")),
+            None => self.name("k"),
+        }
     }
 }
 
@@ -902,23 +899,21 @@ impl TokenStore for RedisStore {
         };
         let remembered = d.remembered(&policy.policy);
         let main = d.bucket == BucketKind::Main;
-        // Only the keys this debit uses (lua/debit.lua's KEYS): each key costs Redis about
-        // as much as an argument.
-        let [bucket, tier, record, wallet, quota, limit] =
-            account.debit_keys(d.bucket, &d.request_id);
+        // Only the keys this debit uses (lua/debit.lua's KEYS), in its order: bucket, tier,
+        // wallet, record, quota, key limit. Each key costs Redis about as much as an argument.
         let mut keys = Vec::with_capacity(7);
-        keys.extend([bucket, tier]);
+        keys.extend([account.bucket(d.bucket), account.name("tier")]);
         if main {
-            keys.push(wallet);
+            keys.push(account.name("w"));
         }
         if remembered {
-            keys.push(record);
+            keys.push(account.record(&d.request_id));
         }
         if main && !periods.tiers.is_empty() {
-            keys.push(quota);
+            keys.push(account.name("q"));
         }
         if main && account.args.key_limit[0] != "-" {
-            keys.push(limit);
+            keys.push(account.key_limit());
         }
         let tail = match d.bucket {
             BucketKind::Main => &account.args.debit_main,
@@ -1059,7 +1054,11 @@ impl TokenStore for RedisStore {
     ) -> Result<RefundOutcome, StoreError> {
         let policy = self.args.load_full();
         let account = policy.account(key);
-        let [bucket, _, record, _, quota, _] = account.debit_keys(BucketKind::Main, request_id);
+        let (bucket, record, quota) = (
+            account.bucket(BucketKind::Main),
+            account.record(request_id),
+            account.name("q"),
+        );
         let (status, credited, balance, as_of, tier, now): (
             String,
             String,
@@ -1096,7 +1095,12 @@ impl TokenStore for RedisStore {
         cost.check()?;
         let policy = self.args.load_full();
         let account = policy.account(key);
-        let [bucket, tier, record, _, quota, _] = account.debit_keys(BucketKind::Main, request_id);
+        let (bucket, tier, record, quota) = (
+            account.bucket(BucketKind::Main),
+            account.name("tier"),
+            account.record(request_id),
+            account.name("q"),
+        );
         let (mode, amount) = match cost {
             TrueCost::Tokens(c) => ("c", c),
             TrueCost::Units(u) => ("u", u),
