@@ -223,6 +223,25 @@ async fn an_idle_key_refills_only_to_the_idle_cap() {
     );
 }
 
+/// `EVALSHA` of the debit script with `keys` and `args`, which must be refused (`expect`
+/// names the case); the error's text.
+async fn refused(
+    conn: &mut redis::aio::MultiplexedConnection,
+    sha: &str,
+    keys: &[String],
+    args: &[&str],
+    expect: &str,
+) -> String {
+    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
+        .arg(sha)
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args)
+        .query_async(conn)
+        .await;
+    result.expect_err(expect).to_string()
+}
+
 #[tokio::test]
 async fn bad_arguments_are_errors_and_write_nothing() {
     let url = redis_url();
@@ -240,131 +259,85 @@ async fn bad_arguments_are_errors_and_write_nothing() {
     let keys = [name("b"), name("tier"), name("w"), name("r:1")];
     let with_quota = [name("b"), name("tier"), name("w"), name("r:1"), name("q")];
     let with_limit = [name("b"), name("tier"), name("w"), name("r:1"), name("k")];
+    // ARGV[2..=6]: record ttl, fingerprint, window, default tier, kind.
+    let head = ["60000", "ab12", "60", "free", "m"];
     // Every tier in one argument (lua/debit.lua, ARGV[7]).
-    let tier = ["\nfree 0 1000 10 0.8 800"];
+    const TIER: &str = "\nfree 0 1000 10 0.8 800";
+    // ARGV[8..]: units, max_cost, quota tier count, key limit.
+    let tail = ["1", "-", "0", "-", "-"];
+    fn args<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {
+        parts.concat()
+    }
     for cost in ["nan", "inf", "-inf", "-1", "0", "abc", "", "1e300"] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(4)
-            .arg(&keys)
-            .arg(cost)
-            .arg("60000")
-            .arg("ab12")
-            .arg("60")
-            .arg("free")
-            .arg("m")
-            .arg(&tier)
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("cost {cost:?} must be refused"));
-        assert!(
-            err.to_string().contains("enforcer:"),
-            "clear error for {cost:?}: {err}"
-        );
+        let err = refused(
+            &mut conn,
+            &sha,
+            &keys,
+            &args(&[&[cost], &head, &[TIER]]),
+            &format!("cost {cost:?} must be refused"),
+        )
+        .await;
+        assert!(err.contains("enforcer:"), "clear error for {cost:?}: {err}");
     }
     // A bad tier parameter is refused too, and so is a wrong key count.
-    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-        .arg(&sha)
-        .arg(4)
-        .arg(&keys)
-        .arg(
-            &[
-                "1",
-                "60000",
-                "ab12",
-                "60",
-                "free",
-                "m",
-                "\nfree 0 nan 10 0.8 800",
-                "1",
-                "-",
-                "0",
-                "-",
-                "-",
-            ][..],
-        )
-        .query_async(&mut conn)
-        .await;
-    let err = result.expect_err("NaN max_tokens refused");
-    assert!(err.to_string().contains("max_tokens"), "{err}");
+    let err = refused(
+        &mut conn,
+        &sha,
+        &keys,
+        &args(&[&["1"], &head, &["\nfree 0 nan 10 0.8 800"], &tail]),
+        "NaN max_tokens refused",
+    )
+    .await;
+    assert!(err.contains("max_tokens"), "{err}");
     // The tiers argument is a line per tier, each after a newline.
     for tiers in ["free 0 1000 10 0.8 800", "", "\nfree 0 1000"] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(4)
-            .arg(&keys)
-            .arg(
-                &[
-                    "1", "60000", "ab12", "60", "free", "m", tiers, "1", "-", "0", "-", "-",
-                ][..],
-            )
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("tiers {tiers:?} refused"));
-        assert!(err.to_string().contains("tier"), "{tiers:?}: {err}");
+        let err = refused(
+            &mut conn,
+            &sha,
+            &keys,
+            &args(&[&["1"], &head, &[tiers], &tail]),
+            &format!("tiers {tiers:?} refused"),
+        )
+        .await;
+        assert!(err.contains("tier"), "{tiers:?}: {err}");
     }
-    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-        .arg(&sha)
-        .arg(1)
-        .arg(&keys[0])
-        .arg(
-            &[
-                "1",
-                "60000",
-                "ab12",
-                "60",
-                "free",
-                "m",
-                "\nfree 0 1000 10 0.8 800",
-            ][..],
-        )
-        .query_async(&mut conn)
-        .await;
-    assert!(result.is_err(), "wrong key count refused");
+    refused(
+        &mut conn,
+        &sha,
+        &keys[..1],
+        &args(&[&["1"], &head, &[TIER]]),
+        "wrong key count refused",
+    )
+    .await;
     // The six keys of the layout before: one per kind of state, used or not.
-    let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-        .arg(&sha)
-        .arg(6)
-        .arg(
-            &[
-                name("b"),
-                name("tier"),
-                name("r:1"),
-                name("w"),
-                name("q"),
-                name("k"),
-            ][..],
-        )
-        .arg(
-            &[
-                "1", "60000", "ab12", "60", "free", "m", tier[0], "1", "-", "0", "-", "-",
-            ][..],
-        )
-        .query_async(&mut conn)
-        .await;
-    let err = result.expect_err("six keys where four are used");
-    assert!(err.to_string().contains("expected 4 keys"), "{err}");
+    let six = [
+        name("b"),
+        name("tier"),
+        name("r:1"),
+        name("w"),
+        name("q"),
+        name("k"),
+    ];
+    let err = refused(
+        &mut conn,
+        &sha,
+        &six,
+        &args(&[&["1"], &head, &[TIER], &tail]),
+        "six keys where four are used",
+    )
+    .await;
+    assert!(err.contains("expected 4 keys"), "{err}");
     // A fingerprint that is not hex (it would corrupt the `|`-separated request record).
     for fingerprint in ["", "a|b", "xyz"] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(4)
-            .arg(&keys)
-            .arg(
-                &[
-                    "1",
-                    "60000",
-                    fingerprint,
-                    "60",
-                    "free",
-                    "m",
-                    "\nfree 0 1000 10 0.8 800",
-                ][..],
-            )
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("fingerprint {fingerprint:?} must be refused"));
-        assert!(err.to_string().contains("fingerprint"), "{err}");
+        let err = refused(
+            &mut conn,
+            &sha,
+            &keys,
+            &["1", "60000", fingerprint, "60", "free", "m", TIER],
+            &format!("fingerprint {fingerprint:?} must be refused"),
+        )
+        .await;
+        assert!(err.contains("fingerprint"), "{err}");
     }
     // Units and max_cost (kept in the request record for a settle) are checked too.
     for (units, max_cost) in [
@@ -374,19 +347,16 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         ("1", "0"),
         ("1", "x"),
     ] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(4)
-            .arg(&keys)
-            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
-            .arg(&tier)
-            .arg(units)
-            .arg(max_cost)
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("units {units:?}, max_cost {max_cost:?}"));
+        let err = refused(
+            &mut conn,
+            &sha,
+            &keys,
+            &args(&[&["1"], &head, &[TIER, units, max_cost]]),
+            &format!("units {units:?}, max_cost {max_cost:?}"),
+        )
+        .await;
         let what = if units == "1" { "max_cost" } else { "units" };
-        assert!(err.to_string().contains(what), "{what}: {err}");
+        assert!(err.contains(what), "{what}: {err}");
     }
     // The calendar-quota block: a bad count, amount or boundary, a missing tier entry, and
     // Redis TIME outside every period passed (the daemon's clock far off) are refused.
@@ -410,20 +380,16 @@ async fn bad_arguments_are_errors_and_write_nothing() {
             "outside the quota periods",
         ),
     ] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(5)
-            .arg(&with_quota)
-            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
-            .arg(&tier)
-            .arg(&["1", "-"][..])
-            .arg(&quota)
-            // No key limit.
-            .arg(&["-", "-"][..])
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("quota arguments {quota:?}"));
-        assert!(err.to_string().contains(what), "{what}: {err}");
+        // No key limit after the quota block.
+        let err = refused(
+            &mut conn,
+            &sha,
+            &with_quota,
+            &args(&[&["1"], &head, &[TIER, "1", "-"], &quota, &["-", "-"]]),
+            &format!("quota arguments {quota:?}"),
+        )
+        .await;
+        assert!(err.contains(what), "{what}: {err}");
     }
     // A shared budget member's key limit (after the quota block): positive numbers or "-".
     for (limit, what) in [
@@ -432,18 +398,15 @@ async fn bad_arguments_are_errors_and_write_nothing() {
         (["10", "0"], "key limit must be > 0"),
         (["10", "nan"], "key limit refill_per_sec"),
     ] {
-        let result: redis::RedisResult<redis::Value> = redis::cmd("EVALSHA")
-            .arg(&sha)
-            .arg(5)
-            .arg(&with_limit)
-            .arg(&["1", "60000", "ab12", "60", "free", "m"][..])
-            .arg(&tier)
-            .arg(&["1", "-", "0"][..])
-            .arg(&limit[..])
-            .query_async(&mut conn)
-            .await;
-        let err = result.expect_err(&format!("key limit {limit:?}"));
-        assert!(err.to_string().contains(what), "{what}: {err}");
+        let err = refused(
+            &mut conn,
+            &sha,
+            &with_limit,
+            &args(&[&["1"], &head, &[TIER, "1", "-", "0"], &limit]),
+            &format!("key limit {limit:?}"),
+        )
+        .await;
+        assert!(err.contains(what), "{what}: {err}");
     }
     let every = [
         name("b"),
