@@ -50,7 +50,7 @@
 -- ARGV[11+6j .. 16+6j]                  name, amount, b0, b1, b2, b3: four consecutive period
 --                                       starts the daemon computed around its clock (Lua has
 --                                       no time zones); the period containing Redis TIME counts
--- ARGV[11+6m], ARGV[12+6m]              key limit: max_tokens and refill_per_sec of KEYS[6], or
+-- ARGV[11+6m], ARGV[12+6m]              key limit: max_tokens and refill_per_sec of the key limit key, or
 --                                       "-" "-": none
 -- With a candidate key only (the CANDIDATE block below), c = 13+6m:
 -- ARGV[c]                  candidate cost         tokens, finite, > 0

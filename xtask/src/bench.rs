@@ -709,11 +709,7 @@ fn redis_benchmarks(
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
-        let probe_keys = keys.clone().map(|k| k.replace("__rand_int__", "probe"));
-        let mut probe = vec!["EVALSHA", sha, "4"];
-        probe.extend(probe_keys.iter().map(String::as_str));
-        probe.extend(DEBIT_ARGS);
-        let answer = crate::services::cli(port, &probe)?;
+        let answer = probe(port, sha, &keys, &DEBIT_ARGS)?;
         if !answer.starts_with("ok") {
             bail!("debit.lua on port {port} refused the benchmark's call: {answer}");
         }
@@ -809,6 +805,21 @@ fn wait_http(addr: SocketAddr) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("the daemon did not listen on {addr} within 30 s")
+}
+
+/// One `EVALSHA` of the script by hand, with `redis-benchmark`'s `__rand_int__` in the key
+/// names made a fixed word: its answer, checked before a run so that a refused call is never
+/// what gets measured (`redis-benchmark` counts error replies as answers).
+fn probe(port: u16, sha: &str, keys: &[String], args: &[&str]) -> Result<String> {
+    let keys: Vec<String> = keys
+        .iter()
+        .map(|k| k.replace("__rand_int__", "probe"))
+        .collect();
+    let count = keys.len().to_string();
+    let mut call = vec!["EVALSHA", sha, count.as_str()];
+    call.extend(keys.iter().map(String::as_str));
+    call.extend(args);
+    crate::services::cli(port, &call)
 }
 
 /// `bench script`: instructions per call of each script in `redis-server` under callgrind,
@@ -919,15 +930,7 @@ fn callgrind_run(
         .to_owned();
     // An error reply is cheap: one call by hand first, so that arguments the script refuses
     // fail here instead of being measured (one call more in every run cancels out).
-    let probe_keys: Vec<String> = keys
-        .iter()
-        .map(|k| k.replace("__rand_int__", "probe"))
-        .collect();
-    let count = keys.len().to_string();
-    let mut probe = vec!["EVALSHA", sha.as_str(), count.as_str()];
-    probe.extend(probe_keys.iter().map(String::as_str));
-    probe.extend(args);
-    let answer = crate::services::cli(port, &probe)?;
+    let answer = probe(port, &sha, keys, args)?;
     if answer.contains("ERR") {
         let _ = crate::services::cli(port, &["SHUTDOWN", "NOSAVE"]);
         let _ = server.wait();
