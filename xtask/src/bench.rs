@@ -33,6 +33,9 @@ pub enum Which {
     /// `redis-server`: a count the machine's load does not move), beside an empty script and
     /// a minimal TIME + MGET + SET script.
     Script,
+    /// Instructions the daemon executes per decision through `POST /v1/check` (callgrind on
+    /// the release binary, Redis store, ledger journal on), and the frames they go to.
+    Daemon,
 }
 
 /// Both sides do the same Redis work per call: a key not seen before (redis-benchmark draws its
@@ -41,7 +44,7 @@ pub enum Which {
 /// replay, which would be cheaper. The bench tier never runs dry.
 const KEY_SPACE: usize = 100_000_000;
 
-struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -55,11 +58,12 @@ pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
         Which::Http => return http(clients, seconds),
         Which::Cluster => return cluster(clients, seconds),
         Which::Script => return script(),
+        Which::Daemon => return crate::callgrind::run(clients, seconds),
         _ => {}
     }
     println!("machine: {}", machine());
     let name = match which {
-        Which::Http | Which::Kernel | Which::Cluster | Which::Script => "kernel",
+        Which::Http | Which::Kernel | Which::Cluster | Which::Script | Which::Daemon => "kernel",
         Which::Pricing => "pricing",
         Which::Ledger => "ledger",
         Which::Memory => "memory_store",
@@ -83,7 +87,7 @@ pub fn run(which: Which, clients: usize, seconds: u64) -> Result<()> {
     crate::status(&mut bench)
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -104,19 +108,11 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {kernel}")
 }
 
-fn http(clients: usize, seconds: u64) -> Result<()> {
-    crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
-    let dir = tempfile::Builder::new()
-        .prefix("enforcer-bench-")
-        .tempdir()?;
-    let redis = Redis::start(dir.path())?;
-    let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+/// The HTTP bench's configuration: the daemon on `addr`, the Redis at `url`, one tier that
+/// never runs dry.
+pub(crate) fn bench_config(addr: SocketAddr, url: &str) -> String {
+    format!(
+        r#"
 [server]
 listen = "{addr}"
 [store]
@@ -127,10 +123,20 @@ default_tier = "bench"
 [tiers.bench]
 max_tokens = 1e12
 refill_per_sec = 1e9
-"#,
-            url = redis.url()
-        ),
-    )?;
+"#
+    )
+}
+
+fn http(clients: usize, seconds: u64) -> Result<()> {
+    crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
+    let dir = tempfile::Builder::new()
+        .prefix("enforcer-bench-")
+        .tempdir()?;
+    let redis = Redis::start(dir.path())?;
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, bench_config(addr, &redis.url()))?;
     // The ceiling: redis-benchmark, unpipelined, same script, same clients, same Redis.
     let script = std::fs::read_to_string("lua/debit.lua")?;
     let sha = redis.cli(&["SCRIPT", "LOAD", &script])?.trim().to_owned();

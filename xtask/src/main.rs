@@ -9,6 +9,7 @@
 //!   services.
 //! - `bench`: set-up, start a private Redis, measure the daemon beside `redis-benchmark`.
 mod bench;
+mod callgrind;
 mod loadgen;
 mod services;
 mod setup;

@@ -210,7 +210,7 @@ impl Fingerprint {
             h.update(b"\0");
             h.update(units.to_bits().to_be_bytes());
         }
-        Self(hex::encode(&h.finalize()[..8]))
+        Self(crate::key::lower_hex(&h.finalize()[..8]))
     }
 
     /// The hex digits.
