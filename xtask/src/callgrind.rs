@@ -292,7 +292,7 @@ impl Profile {
 
     fn top_exclusive(&self, n: usize) -> Vec<(&str, u64)> {
         let mut all: Vec<(&str, u64)> = self.own.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|b| std::cmp::Reverse(b.1));
         all.truncate(n);
         all
     }
