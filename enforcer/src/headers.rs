@@ -8,6 +8,10 @@
 //! parameter is optional; `t=0` would say "available now") and Envoy gets no
 //! `duration_until_reset`. `Retry-After` is never earlier than `t` (the draft's rule).
 use crate::decision::{Decision, Denial};
+use std::fmt::Write as _;
+
+/// Bytes reserved for one field's value: a tier name and a few numbers, twice with a quota.
+const FIELD_CAPACITY: usize = 96;
 
 /// `Retry-After` when refill never covers the cost (a prepaid key, a cost above capacity): the
 /// client should not retry soon, and an operator grant is what helps. (When the bucket takes
@@ -45,9 +49,12 @@ impl RateLimitFields {
             retry_after: None,
         };
         if let (Some(bucket), Some(remaining)) = (d.bucket, d.remaining) {
-            let mut policy = format!("\"{tier}\";q={}", bucket.max_tokens.floor() as u64);
+            // Written into buffers sized for them (a `format!` per part allocated each anew);
+            // writing into a `String` cannot fail.
+            let mut policy = String::with_capacity(FIELD_CAPACITY);
+            let _ = write!(policy, "\"{tier}\";q={}", bucket.max_tokens.floor() as u64);
             if let Some(w) = bucket.window_secs() {
-                policy.push_str(&format!(";w={w}"));
+                let _ = write!(policy, ";w={w}");
             }
             let reset = match d.retry_after_ms {
                 Some(ms) if !d.allowed => Some(header_secs(ms)),
@@ -58,19 +65,21 @@ impl RateLimitFields {
                 // No refill: no time at which more quota comes, only a grant.
                 _ => None,
             };
-            let mut limit = format!("\"{tier}\";r={}", remaining.max(0.0).floor() as u64);
+            let mut limit = String::with_capacity(FIELD_CAPACITY);
+            let _ = write!(limit, "\"{tier}\";r={}", remaining.max(0.0).floor() as u64);
             if let Some(t) = reset {
-                limit.push_str(&format!(";t={t}"));
+                let _ = write!(limit, ";t={t}");
             }
             // A calendar quota is a second policy of the same key: `"<tier>-quota";q=<amount>`
             // and `"<tier>-quota";r=<left>;t=<seconds until the period resets>`.
             if let Some(q) = d.quota {
-                policy.push_str(&format!(", \"{tier}-quota\";q={}", q.amount.floor() as u64));
-                limit.push_str(&format!(
+                let _ = write!(policy, ", \"{tier}-quota\";q={}", q.amount.floor() as u64);
+                let _ = write!(
+                    limit,
                     ", \"{tier}-quota\";r={};t={}",
                     (q.amount - q.used).max(0.0).floor() as u64,
                     header_secs(q.resets_in_ms)
-                ));
+                );
             }
             fields.limit = Some(limit);
             fields.policy = Some(policy);

@@ -39,6 +39,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, Script, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -203,14 +204,28 @@ struct Account<'a> {
 
 impl Account<'_> {
     fn name(&self, suffix: &str) -> String {
-        format!("ptb:{{{}}}:{suffix}", self.tag)
+        self.name_of(&[suffix])
+    }
+
+    /// `ptb:{<tag>}:` and `parts`, in one allocation of the right size: a debit names up to
+    /// six keys, and a `format!` each (nested for a record) was a measurable part of it.
+    fn name_of(&self, parts: &[&str]) -> String {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut name = String::with_capacity(7 + self.tag.len() + len);
+        name.push_str("ptb:{");
+        name.push_str(&self.tag);
+        name.push_str("}:");
+        for part in parts {
+            name.push_str(part);
+        }
+        name
     }
 
     /// A request record: per key, also in a shared budget.
     fn record(&self, request_id: &RequestId) -> String {
         match &self.member {
-            Some(member) => self.name(&format!("r:{member}:{}", request_id.as_str())),
-            None => self.name(&format!("r:{}", request_id.as_str())),
+            Some(member) => self.name_of(&["r:", member, ":", request_id.as_str()]),
+            None => self.name_of(&["r:", request_id.as_str()]),
         }
     }
 
@@ -231,7 +246,7 @@ impl Account<'_> {
     /// The key limit: a shared budget member's own bucket beside the budget.
     fn key_limit(&self) -> String {
         match &self.member {
-            Some(member) => self.name(&format!("k:{member}")),
+            Some(member) => self.name_of(&["k:", member]),
             None => self.name("k"),
         }
     }
@@ -974,24 +989,36 @@ impl TokenStore for RedisStore {
         // script leaves trailing empty fields out (each costs Redis about as much as an
         // argument): the first 7 are always there, a missing one after them is "".
         let reply: Vec<redis::Value> = self.eval(DEBIT, &keys, &args).await?;
-        let field = |i: usize| -> Result<String, StoreError> {
-            let Some(v) = reply.get(i) else {
-                return if i >= 7 && reply.len() >= 7 {
-                    Ok(String::new())
-                } else {
-                    Err(StoreError::Protocol(format!(
-                        "debit answered {} fields",
-                        reply.len()
-                    )))
-                };
-            };
-            redis::from_redis_value::<String>(v)
-                .map_err(|e| StoreError::Protocol(format!("debit field {i}: {e}")))
+        // Fields are read in place (text borrowed from the reply, integers as Redis sent
+        // them): an owned `String` per field was a measurable part of a debit.
+        let value = |i: usize| -> Result<Option<&redis::Value>, StoreError> {
+            match reply.get(i) {
+                Some(v) => Ok(Some(v)),
+                None if i >= 7 && reply.len() >= 7 => Ok(None),
+                None => Err(StoreError::Protocol(format!(
+                    "debit answered {} fields",
+                    reply.len()
+                ))),
+            }
+        };
+        let field = |i: usize| -> Result<Cow<'_, str>, StoreError> {
+            let bad = || StoreError::Protocol(format!("debit field {i} is not text"));
+            Ok(match value(i)? {
+                None => Cow::Borrowed(""),
+                Some(redis::Value::BulkString(b)) => {
+                    Cow::Borrowed(std::str::from_utf8(b).map_err(|_| bad())?)
+                }
+                Some(redis::Value::SimpleString(s)) => Cow::Borrowed(s.as_str()),
+                Some(redis::Value::Int(n)) => Cow::Owned(n.to_string()),
+                Some(_) => return Err(bad()),
+            })
         };
         let int = |i: usize| -> Result<i64, StoreError> {
-            field(i)?
-                .parse::<i64>()
-                .map_err(|_| StoreError::Protocol(format!("debit field {i} is not an integer")))
+            let bad = || StoreError::Protocol(format!("debit field {i} is not an integer"));
+            match value(i)? {
+                Some(redis::Value::Int(n)) => Ok(*n),
+                _ => field(i)?.parse::<i64>().map_err(|_| bad()),
+            }
         };
         let (status, allowed, remaining, retry, tier, cost, replayed, at) = (
             field(0)?,
@@ -1016,12 +1043,12 @@ impl TokenStore for RedisStore {
                 resets_in_ms: ((resets_at - number(&at)?) * 1000.0).ceil().max(0.0) as u64,
             })
         };
-        match status.as_str() {
+        match status.as_ref() {
             "ok" => Ok(DebitOutcome::Settled(Settled {
                 allowed: allowed == 1,
                 remaining: number(&remaining)?,
                 retry_after_ms: u64::try_from(retry).ok(),
-                tier,
+                tier: tier.into_owned(),
                 cost: number(&cost)?,
                 replayed: replayed == 1,
                 at: if replayed == 1 {
