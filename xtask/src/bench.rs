@@ -127,6 +127,27 @@ refill_per_sec = 1e9
     )
 }
 
+/// `cmd` (the release daemon, or valgrind in front of it) made `enforcer run` as the benches
+/// start it: `config`, the embedded ledger in `ledger`, Envoy's API on `grpc`, no admin socket,
+/// warnings only.
+pub(crate) fn daemon_command(
+    mut cmd: Command,
+    config: &std::path::Path,
+    ledger: &std::path::Path,
+    grpc: SocketAddr,
+) -> Command {
+    cmd.arg("run")
+        .arg("--grpc-listen")
+        .arg(grpc.to_string())
+        .arg("--config")
+        .arg(config)
+        .arg("--ledger-file")
+        .arg(ledger)
+        .env("ENFORCER_ADMIN_SOCKET", "")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
 fn http(clients: usize, seconds: u64) -> Result<()> {
     crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
     let dir = tempfile::Builder::new()
@@ -196,29 +217,25 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         (cores, true, "ids not kept"),
     ] {
         let daemon = Daemon(
-            Command::new("target/release/enforcer")
-                .arg("run")
-                .env("ENFORCER_ADMIN_SOCKET", "")
-                .arg("--grpc-listen")
-                .arg(grpc_addr.to_string())
-                .arg("--config")
-                .arg(if variant == "ids not kept" {
+            daemon_command(
+                Command::new("target/release/enforcer"),
+                if variant == "ids not kept" {
                     &unremembered_config
                 } else if journal {
                     &config
                 } else {
                     &group_config
-                })
-                .args(["--workers", &workers.to_string()])
-                .arg("--ledger-file")
-                .arg(ledger_dir.path().join(format!(
+                },
+                &ledger_dir.path().join(format!(
                     "ledger-{workers}-{journal}-{}.jsonl",
                     variant.len()
-                )))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting the daemon")?,
+                )),
+                grpc_addr,
+            )
+            .args(["--workers", &workers.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the daemon")?,
         );
         wait_http(addr)?;
         // Warm-up (connections, allocator, script cache).
@@ -282,19 +299,15 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     let mut embedded = Vec::new();
     {
         let daemon = Daemon(
-            Command::new("target/release/enforcer")
-                .arg("run")
-                .env("ENFORCER_ADMIN_SOCKET", "")
-                .arg("--grpc-listen")
-                .arg(grpc_addr.to_string())
-                .arg("--config")
-                .arg(&embedded_config)
-                .arg("--ledger-file")
-                .arg(ledger_dir.path().join("ledger-embedded.jsonl"))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting the daemon")?,
+            daemon_command(
+                Command::new("target/release/enforcer"),
+                &embedded_config,
+                &ledger_dir.path().join("ledger-embedded.jsonl"),
+                grpc_addr,
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the daemon")?,
         );
         wait_http(addr)?;
         let body = |i: usize| {

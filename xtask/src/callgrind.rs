@@ -53,7 +53,7 @@ const GRPC_FRAMES: &[(&str, &str)] = &[
         "as tonic::codec::Decoder>::decode",
     ),
     ("the service (`rls::Service::decide`)", "enforcer::rls::"),
-    ("the answer (protobuf)", "as tonic::codec::Encoder>::encode"),
+    ("the answer (protobuf)", "prost::message::Message::encode"),
 ];
 const COMMON_FRAMES: &[(&str, &str)] = &[
     (
@@ -100,21 +100,14 @@ pub fn run(clients: usize, seconds: u64) -> Result<()> {
     let config = dir.path().join("bench.toml");
     std::fs::write(&config, crate::bench::bench_config(addr, &redis.url()))?;
     let out = dir.path().join("callgrind.out");
-    let mut daemon = super::bench::Daemon(
-        Command::new("valgrind")
-            .arg("--tool=callgrind")
-            .arg("--compress-strings=no")
-            .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg("target/release/enforcer")
-            .arg("run")
-            .env("ENFORCER_ADMIN_SOCKET", "")
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--config")
-            .arg(&config)
-            .arg("--ledger-file")
-            .arg(dir.path().join("ledger.jsonl"))
-            .env("RUST_LOG", "warn")
+    let mut valgrind = Command::new("valgrind");
+    valgrind
+        .arg("--tool=callgrind")
+        .arg("--compress-strings=no")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg("target/release/enforcer");
+    let mut daemon = crate::bench::Daemon(
+        crate::bench::daemon_command(valgrind, &config, &dir.path().join("ledger.jsonl"), grpc)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -271,20 +264,15 @@ impl Profile {
     /// Own plus called cost of the outermost function whose name contains `pattern` (a
     /// recursive frame, `f'2`, is left out: it is inside the first).
     fn inclusive(&self, pattern: &str) -> u64 {
-        let names: Vec<&String> = self
-            .own
+        // The outermost of them costs the most: an async fn's body is its `{{closure}}`, and
+        // the closures a frame calls are part of it. (A name in both maps is counted once:
+        // the maximum does not mind it twice.)
+        self.own
             .keys()
             .chain(self.called.keys())
             .filter(|n| n.contains(pattern) && !n.contains('\''))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        // The outermost of them costs the most: an async fn's body is its `{{closure}}`, and
-        // the closures a frame calls are part of it.
-        names
-            .iter()
             .map(|n| {
-                self.own.get(*n).copied().unwrap_or(0) + self.called.get(*n).copied().unwrap_or(0)
+                self.own.get(n).copied().unwrap_or(0) + self.called.get(n).copied().unwrap_or(0)
             })
             .max()
             .unwrap_or(0)
