@@ -269,6 +269,7 @@ fn restart_fields(a: &Config, b: &Config) -> Vec<String> {
         store.redis_url,
         store.redis_cluster,
         store.wait_replicas,
+        store.redis_module,
         store.connections,
         store.timeout_ms,
         store.connect_timeout_ms,

@@ -70,6 +70,7 @@ pub fn build_store(config: &Config) -> Result<Arc<dyn TokenStore>, StoreError> {
             connect_timeout: Duration::from_millis(config.store.connect_timeout_ms),
             response_timeout: Duration::from_millis(config.store.timeout_ms),
             wait_replicas: config.store.wait_replicas,
+            module: config.store.redis_module,
         };
         Ok(Arc::new(RedisStore::new(&redis, &policy)?))
     }

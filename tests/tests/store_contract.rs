@@ -1,5 +1,6 @@
-//! One contract, three token stores: every case runs against the Redis store on one Redis and
-//! on a Redis Cluster (real servers, the Lua scripts) and the in-process store, and all must
+//! One contract, four token stores: every case runs against the Redis store on one Redis (with
+//! the `enforcer-redis` module's `ENFORCER.DEBIT`, and with `lua/debit.lua`), on a Redis
+//! Cluster (real servers, the module on every node) and the in-process store, and all must
 //! answer the same.
 use enforcer::budget::{BucketParams, BudgetPolicy};
 use enforcer::clock::ManualClock;
@@ -105,25 +106,37 @@ fn timed_stores() -> Vec<Timed> {
     timed_stores_with(&policy())
 }
 
-/// The three stores under `policy`.
+/// The four stores under `policy`.
 fn timed_stores_with(policy: &BudgetPolicy) -> Vec<Timed> {
-    let redis = RedisStore::new(
-        &RedisStoreConfig {
-            url: redis_url(),
-            connections: 1,
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(2),
-            ..RedisStoreConfig::default()
-        },
-        policy,
-    )
-    .expect("redis store");
-    // The cluster `cargo xtask test` started: every script call routed by its key's slot.
+    // The Redis `cargo xtask test` started has the module loaded: debits go to ENFORCER.DEBIT
+    // with `module`, to `lua/debit.lua` without, in a database of their own (cases use the
+    // same key names in every store).
+    let single = |module: bool| {
+        let url = if module {
+            redis_url()
+        } else {
+            format!("{}/1", redis_url().trim_end_matches('/'))
+        };
+        RedisStore::new(
+            &RedisStoreConfig {
+                url,
+                connections: 1,
+                connect_timeout: Duration::from_secs(2),
+                response_timeout: Duration::from_secs(2),
+                module,
+                ..RedisStoreConfig::default()
+            },
+            policy,
+        )
+        .expect("redis store")
+    };
+    // The cluster `cargo xtask test` started: every call routed by its key's slot.
     let cluster = RedisStore::new(
         &RedisStoreConfig {
             cluster: redis_cluster_seeds(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
+            module: true,
             ..RedisStoreConfig::default()
         },
         policy,
@@ -134,7 +147,11 @@ fn timed_stores_with(policy: &BudgetPolicy) -> Vec<Timed> {
     let memory = MemoryStore::new(policy.clone(), clock.clone());
     vec![
         Timed {
-            store: Box::new(redis),
+            store: Box::new(single(true)),
+            clock: None,
+        },
+        Timed {
+            store: Box::new(single(false)),
             clock: None,
         },
         Timed {
@@ -792,13 +809,23 @@ async fn credits_granted_above_what_refill_reaches_are_never_forgotten_or_capped
         if b == "redis" {
             // Forgetting an idle bucket restarts it at initial_tokens: one holding granted
             // credits must not expire.
+            // (The module's store in database 0, the script's in database 1.)
             use redis::AsyncCommands as _;
-            let mut conn = enforcer_tests::redis_conn(&url).await;
-            let ttl: i64 = conn
-                .pttl(format!("ptb:{{{}}}:b", h.to_hex()))
-                .await
-                .expect("pttl");
-            assert_eq!(ttl, -1, "a bucket above what refill reaches has no expiry");
+            let mut ttls = Vec::new();
+            for db in [url.clone(), format!("{}/1", url.trim_end_matches('/'))] {
+                let mut conn = enforcer_tests::redis_conn(&db).await;
+                let ttl: i64 = conn
+                    .pttl(format!("ptb:{{{}}}:b", h.to_hex()))
+                    .await
+                    .expect("pttl");
+                ttls.push(ttl);
+            }
+            ttls.sort_unstable();
+            assert_eq!(
+                ttls,
+                [-2, -1],
+                "a bucket above what refill reaches has no expiry (and lives in one database)"
+            );
         }
     }
 }

@@ -728,7 +728,7 @@ fn redis_benchmarks(
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
-        let answer = probe(port, sha, &keys, &DEBIT_ARGS)?;
+        let answer = probe(port, &["EVALSHA", sha], &keys, &DEBIT_ARGS)?;
         if !answer.starts_with("ok") {
             bail!("debit.lua on port {port} refused the benchmark's call: {answer}");
         }
@@ -826,16 +826,17 @@ fn wait_http(addr: SocketAddr) -> Result<()> {
     bail!("the daemon did not listen on {addr} within 30 s")
 }
 
-/// One `EVALSHA` of the script by hand, with `redis-benchmark`'s `__rand_int__` in the key
+/// One call (`head`: `EVALSHA <sha>` or `ENFORCER.DEBIT`) by hand, with `redis-benchmark`'s `__rand_int__` in the key
 /// names made a fixed word: its answer, checked before a run so that a refused call is never
 /// what gets measured (`redis-benchmark` counts error replies as answers).
-fn probe(port: u16, sha: &str, keys: &[String], args: &[&str]) -> Result<String> {
+fn probe(port: u16, head: &[&str], keys: &[String], args: &[&str]) -> Result<String> {
     let keys: Vec<String> = keys
         .iter()
         .map(|k| k.replace("__rand_int__", "probe"))
         .collect();
     let count = keys.len().to_string();
-    let mut call = vec!["EVALSHA", sha, count.as_str()];
+    let mut call = head.to_vec();
+    call.push(count.as_str());
     call.extend(keys.iter().map(String::as_str));
     call.extend(args);
     crate::services::cli(port, &call)
@@ -865,44 +866,58 @@ fn script() -> Result<()> {
         .enumerate()
         .map(|(i, a)| if i == 1 { "0" } else { *a })
         .collect();
-    let variants: [(&str, &str, &[String], Vec<&str>); 5] = [
+    let no_record_module = no_record.clone();
+    let module = crate::redis_module()?;
+    let variants: [(&str, Target<'_>, &[String], Vec<&str>); 7] = [
         (
             "`return 1`, the debit's 4 keys and 12 arguments",
-            "return 1",
+            Target::Script("return 1"),
             &keys,
             DEBIT_ARGS.to_vec(),
         ),
         (
             "minimal TIME + MGET + SET, 2 keys",
-            minimal,
+            Target::Script(minimal),
             &keys[..2],
             Vec::new(),
         ),
         (
             "debit.lua, request record written",
-            &debit,
+            Target::Script(&debit),
             &keys,
             DEBIT_ARGS.to_vec(),
         ),
         (
             "debit.lua, no request record (ttl 0)",
-            &debit,
+            Target::Script(&debit),
             &keys[..3],
             no_record,
         ),
         (
             "debit.lua, request record, 4 tiers in the policy",
-            &debit,
+            Target::Script(&debit),
             &keys,
             DEBIT_ARGS_4_TIERS.to_vec(),
+        ),
+        (
+            "ENFORCER.DEBIT (module), request record written",
+            Target::Module(&module),
+            &keys,
+            DEBIT_ARGS.to_vec(),
+        ),
+        (
+            "ENFORCER.DEBIT (module), no request record",
+            Target::Module(&module),
+            &keys[..3],
+            no_record_module,
         ),
     ];
     println!("machine: {}", machine());
     println!("{:<52} {:>16}", "script", "instructions/call");
-    for (label, text, keys, args) in &variants {
+    for (label, target, keys, args) in &variants {
         let mut counts = Vec::new();
         for calls in [1000u64, 3000] {
-            counts.push(callgrind_run(dir.path(), text, keys, args, calls)?);
+            counts.push(callgrind_run(dir.path(), target, keys, args, calls)?);
         }
         let per_call = (counts[1] as f64 - counts[0] as f64) / 2000.0;
         println!("{label:<52} {per_call:>16.0}");
@@ -910,11 +925,17 @@ fn script() -> Result<()> {
     Ok(())
 }
 
+/// What a `bench script` run calls: a script (`EVALSHA`) or the module's `ENFORCER.DEBIT`.
+enum Target<'a> {
+    Script(&'a str),
+    Module(&'a std::path::Path),
+}
+
 /// Total instructions of a `redis-server` under callgrind that answered `calls` calls of
 /// `text` (then shut down).
 fn callgrind_run(
     dir: &std::path::Path,
-    text: &str,
+    target: &Target<'_>,
     keys: &[String],
     args: &[&str],
     calls: u64,
@@ -932,6 +953,10 @@ fn callgrind_run(
             "127.0.0.1",
         ])
         .args(["--save", "", "--appendonly", "no"])
+        .args(match target {
+            Target::Module(path) => vec![std::ffi::OsStr::new("--loadmodule"), path.as_os_str()],
+            Target::Script(_) => vec![],
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -944,12 +969,17 @@ fn callgrind_run(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?
-        .trim()
-        .to_owned();
+    let head: Vec<String> = match target {
+        Target::Script(text) => {
+            let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?;
+            vec!["EVALSHA".into(), sha.trim().to_owned()]
+        }
+        Target::Module(_) => vec!["ENFORCER.DEBIT".into()],
+    };
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
     // An error reply is cheap: one call by hand first, so that arguments the script refuses
     // fail here instead of being measured (one call more in every run cancels out).
-    let answer = probe(port, &sha, keys, args)?;
+    let answer = probe(port, &head, keys, args)?;
     if answer.contains("ERR") {
         let _ = crate::services::cli(port, &["SHUTDOWN", "NOSAVE"]);
         let _ = server.wait();
@@ -958,7 +988,8 @@ fn callgrind_run(
     let status = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-c", "4", "-P", "16"])
         .args(["-n", &calls.to_string(), "-r", "100000", "-q"])
-        .args(["EVALSHA", &sha, &keys.len().to_string()])
+        .args(&head)
+        .arg(keys.len().to_string())
         .args(keys)
         .args(args)
         .stdout(Stdio::null())

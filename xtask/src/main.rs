@@ -106,7 +106,9 @@ fn test(extra: &[String]) -> Result<()> {
         "enforcer-ebpf",
         "--no-run",
     ]))?;
-    let services = services::Services::start()?;
+    // The Redis module the test Redis servers load (`ENFORCER.DEBIT`, enforcer-redis).
+    let module = redis_module()?;
+    let services = services::Services::start(&module)?;
     let mut env = services.env();
     // Every daemon a test starts serves gRPC on a port of its own, never the default 8081
     // (taken by a daemon the developer runs, or by the previous test's).
@@ -157,4 +159,12 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds the Redis module (`enforcer-redis`, release) and returns the path of its shared
+/// library, for `redis-server --loadmodule`.
+pub(crate) fn redis_module() -> Result<std::path::PathBuf> {
+    status(Command::new("cargo").args(["build", "--release", "--package", "enforcer-redis"]))?;
+    let path = std::path::Path::new("target/release/libenforcer_redis.so").canonicalize()?;
+    Ok(path)
 }

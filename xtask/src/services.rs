@@ -32,6 +32,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, None)
+    }
+
+    /// A private Redis, with the `enforcer-redis` module loaded from `module` when given.
+    pub fn start_with(dir: &Path, module: Option<&Path>) -> Result<Self> {
         let port = free_port()?;
         let dir = dir.join("redis");
         std::fs::create_dir_all(&dir)?;
@@ -48,6 +53,7 @@ impl Redis {
                 .arg(&dir)
                 .arg("--logfile")
                 .arg(dir.join("redis.log"))
+                .args(loadmodule(module))
                 .stdout(Stdio::null()),
         )
         .context("starting redis-server")?;
@@ -96,13 +102,18 @@ impl RedisCluster {
     /// Starts the nodes, creates the cluster, waits until every node says `cluster_state:ok`
     /// and every replica is in sync (about 2 s here).
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, None)
+    }
+
+    /// The cluster, every node with the `enforcer-redis` module loaded from `module` when given.
+    pub fn start_with(dir: &Path, module: Option<&Path>) -> Result<Self> {
         let dir = dir.join("redis-cluster");
         // Another process may take a port between the check and the bind: retry elsewhere.
         let mut last = None;
         for attempt in 0..3 {
             let attempt_dir = dir.join(attempt.to_string());
             std::fs::create_dir_all(&attempt_dir)?;
-            match Self::try_start(&attempt_dir) {
+            match Self::try_start(&attempt_dir, module) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -111,7 +122,7 @@ impl RedisCluster {
             .context("starting a Redis Cluster")
     }
 
-    fn try_start(dir: &Path) -> Result<Self> {
+    fn try_start(dir: &Path, module: Option<&Path>) -> Result<Self> {
         let ports = cluster_ports(6)?;
         let mut cluster = Self {
             ports: ports.clone(),
@@ -135,6 +146,7 @@ impl RedisCluster {
                     .arg(dir)
                     .arg("--logfile")
                     .arg(dir.join(format!("redis-{port}.log")))
+                    .args(loadmodule(module))
                     .stdout(Stdio::null())
                     .spawn()
                     .context("starting redis-server")?,
@@ -352,18 +364,30 @@ pub struct Services {
     pub redis: Redis,
     pub redis_cluster: RedisCluster,
     pub postgres: Postgres,
+    /// The `enforcer-redis` module the Redis and the cluster loaded.
+    module: PathBuf,
     dir: tempfile::TempDir,
 }
 
+/// `--loadmodule <path>`, or nothing.
+fn loadmodule(module: Option<&Path>) -> Vec<std::ffi::OsString> {
+    module
+        .map(|m| vec!["--loadmodule".into(), m.as_os_str().to_owned()])
+        .unwrap_or_default()
+}
+
 impl Services {
-    pub fn start() -> Result<Self> {
+    /// The test services; the Redis and every cluster node load the `enforcer-redis` module at
+    /// `module` (so the store tests run the daemon's default, `ENFORCER.DEBIT`; the script is
+    /// tested beside it).
+    pub fn start(module: &Path) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("enforcer-test-")
             .tempdir()?;
         // PostgreSQL runs as `postgres` and must be able to traverse into the directory.
         Command::new("chmod").arg("755").arg(dir.path()).status()?;
-        let redis = Redis::start(dir.path())?;
-        let redis_cluster = RedisCluster::start(dir.path())?;
+        let redis = Redis::start_with(dir.path(), Some(module))?;
+        let redis_cluster = RedisCluster::start_with(dir.path(), Some(module))?;
         let postgres = Postgres::start(dir.path())?;
         eprintln!(
             "xtask: redis on {}, redis cluster on {}, postgres on {}",
@@ -375,6 +399,7 @@ impl Services {
             redis,
             redis_cluster,
             postgres,
+            module: module.to_path_buf(),
             dir,
         })
     }
@@ -393,6 +418,12 @@ impl Services {
             (
                 "ENFORCER_TEST_REDIS_PORT".into(),
                 self.redis.port.to_string(),
+            ),
+            // Tests that start their own Redis load the same module (or leave it out on
+            // purpose, to test the fallback to the script).
+            (
+                "ENFORCER_TEST_REDIS_MODULE".into(),
+                self.module.display().to_string(),
             ),
             // Daemons the tests spawn keep their audit rows here, not in the checkout.
             (

@@ -83,6 +83,9 @@ pub struct RedisStoreConfig {
     pub response_timeout: Duration,
     /// Replicas that must acknowledge a debit before it is answered (`WAIT`); 0: none.
     pub wait_replicas: u32,
+    /// Debit with the module's `ENFORCER.DEBIT` (`enforcer-redis`) where Redis has it, and
+    /// with `debit.lua` where it does not.
+    pub module: bool,
 }
 
 /// Slot groups of a cluster: each has its own circuit breaker, so a primary that is down opens
@@ -140,6 +143,92 @@ pub struct RedisStore {
     /// The policy as script arguments: swapped whole by a config reload, read once per call
     /// (the script gets every tier's parameters in `ARGV`, so nothing in Redis changes).
     args: ArcSwap<PolicyArgs>,
+    /// Whether debits go to `ENFORCER.DEBIT` now.
+    module: Module,
+}
+
+/// Where debits go: the module's `ENFORCER.DEBIT`, or `EVALSHA` of `debit.lua` while Redis
+/// lacks the module (or has one built from another `debit.lua`).
+///
+/// Both decide alike (the module is the script's rule, checked against it call by call in
+/// `tests/tests/redis_module.rs`), so switching between them changes cost, never outcome. A
+/// refused module call wrote nothing (an unknown command, or a script version the module
+/// refuses before it reads a key), so it is sent again as the script at once; the module is
+/// tried again after [`MODULE_RETRY`] (a rolling restart may load it).
+#[derive(Debug)]
+struct Module {
+    configured: bool,
+    /// Unix milliseconds before which debits use the script; 0: the module.
+    off_until_ms: AtomicU64,
+    /// Calls sent to the module and answered by it, and calls it refused (fallbacks).
+    calls: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+/// How long debits stay on the script after Redis refused the module's command.
+const MODULE_RETRY: Duration = Duration::from_secs(60);
+
+impl Module {
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Whether this debit goes to the module.
+    fn use_now(&self) -> bool {
+        if !self.configured {
+            return false;
+        }
+        let off = self.off_until_ms.load(Ordering::Relaxed);
+        off == 0 || Self::now_ms() >= off
+    }
+
+    /// Whether `e` (the answer to an `ENFORCER.DEBIT`) says Redis cannot run it: then nothing
+    /// was written, and the script is used for a while.
+    fn refused(&self, e: &StoreError) -> bool {
+        let StoreError::Rejected(msg) = e else {
+            return false;
+        };
+        if !(msg.contains("unknown command") || msg.contains("enforcer module: built from")) {
+            return false;
+        }
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let until = Self::now_ms() + MODULE_RETRY.as_millis() as u64;
+        if self.off_until_ms.swap(until, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                error = %msg,
+                "redis cannot run ENFORCER.DEBIT (the enforcer-redis module is not loaded, or \
+                 was built from another debit.lua): debiting with lua/debit.lua, the same rule \
+                 at about three times Redis's CPU; trying the module again every 60 s"
+            );
+        }
+        true
+    }
+
+    fn answered(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.off_until_ms.load(Ordering::Relaxed) != 0 {
+            self.off_until_ms.store(0, Ordering::Relaxed);
+            tracing::info!("redis runs ENFORCER.DEBIT again: debiting with the module");
+        }
+    }
+
+    /// `/readyz`'s view: which command debits go to.
+    fn describe(&self) -> serde_json::Value {
+        let debit = if !self.configured {
+            "script"
+        } else if self.use_now() {
+            "module"
+        } else {
+            "script (module refused)"
+        };
+        serde_json::json!({
+            "debit": debit,
+            "module_calls": self.calls.load(Ordering::Relaxed),
+            "module_fallbacks": self.fallbacks.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// The script arguments of one account: a key's own budget, or a shared budget (whose tier is
@@ -393,6 +482,12 @@ impl RedisStore {
         Ok(Self {
             backend,
             args: ArcSwap::from_pointee(PolicyArgs::of(policy)),
+            module: Module {
+                configured: config.module,
+                off_until_ms: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
+            },
         })
     }
 
@@ -426,21 +521,46 @@ impl RedisStore {
         Ok([a, t, b, s, o, os, at, q, w])
     }
 
-    /// `EVALSHA` of `script` on `keys` (one API key's: one hash tag) with `args`: through
-    /// the batching task (one Redis), or routed by the keys' slot (cluster).
+    /// `EVALSHA` of `script` on `keys` (one API key's: one hash tag) with `args` (for the debit
+    /// script, `ENFORCER.DEBIT` where Redis has the module): through the batching task (one
+    /// Redis), or routed by the keys' slot (cluster).
     async fn eval<T: redis::FromRedisValue>(
         &self,
         script: usize,
         keys: &[String],
         args: &[&str],
     ) -> Result<T, StoreError> {
-        let mut cmd = redis::cmd("EVALSHA");
+        let native = script == DEBIT && self.module.use_now();
+        let value = match self.call(script, native, keys, args).await {
+            Ok(v) => {
+                if native {
+                    self.module.answered();
+                }
+                v
+            }
+            Err(e) if native && self.module.refused(&e) => {
+                self.call(script, false, keys, args).await?
+            }
+            Err(e) => return Err(e),
+        };
+        redis::from_owned_redis_value(value).map_err(|e| StoreError::Protocol(e.to_string()))
+    }
+
+    /// One call: `EVALSHA <sha> n keys args`, or `ENFORCER.DEBIT <sha> n keys args` (`native`).
+    async fn call(
+        &self,
+        script: usize,
+        native: bool,
+        keys: &[String],
+        args: &[&str],
+    ) -> Result<Value, StoreError> {
+        let mut cmd = redis::cmd(if native { "ENFORCER.DEBIT" } else { "EVALSHA" });
         let sha = match &self.backend {
             Backend::Single { pool, .. } => pool.scripts[script].get_hash(),
             Backend::Cluster(pool) => pool.scripts[script].get_hash(),
         };
         cmd.arg(sha).arg(keys.len()).arg(keys).arg(args);
-        let value = match &self.backend {
+        match &self.backend {
             Backend::Single { pool, queue } => {
                 let queue = queue.get_or_init(|| {
                     let (tx, rx) = mpsc::channel(QUEUE);
@@ -454,14 +574,13 @@ impl RedisStore {
                     .map_err(|_| StoreError::Unavailable("the batching task stopped".into()))?;
                 answer.await.map_err(|_| {
                     StoreError::Unavailable("the batching task dropped a call".into())
-                })??
+                })?
             }
             Backend::Cluster(pool) => {
                 let slot = keys.first().map_or(0, |k| slot_of(k.as_bytes()));
-                pool.eval(script, &cmd, slot).await?
+                pool.eval(script, &cmd, slot, native).await
             }
-        };
-        redis::from_owned_redis_value(value).map_err(|e| StoreError::Protocol(e.to_string()))
+        }
     }
 
     /// One command that is not a script call (tier assignment, ping), on either backend.
@@ -499,9 +618,15 @@ impl ClusterPool {
     }
 
     /// A script call on the primary of `slot`; `NOSCRIPT` loads the script and retries once.
-    async fn eval(&self, script: usize, cmd: &Cmd, slot: u16) -> Result<Value, StoreError> {
+    async fn eval(
+        &self,
+        script: usize,
+        cmd: &Cmd,
+        slot: u16,
+        native: bool,
+    ) -> Result<Value, StoreError> {
         let mut conn = self.connection().await?;
-        match self.call(&mut conn, cmd, slot).await {
+        match self.call(&mut conn, cmd, slot, native).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 tracing::warn!(slot, "a cluster node lacks a script (NOSCRIPT): loading it");
                 self.scripts[script]
@@ -509,7 +634,9 @@ impl ClusterPool {
                     .load_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
-                self.call(&mut conn, cmd, slot).await.map_err(classify)
+                self.call(&mut conn, cmd, slot, native)
+                    .await
+                    .map_err(classify)
             }
             other => other.map_err(classify),
         }
@@ -521,13 +648,21 @@ impl ClusterPool {
         conn: &mut ClusterConnection,
         cmd: &Cmd,
         slot: u16,
+        native: bool,
     ) -> Result<Value, RedisError> {
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
         let Some(wait) = &self.wait else {
+            if native {
+                // Routed by the keys' slot: redis-rs knows where EVALSHA's keys are, not
+                // ENFORCER.DEBIT's (it would route it by its first argument, the SHA).
+                return conn
+                    .route_command(cmd, RoutingInfo::SingleNode(route))
+                    .await;
+            }
             return cmd.query_async(conn).await;
         };
         let mut pipe = Pipeline::with_capacity(2);
         pipe.add_command(cmd.clone()).add_command(wait.clone());
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
         let mut answers = conn.route_pipeline(&pipe, 0, 2, route).await?.into_iter();
         let (Some(answer), Some(acked)) = (answers.next(), answers.next()) else {
             return Err(RedisError::from((
@@ -1372,6 +1507,7 @@ impl TokenStore for RedisStore {
         Some(serde_json::json!({
             "cluster": cluster,
             "short_waits": short_waits,
+            "module": self.module.describe(),
         }))
     }
 }

@@ -1,0 +1,147 @@
+//! `ENFORCER.DEBIT`: `lua/debit.lua` as a native Redis command, for self-hosted Redis where a
+//! module may be loaded (`redis-server --loadmodule libenforcer_redis.so`). It is called as
+//! the script is, `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…` for `EVALSHA <sha1>
+//! numkeys key… arg…`, gives the same reply and stores the same values; it refuses a call
+//! naming another version of the script. The daemon sends it instead of `EVALSHA` where Redis
+//! has it (`store.redis_module`, docs/configuration.md). Why: a script call costs Redis ~30 k instructions before the
+//! script's first line (its keys and arguments made Lua strings) and the script ~115 k more;
+//! the command does the same work in a fraction of that (docs/benchmarks.md).
+//!
+//! The rule is in [`debit`] (pure: values in, writes and reply out); this file is the glue:
+//! the module API (resolved by name at load, as `redismodule.h`'s `RedisModule_Init` does, so
+//! no C header or bindgen is needed), reading the keys, applying the writes and replicating
+//! them as plain `SET`/`DEL` commands with absolute expiry (what Redis does for a script's
+//! writes: a replica or the AOF never re-runs the decision with its own clock).
+//!
+//! Refunds, settles, grants and the rest stay Lua scripts: they are not per-request hot paths,
+//! and running on the same keys atomically (module commands and scripts both run on Redis's
+//! one thread) they mix safely with this command.
+pub mod debit;
+pub mod lua;
+pub mod sha1;
+
+mod api;
+
+use api::{Ctx, RString};
+use std::ffi::{CString, c_int};
+use std::sync::OnceLock;
+
+/// The script this module implements; its SHA-1 is what callers must name.
+pub const DEBIT_LUA: &str = include_str!("../../lua/debit.lua");
+
+/// SHA-1 of [`DEBIT_LUA`], as `SCRIPT LOAD` would name it.
+pub fn debit_sha() -> &'static str {
+    static SHA: OnceLock<String> = OnceLock::new();
+    SHA.get_or_init(|| sha1::hex(DEBIT_LUA.as_bytes()))
+}
+
+/// The command's name.
+pub const COMMAND: &str = "enforcer.debit";
+/// The module's name in `MODULE LIST`.
+pub const MODULE: &str = "enforcer";
+/// The module's version in `MODULE LIST`: the daemon refuses to use a module whose version
+/// differs from the one it was built with (its reply and stored values are `debit.lua`'s of
+/// the same build).
+pub const VERSION: c_int = 1;
+
+/// Redis calls this when it loads the module.
+///
+/// # Safety
+/// Called by Redis only, with its module context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn RedisModule_OnLoad(
+    ctx: *mut Ctx,
+    _argv: *mut *mut RString,
+    _argc: c_int,
+) -> c_int {
+    // SAFETY: Redis passes its module context, whose first word is its `GetApi`.
+    let Some(api) = (unsafe { api::init(ctx, MODULE, VERSION) }) else {
+        return api::ERR;
+    };
+    let (Ok(name), Ok(flags)) = (
+        CString::new(COMMAND),
+        CString::new("write deny-oom getkeys-api"),
+    ) else {
+        return api::ERR;
+    };
+    // Keys are found through getkeys-api (their number is the first argument, as for
+    // EVALSHA): Redis Cluster then redirects and checks slots, and ACLs check key patterns.
+    // SAFETY: a valid context, NUL-terminated strings, a command function of the right type.
+    unsafe { (api.create_command)(ctx, name.as_ptr(), Some(command), flags.as_ptr(), 0, 0, 0) }
+}
+
+/// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`.
+unsafe extern "C" fn command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> c_int {
+    let Some(api) = api::get() else {
+        return api::ERR;
+    };
+    let argc = usize::try_from(argc).unwrap_or(0);
+    if argc < 3 {
+        // SAFETY: a valid context.
+        return unsafe { (api.wrong_arity)(ctx) };
+    }
+    // SAFETY: Redis passes `argc` valid strings.
+    let argv = unsafe { std::slice::from_raw_parts(argv, argc) };
+    // SAFETY: strings of this call, alive until it returns.
+    let bytes = |s: *mut RString| unsafe { api.bytes(s) };
+    let nkeys = std::str::from_utf8(bytes(argv[2]))
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n >= 1 && n <= argc - 3);
+    // SAFETY: a valid context.
+    if unsafe { (api.is_keys_position_request)(ctx) } != 0 {
+        // Redis asks where the keys are (cluster redirection, ACLs): none when the count is bad
+        // (the call itself is then refused).
+        for pos in 3..3 + nkeys.unwrap_or(0) {
+            // SAFETY: as above; `pos` is an argument index.
+            unsafe { (api.key_at_pos)(ctx, pos as c_int) };
+        }
+        return api::OK;
+    }
+    let Some(nkeys) = nkeys else {
+        // SAFETY: a valid context.
+        return unsafe {
+            api.error(
+                ctx,
+                "ERR enforcer: the key count must be a number from 1 to the arguments given",
+            )
+        };
+    };
+    if bytes(argv[1]) != debit_sha().as_bytes() {
+        let msg = format!(
+            "ERR enforcer module: built from debit.lua {}, called for {} (load the module built \
+             with the daemon)",
+            debit_sha(),
+            String::from_utf8_lossy(bytes(argv[1])),
+        );
+        // SAFETY: a valid context.
+        return unsafe { api.error(ctx, &msg) };
+    }
+    let keys = &argv[3..3 + nkeys];
+    let args: Vec<&[u8]> = argv[3 + nkeys..].iter().map(|&s| bytes(s)).collect();
+
+    // Read every key first (the script's one MGET), before any write.
+    let opened: Vec<api::Key> = keys
+        .iter()
+        // SAFETY: a valid context and key name.
+        .map(|&k| unsafe { api.open(ctx, k, api::READ) })
+        .collect();
+    // SAFETY: the keys stay open (and unwritten) until `opened` is dropped below.
+    let values: Vec<Option<&[u8]>> = opened.iter().map(|k| unsafe { k.string() }).collect();
+    let now = api::now();
+    let outcome = debit::debit(nkeys, &values, &args, now);
+    drop(values);
+    drop(opened);
+    let effects = match outcome {
+        Ok(e) => e,
+        // SAFETY: a valid context.
+        Err(refusal) => return unsafe { api.error(ctx, &format!("ERR enforcer: {refusal}")) },
+    };
+    let now_ms = now.secs * 1000 + now.micros / 1000;
+    for w in &effects.writes {
+        // SAFETY: a valid context and key name; no other handle of the key is open.
+        unsafe { api.apply(ctx, keys[w.key], w, now_ms) };
+    }
+    // SAFETY: a valid context.
+    unsafe { api.reply(ctx, &effects.reply) }
+}
