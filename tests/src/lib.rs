@@ -386,18 +386,32 @@ pub struct PrivateRedis {
     // Before `dir`: the server stops before its directory goes.
     child: Option<Process>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments (`--loadmodule …`, `--replicaof …`).
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     /// Starts one and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with more `redis-server` arguments and waits until it answers.
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut r = Self {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         r.restart();
         r
+    }
+
+    /// Starts the server again on the same port with other extra arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        self.restart();
     }
 
     pub fn url(&self) -> String {
@@ -441,8 +455,11 @@ impl PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // A replica syncs at once, not after the default 5 s delay.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (cargo xtask setup)");

@@ -1,0 +1,560 @@
+//! The `enforcer-redis` module's `ENFORCER.DEBIT` against `lua/debit.lua`, on the Redis
+//! `cargo xtask test` started (the module loaded): the same calls on the same stored state give
+//! the same replies, the same stored values and the same expiries (seeded scenarios over every
+//! block of the script: tiers and assignments, replays and conflicts, wallets, quotas, key
+//! limits, candidates, forced debits and bad arguments). Then what the daemon relies on: a call
+//! naming another `debit.lua` is refused and writes nothing, a Redis without the module is
+//! debited by the script (and the module is used again once Redis has it), and a replica gets
+//! the module's writes as plain `SET`s.
+use enforcer::budget::BudgetPolicy;
+use enforcer::config::Config;
+use enforcer::key::{ApiKey, RequestId};
+use enforcer::store::{
+    BucketKind, Debit, DebitOutcome, Fingerprint, RedisStore, RedisStoreConfig, TokenStore,
+};
+use enforcer_tests::{PrivateRedis, redis_conn, redis_url, unique};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use std::time::Duration;
+
+/// The SHA-1 of `lua/debit.lua`, loaded into the test Redis.
+async fn load_script(conn: &mut MultiplexedConnection) -> String {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(enforcer::store::DEBIT_LUA)
+        .query_async(conn)
+        .await
+        .expect("SCRIPT LOAD")
+}
+
+async fn redis_now(conn: &mut MultiplexedConnection) -> f64 {
+    let (s, us): (f64, f64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    s + us / 1e6
+}
+
+/// A reply as text: the fields of an array (integers as digits, nil as "nil"), or the error.
+fn reply_text(r: redis::RedisResult<Value>) -> Result<Vec<String>, String> {
+    fn one(v: &Value) -> String {
+        match v {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::Nil => "nil".into(),
+            other => format!("{other:?}"),
+        }
+    }
+    match r {
+        Ok(Value::Array(items)) => Ok(items.iter().map(one).collect()),
+        Ok(other) => Ok(vec![one(&other)]),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether two texts say the same: token by token (split at spaces, `|` and newlines), equal,
+/// or both numbers within `tol` (the two calls run a few milliseconds apart and refill moves
+/// with time), or both a Redis TIME stamp (`<seconds>.<6 digits>`).
+fn same(a: &str, b: &str, tol: f64) -> bool {
+    let split = |s: &str| -> Vec<String> {
+        s.split([' ', '|', '\n'])
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let stamp = |t: &str| {
+        t.split_once('.').is_some_and(|(s, us)| {
+            s.len() == 10
+                && us.len() == 6
+                && s.bytes().chain(us.bytes()).all(|c| c.is_ascii_digit())
+        })
+    };
+    let (ta, tb) = (split(a), split(b));
+    ta.len() == tb.len()
+        && ta.iter().zip(&tb).all(|(x, y)| {
+            x == y
+                || (stamp(x) && stamp(y))
+                || matches!((x.parse::<f64>(), y.parse::<f64>()),
+                    (Ok(p), Ok(q)) if (p - q).abs() <= tol + 1e-9 * p.abs().max(q.abs()))
+        })
+}
+
+/// A deterministic stream of choices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a, T: ?Sized>(&mut self, from: &[&'a T]) -> &'a T {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// The tiers every scenario's policy has (ARGV[7]).
+const TIERS: &str = "\nfree 0 1000 10 0.8 800\nnorefill 1 1000 0 0.8 800\nprepaid 2 5000 0 0.8 0\nslow 3 100 0.5 0.5 50";
+
+/// One debit on one stored state: the keys' suffixes (`None`: the key is given but holds
+/// nothing), what they hold, and the arguments.
+#[derive(Debug)]
+struct Scenario {
+    /// (suffix, stored value, ttl ms) of each key, in KEYS order.
+    keys: Vec<(String, Option<String>, Option<u64>)>,
+    args: Vec<String>,
+}
+
+fn scenario(rng: &mut Rng, now: f64) -> Scenario {
+    let kind = rng.pick(&["m", "m", "m", "o", "M", "O"]);
+    let main = kind == "m" || kind == "M";
+    let cost = if rng.chance(8) {
+        rng.pick(&["nan", "-1", "0", "abc", "2e15", "inf", ""])
+            .to_owned()
+    } else {
+        rng.pick(&[
+            "1", "5", "50", "300", "799.5", "800", "1000", "5000", "0.001", "33.3",
+        ])
+        .to_owned()
+    };
+    let remember = rng.chance(60);
+    let fingerprint = if rng.chance(4) { "xyz" } else { "ab12" };
+    let window = rng.pick(&["60", "0", "1000000"]);
+    let default_tier = rng.pick(&["free", "free", "", "nosuch", "slow"]);
+    let mut args: Vec<String> = vec![
+        cost,
+        if remember { "60000" } else { "0" }.into(),
+        fingerprint.into(),
+        window.into(),
+        default_tier.into(),
+        kind.into(),
+        if rng.chance(3) {
+            "free 0 1 1 1 1"
+        } else {
+            TIERS
+        }
+        .into(),
+        if rng.chance(3) {
+            "0"
+        } else {
+            rng.pick(&["1", "2.5"])
+        }
+        .to_owned(),
+        if rng.chance(3) {
+            "0"
+        } else {
+            rng.pick(&["-", "-", "900"])
+        }
+        .to_owned(),
+    ];
+    let mut keys: Vec<(String, Option<String>, Option<u64>)> = Vec::new();
+    let bucket = match rng.next() % 6 {
+        0 => Some(format!("123.5 {:.6}", now - 100.0)),
+        1 => Some(format!("-50 {:.6}", now - 10.0)),
+        2 => Some(format!("5000 {:.6}", now - 1.0)),
+        3 => Some("x y".to_owned()),
+        _ => None,
+    };
+    keys.push(("b".into(), bucket, Some(120_000)));
+    let assigned = match rng.next() % 6 {
+        0 => Some("norefill"),
+        1 => Some("prepaid"),
+        2 => Some("nosuch"),
+        3 => Some("a b"),
+        4 => Some("slow"),
+        _ => None,
+    };
+    keys.push(("tier".into(), assigned.map(str::to_owned), None));
+    if main {
+        let wallet = match rng.next() % 5 {
+            0 => Some(format!("0 - 1 30 g1\n1 {:.0} 2 20 g2", now + 100.0)),
+            1 => Some(format!("0 {:.0} 1 40 g3\n2 - 3 15 g4", now - 5.0)),
+            2 => Some("bad".to_owned()),
+            _ => None,
+        };
+        keys.push(("w".into(), wallet, None));
+    }
+    if remember {
+        let record = match rng.next() % 6 {
+            0 => Some("m|1|500|0|free|5|1000|0|ab12|1|-"),
+            1 => Some("m|1|500|0|free|5|1000|1|ab12|1|-"),
+            2 => Some("m|1|500|0|free|5|1000|0|cd34|1|-"),
+            3 => Some("m|1|500|0|free|5|1000|0"),
+            _ => None,
+        };
+        keys.push(("r:1".into(), record.map(str::to_owned), Some(60_000)));
+    }
+    let mut quota = false;
+    if main {
+        if rng.chance(40) {
+            quota = true;
+            let tier = rng.pick(&["free", "norefill", "slow"]);
+            let day = 86_400.0;
+            args.push("1".into());
+            args.push(tier.into());
+            args.push(
+                if rng.chance(5) {
+                    "nan"
+                } else {
+                    rng.pick(&["100", "1000"])
+                }
+                .to_owned(),
+            );
+            for b in [now - 2.0 * day, now - day, now + day, now + 2.0 * day] {
+                args.push(format!("{:.0}", b.floor()));
+            }
+            let usage = match rng.next() % 3 {
+                0 => Some(format!("{:.0} 50", (now - day).floor())),
+                1 => Some(format!("{:.0} 99", (now - 2.0 * day).floor())),
+                _ => None,
+            };
+            keys.push(("q".into(), usage, Some(90_000)));
+        } else {
+            args.push("0".into());
+        }
+        if rng.chance(30) {
+            args.push(
+                if rng.chance(10) {
+                    rng.pick(&["0", "x"])
+                } else {
+                    "100"
+                }
+                .to_owned(),
+            );
+            args.push(rng.pick(&["0.000000001", "2"]).to_owned());
+            let stored = rng.chance(50).then(|| format!("50 {:.6}", now - 1.0));
+            keys.push(("k".into(), stored, Some(30_000)));
+        } else {
+            args.push("-".into());
+            args.push("-".into());
+        }
+    }
+    let _ = quota;
+    if rng.chance(25) {
+        // The candidate: its cost and four numbers for each of the four tiers.
+        args.push(
+            if rng.chance(5) {
+                "0"
+            } else {
+                rng.pick(&["10", "700"])
+            }
+            .to_owned(),
+        );
+        for _ in 0..4 {
+            args.extend(["500", "1", "0.8", "400"].map(str::to_owned));
+        }
+        let stored = rng.chance(50).then(|| format!("100 {:.6}", now - 2.0));
+        keys.push(("c".into(), stored, Some(60_000)));
+    }
+    if rng.chance(3) {
+        // A key count the arguments do not call for.
+        keys.push(("extra".into(), None, None));
+    }
+    Scenario { keys, args }
+}
+
+/// Writes the scenario's stored state under `tag`; the key names.
+async fn prepare(conn: &mut MultiplexedConnection, s: &Scenario, tag: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (suffix, value, ttl) in &s.keys {
+        let name = format!("ptb:{{{tag}}}:{suffix}");
+        if let Some(v) = value {
+            let mut set = redis::cmd("SET");
+            set.arg(&name).arg(v);
+            if let Some(ms) = ttl {
+                set.arg("PX").arg(ms);
+            }
+            let () = set.query_async(conn).await.expect("SET");
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// What the keys hold after the call: (value, ttl ms) each.
+async fn stored(conn: &mut MultiplexedConnection, names: &[String]) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for name in names {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(name)
+            .query_async(conn)
+            .await
+            .expect("GET");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(name)
+            .query_async(conn)
+            .await
+            .expect("PTTL");
+        out.push((v.unwrap_or_else(|| "<none>".into()), ttl));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_module_answers_and_stores_what_the_script_does() {
+    let mut conn = redis_conn(&redis_url()).await;
+    let sha = load_script(&mut conn).await;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..400 {
+        let now = redis_now(&mut conn).await;
+        let s = scenario(&mut rng, now);
+        let tag = unique("parity");
+        let (lua_tag, mod_tag) = (format!("{tag}-lua"), format!("{tag}-mod"));
+        let lua_keys = prepare(&mut conn, &s, &lua_tag).await;
+        let mod_keys = prepare(&mut conn, &s, &mod_tag).await;
+        let lua = reply_text(
+            redis::cmd("EVALSHA")
+                .arg(&sha)
+                .arg(lua_keys.len())
+                .arg(&lua_keys)
+                .arg(&s.args)
+                .query_async(&mut conn)
+                .await,
+        );
+        let module = reply_text(
+            redis::cmd("ENFORCER.DEBIT")
+                .arg(&sha)
+                .arg(mod_keys.len())
+                .arg(&mod_keys)
+                .arg(&s.args)
+                .query_async(&mut conn)
+                .await,
+        );
+        // Refill moves with the milliseconds between the two calls (at most 10 tokens/s here).
+        let tol = 0.5;
+        match (&lua, &module) {
+            (Ok(l), Ok(m)) => {
+                ok += 1;
+                assert_eq!(l.len(), m.len(), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
+                for (a, b) in l.iter().zip(m) {
+                    // retry_after_ms and quota resets are milliseconds of time passing.
+                    let tol = if a.contains('.') { tol } else { 100.0 };
+                    assert!(same(a, b, tol), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
+                }
+            }
+            (Err(l), Err(m)) => {
+                refused += 1;
+                let why = m
+                    .split_once("enforcer: ")
+                    .map_or(m.as_str(), |(_, why)| why)
+                    .trim();
+                assert!(
+                    l.contains(why),
+                    "#{i} {s:?}\nthe same refusal: lua {l:?}, module {m:?}"
+                );
+            }
+            _ => panic!("#{i} {s:?}\none refused, one answered: lua {lua:?}, module {module:?}"),
+        }
+        let (sl, sm) = (
+            stored(&mut conn, &lua_keys).await,
+            stored(&mut conn, &mod_keys).await,
+        );
+        for ((lv, lt), (mv, mt)) in sl.iter().zip(&sm) {
+            assert!(
+                same(lv, mv, tol),
+                "#{i} {s:?}\nstored: lua {sl:?}\nmodule {sm:?}"
+            );
+            // Both -1 (no expiry), both -2 (none), or within a second of each other.
+            assert!(
+                lt == mt || (*lt >= 0 && *mt >= 0 && (lt - mt).abs() <= 1000),
+                "#{i} {s:?}\nexpiry: lua {sl:?}\nmodule {sm:?}"
+            );
+        }
+    }
+    // The scenarios reach both outcomes (a generator that only produced refusals would prove
+    // nothing about the rule).
+    assert!(ok > 200 && refused > 20, "{ok} answered, {refused} refused");
+}
+
+/// A debit of `cost` on `key` in the tier `free` of the default config.
+fn debit(key: &ApiKey, cost: f64) -> Debit {
+    Debit {
+        key: key.hash(),
+        bucket: BucketKind::Main,
+        cost,
+        request_id: RequestId::generate(),
+        fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
+        force: false,
+        terms: enforcer::store::SettleTerms::default(),
+        candidate: None,
+    }
+}
+
+fn policy() -> BudgetPolicy {
+    Config::default().budget_policy()
+}
+
+fn store(url: &str) -> RedisStore {
+    RedisStore::new(
+        &RedisStoreConfig {
+            url: url.to_owned(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            module: true,
+            ..RedisStoreConfig::default()
+        },
+        &policy(),
+    )
+    .expect("redis store")
+}
+
+/// The tokens left after an allowed debit, rounded (the `free` tier refills 10/s between
+/// calls).
+async fn remaining(store: &RedisStore, d: &Debit) -> f64 {
+    match store.debit(d).await.expect("debit") {
+        DebitOutcome::Settled(s) => {
+            assert!(s.allowed, "{s:?}");
+            s.remaining.round()
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `/readyz`'s `module` object of the store.
+async fn module_state(store: &RedisStore) -> serde_json::Value {
+    store.describe().await.expect("describe")["module"].clone()
+}
+
+#[tokio::test]
+async fn the_daemon_debits_with_the_module_where_redis_has_it() {
+    let store = store(&redis_url());
+    let key = ApiKey::parse(&unique("module-used")).expect("key");
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 700.0);
+    let state = module_state(&store).await;
+    assert_eq!(state["debit"], "module", "{state}");
+    assert_eq!(state["module_calls"], 1, "{state}");
+    assert_eq!(state["module_fallbacks"], 0, "{state}");
+}
+
+#[tokio::test]
+async fn a_call_for_another_debit_lua_is_refused_and_writes_nothing() {
+    let mut conn = redis_conn(&redis_url()).await;
+    let tag = unique("version");
+    let keys = [format!("ptb:{{{tag}}}:b"), format!("ptb:{{{tag}}}:tier")];
+    let args = ["5", "0", "ab12", "60", "free", "o", TIERS, "1", "-"];
+    let result: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
+        .arg("0000000000000000000000000000000000000000")
+        .arg(2)
+        .arg(&keys)
+        .arg(&args)
+        .query_async(&mut conn)
+        .await;
+    let err = result
+        .expect_err("another script version is refused")
+        .to_string();
+    assert!(err.contains("built from debit.lua"), "{err}");
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "nothing written");
+    // The right SHA on the same keys works (the refusal was the version, not the call).
+    let sha = load_script(&mut conn).await;
+    let ok: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
+        .arg(&sha)
+        .arg(2)
+        .arg(&keys)
+        .arg(&args)
+        .query_async(&mut conn)
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+/// The module the test Redis loaded (`cargo xtask test` exports its path).
+fn module_path() -> String {
+    std::env::var("ENFORCER_TEST_REDIS_MODULE").expect(
+        "ENFORCER_TEST_REDIS_MODULE is not set: run the integration tests with `cargo xtask test`",
+    )
+}
+
+#[tokio::test]
+async fn without_the_module_the_script_debits_and_the_module_is_used_once_loaded() {
+    // A Redis without the module: the first debit is refused as an unknown command, sent
+    // again as the script, and charged once.
+    let mut redis = PrivateRedis::start();
+    let store = store(&redis.url());
+    let key = ApiKey::parse(&unique("no-module")).expect("key");
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 700.0);
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 600.0);
+    let state = module_state(&store).await;
+    assert_eq!(state["debit"], "script (module refused)", "{state}");
+    assert_eq!(
+        state["module_fallbacks"], 1,
+        "one refusal, then the script: {state}"
+    );
+    assert_eq!(state["module_calls"], 0, "{state}");
+
+    // The same Redis restarted with the module (a rolling restart): a new store uses it at
+    // once, on the same bucket.
+    redis.restart_with(&["--loadmodule", &module_path()]);
+    let store = self::store(&redis.url());
+    let key = ApiKey::parse(&unique("module-loaded")).expect("key");
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 700.0);
+    assert_eq!(module_state(&store).await["debit"], "module");
+}
+
+#[tokio::test]
+async fn a_replica_gets_the_modules_writes_with_their_expiry() {
+    // A primary with the module, and a replica without it: replication carries the writes as
+    // SETs with absolute expiry, never the command (which a replica would decide again, by its
+    // own clock, or could not run at all).
+    let primary = PrivateRedis::start_with(&["--loadmodule", &module_path()]);
+    let replica =
+        PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let mut pconn = redis_conn(&primary.url()).await;
+    let mut rconn = redis_conn(&replica.url()).await;
+    let store = store(&primary.url());
+    let key = ApiKey::parse(&unique("replicated")).expect("key");
+    let d = debit(&key, 250.0);
+    assert_eq!(remaining(&store, &d).await, 550.0);
+    assert_eq!(module_state(&store).await["debit"], "module");
+    let bucket = format!("ptb:{{{}}}:b", key.hash().to_hex());
+    let started = std::time::Instant::now();
+    loop {
+        let on_replica: Option<String> = redis::cmd("GET")
+            .arg(&bucket)
+            .query_async(&mut rconn)
+            .await
+            .expect("GET on the replica");
+        let on_primary: Option<String> = redis::cmd("GET")
+            .arg(&bucket)
+            .query_async(&mut pconn)
+            .await
+            .expect("GET");
+        if on_replica.is_some() {
+            assert_eq!(
+                on_replica, on_primary,
+                "the replica holds the primary's value"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the replica never got the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (pttl_p, pttl_r): (i64, i64) = (
+        redis::cmd("PTTL")
+            .arg(&bucket)
+            .query_async(&mut pconn)
+            .await
+            .expect("PTTL"),
+        redis::cmd("PTTL")
+            .arg(&bucket)
+            .query_async(&mut rconn)
+            .await
+            .expect("PTTL"),
+    );
+    assert!(pttl_p > 0 && pttl_r > 0, "both expire: {pttl_p} {pttl_r}");
+    assert!(
+        (pttl_p - pttl_r).abs() < 2000,
+        "the same expiry: {pttl_p} {pttl_r}"
+    );
+}
