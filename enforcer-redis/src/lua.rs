@@ -264,7 +264,7 @@ mod tests {
             f64::MIN_POSITIVE,
             1_700_000_000.123_456,
         ];
-        for _ in 0..200_000 {
+        for _ in 0..50_000 {
             let bits = next();
             let x = f64::from_bits(bits);
             if x.is_finite() {

@@ -365,6 +365,16 @@ fn node_args(port: u16, dir: &std::path::Path, node_timeout_ms: u64) -> Vec<Stri
         "--logfile".to_owned(),
         dir.join(format!("redis-{port}.log")).display().to_string(),
     ])
+    // The `enforcer-redis` module `cargo xtask test` built, on every node: the daemons under
+    // test debit with ENFORCER.DEBIT through failovers and slot migrations.
+    .chain(
+        std::env::var("ENFORCER_TEST_REDIS_MODULE")
+            .ok()
+            .filter(|m| !m.is_empty())
+            .map(|m| ["--loadmodule".to_owned(), m])
+            .into_iter()
+            .flatten(),
+    )
     .collect()
 }
 

@@ -123,6 +123,12 @@ impl Daemon {
             .unwrap_or_else(|| panic!("/readyz has no short_waits: {}", r.json()))
     }
 
+    /// `/readyz`'s `store.state.module`: where debits go (`enforcer-redis` or the script).
+    async fn module_state(&self) -> serde_json::Value {
+        let r = http(self.addr, "GET", "/readyz", &[], "").await;
+        r.json()["store"]["state"]["module"].clone()
+    }
+
     /// The sum over every label set of a counter in `/metrics`.
     async fn counter_sum(&self, name: &str) -> f64 {
         let text = http(self.addr, "GET", "/metrics", &[], "").await;
@@ -526,6 +532,14 @@ async fn failover_under_load(wait_replicas: u32) -> Failover {
                     .any(|l| l.contains(word) && l.contains("token store call failed")),
                 "{word} surfaced as a store failure: {log}"
             );
+        }
+        // Every node loads the enforcer-redis module (tests/src/cluster.rs): the debits
+        // through the failover were the module's, never refused (the promoted replica has it).
+        if std::env::var("ENFORCER_TEST_REDIS_MODULE").is_ok_and(|m| !m.is_empty()) {
+            let state = d.module_state().await;
+            assert_eq!(state["debit"], "module", "{state}");
+            assert_eq!(state["module_fallbacks"], 0, "{state}");
+            assert!(state["module_calls"].as_u64() > Some(100), "{state}");
         }
     }
     // Before the kill the store decided everything; on the healthy primary, everything but

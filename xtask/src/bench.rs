@@ -118,6 +118,7 @@ listen = "{addr}"
 [store]
 redis_url = "{url}"
 timeout_ms = 1000
+redis_module = false
 [budget]
 default_tier = "bench"
 [tiers.bench]
@@ -150,10 +151,13 @@ pub(crate) fn daemon_command(
 
 fn http(clients: usize, seconds: u64) -> Result<()> {
     crate::status(Command::new("cargo").args(["build", "--release", "--package", "enforcer"]))?;
+    let module = crate::redis_module()?;
     let dir = tempfile::Builder::new()
         .prefix("enforcer-bench-")
         .tempdir()?;
-    let redis = Redis::start(dir.path())?;
+    // With the module loaded: the runs below use the script (`redis_module = false`, the
+    // config's line) but for the one that names the module.
+    let redis = Redis::start_with(dir.path(), Some(&module))?;
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let config = dir.path().join("bench.toml");
@@ -164,7 +168,9 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     if sha.len() != 40 {
         bail!("SCRIPT LOAD answered {sha:?}");
     }
-    let ceiling_before = redis_benchmark(&redis, &sha, clients, seconds)?;
+    let ceiling_before = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
+    // The same through the module (enforcer-redis), on the same Redis.
+    let ceiling_module = redis_benchmark(&redis, &["ENFORCER.DEBIT", &sha], clients, seconds)?;
     let body = |i: usize| {
         format!(
             r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
@@ -207,6 +213,12 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         Ok(path)
     };
     let unremembered_config = variant("unremembered", "remember_generated_ids = false")?;
+    let module_config = dir.path().join("bench-module.toml");
+    std::fs::write(
+        &module_config,
+        std::fs::read_to_string(&config)?
+            .replace("redis_module = false\n", "redis_module = true\n"),
+    )?;
     let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut grpc_rows = Vec::new();
     for (workers, journal, variant) in [
@@ -215,12 +227,15 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         (cores, false, ""),
         (cores, true, ""),
         (cores, true, "ids not kept"),
+        (cores, true, "module"),
     ] {
         let daemon = Daemon(
             daemon_command(
                 Command::new("target/release/enforcer"),
                 if variant == "ids not kept" {
                     &unremembered_config
+                } else if variant == "module" {
+                    &module_config
                 } else if journal {
                     &config
                 } else {
@@ -228,7 +243,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
                 },
                 &ledger_dir.path().join(format!(
                     "ledger-{workers}-{journal}-{}.jsonl",
-                    variant.len()
+                    variant.replace(' ', "-")
                 )),
                 grpc_addr,
             )
@@ -286,7 +301,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
-    let ceiling_after = redis_benchmark(&redis, &sha, clients, seconds)?;
+    let ceiling_after = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
 
     // The embedded store, fresh daemon: its first 10 s over 100 000 keys (the tail while its
     // maps and request records grow, issue 16), then 10 s more on the same daemon.
@@ -338,10 +353,14 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         "{:<52} {:>12} {:>9} {:>9} {:>12} {:>12}",
         "", "decisions/s", "p50 ms", "p99 ms", "redis us/op", "daemon us/op"
     );
-    for (label, c) in [("before", &ceiling_before), ("after", &ceiling_after)] {
+    for (label, c) in [
+        ("EVALSHA debit.lua (before)", &ceiling_before),
+        ("ENFORCER.DEBIT (module)", &ceiling_module),
+        ("EVALSHA debit.lua (after)", &ceiling_after),
+    ] {
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1}",
-            format!("redis-benchmark EVALSHA debit.lua ({label})"),
+            format!("redis-benchmark {label}"),
             c.rps,
             c.p50,
             c.p99,
@@ -438,14 +457,15 @@ fn cluster(clients: usize, seconds: u64) -> Result<()> {
     }
     // Ceilings: the single Redis; each primary alone (a hash tag of one of its slots); all
     // three primaries at once (what the cluster serves when the clients are not the limit).
-    let single = redis_benchmark(&redis, &sha, clients, seconds)?;
+    let single = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
     let tags: Vec<String> = primaries
         .iter()
         .map(|(_, slots)| tag_in(slots))
         .collect::<Result<_>>()?;
     let mut alone = Vec::new();
     for ((port, _), tag) in primaries.iter().zip(&tags) {
-        alone.push(redis_benchmarks(&[*port], &sha, tag, clients, seconds)?.remove(0));
+        alone
+            .push(redis_benchmarks(&[*port], &["EVALSHA", &sha], tag, clients, seconds)?.remove(0));
     }
     // Concurrently: one redis-benchmark per primary, each on its own tag.
     let together = {
@@ -455,7 +475,8 @@ fn cluster(clients: usize, seconds: u64) -> Result<()> {
             .map(|((port, _), tag)| {
                 let (port, tag, sha) = (*port, tag.clone(), sha.clone());
                 std::thread::spawn(move || {
-                    redis_benchmarks(&[port], &sha, &tag, clients, seconds).map(|mut v| v.remove(0))
+                    redis_benchmarks(&[port], &["EVALSHA", &sha], &tag, clients, seconds)
+                        .map(|mut v| v.remove(0))
                 })
             })
             .collect();
@@ -702,8 +723,9 @@ const DEBIT_ARGS_4_TIERS: [&str; 12] = [
 ];
 
 /// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.
-fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Result<Ceiling> {
-    Ok(redis_benchmarks(&[redis.port], sha, "bench__rand_int__", clients, seconds)?.remove(0))
+/// `head`: `["EVALSHA", sha]` (the script) or `["ENFORCER.DEBIT", sha]` (the module).
+fn redis_benchmark(redis: &Redis, head: &[&str], clients: usize, seconds: u64) -> Result<Ceiling> {
+    Ok(redis_benchmarks(&[redis.port], head, "bench__rand_int__", clients, seconds)?.remove(0))
 }
 
 /// `redis-benchmark` against every port in `ports` at once (one each, `clients` connections
@@ -711,7 +733,7 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, seconds: u64) -> Re
 /// cluster node, a fixed tag of one of its slots keeps every call on that node).
 fn redis_benchmarks(
     ports: &[u16],
-    sha: &str,
+    head: &[&str],
     tag: &str,
     clients: usize,
     seconds: u64,
@@ -728,9 +750,12 @@ fn redis_benchmarks(
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
-        let answer = probe(port, &["EVALSHA", sha], &keys, &DEBIT_ARGS)?;
+        let answer = probe(port, head, &keys, &DEBIT_ARGS)?;
         if !answer.starts_with("ok") {
-            bail!("debit.lua on port {port} refused the benchmark's call: {answer}");
+            bail!(
+                "{} on port {port} refused the benchmark's call: {answer}",
+                head[0]
+            );
         }
     }
     // Sized for about `seconds` at the rates seen here (~20k/s for this script).
@@ -751,7 +776,8 @@ fn redis_benchmarks(
                     &KEY_SPACE.to_string(),
                     "--csv",
                 ])
-                .args(["EVALSHA", sha, "4"])
+                .args(head)
+                .arg("4")
                 .args(&keys)
                 .args(DEBIT_ARGS)
                 .stdout(Stdio::piped())

@@ -9,8 +9,9 @@
 //!   (+Inf when unlimited, NaN when CONFIG is refused, as managed Redis often does), and a
 //!   warning when it is above [`THRESHOLD_WARN`] or unlimited;
 //! - `INFO commandstats` → `enforcer_redis_lua_execution_seconds`: the mean server-side time of
-//!   one script call (`EVALSHA`, `EVAL` and their `_RO` forms) over the last interval, from the
-//!   `calls` and `usec` counters: the seed's `redis_lua_execution_time`. It covers every client
+//!   one script call (`EVALSHA`, `EVAL` and their `_RO` forms, and the `enforcer-redis` module's
+//!   `ENFORCER.DEBIT`, which runs `debit.lua`'s rule in its place) over the last interval, from
+//!   the `calls` and `usec` counters: the seed's `redis_lua_execution_time`. It covers every client
 //!   of the node, which is the point: a slow script is slow for everyone.
 //!
 //! The watch has its own connection; a node it cannot reach is skipped until the next tick
@@ -23,7 +24,8 @@ use std::time::Duration;
 /// A threshold above this is worth a warning: a script may block the node that long.
 pub const THRESHOLD_WARN: Duration = Duration::from_millis(500);
 
-/// Script calls in `INFO commandstats`: `(calls, usec)` summed over the script commands.
+/// Script calls in `INFO commandstats`: `(calls, usec)` summed over the script commands and
+/// the module's debit command.
 pub fn script_stats(info: &str) -> (u64, u64) {
     let mut calls = 0;
     let mut usec = 0;
@@ -33,7 +35,11 @@ pub fn script_stats(info: &str) -> (u64, u64) {
         };
         if !matches!(
             name,
-            "cmdstat_evalsha" | "cmdstat_eval" | "cmdstat_evalsha_ro" | "cmdstat_eval_ro"
+            "cmdstat_evalsha"
+                | "cmdstat_eval"
+                | "cmdstat_evalsha_ro"
+                | "cmdstat_eval_ro"
+                | "cmdstat_enforcer.debit"
         ) {
             continue;
         }
@@ -191,8 +197,8 @@ mod tests {
 
     #[test]
     fn commandstats_and_thresholds_parse() {
-        let info = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00,rejected_calls=0,failed_calls=0\r\ncmdstat_get:calls=99,usec=99,usec_per_call=1.00\r\ncmdstat_eval:calls=2,usec=100,usec_per_call=50.00\r\n";
-        assert_eq!(script_stats(info), (12, 600));
+        let info = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00,rejected_calls=0,failed_calls=0\r\ncmdstat_get:calls=99,usec=99,usec_per_call=1.00\r\ncmdstat_eval:calls=2,usec=100,usec_per_call=50.00\r\ncmdstat_enforcer.debit:calls=8,usec=40,usec_per_call=5.00\r\n";
+        assert_eq!(script_stats(info), (20, 640));
         assert_eq!(script_stats(""), (0, 0));
         assert_eq!(threshold("5000"), Some(Some(Duration::from_secs(5))));
         assert_eq!(threshold("0"), Some(None), "0: unlimited");
