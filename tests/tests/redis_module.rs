@@ -558,3 +558,25 @@ async fn a_replica_gets_the_modules_writes_with_their_expiry() {
         "the same expiry: {pttl_p} {pttl_r}"
     );
 }
+
+#[tokio::test]
+async fn an_acl_without_the_command_falls_back_to_the_script() {
+    // The module is loaded but the daemon's user may only run scripts (an ACL written before
+    // the module): the refusal (NOPERM) wrote nothing, and the script debits.
+    let redis = PrivateRedis::start_with(&["--loadmodule", &module_path()]);
+    let mut conn = redis_conn(&redis.url()).await;
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-enforcer.debit")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let store = store(&redis.url());
+    let key = ApiKey::parse(&unique("acl")).expect("key");
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 700.0);
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 600.0);
+    let state = module_state(&store).await;
+    assert_eq!(state["debit"], "script (module refused)", "{state}");
+    assert_eq!(state["module_fallbacks"], 1, "{state}");
+}

@@ -852,7 +852,7 @@ fn wait_http(addr: SocketAddr) -> Result<()> {
     bail!("the daemon did not listen on {addr} within 30 s")
 }
 
-/// One call (`head`: `EVALSHA <sha>` or `ENFORCER.DEBIT`) by hand, with `redis-benchmark`'s `__rand_int__` in the key
+/// One call (`head`: `EVALSHA <sha>` or `ENFORCER.DEBIT <sha>`) by hand, with `redis-benchmark`'s `__rand_int__` in the key
 /// names made a fixed word: its answer, checked before a run so that a refused call is never
 /// what gets measured (`redis-benchmark` counts error replies as answers).
 fn probe(port: u16, head: &[&str], keys: &[String], args: &[&str]) -> Result<String> {
@@ -1000,7 +1000,12 @@ fn callgrind_run(
             let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?;
             vec!["EVALSHA".into(), sha.trim().to_owned()]
         }
-        Target::Module(_) => vec!["ENFORCER.DEBIT".into()],
+        Target::Module(_) => {
+            // The module is called with the SHA-1 of the debit.lua it was built from.
+            let debit = std::fs::read_to_string("lua/debit.lua")?;
+            let sha = crate::services::cli(port, &["SCRIPT", "LOAD", &debit])?;
+            vec!["ENFORCER.DEBIT".into(), sha.trim().to_owned()]
+        }
     };
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
     // An error reply is cheap: one call by hand first, so that arguments the script refuses

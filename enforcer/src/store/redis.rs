@@ -187,10 +187,17 @@ impl Module {
     /// Whether `e` (the answer to an `ENFORCER.DEBIT`) says Redis cannot run it: then nothing
     /// was written, and the script is used for a while.
     fn refused(&self, e: &StoreError) -> bool {
-        let StoreError::Rejected(msg) = e else {
+        // (redis-rs reads NOPERM as its own kind, which `classify` calls unavailable.)
+        let (StoreError::Rejected(msg) | StoreError::Unavailable(msg)) = e else {
             return false;
         };
-        if !(msg.contains("unknown command") || msg.contains("enforcer module: built from")) {
+        // No such command, a module built from another debit.lua, or an ACL that allows the
+        // scripts but not the command: in each case Redis refused before running anything.
+        let lower = msg.to_ascii_lowercase();
+        if !(lower.contains("unknown command")
+            || lower.contains("enforcer module: built from")
+            || (lower.contains("noperm") && lower.contains("enforcer.debit")))
+        {
             return false;
         }
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -198,9 +205,10 @@ impl Module {
         if self.off_until_ms.swap(until, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 error = %msg,
-                "redis cannot run ENFORCER.DEBIT (the enforcer-redis module is not loaded, or \
-                 was built from another debit.lua): debiting with lua/debit.lua, the same rule \
-                 at about three times Redis's CPU; trying the module again every 60 s"
+                "redis cannot run ENFORCER.DEBIT (the enforcer-redis module is not loaded, was \
+                 built from another debit.lua, or the user's ACL does not allow it): debiting \
+                 with lua/debit.lua, the same rule at about three times Redis's CPU; trying the \
+                 module again every 60 s"
             );
         }
         true
@@ -1515,6 +1523,52 @@ impl TokenStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_to_run_the_command_falls_back_to_the_script() {
+        let module = || Module {
+            configured: true,
+            off_until_ms: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+        };
+        for refusal in [
+            "An error was signalled by the server - ResponseError: unknown command \
+             'ENFORCER.DEBIT', with args beginning with: 'abc' '4'",
+            "ERR enforcer module: built from debit.lua 1234, called for 5678 (load the module \
+             built with the daemon)",
+            "NOPERM: this user has no permissions to run the 'enforcer.debit' command",
+        ] {
+            let m = module();
+            assert!(m.use_now());
+            assert!(
+                m.refused(&StoreError::Rejected(refusal.into())),
+                "{refusal}"
+            );
+            assert!(!m.use_now(), "the script for a while after {refusal}");
+            assert_eq!(m.describe()["debit"], "script (module refused)");
+            m.answered();
+            assert!(m.use_now(), "the module again once it answers");
+        }
+        // A debit the rule refused, an unreachable Redis or another ACL refusal is an answer
+        // (or a failure) of its own: sending it again as the script would not change it.
+        for other in [
+            StoreError::Rejected("ERR enforcer: cost must be a finite number".into()),
+            StoreError::Unavailable("connection refused".into()),
+            StoreError::Unavailable("NOPERM: no permissions to access the 'ptb:{x}:b' key".into()),
+            StoreError::Protocol("unknown command".into()),
+        ] {
+            let m = module();
+            assert!(!m.refused(&other), "{other}");
+            assert!(m.use_now());
+        }
+        let off = Module {
+            configured: false,
+            ..module()
+        };
+        assert!(!off.use_now());
+        assert_eq!(off.describe()["debit"], "script");
+    }
 
     #[test]
     fn slots_are_computed_as_redis_cluster_does() {
