@@ -71,7 +71,28 @@ pub unsafe extern "C" fn RedisModule_OnLoad(
 }
 
 /// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`.
+///
+/// A panic must not cross into Redis (it would abort the server, and every client with it):
+/// one becomes an error reply. The rule is written not to panic; this is the second line.
 unsafe extern "C" fn command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> c_int {
+    // SAFETY: Redis's arguments, passed on unchanged.
+    let run = std::panic::AssertUnwindSafe(|| unsafe { debit_command(ctx, argv, argc) });
+    match std::panic::catch_unwind(run) {
+        Ok(rc) => rc,
+        Err(_) => match api::get() {
+            // SAFETY: a valid context. (A panic after part of the reply was written would
+            // leave it malformed; the rule runs before the reply starts.)
+            Some(api) => unsafe { api.error(ctx, "ERR enforcer: internal error (a bug)") },
+            None => api::ERR,
+        },
+    }
+}
+
+/// [`command`]'s body.
+///
+/// # Safety
+/// Redis's command context and arguments.
+unsafe fn debit_command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> c_int {
     let Some(api) = api::get() else {
         return api::ERR;
     };

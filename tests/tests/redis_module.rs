@@ -580,3 +580,54 @@ async fn an_acl_without_the_command_falls_back_to_the_script() {
     assert_eq!(state["debit"], "script (module refused)", "{state}");
     assert_eq!(state["module_fallbacks"], 1, "{state}");
 }
+
+#[tokio::test]
+async fn malformed_calls_are_errors_and_redis_keeps_serving() {
+    let mut conn = redis_conn(&redis_url()).await;
+    let sha = load_script(&mut conn).await;
+    let tag = unique("malformed");
+    let key = format!("ptb:{{{tag}}}:b");
+    let long = "9".repeat(100_000);
+    let calls: Vec<Vec<&str>> = vec![
+        vec![],
+        vec![&sha],
+        vec![&sha, "1"],
+        vec![&sha, "-1", &key],
+        vec![&sha, "abc", &key, "1"],
+        vec![&sha, "99", &key, "1"],
+        vec![&sha, "0", "1"],
+        vec![&sha, "1", &key],
+        vec![
+            &sha, "2", &key, &key, &long, "0", "ab", "1", "", "m", "\n", "1", "-", "0", "-", "-",
+        ],
+        vec![
+            &sha, "2", &key, &key, "1", "0", "ab", "1", "", "m", "\nfree", "1", "-", "0", "-", "-",
+        ],
+        vec![
+            &sha, "2", &key, &key, "1", "0", "ab", "1", "free", "o", &long, "1", "-",
+        ],
+    ];
+    for call in calls {
+        let result: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
+            .arg(&call)
+            .query_async(&mut conn)
+            .await;
+        let err = result.expect_err("refused").to_string();
+        assert!(
+            err.contains("enforcer") || err.contains("wrong number of arguments"),
+            "{}: {err}",
+            call.len()
+        );
+    }
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "nothing written");
+}
