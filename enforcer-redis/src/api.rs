@@ -20,6 +20,8 @@ pub const ERR: c_int = 1;
 pub const READ: c_int = 1;
 const WRITE: c_int = 2;
 const KEYTYPE_STRING: c_int = 1;
+const NOTIFY_GENERIC: c_int = 1 << 2;
+const NOTIFY_STRING: c_int = 1 << 3;
 const APIVER_1: c_int = 1;
 
 type CmdFunc = unsafe extern "C" fn(*mut Ctx, *mut *mut RString, c_int) -> c_int;
@@ -53,6 +55,7 @@ pub struct Api {
     reply_with_string_buffer: unsafe extern "C" fn(*mut Ctx, *const c_char, usize) -> c_int,
     reply_with_error: unsafe extern "C" fn(*mut Ctx, *const c_char) -> c_int,
     replicate: unsafe extern "C" fn(*mut Ctx, *const c_char, *const c_char, ...) -> c_int,
+    notify: unsafe extern "C" fn(*mut Ctx, c_int, *const c_char, *mut RString) -> c_int,
 }
 
 static API: OnceLock<Api> = OnceLock::new();
@@ -109,6 +112,7 @@ pub unsafe fn init(ctx: *mut Ctx, name: &str, version: c_int) -> Option<&'static
         reply_with_string_buffer: f!("ReplyWithStringBuffer"),
         reply_with_error: f!("ReplyWithError"),
         replicate: f!("Replicate"),
+        notify: f!("NotifyKeyspaceEvent"),
     };
     if let Some(busy) = resolve("IsModuleNameBusy") {
         // SAFETY: as in `f!`.
@@ -210,7 +214,8 @@ impl Api {
     }
 
     /// Applies one write and replicates it as the command a script's write would be
-    /// (`SET k v [PXAT t]` or `DEL k`), with the expiry absolute from `now_ms`.
+    /// (`SET k v [PXAT t]` or `DEL k`), with the expiry absolute from `now_ms`; keyspace
+    /// events as those commands fire them (`set`, then `expire`; `del`), for whoever listens.
     ///
     /// # Safety
     /// A valid context and key name, no other handle of the key open.
@@ -228,6 +233,7 @@ impl Api {
                 unsafe {
                     (self.string_set)(key.key, s);
                     (self.free_string)(ctx, s);
+                    (self.notify)(ctx, NOTIFY_STRING, c"set".as_ptr(), name);
                 }
                 match w.px {
                     Some(px) => {
@@ -236,6 +242,7 @@ impl Api {
                         // a long long.
                         unsafe {
                             (self.set_expire)(key.key, px);
+                            (self.notify)(ctx, NOTIFY_GENERIC, c"expire".as_ptr(), name);
                             (self.replicate)(
                                 ctx,
                                 c"SET".as_ptr(),
@@ -264,6 +271,7 @@ impl Api {
             // SAFETY: as above.
             None => unsafe {
                 (self.delete_key)(key.key);
+                (self.notify)(ctx, NOTIFY_GENERIC, c"del".as_ptr(), name);
                 (self.replicate)(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
             },
         }

@@ -631,3 +631,79 @@ async fn malformed_calls_are_errors_and_redis_keeps_serving() {
         .expect("EXISTS");
     assert_eq!(exists, 0, "nothing written");
 }
+
+#[tokio::test]
+async fn keyspace_events_are_the_scripts() {
+    // Whoever listens to keyspace events (`notify-keyspace-events`) hears the module's writes
+    // as it hears the script's: `del` of a wallet spent empty, then `set` and `expire` of the
+    // bucket and of the request record.
+    use futures_util::StreamExt as _;
+    let redis = PrivateRedis::start_with(&[
+        "--loadmodule",
+        &module_path(),
+        "--notify-keyspace-events",
+        "KEA",
+    ]);
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .psubscribe("__keyevent@0__:*")
+        .await
+        .expect("psubscribe");
+    let mut events = pubsub.into_on_message();
+    let mut conn = redis_conn(&redis.url()).await;
+    let sha = load_script(&mut conn).await;
+    let mut heard = Vec::new();
+    for command in ["EVALSHA", "ENFORCER.DEBIT"] {
+        let tag = unique("events");
+        let name = |suffix: &str| format!("ptb:{{{tag}}}:{suffix}");
+        let () = redis::cmd("SET")
+            .arg(name("w"))
+            .arg("0 - 1 5 g1")
+            .query_async(&mut conn)
+            .await
+            .expect("SET wallet");
+        // The SET above is heard too: skip it.
+        let first = events.next().await.expect("the wallet's set");
+        assert_eq!(first.get_channel_name(), "__keyevent@0__:set");
+        let keys = [name("b"), name("tier"), name("w"), name("r:1")];
+        let args = [
+            "5", "60000", "ab12", "60", "free", "m", TIERS, "1", "-", "0", "-", "-",
+        ];
+        let reply: Vec<Value> = redis::cmd(command)
+            .arg(&sha)
+            .arg(keys.len())
+            .arg(&keys)
+            .arg(&args)
+            .query_async(&mut conn)
+            .await
+            .expect("debit");
+        assert_eq!(reply.len(), 13, "{command}: {reply:?}");
+        let mut these = Vec::new();
+        for _ in 0..5 {
+            let msg = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .unwrap_or_else(|_| panic!("{command}: only {these:?}"))
+                .expect("event");
+            let key: String = msg.get_payload().expect("payload");
+            these.push(format!(
+                "{} {}",
+                msg.get_channel_name().trim_start_matches("__keyevent@0__:"),
+                key.replace(&tag, "T")
+            ));
+        }
+        heard.push(these);
+    }
+    assert_eq!(
+        heard[0],
+        [
+            "del ptb:{T}:w",
+            "set ptb:{T}:b",
+            "expire ptb:{T}:b",
+            "set ptb:{T}:r:1",
+            "expire ptb:{T}:r:1"
+        ],
+        "the script's events"
+    );
+    assert_eq!(heard[1], heard[0], "the module's events are the script's");
+}
