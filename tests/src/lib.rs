@@ -45,6 +45,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A main-bucket debit of `cost` on `key` (a `GET /x`) with a new request id: what a check
+/// sends the store.
+pub fn main_debit(key: &enforcer::key::ApiKey, cost: f64) -> enforcer::store::Debit {
+    use enforcer::store::{BucketKind, Debit, Fingerprint};
+    Debit {
+        key: key.hash(),
+        bucket: BucketKind::Main,
+        cost,
+        request_id: enforcer::key::RequestId::generate(),
+        fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
+        force: false,
+        terms: enforcer::store::SettleTerms::default(),
+        candidate: None,
+    }
+}
+
 /// A key name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

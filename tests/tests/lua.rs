@@ -3,10 +3,8 @@
 //! validation, key names.
 use enforcer::budget::BudgetPolicy;
 use enforcer::config::Config;
-use enforcer::key::{ApiKey, RequestId};
-use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, RedisStore, RedisStoreConfig, Settled, TokenStore,
-};
+use enforcer::key::ApiKey;
+use enforcer::store::{Debit, DebitOutcome, RedisStore, RedisStoreConfig, Settled, TokenStore};
 use enforcer_tests::{redis_conn, redis_url, unique};
 use redis::AsyncCommands;
 use std::sync::Arc;
@@ -31,16 +29,7 @@ fn store(url: &str) -> RedisStore {
 }
 
 fn debit(key: &ApiKey, cost: f64) -> Debit {
-    Debit {
-        key: key.hash(),
-        bucket: BucketKind::Main,
-        cost,
-        request_id: RequestId::generate(),
-        fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
-        force: false,
-        terms: enforcer::store::SettleTerms::default(),
-        candidate: None,
-    }
+    enforcer_tests::main_debit(key, cost)
 }
 
 async fn settle(store: &RedisStore, d: &Debit) -> Settled {

@@ -8,10 +8,8 @@
 //! the module's writes as plain `SET`s.
 use enforcer::budget::BudgetPolicy;
 use enforcer::config::Config;
-use enforcer::key::{ApiKey, RequestId};
-use enforcer::store::{
-    BucketKind, Debit, DebitOutcome, Fingerprint, RedisStore, RedisStoreConfig, TokenStore,
-};
+use enforcer::key::ApiKey;
+use enforcer::store::{Debit, DebitOutcome, RedisStore, RedisStoreConfig, TokenStore};
 use enforcer_tests::{PrivateRedis, redis_conn, redis_url, unique};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
@@ -372,16 +370,7 @@ async fn the_module_answers_and_stores_what_the_script_does() {
 
 /// A debit of `cost` on `key` in the tier `free` of the default config.
 fn debit(key: &ApiKey, cost: f64) -> Debit {
-    Debit {
-        key: key.hash(),
-        bucket: BucketKind::Main,
-        cost,
-        request_id: RequestId::generate(),
-        fingerprint: Fingerprint::of(BucketKind::Main, Some("GET"), "/x", cost),
-        force: false,
-        terms: enforcer::store::SettleTerms::default(),
-        candidate: None,
-    }
+    enforcer_tests::main_debit(key, cost)
 }
 
 fn policy() -> BudgetPolicy {
