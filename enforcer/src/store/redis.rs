@@ -169,10 +169,17 @@ struct Module {
 const MODULE_RETRY: Duration = Duration::from_secs(60);
 
 impl Module {
+    fn new(configured: bool) -> Self {
+        Self {
+            configured,
+            off_until_ms: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+        }
+    }
+
     fn now_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        (crate::clock::SystemClock.now() * 1000.0) as u64
     }
 
     /// Whether this debit goes to the module.
@@ -214,10 +221,20 @@ impl Module {
         true
     }
 
+    /// A module call was answered. Only one sent after the script's window ends clears it: a
+    /// call already in flight when another was refused (a cluster whose nodes are loading the
+    /// module one by one) must not switch debits back at once, or they would flap between the
+    /// two, a refusal and a warning each time.
     fn answered(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        if self.off_until_ms.load(Ordering::Relaxed) != 0 {
-            self.off_until_ms.store(0, Ordering::Relaxed);
+        let off = self.off_until_ms.load(Ordering::Relaxed);
+        if off != 0
+            && Self::now_ms() >= off
+            && self
+                .off_until_ms
+                .compare_exchange(off, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             tracing::info!("redis runs ENFORCER.DEBIT again: debiting with the module");
         }
     }
@@ -490,12 +507,7 @@ impl RedisStore {
         Ok(Self {
             backend,
             args: ArcSwap::from_pointee(PolicyArgs::of(policy)),
-            module: Module {
-                configured: config.module,
-                off_until_ms: AtomicU64::new(0),
-                calls: AtomicU64::new(0),
-                fallbacks: AtomicU64::new(0),
-            },
+            module: Module::new(config.module),
         })
     }
 
@@ -1526,12 +1538,7 @@ mod tests {
 
     #[test]
     fn only_a_refusal_to_run_the_command_falls_back_to_the_script() {
-        let module = || Module {
-            configured: true,
-            off_until_ms: AtomicU64::new(0),
-            calls: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
-        };
+        let module = || Module::new(true);
         for refusal in [
             "An error was signalled by the server - ResponseError: unknown command \
              'ENFORCER.DEBIT', with args beginning with: 'abc' '4'",
@@ -1547,8 +1554,15 @@ mod tests {
             );
             assert!(!m.use_now(), "the script for a while after {refusal}");
             assert_eq!(m.describe()["debit"], "script (module refused)");
+            // A module call that was in flight is answered: still the script (no flapping).
             m.answered();
-            assert!(m.use_now(), "the module again once it answers");
+            assert!(!m.use_now(), "a call in flight does not end the window");
+            // The window over: debits try the module, and its answer clears the state.
+            m.off_until_ms.store(Module::now_ms() - 1, Ordering::Relaxed);
+            assert!(m.use_now(), "the module is tried again after the window");
+            m.answered();
+            assert_eq!(m.off_until_ms.load(Ordering::Relaxed), 0);
+            assert_eq!(m.describe()["debit"], "module");
         }
         // A debit the rule refused, an unreachable Redis or another ACL refusal is an answer
         // (or a failure) of its own: sending it again as the script would not change it.
@@ -1562,10 +1576,7 @@ mod tests {
             assert!(!m.refused(&other), "{other}");
             assert!(m.use_now());
         }
-        let off = Module {
-            configured: false,
-            ..module()
-        };
+        let off = Module::new(false);
         assert!(!off.use_now());
         assert_eq!(off.describe()["debit"], "script");
     }
