@@ -17,7 +17,7 @@ pub enum RKey {}
 
 pub const OK: c_int = 0;
 pub const ERR: c_int = 1;
-pub const READ: c_int = 1;
+const READ: c_int = 1;
 const WRITE: c_int = 2;
 const KEYTYPE_STRING: c_int = 1;
 const NOTIFY_GENERIC: c_int = 1 << 2;
@@ -146,34 +146,9 @@ pub fn now() -> Time {
 }
 
 /// An open key, closed when dropped.
-pub struct Key<'a> {
+struct Key<'a> {
     api: &'a Api,
     key: *mut RKey,
-}
-
-impl Key<'_> {
-    /// The value when the key holds a string (`MGET`'s view: `None` for a missing key or
-    /// another type).
-    ///
-    /// # Safety
-    /// The slice lives while the key is open and unwritten.
-    pub unsafe fn string(&self) -> Option<&[u8]> {
-        if self.key.is_null() {
-            return None;
-        }
-        // SAFETY: an open key.
-        if unsafe { (self.api.key_type)(self.key) } != KEYTYPE_STRING {
-            return None;
-        }
-        let mut len = 0usize;
-        // SAFETY: an open string key; READ access does not change the value.
-        let ptr = unsafe { (self.api.string_dma)(self.key, &mut len, READ) };
-        if ptr.is_null() {
-            return None;
-        }
-        // SAFETY: Redis's buffer of `len` bytes, alive while the key is.
-        Some(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
-    }
 }
 
 impl Drop for Key<'_> {
@@ -201,11 +176,39 @@ impl Api {
         unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }
     }
 
+    /// The value of `name` when it holds a string (`MGET`'s view: `None` for a missing key or
+    /// another type), copied, the key closed again.
+    ///
+    /// Copied, not borrowed: `StringDMA` replaces a short (embedded) string with a copy of its
+    /// own, freeing the old one, so a second handle of the same key opened before that (a call
+    /// naming one key twice) would read freed memory. Opening, reading and closing one key at a
+    /// time, each lookup sees the value as it is now.
+    ///
+    /// # Safety
+    /// A valid context and key name.
+    pub unsafe fn read(&self, ctx: *mut Ctx, name: *mut RString) -> Option<Vec<u8>> {
+        // SAFETY: as documented.
+        let key = unsafe { self.open(ctx, name, READ) };
+        // SAFETY: an open key (or none: a missing key opened for reading).
+        if key.key.is_null() || unsafe { (self.key_type)(key.key) } != KEYTYPE_STRING {
+            return None;
+        }
+        let mut len = 0usize;
+        // SAFETY: an open string key.
+        let ptr = unsafe { (self.string_dma)(key.key, &mut len, READ) };
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: Redis's buffer of `len` bytes, alive while the key is open (until `key`
+        // drops, after the copy).
+        Some(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }.to_vec())
+    }
+
     /// Opens `name` with `mode`.
     ///
     /// # Safety
     /// A valid context and key name.
-    pub unsafe fn open(&self, ctx: *mut Ctx, name: *mut RString, mode: c_int) -> Key<'_> {
+    unsafe fn open(&self, ctx: *mut Ctx, name: *mut RString, mode: c_int) -> Key<'_> {
         Key {
             api: self,
             // SAFETY: as documented.

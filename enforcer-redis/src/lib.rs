@@ -141,18 +141,13 @@ unsafe fn debit_command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> 
     let keys = &argv[3..3 + nkeys];
     let args: Vec<&[u8]> = argv[3 + nkeys..].iter().map(|&s| bytes(s)).collect();
 
-    // Read every key first (the script's one MGET), before any write.
-    let opened: Vec<api::Key> = keys
-        .iter()
-        // SAFETY: a valid context and key name.
-        .map(|&k| unsafe { api.open(ctx, k, api::READ) })
-        .collect();
-    // SAFETY: the keys stay open (and unwritten) until `opened` is dropped below.
-    let values: Vec<Option<&[u8]>> = opened.iter().map(|k| unsafe { k.string() }).collect();
+    // Read every key first (the script's one MGET), before any write; each is copied and
+    // closed before the next is opened (see `Api::read`: a call may name one key twice).
+    // SAFETY: a valid context and key names.
+    let values: Vec<Option<Vec<u8>>> = keys.iter().map(|&k| unsafe { api.read(ctx, k) }).collect();
+    let views: Vec<Option<&[u8]>> = values.iter().map(Option::as_deref).collect();
     let now = api::now();
-    let outcome = debit::debit(nkeys, &values, &args, now);
-    drop(values);
-    drop(opened);
+    let outcome = debit::debit(nkeys, &views, &args, now);
     let effects = match outcome {
         Ok(e) => e,
         // SAFETY: a valid context.

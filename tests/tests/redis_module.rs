@@ -185,10 +185,8 @@ fn scenario(rng: &mut Rng, now: f64) -> Scenario {
         };
         keys.push(("r:1".into(), record.map(str::to_owned), Some(60_000)));
     }
-    let mut quota = false;
     if main {
         if rng.chance(40) {
-            quota = true;
             let tier = rng.pick(&["free", "norefill", "slow"]);
             let day = 86_400.0;
             args.push("1".into());
@@ -230,7 +228,6 @@ fn scenario(rng: &mut Rng, now: f64) -> Scenario {
             args.push("-".into());
         }
     }
-    let _ = quota;
     if rng.chance(25) {
         // The candidate: its cost and four numbers for each of the four tiers.
         args.push(
@@ -250,6 +247,11 @@ fn scenario(rng: &mut Rng, now: f64) -> Scenario {
     if rng.chance(3) {
         // A key count the arguments do not call for.
         keys.push(("extra".into(), None, None));
+    }
+    if rng.chance(5) {
+        // One key named twice (a hostile caller): read once each before any write, as MGET.
+        let i = 1 + (rng.next() % (keys.len() as u64 - 1)) as usize;
+        keys[i] = keys[0].clone();
     }
     Scenario { keys, args }
 }

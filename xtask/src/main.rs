@@ -163,8 +163,7 @@ fn workspace_root() -> PathBuf {
 
 /// Builds the Redis module (`enforcer-redis`, release) and returns the path of its shared
 /// library, for `redis-server --loadmodule`.
-pub(crate) fn redis_module() -> Result<std::path::PathBuf> {
+pub(crate) fn redis_module() -> Result<PathBuf> {
     status(Command::new("cargo").args(["build", "--release", "--package", "enforcer-redis"]))?;
-    let path = std::path::Path::new("target/release/libenforcer_redis.so").canonicalize()?;
-    Ok(path)
+    Ok(Path::new("target/release/libenforcer_redis.so").canonicalize()?)
 }

@@ -1558,7 +1558,8 @@ mod tests {
             m.answered();
             assert!(!m.use_now(), "a call in flight does not end the window");
             // The window over: debits try the module, and its answer clears the state.
-            m.off_until_ms.store(Module::now_ms() - 1, Ordering::Relaxed);
+            m.off_until_ms
+                .store(Module::now_ms() - 1, Ordering::Relaxed);
             assert!(m.use_now(), "the module is tried again after the window");
             m.answered();
             assert_eq!(m.off_until_ms.load(Ordering::Relaxed), 0);
