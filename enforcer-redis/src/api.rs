@@ -230,29 +230,28 @@ impl Api {
         }
         match &w.value {
             Some(v) => {
+                // One string for the key's value and the replicated command (Redis counts
+                // references; `SET` itself shares its argument with the keyspace alike).
                 // SAFETY: a valid context; Redis copies the buffer.
                 let s = unsafe { (self.create_string)(ctx, v.as_ptr().cast(), v.len()) };
                 // SAFETY: a key open for writing, a string of this context.
                 unsafe {
                     (self.string_set)(key.key, s);
-                    (self.free_string)(ctx, s);
                     (self.notify)(ctx, NOTIFY_STRING, c"set".as_ptr(), name);
                 }
                 match w.px {
                     Some(px) => {
                         // SAFETY: as above; literals are NUL-terminated; the format's
-                        // arguments are a Redis string, a buffer and its length, a C string and
-                        // a long long.
+                        // arguments are two Redis strings, a C string and a long long.
                         unsafe {
                             (self.set_expire)(key.key, px);
                             (self.notify)(ctx, NOTIFY_GENERIC, c"expire".as_ptr(), name);
                             (self.replicate)(
                                 ctx,
                                 c"SET".as_ptr(),
-                                c"sbcl".as_ptr(),
+                                c"sscl".as_ptr(),
                                 name,
-                                v.as_ptr().cast::<c_char>(),
-                                v.len(),
+                                s,
                                 c"PXAT".as_ptr(),
                                 c_longlong::from(now_ms + px),
                             );
@@ -260,16 +259,12 @@ impl Api {
                     }
                     // SAFETY: as above.
                     None => unsafe {
-                        (self.replicate)(
-                            ctx,
-                            c"SET".as_ptr(),
-                            c"sb".as_ptr(),
-                            name,
-                            v.as_ptr().cast::<c_char>(),
-                            v.len(),
-                        );
+                        (self.replicate)(ctx, c"SET".as_ptr(), c"ss".as_ptr(), name, s);
                     },
                 }
+                // SAFETY: this call's reference; the keyspace and the replication stream hold
+                // their own.
+                unsafe { (self.free_string)(ctx, s) };
             }
             // SAFETY: as above.
             None => unsafe {

@@ -8,11 +8,14 @@
 //! `tests/tests/redis_module.rs` runs the same calls through both and compares every reply
 //! and every stored value.
 use crate::lua::{ceil_int, fields, fmt, fmt_owned, split, tonumber};
+use std::borrow::Cow;
 
-/// One field of the reply: Lua strings become bulk strings, Lua numbers integers.
+/// One field of the reply: Lua strings become bulk strings, Lua numbers integers. A bulk
+/// string borrows from the call's arguments or stored values where it can: each copy is an
+/// allocation inside Redis's one thread.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Field {
-    Bulk(Vec<u8>),
+pub enum Field<'a> {
+    Bulk(Cow<'a, [u8]>),
     Int(i64),
 }
 
@@ -29,9 +32,9 @@ pub struct Write {
 
 /// What a debit does: its writes, then its reply.
 #[derive(Debug, Default)]
-pub struct Effects {
+pub struct Effects<'a> {
     pub writes: Vec<Write>,
-    pub reply: Vec<Field>,
+    pub reply: Vec<Field<'a>>,
 }
 
 /// Redis `TIME`: seconds and microseconds.
@@ -112,7 +115,8 @@ struct Bucket {
 
 /// The bucket's write: with `PX` while refill would bring it back to its idle ceiling.
 fn bucket_write(key: usize, balance: f64, now_s: &[u8], window: f64, b: &Bucket) -> Write {
-    let mut value = fmt_owned(balance);
+    let mut value = Vec::with_capacity(24 + 1 + now_s.len());
+    fmt(balance, &mut value);
     value.push(b' ');
     value.extend_from_slice(now_s);
     let px = (b.rate > 0.0 && balance <= b.max_tokens * b.idle_cap).then(|| {
@@ -134,24 +138,28 @@ fn argv<'a>(args: &[&'a [u8]], i: f64) -> Option<&'a [u8]> {
     Some(args[i as usize - 1])
 }
 
-fn bulk(s: &[u8]) -> Field {
-    Field::Bulk(s.to_vec())
+fn bulk(s: &[u8]) -> Field<'_> {
+    Field::Bulk(Cow::Borrowed(s))
+}
+
+fn owned(s: Vec<u8>) -> Field<'static> {
+    Field::Bulk(Cow::Owned(s))
 }
 
 /// A reply of Lua values: the script's table ends at its first `nil`.
-fn until_nil(fields: Vec<Option<Field>>) -> Vec<Field> {
+fn until_nil<const N: usize>(fields: [Option<Field<'_>>; N]) -> Vec<Field<'_>> {
     fields.into_iter().map_while(|f| f).collect()
 }
 
 /// `lua/debit.lua` on `nkeys` keys whose values (`values[i]`: KEYS[i + 1] as `MGET` read it,
 /// `None` for a missing key or one that is not a string) are given, with `args` (ARGV) at
 /// server time `now`.
-pub fn debit(
+pub fn debit<'a>(
     nkeys: usize,
-    values: &[Option<&[u8]>],
-    args: &[&[u8]],
+    values: &[Option<&'a [u8]>],
+    args: &[&'a [u8]],
     now: Time,
-) -> Result<Effects, Refusal> {
+) -> Result<Effects<'a>, Refusal> {
     let a = |i: usize| args.get(i - 1).copied();
     let cost = number(a(1), "cost", 0.0)?;
     if cost <= 0.0 || cost > 1e15 {
@@ -250,7 +258,7 @@ pub fn debit(
         {
             return Ok(Effects {
                 writes: vec![],
-                reply: until_nil(vec![
+                reply: until_nil([
                     Some(bulk(b"conflict")),
                     Some(Field::Int(0)),
                     field(3).map(bulk),
@@ -264,7 +272,7 @@ pub fn debit(
         if field(8) != Some(b"1") {
             return Ok(Effects {
                 writes: vec![],
-                reply: until_nil(vec![
+                reply: until_nil([
                     Some(bulk(b"ok")),
                     field(2).and_then(tonumber).map(|v| Field::Int(v as i64)),
                     field(3).map(bulk),
@@ -282,11 +290,12 @@ pub fn debit(
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             return Ok(None);
         };
-        let mut needle = Vec::with_capacity(name.len() + 2);
-        needle.push(b'\n');
-        needle.extend_from_slice(name);
-        needle.push(b' ');
-        let Some(at) = tiers.windows(needle.len()).position(|w| w == needle) else {
+        // The first "\n<name> " in the lines (the script's `string.find`, plain).
+        let Some(at) = (0..tiers.len()).find(|&i| {
+            tiers[i] == b'\n'
+                && tiers[i + 1..].starts_with(name)
+                && tiers.get(i + 1 + name.len()) == Some(&b' ')
+        }) else {
             return Ok(None);
         };
         // '^\n([^ \n]+) ([^ \n]+) … ' six times from `at`, no end anchor.
@@ -348,8 +357,7 @@ pub fn debit(
     };
 
     // Server time, never the caller's clock; the text is the script's `now_s`.
-    let mut now_s = now.secs.to_string().into_bytes();
-    now_s.extend_from_slice(format!(".{:06}", now.micros).as_bytes());
+    let now_s = time_text(now);
     let now_f = tonumber(&now_s).unwrap_or(0.0);
 
     let mut balance = refilled(bucket, now_f, active_window, &tier);
@@ -481,7 +489,7 @@ pub fn debit(
         candidate = Some((k, c_cost, c));
     }
 
-    let mut writes = Vec::new();
+    let mut writes = Vec::with_capacity(4);
     let mut allowed = 0;
     let mut retry = -1;
     let mut denied_by: &[u8] = b"";
@@ -591,25 +599,32 @@ pub fn debit(
         });
     }
 
-    let bucket_left = fmt_owned(balance);
+    let bucket = bucket_write(0, balance, &now_s, active_window, &tier);
     let remaining = if held != 0.0 {
         fmt_owned(balance + held)
     } else {
-        bucket_left.clone()
+        // The script's `bucket_left`: the bucket's value up to its space (formatted once).
+        let text = bucket.value.as_deref().unwrap_or_default();
+        text.split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default()
+            .to_vec()
     };
-    writes.push(bucket_write(0, balance, &now_s, active_window, &tier));
+    writes.push(bucket);
     if allowed == 1
         && remember
         && let Some(k) = k_record
     {
         // kind|allowed|remaining|quota start|tier|cost|max_tokens|refunded|fingerprint|units|max_cost
-        let q = q_start.map_or_else(|| b"0".to_vec(), fmt_owned);
-        let value = [
-            &[kind][..],
-            b"|1|",
-            &remaining,
-            b"|",
-            &q,
+        let mut value = Vec::with_capacity(128);
+        value.extend_from_slice(&[kind, b'|', b'1', b'|']);
+        value.extend_from_slice(&remaining);
+        value.push(b'|');
+        match q_start {
+            Some(q) => fmt(q, &mut value),
+            None => value.push(b'0'),
+        }
+        for part in [
             b"|",
             tier_name,
             b"|",
@@ -622,8 +637,9 @@ pub fn debit(
             a(8).unwrap_or_default(),
             b"|",
             max_cost,
-        ]
-        .concat();
+        ] {
+            value.extend_from_slice(part);
+        }
         writes.push(Write {
             key: k,
             value: Some(value),
@@ -631,27 +647,29 @@ pub fn debit(
         });
     }
 
-    let mut reply = vec![
+    let mut reply = Vec::with_capacity(15);
+    reply.extend([
         bulk(b"ok"),
         Field::Int(allowed),
-        Field::Bulk(remaining),
+        owned(remaining),
         Field::Int(retry),
         bulk(tier_name),
         bulk(a(1).unwrap_or_default()),
         Field::Int(0),
-        Field::Bulk(now_s.clone()),
+        // `now_s`, moved in at the end (the candidate's write below still reads it).
+        Field::Int(0),
         bulk(denied_by),
-    ];
+    ]);
     if q_start.is_some() || !moves.is_empty() || candidate.is_some() {
         match (q_used, q_amount, q_end) {
             (Some(used), Some(amount), Some(end)) if q_start.is_some() => {
-                reply.push(Field::Bulk(fmt_owned(used)));
-                reply.push(Field::Bulk(fmt_owned(amount)));
-                reply.push(Field::Bulk(fmt_owned(end)));
+                reply.push(owned(fmt_owned(used)));
+                reply.push(owned(fmt_owned(amount)));
+                reply.push(owned(fmt_owned(end)));
             }
             _ => reply.extend([bulk(b""), bulk(b""), bulk(b"")]),
         }
-        reply.push(Field::Bulk(moves.join(&b'\n')));
+        reply.push(owned(moves.join(&b'\n')));
     }
 
     // CANDIDATE: the same rule as the main bucket above.
@@ -664,7 +682,20 @@ pub fn debit(
         }
         writes.push(bucket_write(k, c_balance, &now_s, active_window, &c));
         reply.push(bulk(c_allowed));
-        reply.push(Field::Bulk(fmt_owned(c_balance)));
+        reply.push(owned(fmt_owned(c_balance)));
     }
+    reply[7] = owned(now_s);
     Ok(Effects { writes, reply })
+}
+
+/// The script's `now_s`: `TIME`'s seconds, a dot and its microseconds in six digits.
+fn time_text(now: Time) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    fmt(now.secs as f64, &mut out);
+    out.push(b'.');
+    let micros = now.micros.clamp(0, 999_999);
+    for div in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.push(b'0' + (micros / div % 10) as u8);
+    }
+    out
 }

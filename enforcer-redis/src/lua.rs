@@ -8,6 +8,9 @@
 /// stopped at an `x`; trailing spaces allowed; `None` for anything else. Like Lua, the text ends
 /// at a NUL byte.
 pub fn tonumber(s: &[u8]) -> Option<f64> {
+    if let Some(v) = short_decimal(s) {
+        return Some(v);
+    }
     // Plain decimals (everything the daemon sends and the scripts store) through Rust's parser:
     // correctly rounded like glibc's strtod, so the same double, for a fifth of the work.
     if is_plain_decimal(s) {
@@ -15,6 +18,68 @@ pub fn tonumber(s: &[u8]) -> Option<f64> {
         return std::str::from_utf8(s).ok()?.parse().ok();
     }
     strtod_lua(s)
+}
+
+/// Powers of ten a double holds exactly.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// `-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?` with at most 15 digits before the exponent, whose
+/// scale is at most 10^±22: the text the daemon sends and the scripts store, by far (counts,
+/// times, balances, `1e12`). Its digits are an integer below 2^53 and its scale an exact power
+/// of ten, so one IEEE multiplication or division gives the correctly rounded value, as
+/// `strtod` does (Clinger's fast path). `None`: the general path decides.
+fn short_decimal(s: &[u8]) -> Option<f64> {
+    let (neg, text) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    let (mut m, mut digits, mut frac, mut dot) = (0u64, 0usize, 0i32, false);
+    let mut at = 0;
+    while at < text.len() {
+        match text[at] {
+            b @ b'0'..=b'9' => {
+                m = m * 10 + u64::from(b - b'0');
+                digits += 1;
+                if digits > 15 {
+                    return None;
+                }
+                frac += i32::from(dot);
+            }
+            // A dot between digits, once.
+            b'.' if !dot && at > 0 && text.get(at + 1).is_some_and(u8::is_ascii_digit) => {
+                dot = true;
+            }
+            b'e' | b'E' if digits > 0 => break,
+            _ => return None,
+        }
+        at += 1;
+    }
+    if digits == 0 {
+        return None;
+    }
+    let mut exp = 0i32;
+    if at < text.len() {
+        let e = &text[at + 1..];
+        let (sign, e) = match e.split_first() {
+            Some((b'-', rest)) => (-1, rest),
+            Some((b'+', rest)) => (1, rest),
+            _ => (1, e),
+        };
+        if e.is_empty() || e.len() > 3 || !e.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        exp = sign * e.iter().fold(0, |n, &d| n * 10 + i32::from(d - b'0'));
+    }
+    let scale = exp - frac;
+    let v = match usize::try_from(scale.unsigned_abs()).ok()? {
+        p if p > 22 => return None,
+        p if scale < 0 => m as f64 / POW10[p],
+        p => m as f64 * POW10[p],
+    };
+    Some(if neg { -v } else { v })
 }
 
 /// `-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?`, at most 40 bytes: text both parsers read alike.
@@ -313,6 +378,66 @@ mod tests {
         for s in ["1.", ".5", "+1", "1e", "-", "1e+", "0x1p3", "1_0"] {
             assert!(!is_plain_decimal(s.as_bytes()), "{s}");
         }
+    }
+
+    #[test]
+    fn short_decimals_parse_as_strtod_does() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut fast = 0;
+        for _ in 0..200_000 {
+            let len = 1 + (next() % 17) as usize;
+            let mut text: Vec<u8> = (0..len).map(|_| b'0' + (next() % 10) as u8).collect();
+            if next() % 4 != 0 {
+                let at = (next() % (len as u64 + 1)) as usize;
+                text.insert(at, b'.');
+            }
+            if next() % 3 == 0 {
+                text.insert(0, b'-');
+            }
+            if next() % 3 == 0 {
+                let e = format!("e{}{}", ["", "+", "-"][(next() % 3) as usize], next() % 30);
+                text.extend_from_slice(e.as_bytes());
+            }
+            fast += usize::from(short_decimal(&text).is_some());
+            assert_eq!(
+                tonumber(&text).map(f64::to_bits),
+                strtod_lua(&text).map(f64::to_bits),
+                "{}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        // Most of them took the fast path; the rest (16 digits or more, a dot at either end)
+        // the general one.
+        assert!(fast > 100_000, "{fast}");
+        for s in [
+            "1.",
+            ".5",
+            "-",
+            "",
+            "1.2.3",
+            "--1",
+            "1234567890123456",
+            "1 ",
+            "1e",
+            "1e+",
+            "e5",
+            "1e1000",
+            "1e23",
+            "1.e5",
+            "0x10",
+        ] {
+            assert_eq!(short_decimal(s.as_bytes()), None, "{s}");
+        }
+        assert_eq!(
+            short_decimal(b"-0").map(f64::to_bits),
+            Some((-0.0f64).to_bits())
+        );
     }
 
     #[test]
