@@ -262,10 +262,11 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             Pace::Closed,
             body,
         )?;
-        let cpu0 = redis_cpu(&redis)?;
+        let (user0, sys0) = port_cpu_split(redis.port)?;
         let daemon0 = process_cpu(daemon.0.id())?;
         let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
-        let full_cpu = redis_cpu(&redis)? - cpu0;
+        let (user1, sys1) = port_cpu_split(redis.port)?;
+        let full_cpu = (user1 - user0, sys1 - sys0);
         let daemon_cpu = process_cpu(daemon.0.id())? - daemon0;
         let half = loadgen::run(
             addr,
@@ -373,14 +374,20 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             (false, _) => "no journal".to_owned(),
             (true, false) => format!("journal, {variant}"),
         };
+        let per_op = |seconds: f64| seconds / full.requests as f64 * 1e6;
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
             format!("daemon, {workers} worker(s), {journal}, closed loop"),
             full.rate(),
             full.percentile_ms(0.5),
             full.percentile_ms(0.99),
-            full_cpu / full.requests as f64 * 1e6,
-            daemon_cpu / full.requests as f64 * 1e6
+            per_op(full_cpu.0 + full_cpu.1),
+            per_op(*daemon_cpu)
+        );
+        println!(
+            "  redis us/op in user space / in the kernel: {:.1} / {:.1}",
+            per_op(full_cpu.0),
+            per_op(full_cpu.1)
         );
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3}",
@@ -832,13 +839,22 @@ fn redis_cpu(redis: &Redis) -> Result<f64> {
 
 /// Seconds of CPU (user + system) the Redis server on `port` has used.
 fn port_cpu(port: u16) -> Result<f64> {
+    let (user, sys) = port_cpu_split(port)?;
+    Ok(user + sys)
+}
+
+/// Seconds of CPU the Redis server on `port` has used in user space (its own code: parsing,
+/// commands, replies) and in the kernel (its sockets, epoll).
+fn port_cpu_split(port: u16) -> Result<(f64, f64)> {
     let info = crate::services::cli(port, &["INFO", "cpu"])?;
     let field = |name: &str| -> Option<f64> {
         info.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
     };
-    Ok(field("used_cpu_sys").context("used_cpu_sys")?
-        + field("used_cpu_user").context("used_cpu_user")?)
+    Ok((
+        field("used_cpu_user").context("used_cpu_user")?,
+        field("used_cpu_sys").context("used_cpu_sys")?,
+    ))
 }
 
 fn wait_http(addr: SocketAddr) -> Result<()> {
