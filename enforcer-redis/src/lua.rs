@@ -300,16 +300,20 @@ mod tests {
         assert_eq!(tonumber(long.as_bytes()), Some(1.0));
     }
 
-    /// A deterministic stream of doubles: random bit patterns, decimals the daemon writes,
-    /// integers, exact ties at the 17th digit and the powers of ten around %g's switch points.
-    fn doubles() -> Vec<f64> {
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
+    /// A deterministic pseudo-random stream (xorshift64) from `state`.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             state
-        };
+        }
+    }
+
+    /// A deterministic stream of doubles: random bit patterns, decimals the daemon writes,
+    /// integers, exact ties at the 17th digit and the powers of ten around %g's switch points.
+    fn doubles() -> Vec<f64> {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut v = vec![
             0.0,
             -0.0,
@@ -382,25 +386,19 @@ mod tests {
 
     #[test]
     fn short_decimals_parse_as_strtod_does() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut fast = 0;
         for _ in 0..200_000 {
             let len = 1 + (next() % 17) as usize;
             let mut text: Vec<u8> = (0..len).map(|_| b'0' + (next() % 10) as u8).collect();
-            if next() % 4 != 0 {
+            if !next().is_multiple_of(4) {
                 let at = (next() % (len as u64 + 1)) as usize;
                 text.insert(at, b'.');
             }
-            if next() % 3 == 0 {
+            if next().is_multiple_of(3) {
                 text.insert(0, b'-');
             }
-            if next() % 3 == 0 {
+            if next().is_multiple_of(3) {
                 let e = format!("e{}{}", ["", "+", "-"][(next() % 3) as usize], next() % 30);
                 text.extend_from_slice(e.as_bytes());
             }
