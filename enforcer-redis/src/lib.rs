@@ -1,8 +1,10 @@
 //! `ENFORCER.DEBIT`: `lua/debit.lua` as a native Redis command, for self-hosted Redis where a
 //! module may be loaded (`redis-server --loadmodule libenforcer_redis.so`). It is called as
 //! the script is, `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…` for `EVALSHA <sha1>
-//! numkeys key… arg…`, gives the same reply and stores the same values; it refuses a call
-//! naming another version of the script. The daemon sends it instead of `EVALSHA` where Redis
+//! numkeys key… arg…`, or with the arguments after the keys packed into one
+//! (`<sha1 of debit.lua>:p`, [`args`]: what the daemon sends, cheaper for Redis), gives the
+//! same reply and stores the same values; it refuses a call naming another version of the
+//! script. The daemon sends it instead of `EVALSHA` where Redis
 //! has it (`store.redis_module`, docs/configuration.md). Why: a script call costs Redis ~30 k instructions before the
 //! script's first line (its keys and arguments made Lua strings) and the script ~115 k more;
 //! the command does the same work in a fraction of that (docs/benchmarks.md).
@@ -16,6 +18,7 @@
 //! Refunds, settles, grants and the rest stay Lua scripts: they are not per-request hot paths,
 //! and running on the same keys atomically (module commands and scripts both run on Redis's
 //! one thread) they mix safely with this command.
+pub mod args;
 pub mod debit;
 pub mod lua;
 pub mod sha1;
@@ -70,7 +73,8 @@ pub unsafe extern "C" fn RedisModule_OnLoad(
     unsafe { (api.create_command)(ctx, name.as_ptr(), Some(command), flags.as_ptr(), 0, 0, 0) }
 }
 
-/// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`.
+/// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`, or `ENFORCER.DEBIT <sha1 of
+/// debit.lua>:p numkeys key… packed` ([`args::pack`]).
 ///
 /// A panic must not cross into Redis (it would abort the server, and every client with it):
 /// one becomes an error reply. The rule is written not to panic; this is the second line.
@@ -128,18 +132,41 @@ unsafe fn debit_command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> 
             )
         };
     };
-    if bytes(argv[1]) != debit_sha().as_bytes() {
-        let msg = format!(
-            "ERR enforcer module: built from debit.lua {}, called for {} (load the module built \
-             with the daemon)",
-            debit_sha(),
-            String::from_utf8_lossy(bytes(argv[1])),
-        );
-        // SAFETY: a valid context.
-        return unsafe { api.error(ctx, &msg) };
-    }
+    // `<sha1>`: the script's arguments one by one; `<sha1>:p`: packed in one (`args.rs`).
+    let packed = match bytes(argv[1]).strip_prefix(debit_sha().as_bytes()) {
+        Some(b"") => false,
+        Some(form) if form == args::PACKED.as_bytes() => true,
+        _ => {
+            let msg = format!(
+                "ERR enforcer module: built from debit.lua {}, called for {} (load the module \
+                 built with the daemon)",
+                debit_sha(),
+                String::from_utf8_lossy(bytes(argv[1])),
+            );
+            // SAFETY: a valid context.
+            return unsafe { api.error(ctx, &msg) };
+        }
+    };
     let keys = &argv[3..3 + nkeys];
-    let args: Vec<&[u8]> = argv[3 + nkeys..].iter().map(|&s| bytes(s)).collect();
+    let args = if packed {
+        let unpacked = match &argv[3 + nkeys..] {
+            [one] => args::unpack(bytes(*one)),
+            _ => None,
+        };
+        let Some(unpacked) = unpacked else {
+            // SAFETY: a valid context.
+            return unsafe {
+                api.error(
+                    ctx,
+                    "ERR enforcer: the packed form (<sha1>:p) takes one argument after the \
+                     keys, <length>:<bytes> for each",
+                )
+            };
+        };
+        unpacked
+    } else {
+        argv[3 + nkeys..].iter().map(|&s| bytes(s)).collect()
+    };
 
     // Read every key first (the script's one MGET), before any write; each is copied and
     // closed before the next is opened (see `Api::read`: a call may name one key twice).

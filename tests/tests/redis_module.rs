@@ -315,15 +315,21 @@ async fn the_module_answers_and_stores_what_the_script_does() {
                 .query_async(&mut conn)
                 .await,
         );
-        let module = reply_text(
-            redis::cmd("ENFORCER.DEBIT")
-                .arg(&sha)
+        // Every other call in the packed form the daemon sends (`<sha1>:p`, one argument
+        // after the keys), the others as the script is called.
+        let mut call = redis::cmd("ENFORCER.DEBIT");
+        if i % 2 == 1 {
+            call.arg(format!("{sha}{}", enforcer_redis::args::PACKED))
                 .arg(mod_keys.len())
                 .arg(&mod_keys)
-                .arg(&s.args)
-                .query_async(&mut conn)
-                .await,
-        );
+                .arg(enforcer_redis::args::pack(&s.args));
+        } else {
+            call.arg(&sha)
+                .arg(mod_keys.len())
+                .arg(&mod_keys)
+                .arg(&s.args);
+        }
+        let module = reply_text(call.query_async(&mut conn).await);
         // Refill moves with the milliseconds between the two calls (at most 10 tokens/s here).
         let tol = 0.5;
         match (&lua, &module) {
@@ -445,6 +451,20 @@ async fn a_call_for_another_debit_lua_is_refused_and_writes_nothing() {
         .await
         .expect("EXISTS");
     assert_eq!(exists, 0, "nothing written");
+    // The same in the packed form: another version, refused before the arguments are read
+    // (what a module that predates the packed form answers a daemon that sends it, too).
+    let result: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
+        .arg(format!(
+            "0000000000000000000000000000000000000000{}",
+            enforcer_redis::args::PACKED
+        ))
+        .arg(2)
+        .arg(&keys)
+        .arg(enforcer_redis::args::pack(&args))
+        .query_async(&mut conn)
+        .await;
+    let err = result.expect_err("refused").to_string();
+    assert!(err.contains("built from debit.lua"), "{err}");
     // The right SHA on the same keys works (the refusal was the version, not the call).
     let sha = load_script(&mut conn).await;
     let ok: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
@@ -598,6 +618,25 @@ async fn malformed_calls_are_errors_and_redis_keeps_serving() {
             &sha, "2", &key, &key, "1", "0", "ab", "1", "free", "o", &long, "1", "-",
         ],
     ];
+    // The packed form: one argument after the keys, and it must be `<length>:<bytes>`s.
+    let packed = format!("{sha}{}", enforcer_redis::args::PACKED);
+    let good = enforcer_redis::args::pack(&["1", "0", "ab", "1", "free", "o", TIERS, "1", "-"]);
+    let good = String::from_utf8(good).expect("utf-8");
+    let truncated = &good[..good.len() - 1];
+    let trailing = format!("{good}1");
+    let calls: Vec<Vec<&str>> = calls
+        .into_iter()
+        .chain([
+            vec![&packed, "2", &key, &key],
+            vec![&packed, "2", &key, &key, &good, "1"],
+            vec![&packed, "2", &key, &key, truncated],
+            vec![&packed, "2", &key, &key, &trailing],
+            vec![&packed, "2", &key, &key, "99999999999:"],
+            vec![&packed, "2", &key, &key, "x:1"],
+            vec![&packed, "2", &key, &key, "1:1"],
+            vec![&packed, "2", &key, &key, &long],
+        ])
+        .collect();
     for call in calls {
         let result: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
             .arg(&call)

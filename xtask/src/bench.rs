@@ -910,7 +910,7 @@ fn script() -> Result<()> {
         .collect();
     let no_record_module = no_record.clone();
     let module = crate::redis_module()?;
-    let variants: [(&str, Target<'_>, &[String], Vec<&str>); 7] = [
+    let variants: [(&str, Target<'_>, &[String], Vec<&str>); 9] = [
         (
             "`return 1`, the debit's 4 keys and 12 arguments",
             Target::Script("return 1"),
@@ -951,6 +951,18 @@ fn script() -> Result<()> {
             "ENFORCER.DEBIT (module), no request record",
             Target::Module(&module),
             &keys[..3],
+            no_record_module.clone(),
+        ),
+        (
+            "ENFORCER.DEBIT packed (the daemon's form), record",
+            Target::Packed(&module),
+            &keys,
+            DEBIT_ARGS.to_vec(),
+        ),
+        (
+            "ENFORCER.DEBIT packed, no request record",
+            Target::Packed(&module),
+            &keys[..3],
             no_record_module,
         ),
     ];
@@ -967,10 +979,12 @@ fn script() -> Result<()> {
     Ok(())
 }
 
-/// What a `bench script` run calls: a script (`EVALSHA`) or the module's `ENFORCER.DEBIT`.
+/// What a `bench script` run calls: a script (`EVALSHA`) or the module's `ENFORCER.DEBIT`,
+/// with the script's arguments one by one or packed into one (what the daemon sends).
 enum Target<'a> {
     Script(&'a str),
     Module(&'a std::path::Path),
+    Packed(&'a std::path::Path),
 }
 
 /// Total instructions of a `redis-server` under callgrind that answered `calls` calls of
@@ -996,7 +1010,9 @@ fn callgrind_run(
         ])
         .args(["--save", "", "--appendonly", "no"])
         .args(match target {
-            Target::Module(path) => vec![std::ffi::OsStr::new("--loadmodule"), path.as_os_str()],
+            Target::Module(path) | Target::Packed(path) => {
+                vec![std::ffi::OsStr::new("--loadmodule"), path.as_os_str()]
+            }
             Target::Script(_) => vec![],
         })
         .stdout(Stdio::null())
@@ -1016,12 +1032,23 @@ fn callgrind_run(
             let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?;
             vec!["EVALSHA".into(), sha.trim().to_owned()]
         }
-        Target::Module(_) => {
+        Target::Module(_) | Target::Packed(_) => {
             // The module is called with the SHA-1 of the debit.lua it was built from.
             let debit = std::fs::read_to_string("lua/debit.lua")?;
             let sha = crate::services::cli(port, &["SCRIPT", "LOAD", &debit])?;
-            vec!["ENFORCER.DEBIT".into(), sha.trim().to_owned()]
+            let form = match target {
+                Target::Packed(_) => enforcer_redis::args::PACKED,
+                _ => "",
+            };
+            vec!["ENFORCER.DEBIT".into(), format!("{}{form}", sha.trim())]
         }
+    };
+    // The packed form: the arguments after the keys as one.
+    let packed = String::from_utf8(enforcer_redis::args::pack(args))?;
+    let packed = [packed.as_str()];
+    let args: &[&str] = match target {
+        Target::Packed(_) => &packed,
+        _ => args,
     };
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
     // An error reply is cheap: one call by hand first, so that arguments the script refuses
