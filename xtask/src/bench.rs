@@ -169,8 +169,11 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         bail!("SCRIPT LOAD answered {sha:?}");
     }
     let ceiling_before = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
-    // The same through the module (enforcer-redis), on the same Redis.
-    let ceiling_module = redis_benchmark(&redis, &["ENFORCER.DEBIT", &sha], clients, seconds)?;
+    // The same through the module (enforcer-redis), on the same Redis, in the packed form the
+    // daemon sends.
+    let packed_form = format!("{sha}{}", enforcer_redis::args::PACKED);
+    let ceiling_module =
+        redis_benchmark(&redis, &["ENFORCER.DEBIT", &packed_form], clients, seconds)?;
     let body = |i: usize| {
         format!(
             r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
@@ -356,7 +359,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     );
     for (label, c) in [
         ("EVALSHA debit.lua (before)", &ceiling_before),
-        ("ENFORCER.DEBIT (module)", &ceiling_module),
+        ("ENFORCER.DEBIT (module, packed)", &ceiling_module),
         ("EVALSHA debit.lua (after)", &ceiling_after),
     ] {
         println!(
@@ -753,11 +756,21 @@ fn redis_benchmarks(
         format!("ptb:{{{tag}}}:w"),
         format!("ptb:{{{tag}}}:r:__rand_int__"),
     ];
+    // `ENFORCER.DEBIT <sha1>:p`: the arguments packed into one, as the daemon sends them.
+    let packed = String::from_utf8(enforcer_redis::args::pack(&DEBIT_ARGS))?;
+    let args: Vec<&str> = if head
+        .get(1)
+        .is_some_and(|h| h.ends_with(enforcer_redis::args::PACKED))
+    {
+        vec![&packed]
+    } else {
+        DEBIT_ARGS.to_vec()
+    };
     // redis-benchmark counts error replies as answers: one call by hand first, so that a
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
-        let answer = probe(port, head, &keys, &DEBIT_ARGS)?;
+        let answer = probe(port, head, &keys, &args)?;
         if !answer.starts_with("ok") {
             bail!(
                 "{} on port {port} refused the benchmark's call: {answer}",
@@ -786,7 +799,7 @@ fn redis_benchmarks(
                 .args(head)
                 .arg("4")
                 .args(&keys)
-                .args(DEBIT_ARGS)
+                .args(&args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("running redis-benchmark")
