@@ -257,7 +257,7 @@ impl LedgerFile {
         let mut buf = Vec::with_capacity(batch.len() * 320);
         let mut ends = Vec::with_capacity(batch.len());
         for e in &batch {
-            serde_json::to_writer(&mut buf, e).map_err(|e| LedgerError::File {
+            super::json::write(e, &mut buf).map_err(|e| LedgerError::File {
                 path: self.path.clone(),
                 error: std::io::Error::other(e),
             })?;

@@ -26,6 +26,7 @@
 //! queued (`journal = false` and the queue full) or appended is dropped and counted in
 //! `enforcer_ledger_dropped_total`, which a healthy deployment keeps at 0.
 pub mod file;
+pub mod json;
 pub mod postgres;
 pub mod quarantine;
 pub mod rotate;
@@ -502,7 +503,7 @@ impl Ledger {
         // Sized for a decision's row (~400 bytes) at once: `to_vec` starts empty and
         // reallocates its way up, copying the row each time.
         let mut line = Vec::with_capacity(LINE_CAPACITY);
-        match serde_json::to_writer(&mut line, &entry) {
+        match json::write(&entry, &mut line) {
             Ok(()) => line.push(b'\n'),
             // Plain data always serializes; were it not to, the appender reports it.
             Err(_) => return self.queue(entry),
