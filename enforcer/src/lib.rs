@@ -46,6 +46,7 @@ pub mod decision;
 pub mod endpoint;
 pub mod headers;
 pub mod http_client;
+pub mod json;
 pub mod kernel;
 pub mod key;
 pub mod ledger;

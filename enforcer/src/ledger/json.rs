@@ -11,7 +11,7 @@
 //! unset and on strings that need escaping, so the file format cannot drift from the
 //! `Deserialize` side that reads it back (`audit import`, the spill replay).
 use super::{AuditRow, Entry};
-use serde::Serialize;
+use crate::json::{boolean, int, number, opt_number, opt_string, serde, string};
 
 /// `entry` as `serde_json::to_writer` writes it, appended to `out`.
 pub fn write(entry: &Entry, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
@@ -52,10 +52,9 @@ fn write_row(r: &AuditRow, out: &mut Vec<u8>) {
         candidate_allowed: _,
         candidate_cost: _,
     } = r;
-    out.extend_from_slice(br#"{"t":"decision","id":""#);
-    let mut uuid = uuid::Uuid::encode_buffer();
-    out.extend_from_slice(r.id.hyphenated().encode_lower(&mut uuid).as_bytes());
-    out.extend_from_slice(br#"","at_us":"#);
+    out.extend_from_slice(br#"{"t":"decision","id":"#);
+    crate::json::uuid(&r.id, out);
+    out.extend_from_slice(br#","at_us":"#);
     int(r.at_us, out);
     out.extend_from_slice(br#","key_hash":"#);
     string(&r.key_hash, out);
@@ -71,15 +70,10 @@ fn write_row(r: &AuditRow, out: &mut Vec<u8>) {
     number(r.cost, out);
     out.extend_from_slice(br#","multiplier":"#);
     number(r.multiplier, out);
-    out.extend_from_slice(if r.allowed {
-        br#","allowed":true,"remaining":"#
-    } else {
-        br#","allowed":false,"remaining":"#
-    });
-    match r.remaining {
-        Some(v) => number(v, out),
-        None => out.extend_from_slice(b"null"),
-    }
+    out.extend_from_slice(br#","allowed":"#);
+    boolean(r.allowed, out);
+    out.extend_from_slice(br#","remaining":"#);
+    opt_number(r.remaining, out);
     out.extend_from_slice(br#","decided_by":"#);
     string(&r.decided_by, out);
     out.extend_from_slice(br#","denial":"#);
@@ -113,49 +107,14 @@ fn write_row(r: &AuditRow, out: &mut Vec<u8>) {
         int(v, out);
     }
     if let Some(v) = r.candidate_allowed {
-        out.extend_from_slice(if v {
-            br#","candidate_allowed":true"#
-        } else {
-            br#","candidate_allowed":false"#
-        });
+        out.extend_from_slice(br#","candidate_allowed":"#);
+        boolean(v, out);
     }
     if let Some(v) = r.candidate_cost {
         out.extend_from_slice(br#","candidate_cost":"#);
         number(v, out);
     }
     out.push(b'}');
-}
-
-/// A JSON string: copied between quotes when nothing in it needs escaping, else serde's.
-fn string(s: &str, out: &mut Vec<u8>) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        return serde(s, out);
-    }
-    out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
-    out.push(b'"');
-}
-
-fn opt_string(s: Option<&str>, out: &mut Vec<u8>) {
-    match s {
-        Some(s) => string(s, out),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-fn int(v: i64, out: &mut Vec<u8>) {
-    serde(&v, out);
-}
-
-/// A float as serde_json writes it (its shortest round-trip form; `null` when not finite).
-fn number(v: f64, out: &mut Vec<u8>) {
-    serde(&v, out);
-}
-
-/// A value through serde_json (plain data: it cannot fail; were it to, the line would be
-/// unreadable and the tests below catch it).
-fn serde<T: Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) {
-    let _ = serde_json::to_writer(out, v);
 }
 
 #[cfg(test)]
