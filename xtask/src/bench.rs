@@ -168,12 +168,28 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     if sha.len() != 40 {
         bail!("SCRIPT LOAD answered {sha:?}");
     }
-    let ceiling_before = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
+    let ceiling_before =
+        redis_benchmark(&redis, &["EVALSHA", &sha], Call::Debit, clients, seconds)?;
     // The same through the module (enforcer-redis), on the same Redis, in the packed form the
     // daemon sends.
     let packed_form = format!("{sha}{}", enforcer_redis::args::PACKED);
-    let ceiling_module =
-        redis_benchmark(&redis, &["ENFORCER.DEBIT", &packed_form], clients, seconds)?;
+    let ceiling_module = redis_benchmark(
+        &redis,
+        &["ENFORCER.DEBIT", &packed_form],
+        Call::Debit,
+        clients,
+        seconds,
+    )?;
+    // The issue's reference: the minimal script's ceiling on the same Redis (goal 1 asks for
+    // decisions/s per Redis node of at least this).
+    let minimal_sha = crate::services::cli(redis.port, &["SCRIPT", "LOAD", MINIMAL_SCRIPT])?;
+    let ceiling_minimal = redis_benchmark(
+        &redis,
+        &["EVALSHA", minimal_sha.trim()],
+        Call::Minimal,
+        clients,
+        seconds,
+    )?;
     let body = |i: usize| {
         format!(
             r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
@@ -305,7 +321,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     }
     // Measured again after the daemon runs: on a shared machine the ceiling moves, and the
     // ratio is only meaningful against ceilings measured around it.
-    let ceiling_after = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
+    let ceiling_after = redis_benchmark(&redis, &["EVALSHA", &sha], Call::Debit, clients, seconds)?;
 
     // The embedded store, fresh daemon: its first 10 s over 100 000 keys (the tail while its
     // maps and request records grow, issue 16), then 10 s more on the same daemon.
@@ -360,6 +376,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     for (label, c) in [
         ("EVALSHA debit.lua (before)", &ceiling_before),
         ("ENFORCER.DEBIT (module, packed)", &ceiling_module),
+        ("EVALSHA minimal TIME+MGET+SET (2 keys)", &ceiling_minimal),
         ("EVALSHA debit.lua (after)", &ceiling_after),
     ] {
         println!(
@@ -405,6 +422,12 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             full.errors,
             half.errors
         );
+        if *variant == "module" {
+            println!(
+                "  ratio daemon / the minimal script's redis-benchmark (goal 1): {:.2}",
+                full.rate() / ceiling_minimal.rps
+            );
+        }
     }
     for (label, r) in &embedded {
         println!(
@@ -467,15 +490,24 @@ fn cluster(clients: usize, seconds: u64) -> Result<()> {
     }
     // Ceilings: the single Redis; each primary alone (a hash tag of one of its slots); all
     // three primaries at once (what the cluster serves when the clients are not the limit).
-    let single = redis_benchmark(&redis, &["EVALSHA", &sha], clients, seconds)?;
+    let single = redis_benchmark(&redis, &["EVALSHA", &sha], Call::Debit, clients, seconds)?;
     let tags: Vec<String> = primaries
         .iter()
         .map(|(_, slots)| tag_in(slots))
         .collect::<Result<_>>()?;
     let mut alone = Vec::new();
     for ((port, _), tag) in primaries.iter().zip(&tags) {
-        alone
-            .push(redis_benchmarks(&[*port], &["EVALSHA", &sha], tag, clients, seconds)?.remove(0));
+        alone.push(
+            redis_benchmarks(
+                &[*port],
+                &["EVALSHA", &sha],
+                Call::Debit,
+                tag,
+                clients,
+                seconds,
+            )?
+            .remove(0),
+        );
     }
     // Concurrently: one redis-benchmark per primary, each on its own tag.
     let together = {
@@ -485,8 +517,15 @@ fn cluster(clients: usize, seconds: u64) -> Result<()> {
             .map(|((port, _), tag)| {
                 let (port, tag, sha) = (*port, tag.clone(), sha.clone());
                 std::thread::spawn(move || {
-                    redis_benchmarks(&[port], &["EVALSHA", &sha], &tag, clients, seconds)
-                        .map(|mut v| v.remove(0))
+                    redis_benchmarks(
+                        &[port],
+                        &["EVALSHA", &sha],
+                        Call::Debit,
+                        &tag,
+                        clients,
+                        seconds,
+                    )
+                    .map(|mut v| v.remove(0))
                 })
             })
             .collect();
@@ -732,10 +771,40 @@ const DEBIT_ARGS_4_TIERS: [&str; 12] = [
     "-",
 ];
 
+/// The issue's reference for Redis work per decision: a minimal script of `TIME`, an `MGET` of
+/// two keys and a `SET … PX`, on two keys and no arguments.
+const MINIMAL_SCRIPT: &str = "local t = redis.call('TIME') local v = redis.call('MGET', \
+                              KEYS[1], KEYS[2]) redis.call('SET', KEYS[1], t[1] .. ' ' .. t[2], \
+                              'PX', 60000) return 1";
+
+/// What a ceiling's `redis-benchmark` calls.
+#[derive(Clone, Copy, PartialEq)]
+enum Call {
+    /// The debit (`debit.lua` or the module, by `head`) on its four keys and the bench's
+    /// arguments.
+    Debit,
+    /// [`MINIMAL_SCRIPT`] on two keys.
+    Minimal,
+}
+
 /// The ceiling: redis-benchmark, unpipelined, the same script and clients, the same Redis.
 /// `head`: `["EVALSHA", sha]` (the script) or `["ENFORCER.DEBIT", sha]` (the module).
-fn redis_benchmark(redis: &Redis, head: &[&str], clients: usize, seconds: u64) -> Result<Ceiling> {
-    Ok(redis_benchmarks(&[redis.port], head, "bench__rand_int__", clients, seconds)?.remove(0))
+fn redis_benchmark(
+    redis: &Redis,
+    head: &[&str],
+    call: Call,
+    clients: usize,
+    seconds: u64,
+) -> Result<Ceiling> {
+    Ok(redis_benchmarks(
+        &[redis.port],
+        head,
+        call,
+        "bench__rand_int__",
+        clients,
+        seconds,
+    )?
+    .remove(0))
 }
 
 /// `redis-benchmark` against every port in `ports` at once (one each, `clients` connections
@@ -744,6 +813,7 @@ fn redis_benchmark(redis: &Redis, head: &[&str], clients: usize, seconds: u64) -
 fn redis_benchmarks(
     ports: &[u16],
     head: &[&str],
+    call: Call,
     tag: &str,
     clients: usize,
     seconds: u64,
@@ -758,20 +828,22 @@ fn redis_benchmarks(
     ];
     // `ENFORCER.DEBIT <sha1>:p`: the arguments packed into one, as the daemon sends them.
     let packed = String::from_utf8(enforcer_redis::args::pack(&DEBIT_ARGS))?;
-    let args: Vec<&str> = if head
+    let (keys, args, expect): (&[String], Vec<&str>, &str) = if call == Call::Minimal {
+        (&keys[..2], Vec::new(), "1")
+    } else if head
         .get(1)
         .is_some_and(|h| h.ends_with(enforcer_redis::args::PACKED))
     {
-        vec![&packed]
+        (&keys, vec![&packed], "ok")
     } else {
-        DEBIT_ARGS.to_vec()
+        (&keys, DEBIT_ARGS.to_vec(), "ok")
     };
     // redis-benchmark counts error replies as answers: one call by hand first, so that a
     // script whose arguments changed (or a key on another node: MOVED) fails here instead of
     // measuring its error path.
     for &port in ports {
-        let answer = probe(port, head, &keys, &args)?;
-        if !answer.starts_with("ok") {
+        let answer = probe(port, head, keys, &args)?;
+        if !answer.starts_with(expect) {
             bail!(
                 "{} on port {port} refused the benchmark's call: {answer}",
                 head[0]
@@ -797,8 +869,8 @@ fn redis_benchmarks(
                     "--csv",
                 ])
                 .args(head)
-                .arg("4")
-                .args(&keys)
+                .arg(keys.len().to_string())
+                .args(keys)
                 .args(&args)
                 .stdout(Stdio::piped())
                 .spawn()
@@ -909,8 +981,7 @@ fn script() -> Result<()> {
         .prefix("enforcer-bench-script-")
         .tempdir()?;
     let debit = std::fs::read_to_string("lua/debit.lua")?;
-    let minimal = "local t = redis.call('TIME') local v = redis.call('MGET', KEYS[1], KEYS[2]) \
-                   redis.call('SET', KEYS[1], t[1] .. ' ' .. t[2], 'PX', 60000) return 1";
+    let minimal = MINIMAL_SCRIPT;
     // The keys lua/debit.lua uses for DEBIT_ARGS: bucket, tier, wallet, request record.
     let keys: Vec<String> = ["b", "tier", "w", "r:__rand_int__"]
         .iter()
