@@ -22,7 +22,7 @@ pub fn pack<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
     let mut out = Vec::with_capacity(size);
     for arg in args {
         let arg = arg.as_ref();
-        push_decimal(arg.len(), &mut out);
+        crate::lua::digits(arg.len() as u64, &mut out);
         out.push(b':');
         out.extend_from_slice(arg);
     }
@@ -52,20 +52,6 @@ pub fn unpack(packed: &[u8]) -> Option<Vec<&[u8]>> {
         rest = &body[len..];
     }
     Some(args)
-}
-
-fn push_decimal(mut n: usize, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]

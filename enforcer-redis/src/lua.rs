@@ -150,6 +150,21 @@ pub fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
+/// The decimal digits of `n`, appended to `out`.
+pub fn digits(mut n: u64, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[at..]);
+}
+
 /// `string.format('%.17g', x)`: every stored and answered number, so that it reads back as the
 /// same double. Integers by hand, other finite numbers from Rust's exact `{:.16e}` (17
 /// significant digits, ties to even as glibc's printf) laid out as `%g` does; C's `snprintf`
@@ -157,21 +172,10 @@ pub fn is_space(b: u8) -> bool {
 pub fn fmt(x: f64, out: &mut Vec<u8>) {
     if x.fract() == 0.0 && x.abs() < 1e17 && !(x == 0.0 && x.is_sign_negative()) {
         // %.17g of an integer below 10^17 is its digits.
-        let mut digits = [0u8; 20];
-        let mut n = (x as i64).unsigned_abs();
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
         if x < 0.0 {
             out.push(b'-');
         }
-        out.extend_from_slice(&digits[at..]);
+        digits((x as i64).unsigned_abs(), out);
         return;
     }
     if !x.is_finite() {

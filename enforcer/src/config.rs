@@ -295,8 +295,8 @@ pub struct StoreConfig {
     /// Replicas that must acknowledge each debit before it is answered (`WAIT`); 0: none.
     pub wait_replicas: u32,
     /// Debit with the `enforcer-redis` module's `ENFORCER.DEBIT` where Redis has it loaded
-    /// (the same rule as `lua/debit.lua` at a third of Redis's CPU), with the script where it
-    /// has not; `false`: always the script.
+    /// (the same rule as `lua/debit.lua` at a third to a half of Redis's CPU), with the script
+    /// where it has not; `false`: always the script.
     pub redis_module: bool,
     /// Multiplexed Redis connections.
     pub connections: usize,

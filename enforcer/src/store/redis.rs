@@ -228,7 +228,7 @@ impl Module {
                 error = %msg,
                 "redis cannot run ENFORCER.DEBIT (the enforcer-redis module is not loaded, was \
                  built from another debit.lua, or the user's ACL does not allow it): debiting \
-                 with lua/debit.lua, the same rule at about three times Redis's CPU; trying the \
+                 with lua/debit.lua, the same rule at two to three times Redis's CPU; trying the \
                  module again every 60 s"
             );
         }
