@@ -29,13 +29,21 @@ pub fn pack<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
     out
 }
 
+/// Most arguments [`unpack`] reads: far above any debit's (a few dozen, four more per tier
+/// with a candidate policy), and a bound on what one call can make Redis allocate (a 512 MB
+/// argument of empty fields would otherwise be a 4 GB list).
+pub const MAX_ARGS: usize = 1 << 20;
+
 /// The arguments [`pack`] packed into `packed`, borrowed from it; `None` when it is not
 /// exactly a sequence of `<length>:<bytes>` (a length that is not decimal digits, longer than
-/// 10 digits, or running past the end).
+/// 10 digits, or running past the end), or holds more than [`MAX_ARGS`].
 pub fn unpack(packed: &[u8]) -> Option<Vec<&[u8]>> {
     let mut args = Vec::with_capacity(24);
     let mut rest = packed;
     while !rest.is_empty() {
+        if args.len() == MAX_ARGS {
+            return None;
+        }
         let colon = rest.iter().take(11).position(|&b| b == b':')?;
         let digits = &rest[..colon];
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
@@ -99,6 +107,9 @@ mod tests {
             assert_eq!(unpack(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
         assert_eq!(unpack(b""), Some(vec![]));
+        let most = "0:".repeat(MAX_ARGS);
+        assert_eq!(unpack(most.as_bytes()).map(|a| a.len()), Some(MAX_ARGS));
+        assert_eq!(unpack(format!("{most}0:").as_bytes()), None);
         assert_eq!(unpack(b"0000000001:a"), Some(vec![&b"a"[..]]));
     }
 }
