@@ -96,16 +96,21 @@ fn test(extra: &[String]) -> Result<()> {
     if !setup::is_root() {
         bail!("cargo xtask test runs privileged tests (eBPF, network namespaces): run it as root");
     }
+    // Every cargo invocation here selects the same packages. Cargo unifies features over the
+    // selected packages, so `--package enforcer-tests` alone would resolve other features than
+    // `--workspace` and build every dependency and test binary a second time (twice the time and
+    // twice the disk). (--workspace alone would include the eBPF crate, which only builds for the
+    // BPF target.)
+    const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "enforcer-ebpf"];
     // Build first, so the services do not sit idle through a long compile. The CLI and kernel
     // tests run the `enforcer` binary itself.
-    status(Command::new("cargo").args(["build", "--package", "enforcer"]))?;
-    status(Command::new("cargo").args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "enforcer-ebpf",
-        "--no-run",
-    ]))?;
+    status(Command::new("cargo").arg("build").args(PACKAGES))?;
+    status(
+        Command::new("cargo")
+            .arg("test")
+            .args(PACKAGES)
+            .arg("--no-run"),
+    )?;
     // The Redis module the test Redis servers load (`ENFORCER.DEBIT`, enforcer-redis).
     let module = redis_module()?;
     let services = services::Services::start(&module)?;
@@ -117,30 +122,21 @@ fn test(extra: &[String]) -> Result<()> {
     // /run/enforcer/admin.sock, is one per machine: the node's daemon's).
     env.push(("ENFORCER_ADMIN_SOCKET".into(), String::new()));
     // `harness` goes to the test binaries, before the caller's extra arguments (a filter).
-    let run = |args: &[&str], harness: &[&str]| {
+    let run = |targets: &[&str], harness: &[&str]| {
         let mut cmd = Command::new("cargo");
-        cmd.args(args).envs(env.iter().cloned());
+        cmd.arg("test")
+            .args(PACKAGES)
+            .args(targets)
+            .arg("--no-fail-fast");
+        cmd.envs(env.iter().cloned());
         cmd.arg("--").args(harness).args(extra);
         status(&mut cmd)
     };
-    // Unit tests in parallel. The integration tests share kernel state (namespaces, the bpffs)
-    // and some restart Redis servers, so they run one at a time.
-    // (--workspace would include the eBPF crate, which only builds for the BPF target.)
-    let unit = run(
-        &[
-            "test",
-            "--workspace",
-            "--exclude",
-            "enforcer-ebpf",
-            "--exclude",
-            "enforcer-tests",
-        ],
-        &[],
-    );
-    let integration = run(
-        &["test", "--package", "enforcer-tests", "--no-fail-fast"],
-        &["--test-threads=1"],
-    );
+    // Unit tests (every crate's library and binaries) in parallel. The integration tests (only
+    // enforcer-tests has any) share kernel state (namespaces, the bpffs) and some restart Redis
+    // servers, so they run one at a time. (The workspace has no Rust doc tests.)
+    let unit = run(&["--lib", "--bins"], &[]);
+    let integration = run(&["--test", "*"], &["--test-threads=1"]);
     drop(services);
     unit.and(integration)
 }
