@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the kernel side,
 /// Redis, PostgreSQL and Prometheus (its `promtool` checks `deploy/prometheus`) for the tests
 /// and benchmarks, nginx (`nginx-light` has `auth_request`) and Caddy (`forward_auth`) for the
-/// gateway tests (`tests/tests/gateways.rs`), Python's venv for the Python tools below.
+/// gateway tests (`tests/tests/gateways.rs`), Python's venv for the Python tools below, valgrind
+/// for the benches that count instructions (`bench script`, `bench daemon`).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
@@ -19,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "nginx-light",
     "caddy",
     "python3-venv",
+    "valgrind",
 ];
 
 /// Where the Python tools live, under the workspace root (`tests/tests/deploy.rs` finds them
