@@ -295,6 +295,15 @@ impl Api {
         OK
     }
 
+    /// The head of an array reply of `len` elements (the replies that follow are its elements).
+    ///
+    /// # Safety
+    /// A valid context.
+    pub unsafe fn array(&self, ctx: *mut Ctx, len: usize) -> c_int {
+        // SAFETY: as documented.
+        unsafe { (self.reply_with_array)(ctx, len as c_long) }
+    }
+
     /// An error reply (`msg` without its leading `-`).
     ///
     /// # Safety

@@ -132,10 +132,12 @@ unsafe fn debit_command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> 
             )
         };
     };
-    // `<sha1>`: the script's arguments one by one; `<sha1>:p`: packed in one (`args.rs`).
-    let packed = match bytes(argv[1]).strip_prefix(debit_sha().as_bytes()) {
-        Some(b"") => false,
-        Some(form) if form == args::PACKED.as_bytes() => true,
+    // `<sha1>`: the script's arguments one by one; `<sha1>:p`: packed in one; `<sha1>:m`:
+    // several debits (`args.rs`).
+    let form = match bytes(argv[1]).strip_prefix(debit_sha().as_bytes()) {
+        Some(b"") => Form::Args,
+        Some(form) if form == args::PACKED.as_bytes() => Form::Packed,
+        Some(form) if form == args::MANY.as_bytes() => Form::Many,
         _ => {
             let msg = format!(
                 "ERR enforcer module: built from debit.lua {}, called for {} (load the module \
@@ -148,37 +150,93 @@ unsafe fn debit_command(ctx: *mut Ctx, argv: *mut *mut RString, argc: c_int) -> 
         }
     };
     let keys = &argv[3..3 + nkeys];
-    let args = if packed {
-        let unpacked = match &argv[3 + nkeys..] {
-            [one] => args::unpack(bytes(*one)),
-            _ => None,
-        };
-        let Some(unpacked) = unpacked else {
+    let rest = &argv[3 + nkeys..];
+    let one = match rest {
+        [one] => Some(bytes(*one)),
+        _ => None,
+    };
+    match form {
+        // SAFETY: a valid context; the keys of this call.
+        Form::Args => unsafe {
+            debit_one(
+                api,
+                ctx,
+                keys,
+                &rest.iter().map(|&s| bytes(s)).collect::<Vec<_>>(),
+            )
+        },
+        Form::Packed => match one.and_then(args::unpack) {
+            // SAFETY: as above.
+            Some(args) => unsafe { debit_one(api, ctx, keys, &args) },
             // SAFETY: a valid context.
-            return unsafe {
+            None => unsafe {
                 api.error(
                     ctx,
                     "ERR enforcer: the packed form (<sha1>:p) takes one argument after the \
                      keys, <length>:<bytes> for each",
                 )
+            },
+        },
+        Form::Many => {
+            // The whole call is checked before any debit runs: a malformed one writes nothing.
+            let Some(debits) = one.and_then(|one| args::unpack_many(one, nkeys)) else {
+                // SAFETY: a valid context.
+                return unsafe {
+                    api.error(
+                        ctx,
+                        "ERR enforcer: the form of many debits (<sha1>:m) takes one argument \
+                         after the keys: each debit's key count and packed arguments, the \
+                         counts adding up to the keys",
+                    )
+                };
             };
-        };
-        unpacked
-    } else {
-        argv[3 + nkeys..].iter().map(|&s| bytes(s)).collect()
-    };
+            // One answer per debit, in order: its reply, or its own error. Each runs as if
+            // called alone, after the ones before it (a key named by two sees the first's write).
+            // SAFETY: a valid context.
+            unsafe { api.array(ctx, debits.len()) };
+            let mut at = 0;
+            for (n, args) in &debits {
+                // SAFETY: a valid context; `at + n <= nkeys` (unpack_many checked the sum).
+                unsafe { debit_one(api, ctx, &keys[at..at + n], args) };
+                at += n;
+            }
+            api::OK
+        }
+    }
+}
 
+/// What the first argument says about the arguments after the keys.
+enum Form {
+    /// One by one, as `EVALSHA` takes them.
+    Args,
+    /// Packed into one ([`args::pack`]).
+    Packed,
+    /// Several debits ([`args::pack_many`]).
+    Many,
+}
+
+/// One debit on `keys` with `args`: reads the keys, runs the rule, applies its writes and
+/// writes one reply (the rule's, or an error when it refuses the call, which then writes
+/// nothing).
+///
+/// # Safety
+/// Redis's command context; keys of this call.
+unsafe fn debit_one(api: &api::Api, ctx: *mut Ctx, keys: &[*mut RString], args: &[&[u8]]) -> c_int {
     // Read every key first (the script's one MGET), before any write; each is copied and
     // closed before the next is opened (see `Api::read`: a call may name one key twice).
     // SAFETY: a valid context and key names.
     let values: Vec<Option<Vec<u8>>> = keys.iter().map(|&k| unsafe { api.read(ctx, k) }).collect();
     let views: Vec<Option<&[u8]>> = values.iter().map(Option::as_deref).collect();
     let now = api::now();
-    let outcome = debit::debit(nkeys, &views, &args, now);
-    let effects = match outcome {
-        Ok(e) => e,
+    // A panic in the rule (a bug) is this debit's error, not the server's abort, and leaves the
+    // other debits of a call of many their answers; nothing is written before the rule returns.
+    let rule = std::panic::AssertUnwindSafe(|| debit::debit(keys.len(), &views, args, now));
+    let effects = match std::panic::catch_unwind(rule) {
+        Ok(Ok(e)) => e,
         // SAFETY: a valid context.
-        Err(refusal) => return unsafe { api.error(ctx, &format!("ERR enforcer: {refusal}")) },
+        Ok(Err(refusal)) => return unsafe { api.error(ctx, &format!("ERR enforcer: {refusal}")) },
+        // SAFETY: a valid context.
+        Err(_) => return unsafe { api.error(ctx, "ERR enforcer: internal error (a bug)") },
     };
     let now_ms = now.secs * 1000 + now.micros / 1000;
     for w in &effects.writes {

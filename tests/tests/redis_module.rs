@@ -12,7 +12,7 @@ use enforcer::key::ApiKey;
 use enforcer::store::{Debit, DebitOutcome, RedisStore, RedisStoreConfig, TokenStore};
 use enforcer_tests::{PrivateRedis, redis_conn, redis_url, unique};
 use redis::Value;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike as _, MultiplexedConnection};
 use std::time::Duration;
 
 /// The SHA-1 of `lua/debit.lua`, loaded into the test Redis.
@@ -45,6 +45,14 @@ fn reply_text(r: redis::RedisResult<Value>) -> Result<Vec<String>, String> {
         Ok(Value::Array(items)) => Ok(items.iter().map(one).collect()),
         Ok(other) => Ok(vec![one(&other)]),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One debit's answer in a call of many: its reply's fields, or its error.
+fn element_text(v: Value) -> Result<Vec<String>, String> {
+    match v {
+        Value::ServerError(e) => Err(redis::RedisError::from(e).to_string()),
+        v => reply_text(Ok(v)),
     }
 }
 
@@ -306,6 +314,14 @@ async fn the_module_answers_and_stores_what_the_script_does() {
         let (lua_tag, mod_tag) = (format!("{tag}-lua"), format!("{tag}-mod"));
         let lua_keys = prepare(&mut conn, &s, &lua_tag).await;
         let mod_keys = prepare(&mut conn, &s, &mod_tag).await;
+        // A second copy for the form of many debits (`<sha1>:m`), which debits both copies in
+        // one call: each must answer and store as the script on the first did.
+        let many = i % 3 == 2;
+        let copy_keys = if many {
+            prepare(&mut conn, &s, &format!("{tag}-copy")).await
+        } else {
+            Vec::new()
+        };
         let lua = reply_text(
             redis::cmd("EVALSHA")
                 .arg(&sha)
@@ -315,60 +331,92 @@ async fn the_module_answers_and_stores_what_the_script_does() {
                 .query_async(&mut conn)
                 .await,
         );
-        // Every other call in the packed form the daemon sends (`<sha1>:p`, one argument
-        // after the keys), the others as the script is called.
+        // In turn: as the script is called, in the packed form the daemon sends alone
+        // (`<sha1>:p`, one argument after the keys), and in the form of many it sends with
+        // other debits (`<sha1>:m`), here the scenario on two copies of its keys.
         let mut call = redis::cmd("ENFORCER.DEBIT");
-        if i % 2 == 1 {
-            call.arg(format!("{sha}{}", enforcer_redis::args::PACKED))
+        let packed = enforcer_redis::args::pack(&s.args);
+        match i % 3 {
+            0 => call
+                .arg(&sha)
                 .arg(mod_keys.len())
                 .arg(&mod_keys)
-                .arg(enforcer_redis::args::pack(&s.args));
+                .arg(&s.args),
+            1 => call
+                .arg(format!("{sha}{}", enforcer_redis::args::PACKED))
+                .arg(mod_keys.len())
+                .arg(&mod_keys)
+                .arg(&packed),
+            _ => call
+                .arg(format!("{sha}{}", enforcer_redis::args::MANY))
+                .arg(mod_keys.len() * 2)
+                .arg(&mod_keys)
+                .arg(&copy_keys)
+                .arg(enforcer_redis::args::pack_many(&[
+                    (mod_keys.len(), &packed),
+                    (copy_keys.len(), &packed),
+                ])),
+        };
+        // The answer as Redis sent it (`query_async` would make a debit's error in a call of
+        // many the whole call's).
+        let answer = if many {
+            conn.req_packed_command(&call).await
         } else {
-            call.arg(&sha)
-                .arg(mod_keys.len())
-                .arg(&mod_keys)
-                .arg(&s.args);
-        }
-        let module = reply_text(call.query_async(&mut conn).await);
+            call.query_async(&mut conn).await
+        };
+        let modules = if many {
+            match answer {
+                Ok(Value::Array(each)) if each.len() == 2 => {
+                    each.into_iter().map(element_text).collect()
+                }
+                other => panic!("#{i} {s:?}\na call of two debits answered {other:?}"),
+            }
+        } else {
+            vec![reply_text(answer)]
+        };
         // Refill moves with the milliseconds between the two calls (at most 10 tokens/s here).
         let tol = 0.5;
-        match (&lua, &module) {
-            (Ok(l), Ok(m)) => {
-                ok += 1;
-                assert_eq!(l.len(), m.len(), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
-                for (a, b) in l.iter().zip(m) {
-                    // retry_after_ms and quota resets are milliseconds of time passing.
-                    let tol = if a.contains('.') { tol } else { 100.0 };
-                    assert!(same(a, b, tol), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
+        for module in modules {
+            match (&lua, &module) {
+                (Ok(l), Ok(m)) => {
+                    ok += 1;
+                    assert_eq!(l.len(), m.len(), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
+                    for (a, b) in l.iter().zip(m) {
+                        // retry_after_ms and quota resets are milliseconds of time passing.
+                        let tol = if a.contains('.') { tol } else { 100.0 };
+                        assert!(same(a, b, tol), "#{i} {s:?}\nlua {l:?}\nmodule {m:?}");
+                    }
+                }
+                (Err(l), Err(m)) => {
+                    refused += 1;
+                    let why = m
+                        .split_once("enforcer: ")
+                        .map_or(m.as_str(), |(_, why)| why)
+                        .trim();
+                    assert!(
+                        l.contains(why),
+                        "#{i} {s:?}\nthe same refusal: lua {l:?}, module {m:?}"
+                    );
+                }
+                _ => {
+                    panic!("#{i} {s:?}\none refused, one answered: lua {lua:?}, module {module:?}")
                 }
             }
-            (Err(l), Err(m)) => {
-                refused += 1;
-                let why = m
-                    .split_once("enforcer: ")
-                    .map_or(m.as_str(), |(_, why)| why)
-                    .trim();
+        }
+        let sl = stored(&mut conn, &lua_keys).await;
+        for keys in [&mod_keys, &copy_keys] {
+            let sm = stored(&mut conn, keys).await;
+            for ((lv, lt), (mv, mt)) in sl.iter().zip(&sm) {
                 assert!(
-                    l.contains(why),
-                    "#{i} {s:?}\nthe same refusal: lua {l:?}, module {m:?}"
+                    same(lv, mv, tol),
+                    "#{i} {s:?}\nstored: lua {sl:?}\nmodule {sm:?}"
+                );
+                // Both -1 (no expiry), both -2 (none), or within a second of each other.
+                assert!(
+                    lt == mt || (*lt >= 0 && *mt >= 0 && (lt - mt).abs() <= 1000),
+                    "#{i} {s:?}\nexpiry: lua {sl:?}\nmodule {sm:?}"
                 );
             }
-            _ => panic!("#{i} {s:?}\none refused, one answered: lua {lua:?}, module {module:?}"),
-        }
-        let (sl, sm) = (
-            stored(&mut conn, &lua_keys).await,
-            stored(&mut conn, &mod_keys).await,
-        );
-        for ((lv, lt), (mv, mt)) in sl.iter().zip(&sm) {
-            assert!(
-                same(lv, mv, tol),
-                "#{i} {s:?}\nstored: lua {sl:?}\nmodule {sm:?}"
-            );
-            // Both -1 (no expiry), both -2 (none), or within a second of each other.
-            assert!(
-                lt == mt || (*lt >= 0 && *mt >= 0 && (lt - mt).abs() <= 1000),
-                "#{i} {s:?}\nexpiry: lua {sl:?}\nmodule {sm:?}"
-            );
         }
     }
     // The scenarios reach both outcomes (a generator that only produced refusals would prove
@@ -426,6 +474,119 @@ async fn the_daemon_debits_with_the_module_where_redis_has_it() {
     assert_eq!(state["debit"], "module", "{state}");
     assert_eq!(state["module_calls"], 1, "{state}");
     assert_eq!(state["module_fallbacks"], 0, "{state}");
+}
+
+/// `ENFORCER.DEBIT` calls Redis has answered (`INFO commandstats`).
+async fn module_commands(conn: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_enforcer.debit:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn concurrent_debits_go_as_calls_of_many_and_each_gets_its_own_answer() {
+    let mut conn = redis_conn(&redis_url()).await;
+    let store = store(&redis_url());
+    let keys: Vec<ApiKey> = (0..16)
+        .map(|i| ApiKey::parse(&unique(&format!("many-{i}"))).expect("key"))
+        .collect();
+    let before = module_commands(&mut conn).await;
+    // Three debits on each key, of a cost of its own (so that an answer handed to another
+    // key's debit shows), and among them one the rule refuses (a cost above 1e15), all at
+    // once: the batching task sends runs of them as calls of many.
+    let cost = |i: usize| 10.0 + 15.0 * i as f64;
+    let mut debits: Vec<Debit> = Vec::new();
+    for round in 0..3 {
+        for (i, key) in keys.iter().enumerate() {
+            if round == 1 && i == 7 {
+                debits.push(debit(key, 2e15));
+            }
+            debits.push(debit(key, cost(i)));
+        }
+    }
+    let answers = futures_util::future::join_all(debits.iter().map(|d| store.debit(d))).await;
+    let calls = module_commands(&mut conn).await - before;
+    assert!(
+        calls < debits.len() as u64,
+        "{} debits went as {calls} commands: none was a call of many",
+        debits.len()
+    );
+    let mut left: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
+    let mut refused = 0;
+    for (d, answer) in debits.iter().zip(answers) {
+        let i = keys
+            .iter()
+            .position(|k| k.hash() == d.key)
+            .expect("a key of the test");
+        match answer {
+            Ok(DebitOutcome::Settled(s)) => {
+                assert!(s.allowed, "{s:?}");
+                left[i].push(s.remaining);
+            }
+            Err(e) => {
+                assert!(d.cost > 1e15, "only the bad debit fails: {e}");
+                assert!(e.to_string().contains("cost must be"), "{e}");
+                refused += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(refused, 1);
+    // Each key (800 tokens) was debited three times by its cost, each debit after the one
+    // before (refill adds a few tokens between them: 10 a second).
+    for (i, mut l) in left.into_iter().enumerate() {
+        l.sort_by(f64::total_cmp);
+        let want = [
+            800.0 - 3.0 * cost(i),
+            800.0 - 2.0 * cost(i),
+            800.0 - cost(i),
+        ];
+        assert_eq!(l.len(), 3, "key {i}: {l:?}");
+        for (got, want) in l.iter().zip(want) {
+            assert!((got - want).abs() < 7.0, "key {i}: {l:?}, not {want}");
+        }
+    }
+    let state = module_state(&store).await;
+    assert_eq!(state["module_fallbacks"], 0, "{state}");
+}
+
+#[tokio::test]
+async fn a_call_of_many_naming_a_key_twice_debits_it_twice_in_order() {
+    let mut conn = redis_conn(&redis_url()).await;
+    let sha = load_script(&mut conn).await;
+    let tag = unique("twice");
+    let keys = [format!("ptb:{{{tag}}}:b"), format!("ptb:{{{tag}}}:tier")];
+    let args =
+        enforcer_redis::args::pack(&["100", "0", "ab12", "60", "free", "o", TIERS, "1", "-"]);
+    let mut call = redis::cmd("ENFORCER.DEBIT");
+    call.arg(format!("{sha}{}", enforcer_redis::args::MANY))
+        .arg(4)
+        .arg(&keys)
+        .arg(&keys)
+        .arg(enforcer_redis::args::pack_many(&[(2, &args), (2, &args)]));
+    let answer = conn.req_packed_command(&call).await.expect("answered");
+    let Value::Array(each) = answer else {
+        panic!("{answer:?}")
+    };
+    let each: Vec<Vec<String>> = each
+        .into_iter()
+        .map(|v| element_text(v).expect("each debit answered"))
+        .collect();
+    // `{"ok", allowed, remaining, …}`: the second debit saw the first's write.
+    assert_eq!(each.len(), 2);
+    assert_eq!(each[0][..2], ["ok", "1"], "{each:?}");
+    assert_eq!(each[1][..2], ["ok", "1"], "{each:?}");
+    let left: Vec<f64> = each
+        .iter()
+        .map(|e| e[2].parse().expect("a number"))
+        .collect();
+    assert!((left[0] - left[1] - 100.0).abs() < 1.0, "{each:?}");
 }
 
 #[tokio::test]
@@ -635,6 +796,38 @@ async fn malformed_calls_are_errors_and_redis_keeps_serving() {
             vec![&packed, "2", &key, &key, "x:1"],
             vec![&packed, "2", &key, &key, "1:1"],
             vec![&packed, "2", &key, &key, &long],
+        ])
+        .collect();
+    // The form of many: one argument after the keys, each debit's key count and packed
+    // arguments, the counts adding up to the call's keys; anything else refuses the whole call
+    // before any debit runs.
+    let many = format!("{sha}{}", enforcer_redis::args::MANY);
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8");
+    let bad_many = [
+        // Counts that do not add up to the keys given.
+        text(enforcer_redis::args::pack_many(&[(1, &good)])),
+        text(enforcer_redis::args::pack_many(&[(2, &good), (1, &good)])),
+        // A debit of no keys.
+        text(enforcer_redis::args::pack_many(&[(0, &good), (2, &good)])),
+        // A debit whose arguments are not packed, a count that is not a number, an odd field.
+        text(enforcer_redis::args::pack(&["2", "x"])),
+        text(enforcer_redis::args::pack(&["two", &good])),
+        text(enforcer_redis::args::pack(&["2", &good, "1"])),
+        // Not packed at all, and the many's form truncated.
+        good.clone(),
+        text(enforcer_redis::args::pack_many(&[(2, &good)]))[..20].to_owned(),
+    ];
+    let one_many = text(enforcer_redis::args::pack_many(&[(2, &good)]));
+    let calls: Vec<Vec<&str>> = calls
+        .into_iter()
+        .chain(
+            bad_many
+                .iter()
+                .map(|m| vec![&many, "2", &key, &key, m.as_str()]),
+        )
+        .chain([
+            vec![&many, "2", &key, &key],
+            vec![&many, "2", &key, &key, &one_many, &one_many],
         ])
         .collect();
     for call in calls {

@@ -63,6 +63,10 @@ const LIVE_NODES: &str = "ptb:{nodes}:live";
 
 /// Most script calls written as one pipeline.
 const MAX_BATCH: usize = 256;
+/// Most module debits sent as one `ENFORCER.DEBIT` call of many (`<sha1>:m`): each debit of
+/// the call saves Redis a command's dispatch, and the call keeps Redis from its other clients
+/// for all of them (~5 µs each), as a pipeline of as many calls would.
+const MAX_DEBITS_PER_CALL: usize = 32;
 /// Calls queued for the batching task before callers wait (bounds memory under overload).
 const QUEUE: usize = 8192;
 
@@ -110,9 +114,18 @@ struct Pool {
 
 /// One script call waiting for the batching task.
 struct Call {
-    cmd: Cmd,
+    request: Request,
     script: usize,
     reply: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// What a [`Call`] sends.
+enum Request {
+    /// A command of its own (`EVALSHA`).
+    Cmd(Cmd),
+    /// A module debit: its keys and packed arguments. Sent as `ENFORCER.DEBIT <sha1>:m` with
+    /// the module debits next to it in the pipeline, or alone as `<sha1>:p`.
+    Debit { keys: Vec<String>, args: Vec<u8> },
 }
 
 /// The connections to one Redis, or to a cluster.
@@ -177,6 +190,26 @@ fn module_form() -> &'static str {
             enforcer_redis::args::PACKED
         )
     })
+}
+
+/// The same for a call of many debits (`enforcer_redis::args::MANY`). A module that predates
+/// it refuses it as another version too: each of its debits then falls back to the script.
+fn module_form_many() -> &'static str {
+    static FORM: OnceLock<String> = OnceLock::new();
+    FORM.get_or_init(|| {
+        format!(
+            "{}{}",
+            redis::Script::new(DEBIT_LUA).get_hash(),
+            enforcer_redis::args::MANY
+        )
+    })
+}
+
+/// `ENFORCER.DEBIT <sha1>:p numkeys key… packed`: one module debit.
+fn module_debit(keys: &[String], args: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("ENFORCER.DEBIT");
+    cmd.arg(module_form()).arg(keys.len()).arg(keys).arg(args);
+    cmd
 }
 
 /// How long debits stay on the script after Redis refused the module's command.
@@ -588,21 +621,22 @@ impl RedisStore {
         keys: &[String],
         args: &[&str],
     ) -> Result<Value, StoreError> {
-        let mut cmd = redis::cmd(if native { "ENFORCER.DEBIT" } else { "EVALSHA" });
-        if native {
-            // The arguments after the keys packed into one: Redis makes a string object of
-            // each argument, and a dozen of them cost it more than the debit rule does.
-            cmd.arg(module_form())
-                .arg(keys.len())
-                .arg(keys)
-                .arg(enforcer_redis::args::pack(args));
+        // A module debit's arguments after the keys packed into one: Redis makes a string
+        // object of each argument, and a dozen of them cost it more than the debit rule does.
+        let request = if native {
+            Request::Debit {
+                keys: keys.to_vec(),
+                args: enforcer_redis::args::pack(args),
+            }
         } else {
             let sha = match &self.backend {
                 Backend::Single { pool, .. } => pool.scripts[script].get_hash(),
                 Backend::Cluster(pool) => pool.scripts[script].get_hash(),
             };
+            let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(sha).arg(keys.len()).arg(keys).arg(args);
-        }
+            Request::Cmd(cmd)
+        };
         match &self.backend {
             Backend::Single { pool, queue } => {
                 let queue = queue.get_or_init(|| {
@@ -612,7 +646,11 @@ impl RedisStore {
                 });
                 let (reply, answer) = oneshot::channel();
                 queue
-                    .send(Call { cmd, script, reply })
+                    .send(Call {
+                        request,
+                        script,
+                        reply,
+                    })
                     .await
                     .map_err(|_| StoreError::Unavailable("the batching task stopped".into()))?;
                 answer.await.map_err(|_| {
@@ -620,6 +658,11 @@ impl RedisStore {
                 })?
             }
             Backend::Cluster(pool) => {
+                // One call per debit: the debits next to it in time are of other slots.
+                let cmd = match request {
+                    Request::Cmd(cmd) => cmd,
+                    Request::Debit { keys, args } => module_debit(&keys, &args),
+                };
                 let slot = keys.first().map_or(0, |k| slot_of(k.as_bytes()));
                 pool.eval(script, &cmd, slot, native).await
             }
@@ -791,20 +834,18 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
         Ok(c) => c,
         Err(e) => return fail_all(batch, e),
     };
-    let mut pipe = Pipeline::with_capacity(batch.len() + 1);
-    for call in &batch {
-        pipe.add_command(call.cmd.clone());
-    }
+    // Module debits next to one another become one call of many; `sizes[i]`: the calls the
+    // pipeline's command `i` answers.
+    let (pipe, sizes) = pipeline(&batch);
+    let commands = sizes.len();
     // WAIT last: it waits for every write this connection made before it, the whole batch.
+    let mut pipe = pipe;
     let waits = usize::from(pool.wait.is_some());
     if let Some(wait) = &pool.wait {
         pipe.add_command(wait.clone());
     }
-    let answers = match conn
-        .req_packed_commands(&pipe, 0, batch.len() + waits)
-        .await
-    {
-        Ok(mut a) if a.len() == batch.len() + waits => {
+    let answers = match conn.req_packed_commands(&pipe, 0, commands + waits).await {
+        Ok(mut a) if a.len() == commands + waits => {
             if waits == 1
                 && !matches!(a.pop(), Some(Value::Int(n)) if n >= i64::from(pool.wait_replicas))
             {
@@ -813,13 +854,29 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
             a
         }
         Ok(a) => {
-            let e = format!("pipeline of {} calls got {} answers", batch.len(), a.len());
+            let e = format!("pipeline of {commands} commands got {} answers", a.len());
             return fail_all(batch, StoreError::Protocol(e));
         }
         Err(e) => return fail_all(batch, classify(e)),
     };
     let mut reloaded = [false; SCRIPTS];
-    for (call, answer) in batch.into_iter().zip(answers) {
+    let mut calls = batch.into_iter();
+    for (size, answer) in sizes.into_iter().zip(answers) {
+        if size > 1 {
+            // A call of many: one answer per debit, or one error (refused as a whole, nothing
+            // written) that is each debit's.
+            let many: Vec<Call> = calls.by_ref().take(size).collect();
+            match split_many(answer, size) {
+                Ok(each) => {
+                    for (call, answer) in many.into_iter().zip(each) {
+                        let _ = call.reply.send(answer);
+                    }
+                }
+                Err(e) => fail_all(many, e),
+            }
+            continue;
+        }
+        let Some(call) = calls.next() else { break };
         let result = match answer {
             Value::ServerError(e) => {
                 let e = RedisError::from(e);
@@ -878,7 +935,77 @@ async fn retry_after_reload(
     call: &Call,
     reloaded: &mut [bool; SCRIPTS],
 ) -> Result<Value, StoreError> {
-    reload_and_retry(pool, conn, call.script, &call.cmd, reloaded).await
+    match &call.request {
+        Request::Cmd(cmd) => reload_and_retry(pool, conn, call.script, cmd, reloaded).await,
+        // (The module runs no script: it never answers NOSCRIPT.)
+        Request::Debit { .. } => Err(StoreError::Protocol(
+            "ENFORCER.DEBIT answered NOSCRIPT".into(),
+        )),
+    }
+}
+
+/// The pipeline of `batch`, in its order, and how many calls each of its commands answers:
+/// runs of module debits (at most [`MAX_DEBITS_PER_CALL`]) become one call of many; every
+/// other call is a command of its own.
+fn pipeline(batch: &[Call]) -> (Pipeline, Vec<usize>) {
+    let mut pipe = Pipeline::with_capacity(batch.len() + 1);
+    let mut sizes = Vec::with_capacity(batch.len());
+    let mut at = 0;
+    while at < batch.len() {
+        let run = batch[at..]
+            .iter()
+            .take(MAX_DEBITS_PER_CALL)
+            .take_while(|c| matches!(c.request, Request::Debit { .. }))
+            .count();
+        match (&batch[at].request, run) {
+            (Request::Cmd(cmd), _) => pipe.add_command(cmd.clone()),
+            (Request::Debit { keys, args }, 1) => pipe.add_command(module_debit(keys, args)),
+            (Request::Debit { .. }, _) => pipe.add_command(many_debits(&batch[at..at + run])),
+        };
+        let size = run.max(1);
+        sizes.push(size);
+        at += size;
+    }
+    (pipe, sizes)
+}
+
+/// `ENFORCER.DEBIT <sha1>:m numkeys key… packed`: the module debits of `calls` in one call.
+fn many_debits(calls: &[Call]) -> Cmd {
+    let mut cmd = redis::cmd("ENFORCER.DEBIT");
+    let mut nkeys = 0;
+    let mut debits = Vec::with_capacity(calls.len());
+    for call in calls {
+        if let Request::Debit { keys, args } = &call.request {
+            nkeys += keys.len();
+            debits.push((keys.len(), args.as_slice()));
+        }
+    }
+    cmd.arg(module_form_many()).arg(nkeys);
+    for call in calls {
+        if let Request::Debit { keys, .. } = &call.request {
+            cmd.arg(keys);
+        }
+    }
+    cmd.arg(enforcer_redis::args::pack_many(&debits));
+    cmd
+}
+
+/// The answers of a call of `size` debits: each debit's own (its reply, or its error), or the
+/// call's error when Redis refused it as a whole.
+fn split_many(answer: Value, size: usize) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+    match answer {
+        Value::Array(each) if each.len() == size => Ok(each
+            .into_iter()
+            .map(|a| match a {
+                Value::ServerError(e) => Err(classify(RedisError::from(e))),
+                v => Ok(v),
+            })
+            .collect()),
+        Value::ServerError(e) => Err(classify(RedisError::from(e))),
+        other => Err(StoreError::Protocol(format!(
+            "a call of {size} debits got {other:?}"
+        ))),
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
