@@ -512,9 +512,11 @@ async fn concurrent_debits_go_as_calls_of_many_and_each_gets_its_own_answer() {
     }
     let answers = futures_util::future::join_all(debits.iter().map(|d| store.debit(d))).await;
     let calls = module_commands(&mut conn).await - before;
+    // (The test's runtime has one thread: every debit is queued before the batching task
+    // runs, so they go as calls of up to 32, two or three commands.)
     assert!(
-        calls < debits.len() as u64,
-        "{} debits went as {calls} commands: none was a call of many",
+        calls * 4 <= debits.len() as u64,
+        "{} debits went as {calls} commands: few or no calls of many",
         debits.len()
     );
     let mut left: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
