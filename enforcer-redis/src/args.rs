@@ -9,9 +9,11 @@
 //! ACLs check them.
 //!
 //! The form is named by the first argument: `<sha1 of debit.lua>` for the script's arguments
-//! one by one (as `EVALSHA`), `<sha1 of debit.lua>:p` ([`PACKED`]) for them packed. A module
-//! that predates the packed form refuses `…:p` as another script version, and the daemon then
-//! falls back to the script, so daemon and module can still be upgraded in either order.
+//! one by one (as `EVALSHA`), `<sha1 of debit.lua>:p` ([`PACKED`]) for them packed,
+//! `<sha1 of debit.lua>:m` ([`MANY`]) for several debits in one call (each command costs Redis
+//! its dispatch, its key lookup and its reply's head). A module that predates a form refuses it
+//! as another script version, and the daemon then falls back to the script, so daemon and
+//! module can still be upgraded in either order.
 
 /// What follows the SHA-1 in the first argument when the arguments are packed.
 pub const PACKED: &str = ":p";
@@ -39,7 +41,7 @@ pub fn pack_many<A: AsRef<[u8]>>(debits: &[(usize, A)]) -> Vec<u8> {
 /// [`pack_many`]'s debits: each one's key count and arguments (borrowed from `packed`); `None`
 /// unless `packed` is a non-empty sequence of such pairs whose key counts are each at least 1
 /// and add up to `nkeys`, the call's keys.
-pub fn unpack_many(packed: &[u8], nkeys: usize) -> Option<Vec<(usize, Vec<&[u8]>)>> {
+pub fn unpack_many(packed: &[u8], nkeys: usize) -> Option<Vec<Debit<'_>>> {
     let fields = unpack(packed)?;
     if fields.is_empty() || fields.len() % 2 != 0 {
         return None;
@@ -56,6 +58,9 @@ pub fn unpack_many(packed: &[u8], nkeys: usize) -> Option<Vec<(usize, Vec<&[u8]>
     }
     (keys == nkeys).then_some(debits)
 }
+
+/// One debit of a call of many: its key count and its arguments.
+pub type Debit<'a> = (usize, Vec<&'a [u8]>);
 
 /// One `<length>:<bytes>` field.
 fn field(bytes: &[u8], out: &mut Vec<u8>) {

@@ -2,9 +2,10 @@
 //! module may be loaded (`redis-server --loadmodule libenforcer_redis.so`). It is called as
 //! the script is, `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…` for `EVALSHA <sha1>
 //! numkeys key… arg…`, or with the arguments after the keys packed into one
-//! (`<sha1 of debit.lua>:p`, [`args`]: what the daemon sends, cheaper for Redis), gives the
-//! same reply and stores the same values; it refuses a call naming another version of the
-//! script. The daemon sends it instead of `EVALSHA` where Redis
+//! (`<sha1 of debit.lua>:p`, [`args`]: what the daemon sends, cheaper for Redis), or several
+//! debits in one call (`<sha1 of debit.lua>:m`: what the daemon sends for the debits waiting for
+//! one pipeline, one answer each), gives the same reply and stores the same values; it refuses a
+//! call naming another version of the script. The daemon sends it instead of `EVALSHA` where Redis
 //! has it (`store.redis_module`, docs/configuration.md). Why: a script call costs Redis ~30 k instructions before the
 //! script's first line (its keys and arguments made Lua strings) and the script ~115 k more;
 //! the command does the same work in a fraction of that (docs/benchmarks.md).
@@ -73,8 +74,9 @@ pub unsafe extern "C" fn RedisModule_OnLoad(
     unsafe { (api.create_command)(ctx, name.as_ptr(), Some(command), flags.as_ptr(), 0, 0, 0) }
 }
 
-/// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`, or `ENFORCER.DEBIT <sha1 of
-/// debit.lua>:p numkeys key… packed` ([`args::pack`]).
+/// `ENFORCER.DEBIT <sha1 of debit.lua> numkeys key… arg…`, `ENFORCER.DEBIT <sha1 of
+/// debit.lua>:p numkeys key… packed` ([`args::pack`]), or `ENFORCER.DEBIT <sha1 of
+/// debit.lua>:m numkeys key… packed` ([`args::pack_many`]).
 ///
 /// A panic must not cross into Redis (it would abort the server, and every client with it):
 /// one becomes an error reply. The rule is written not to panic; this is the second line.

@@ -994,7 +994,7 @@ fn script() -> Result<()> {
         .collect();
     let no_record_module = no_record.clone();
     let module = crate::redis_module()?;
-    let variants: [(&str, Target<'_>, &[String], Vec<&str>); 9] = [
+    let variants: [(&str, Target<'_>, &[String], Vec<&str>); 10] = [
         (
             "`return 1`, the debit's 4 keys and 12 arguments",
             Target::Script("return 1"),
@@ -1049,6 +1049,12 @@ fn script() -> Result<()> {
             &keys[..3],
             no_record_module,
         ),
+        (
+            "ENFORCER.DEBIT :m, 8 debits a call, record (per debit)",
+            Target::Many(&module, 8),
+            &keys,
+            DEBIT_ARGS.to_vec(),
+        ),
     ];
     println!("machine: {}", machine());
     println!("{:<52} {:>16}", "script", "instructions/call");
@@ -1057,18 +1063,24 @@ fn script() -> Result<()> {
         for calls in [1000u64, 3000] {
             counts.push(callgrind_run(dir.path(), target, keys, args, calls)?);
         }
-        let per_call = (counts[1] as f64 - counts[0] as f64) / 2000.0;
+        let debits = match target {
+            Target::Many(_, n) => *n as f64,
+            _ => 1.0,
+        };
+        let per_call = (counts[1] as f64 - counts[0] as f64) / 2000.0 / debits;
         println!("{label:<52} {per_call:>16.0}");
     }
     Ok(())
 }
 
 /// What a `bench script` run calls: a script (`EVALSHA`) or the module's `ENFORCER.DEBIT`,
-/// with the script's arguments one by one or packed into one (what the daemon sends).
+/// with the script's arguments one by one, packed into one (what the daemon sends alone), or
+/// that many debits in one call of many (what it sends for the debits of one pipeline).
 enum Target<'a> {
     Script(&'a str),
     Module(&'a std::path::Path),
     Packed(&'a std::path::Path),
+    Many(&'a std::path::Path, usize),
 }
 
 /// Total instructions of a `redis-server` under callgrind that answered `calls` calls of
@@ -1094,7 +1106,7 @@ fn callgrind_run(
         ])
         .args(["--save", "", "--appendonly", "no"])
         .args(match target {
-            Target::Module(path) | Target::Packed(path) => {
+            Target::Module(path) | Target::Packed(path) | Target::Many(path, _) => {
                 vec![std::ffi::OsStr::new("--loadmodule"), path.as_os_str()]
             }
             Target::Script(_) => vec![],
@@ -1116,22 +1128,33 @@ fn callgrind_run(
             let sha = crate::services::cli(port, &["SCRIPT", "LOAD", text])?;
             vec!["EVALSHA".into(), sha.trim().to_owned()]
         }
-        Target::Module(_) | Target::Packed(_) => {
+        Target::Module(_) | Target::Packed(_) | Target::Many(..) => {
             // The module is called with the SHA-1 of the debit.lua it was built from.
             let debit = std::fs::read_to_string("lua/debit.lua")?;
             let sha = crate::services::cli(port, &["SCRIPT", "LOAD", &debit])?;
             let form = match target {
                 Target::Packed(_) => enforcer_redis::args::PACKED,
+                Target::Many(..) => enforcer_redis::args::MANY,
                 _ => "",
             };
             vec!["ENFORCER.DEBIT".into(), format!("{}{form}", sha.trim())]
         }
     };
-    // The packed form: the arguments after the keys as one.
-    let packed = String::from_utf8(enforcer_redis::args::pack(args))?;
+    // The packed form: the arguments after the keys as one; a call of many: the keys `n`
+    // times (`__rand_int__` is drawn anew at each place) and each debit's count and arguments.
+    let one = enforcer_redis::args::pack(args);
+    let (keys, packed) = match target {
+        Target::Many(_, n) => (
+            keys.iter().cycle().take(keys.len() * n).cloned().collect(),
+            enforcer_redis::args::pack_many(&vec![(keys.len(), &one); *n]),
+        ),
+        _ => (keys.to_vec(), one.clone()),
+    };
+    let keys = keys.as_slice();
+    let packed = String::from_utf8(packed)?;
     let packed = [packed.as_str()];
     let args: &[&str] = match target {
-        Target::Packed(_) => &packed,
+        Target::Packed(_) | Target::Many(..) => &packed,
         _ => args,
     };
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
