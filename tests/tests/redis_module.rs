@@ -628,6 +628,30 @@ async fn a_call_for_another_debit_lua_is_refused_and_writes_nothing() {
         .await;
     let err = result.expect_err("refused").to_string();
     assert!(err.contains("built from debit.lua"), "{err}");
+    // And a call of many: refused as a whole, no debit of it run.
+    let packed = enforcer_redis::args::pack(&args);
+    let result: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
+        .arg(format!(
+            "0000000000000000000000000000000000000000{}",
+            enforcer_redis::args::MANY
+        ))
+        .arg(4)
+        .arg(&keys)
+        .arg(&keys)
+        .arg(enforcer_redis::args::pack_many(&[
+            (2, &packed),
+            (2, &packed),
+        ]))
+        .query_async(&mut conn)
+        .await;
+    let err = result.expect_err("refused").to_string();
+    assert!(err.contains("built from debit.lua"), "{err}");
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "nothing written");
     // The right SHA on the same keys works (the refusal was the version, not the call).
     let sha = load_script(&mut conn).await;
     let ok: redis::RedisResult<Value> = redis::cmd("ENFORCER.DEBIT")
@@ -663,6 +687,22 @@ async fn without_the_module_the_script_debits_and_the_module_is_used_once_loaded
         "one refusal, then the script: {state}"
     );
     assert_eq!(state["module_calls"], 0, "{state}");
+    // Debits at once on a new store go as a call of many, refused as a whole (an unknown
+    // command): each is sent again as the script and charged once.
+    let store = self::store(&redis.url());
+    let key = ApiKey::parse(&unique("no-module-many")).expect("key");
+    let debits: Vec<Debit> = (0..10).map(|_| debit(&key, 50.0)).collect();
+    let answers = futures_util::future::join_all(debits.iter().map(|d| store.debit(d))).await;
+    let mut left: Vec<f64> = answers
+        .into_iter()
+        .map(|a| match a.expect("debit") {
+            DebitOutcome::Settled(s) if s.allowed => s.remaining,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    left.sort_by(f64::total_cmp);
+    assert!((left[0] - 300.0).abs() < 5.0, "charged once each: {left:?}");
+    assert_eq!(module_state(&store).await["module_calls"], 0);
 
     // The same Redis restarted with the module (a rolling restart): a new store uses it at
     // once, on the same bucket.
