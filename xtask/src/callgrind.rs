@@ -8,8 +8,10 @@
 //! the difference between instructions and time (cache misses, SIMD, SHA extensions the
 //! emulated CPU does not offer: `sha2` falls back to its portable code under valgrind).
 //!
-//! The set-up is the HTTP bench's: a private Redis, the bench tier, the embedded ledger file
-//! with its journal on (the production defaults), `POST /v1/check` for keys never seen before,
+//! The set-up is the HTTP bench's: a private Redis with the `enforcer-redis` module loaded
+//! (debits by `ENFORCER.DEBIT`, calls of many; before 2026-12-04 this bench ran `debit.lua`),
+//! the bench tier, the embedded ledger file with its journal on (the production defaults),
+//! `POST /v1/check` for keys never seen before,
 //! over `clients` keep-alive connections; then Envoy's `ShouldRateLimit` over gRPC, `clients`
 //! streams on two HTTP/2 connections. The counters are zeroed after a warm-up and dumped
 //! after the measured run, so the daemon's start-up is not counted. `ENFORCER_BENCH_KEEP=1` keeps
@@ -94,11 +96,18 @@ pub fn run(clients: usize, seconds: u64) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("enforcer-bench-daemon-")
         .tempdir()?;
-    let redis = Redis::start(dir.path())?;
+    // The production default where Redis can load it: the module.
+    let module = crate::redis_module()?;
+    let redis = Redis::start_with(dir.path(), Some(&module))?;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config = dir.path().join("bench.toml");
-    std::fs::write(&config, crate::bench::bench_config(addr, &redis.url()))?;
+    let text = crate::bench::bench_config(addr, &redis.url())
+        .replace("redis_module = false\n", "redis_module = true\n");
+    if !text.contains("redis_module = true\n") {
+        bail!("the bench's config no longer names redis_module: update bench daemon");
+    }
+    std::fs::write(&config, text)?;
     let out = dir.path().join("callgrind.out");
     let mut valgrind = Command::new("valgrind");
     valgrind
@@ -163,6 +172,17 @@ pub fn run(clients: usize, seconds: u64) -> Result<()> {
     let grpc = loadgen::grpc(grpc, clients, 2, Duration::from_secs(seconds), descriptor)?;
     control(pid, "-d")?;
     drop(daemon);
+    // The debits went to the module, which refused none (a refusal sends the debit to the
+    // script: this would measure something else).
+    let stats = crate::services::cli(redis.port, &["INFO", "commandstats"])?;
+    let module = stats
+        .lines()
+        .map(str::trim_end)
+        .find(|l| l.starts_with("cmdstat_enforcer.debit:"))
+        .unwrap_or_default();
+    if !module.ends_with("rejected_calls=0,failed_calls=0") {
+        bail!("the daemon did not debit with the module alone: {module:?}");
+    }
     println!("machine: {}", crate::bench::machine());
     for (api, report, part, frames) in [
         ("POST /v1/check", http, 1, HTTP_FRAMES),
