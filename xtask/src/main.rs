@@ -96,6 +96,7 @@ fn test(extra: &[String]) -> Result<()> {
     if !setup::is_root() {
         bail!("cargo xtask test runs privileged tests (eBPF, network namespaces): run it as root");
     }
+    warn_if_disk_is_short();
     // Every cargo invocation here selects the same packages. Cargo unifies features over the
     // selected packages, so `--package enforcer-tests` alone would resolve other features than
     // `--workspace` and build every dependency and test binary a second time (twice the time and
@@ -141,6 +142,36 @@ fn test(extra: &[String]) -> Result<()> {
     unit.and(integration)
 }
 
+/// Space a `cargo xtask test` from a clean checkout takes under `target/` (3.9 GB measured on
+/// 2026-12-04), with a margin for the test services' data in /tmp.
+const TEST_DISK_GB: u64 = 6;
+
+/// A warning, before the build, when the disk of `target/` has less free space than a clean
+/// build takes: a full disk otherwise shows up as the linker killed by SIGBUS, far from its
+/// cause. Only a warning: a `target/` already built needs little more.
+fn warn_if_disk_is_short() {
+    let Ok(out) = Command::new("df").args(["-Pk", "."]).output() else {
+        return;
+    };
+    let free_kb = available_kb(&String::from_utf8_lossy(&out.stdout));
+    if let Some(kb) = free_kb.filter(|&kb| kb < TEST_DISK_GB * 1024 * 1024) {
+        eprintln!(
+            "xtask: warning: {:.1} GB free on the disk of target/; a clean `cargo xtask test` \
+             takes ~{TEST_DISK_GB} GB (a full disk shows up as the linker killed by SIGBUS)",
+            kb as f64 / 1024.0 / 1024.0
+        );
+    }
+}
+
+/// The available KiB in `df -Pk`'s output: a header, then `filesystem blocks used available
+/// capacity mount`.
+fn available_kb(df: &str) -> Option<u64> {
+    df.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+}
+
 /// Runs a command, failing on a non-zero exit.
 pub fn status(cmd: &mut Command) -> Result<()> {
     let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
@@ -162,4 +193,16 @@ fn workspace_root() -> PathBuf {
 pub(crate) fn redis_module() -> Result<PathBuf> {
     status(Command::new("cargo").args(["build", "--release", "--package", "enforcer-redis"]))?;
     Ok(Path::new("target/release/libenforcer_redis.so").canonicalize()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_free_space_is_read_from_df() {
+        let df = "Filesystem     1024-blocks     Used Available Capacity Mounted on\n\
+                  /dev/vda         264212084 24767812  70518076      26% /\n";
+        assert_eq!(super::available_kb(df), Some(70_518_076));
+        assert_eq!(super::available_kb("Filesystem 1024-blocks\n"), None);
+        assert_eq!(super::available_kb(""), None);
+    }
 }
