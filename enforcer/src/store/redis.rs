@@ -178,37 +178,29 @@ struct Module {
     fallbacks: AtomicU64,
 }
 
-/// `ENFORCER.DEBIT`'s first argument: `debit.lua`'s SHA-1 and the packed form
-/// (`enforcer_redis::args`). A module built from another `debit.lua`, or one that predates the
-/// packed form, refuses it as another version, and debits fall back to the script.
-fn module_form() -> &'static str {
-    static FORM: OnceLock<String> = OnceLock::new();
-    FORM.get_or_init(|| {
-        format!(
-            "{}{}",
-            redis::Script::new(DEBIT_LUA).get_hash(),
-            enforcer_redis::args::PACKED
-        )
-    })
-}
-
-/// The same for a call of many debits (`enforcer_redis::args::MANY`). A module that predates
-/// it refuses it as another version too: each of its debits then falls back to the script.
-fn module_form_many() -> &'static str {
-    static FORM: OnceLock<String> = OnceLock::new();
-    FORM.get_or_init(|| {
-        format!(
-            "{}{}",
-            redis::Script::new(DEBIT_LUA).get_hash(),
-            enforcer_redis::args::MANY
-        )
-    })
+/// `ENFORCER.DEBIT`'s first argument: `debit.lua`'s SHA-1 and the form
+/// (`enforcer_redis::args`): packed, or a call of many debits (`many`). A module built from
+/// another `debit.lua`, or one that predates the form, refuses it as another version, and the
+/// debits fall back to the script.
+fn module_form(many: bool) -> &'static str {
+    static FORMS: OnceLock<[String; 2]> = OnceLock::new();
+    let forms = FORMS.get_or_init(|| {
+        let sha = redis::Script::new(DEBIT_LUA).get_hash().to_owned();
+        [
+            format!("{sha}{}", enforcer_redis::args::PACKED),
+            format!("{sha}{}", enforcer_redis::args::MANY),
+        ]
+    });
+    &forms[usize::from(many)]
 }
 
 /// `ENFORCER.DEBIT <sha1>:p numkeys key… packed`: one module debit.
 fn module_debit(keys: &[String], args: &[u8]) -> Cmd {
     let mut cmd = redis::cmd("ENFORCER.DEBIT");
-    cmd.arg(module_form()).arg(keys.len()).arg(keys).arg(args);
+    cmd.arg(module_form(false))
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
     cmd
 }
 
@@ -980,7 +972,7 @@ fn many_debits(calls: &[Call]) -> Cmd {
             debits.push((keys.len(), args.as_slice()));
         }
     }
-    cmd.arg(module_form_many()).arg(nkeys);
+    cmd.arg(module_form(true)).arg(nkeys);
     for call in calls {
         if let Request::Debit { keys, .. } = &call.request {
             cmd.arg(keys);
