@@ -240,9 +240,17 @@ unsafe fn debit_one(api: &api::Api, ctx: *mut Ctx, keys: &[*mut RString], args: 
         // SAFETY: a valid context.
         Err(_) => return unsafe { api.error(ctx, "ERR enforcer: internal error (a bug)") },
     };
+    // A write to a key the call does not have would be a bug in the rule: checked before any
+    // write, as an error (an index panic here, in a call of many, would come after the reply's
+    // head and leave the reply malformed).
+    if effects.writes.iter().any(|w| w.key >= keys.len()) {
+        // SAFETY: a valid context.
+        return unsafe { api.error(ctx, "ERR enforcer: internal error (a bug)") };
+    }
     let now_ms = now.secs * 1000 + now.micros / 1000;
     for w in &effects.writes {
-        // SAFETY: a valid context and key name; no other handle of the key is open.
+        // SAFETY: a valid context and key name (checked above); no other handle of the key
+        // is open.
         unsafe { api.apply(ctx, keys[w.key], w, now_ms) };
     }
     // SAFETY: a valid context.
