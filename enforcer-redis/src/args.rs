@@ -38,12 +38,17 @@ pub fn pack_many<A: AsRef<[u8]>>(debits: &[(usize, A)]) -> Vec<u8> {
     out
 }
 
+/// Most debits [`unpack_many`] reads: far above what the daemon sends in one call (32), and a
+/// bound on what one call can make Redis allocate (each debit's arguments are a list of their
+/// own).
+pub const MAX_DEBITS: usize = 1024;
+
 /// [`pack_many`]'s debits: each one's key count and arguments (borrowed from `packed`); `None`
-/// unless `packed` is a non-empty sequence of such pairs whose key counts are each at least 1
-/// and add up to `nkeys`, the call's keys.
+/// unless `packed` is a non-empty sequence of at most [`MAX_DEBITS`] such pairs whose key
+/// counts are each at least 1 and add up to `nkeys`, the call's keys.
 pub fn unpack_many(packed: &[u8], nkeys: usize) -> Option<Vec<Debit<'_>>> {
     let fields = unpack(packed)?;
-    if fields.is_empty() || fields.len() % 2 != 0 {
+    if fields.is_empty() || fields.len() % 2 != 0 || fields.len() > 2 * MAX_DEBITS {
         return None;
     }
     let mut debits = Vec::with_capacity(fields.len() / 2);
@@ -202,5 +207,13 @@ mod tests {
             unpack_many(&pack(&["18446744073709551615", "", "1", ""]), 0),
             None
         );
+        // More debits than MAX_DEBITS, and exactly as many.
+        let most = pack_many(&vec![(1, &args); MAX_DEBITS]);
+        assert_eq!(
+            unpack_many(&most, MAX_DEBITS).map(|d| d.len()),
+            Some(MAX_DEBITS)
+        );
+        let more = pack_many(&vec![(1, &args); MAX_DEBITS + 1]);
+        assert_eq!(unpack_many(&more, MAX_DEBITS + 1), None);
     }
 }
