@@ -60,6 +60,18 @@ pub struct Api {
 
 static API: OnceLock<Api> = OnceLock::new();
 
+/// `PXAT`, made once for every replicated `SET … PXAT`: given as a C string, it would be a new
+/// string object, allocated and freed, at every write (Redis counts references, so one
+/// object serves them all).
+static PXAT: OnceLock<Shared> = OnceLock::new();
+
+/// A Redis string made without a context (so never freed by one), shared by the commands.
+struct Shared(*mut RString);
+// SAFETY: Redis runs module commands, and so every use of it, on its main thread only.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
 /// The API, once [`init`] resolved it.
 pub fn get() -> Option<&'static Api> {
     API.get()
@@ -241,18 +253,29 @@ impl Api {
                 }
                 match w.px {
                     Some(px) => {
+                        let pxat = PXAT.get_or_init(|| {
+                            // SAFETY: no context (the string outlives every command); Redis
+                            // copies the buffer.
+                            Shared(unsafe {
+                                (self.create_string)(
+                                    std::ptr::null_mut(),
+                                    b"PXAT".as_ptr().cast(),
+                                    4,
+                                )
+                            })
+                        });
                         // SAFETY: as above; literals are NUL-terminated; the format's
-                        // arguments are two Redis strings, a C string and a long long.
+                        // arguments are three Redis strings and a long long.
                         unsafe {
                             (self.set_expire)(key.key, px);
                             (self.notify)(ctx, NOTIFY_GENERIC, c"expire".as_ptr(), name);
                             (self.replicate)(
                                 ctx,
                                 c"SET".as_ptr(),
-                                c"sscl".as_ptr(),
+                                c"sssl".as_ptr(),
                                 name,
                                 s,
-                                c"PXAT".as_ptr(),
+                                pxat.0,
                                 c_longlong::from(now_ms + px),
                             );
                         }
