@@ -54,8 +54,12 @@ pub fn unpack_many(packed: &[u8], nkeys: usize) -> Option<Vec<Debit<'_>>> {
     let mut debits = Vec::with_capacity(fields.len() / 2);
     let mut keys = 0usize;
     for pair in fields.chunks_exact(2) {
+        // Digits only (`parse` alone would take a '+').
+        if !pair[0].iter().all(u8::is_ascii_digit) {
+            return None;
+        }
         let n: usize = std::str::from_utf8(pair[0]).ok()?.parse().ok()?;
-        if n == 0 || !pair[0].iter().all(u8::is_ascii_digit) {
+        if n == 0 {
             return None;
         }
         keys = keys.checked_add(n)?;

@@ -828,10 +828,9 @@ async fn send(pool: Arc<Pool>, batch: Vec<Call>) {
     };
     // Module debits next to one another become one call of many; `sizes[i]`: the calls the
     // pipeline's command `i` answers.
-    let (pipe, sizes) = pipeline(&batch);
+    let (mut pipe, sizes) = pipeline(&batch);
     let commands = sizes.len();
     // WAIT last: it waits for every write this connection made before it, the whole batch.
-    let mut pipe = pipe;
     let waits = usize::from(pool.wait.is_some());
     if let Some(wait) = &pool.wait {
         pipe.add_command(wait.clone());
