@@ -559,6 +559,30 @@ async fn concurrent_debits_go_as_calls_of_many_and_each_gets_its_own_answer() {
 }
 
 #[tokio::test]
+async fn one_request_id_sent_many_times_at_once_is_charged_once() {
+    // A client retrying hard: the same request (one id) six times at once. They go as one call
+    // of many; the first debit writes the request record, the five after it replay it.
+    let store = store(&redis_url());
+    let key = ApiKey::parse(&unique("many-replays")).expect("key");
+    let d = debit(&key, 100.0);
+    let answers = futures_util::future::join_all((0..6).map(|_| store.debit(&d))).await;
+    let mut replays = 0;
+    for answer in answers {
+        match answer.expect("debit") {
+            DebitOutcome::Settled(s) => {
+                assert!(s.allowed, "{s:?}");
+                assert_eq!(s.cost, 100.0, "{s:?}");
+                replays += usize::from(s.replayed);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(replays, 5, "one charged, five replayed");
+    // Charged once: a new request finds 800 - 100 - 100 (plus a little refill).
+    assert_eq!(remaining(&store, &debit(&key, 100.0)).await, 600.0);
+}
+
+#[tokio::test]
 async fn a_call_of_many_naming_a_key_twice_debits_it_twice_in_order() {
     let mut conn = redis_conn(&redis_url()).await;
     let sha = load_script(&mut conn).await;
