@@ -3,7 +3,8 @@
 //! `EVALSHA` at the same concurrency on the same private Redis (the ceiling), in one run so the
 //! numbers are comparable on a noisy machine. `cargo xtask bench cluster` does the same for one
 //! Redis against a three-primary Redis Cluster, with Redis CPU per decision (how many gateway
-//! nodes a shard carries).
+//! nodes a shard carries). `ENFORCER_BENCH_PERF=1` also profiles the production default's
+//! runs (the module) with `perf` (`perf.rs`).
 use crate::loadgen::{self, Pace};
 use crate::services::{Redis, RedisCluster, free_port};
 use anyhow::{Context as _, Result, bail};
@@ -43,6 +44,10 @@ pub enum Which {
 /// runs the full allowed path (new bucket, debit, request record) and none is an idempotent
 /// replay, which would be cheaper. The bench tier never runs dry.
 const KEY_SPACE: usize = 100_000_000;
+/// The keys of the row measured as issue 16 measured its own: 100 000, each reused.
+const REUSED_KEYS: usize = 100_000;
+/// That row's name (the module, the production default).
+const MODULE_REUSED_KEYS: &str = "module, 100k keys";
 
 pub(crate) struct Daemon(pub(crate) Child);
 
@@ -190,12 +195,6 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         clients,
         seconds,
     )?;
-    let body = |i: usize| {
-        format!(
-            r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
-            i % KEY_SPACE
-        )
-    };
     let duration = Duration::from_secs(seconds);
     let half_rate = ceiling_before.rps / 2.0;
     let cores = std::thread::available_parallelism()
@@ -240,6 +239,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     )?;
     let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut grpc_rows = Vec::new();
+    let mut profiles = Vec::new();
     for (workers, journal, variant) in [
         (1, true, ""),
         (1, false, ""),
@@ -247,13 +247,29 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         (cores, true, ""),
         (cores, true, "ids not kept"),
         (cores, true, "module"),
+        (cores, true, MODULE_REUSED_KEYS),
     ] {
+        // Every call a new key, but for the row of the issue's own set-up: 100 000 keys, each
+        // used again every few seconds (a gateway's keys are reused; Redis's keyspace stops
+        // growing by one bucket per call).
+        let keys = if variant == MODULE_REUSED_KEYS {
+            REUSED_KEYS
+        } else {
+            KEY_SPACE
+        };
+        let body = move |i: usize| {
+            format!(
+                r#"{{"key":"bench-key-{}","endpoint":"/v1/items","method":"GET"}}"#,
+                i % keys
+            )
+        };
+        let module = variant.starts_with("module");
         let daemon = Daemon(
             daemon_command(
                 Command::new("target/release/enforcer"),
                 if variant == "ids not kept" {
                     &unremembered_config
-                } else if variant == "module" {
+                } else if module {
                     &module_config
                 } else if journal {
                     &config
@@ -281,12 +297,20 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             Pace::Closed,
             body,
         )?;
+        // The production default (the module, journal on, every core) is the one profiled.
+        let profiled = module && crate::perf::wanted();
+        let recordings = profiled
+            .then(|| record(&dir, daemon.0.id(), &redis, "http"))
+            .transpose()?;
         let (user0, sys0) = port_cpu_split(redis.port)?;
         let daemon0 = process_cpu(daemon.0.id())?;
         let full = loadgen::run(addr, "/v1/check", clients, duration, Pace::Closed, body)?;
         let (user1, sys1) = port_cpu_split(redis.port)?;
         let full_cpu = (user1 - user0, sys1 - sys0);
         let daemon_cpu = process_cpu(daemon.0.id())? - daemon0;
+        if let Some((d, r)) = recordings {
+            profiles.push((format!("{variant}, POST /v1/check"), d.stop()?, r.stop()?));
+        }
         let half = loadgen::run(
             addr,
             "/v1/check",
@@ -297,7 +321,8 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         )?;
         // The same daemon through Envoy's API (the production default: every core, journal
         // on), right after its HTTP runs: the two are compared within one daemon's life.
-        if workers == cores && journal && variant.is_empty() {
+        // The script's default daemon and the module's (the production default).
+        if workers == cores && journal && (variant.is_empty() || variant == "module") {
             let descriptor = |i: usize| {
                 vec![
                     (
@@ -309,12 +334,18 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
                 ]
             };
             loadgen::grpc(grpc_addr, clients, 2, Duration::from_secs(1), descriptor)?;
+            let recordings = profiled
+                .then(|| record(&dir, daemon.0.id(), &redis, "grpc"))
+                .transpose()?;
             let cpu0 = redis_cpu(&redis)?;
             let daemon0 = process_cpu(daemon.0.id())?;
             let report = loadgen::grpc(grpc_addr, clients, 2, duration, descriptor)?;
             let redis_used = redis_cpu(&redis)? - cpu0;
             let daemon_used = process_cpu(daemon.0.id())? - daemon0;
-            grpc_rows.push((workers, report, redis_used, daemon_used));
+            if let Some((d, r)) = recordings {
+                profiles.push((format!("{variant}, gRPC"), d.stop()?, r.stop()?));
+            }
+            grpc_rows.push((workers, variant, report, redis_used, daemon_used));
         }
         drop(daemon);
         rows.push((workers, journal, variant, full, full_cpu, daemon_cpu, half));
@@ -422,7 +453,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             full.errors,
             half.errors
         );
-        if *variant == "module" {
+        if variant.starts_with("module") {
             println!(
                 "  ratio daemon / the minimal script's redis-benchmark (goal 1): {:.2}",
                 full.rate() / ceiling_minimal.rps
@@ -441,10 +472,15 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             r.errors
         );
     }
-    for (workers, g, redis_used, daemon_used) in &grpc_rows {
+    for (workers, variant, g, redis_used, daemon_used) in &grpc_rows {
+        let journal = if variant.is_empty() {
+            "journal".to_owned()
+        } else {
+            format!("journal, {variant}")
+        };
         println!(
             "{:<52} {:>12.0} {:>9.3} {:>9.3} {:>12.1} {:>12.1}",
-            format!("daemon, {workers} worker(s), journal, gRPC (Envoy RLS)"),
+            format!("daemon, {workers} worker(s), {journal}, gRPC (Envoy RLS)"),
             g.rate(),
             g.percentile_ms(0.5),
             g.percentile_ms(0.99),
@@ -457,7 +493,30 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             g.errors
         );
     }
+    for (run, daemon, redis) in &profiles {
+        daemon.print(&format!("the daemon, {run}"), 20);
+        redis.print(&format!("Redis, {run}"), 12);
+    }
     Ok(())
+}
+
+/// `perf record` of the daemon and of Redis (its pid from `INFO server`), into `dir`.
+fn record(
+    dir: &tempfile::TempDir,
+    daemon: u32,
+    redis: &Redis,
+    run: &str,
+) -> Result<(crate::perf::Recording, crate::perf::Recording)> {
+    let info = redis.cli(&["INFO", "server"])?;
+    let pid: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
+        .context("Redis's process_id in INFO server")?;
+    let d = crate::perf::Recording::start(daemon, &dir.path().join(format!("daemon-{run}.perf")))?;
+    let r = crate::perf::Recording::start(pid, &dir.path().join(format!("redis-{run}.perf")))?;
+    // perf attaches to every thread before it samples: give it that moment.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok((d, r))
 }
 
 /// `bench cluster`: one daemon on one Redis, then on a three-primary cluster (without and with

@@ -11,6 +11,7 @@
 mod bench;
 mod callgrind;
 mod loadgen;
+mod perf;
 mod services;
 mod setup;
 

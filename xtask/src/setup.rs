@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 /// Redis, PostgreSQL and Prometheus (its `promtool` checks `deploy/prometheus`) for the tests
 /// and benchmarks, nginx (`nginx-light` has `auth_request`) and Caddy (`forward_auth`) for the
 /// gateway tests (`tests/tests/gateways.rs`), Python's venv for the Python tools below, valgrind
-/// for the benches that count instructions (`bench script`, `bench daemon`).
+/// for the benches that count instructions (`bench script`, `bench daemon`), perf for
+/// `ENFORCER_BENCH_PERF=1 cargo xtask bench`.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
@@ -21,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "caddy",
     "python3-venv",
     "valgrind",
+    "linux-perf",
 ];
 
 /// Where the Python tools live, under the workspace root (`tests/tests/deploy.rs` finds them
