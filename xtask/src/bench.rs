@@ -300,7 +300,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
         // The production default (the module, journal on, every core) is the one profiled.
         let profiled = module && crate::perf::wanted();
         let recordings = profiled
-            .then(|| record(&dir, daemon.0.id(), &redis, "http"))
+            .then(|| record(daemon.0.id(), &redis, &format!("{variant}-http")))
             .transpose()?;
         let (user0, sys0) = port_cpu_split(redis.port)?;
         let daemon0 = process_cpu(daemon.0.id())?;
@@ -335,7 +335,7 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
             };
             loadgen::grpc(grpc_addr, clients, 2, Duration::from_secs(1), descriptor)?;
             let recordings = profiled
-                .then(|| record(&dir, daemon.0.id(), &redis, "grpc"))
+                .then(|| record(daemon.0.id(), &redis, &format!("{variant}-grpc")))
                 .transpose()?;
             let cpu0 = redis_cpu(&redis)?;
             let daemon0 = process_cpu(daemon.0.id())?;
@@ -501,19 +501,25 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
 }
 
 /// `perf record` of the daemon and of Redis (its pid from `INFO server`), into `dir`.
+/// The data stay in `target/bench-perf/` for `perf report -i … -g` (call graphs).
 fn record(
-    dir: &tempfile::TempDir,
     daemon: u32,
     redis: &Redis,
     run: &str,
 ) -> Result<(crate::perf::Recording, crate::perf::Recording)> {
+    let dir = std::path::Path::new("target/bench-perf");
+    std::fs::create_dir_all(dir)?;
+    let run: String = run
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     let info = redis.cli(&["INFO", "server"])?;
     let pid: u32 = info
         .lines()
         .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
         .context("Redis's process_id in INFO server")?;
-    let d = crate::perf::Recording::start(daemon, &dir.path().join(format!("daemon-{run}.perf")))?;
-    let r = crate::perf::Recording::start(pid, &dir.path().join(format!("redis-{run}.perf")))?;
+    let d = crate::perf::Recording::start(daemon, &dir.join(format!("daemon-{run}.perf")))?;
+    let r = crate::perf::Recording::start(pid, &dir.join(format!("redis-{run}.perf")))?;
     // perf attaches to every thread before it samples: give it that moment.
     std::thread::sleep(Duration::from_millis(300));
     Ok((d, r))

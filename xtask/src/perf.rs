@@ -3,7 +3,8 @@
 //! went: the kernel's share, the share of each crate, and the costliest functions. Real CPU,
 //! kernel included, where `bench daemon` (callgrind) counts user-space instructions only.
 //!
-//! `cpu-clock` sampling, because these VMs expose no hardware counters.
+//! `cpu-clock` sampling, because these VMs expose no hardware counters. The recordings are
+//! kept (`target/bench-perf/`) for `perf report` with call graphs.
 use anyhow::{Context as _, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
