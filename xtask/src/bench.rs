@@ -500,8 +500,8 @@ fn http(clients: usize, seconds: u64) -> Result<()> {
     Ok(())
 }
 
-/// `perf record` of the daemon and of Redis (its pid from `INFO server`), into `dir`.
-/// The data stay in `target/bench-perf/` for `perf report -i … -g` (call graphs).
+/// `perf record` of the daemon and of Redis (its pid from `INFO server`), into
+/// `target/bench-perf/`, where the data stay for `perf report -i … -g` (call graphs).
 fn record(
     daemon: u32,
     redis: &Redis,

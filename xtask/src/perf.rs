@@ -57,7 +57,8 @@ impl Drop for Recording {
 /// Self time (no children) per function, in per cent of the samples.
 #[derive(Debug, Default)]
 pub struct Profile {
-    pub samples: u64,
+    /// As `perf report`'s header gives it (`8K`: rounded).
+    pub samples: String,
     /// `(per cent, kernel, function)`, costliest first.
     pub functions: Vec<(f64, bool, String)>,
 }
@@ -91,11 +92,7 @@ impl Profile {
         for line in text.lines() {
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("# Samples:") {
-                let n = rest.split_whitespace().next().unwrap_or("0");
-                profile.samples = match n.strip_suffix('K') {
-                    Some(k) => k.parse::<f64>().map_or(0, |k| (k * 1000.0) as u64),
-                    None => n.parse().unwrap_or(0),
-                };
+                profile.samples = rest.split_whitespace().next().unwrap_or("?").to_owned();
                 continue;
             }
             let Some((share, rest)) = line.split_once('%') else {
@@ -150,7 +147,10 @@ impl Profile {
             ("tokio", &["tokio::"]),
             ("serde, serde_json", &["serde"]),
             ("sha2", &["sha2::"]),
-            ("the daemon's code (enforcer)", &["enforcer"]),
+            (
+                "enforcer's own code (the daemon's, or the module's in Redis)",
+                &["enforcer"],
+            ),
         ];
         let mut shares: Vec<(&'static str, f64)> = vec![("the kernel", 0.0)];
         shares.extend(GROUPS.iter().map(|(g, _)| (*g, 0.0)));
@@ -218,14 +218,17 @@ mod tests {
      0.50%  [.] 0x00007f0000001234
 ";
         let p = Profile::parse(text);
-        assert_eq!(p.samples, 12_000);
+        assert_eq!(p.samples, "12K");
         assert_eq!(p.functions.len(), 6);
         assert!(p.functions[0].1, "the first is the kernel's");
         let groups: std::collections::HashMap<_, _> = p.groups().into_iter().collect();
         assert!((groups["the kernel"] - 10.5).abs() < 1e-9);
         // hyper's generic over nothing of ours, and the daemon's own impl, apart.
         assert!((groups["hyper, h2, http, axum, tonic, tower"] - 4.0).abs() < 1e-9);
-        assert!((groups["the daemon's code (enforcer)"] - 3.0).abs() < 1e-9);
+        assert!(
+            (groups["enforcer's own code (the daemon's, or the module's in Redis)"] - 3.0).abs()
+                < 1e-9
+        );
         assert!((groups["allocation (mimalloc)"] - 2.0).abs() < 1e-9);
         assert!((groups["redis-rs (and its parser combine)"] - 1.5).abs() < 1e-9);
         assert!((groups["other"] - 0.5).abs() < 1e-9);
